@@ -1,0 +1,3 @@
+from kdiqa_edge.cli import main
+
+main()

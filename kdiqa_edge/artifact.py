@@ -1,0 +1,74 @@
+"""The contract between exporters and the torch-free runtime: metadata keys and the engine file format.
+
+Every artifact (ONNX metadata_props, CoreML user_defined_metadata, the TensorRT engine header) carries
+the same string-valued keys, so the runtime needs nothing but the artifact itself.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from kdiqa_edge.errors import CheckpointError
+
+FORMAT_VERSION = "1"
+PREFIX = "kdiqa_edge."
+
+# key -> meaning; values are strings (JSON where structured)
+KEYS = {
+    "format": "artifact format version",
+    "preprocess": "JSON PreprocessSpec.to_dict(): resize/crop/mean/std the input expects",
+    "input": 'JSON {"name", "dtype": "float32"|"uint8", "layout": "NCHW"|"NHWC", "size", "normalized": bool}',
+    "outputs": 'JSON list of output names, "score" first',
+    "score_range": "JSON [1, 5]",
+    "prompts": "JSON list of the prompts the anchors were built from",
+    "source": 'JSON {"kind": "teacher"|"student", "arch", "checkpoint_hash", "pretrained", "variant"}',
+    "precision": "fp32 | fp16 | int8",
+    "target": "onnx | tensorrt | coreml",
+    "versions": "JSON {package: version} of the exporting environment",
+}
+
+
+def encode(meta: dict[str, Any]) -> dict[str, str]:
+    """Plain dict -> prefixed string dict (JSON-encoding non-strings)."""
+    return {PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+
+
+def decode(props: dict[str, str]) -> dict[str, Any]:
+    """Prefixed string dict -> plain dict (JSON-decoding what parses)."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if not key.startswith(PREFIX):
+            continue
+        try:
+            out[key[len(PREFIX):]] = json.loads(value)
+        except (TypeError, ValueError):
+            out[key[len(PREFIX):]] = value
+    return out
+
+
+# --- TensorRT engine file: magic, header length, JSON header, serialized engine -------------------------
+ENGINE_MAGIC = b"KDIQATRT"
+_LEN = struct.Struct("<I")
+
+
+def write_engine_file(path: str | Path, header: dict[str, Any], engine: bytes) -> Path:
+    from kdiqa_edge.io import write_bytes
+
+    blob = json.dumps(header, sort_keys=True).encode("utf-8")
+    return write_bytes(path, ENGINE_MAGIC + _LEN.pack(len(blob)) + blob + bytes(engine))
+
+
+def read_engine_file(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    data = Path(path).read_bytes()
+    if not data.startswith(ENGINE_MAGIC):
+        raise CheckpointError(f"{path} is not a kdiqa-edge engine file (no {ENGINE_MAGIC.decode()} header)")
+    (length,) = _LEN.unpack_from(data, len(ENGINE_MAGIC))
+    start = len(ENGINE_MAGIC) + _LEN.size
+    try:
+        header = json.loads(data[start:start + length])
+    except ValueError:
+        raise CheckpointError(f"{path}: corrupt engine header") from None
+    return header, data[start + length:]

@@ -1,0 +1,67 @@
+"""The `kdiqa-edge` command line: one thin module per command over plain library functions.
+
+Command modules import their heavy dependencies (torch, onnx...) inside the command body, so that
+`score` and `bench` run where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from kdiqa_edge.errors import KdiqaError
+
+app = typer.Typer(
+    name="kdiqa-edge",
+    help="Distil a CLIP image-quality teacher into small students and ship them to ONNX, TensorRT and CoreML.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Each module defines `register(app)`. The order is the order of `--help`.
+COMMAND_MODULES = ("data", "teacher", "distill", "export", "score", "bench", "demo", "reproduce")
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        module_name = f"kdiqa_edge.cli.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # a command not built yet is simply absent
+                continue
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from kdiqa_edge import __version__
+
+        typer.echo(f"kdiqa-edge {__version__}")
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: known errors become one line on stderr and a non-zero exit code."""
+    try:
+        app(args=argv, prog_name="kdiqa-edge")
+    except KdiqaError as exc:
+        if os.environ.get("KDIQA_DEBUG"):
+            raise
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)

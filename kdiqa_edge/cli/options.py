@@ -1,0 +1,104 @@
+"""Shared CLI option aliases. Every command that takes a dataset takes the same dataset options."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DATASET_PANEL = "Dataset"
+
+Dataset = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dataset",
+        help="Dataset reader: koniq, spaq, live, csiq, kadid, clive, tid2013, csv, synthetic (default).",
+        rich_help_panel=DATASET_PANEL,
+    ),
+]
+Root = Annotated[
+    Optional[Path],
+    typer.Option("--root", help="The dataset's root folder, exactly as distributed.", rich_help_panel=DATASET_PANEL),
+]
+CsvFile = Annotated[
+    Optional[Path],
+    typer.Option("--csv", help="csv reader: the score file (default <root>/scores.csv).", rich_help_panel=DATASET_PANEL),
+]
+ImageDir = Annotated[
+    Optional[Path],
+    typer.Option("--image-dir", help="csv reader: images are relative to this folder (default the root).",
+                 rich_help_panel=DATASET_PANEL),
+]
+ImageCol = Annotated[
+    Optional[str], typer.Option("--image-col", help="csv reader: image column (default image).",
+                                rich_help_panel=DATASET_PANEL)
+]
+MosCol = Annotated[
+    Optional[str], typer.Option("--mos-col", help="csv reader: score column (default mos).",
+                                rich_help_panel=DATASET_PANEL)
+]
+MosRange = Annotated[
+    Optional[str],
+    typer.Option("--mos-range", help="csv reader: nominal score range LO,HI (default 1,5).",
+                 rich_help_panel=DATASET_PANEL),
+]
+LowerBetter = Annotated[
+    bool, typer.Option("--lower-better", help="csv reader: lower scores are better (DMOS).",
+                       rich_help_panel=DATASET_PANEL)
+]
+RefCol = Annotated[
+    Optional[str], typer.Option("--ref-col", help="csv reader: reference (content) id column.",
+                                rich_help_panel=DATASET_PANEL)
+]
+Strict = Annotated[
+    bool, typer.Option("--strict", help="Turn any skipped file into an error.", rich_help_panel=DATASET_PANEL)
+]
+
+_DATASET_PARAMS = {
+    "dataset": (Dataset, None),
+    "root": (Root, None),
+    "csv": (CsvFile, None),
+    "image_dir": (ImageDir, None),
+    "image_col": (ImageCol, None),
+    "mos_col": (MosCol, None),
+    "mos_range": (MosRange, None),
+    "lower_better": (LowerBetter, False),
+    "ref_col": (RefCol, None),
+    "strict": (Strict, False),
+}
+
+
+def dataset_options(fn):
+    """Add the shared dataset options to a command; it receives them as one `data: DatasetSpec` argument.
+
+    typer reads `__signature__`, so the options are declared once here for every command.
+    """
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations in fn's module
+    params = [p.replace(annotation=hints.get(name, p.annotation))
+              for name, p in signature.parameters.items() if name != "data"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for name, (annotation, default) in _DATASET_PARAMS.items()
+    ]
+    # keyword-only parameters must follow the positional ones
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == p.POSITIONAL_OR_KEYWORD else p
+              for p in params]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from kdiqa_edge.data.spec import DatasetSpec
+
+        values = {name: kwargs.pop(name) for name in _DATASET_PARAMS}
+        return fn(*args, data=DatasetSpec.from_cli(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params + extra)
+    wrapper.__annotations__ = {
+        **{k: v for k, v in hints.items() if k != "data"},
+        **{name: annotation for name, (annotation, _) in _DATASET_PARAMS.items()},
+    }
+    return wrapper

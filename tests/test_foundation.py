@@ -1,0 +1,60 @@
+"""The package skeleton: CLI entry point, error handling, registry, configs, atomic writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdiqa_edge import config, io
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.registry import Registry
+
+
+def test_cli_help_and_version():
+    out = subprocess.run([sys.executable, "-m", "kdiqa_edge", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kdiqa-edge" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "kdiqa_edge", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "0.1.0" in out.stdout
+
+
+def test_registry_refuses_duplicates_and_names_choices():
+    reg: Registry[int] = Registry("widget")
+    reg.register("a")(1)
+    with pytest.raises(ValueError, match="duplicate"):
+        reg.register("a")(2)
+    with pytest.raises(ConfigError, match="choose one of: a"):
+        reg.get("b")
+
+
+@dataclasses.dataclass
+class _Cfg:
+    lr: float = 1e-4  # learning rate
+    epochs: int = 100  # epochs
+
+
+def test_config_file_then_cli_overrides_and_none_never_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 5\n")
+    cfg = config.resolve(_Cfg, path, lr=None, epochs=None)
+    assert cfg == _Cfg(lr=1e-4, epochs=5)
+    assert config.resolve(_Cfg, path, epochs=7).epochs == 7
+    with pytest.raises(ConfigError, match="unknown"):
+        config.from_dict(_Cfg, {"lr": 1.0, "bogus": 2})
+    config.save(cfg, tmp_path / "saved.yaml")
+    assert config.resolve(_Cfg, tmp_path / "saved.yaml") == cfg
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    io.write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
