@@ -42,15 +42,18 @@ def _register_commands() -> None:
 _register_commands()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
     if version:
         from kdiqa_edge import __version__
 
         typer.echo(f"kdiqa-edge {__version__}")
         raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
 
 
 def main(argv: list[str] | None = None) -> None:
