@@ -1,0 +1,8 @@
+"""Torch-free inference: numpy + PIL + the runtime of the artifact (onnxruntime, tensorrt, coremltools)."""
+
+from kdiqa_edge.runtime.backends import BACKENDS, PROVIDERS, Backend, backend_kind, load_backend
+from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
+from kdiqa_edge.runtime.model import QualityModel, ScoreResult
+
+__all__ = ["ArtifactInfo", "BACKENDS", "Backend", "InputSpec", "PROVIDERS", "QualityModel", "ScoreResult",
+           "backend_kind", "load_backend"]

@@ -1,0 +1,352 @@
+"""Inference backends, one per artifact kind, behind one small protocol.
+
+A backend takes the model's input array (already in the artifact's dtype and layout) and returns the
+scores [N] as float32 numpy. Only onnxruntime is imported at module level of its backend; tensorrt,
+cuda-python, coremltools and torch are imported when their backend is built, so this module imports
+anywhere numpy does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+
+from kdiqa_edge import artifact
+from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, TensorRTUnavailable, require
+from kdiqa_edge.preprocess import PreprocessSpec
+from kdiqa_edge.registry import Registry
+from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
+
+
+class Backend(Protocol):
+    name: str  # onnxruntime | tensorrt | coreml | torch
+    device: str  # cpu | cuda | ane/gpu (coreml)
+    info: ArtifactInfo
+    fixed_batch: Optional[int]  # the only batch size the artifact accepts, None when dynamic
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Model input [N, ...] -> scores float32 [N]."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op for backends whose run() already returns host arrays)."""
+
+
+BACKENDS: Registry[Callable[..., Backend]] = Registry("runtime backend")
+
+# Short names the CLI accepts for onnxruntime execution providers.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+# "Best available" never picks the TensorRT provider on its own: it builds an engine on first run
+# (minutes on a Jetson), which a user must ask for.
+_AUTO_ORDER = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
+
+
+def backend_kind(path: str | Path) -> str:
+    """Which backend reads this path: by suffix for files, by content for directories."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in (".engine", ".plan", ".trt"):
+        return "tensorrt"
+    if suffix in (".mlpackage", ".mlmodel"):
+        return "coreml"
+    if path.is_dir():
+        if (path / "model.json").is_file() or (path / "checkpoints").is_dir():
+            return "torch"
+        if (path / "manifest.json").is_file():
+            files = sorted(p.name for p in path.iterdir() if p.suffix in (".onnx", ".engine", ".mlpackage"))
+            raise ConfigError(f"{path} is an export directory; pass one of its artifacts: {', '.join(files)}")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise CheckpointError(
+        f"{path}: not a model (expected .onnx, .engine/.plan, .mlpackage, a checkpoint dir or a run dir)")
+
+
+def load_backend(path: str | Path, provider: Optional[str] = None, threads: Optional[int] = None) -> Backend:
+    return BACKENDS.get(backend_kind(path))(Path(path), provider=provider, threads=threads)
+
+
+# --- ONNX Runtime --------------------------------------------------------------------------------------
+
+
+def resolve_providers(provider: Optional[str], available: list[str]) -> list[str]:
+    """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
+    if provider in (None, "", "auto"):
+        return [p for p in _AUTO_ORDER if p in available] or available[:1]
+    full = PROVIDERS.get(provider.lower(), provider)
+    if full not in available:
+        raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime "
+                          f"(available: {', '.join(available)})")
+    return [full] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
+
+
+@BACKENDS.register("onnx")
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # provider fallbacks are reported below, not as log spam
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        providers = resolve_providers(provider, ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+            raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
+        if self.session.get_providers()[0] != providers[0]:
+            raise ConfigError(f"{path}: {providers[0]} failed to initialise (running on "
+                              f"{self.session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
+        meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)
+        self.info = ArtifactInfo.from_meta(path, meta, "onnx")
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        batch = graph_input.shape[0] if graph_input.shape else None
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+        names = [o.name for o in self.session.get_outputs()]
+        self.output_names = ["score" if "score" in names else names[0]]
+        self.provider = providers[0]
+        self.device = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
+                       "CoreMLExecutionProvider": "coreml"}.get(self.provider, "cpu")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)
+
+    def synchronize(self) -> None:
+        pass  # session.run returns host arrays: the device work is done
+
+
+# --- TensorRT ------------------------------------------------------------------------------------------
+
+
+def engine_meta(header: dict[str, Any]) -> dict[str, Any]:
+    """The kdiqa_edge.* metadata inside an engine header (prefixed keys, or under "metadata")."""
+    if any(k.startswith(artifact.PREFIX) for k in header):
+        return artifact.decode(header)
+    nested = header.get("metadata") or header.get("meta") or {}
+    return artifact.decode(nested) if any(k.startswith(artifact.PREFIX) for k in nested) else dict(nested)
+
+
+def header_tensorrt_version(header: dict[str, Any]) -> Optional[str]:
+    meta = engine_meta(header)
+    for source in (header, header.get("versions") or {}, meta.get("versions") or {}):
+        for key in ("tensorrt", "tensorrt_version", "trt_version"):
+            if isinstance(source, dict) and source.get(key):
+                return str(source[key])
+    return None
+
+
+def header_gpu(header: dict[str, Any]) -> dict[str, Any]:
+    gpu = header.get("gpu") or header.get("device") or {}
+    return gpu if isinstance(gpu, dict) else {"name": str(gpu)}
+
+
+def check_engine_header(path: Path, header: dict[str, Any], trt_version: str, gpu: dict[str, Any]) -> None:
+    """Refuse an engine built by another TensorRT version or for another GPU: engines are not portable."""
+    built = header_tensorrt_version(header)
+    if built is None:
+        raise CheckpointError(f"{path}: the engine header does not record its TensorRT version; rebuild it "
+                              "with `kdiqa-edge export --target tensorrt` on this device")
+    if built != trt_version:
+        raise CheckpointError(f"{path}: engine built with TensorRT {built}, this machine has TensorRT "
+                              f"{trt_version}; rebuild it here (engines do not move between versions)")
+    want = header_gpu(header)
+    for key in ("compute_capability", "name"):
+        if want.get(key) and gpu.get(key) and str(want[key]) != str(gpu[key]):
+            raise CheckpointError(f"{path}: engine built for GPU {want.get('name')} (sm {want.get('compute_capability')}), "
+                                  f"this is {gpu.get('name')} (sm {gpu.get('compute_capability')}); rebuild it here")
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise MissingDependency("running a TensorRT engine needs cuda-python: pip install cuda-python") from None
+    return cudart
+
+
+def _check_cuda(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+@BACKENDS.register("tensorrt")
+class TensorRTBackend:
+    name = "tensorrt"
+    device = "cuda"
+
+    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+        header, blob = artifact.read_engine_file(path)
+        self.info = ArtifactInfo.from_meta(path, engine_meta(header), "tensorrt")
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise TensorRTUnavailable(f"{path}: tensorrt does not import here ({exc}); run TensorRT engines "
+                                      "on the device they were built on, or bench the ONNX file") from None
+        cudart = _cudart()
+        props = _check_cuda(cudart.cudaGetDeviceProperties(0))
+        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        gpu = {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+        check_engine_header(path, header, trt.__version__, gpu)
+        self._trt, self._cudart = trt, cudart
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise CheckpointError(f"{path}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        self.input_name = inputs[0]
+        self.output_name = "score" if "score" in outputs else outputs[0]
+        self.extra_outputs = [n for n in outputs if n != self.output_name]
+        batch = self.engine.get_tensor_shape(self.input_name)[0]
+        self.fixed_batch = int(batch) if batch > 0 else None
+        self.stream = _check_cuda(cudart.cudaStreamCreate())
+        self._buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, bytes)
+
+    def _device_buffer(self, name: str, nbytes: int) -> int:
+        pointer, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if pointer:
+                self._cudart.cudaFree(pointer)
+            pointer = _check_cuda(self._cudart.cudaMalloc(nbytes))
+            self._buffers[name] = (pointer, nbytes)
+        return pointer
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        trt, cudart = self._trt, self._cudart
+        x = np.ascontiguousarray(x)
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        d_in = self._device_buffer(self.input_name, x.nbytes)
+        self.context.set_tensor_address(self.input_name, d_in)
+        outputs = {}
+        for name in [self.output_name, *self.extra_outputs]:
+            shape = tuple(self.context.get_tensor_shape(name))
+            host = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            self.context.set_tensor_address(name, self._device_buffer(name, max(host.nbytes, 1)))
+            outputs[name] = host
+        kind = cudart.cudaMemcpyKind
+        _check_cuda(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, kind.cudaMemcpyHostToDevice, self.stream))
+        if not self.context.execute_async_v3(self.stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        host = outputs[self.output_name]
+        _check_cuda(cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[self.output_name][0], host.nbytes,
+                                           kind.cudaMemcpyDeviceToHost, self.stream))
+        self.synchronize()
+        return host.astype(np.float32).reshape(-1)
+
+    def synchronize(self) -> None:
+        _check_cuda(self._cudart.cudaStreamSynchronize(self.stream))
+
+    def __del__(self):
+        for pointer, _ in getattr(self, "_buffers", {}).values():
+            self._cudart.cudaFree(pointer)
+
+
+# --- CoreML --------------------------------------------------------------------------------------------
+
+
+@BACKENDS.register("coreml")
+class CoreMLBackend:
+    name = "coreml"
+    fixed_batch = None
+
+    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+        if sys.platform != "darwin":
+            raise MissingDependency(f"{path}: CoreML models run on macOS only (this is {sys.platform}); "
+                                    "bench the ONNX file here and the .mlpackage on a Mac")
+        ct = require("coremltools", "export")
+        units = {"cpu": ct.ComputeUnit.CPU_ONLY, "gpu": ct.ComputeUnit.CPU_AND_GPU,
+                 "ane": ct.ComputeUnit.CPU_AND_NE}.get((provider or "").lower(), ct.ComputeUnit.ALL)
+        try:
+            self.model = ct.models.MLModel(str(path), compute_units=units)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: coremltools cannot load it: {exc}") from None
+        self.info = ArtifactInfo.from_meta(path, artifact.decode(dict(self.model.user_defined_metadata)), "coreml")
+        description = self.model.get_spec().description
+        self.input_name = description.input[0].name
+        self.image_input = description.input[0].type.WhichOneof("Type") == "imageType"
+        names = [o.name for o in description.output]
+        self.output_name = "score" if "score" in names else names[0]
+        self.device = (provider or "all").lower()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if self.image_input:  # ImageType takes one PIL image per call
+            from PIL import Image
+
+            hwc = x if self.info.input.layout == "NHWC" else x.transpose(0, 2, 3, 1)
+            return np.array([float(np.asarray(self.model.predict({self.input_name: Image.fromarray(img)})
+                                              [self.output_name]).reshape(-1)[0]) for img in hwc], np.float32)
+        out = self.model.predict({self.input_name: x})[self.output_name]
+        return np.asarray(out, np.float32).reshape(-1)
+
+    def synchronize(self) -> None:
+        pass
+
+
+# --- torch checkpoint / run dir (optional: needs the [train] extra) -----------------------------------
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """model.json of a checkpoint dir, or of a run dir's checkpoints/best (torch-free)."""
+    for candidate in (path / "model.json", path / "checkpoints" / "best" / "model.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    raise CheckpointError(f"{path}: neither a checkpoint dir (model.json) nor a run dir (checkpoints/best)")
+
+
+@BACKENDS.register("torch")
+class TorchBackend:
+    name = "torch"
+    fixed_batch = None
+
+    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+        meta = checkpoint_meta(path)
+        torch = require("torch", "train")
+        from kdiqa_edge.models import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        want_cuda = (provider or "auto").lower() in ("auto", "cuda")
+        self.device = "cuda" if want_cuda and torch.cuda.is_available() else "cpu"
+        if (provider or "").lower() == "cuda" and self.device != "cuda":
+            raise ConfigError("--provider cuda asked for, but torch sees no CUDA device")
+        self._torch = torch
+        self.model = load_checkpoint(path).eval().to(self.device)
+        spec = getattr(self.model, "preprocess", None) or PreprocessSpec.from_dict(meta.get("preprocess", {}))
+        source = {"kind": meta.get("kind"), "arch": meta.get("arch"), "checkpoint_hash": meta.get("content_hash"),
+                  "pretrained": meta.get("pretrained"), "variant": meta.get("head")}
+        self.info = ArtifactInfo(path=path, target="torch", precision="fp32", preprocess=spec,
+                                 input=InputSpec(size=spec.size), source=source,
+                                 meta={"preprocess": spec.to_dict(), "source": source})
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            score = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+        return score.float().cpu().numpy().reshape(-1)
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            self._torch.cuda.synchronize()

@@ -1,0 +1,151 @@
+"""`QualityModel`: load any kdiqa-edge artifact and score images with numpy + PIL (no torch).
+
+    from kdiqa_edge import QualityModel
+    model = QualityModel.load("student.onnx")
+    model.score("photo.jpg")             # -> float in [1, 5]
+    model.score(["a.jpg", "b.png"])      # -> float32 [2]
+    model.score(pil_image)               # any mode, any size
+    for result in model.score_files(paths):   # unreadable files are reported, not raised
+        print(result.path, result.score, result.error)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed, normalize, preprocess_pil
+from kdiqa_edge.runtime.backends import Backend, load_backend
+from kdiqa_edge.runtime.info import ArtifactInfo
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreResult:
+    path: str
+    score: Optional[float]  # None when the image could not be read
+    error: Optional[str] = None  # the one-line reason
+
+
+class QualityModel:
+    """A loaded artifact plus the preprocessing its metadata prescribes."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.info: ArtifactInfo = backend.info
+        self.preprocess: PreprocessSpec = backend.info.preprocess
+        self._float_input = self.info.input.dtype.startswith("float")
+        self._nchw = self.info.input.layout.upper() == "NCHW"
+        self._input_dtype = np.float16 if self.info.input.dtype == "float16" else np.float32
+
+    @classmethod
+    def load(cls, path: str | Path, provider: Optional[str] = None, threads: Optional[int] = None) -> "QualityModel":
+        """Open an .onnx, .engine/.plan, .mlpackage, checkpoint dir or run dir.
+
+        provider: onnxruntime execution provider (cpu, cuda, tensorrt, coreml, or a full name; default the
+        best available), "cuda"/"cpu" for a checkpoint, compute units (cpu, gpu, ane) for CoreML.
+        """
+        return cls(load_backend(path, provider=provider, threads=threads))
+
+    def __repr__(self) -> str:
+        return (f"QualityModel({self.info.path.name}, {self.backend.name}/{self.backend.device}, "
+                f"{self.info.precision}, input {self.info.input.dtype} {self.info.input.layout} {self.info.input.size})")
+
+    # --- arrays ------------------------------------------------------------------------------------
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC (preprocessed pixels) -> the artifact's input array (dtype, layout, normalization)."""
+        if self._float_input:
+            x = normalize(images, self.preprocess)  # float32 NCHW
+            if not self._nchw:
+                x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+            return x if self._input_dtype is np.float32 else x.astype(self._input_dtype)
+        return np.ascontiguousarray(images if not self._nchw else images.transpose(0, 3, 1, 2))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Prepared input [N, ...] -> scores float32 [N]. Splits or pads for fixed-batch artifacts."""
+        fixed = self.backend.fixed_batch
+        if fixed is None or len(x) == fixed:
+            return self.backend.run(x)
+        scores = []
+        for start in range(0, len(x), fixed):
+            chunk = x[start:start + fixed]
+            n = len(chunk)
+            if n < fixed:  # pad the tail with copies of its last image; their scores are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+            scores.append(self.backend.run(chunk)[:n])
+        return np.concatenate(scores).astype(np.float32)
+
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """uint8 NHWC preprocessed pixels [N, S, S, 3] -> scores float32 [N], in batches."""
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ConfigError(f"predict() takes uint8 [N, {self.preprocess.size}, {self.preprocess.size}, 3], "
+                              f"got {images.dtype} {tuple(images.shape)}")
+        if len(images) == 0:
+            return np.zeros(0, np.float32)
+        return np.concatenate([self.run(self.prepare(np.asarray(images[i:i + batch_size])))
+                               for i in range(0, len(images), batch_size)])
+
+    # --- images ------------------------------------------------------------------------------------
+
+    def load_image(self, image: ImageLike) -> np.ndarray:
+        """One path / PIL image / HWC array -> preprocessed uint8 [S, S, 3] (raises ImageLoadError)."""
+        if isinstance(image, (str, Path)):
+            return load_preprocessed(image, self.preprocess)
+        if isinstance(image, Image.Image):
+            return preprocess_pil(image, self.preprocess)
+        if isinstance(image, np.ndarray):
+            array = image
+            if array.ndim == 2:
+                array = np.repeat(array[..., None], 3, axis=-1)
+            if array.ndim != 3 or array.shape[-1] not in (3, 4):
+                raise ConfigError(f"an image array must be HW, HWC (RGB/RGBA) or NHWC, got shape {array.shape}")
+            if array.dtype != np.uint8:
+                if np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
+                    array = array * 255.0  # [0, 1] floats, the skimage convention
+                array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+            return preprocess_pil(Image.fromarray(array), self.preprocess)
+        raise ConfigError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a numpy array")
+
+    def score(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32):
+        """A path, PIL image or HWC array -> float; a list of them or an NHWC array -> float32 [N].
+
+        Raises ImageLoadError for an unreadable file; use `score_files` to carry on past bad files.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.dtype == np.uint8 and images.shape[1:3] == (self.preprocess.size,) * 2:
+                return self.predict(images, batch_size)  # already the model's pixels
+            images = list(images)
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            return float(self.predict(self.load_image(images)[None])[0])
+        pixels = np.stack([self.load_image(image) for image in images]) if len(images) else None
+        return self.predict(pixels, batch_size) if pixels is not None else np.zeros(0, np.float32)
+
+    def score_files(self, paths: Iterable[str | Path], batch_size: int = 32) -> Iterator[ScoreResult]:
+        """Score files in batches; an unreadable file yields a result with its error and no score."""
+        pending: list[tuple[str, np.ndarray]] = []
+        for path in paths:
+            try:
+                pending.append((str(path), self.load_image(Path(path))))
+            except ImageLoadError as exc:
+                yield from self._flush(pending)
+                pending = []
+                yield ScoreResult(str(path), None, str(exc))
+                continue
+            if len(pending) == batch_size:
+                yield from self._flush(pending)
+                pending = []
+        yield from self._flush(pending)
+
+    def _flush(self, pending: list[tuple[str, np.ndarray]]) -> Iterator[ScoreResult]:
+        if not pending:
+            return
+        scores = self.predict(np.stack([pixels for _, pixels in pending]), batch_size=len(pending))
+        for (path, _), score in zip(pending, scores):
+            yield ScoreResult(path, float(score))
