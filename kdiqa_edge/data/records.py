@@ -1,0 +1,199 @@
+"""What every reader yields: records with a normalized MOS, and the files it had to skip (with why)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from kdiqa_edge.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    image: str  # path relative to the dataset root, '/'-separated
+    mos: float  # normalized to 1..5, higher = better
+    raw: float  # the score as the dataset gives it
+    ref: Optional[str] = None  # reference (content) id; splits keep one content on one side
+    distortion: Optional[str] = None  # distortion type, where the dataset says
+    level: Optional[int] = None  # distortion level, where the dataset says
+    official: Optional[str] = None  # the dataset's own split (KonIQ: training / validation / test)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    image: str  # as named in the score file
+    reason: str  # one line a user can act on
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str  # reader name
+    root: Path  # the folder `Record.image` is relative to
+    records: list[Record]
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    raw_range: tuple[float, float] = (1.0, 5.0)  # nominal range of the raw scores
+    lower_better: bool = False  # DMOS-style raw scores (mos is flipped so higher is better)
+    dropped: int = 0  # entries left out by the dataset's convention (LIVE reference copies, CLIVE t1..t7)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def mos(self):
+        import numpy as np
+
+        return np.asarray([r.mos for r in self.records], dtype=np.float32)
+
+    @property
+    def refs(self) -> list[str]:
+        return sorted({r.ref for r in self.records if r.ref is not None})
+
+    def subset(self, indices: Iterable[int]) -> "Dataset":
+        return dataclasses.replace(self, records=[self.records[i] for i in indices])
+
+    def path(self, record: Record | int) -> Path:
+        if isinstance(record, int):
+            record = self.records[record]
+        return self.root / record.image
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One entry of a score file before validation: what a reader parses, nothing checked yet."""
+
+    image: str  # as written in the score file, relative to the image root
+    raw: object  # the score cell as read (may be empty, text, NaN)
+    ref: Optional[str] = None
+    distortion: Optional[str] = None
+    level: Optional[int] = None
+    official: Optional[str] = None
+
+
+def to_mos(raw: float, raw_range: tuple[float, float], lower_better: bool) -> float:
+    """Linear map of the nominal range onto 1..5, flipped for DMOS."""
+    lo, hi = raw_range
+    unit = (raw - lo) / (hi - lo)
+    return 1.0 + 4.0 * ((1.0 - unit) if lower_better else unit)
+
+
+def parse_score(value: object) -> float | None:
+    """A finite float, or None for empty / NaN / non-numeric cells."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def inside(root: Path, relative: str) -> str | None:
+    """`relative` normalized to a '/'-separated path under root, or None if it escapes the root."""
+    if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        return None
+    normal = os.path.normpath(relative.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../") or normal == ".":
+        return None
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, normal))
+    if os.path.commonpath([real_root, real]) != real_root:  # a symlink pointing out of the root
+        return None
+    return normal.replace(os.sep, "/")
+
+
+def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[float, float],
+                  lower_better: bool = False, hard_range: bool = True, dropped: int = 0,
+                  check_files: bool = True) -> Dataset:
+    """Validate rows into records: bad score, duplicate, escaping path, missing or empty file -> skipped.
+
+    `hard_range=False` widens the nominal range to cover the data instead of skipping (LIVE's DMOS
+    runs a little past its nominal 0..100; dropping those would lose real images).
+    """
+    rows = list(rows)
+    scores = [parse_score(row.raw) for row in rows]
+    lo, hi = raw_range
+    if not hard_range:
+        finite = [s for s in scores if s is not None]
+        if finite:
+            lo, hi = min(lo, min(finite)), max(hi, max(finite))
+    records: list[Record] = []
+    skipped: list[Skip] = []
+    seen: set[str] = set()
+    for row, score in zip(rows, scores):
+        image = inside(root, row.image)
+        if image is None:
+            skipped.append(Skip(row.image, "path escapes the dataset root"))
+        elif image in seen:
+            skipped.append(Skip(row.image, "duplicate row (image already listed)"))
+        elif score is None:
+            skipped.append(Skip(row.image, f"score is empty or not a number ({row.raw!r})"))
+        elif not lo <= score <= hi:
+            skipped.append(Skip(row.image, f"score {score:g} outside the nominal range [{lo:g}, {hi:g}]"))
+        elif check_files and (reason := _file_problem(root / image)):
+            skipped.append(Skip(row.image, reason))
+        else:
+            records.append(Record(image=image, mos=to_mos(score, (lo, hi), lower_better), raw=score,
+                                  ref=row.ref, distortion=row.distortion, level=row.level,
+                                  official=row.official))
+        if image is not None:
+            seen.add(image)
+    return Dataset(name=name, root=root, records=records, skipped=skipped, raw_range=(lo, hi),
+                   lower_better=lower_better, dropped=dropped)
+
+
+def _file_problem(path: Path) -> str | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return "file not found"
+    if not path.is_file():
+        return "not a file"
+    if stat.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def write_skipped(path: str | os.PathLike, skipped: Iterable[Skip]) -> Path:
+    """`skipped.csv`: image, reason (atomic)."""
+    import io as _io
+
+    from kdiqa_edge.io import write_text
+
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "reason"])
+    for skip in skipped:
+        writer.writerow([skip.image, skip.reason])
+    return write_text(path, buffer.getvalue())
+
+
+def skip_summary(skipped: list[Skip]) -> str:
+    """'3 skipped: 2 file not found, 1 empty file (0 bytes)' (reasons grouped by their first words)."""
+    if not skipped:
+        return "0 skipped"
+    counts: dict[str, int] = {}
+    for skip in skipped:
+        key = skip.reason.split(" (")[0].split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{len(skipped)} skipped: {parts}"
+
+
+def require_usable(dataset: Dataset, strict: bool, what: str = "") -> Dataset:
+    """An empty dataset is an error; with `strict`, so is any skip."""
+    where = f" ({what})" if what else ""
+    if strict and dataset.skipped:
+        first = dataset.skipped[0]
+        raise DataError(f"--strict: {skip_summary(dataset.skipped)}{where}; first: {first.image}: {first.reason}")
+    if not dataset.records:
+        detail = f"; {skip_summary(dataset.skipped)}" if dataset.skipped else ""
+        raise DataError(f"dataset {dataset.name!r} at {dataset.root} has no usable image{detail}")
+    return dataset
