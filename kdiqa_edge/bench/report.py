@@ -1,0 +1,168 @@
+"""Bench output: one table across formats (Ultralytics-style), JSON, markdown and a latency-vs-SRCC plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from kdiqa_edge.bench.runner import BenchReport, BenchResult
+from kdiqa_edge.io import atomic_path, write_json, write_text
+
+COLUMNS = ("Model", "Format", "Precision", "Status", "Size (MB)", "Params", "SRCC", "ΔSRCC", "p50 ms @1",
+           "images/s")
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _count(value: Optional[int]) -> str:
+    if value is None:
+        return "—"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def summary_row(result: BenchResult, with_reason: bool = True) -> list[str]:
+    at1 = result.latency_at(1)
+    best = result.best_throughput
+    status = "ok" if result.status == "ok" else f"failed ({result.stage})"
+    if with_reason and result.reason:
+        status += f": {result.reason}"
+    delta = "ref" if result.reference else (_num(result.drift.delta_srcc, "+.4f") if result.drift else "—")
+    return [result.name, result.format, result.precision, status, _num(result.size_mb, ".2f"),
+            _count(result.params), _num(result.metrics.srcc if result.metrics else None, ".4f"), delta,
+            _num(at1.p50_ms if at1 else None, ".2f"),
+            f"{best.images_per_s:.1f} @{best.batch_size}" if best else "—"]
+
+
+def environment_lines(report: BenchReport) -> list[str]:
+    env = report.environment
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+    lines = [f"CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('os')} {env.get('machine')}",
+             f"Threads: {env.get('threads')}; onnxruntime providers: {', '.join(env.get('onnxruntime_providers', []))}",
+             f"Python {env.get('python')}; {versions}"]
+    if env.get("gpus"):
+        lines.append(f"GPU: {'; '.join(env['gpus'])}")
+    if env.get("board") or env.get("l4t"):
+        lines.append(f"Board: {env.get('board', '?')}; {env.get('l4t', '')}".rstrip("; "))
+    cfg = report.config
+    lines.append(f"Latency: batch sizes {', '.join(map(str, cfg.batch_sizes))}; {cfg.warmup} warm-up + "
+                 f"{cfg.runs} timed runs each; inference only (preprocessing timed separately)")
+    if report.dataset:
+        d = report.dataset
+        lines.append(f"Accuracy: {d['name']}, {d['split']} split (seed {d['seed']}), {d['n']} images")
+    return lines
+
+
+def print_table(report: BenchReport, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="kdiqa-edge bench", caption="\n".join(environment_lines(report)), caption_justify="left")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("Model", "Format", "Status") else "right",
+                         overflow="fold")
+    for result in report.results:
+        style = None if result.status == "ok" else "red"
+        table.add_row(*summary_row(result, with_reason=False), style=style)
+    console.print(table)
+    for result in report.results:
+        if result.status != "ok":
+            console.print(f"{result.name}: failed at {result.stage}: {result.reason}", style="red", soft_wrap=True)
+    for note in report.notes:
+        console.print(f"note: {note}", style="yellow")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark") -> str:
+    parts = [f"# {title}", "", *[f"- {line}" for line in environment_lines(report)], "",
+             _md_table(list(COLUMNS), [summary_row(r) for r in report.results]), ""]
+    latency = [[r.name, r.format, r.precision, str(s.batch_size), f"{s.mean_ms:.3f}", f"{s.p50_ms:.3f}",
+                f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.std_ms:.3f}", f"{s.images_per_s:.1f}"]
+               for r in report.results for s in r.latency]
+    if latency:
+        parts += ["## Latency (ms, inference only)", "",
+                  _md_table(["Model", "Format", "Precision", "Batch", "mean", "p50", "p90", "p99", "std", "images/s"],
+                            latency), ""]
+    accuracy = [[r.name, r.precision, f"{r.metrics.plcc:.4f}", f"{r.metrics.plcc_fit:.4f}", f"{r.metrics.srcc:.4f}",
+                 f"{r.metrics.krcc:.4f}", f"{r.metrics.rmse:.4f}",
+                 *(["ref"] * 4 if r.reference else
+                   [_num(r.drift.delta_plcc, "+.5f"), _num(r.drift.delta_srcc, "+.5f"),
+                    _num(r.drift.mean_abs_diff, ".5f"), _num(r.drift.max_abs_diff, ".5f")] if r.drift else ["—"] * 4)]
+                for r in report.results if r.metrics]
+    if accuracy:
+        parts += ["## Accuracy and drift vs the reference", "",
+                  _md_table(["Model", "Precision", "PLCC", "PLCC (fitted)", "SRCC", "KRCC", "RMSE", "ΔPLCC", "ΔSRCC",
+                             "mean \\|Δscore\\|", "max \\|Δscore\\|"], accuracy), ""]
+    model_facts = [[r.name, r.backend or "—", r.device or "—", r.input or "—", _num(r.size_mb, ".2f"),
+                    _count(r.params), _count(r.macs), _num(r.load_s, ".2f"), _num(r.rss_delta_mb, ".0f"),
+                    _num(r.peak_rss_mb, ".0f")] for r in report.results if r.status == "ok"]
+    if model_facts:
+        parts += ["## Model facts", "",
+                  _md_table(["Model", "Backend", "Device", "Input", "Size (MB)", "Params", "MACs", "Load (s)",
+                             "RSS added (MB)", "Peak RSS (MB)"], model_facts), ""]
+    prep = [[r.name, "on" if r.preprocessing.draft else "off", str(r.preprocessing.images),
+             f"{r.preprocessing.mean_ms:.2f}", f"{r.preprocessing.p50_ms:.2f}", f"{r.preprocessing.images_per_s:.1f}"]
+            for r in report.results if r.preprocessing]
+    if prep:
+        parts += ["## Preprocessing (file -> model input, one thread)", "",
+                  _md_table(["Model", "JPEG draft", "Images", "mean ms", "p50 ms", "images/s"], prep), ""]
+    failed = [[r.name, r.format, r.stage or "", r.reason or ""] for r in report.results if r.status != "ok"]
+    if failed:
+        parts += ["## Failures", "", _md_table(["Model", "Format", "Stage", "Reason"], failed), ""]
+    if report.notes:
+        parts += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
+    return "\n".join(parts)
+
+
+def write_markdown(report: BenchReport, path: str | Path, title: str = "kdiqa-edge benchmark") -> Path:
+    return write_text(path, markdown(report, title))
+
+
+def write_report_json(report: BenchReport, path: str | Path) -> Path:
+    return write_json(path, report.to_dict())
+
+
+def write_plot(report: BenchReport, path: str | Path) -> Path:
+    """Latency (p50 at batch 1, log axis) against SRCC, one labelled point per working format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r, r.latency_at(1) or (r.latency[0] if r.latency else None)) for r in report.results]
+    points = [(r, s) for r, s in points if s is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    with_srcc = [(r, s) for r, s in points if r.metrics]
+    if with_srcc:
+        for r, s in with_srcc:  # a legend, not annotations: equal-accuracy formats sit on top of each other
+            ax.scatter(s.p50_ms, r.metrics.srcc, s=90 if r.reference else 50, marker="*" if r.reference else "o",
+                       label=f"{r.name} ({r.format} {r.precision}{', reference' if r.reference else ''})", alpha=0.8)
+        ax.set_ylabel("SRCC (eval split)")
+        ax.legend(fontsize=7, loc="best")
+    else:  # accuracy off: latency per format
+        ax.barh([f"{r.name} ({r.precision})" for r, _ in points], [s.p50_ms for _, s in points])
+        ax.set_ylabel("model")
+    batch = points[0][1].batch_size if points else 1
+    ax.set_xlabel(f"p50 latency (ms) at batch {batch}")
+    if with_srcc and len({round(s.p50_ms, 6) for _, s in with_srcc}) > 1:
+        ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    env = report.environment
+    ax.set_title(f"kdiqa-edge bench: {env.get('cpu', '')[:60]}, threads {env.get('threads')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,270 @@
+"""Benchmark several artifacts of one model: latency, facts, accuracy and drift vs a reference (torch-free).
+
+A model that fails to load or run gets a row with its status and reason; the others still run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from kdiqa_edge.bench import facts
+from kdiqa_edge.bench.accuracy import Drift, EvalData, drift, score_eval_set
+from kdiqa_edge.bench.environment import environment
+from kdiqa_edge.bench.latency import LatencyStats, PreprocessStats, time_inference, time_preprocessing
+from kdiqa_edge.errors import KdiqaError
+from kdiqa_edge.metrics import IQAMetrics
+
+FORMAT_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT", "coreml": "CoreML", "torch": "PyTorch"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # latency is measured at each
+    threads: Optional[int] = None  # CPU threads for inference (None: the runtime's default)
+    warmup: int = 10  # untimed runs before timing, per batch size
+    runs: int = 50  # timed runs per batch size
+    provider: Optional[str] = None  # onnxruntime execution provider / torch device / CoreML compute units
+    seed: int = 0  # split seed: the eval split is the test part of this split
+    max_images: Optional[int] = None  # cap on eval images (None: the whole test split)
+    accuracy: bool = True  # score the eval split (off: latency and facts only)
+    eval_batch_size: int = 32  # batch size for scoring the eval split
+    preprocess_images: int = 32  # files timed for preprocessing (decode to model input)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BenchResult:
+    model: str  # the path as given
+    name: str  # the file name, the row label
+    format: str  # ONNX, TensorRT, CoreML, PyTorch
+    precision: str  # fp32 | fp16 | int8 | ?
+    status: str = "ok"  # ok | failed
+    stage: Optional[str] = None  # where it failed: load, latency, accuracy
+    reason: Optional[str] = None  # one line
+    reference: bool = False
+    backend: Optional[str] = None  # onnxruntime, tensorrt, coreml, torch
+    device: Optional[str] = None
+    input: Optional[str] = None  # e.g. "uint8 NHWC 224"
+    size_mb: Optional[float] = None
+    params: Optional[int] = None
+    macs: Optional[int] = None  # one image
+    load_s: Optional[float] = None
+    latency: list[LatencyStats] = dataclasses.field(default_factory=list)
+    preprocessing: Optional[PreprocessStats] = None
+    metrics: Optional[IQAMetrics] = None
+    drift: Optional[Drift] = None
+    rss_delta_mb: Optional[float] = None  # resident memory added by loading and running this model
+    peak_rss_mb: Optional[float] = None  # the process's high-water mark after this model
+
+    def latency_at(self, batch_size: int) -> Optional[LatencyStats]:
+        return next((s for s in self.latency if s.batch_size == batch_size), None)
+
+    @property
+    def best_throughput(self) -> Optional[LatencyStats]:
+        return max(self.latency, key=lambda s: s.images_per_s) if self.latency else None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["metrics"] = self.metrics.to_dict() if self.metrics else None
+        return out
+
+
+@dataclasses.dataclass
+class BenchReport:
+    environment: dict
+    config: BenchConfig
+    dataset: Optional[dict]  # name, split, n (None when accuracy is off or failed)
+    results: list[BenchResult]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"environment": self.environment, "config": self.config.to_dict(), "dataset": self.dataset,
+                "results": [r.to_dict() for r in self.results], "notes": self.notes}
+
+
+def guess_precision(path: str | Path) -> str:
+    """From the file name when the artifact cannot be opened: student.int8.onnx -> int8."""
+    match = re.search(r"(fp32|fp16|int8|float32|float16)", Path(path).name.lower())
+    return {"float32": "fp32", "float16": "fp16"}.get(match.group(1), match.group(1)) if match else "?"
+
+
+def _format_of(path: str | Path) -> str:
+    from kdiqa_edge.runtime.backends import backend_kind
+
+    try:
+        return FORMAT_NAMES.get(backend_kind(path), "?")
+    except KdiqaError:
+        return "?"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text and not isinstance(exc, KdiqaError) else (text[0] if text else
+                                                                                                  type(exc).__name__)
+
+
+def _model_facts(result: BenchResult, model) -> None:
+    path = Path(result.model)
+    result.size_mb = facts.size_bytes(path) / 1e6
+    if model.backend.name == "onnxruntime":
+        result.params = facts.onnx_param_count(path)
+        result.macs = facts.onnx_macs(path)
+    elif model.backend.name == "torch":
+        result.params, result.macs = _torch_facts(model)
+    else:
+        source = model.info.meta.get("source") or {}
+        result.params = source.get("params") if isinstance(source, dict) else None
+
+
+def _torch_facts(model) -> tuple[Optional[int], Optional[int]]:
+    """Parameters (with the head's frozen buffers, as the exported graph counts them) and MACs via torch."""
+    torch = model.backend._torch
+    module = model.backend.model
+    params = sum(p.numel() for p in module.parameters()) + sum(
+        b.numel() for b in module.buffers() if b.is_floating_point() and b.numel() > 1)
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        size = model.preprocess.size
+        x = torch.from_numpy(model.prepare(np.zeros((1, size, size, 3), np.uint8))).to(model.backend.device)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(x)
+        return int(params), int(counter.get_total_flops() // 2)
+    except Exception:  # noqa: BLE001 - MACs are best effort
+        return int(params), None
+
+
+def bench_one(path: str, cfg: BenchConfig, eval_data: Optional[EvalData], progress=None,
+              reference: bool = False) -> tuple[BenchResult, Optional[np.ndarray], Optional[object]]:
+    """One row; returns it with the eval scores and eval set (for drift). Never raises for a model's own fault."""
+    import time
+
+    from kdiqa_edge.runtime import QualityModel
+
+    result = BenchResult(model=str(path), name=Path(path).name, format=_format_of(path),
+                         precision=guess_precision(path), reference=reference)
+    rss_before = facts.current_rss_mb()
+    stage = "load"
+    scores = eval_set = None
+    try:
+        start = time.perf_counter()
+        model = QualityModel.load(path, provider=cfg.provider, threads=cfg.threads)
+        result.load_s = time.perf_counter() - start
+        info = model.info
+        result.precision, result.backend, result.device = info.precision, model.backend.name, model.backend.device
+        result.format = FORMAT_NAMES.get(model.backend.name if model.backend.name != "onnxruntime" else "onnx",
+                                         result.format)
+        result.input = f"{info.input.dtype} {info.input.layout} {info.input.size}"
+        stage = "facts"
+        _model_facts(result, model)
+        stage = "latency"
+        for batch_size in cfg.batch_sizes:
+            if progress:
+                progress(f"{result.name}: latency @ batch {batch_size}")
+            result.latency.append(time_inference(model, batch_size, cfg.warmup, cfg.runs))
+        if eval_data is not None:
+            stage = "data"
+            if progress:
+                progress(f"{result.name}: accuracy")
+            eval_set = eval_data.get(model.preprocess)
+            stage = "accuracy"
+            scores, result.metrics = score_eval_set(model, eval_set, cfg.eval_batch_size)
+            stage = "preprocessing"
+            result.preprocessing = time_preprocessing(eval_set.files[:cfg.preprocess_images], model.preprocess,
+                                                      model)
+    except Exception as exc:  # noqa: BLE001 - a failing format is a row, not the end of the bench
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if stage == "data":
+            raise  # the dataset is unusable for every model: say so once
+        result.status, result.stage, result.reason = "failed", stage, _reason(exc)
+    rss_after = facts.current_rss_mb()
+    result.rss_delta_mb = rss_after - rss_before if rss_after is not None and rss_before is not None else None
+    result.peak_rss_mb = facts.peak_rss_mb()
+    return result, scores, eval_set
+
+
+def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = None, data=None,
+              cfg: BenchConfig = BenchConfig(), progress: bool = True) -> BenchReport:
+    """Bench every model (the reference first, as its own row); the FP32 reference anchors the drift."""
+    from kdiqa_edge.data.spec import DatasetSpec
+
+    eval_data = EvalData(data or DatasetSpec(), seed=cfg.seed, max_images=cfg.max_images,
+                         progress=progress) if cfg.accuracy else None
+    paths = ([(str(reference), True)] if reference else []) + [(str(m), False) for m in models]
+    results: list[BenchResult] = []
+    notes: list[str] = []
+    ref_scores = ref_set = None
+    with _Progress(len(paths), enabled=progress) as bar:
+        for path, is_reference in paths:
+            bar.start(Path(path).name)
+            result, scores, eval_set = bench_one(path, cfg, eval_data, progress=bar.update, reference=is_reference)
+            if is_reference:
+                ref_scores, ref_set = scores, eval_set
+                if result.status != "ok":
+                    notes.append(f"reference {path} failed ({result.reason}): no drift figures")
+            elif scores is not None and ref_scores is not None and result.metrics is not None:
+                ref_metrics = results[0].metrics
+                aligned = _align(ref_set.names, ref_scores, eval_set.names)
+                if aligned is None:
+                    notes.append(f"{result.name}: its eval images differ from the reference's: no drift figures")
+                else:
+                    result.drift = drift(result.metrics, scores, ref_metrics, aligned)
+            results.append(result)
+            bar.advance()
+    dataset = None
+    if eval_data is not None and eval_data._sets:
+        first = next(iter(eval_data._sets.values()))
+        dataset = {"name": first.dataset, "split": first.split, "n": len(first.names), "seed": cfg.seed,
+                   "spec": eval_data.spec.to_dict() if hasattr(eval_data.spec, "to_dict") else str(eval_data.spec)}
+    return BenchReport(environment=environment(cfg.threads), config=cfg, dataset=dataset, results=results,
+                       notes=notes)
+
+
+def _align(ref_names: list[str], ref_scores: np.ndarray, names: list[str]) -> Optional[np.ndarray]:
+    if ref_names == names:
+        return ref_scores
+    lookup = dict(zip(ref_names, ref_scores))
+    if not all(name in lookup for name in names):
+        return None
+    return np.asarray([lookup[name] for name in names], np.float32)
+
+
+class _Progress:
+    """A rich progress bar on stderr over the models, with the current stage as its description."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled, self._bar, self._task, self._name = total, enabled, None, None, ""
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("bench", total=self.total)
+        return self
+
+    def start(self, name: str) -> None:
+        self.update(f"{name}: load")
+
+    def update(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,73 @@
+"""`kdiqa-edge bench MODEL...`: latency, size, params, accuracy and drift per format, torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.score import Provider, Threads
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    from kdiqa_edge.errors import ConfigError
+
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes needs positive integers, got {text!r}")
+    return sizes
+
+
+@dataset_options
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="Artifacts to compare (.onnx, .engine, .mlpackage, "
+                                                      "checkpoint or run dir).")],
+    data,
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="The FP32 model the drift is measured against (a run dir, checkpoint or artifact).")] = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8,32.")] = "1,8,32",
+    threads: Threads = None,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per batch size.")] = 10,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per batch size.")] = 50,
+    provider: Provider = None,
+    seed: Annotated[int, typer.Option("--seed", help="Split seed: the eval split is its test part.")] = 0,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=3,
+                                                      help="Score at most this many eval images.")] = None,
+    accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy",
+                                           help="Score the eval split (off: latency and facts only).")] = True,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full results as JSON.")] = None,
+    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown report.")] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a latency-vs-SRCC PNG.")] = None,
+) -> None:
+    """Benchmark artifacts of one model: latency per batch size, size, params, MACs, accuracy, drift.
+
+    A format that fails to load or run gets a row with the reason; the others still run.
+
+    Examples:
+
+      kdiqa-edge bench out/student.onnx out/student.int8.onnx --reference runs/distill-resnet18
+
+      kdiqa-edge bench model.engine --dataset koniq --root ~/data/koniq --batch-sizes 1,16 --json bench.json
+    """
+    from kdiqa_edge.bench import BenchConfig, run_bench
+    from kdiqa_edge.bench.report import print_table, write_markdown, write_plot, write_report_json
+
+    cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
+                      provider=provider, seed=seed, max_images=max_images, accuracy=accuracy)
+    report = run_bench(models, reference=reference, data=data, cfg=cfg)
+    print_table(report)
+    for path, writer in ((json_path, write_report_json), (markdown_path, write_markdown), (plot_path, write_plot)):
+        if path is not None:
+            writer(report, path)
+            typer.echo(f"wrote {path}")
+    if all(r.status != "ok" for r in report.results):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench", no_args_is_help=True)(bench)
