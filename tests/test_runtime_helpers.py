@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,11 @@ def export_tiny_onnx(path: Path, seed: int = 0, uint8_nhwc: bool = False, precis
     else:
         example = torch.randn(batch, 3, SIZE, SIZE)
     path = Path(path)
-    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["score"],
-                      dynamic_axes=None if fixed_batch else {"image": {0: "batch"}, "score": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["score"],
+                          dynamic_axes=None if fixed_batch else {"image": {0: "batch"}, "score": {0: "batch"}},
+                          opset_version=17, dynamo=False)
     proto = onnx.load(str(path))
     if metadata:
         meta = {

@@ -27,6 +27,7 @@ class Backend(Protocol):
     device: str  # cpu | cuda | ane/gpu (coreml)
     info: ArtifactInfo
     fixed_batch: Optional[int]  # the only batch size the artifact accepts, None when dynamic
+    max_batch: Optional[int]  # the largest batch a dynamic artifact accepts (TensorRT profile), None: any
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Model input [N, ...] -> scores float32 [N]."""
@@ -118,6 +119,7 @@ class OnnxBackend:
         self.input_name = graph_input.name
         batch = graph_input.shape[0] if graph_input.shape else None
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+        self.max_batch = None
         names = [o.name for o in self.session.get_outputs()]
         self.output_names = ["score" if "score" in names else names[0]]
         self.provider = providers[0]
@@ -222,6 +224,9 @@ class TensorRTBackend:
         self.extra_outputs = [n for n in outputs if n != self.output_name]
         batch = self.engine.get_tensor_shape(self.input_name)[0]
         self.fixed_batch = int(batch) if batch > 0 else None
+        # dynamic batch: the optimization profile's max (the exporter also records it in the header)
+        self.max_batch = None if self.fixed_batch else int(
+            self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.stream = _check_cuda(cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, bytes)
 
@@ -271,6 +276,7 @@ class TensorRTBackend:
 class CoreMLBackend:
     name = "coreml"
     fixed_batch = None
+    max_batch = None
 
     def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
         if sys.platform != "darwin":
@@ -292,12 +298,15 @@ class CoreMLBackend:
         self.device = (provider or "all").lower()
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        if self.image_input:  # ImageType takes one PIL image per call
+        if self.image_input:  # ImageType: one PIL image per example, a list of examples is one batch call
             from PIL import Image
 
             hwc = x if self.info.input.layout == "NHWC" else x.transpose(0, 2, 3, 1)
-            return np.array([float(np.asarray(self.model.predict({self.input_name: Image.fromarray(img)})
-                                              [self.output_name]).reshape(-1)[0]) for img in hwc], np.float32)
+            if hwc.dtype != np.uint8:
+                raise ConfigError("a CoreML image input takes uint8 pixels: its metadata must say dtype uint8")
+            outputs = self.model.predict([{self.input_name: Image.fromarray(img)} for img in hwc])
+            return np.array([float(np.asarray(out[self.output_name]).reshape(-1)[0]) for out in outputs],
+                            np.float32)
         out = self.model.predict({self.input_name: x})[self.output_name]
         return np.asarray(out, np.float32).reshape(-1)
 
@@ -320,6 +329,7 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
 class TorchBackend:
     name = "torch"
     fixed_batch = None
+    max_batch = None
 
     def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
         meta = checkpoint_meta(path)

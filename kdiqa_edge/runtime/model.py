@@ -69,15 +69,16 @@ class QualityModel:
         return np.ascontiguousarray(images if not self._nchw else images.transpose(0, 3, 1, 2))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Prepared input [N, ...] -> scores float32 [N]. Splits or pads for fixed-batch artifacts."""
-        fixed = self.backend.fixed_batch
-        if fixed is None or len(x) == fixed:
+        """Prepared input [N, ...] -> scores float32 [N]. Splits (and pads) for fixed- or bounded-batch artifacts."""
+        fixed, most = self.backend.fixed_batch, self.backend.max_batch
+        if (fixed is None or len(x) == fixed) and (most is None or len(x) <= most):
             return self.backend.run(x)
+        step = fixed or most
         scores = []
-        for start in range(0, len(x), fixed):
-            chunk = x[start:start + fixed]
+        for start in range(0, len(x), step):
+            chunk = x[start:start + step]
             n = len(chunk)
-            if n < fixed:  # pad the tail with copies of its last image; their scores are dropped
+            if fixed and n < fixed:  # pad the tail with copies of its last image; their scores are dropped
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
             scores.append(self.backend.run(chunk)[:n])
         return np.concatenate(scores).astype(np.float32)

@@ -1,0 +1,206 @@
+"""The torch-free runtime: preprocessing parity with open_clip, the QualityModel API, backend refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdiqa_edge import artifact
+from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency
+from kdiqa_edge.preprocess import PreprocessSpec, load_preprocessed, normalize
+from kdiqa_edge.runtime import QualityModel, backend_kind
+from kdiqa_edge.runtime.backends import check_engine_header, engine_meta, resolve_providers
+from test_runtime_helpers import SIZE, export_tiny_onnx, real_photos, tiny_score_model
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return real_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    export_tiny_onnx(folder / "float.onnx")
+    export_tiny_onnx(folder / "uint8.onnx", uint8_nhwc=True)
+    export_tiny_onnx(folder / "batch1.onnx", fixed_batch=1)
+    export_tiny_onnx(folder / "foreign.onnx", metadata=False)
+    return folder
+
+
+def _clip_transform(size):
+    from open_clip.transform import image_transform
+
+    return image_transform(size, is_train=False, mean=PreprocessSpec().mean, std=PreprocessSpec().std)
+
+
+def _grey_levels(ours: np.ndarray, theirs: np.ndarray, spec: PreprocessSpec) -> float:
+    """Max |difference| of two normalized NCHW images, in 0..255 pixel units."""
+    std = np.asarray(spec.std, np.float32).reshape(3, 1, 1)
+    return float(np.abs((ours - theirs) * std * 255.0).max())
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_preprocessing_matches_open_clip_transform_on_real_photos(photos, draft):
+    spec = PreprocessSpec(size=224, draft=draft)
+    transform = _clip_transform(224)
+    worst = 0.0
+    for path in photos:
+        ours = normalize(load_preprocessed(path, spec)[None], spec)[0]
+        with Image.open(path) as img:
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (224, 224))  # the same reduced-scale decode the image cache uses
+            theirs = transform(img.convert("RGB")).numpy()
+        assert ours.shape == theirs.shape == (3, 224, 224)
+        worst = max(worst, _grey_levels(ours, theirs, spec))
+    assert worst <= 1.0, f"max difference {worst:.3f} grey levels"
+
+
+def test_runtime_input_is_the_open_clip_input_from_metadata_alone(photos, onnx_dir):
+    model = QualityModel.load(onnx_dir / "float.onnx")
+    assert model.preprocess.size == SIZE  # read from the artifact, not a default
+    transform = _clip_transform(SIZE)
+    for path in photos[:4]:
+        ours = model.prepare(model.load_image(path)[None])[0]
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (SIZE, SIZE))
+            theirs = transform(img.convert("RGB")).numpy()
+        assert _grey_levels(ours, theirs, model.preprocess) <= 1.0
+
+
+def test_scores_match_the_torch_model_for_every_input_kind(photos, onnx_dir):
+    import torch
+
+    model = QualityModel.load(onnx_dir / "float.onnx")
+    pixels = np.stack([load_preprocessed(p, model.preprocess) for p in photos[:5]])
+    with torch.no_grad():
+        expected = tiny_score_model()(torch.from_numpy(normalize(pixels, model.preprocess))).numpy()
+    np.testing.assert_allclose(model.score(photos[:5]), expected, atol=1e-5)
+    np.testing.assert_allclose(model.score(pixels), expected, atol=1e-5)  # NHWC uint8 at model size
+    assert model.score(photos[0]) == pytest.approx(expected[0], abs=1e-5)
+    assert model.score(str(photos[1])) == pytest.approx(expected[1], abs=1e-5)
+    with Image.open(photos[2]) as img:  # a PIL image (full decode: close to, not equal to, the draft path)
+        assert 1.0 <= model.score(img) <= 5.0
+    png = photos[1]  # PNG: no draft mode, so a PIL image and an array are the same pixels as the file
+    assert png.suffix == ".png"
+    with Image.open(png) as img:
+        assert model.score(img) == pytest.approx(expected[1], abs=1e-5)
+        array = np.asarray(img.convert("RGB"))
+    assert model.score(array) == pytest.approx(expected[1], abs=1e-5)
+    assert model.score(array.astype(np.float32) / 255.0) == pytest.approx(expected[1], abs=1e-4)
+    assert model.score([]).shape == (0,)
+
+
+def test_uint8_and_fixed_batch_artifacts_agree_with_the_float_one(photos, onnx_dir):
+    reference = QualityModel.load(onnx_dir / "float.onnx").score(photos)
+    uint8 = QualityModel.load(onnx_dir / "uint8.onnx")
+    assert uint8.info.input.dtype == "uint8" and uint8.info.input.layout == "NHWC"
+    np.testing.assert_allclose(uint8.score(photos), reference, atol=1e-5)
+    fixed = QualityModel.load(onnx_dir / "batch1.onnx")
+    assert fixed.backend.fixed_batch == 1
+    np.testing.assert_allclose(fixed.score(photos, batch_size=4), reference, atol=1e-5)  # split into batches of 1
+
+
+def test_score_files_reports_bad_images_in_order_and_carries_on(photos, onnx_dir, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    paths = [photos[0], bad, photos[1], tmp_path / "missing.jpg", empty, photos[2]]
+    model = QualityModel.load(onnx_dir / "float.onnx")
+    results = list(model.score_files(paths, batch_size=2))
+    assert [r.path for r in results] == [str(p) for p in paths]
+    assert [r.error is None for r in results] == [True, False, True, False, False, True]
+    assert "unidentified" in results[1].error and "not found" in results[3].error and "empty" in results[4].error
+    good = [r.score for r in results if r.error is None]
+    np.testing.assert_allclose(good, model.score(photos[:3]), atol=1e-6)
+
+
+def test_artifact_without_metadata_is_refused(onnx_dir):
+    with pytest.raises(CheckpointError, match="no kdiqa_edge metadata"):
+        QualityModel.load(onnx_dir / "foreign.onnx")
+
+
+def test_backend_chosen_by_artifact_kind(tmp_path, onnx_dir):
+    assert backend_kind(onnx_dir / "float.onnx") == "onnx"
+    assert backend_kind(tmp_path / "m.engine") == "tensorrt" and backend_kind(tmp_path / "m.plan") == "tensorrt"
+    assert backend_kind(tmp_path / "m.mlpackage") == "coreml"
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.json").write_text("{}")
+    assert backend_kind(tmp_path / "ckpt") == "torch"
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="not a model"):
+        backend_kind(tmp_path / "photo.jpg")
+
+
+def test_execution_providers_explicit_or_best_available():
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(None, available) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("tensorrt", available)[0] == "TensorrtExecutionProvider"
+    assert resolve_providers("cpu", available) == ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="not available"):
+        resolve_providers("coreml", available)
+
+
+def test_unavailable_provider_is_a_clear_error(onnx_dir):
+    with pytest.raises(ConfigError, match="not available"):
+        QualityModel.load(onnx_dir / "float.onnx", provider="cuda")
+
+
+def _engine_header(**extra):
+    meta = artifact.encode({"format": "1", "preprocess": PreprocessSpec().to_dict(), "precision": "fp16",
+                            "target": "tensorrt"})
+    return {**meta, "tensorrt_version": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"}, **extra}
+
+
+def test_engine_header_is_checked_against_tensorrt_version_and_gpu(tmp_path):
+    header = _engine_header()
+    assert engine_meta(header)["precision"] == "fp16"
+    check_engine_header(tmp_path, header, "10.3.0", {"name": "Orin", "compute_capability": "8.7"})
+    with pytest.raises(CheckpointError, match="TensorRT 10.3.0, this machine has TensorRT 10.7.0"):
+        check_engine_header(tmp_path, header, "10.7.0", {"name": "Orin", "compute_capability": "8.7"})
+    with pytest.raises(CheckpointError, match="rebuild it here"):
+        check_engine_header(tmp_path, header, "10.3.0", {"name": "H100", "compute_capability": "9.0"})
+    with pytest.raises(CheckpointError, match="does not record"):
+        check_engine_header(tmp_path, {k: v for k, v in header.items() if k != "tensorrt_version"}, "10.3.0", {})
+
+
+def test_engine_file_refused_cleanly_where_tensorrt_is_missing(tmp_path):
+    path = artifact.write_engine_file(tmp_path / "m.fp16.engine", _engine_header(), b"\x00" * 16)
+    with pytest.raises(MissingDependency) as info:
+        QualityModel.load(path)
+    assert "tensorrt" in str(info.value).lower()
+    foreign = tmp_path / "bare.engine"
+    foreign.write_bytes(b"\x01\x02 trtexec output")
+    with pytest.raises(CheckpointError, match="not a kdiqa-edge engine"):
+        QualityModel.load(foreign)
+
+
+@pytest.mark.skipif(__import__("sys").platform == "darwin", reason="CoreML runs on macOS: this checks the refusal")
+def test_coreml_refused_off_macos(tmp_path):
+    with pytest.raises(MissingDependency, match="macOS"):
+        QualityModel.load(tmp_path / "model.fp16.mlpackage")
+
+
+def test_checkpoint_and_run_dir_scored_through_torch(photos, tmp_path):
+    torch = pytest.importorskip("torch")
+    from kdiqa_edge.models import QualityHead, save_checkpoint
+    from kdiqa_edge.models.student import create_student
+
+    torch.manual_seed(0)
+    head = QualityHead(torch.nn.functional.normalize(torch.randn(5, 32), dim=-1), 14.3)
+    student = create_student("test_resnet", head, PreprocessSpec(size=SIZE), pretrained=False).eval()
+    save_checkpoint(student, tmp_path / "run" / "checkpoints" / "best")
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best"):
+        model = QualityModel.load(path, provider="cpu")
+        assert model.backend.name == "torch" and model.info.arch == "test_resnet"
+        pixels = np.stack([load_preprocessed(p, model.preprocess) for p in photos[:3]])
+        with torch.no_grad():
+            expected = student(torch.from_numpy(normalize(pixels, model.preprocess))).numpy()
+        np.testing.assert_allclose(model.score(photos[:3]), expected, atol=1e-5)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "best" / "model.json").read_text())
+    assert meta["preprocess"]["size"] == SIZE
