@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from kdiqa_edge.data import official as _official  # noqa: F401 - registers the public datasets' readers
 from kdiqa_edge.data.cache import ImageCache, cache_key
 from kdiqa_edge.data.readers import DATASETS, dataset_root, load_dataset
 from kdiqa_edge.data.records import Dataset, Record, Skip, skip_summary, write_skipped

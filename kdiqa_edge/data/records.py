@@ -114,16 +114,17 @@ def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[f
                   check_files: bool = True) -> Dataset:
     """Validate rows into records: bad score, duplicate, escaping path, missing or empty file -> skipped.
 
-    `hard_range=False` widens the nominal range to cover the data instead of skipping (LIVE's DMOS
-    runs a little past its nominal 0..100; dropping those would lose real images).
+    `hard_range=False` widens the nominal range to cover scores a little outside it instead of skipping
+    them (LIVE's DMOS runs a little past its nominal 0..100; dropping those would lose real images).
     """
     rows = list(rows)
     scores = [parse_score(row.raw) for row in rows]
     lo, hi = raw_range
-    if not hard_range:
-        finite = [s for s in scores if s is not None]
-        if finite:
-            lo, hi = min(lo, min(finite)), max(hi, max(finite))
+    if not hard_range:  # widen by at most a quarter of the range; farther out is still an error
+        slack = 0.25 * (hi - lo)
+        near = [s for s in scores if s is not None and lo - slack <= s <= hi + slack]
+        if near:
+            lo, hi = min(lo, min(near)), max(hi, max(near))
     records: list[Record] = []
     skipped: list[Skip] = []
     seen: set[str] = set()

@@ -23,6 +23,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from kdiqa_edge import paths
 from kdiqa_edge.data._progress import Progress
+from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import atomic_path
 
 VERSION = 1  # bump when the generator changes: the cached default set is keyed on it
@@ -59,8 +60,10 @@ def default_root(refs: int | None = None, seed: int = DEFAULT_SEED) -> Path:
 def generate(out: str | Path, refs: int = DEFAULT_REFS, seed: int = DEFAULT_SEED, progress: bool = False) -> Path:
     """Write the set to `out` (images/, refs/, scores.csv, README) atomically; deterministic for a seed."""
     if refs < 1:
-        raise ValueError("refs must be >= 1")
+        raise ConfigError(f"--refs must be at least 1, got {refs}")
     out = Path(out)
+    if out.exists() and not _replaceable(out):
+        raise ConfigError(f"{out} exists and is not a synthetic set made by kdiqa-edge: choose a new folder")
     rng = np.random.default_rng(seed)
     references = _references(refs, rng)
     total = refs * len(DISTORTIONS) * LEVELS
@@ -88,6 +91,16 @@ def generate(out: str | Path, refs: int = DEFAULT_REFS, seed: int = DEFAULT_SEED
         (tmp / "scores.csv").write_text(buffer.getvalue())
         (tmp / "README").write_text(_readme(refs, seed, len(rows)))
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """Only an empty folder or an earlier synthetic set may be replaced (never the user's other files)."""
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    readme = out / "README"
+    return readme.is_file() and readme.read_text(errors="replace").startswith("kdiqa-edge synthetic IQA set")
 
 
 def pseudo_mos(quality: float) -> float:
