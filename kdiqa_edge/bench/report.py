@@ -61,7 +61,10 @@ def print_table(report: BenchReport, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped into a file or CI log: do not fold the table at 80 columns
+            console = Console(width=200)
     table = Table(title="kdiqa-edge bench", caption="\n".join(environment_lines(report)), caption_justify="left")
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("Model", "Format", "Status") else "right",
