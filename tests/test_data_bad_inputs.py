@@ -1,0 +1,179 @@
+"""Bad input, each case: a bad file is skipped with its reason, an unusable dataset is one clear error."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdiqa_edge.cli import main
+from kdiqa_edge.data import DATASETS, DatasetSpec, ImageCache, load_dataset
+from kdiqa_edge.errors import ConfigError, DataError
+from test_preprocess import _png_header_only
+
+
+def _write_scores(path: Path, rows: list[list], header=("image", "mos")) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """A csv dataset with every kind of bad entry beside good ones in every pixel format."""
+    root = tmp_path / "messy"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def photo(name, mode="RGB", size=(320, 240), **save):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(root / "img" / name, **save)
+
+    photo("good.jpg")
+    photo("gray.png", "L")
+    photo("alpha.png", "RGBA")
+    photo("la.png", "LA")
+    photo("palette.png", "P")
+    photo("cmyk.jpg", "CMYK")
+    photo("tiny.png", size=(40, 30))  # smaller than 224: upscaled, kept
+    Image.fromarray(np.full((240, 320), 40000, np.uint16)).save(root / "img" / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    photo("rotated.jpg", exif=exif)
+    (root / "img" / "empty.jpg").write_bytes(b"")
+    (root / "img" / "text.jpg").write_text("not an image")
+    photo("cut.jpg")
+    data = (root / "img" / "cut.jpg").read_bytes()
+    (root / "img" / "cut.jpg").write_bytes(data[: len(data) // 3])
+    _png_header_only(root / "img" / "bomb.png", 30_000, 30_000)
+    (root / "img" / "folder.jpg").mkdir()
+    (tmp_path / "outside.jpg").write_bytes((root / "img" / "good.jpg").read_bytes())
+    os.symlink(tmp_path / "outside.jpg", root / "img" / "link.jpg")
+    _write_scores(root / "scores.csv", [
+        ["img/good.jpg", 4.5], ["img/gray.png", 3.0], ["img/alpha.png", 2.5], ["img/la.png", 2.0],
+        ["img/palette.png", 3.5], ["img/cmyk.jpg", 1.5], ["img/tiny.png", 4.0], ["img/deep16.png", 3.2],
+        ["img/rotated.jpg", 2.2],
+        ["img/empty.jpg", 3.0], ["img/text.jpg", 3.0], ["img/cut.jpg", 3.0], ["img/bomb.png", 3.0],
+        ["img/missing.jpg", 3.0], ["img/folder.jpg", 3.0],
+        ["img/good.jpg", 1.0],  # duplicate row
+        ["img/nan.jpg", "nan"], ["img/blank.jpg", ""], ["img/word.jpg", "good"], ["img/high.jpg", 7.5],
+        ["img/low.jpg", -1],
+        ["../outside.jpg", 3.0], [str(tmp_path / "outside.jpg"), 3.0], ["img/link.jpg", 3.0],
+        ["img/../../outside.jpg", 3.0],
+    ])
+    return root
+
+
+INDEX_TIME_SKIPS = {
+    "img/empty.jpg": "empty file (0 bytes)", "img/missing.jpg": "file not found", "img/folder.jpg": "not a file",
+    "img/good.jpg": "duplicate row", "img/nan.jpg": "score is empty or not a number",
+    "img/blank.jpg": "score is empty or not a number", "img/word.jpg": "score is empty or not a number",
+    "img/high.jpg": "outside the nominal range", "img/low.jpg": "outside the nominal range",
+    "../outside.jpg": "path escapes the dataset root", "img/link.jpg": "path escapes the dataset root",
+    "img/../../outside.jpg": "path escapes the dataset root",
+}
+DECODE_SKIPS = {"img/text.jpg": "not an image", "img/cut.jpg": "unreadable image",
+                "img/bomb.png": "decompression bomb"}
+GOOD = ["img/good.jpg", "img/gray.png", "img/alpha.png", "img/la.png", "img/palette.png", "img/cmyk.jpg",
+        "img/tiny.png", "img/deep16.png", "img/rotated.jpg"]
+
+
+def test_bad_entries_are_skipped_with_their_reasons(messy, tmp_path):
+    dataset = load_dataset(DatasetSpec(name="csv", root=messy))
+    reasons = {}
+    for skip in dataset.skipped:
+        reasons.setdefault(skip.image, skip.reason)
+    for image, reason in INDEX_TIME_SKIPS.items():
+        assert reason in reasons.get(image, ""), (image, reasons.get(image))
+    assert reasons[str(tmp_path / "outside.jpg")] == "path escapes the dataset root"
+    # the good.jpg entry kept is the first row, not the duplicate
+    good = next(r for r in dataset.records if r.image == "img/good.jpg")
+    assert good.raw == 4.5
+    cache = ImageCache.build(dataset, cache_root=tmp_path / "cache", workers=1, progress=False)
+    assert [r.image for r in cache.dataset.records] == GOOD
+    decode_reasons = {s.image: s.reason for s in cache.skipped}
+    for image, reason in DECODE_SKIPS.items():
+        assert reason in decode_reasons[image], (image, decode_reasons.get(image))
+    images = np.asarray(cache.images)
+    assert images.shape == (len(GOOD), 224, 224, 3)
+    gray = images[GOOD.index("img/gray.png")]
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and gray.std() > 10
+    assert images[GOOD.index("img/deep16.png")].mean() == pytest.approx(40000 / 65535 * 255, abs=1)
+
+
+def test_data_index_writes_skipped_csv_and_a_summary_line(messy, tmp_path, capsys):
+    out = tmp_path / "out" / "index.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "index", "--dataset", "csv", "--root", str(messy), "--out", str(out), "--decode"])
+    assert exit_info.value.code in (0, None)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 1
+    assert line.startswith(f"indexed {len(GOOD)} images") and f"{total} skipped" in line and "skipped.csv" in line
+    with open(out.parent / "skipped.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == total and {"image", "reason"} <= set(rows[0])
+    assert {"img/bomb.png", "img/cut.jpg", "img/missing.jpg"} <= {r["image"] for r in rows}
+
+
+def test_strict_turns_any_skip_into_a_one_line_error(messy, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "index", "--dataset", "csv", "--root", str(messy), "--out", str(tmp_path / "i.csv"),
+              "--strict"])
+    assert exit_info.value.code == DataError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --strict") and len(err.splitlines()) == 1
+    assert not (tmp_path / "i.csv").exists()
+
+
+def test_strict_also_covers_files_that_fail_to_decode(messy, tmp_path):
+    _write_scores(messy / "scores.csv", [["img/good.jpg", 4.0], ["img/cut.jpg", 3.0]])
+    spec = DatasetSpec(name="csv", root=messy, strict=True)
+    dataset = load_dataset(spec)  # nothing wrong yet: both files exist with valid scores
+    with pytest.raises(DataError, match="--strict.*cut.jpg"):
+        ImageCache.build(dataset, cache_root=tmp_path / "cache", workers=1, progress=False, strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS.names()))
+def test_missing_score_file_is_a_clear_error(name, tmp_path):
+    with pytest.raises(DataError, match="score file not found"):
+        load_dataset(DatasetSpec(name=name, root=tmp_path))
+
+
+def test_missing_root_is_a_clear_error_through_the_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "info", "--dataset", "koniq", "--root", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == DataError.exit_code
+    assert capsys.readouterr().err.strip() == f"error: dataset root not found: {tmp_path / 'nowhere'}"
+    with pytest.raises(ConfigError, match="needs --root"):
+        load_dataset(DatasetSpec(name="koniq"))
+
+
+def test_a_dataset_with_no_usable_image_is_an_error(tmp_path):
+    _write_scores(tmp_path / "scores.csv", [["a.jpg", 3.0], ["b.jpg", "nan"]])
+    with pytest.raises(DataError, match="no usable image; 2 skipped"):
+        load_dataset(DatasetSpec(name="csv", root=tmp_path))
+
+
+def test_csv_reader_names_missing_columns_and_reads_its_options(tmp_path):
+    _write_scores(tmp_path / "scores.csv", [["a.jpg", 3.0]], header=("file", "score"))
+    with pytest.raises(DataError, match="no column 'image'.*file, score"):
+        load_dataset(DatasetSpec(name="csv", root=tmp_path))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    dataset = load_dataset(DatasetSpec(name="csv", root=tmp_path, image_col="file", mos_col="score",
+                                       mos_range=(0.0, 10.0), lower_better=True))
+    assert dataset.records[0].mos == pytest.approx(1 + 4 * 0.7)
+    with pytest.raises(ConfigError, match="LO must be below HI"):
+        DatasetSpec.from_cli(dataset="csv", mos_range="5,1")
+
+
+def test_synth_refuses_to_overwrite_a_folder_that_is_not_a_synthetic_set(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "synth", str(tmp_path), "--refs", "1"])
+    assert exit_info.value.code == ConfigError.exit_code
+    assert (tmp_path / "mine.txt").read_text() == "precious"

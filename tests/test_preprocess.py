@@ -1,0 +1,158 @@
+"""Image loading and CLIP preprocessing: every pixel format, orientation, size and bad file."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdiqa_edge.preprocess import (ImageLoadError, PreprocessSpec, load_preprocessed, normalize, open_image,
+                                   preprocess_pil)
+
+SPEC = PreprocessSpec()
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth, photo-like RGB image (gradients + blobs), so resampling differences are realistic."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    channels = []
+    for _ in range(3):
+        value = 128 + 60 * np.sin(x / rng.uniform(15, 60) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(15, 60))
+        value += 40 * np.exp(-((x - rng.uniform(0, width)) ** 2 + (y - rng.uniform(0, height)) ** 2) / 4000.0)
+        channels.append(value)
+    return Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8))
+
+
+def test_matches_open_clip_transform_to_one_grey_level():
+    open_clip = pytest.importorskip("open_clip")
+    transform = open_clip.image_transform(224, is_train=False, mean=SPEC.mean, std=SPEC.std,
+                                          interpolation="bicubic", resize_mode="shortest")
+    for size in ((1024, 768), (333, 517), (224, 224), (180, 120)):
+        image = _photo(*size, seed=size[0])
+        theirs = transform(image).numpy()  # float CHW, normalized
+        ours = normalize(preprocess_pil(image, SPEC)[None], SPEC)[0]
+        pixels = (theirs.transpose(1, 2, 0) * np.asarray(SPEC.std) + np.asarray(SPEC.mean)) * 255.0
+        mine = (ours.transpose(1, 2, 0) * np.asarray(SPEC.std) + np.asarray(SPEC.mean)) * 255.0
+        assert theirs.shape == ours.shape == (3, 224, 224)
+        assert np.abs(pixels - mine).max() <= 1.0, size
+
+
+def test_draft_mode_decodes_large_jpegs_close_to_the_full_decode(tmp_path):
+    path = tmp_path / "big.jpg"
+    _photo(1024, 768).save(path, quality=92)
+    with Image.open(path) as img:
+        img.draft("RGB", (224, 224))
+        assert img.size == (512, 384)  # libjpeg scaled by 1/2: still above 224 on the short side
+    drafted = load_preprocessed(path, SPEC).astype(np.int16)
+    plain = load_preprocessed(path, PreprocessSpec(draft=False)).astype(np.int16)
+    assert drafted.shape == plain.shape == (224, 224, 3)
+    assert np.abs(drafted - plain).mean() < 2.0
+
+
+def test_small_images_are_upscaled_not_skipped(tmp_path):
+    path = tmp_path / "small.png"
+    _photo(100, 60).save(path)
+    out = load_preprocessed(path, SPEC)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8 and out.std() > 5
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA-transparency", "RGBA", "CMYK", "I;16"])
+def test_pixel_formats_convert_to_rgb_correctly(mode, tmp_path):
+    path = tmp_path / "image.png"
+    if mode == "L":
+        Image.new("L", (240, 240), 77).save(path)
+        expect = (77, 77, 77)
+    elif mode == "LA":
+        Image.new("LA", (240, 240), (0, 0)).save(path)  # transparent black -> the white background
+        expect = (255, 255, 255)
+    elif mode == "P":
+        img = Image.new("P", (240, 240), 3)
+        img.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60, 200, 100, 50] + [0] * (256 * 3 - 12))
+        img.save(path)
+        expect = (200, 100, 50)
+    elif mode == "PA-transparency":
+        img = Image.new("P", (240, 240), 1)
+        img.putpalette([255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 6))
+        img.save(path, transparency=1)  # index 1 (blue) is transparent -> white
+        expect = (255, 255, 255)
+    elif mode == "RGBA":
+        Image.new("RGBA", (240, 240), (255, 0, 0, 128)).save(path)  # half-transparent red on white
+        expect = (255, 127, 127)
+    elif mode == "CMYK":
+        path = tmp_path / "image.jpg"
+        Image.new("CMYK", (240, 240), (0, 255, 255, 0)).save(path, quality=95)  # pure red in CMYK
+        expect = (255, 0, 0)
+    else:  # 16-bit grey: scaled to 8 bits, not clipped at 255
+        Image.fromarray(np.full((240, 240), 32768, dtype=np.uint16)).save(path)
+        assert Image.open(path).mode == "I;16"
+        expect = (128, 128, 128)
+    out = load_preprocessed(path, SPEC)
+    assert out.shape == (224, 224, 3)
+    np.testing.assert_allclose(out[112, 112].astype(int), expect, atol=3 if mode == "CMYK" else 1)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.full((200, 300, 3), 255, np.uint8)
+    pixels[:80, :80] = (255, 0, 0)  # red block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    upright = np.asarray(open_image(path))
+    assert upright.shape == (300, 200, 3)  # portrait once rotated
+    assert upright[20, 180, 0] > 200 and upright[20, 180, 1] < 60  # the block is now top-right
+    assert upright[20, 20, 1] > 200  # and top-left is white
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [10_000, 40_000])  # above PIL's warning limit, and above its error limit
+def test_decompression_bombs_are_refused_before_decoding(side, tmp_path):
+    path = tmp_path / "bomb.png"
+    _png_header_only(path, side, side)
+    assert path.stat().st_size < 200
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_preprocessed(path, SPEC)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"hello, I am a text file\n", "not an image"),
+    (None, "file not found"),
+])
+def test_bad_files_raise_a_one_line_reason(content, reason, tmp_path):
+    path = tmp_path / "x.jpg"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=reason):
+        load_preprocessed(path, SPEC)
+
+
+def test_truncated_jpeg_is_an_error_not_a_grey_image(tmp_path):
+    path = tmp_path / "cut.jpg"
+    _photo(640, 480).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="unreadable"):
+        load_preprocessed(path, SPEC)
+
+
+def test_normalize_is_clip_mean_std_nchw():
+    batch = np.zeros((2, 4, 4, 3), np.uint8)
+    batch[..., 0] = 255
+    out = normalize(batch, SPEC)
+    assert out.shape == (2, 3, 4, 4) and out.dtype == np.float32
+    assert out[0, 0, 0, 0] == pytest.approx((1 - SPEC.mean[0]) / SPEC.std[0])
+    assert out[1, 2, 3, 3] == pytest.approx(-SPEC.mean[2] / SPEC.std[2])
