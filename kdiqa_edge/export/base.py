@@ -1,0 +1,125 @@
+"""The one small protocol every export target follows, its config, and the target registry.
+
+A target declares what it supports and its parity tolerance, and implements
+`export(model, examples, out, cfg) -> ExportResult`, writing only inside `out`. Heavy imports (torch,
+onnx, onnxruntime, coremltools, tensorrt) stay inside the target modules' functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.registry import Registry
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    target: str = "onnx"  # onnx | tensorrt | coreml | all
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    input: str = "float"  # float (normalized NCHW float32) | uint8 (raw pixels, normalization in the graph)
+    layout: str = "NCHW"  # NCHW | NHWC (uint8 input only)
+    with_probs: bool = False  # add a second output `probs` [N, 5]
+    opset: int = 17  # ONNX opset, 17..20 (TensorRT 10.x parses 9..20)
+    max_batch: int = 8  # dynamic batch 1..max_batch (TensorRT profile max, CoreML range)
+    opt_batch: int = 1  # TensorRT profile opt batch
+    calib: int = 256  # INT8 calibration images from the TRAIN split
+    calib_method: str = "minmax"  # minmax | entropy | percentile
+    parity_images: int = 32  # real test-split images for the parity check vs PyTorch
+    eval_images: int = 512  # at most this many test-split images for the INT8/FP16 drift report
+    latency_runs: int = 30  # timed ONNX Runtime runs (batch 1, after warm-up) per model
+    threads: int = 2  # ONNX Runtime intra-op threads for parity, drift and latency
+    tensorrt_version: str = "10.3"  # TensorRT the engine/ONNX targets (JetPack 6 ships 10.3)
+    workspace_mib: int = 1024  # TensorRT builder workspace limit
+    timing_cache: Optional[str] = None  # TensorRT timing cache file (default: in the kdiqa-edge cache dir)
+    coreml_target: str = "iOS16"  # coremltools minimum deployment target
+    seed: int = 0  # split seed when the checkpoint has no saved split
+
+    def validate(self) -> "ExportConfig":
+        if self.target != "all":
+            TARGETS.get(self.target)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.input not in ("float", "uint8"):
+            raise ConfigError(f"unknown input kind {self.input!r}; choose float or uint8")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ConfigError(f"unknown layout {self.layout!r}; choose NCHW or NHWC")
+        if self.layout == "NHWC" and self.input != "uint8":
+            raise ConfigError("--layout NHWC needs --input uint8 (float inputs are normalized NCHW)")
+        if not 17 <= self.opset <= 20:
+            raise ConfigError(f"opset must be 17..20, got {self.opset}")
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise ConfigError(f"need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch})")
+        if self.calib_method not in CALIB_METHODS:
+            raise ConfigError(f"unknown calibration method {self.calib_method!r}; "
+                              f"choose one of: {', '.join(CALIB_METHODS)}")
+        if self.precision == "int8" and self.calib < 1:
+            raise ConfigError("int8 needs calibration images: --calib must be at least 1")
+        return self
+
+    def targets(self) -> list[str]:
+        return TARGETS.names() if self.target == "all" else [self.target]
+
+
+@dataclasses.dataclass
+class Examples:
+    """Real images the export is calibrated and checked on: uint8 NHWC, as the image cache holds them."""
+
+    parity: np.ndarray  # [P, S, S, 3] test-split images for the parity check
+    calib: np.ndarray  # [C, S, S, 3] train-split images for INT8 calibration (may be empty)
+    test: np.ndarray  # [T, S, S, 3] test-split images for the drift report
+    test_mos: np.ndarray  # [T] their MOS
+    source: str = "dataset"  # where the images came from, for the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Supports:
+    precisions: tuple[str, ...]
+    dynamic_batch: bool
+    tolerance: dict[str, float]  # precision -> max |score - torch score| allowed (missing: reported only)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    target: str
+    precision: str
+    files: list[Path]  # inside the target's out dir
+    parity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    drift: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user must know (plainly)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # target-specific facts for the manifest
+    unavailable: Optional[str] = None  # set when a runtime was missing and only the inputs were written
+
+
+class Target(Protocol):
+    name: str
+    supports: Supports
+
+    def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
+        """Write the artifact(s) for `model` (an IQA model) into the directory `out`."""
+
+
+TARGETS: Registry[Target] = Registry("export target")
+
+
+def register_target(cls):
+    """Class decorator: register one instance under `cls.name`."""
+    TARGETS.register(cls.name)(cls())
+    return cls
+
+
+def model_input(images: np.ndarray, input_spec: dict[str, Any], preprocess) -> np.ndarray:
+    """uint8 NHWC cache images -> what the artifact's `image` input takes."""
+    from kdiqa_edge.preprocess import normalize
+
+    if input_spec["dtype"] == "uint8":
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        return images if input_spec["layout"] == "NHWC" else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return normalize(images, preprocess)

@@ -1,0 +1,136 @@
+"""The `coreml` target: an ML Program `.mlpackage` (iPhone, Mac) from the traced score model.
+
+The input is an `ImageType` (RGB, scale 1/255). ImageType takes one scalar scale, so CLIP's per-channel
+mean/std is folded into the network (one Mul, one Add). Compute is FP16 (FP32 on request); `int8` is 8-bit
+linear weight quantization with FP16 compute. coremltools converts on Linux; predictions run on macOS only,
+so the parity check runs there and is reported as skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kdiqa_edge.errors import ConfigError, ExportError
+from kdiqa_edge.export.base import ExportConfig, ExportResult, Examples, Supports, register_target
+
+
+def _image_model(model, cfg: ExportConfig):
+    """[0, 1] RGB NCHW (what ImageType with scale 1/255 feeds) -> score, normalization folded in."""
+    from torch import nn
+
+    from kdiqa_edge.models.score import InputNorm, ScoreModel
+
+    class ImageScoreModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scored = ScoreModel(model, input="float", with_probs=cfg.with_probs)
+            self.input_norm = InputNorm(model.preprocess, pixel_scale=1.0)
+
+        def forward(self, x):
+            return self.scored(self.input_norm(x))
+
+    return ImageScoreModel().eval()
+
+
+def convert(model, cfg: ExportConfig, meta: dict[str, Any]):
+    """The MLModel (not yet saved) for `model` at `cfg.precision`."""
+    import coremltools as ct
+    import torch
+
+    wrapped = _image_model(model, cfg)
+    size = model.preprocess.size
+    example = torch.rand(1, 3, size, size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapped, example)
+    try:
+        target = getattr(ct.target, cfg.coreml_target)
+    except AttributeError:
+        raise ConfigError(f"unknown CoreML deployment target {cfg.coreml_target!r} (e.g. iOS16, macOS13)") from None
+    batch = ct.RangeDim(lower_bound=1, upper_bound=cfg.max_batch, default=1)
+    outputs = [ct.TensorType(name="score")] + ([ct.TensorType(name="probs")] if cfg.with_probs else [])
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.ImageType(name="image", shape=(batch, 3, size, size), scale=1 / 255.0,
+                             color_layout=ct.colorlayout.RGB)],
+        outputs=outputs,
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT32 if cfg.precision == "fp32" else ct.precision.FLOAT16,
+        minimum_deployment_target=target,
+    )
+    if cfg.precision == "int8":
+        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+        config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+        mlmodel = linear_quantize_weights(mlmodel, config=config)
+
+    from kdiqa_edge import artifact
+
+    mlmodel.user_defined_metadata.update(artifact.encode(meta))
+    mlmodel.short_description = "Blind image quality score in [1, 5] (higher is better), kdiqa-edge"
+    mlmodel.input_description["image"] = f"RGB image, {size}x{size}, resized (shorter side) and centre-cropped"
+    mlmodel.output_description["score"] = "quality score, 1 (bad) .. 5 (perfect)"
+    return mlmodel
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Inputs, outputs and metadata of a saved .mlpackage (works on Linux: reads the spec only)."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    return {
+        "inputs": {i.name: i.type.WhichOneof("Type") for i in spec.description.input},
+        "outputs": [o.name for o in spec.description.output],
+        "metadata": dict(spec.description.metadata.userDefined),
+        "program": spec.WhichOneof("Type"),
+    }
+
+
+@register_target
+class CoreMLTarget:
+    """iPhone / Mac: ML Program with FP16 compute; int8 = 8-bit linear weight quantization."""
+
+    name = "coreml"
+    supports = Supports(precisions=("fp32", "fp16", "int8"), dynamic_batch=True,
+                        tolerance={"fp32": 1e-3, "fp16": 5e-2})
+
+    def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
+        size = model.preprocess.size
+        meta = {**meta, "target": self.name, "precision": cfg.precision,
+                "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "size": size, "normalized": False,
+                          "kind": "image"},
+                "outputs": ["score", "probs"] if cfg.with_probs else ["score"]}
+        path = out / f"model.{cfg.precision}.mlpackage"
+        mlmodel = convert(model, cfg, meta)
+        mlmodel.save(str(path))
+        info = describe(path)
+        if info["program"] != "mlProgram" or info["outputs"][0] != "score" or info["inputs"].get("image") != "imageType":
+            raise ExportError(f"{path.name}: unexpected CoreML interface {info['inputs']} -> {info['outputs']}")
+        result = ExportResult(target=self.name, precision=cfg.precision, files=[path],
+                              extra={"input": meta["input"], "outputs": meta["outputs"],
+                                     "compute_precision": "fp32" if cfg.precision == "fp32" else "fp16",
+                                     "weights": "int8 linear symmetric" if cfg.precision == "int8" else cfg.precision,
+                                     "deployment_target": cfg.coreml_target})
+        result.parity = self._parity(model, mlmodel, examples, cfg.precision)
+        if result.parity.get("skipped"):
+            result.notes.append(f"{path.name}: {result.parity['skipped']}")
+        return result
+
+    def _parity(self, model, mlmodel, examples: Examples, precision: str) -> dict[str, Any]:
+        if sys.platform != "darwin":
+            return {"skipped": f"CoreML predictions run on macOS only (this is {sys.platform}): not checked here"}
+        import numpy as np
+        from PIL import Image
+
+        from kdiqa_edge.export import evaluate
+        from kdiqa_edge.export.onnx import torch_reference
+
+        scores = np.array([float(np.asarray(mlmodel.predict({"image": Image.fromarray(img)})["score"]).reshape(-1)[0])
+                           for img in examples.parity])
+        report = evaluate.parity(torch_reference(model, examples.parity), scores, self.supports.tolerance.get(precision))
+        if report.get("passed") is False:
+            raise ExportError(f"CoreML parity failed: max |score - torch score| = {report['max_abs_diff']:.2e}")
+        return report

@@ -1,0 +1,76 @@
+"""Run exported ONNX files with ONNX Runtime: predictions, parity vs torch, drift and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def session(path: str | Path, threads: int = 2, fp16: bool = False):
+    """A CPU session. FP16 graphs get the EXTENDED optimization level: ORT 1.32's full level (layout
+    transforms) segfaults on FP16 transformer graphs here."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if fp16:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def predict(sess, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Scores [N] for model inputs (already in the artifact's input format)."""
+    name = sess.get_inputs()[0].name
+    out = [sess.run(["score"], {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)]
+    return np.concatenate(out).astype(np.float64).reshape(-1)
+
+
+def latency_ms(sess, one: np.ndarray, runs: int = 30, warmup: int = 5) -> dict[str, float]:
+    """Batch-1 latency: warm-up runs, then `runs` timed runs with perf_counter; median and p90 in ms."""
+    name = sess.get_inputs()[0].name
+    feed = {name: one[:1]}
+    for _ in range(warmup):
+        sess.run(["score"], feed)
+    times = []
+    for _ in range(max(runs, 1)):
+        start = time.perf_counter()
+        sess.run(["score"], feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"p50_ms": round(statistics.median(times), 3), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 3),
+            "runs": len(times), "batch": 1}
+
+
+def parity(reference: np.ndarray, scores: np.ndarray, tolerance: float | None) -> dict[str, Any]:
+    diff = np.abs(np.asarray(reference, np.float64) - np.asarray(scores, np.float64))
+    report: dict[str, Any] = {"images": int(len(diff)), "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
+                              "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0}
+    if tolerance is not None:
+        report["tolerance"] = tolerance
+        report["passed"] = bool(report["max_abs_diff"] <= tolerance)
+    return report
+
+
+def drift(reference: np.ndarray, scores: np.ndarray, mos: np.ndarray) -> dict[str, Any]:
+    """Accuracy of the reduced-precision model vs the FP32 one on the same test images (SRCC/PLCC vs MOS)."""
+    from scipy import stats
+
+    from kdiqa_edge.metrics import evaluate
+
+    ref = evaluate(reference, mos)
+    low = evaluate(scores, mos)
+    return {
+        "images": int(len(mos)),
+        "fp32": {"srcc": ref.srcc, "plcc": ref.plcc},
+        "reduced": {"srcc": low.srcc, "plcc": low.plcc},
+        "delta_srcc": low.srcc - ref.srcc,
+        "delta_plcc": low.plcc - ref.plcc,
+        "srcc_vs_fp32": float(stats.spearmanr(reference, scores)[0]),
+        "max_abs_diff_vs_fp32": float(np.max(np.abs(np.asarray(reference) - np.asarray(scores)))),
+    }

@@ -1,0 +1,200 @@
+"""The `onnx` target: ScoreModel -> ONNX (FP32, FP16, INT8 U8S8 Q/DQ for ONNX Runtime on CPUs).
+
+Also the ONNX building blocks the `tensorrt` target reuses: the FP32 graph (dynamic batch, simplified,
+checker-clean, IR <= 10), metadata, parity against PyTorch, and the per-precision conversion + drift report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdiqa_edge.errors import ExportError
+from kdiqa_edge.export.base import ExportConfig, ExportResult, Examples, Supports, model_input, register_target
+
+MAX_IR_VERSION = 10  # TensorRT 10.x's parser and older runtimes read IR <= 10
+# Graph regions kept in float in FP16/INT8 models: the folded head (a per-tensor scale across 5 logits would
+# round small differences away; an FP16 sum of squares can overflow) and the folded input normalization.
+FLOAT_SCOPES = ("/head/", "/input_norm/", "/model/head/")
+
+
+def score_model(model, cfg: ExportConfig):
+    from kdiqa_edge.models.score import ScoreModel
+
+    return ScoreModel(model, input=cfg.input, layout=cfg.layout, with_probs=cfg.with_probs)
+
+
+def export_fp32(scored, path: Path, opset: int) -> Path:
+    """Trace to ONNX with a dynamic batch axis, simplify with onnxslim, pin IR <= 10, run the checker."""
+    import onnx
+    import onnxslim
+    import torch
+
+    names = scored.output_names
+    dynamic = {name: {0: "batch"} for name in ["image", *names]}
+    raw = path.with_suffix(".raw.onnx")
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's fused inference kernel has no ONNX export: trace the plain ops instead
+    torch.backends.mha.set_fastpath_enabled(False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: deterministic, fast, and it names nodes by module scope (/head/...),
+        # which is how the head is kept in float when quantizing.
+        torch.onnx.export(scored, (scored.example_input(2),), str(raw), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=names, dynamic_axes=dynamic,
+                          do_constant_folding=True)
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    graph = onnxslim.slim(onnx.load(str(raw)))
+    raw.unlink()
+    graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+    return path
+
+
+def set_metadata(path: Path, meta: dict[str, Any]) -> None:
+    import onnx
+
+    from kdiqa_edge import artifact
+
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    for key, value in sorted(artifact.encode(meta).items()):
+        graph.metadata_props.add(key=key, value=value)
+    graph.producer_name = "kdiqa-edge"
+    onnx.save(graph, str(path))
+
+
+def float_nodes(path: Path) -> list[str]:
+    """Names of the nodes that stay in float (head, input normalization)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if any(scope in n.name for scope in FLOAT_SCOPES)]
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    """FP16 weights and compute, FP32 inputs/outputs; the head stays in float."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    graph = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=float_nodes(src))
+    toposort(graph.graph)  # the converter appends its input casts at the end of the node list
+    graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(dst))
+    return dst
+
+
+def toposort(graph) -> None:
+    """Reorder a GraphProto's nodes so that every input is produced before it is used (Kahn's algorithm)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ExportError("the ONNX graph has a cycle or an input nothing produces")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        pending = [n for n in pending if all(name not in available for name in n.output)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def torch_reference(model, images: np.ndarray) -> np.ndarray:
+    """The source model's own scores (its forward on normalized float pixels) for parity."""
+    import torch
+
+    from kdiqa_edge.preprocess import normalize
+
+    with torch.no_grad():
+        out = [model(torch.from_numpy(normalize(images[i:i + 16], model.preprocess))).reshape(-1)
+               for i in range(0, len(images), 16)]
+    return torch.cat(out).double().numpy()
+
+
+def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any], *, form: str,
+          tolerance: dict[str, float], stem: str = "model") -> ExportResult:
+    """FP32 ONNX -> the requested precision in `out`, checked against PyTorch; `form` is the INT8 Q/DQ form."""
+    from kdiqa_edge.export import evaluate, quantize
+
+    scored = score_model(model, cfg)
+    meta = {**meta, "input": scored.input_spec(), "outputs": scored.output_names, "precision": cfg.precision}
+    result = ExportResult(target=meta["target"], precision=cfg.precision, files=[],
+                          extra={"input": meta["input"], "outputs": meta["outputs"], "opset": cfg.opset})
+    with tempfile.TemporaryDirectory(prefix="kdiqa-onnx-") as scratch:
+        fp32 = export_fp32(scored, Path(scratch) / "model.fp32.onnx", cfg.opset)
+        final = out / f"{stem}.{cfg.precision}.onnx"
+        if cfg.precision == "fp32":
+            final.write_bytes(fp32.read_bytes())
+        elif cfg.precision == "fp16":
+            to_fp16(fp32, final)
+        else:
+            calib = model_input(examples.calib, scored.input_spec(), scored.preprocess)
+            quantize.int8(fp32, final, calib, form=form, method=cfg.calib_method, keep_float=float_nodes(fp32))
+            result.extra["int8"] = {"form": form, "calibration_images": int(len(calib)),
+                                    "calibration_method": cfg.calib_method, "per_channel": True,
+                                    "head": "float"}
+        set_metadata(final, meta)
+        result.files.append(final)
+
+        # parity: the artifact vs the source model in torch, on real images
+        inputs = model_input(examples.parity, scored.input_spec(), scored.preprocess)
+        reference = torch_reference(model, examples.parity)
+        sess = evaluate.session(final, cfg.threads, fp16=cfg.precision == "fp16")
+        result.parity = evaluate.parity(reference, evaluate.predict(sess, inputs), tolerance.get(cfg.precision))
+        if result.parity.get("passed") is False:
+            raise ExportError(f"{final.name}: parity check failed, max |score - torch score| = "
+                              f"{result.parity['max_abs_diff']:.2e} > {tolerance[cfg.precision]:.0e}")
+        if cfg.precision != "fp32":
+            result.drift = drift_report(fp32, final, examples, scored, cfg)
+            result.notes.extend(drift_notes(result.drift, cfg.precision, final.name))
+    return result
+
+
+def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: ExportConfig) -> dict[str, Any]:
+    """SRCC/PLCC of the reduced-precision model vs the FP32 one on the test split, and both latencies here."""
+    from kdiqa_edge.export import evaluate
+
+    inputs = model_input(examples.test, scored.input_spec(), scored.preprocess)
+    ref_session = evaluate.session(fp32, cfg.threads)
+    low_session = evaluate.session(reduced, cfg.threads, fp16=cfg.precision == "fp16")
+    report = evaluate.drift(evaluate.predict(ref_session, inputs), evaluate.predict(low_session, inputs),
+                            examples.test_mos)
+    report["latency"] = {
+        "fp32": evaluate.latency_ms(ref_session, inputs, cfg.latency_runs),
+        cfg.precision: evaluate.latency_ms(low_session, inputs, cfg.latency_runs),
+        "runtime": "onnxruntime CPUExecutionProvider", "threads": cfg.threads,
+    }
+    return report
+
+
+def drift_notes(report: dict[str, Any], precision: str, name: str) -> list[str]:
+    fp32_ms = report["latency"]["fp32"]["p50_ms"]
+    low_ms = report["latency"][precision]["p50_ms"]
+    notes = [f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
+             f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on "
+             f"{report['images']} test images; ONNX Runtime CPU batch 1: {precision.upper()} {low_ms:.2f} ms, "
+             f"FP32 {fp32_ms:.2f} ms"]
+    if low_ms > fp32_ms:
+        notes.append(f"{name}: {precision.upper()} is SLOWER than FP32 on this machine "
+                     f"({low_ms:.2f} ms vs {fp32_ms:.2f} ms): ship the FP32 model for ONNX Runtime here")
+    return notes
+
+
+@register_target
+class OnnxTarget:
+    """ONNX Runtime on CPUs: INT8 uses uint8 activations, int8 per-channel weights (U8S8), the fast form there."""
+
+    name = "onnx"
+    supports = Supports(precisions=("fp32", "fp16", "int8"), dynamic_batch=True,
+                        tolerance={"fp32": 1e-4, "fp16": 5e-2})
+
+    def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
+        return build(model, examples, out, cfg, {**meta, "target": self.name}, form="u8s8",
+                     tolerance=self.supports.tolerance)

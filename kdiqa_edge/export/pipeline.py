@@ -1,0 +1,203 @@
+"""Checkpoint -> artifacts for one or all targets, written atomically, with a manifest; re-runs are idempotent.
+
+Each (target, precision) goes to `OUT/<target>-<precision>/`. Every folder of a run is built beside its final
+place and renamed in only when all targets of the run succeeded, so a failure leaves nothing partial.
+`OUT/manifest.json` lists every file with its sha256, plus target, precision, input spec, preprocessing,
+parity, drift and versions. A re-run with the same checkpoint, options and data skips the exports whose
+files are intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import ConfigError, DataError, TensorRTUnavailable
+from kdiqa_edge.export.base import TARGETS, Examples, ExportConfig, ExportResult
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "kdiqa-edge-export/1"
+VERSION_PACKAGES = ("kdiqa-edge", "torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "onnxslim",
+                    "coremltools", "tensorrt", "numpy")
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata
+    import platform
+
+    found = {"python": platform.python_version()}
+    for package in VERSION_PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def artifact_meta(model) -> dict[str, Any]:
+    """The kdiqa_edge.* metadata every target writes (targets add input, outputs, precision, target)."""
+    from kdiqa_edge import artifact
+
+    meta = getattr(model, "meta", {}) or {}
+    return {
+        "format": artifact.FORMAT_VERSION,
+        "preprocess": model.preprocess.to_dict(),
+        "score_range": [1, 5],
+        "prompts": meta.get("prompts"),
+        "source": {"kind": meta.get("kind"), "arch": meta.get("arch"), "checkpoint_hash": meta.get("content_hash"),
+                   "pretrained": meta.get("pretrained"), "variant": meta.get("head")},
+        "versions": versions(),
+    }
+
+
+def _saved_split(checkpoint: Path, checkpoint_dir: Path) -> Optional[Path]:
+    """The split.json of the run the checkpoint came from, if any."""
+    for run_dir in (checkpoint, checkpoint_dir.parent.parent):
+        if (run_dir / "split.json").is_file():
+            return run_dir / "split.json"
+    return None
+
+
+def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: Optional[Path] = None,
+                  progress: bool = True, log: Callable[[str], None] = print) -> Examples:
+    """Calibration images from the TRAIN split, parity and drift images from the TEST split.
+
+    The run's own split is used when it matches the dataset, so the test images are ones the model never saw.
+    """
+    from kdiqa_edge.data import Split, prepare
+
+    cache, split = prepare(data, preprocess, seed=cfg.seed, progress=progress)
+    if split_file is not None:
+        try:
+            split = Split.load(split_file).check(cache.dataset)
+        except DataError as exc:
+            log(f"note: not using {split_file} ({exc}); split with seed {cfg.seed} instead")
+    rng = np.random.default_rng(cfg.seed)
+    train = np.sort(rng.permutation(np.asarray(split.train, dtype=np.int64))[:cfg.calib])
+    test = np.asarray(split.test, dtype=np.int64)
+    if len(test) > cfg.eval_images:
+        test = np.sort(rng.choice(test, cfg.eval_images, replace=False))
+    if len(test) < 3:
+        raise DataError(f"the test split of {data.name} has {len(test)} images; parity and drift need at least 3")
+    calib = cache.images[train] if cfg.precision == "int8" else cache.images[:0]
+    if cfg.precision == "int8" and len(calib) == 0:
+        raise ConfigError(f"int8 needs calibration images, and the TRAIN split of {data.name} has none")
+    return Examples(parity=np.asarray(cache.images[test[:cfg.parity_images]]), calib=np.asarray(calib),
+                    test=np.asarray(cache.images[test]), test_mos=np.asarray(cache.mos[test], np.float64),
+                    source=f"{data.name}: calib {len(calib)} train images, test {len(test)} images")
+
+
+def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: str) -> str:
+    """What decides an export's content: same key, same artifact."""
+    fields = {**dataclasses.asdict(cfg), "target": target}
+    for key in ("latency_runs", "threads", "timing_cache"):  # measurement and caching only
+        fields.pop(key)
+    blob = json.dumps({"model": model_hash, "cfg": fields, "data": data.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    from kdiqa_edge.io import read_json
+
+    try:
+        manifest = read_json(out / MANIFEST)
+    except (OSError, ValueError):
+        return {}
+    return manifest if manifest.get("format") == MANIFEST_FORMAT else {}
+
+
+def _intact(entry: dict[str, Any], out: Path) -> bool:
+    from kdiqa_edge.io import sha256_file
+
+    return bool(entry.get("files")) and all(
+        (out / f["path"]).exists() and sha256_file(out / f["path"]) == f["sha256"] for f in entry["files"])
+
+
+def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str) -> dict[str, Any]:
+    from kdiqa_edge.io import sha256_file
+
+    files = []
+    for path in result.files:
+        final = folder / path.relative_to(staged)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        files.append({"path": str(final.relative_to(out)), "sha256": sha256_file(path), "bytes": size})
+    return {"target": result.target, "precision": result.precision, "input": result.extra.get("input"),
+            "request_key": key, "files": files,
+            "parity": result.parity, "drift": result.drift, "notes": result.notes, "details": result.extra,
+            "engine_built": result.extra.get("engine_built"), "unavailable": result.unavailable}
+
+
+def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path,
+                      data: DatasetSpec = DatasetSpec(), force: bool = False, progress: bool = True,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Export `checkpoint` (checkpoint dir or run dir) per `cfg` into `out`; returns the manifest.
+
+    Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
+    """
+    from kdiqa_edge.io import atomic_path, write_json
+    from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
+
+    cfg = cfg.validate()
+    for name in cfg.targets():
+        if cfg.precision not in TARGETS.get(name).supports.precisions:
+            raise ConfigError(f"target {name} does not support {cfg.precision}")
+    checkpoint = Path(checkpoint)
+    model = load_checkpoint(checkpoint)
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    model_hash = model.meta.get("content_hash", "")
+    out = Path(out)
+    manifest = read_manifest(out)
+    exports: dict[str, Any] = {name: entry for name, entry in manifest.get("exports", {}).items()
+                               if _intact(entry, out)}
+
+    todo = {}
+    for name in cfg.targets():
+        label, key = f"{name}-{cfg.precision}", request_key(model_hash, cfg, data, name)
+        entry = exports.get(label)
+        if force or entry is None or entry.get("request_key") != key or entry.get("unavailable"):
+            todo[name] = (label, key)
+        else:
+            log(f"{label}: up to date ({out / label})")
+
+    if todo:
+        for label, _ in todo.values():  # staging folders a killed run left behind
+            for stale in out.glob(f".{label}.*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        examples = load_examples(data, model.preprocess, cfg, _saved_split(checkpoint, checkpoint_dir), progress, log)
+        meta = artifact_meta(model)
+        staged_results = []
+        with contextlib.ExitStack() as stack:  # every folder is renamed in only if all targets succeed
+            for name, (label, key) in todo.items():
+                staged = stack.enter_context(atomic_path(out / label))
+                staged.mkdir()
+                log(f"{label}: exporting...")
+                result = TARGETS.get(name).export(model, examples, staged, cfg, meta)
+                staged_results.append((label, key, staged, result))
+            entries = {label: _entry(result, staged, out / label, out, key)
+                       for label, key, staged, result in staged_results}
+        exports.update(entries)
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "checkpoint": {"path": str(checkpoint_dir), "kind": model.meta.get("kind"), "arch": model.meta.get("arch"),
+                       "content_hash": model_hash, "head": model.meta.get("head")},
+        "preprocess": model.preprocess.to_dict(),
+        "config": dataclasses.asdict(cfg),
+        "data": data.to_dict(),
+        "versions": versions(),
+        "exports": dict(sorted(exports.items())),
+    }
+    write_json(out / MANIFEST, manifest)
+    requested = {f"{name}-{cfg.precision}" for name in cfg.targets()}
+    unavailable = [exports[label]["unavailable"] for label in sorted(requested) if exports[label].get("unavailable")]
+    if unavailable:
+        raise TensorRTUnavailable(unavailable[0])
+    return manifest
