@@ -124,11 +124,14 @@ def _model_facts(result: BenchResult, model) -> None:
 
 
 def _torch_facts(model) -> tuple[Optional[int], Optional[int]]:
-    """Parameters (with the head's frozen buffers, as the exported graph counts them) and MACs via torch."""
+    """Parameters (the usual count: nn.Parameters, frozen or not) and MACs via torch's flop counter.
+
+    An ONNX graph's count differs slightly: batch norms are folded into convolutions there, and the
+    head's anchors are constants.
+    """
     torch = model.backend._torch
     module = model.backend.model
-    params = sum(p.numel() for p in module.parameters()) + sum(
-        b.numel() for b in module.buffers() if b.is_floating_point() and b.numel() > 1)
+    params = sum(p.numel() for p in module.parameters())
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
