@@ -79,7 +79,7 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
             if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L"):
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when already upright
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -87,7 +87,8 @@ def test_image_cache_matches_preprocessing_and_is_reused(synth_root, tmp_path):
     assert (cache.path / cache_module.IMAGES_FILE).stat().st_mtime_ns == stamp  # not rebuilt
 
 
-def test_image_cache_parallel_build_equals_serial(synth_root, tmp_path):
+def test_image_cache_parallel_build_equals_serial(synth_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "POOL_MIN_IMAGES", 16)
     dataset = load_dataset(DatasetSpec(root=synth_root))
     serial = ImageCache.build(dataset, cache_root=tmp_path / "a", workers=1, progress=False)
     parallel = ImageCache.build(dataset, cache_root=tmp_path / "b", workers=2, progress=True)
