@@ -1,0 +1,1 @@
+"""Training recipes (torch): the shared engine, the teacher fine-tune, the teacher feature cache."""

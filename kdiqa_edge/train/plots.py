@@ -1,0 +1,80 @@
+"""PNG plots of a run: loss, PLCC and SRCC per epoch, and predicted score vs MOS on the test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kdiqa_edge.io import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    return path
+
+
+def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Train loss (and its named terms) and eval PLCC/SRCC per epoch, side by side."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    skip = {"epoch", "step", "lr", "eval_split", "train_seconds", "images_per_s", "plcc", "plcc_fit", "srcc",
+            "krcc", "rmse"}
+    terms = [k for k in history[0] if k not in skip and isinstance(history[0][k], (int, float))] if history else []
+    fig, (ax_loss, ax_corr) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in terms:
+        ax_loss.plot(epochs, [row.get(name, np.nan) for row in history], marker=".",
+                     label=name, linewidth=2 if name == "loss" else 1)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("training loss")
+    ax_loss.legend()
+    split = history[0].get("eval_split", "eval") if history else "eval"
+    for name in ("plcc", "srcc"):
+        ax_corr.plot(epochs, [row[name] for row in history], marker=".", label=name.upper())
+    ax_corr.set_xlabel("epoch")
+    ax_corr.set_title(f"{split} correlation")
+    ax_corr.legend()
+    ax_corr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_scatter(pred: np.ndarray, mos: np.ndarray, path: Path, title: str = "") -> Path:
+    """Predicted score vs MOS, with the identity line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(mos, pred, s=10, alpha=0.6)
+    lo, hi = float(min(np.min(mos), np.min(pred))), float(max(np.max(mos), np.max(pred)))
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, linestyle="--")
+    ax.set_xlabel("MOS (1..5)")
+    ax.set_ylabel("predicted score")
+    ax.set_title(title or "test split")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_plots(run_dir: Path, history: Sequence[dict], pred: np.ndarray, mos: np.ndarray,
+                title: str = "") -> list[Path]:
+    plots = Path(run_dir) / "plots"
+    written = []
+    if history:
+        written.append(plot_curves(history, plots / "curves.png", title))
+    if len(pred):
+        written.append(plot_scatter(np.asarray(pred), np.asarray(mos), plots / "scatter_test.png",
+                                    f"{title} — test split".strip(" —")))
+    return written
