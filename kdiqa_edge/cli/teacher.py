@@ -1,0 +1,156 @@
+"""`kdiqa-edge teacher eval|finetune`: the CLIP quality teacher, zero-shot or fine-tuned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.data.spec import DatasetSpec
+
+teacher_app = typer.Typer(help="The CLIP quality teacher: zero-shot evaluation and image-encoder fine-tuning.",
+                          no_args_is_help=True)
+
+TEACHER_PANEL = "Teacher"
+TRAIN_PANEL = "Training (defaults: the paper's recipe)"
+
+Teacher = Annotated[Optional[str], typer.Option(
+    "--teacher", help="open_clip NAME:TAG (default ViT-B-32:openai, the paper's teacher), or 'tiny': a random-init "
+    "64 px config for tests and offline demos (not pretrained).", rich_help_panel=TEACHER_PANEL)]
+TeacherWeights = Annotated[Optional[Path], typer.Option(
+    "--teacher-weights", help="Local open_clip weights file for --teacher's NAME (offline machines).",
+    rich_help_panel=TEACHER_PANEL)]
+Template = Annotated[Optional[list[str]], typer.Option(
+    "--template", help="Prompt template with {level}; repeat to average several (default: 'a photo of {level} "
+    "quality').", rich_help_panel=TEACHER_PANEL)]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Split seed.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("eval")
+@dataset_options
+def eval_command(
+    data: DatasetSpec,
+    teacher: Teacher = None,
+    teacher_weights: TeacherWeights = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="A fine-tuned teacher: checkpoint dir or run dir (instead of --teacher).",
+        rich_help_panel=TEACHER_PANEL)] = None,
+    template: Template = None,
+    split: Annotated[str, typer.Option("--split", help="test, train, val or all.")] = "test",
+    seed: Seed = None,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share held out for testing.")] = 0.2,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Score the test split with the teacher and print PLCC (raw and fitted), SRCC, KRCC, RMSE.
+
+    Without --checkpoint this is CLIP-IQA-style zero-shot scoring with the quality prompts.
+
+    Examples:
+
+      kdiqa-edge teacher eval --dataset koniq --root ~/data/koniq10k
+
+      kdiqa-edge teacher eval --teacher tiny --json
+
+      kdiqa-edge teacher eval --checkpoint runs/teacher-koniq --dataset koniq --root ~/data/koniq10k
+    """
+    from kdiqa_edge.errors import ConfigError
+    from kdiqa_edge.train.finetune import evaluate_teacher
+
+    if checkpoint is not None and (teacher or teacher_weights or template):
+        raise ConfigError("--checkpoint already holds a teacher: drop --teacher/--teacher-weights/--template")
+    if split not in ("test", "train", "val", "all"):
+        raise ConfigError(f"--split must be test, train, val or all, got {split!r}")
+    result = evaluate_teacher(data, teacher=teacher, weights=teacher_weights, checkpoint=checkpoint,
+                              templates=template, split=split, seed=seed or 0, test_fraction=test_fraction,
+                              batch_size=batch_size or 128, device=device or "auto", progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    m = result["metrics"]
+    typer.echo(f"teacher  {result['teacher']}" + ("" if result["pretrained"] else "  [NOT PRETRAINED: random init]"))
+    typer.echo(f"data     {result['dataset']}, {result['split']} split, {m['n']} images ({result['mode']})")
+    typer.echo(f"PLCC {m['plcc']:.4f} (after logistic fit {m['plcc_fit']:.4f})  SRCC {m['srcc']:.4f}  "
+               f"KRCC {m['krcc']:.4f}  RMSE {m['rmse']:.4f}")
+
+
+@teacher_app.command("finetune")
+@dataset_options
+def finetune_command(
+    data: DatasetSpec,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir (default runs/teacher-...).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML/JSON config; flags override it. "
+                                                   "A run's config.yaml works.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
+    teacher: Teacher = None,
+    teacher_weights: TeacherWeights = None,
+    template: Template = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, rich_help_panel=TRAIN_PANEL,
+                                                  help="Epochs (100).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, rich_help_panel=TRAIN_PANEL,
+                                                      help="Images per optimizer step (64).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=TRAIN_PANEL,
+                                                help="Peak AdamW learning rate (5e-6), cosine to 0.1x.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", rich_help_panel=TRAIN_PANEL)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
+                                                      help="Micro-batches per step.")] = None,
+    augment: Annotated[Optional[str], typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
+                                                   help="hflip (default) or none.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=TRAIN_PANEL,
+                                                help="Data order / augmentation seed.")] = None,
+    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Train/test split seed.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        "--val-fraction", help="Hold out a validation split for checkpoint selection (default 0: select on test, "
+        "as the paper's protocol).")] = None,
+    device: Device = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
+                                                "supported).")] = None,
+    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+                                                          help="torch.compile the train step.")] = None,
+    features: Annotated[Optional[bool], typer.Option("--features/--no-features", help="Write the teacher feature "
+                                                     "cache for distillation afterwards (default on).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Fine-tune CLIP's image encoder on an IQA dataset (text tower, anchors and temperature stay frozen).
+
+    Examples:
+
+      kdiqa-edge teacher finetune --teacher tiny --epochs 2
+
+      kdiqa-edge teacher finetune --dataset koniq --root ~/data/koniq10k --out runs/teacher-koniq
+
+      kdiqa-edge teacher finetune --out runs/teacher-koniq --resume
+
+      torchrun --nproc-per-node 4 -m kdiqa_edge teacher finetune --dataset koniq --root ... --out ...
+    """
+    from kdiqa_edge.train.finetune import load_config, run_finetune
+
+    if resume and config is None and out is not None and (out / "config.yaml").is_file():
+        config = out / "config.yaml"  # resume with the run's own resolved config
+    cfg = load_config(
+        config, teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
+        templates=list(template) if template else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, grad_accum=grad_accum, augment=augment, seed=seed, split_seed=split_seed,
+        val_fraction=val_fraction, device=device, amp=amp, compile=compile_model, features=features,
+        progress=False if quiet else None,
+    )
+    summary = run_finetune(cfg, data, out, resume=resume)
+    test = summary.get("test") or {}
+    zero = summary.get("zero_shot_test")
+    label = summary.get("label", cfg.teacher)
+    typer.echo(f"teacher {label}: best epoch {summary['best_epoch']} -> {summary['run_dir']}")
+    if zero:
+        typer.echo(f"  zero-shot test  PLCC {zero['plcc']:.4f}  SRCC {zero['srcc']:.4f}")
+    if test:
+        typer.echo(f"  fine-tuned test PLCC {test['plcc']:.4f} (fitted {test['plcc_fit']:.4f})  SRCC {test['srcc']:.4f}"
+                   f"  KRCC {test['krcc']:.4f}  RMSE {test['rmse']:.4f}")

@@ -1,0 +1,194 @@
+"""Teacher fine-tuning (the paper's first stage) and zero-shot evaluation.
+
+Only CLIP's image encoder trains: the text tower is used once for the anchors and never enters the
+model, and the anchors and logit_scale are frozen buffers of the head. The loss is the MSE between the
+predicted score (1..5) and the MOS. Paper defaults: AdamW lr 5e-6, cosine to 0.1x, 100 epochs, batch 64,
+224 x 224 (the input size is the teacher's own; `tiny` uses 64 px).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kdiqa_edge import config as config_lib
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.metrics import IQAMetrics, evaluate
+from kdiqa_edge.models.head import DEFAULT_TEMPLATES
+from kdiqa_edge.models.teacher import DEFAULT_TEACHER
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    teacher: str = DEFAULT_TEACHER  # open_clip NAME:TAG, or a registered random-init config (tiny)
+    teacher_weights: Optional[str] = None  # local open_clip weights file for NAME (offline machines)
+    templates: list = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # averaged prompts
+    dataset: dict = dataclasses.field(default_factory=dict)  # DatasetSpec fields; CLI dataset options win
+    split_seed: int = 0  # seed of the train/val/test split
+    val_fraction: float = 0.0  # held out for model selection; 0 = select on the test split (paper protocol)
+    test_fraction: float = 0.2  # the paper's random 80/20 split
+    split_by: str = "auto"  # auto | ref | image | official
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 5e-6
+    min_lr_ratio: float = 0.1  # cosine decay to 0.1x
+    weight_decay: float = 0.05
+    grad_accum: int = 1
+    grad_clip: Optional[float] = None
+    augment: str = "hflip"  # hflip | none
+    seed: int = 0  # data order and augmentation
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch_size: int = 128
+    select: str = "plcc+srcc"
+    progress: bool = True
+    features: bool = True  # write the teacher feature cache for distillation after training
+
+
+def finetune_loss(model, batch, step: int, total_steps: int) -> dict[str, torch.Tensor]:
+    """MSE between the predicted score and the MOS, both 1..5."""
+    return {"mse": F.mse_loss(model(batch["image"]).float(), batch["mos"])}
+
+
+def freeze_all_but_image_encoder(teacher) -> list[str]:
+    """The image encoder trains; everything else (the head's buffers) is frozen. Returns the trainable names."""
+    teacher.requires_grad_(False)
+    teacher.visual.requires_grad_(True)
+    return [name for name, p in teacher.named_parameters() if p.requires_grad]
+
+
+def dataset_spec(cfg: FinetuneConfig, cli_data: DatasetSpec | None) -> DatasetSpec:
+    """The CLI's dataset options when given, else the config file's `dataset`, else the synthetic set."""
+    if cli_data is not None and cli_data != DatasetSpec():
+        return cli_data
+    return DatasetSpec.from_dict(cfg.dataset) if cfg.dataset else DatasetSpec()
+
+
+def prepare_teacher_data(cfg: FinetuneConfig, data: DatasetSpec, preprocess, progress: bool = True):
+    from kdiqa_edge.data import prepare
+
+    return prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                   test_fraction=cfg.test_fraction, split_by=cfg.split_by, progress=progress)
+
+
+def zero_shot(model, cache, indices, device: str = "auto", batch_size: int = 128, amp: bool = True) -> IQAMetrics:
+    """Metrics of the model's scores on `cache.images[indices]` (no training)."""
+    import numpy as np
+
+    from kdiqa_edge.train.engine import predict, resolve_device
+
+    device = resolve_device(device)
+    model.to(device)
+    pred = predict(model, cache.images, indices, model.preprocess, device, batch_size, amp)
+    return evaluate(pred, cache.mos[np.asarray(indices, dtype=np.int64)])
+
+
+def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str | Path | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """Fine-tune the teacher's image encoder; returns summary.json's content. The run dir layout is in
+    docs/ARCHITECTURE.md."""
+    from kdiqa_edge.models.teacher import load_teacher
+    from kdiqa_edge.train.engine import TrainConfig, Trainer
+
+    train_cfg = TrainConfig.from_any(cfg).check()
+    data = dataset_spec(cfg, data)
+    run_dir = Path(out) if out else default_run_dir(cfg, data)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, tuple(cfg.templates))
+    freeze_all_but_image_encoder(teacher)
+    cache, split = prepare_teacher_data(cfg, data, teacher.preprocess, progress=cfg.progress)
+
+    meta = {"label": teacher.label, "dataset": data.to_dict(), "image_cache": cache.key, "stage": "teacher-finetune"}
+    trainer = Trainer(teacher, finetune_loss, cache, split, train_cfg, run_dir, extra_meta=meta, resume=resume)
+    trainer.setup()
+    try:
+        if trainer.ctx.is_main and not resume:
+            saved = {**config_lib.to_dict(cfg), "dataset": data.to_dict()}
+            from kdiqa_edge.io import write_text
+            import yaml
+
+            write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+        zero = zero_shot_before(trainer, cache, split, train_cfg) if not resume else None
+        started = time.perf_counter()
+        summary = trainer.train()
+        summary["wall_seconds"] = time.perf_counter() - started
+        if zero is not None:
+            summary["zero_shot_test"] = zero.to_dict()
+        if cfg.features and trainer.ctx.is_main:
+            from kdiqa_edge.train.features import teacher_features, feature_cache_path
+
+            features = teacher_features(run_dir / "checkpoints" / "best", cache, device=str(trainer.device),
+                                        batch_size=train_cfg.eval_batch_size, progress=cfg.progress)
+            summary["teacher_features"] = {"path": str(feature_cache_path(run_dir / "checkpoints" / "best", cache)),
+                                           "shape": list(features.shape), "dtype": str(features.dtype)}
+        if trainer.ctx.is_main:
+            from kdiqa_edge.io import write_json
+
+            write_json(run_dir / "summary.json", summary)
+        summary["run_dir"] = str(run_dir)
+        return summary
+    finally:
+        trainer.cleanup()
+
+
+def zero_shot_before(trainer, cache, split, train_cfg) -> IQAMetrics | None:
+    """The teacher's zero-shot test metrics before any training (what fine-tuning must beat)."""
+    from kdiqa_edge.train.engine import predict
+
+    import numpy as np
+
+    test = np.asarray(split.test, dtype=np.int64)
+    if len(test) < 3:
+        return None
+    pred = predict(trainer.model, cache.images, test, trainer.model.preprocess, trainer.device,
+                   train_cfg.eval_batch_size, train_cfg.amp, trainer.ctx)
+    return evaluate(pred, cache.mos[test])
+
+
+def default_run_dir(cfg: FinetuneConfig, data: DatasetSpec) -> Path:
+    arch = cfg.teacher.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"teacher-{arch}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_config(config_file: str | Path | None = None, **overrides) -> FinetuneConfig:
+    """Defaults <- YAML/JSON file (e.g. a run's saved config.yaml) <- CLI overrides (None never overrides)."""
+    return config_lib.resolve(FinetuneConfig, config_file, **overrides)
+
+
+def evaluate_teacher(data: DatasetSpec, teacher: str | None = None, weights: str | Path | None = None,
+                     checkpoint: str | Path | None = None, templates=None, split: str = "test", seed: int = 0,
+                     test_fraction: float = 0.2, batch_size: int = 128, device: str = "auto",
+                     progress: bool = True) -> dict[str, Any]:
+    """Zero-shot (or fine-tuned, with `checkpoint`) metrics of a teacher on one split of a dataset."""
+    import numpy as np
+
+    from kdiqa_edge.data import prepare
+    from kdiqa_edge.models.checkpoint import load_checkpoint
+    from kdiqa_edge.models.teacher import load_teacher
+
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint)
+        mode = f"fine-tuned checkpoint {model.checkpoint_dir}"
+    else:
+        model = load_teacher(teacher or DEFAULT_TEACHER, weights, tuple(templates or DEFAULT_TEMPLATES))
+        mode = "zero-shot"
+    cache, parts = prepare(data, model.preprocess, seed=seed, test_fraction=test_fraction, progress=progress)
+    indices = np.arange(len(cache)) if split == "all" else getattr(parts, split)
+    if len(indices) < 3:
+        raise ConfigError(f"the {split} split has {len(indices)} images: too few to correlate")
+    metrics = zero_shot(model, cache, indices, device, batch_size)
+    return {
+        "teacher": model.label, "pretrained": bool(model.pretrained), "mode": mode, "dataset": data.name,
+        "split": split, "metrics": metrics.to_dict(),
+        "prompts": model.head.prompts, "logit_scale": float(model.head.logit_scale),
+    }
