@@ -143,7 +143,7 @@ def test_image_cache_crash_mid_build_leaves_nothing_that_looks_complete(synth_ro
     monkeypatch.setattr(cache_module, "load_preprocessed", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         ImageCache.build(dataset, cache_root=tmp_path, workers=1, progress=False)
-    assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == []  # no folder, no temporary left
     monkeypatch.setattr(cache_module, "load_preprocessed", real)
     cache = ImageCache.build(dataset, cache_root=tmp_path, workers=1, progress=False)
     # a cache whose data file was cut short (killed writer, full disk) is detected and rebuilt
@@ -220,3 +220,41 @@ def test_prepare_returns_an_aligned_cache_and_split(synth_root):
     split.check(cache.dataset)
     assert {cache.dataset.records[i].ref for i in split.test} in ({"r00"}, {"r01"})
     assert cache.mos.dtype == np.float32 and cache.mos.shape == (60,)
+
+
+def test_two_processes_share_one_default_synthetic_set(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from kdiqa_edge.data import synthetic, load_dataset, DatasetSpec; synthetic.DEFAULT_REFS = 1; "
+            "print(len(load_dataset(DatasetSpec())))")
+    env = {**os.environ, "KDIQA_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["30", "30"]
+    left = [p.name for p in (tmp_path / "synthetic").iterdir() if p.suffix != ".lock"]
+    assert left == [f"v{synthetic.VERSION}-refs1-seed0"]  # one set, no half-written temporaries
+
+
+def test_cli_synth_then_info_and_index_on_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdiqa_edge.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "synth"
+    result = runner.invoke(app, ["data", "synth", str(out), "--refs", "1", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 30 images from 1 references" in result.output and (out / "scores.csv").is_file()
+    result = runner.invoke(app, ["data", "info", "--root", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "images      30" in result.output and "references  1" in result.output
+    assert "higher is better" in result.output and "0 skipped" in result.output
+    result = runner.invoke(app, ["data", "index", "--root", str(out), "--out", str(tmp_path / "i.csv"),
+                                 "--split-by", "image", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "i.csv", newline="") as handle:
+        parts = [row["split"] for row in csv.DictReader(handle)]
+    assert parts.count("test") == 6 and parts.count("train") == 24

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from kdiqa_edge import paths
+from kdiqa_edge.data._lock import file_lock
 from kdiqa_edge.data._progress import Progress
 from kdiqa_edge.data.records import Dataset, Skip, require_usable
 from kdiqa_edge.io import atomic_path, read_json, write_json
@@ -58,8 +59,11 @@ class ImageCache:
         folder = Path(cache_root or paths.cache_dir() / "images") / f"{dataset.name}-{key[:20]}"
         meta = _complete_meta(folder, key, spec)
         if meta is None:
-            _build(folder, dataset, spec, key, workers, progress)
-            meta = _complete_meta(folder, key, spec)
+            with file_lock(folder.parent / f".{folder.name}.lock"):
+                meta = _complete_meta(folder, key, spec)  # another process may have built it meanwhile
+                if meta is None:
+                    _build(folder, dataset, spec, key, workers, progress)
+                    meta = _complete_meta(folder, key, spec)
             assert meta is not None, f"image cache at {folder} did not complete"
         return cls._open(folder, dataset, spec, key, meta, strict)
 

@@ -87,10 +87,10 @@ def _int_or_none(value: object) -> int | None:
 @DATASETS.register("csv")
 def read_csv(spec: DatasetSpec, root: Path) -> Dataset:
     """Any CSV: the user names the image and score columns, the nominal range and the direction."""
-    path = Path(spec.csv) if spec.csv is not None else root / "scores.csv"
+    path = _beside(root, spec.csv) if spec.csv is not None else root / "scores.csv"
     header, table = read_csv_rows(score_file(path, "csv"))
     _need_columns(path, header, spec.image_col, spec.mos_col, *([spec.ref_col] if spec.ref_col else []))
-    image_root = Path(spec.image_dir).expanduser() if spec.image_dir is not None else root
+    image_root = _beside(root, spec.image_dir) if spec.image_dir is not None else root
     if not image_root.is_dir():
         raise DataError(f"image folder not found: {image_root}")
     has = set(header)
@@ -101,7 +101,16 @@ def read_csv(spec: DatasetSpec, root: Path) -> Dataset:
             level=_int_or_none(row.get("level")) if "level" in has else None)
         for row in table
     ]
-    return build_dataset("csv", image_root, rows, spec.mos_range or (1.0, 5.0), spec.lower_better)
+    return build_dataset("csv", image_root, rows, spec.mos_range or (1.0, 5.0), spec.lower_better,
+                         range_hint="" if spec.mos_range else " (the default; --mos-range LO,HI sets it)")
+
+
+def _beside(root: Path, path: Path) -> Path:
+    """A user path: as given (absolute, or relative to the working dir), else relative to the root."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (root / path).exists():
+        return path
+    return root / path
 
 
 @DATASETS.register("synthetic")

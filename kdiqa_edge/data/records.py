@@ -111,7 +111,7 @@ def inside(root: Path, relative: str) -> str | None:
 
 def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[float, float],
                   lower_better: bool = False, hard_range: bool = True, dropped: int = 0,
-                  check_files: bool = True) -> Dataset:
+                  check_files: bool = True, range_hint: str = "") -> Dataset:
     """Validate rows into records: bad score, duplicate, escaping path, missing or empty file -> skipped.
 
     `hard_range=False` widens the nominal range to cover scores a little outside it instead of skipping
@@ -137,7 +137,7 @@ def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[f
         elif score is None:
             skipped.append(Skip(row.image, f"score is empty or not a number ({row.raw!r})"))
         elif not lo <= score <= hi:
-            skipped.append(Skip(row.image, f"score {score:g} outside the nominal range [{lo:g}, {hi:g}]"))
+            skipped.append(Skip(row.image, f"outside the nominal range [{lo:g}, {hi:g}]{range_hint}: score {score:g}"))
         elif check_files and (reason := _file_problem(root / image)):
             skipped.append(Skip(row.image, reason))
         else:
@@ -195,6 +195,9 @@ def require_usable(dataset: Dataset, strict: bool, what: str = "") -> Dataset:
         first = dataset.skipped[0]
         raise DataError(f"--strict: {skip_summary(dataset.skipped)}{where}; first: {first.image}: {first.reason}")
     if not dataset.records:
-        detail = f"; {skip_summary(dataset.skipped)}" if dataset.skipped else ""
+        detail = ""
+        if dataset.skipped:
+            first = dataset.skipped[0]
+            detail = f"; {skip_summary(dataset.skipped)}; first: {first.image}: {first.reason}"
         raise DataError(f"dataset {dataset.name!r} at {dataset.root} has no usable image{detail}")
     return dataset

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from kdiqa_edge import paths
+from kdiqa_edge.data._lock import file_lock
 from kdiqa_edge.data._progress import Progress
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import atomic_path
@@ -53,7 +54,9 @@ def default_root(refs: int | None = None, seed: int = DEFAULT_SEED) -> Path:
     refs = DEFAULT_REFS if refs is None else refs
     root = paths.cache_dir() / "synthetic" / f"v{VERSION}-refs{refs}-seed{seed}"
     if not (root / "scores.csv").is_file():
-        generate(root, refs=refs, seed=seed)
+        with file_lock(root.parent / f".{root.name}.lock"):
+            if not (root / "scores.csv").is_file():  # another process may have made it meanwhile
+                generate(root, refs=refs, seed=seed, progress=True)
     return root
 
 
