@@ -359,6 +359,9 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        # A process group that already exists (a pipeline running several stages, e.g. distill's teacher
+        # fine-tune) belongs to the caller: cleanup() leaves it alone.
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         self.ctx, self.device = init_distributed(cfg.device)
         if not self.split.train:
             raise ConfigError("the training split is empty")
@@ -638,7 +641,7 @@ class Trainer:
         return summary
 
     def cleanup(self) -> None:
-        if self.ctx.enabled:
+        if self.ctx.enabled and getattr(self, "_owns_process_group", True):
             import torch.distributed as dist
 
             if dist.is_initialized():
