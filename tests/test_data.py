@@ -9,8 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdiqa_edge.data import (DatasetSpec, ImageCache, Record, Split, load_dataset, make_split, prepare,
-                             synthetic)
+from kdiqa_edge.data import (
+    DatasetSpec,
+    ImageCache,
+    Record,
+    Split,
+    load_dataset,
+    make_split,
+    prepare,
+    synthetic,
+)
 from kdiqa_edge.data import cache as cache_module
 from kdiqa_edge.data.records import Dataset
 from kdiqa_edge.errors import DataError

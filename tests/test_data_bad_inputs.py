@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_preprocess import _png_header_only
 
 from kdiqa_edge.cli import main
 from kdiqa_edge.data import DATASETS, DatasetSpec, ImageCache, load_dataset
 from kdiqa_edge.errors import ConfigError, DataError
-from test_preprocess import _png_header_only
 
 
 def _write_scores(path: Path, rows: list[list], header=("image", "mos")) -> None:

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdiqa_edge.preprocess import (ImageLoadError, PreprocessSpec, load_preprocessed, normalize, open_image,
-                                   preprocess_pil)
+from kdiqa_edge.preprocess import (
+    ImageLoadError,
+    PreprocessSpec,
+    load_preprocessed,
+    normalize,
+    open_image,
+    preprocess_pil,
+)
 
 SPEC = PreprocessSpec()
 
@@ -61,7 +67,18 @@ def test_small_images_are_upscaled_not_skipped(tmp_path):
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8 and out.std() > 5
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA-transparency", "RGBA", "CMYK", "I;16"])
+def _png_48bit(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA-transparency", "RGBA", "CMYK", "I;16", "RGB;16"])
 def test_pixel_formats_convert_to_rgb_correctly(mode, tmp_path):
     path = tmp_path / "image.png"
     if mode == "L":
@@ -87,6 +104,9 @@ def test_pixel_formats_convert_to_rgb_correctly(mode, tmp_path):
         path = tmp_path / "image.jpg"
         Image.new("CMYK", (240, 240), (0, 255, 255, 0)).save(path, quality=95)  # pure red in CMYK
         expect = (255, 0, 0)
+    elif mode == "RGB;16":  # 48-bit colour: each channel scaled to 8 bits
+        _png_48bit(path, np.broadcast_to(np.array([65535, 32768, 1028], np.uint16), (240, 240, 3)))
+        expect = (255, 128, 4)
     else:  # 16-bit grey: scaled to 8 bits, not clipped at 255
         Image.fromarray(np.full((240, 240), 32768, dtype=np.uint16)).save(path)
         assert Image.open(path).mode == "I;16"
