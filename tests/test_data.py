@@ -138,6 +138,9 @@ def test_image_cache_rebuilds_when_index_or_preprocessing_changes(synth_root, tm
                                progress=False)
     assert changed.key != cache.key
     assert tuple(changed.images[0, 100, 100]) == (10, 200, 30)
+    # the copy made before the file changed is gone; other preprocessing and image lists are kept
+    assert not cache.path.exists() and smaller.path.exists()
+    assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 3
 
 
 def test_image_cache_crash_mid_build_leaves_nothing_that_looks_complete(synth_root, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ complete (meta.json is written last), so a crash mid-build never leaves a cache 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -43,8 +44,9 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self.dataset.records)
 
-    @property
+    @functools.cached_property
     def mos(self) -> np.ndarray:
+        """float32 [N], 1..5, higher is better, aligned with `images`."""
         return self.dataset.mos
 
     @property
@@ -64,6 +66,7 @@ class ImageCache:
                 if meta is None:
                     _build(folder, dataset, spec, key, workers, progress)
                     meta = _complete_meta(folder, key, spec)
+                    _remove_stale(folder, dataset, spec)
             assert meta is not None, f"image cache at {folder} did not complete"
         return cls._open(folder, dataset, spec, key, meta, strict)
 
@@ -141,8 +144,31 @@ def _build(folder: Path, dataset: Dataset, spec: PreprocessSpec, key: str, worke
             os.fsync(handle.fileno())
         write_json(tmp / META_FILE, {
             "format": FORMAT, "key": key, "shape": list(shape), "dataset": dataset.name,
-            "root": str(dataset.root), "preprocess": spec.to_dict(), "skipped": skipped,
+            "root": str(dataset.root), "preprocess": spec.to_dict(), "images": _image_list_hash(dataset),
+            "skipped": skipped,
         })  # written last: a folder without it (or with a wrong key or size) is rebuilt
+
+
+def _remove_stale(current: Path, dataset: Dataset, spec: PreprocessSpec) -> None:
+    """Delete older caches of the same images under the same root and preprocessing, made before some of
+    the files changed: without this, every touched file would leave a full-size copy behind."""
+    import shutil
+
+    same = {"root": str(dataset.root), "preprocess": json.loads(json.dumps(spec.to_dict())),
+            "images": _image_list_hash(dataset)}
+    for folder in current.parent.glob(f"{dataset.name}-*"):
+        if folder == current or not folder.is_dir():
+            continue
+        try:
+            meta = read_json(folder / META_FILE)
+        except (OSError, ValueError):
+            continue
+        if all(meta.get(k) == v for k, v in same.items()):
+            shutil.rmtree(folder, ignore_errors=True)  # a process that has it mapped keeps its view
+
+
+def _image_list_hash(dataset: Dataset) -> str:
+    return hashlib.sha256("\n".join(r.image for r in dataset.records).encode()).hexdigest()
 
 
 def default_workers() -> int:
