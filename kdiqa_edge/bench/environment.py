@@ -71,6 +71,10 @@ def environment(threads: Optional[int] = None) -> dict[str, Any]:
         "onnxruntime_providers": ort.get_available_providers(),
         "gpus": gpus(),
     }
+    try:  # other jobs on the machine make latencies noisy: record how busy it was
+        env["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        pass
     if board := _read("/proc/device-tree/model"):
         env["board"] = board
     if l4t := _read("/etc/nv_tegra_release"):  # Jetson: L4T release, from which JetPack follows

@@ -41,7 +41,9 @@ def summary_row(result: BenchResult, with_reason: bool = True) -> list[str]:
 def environment_lines(report: BenchReport) -> list[str]:
     env = report.environment
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
-    lines = [f"CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('os')} {env.get('machine')}",
+    load = env.get("load_average")
+    lines = [f"CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('os')} {env.get('machine')}"
+             + (f"; load average {load[0]:.2f} (1 min) at the end of the run" if load else ""),
              f"Threads: {env.get('threads')}; onnxruntime providers: {', '.join(env.get('onnxruntime_providers', []))}",
              f"Python {env.get('python')}; {versions}"]
     if env.get("gpus"):
@@ -87,8 +89,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark") -> str:
-    parts = [f"# {title}", "", *[f"- {line}" for line in environment_lines(report)], "",
+def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environment: bool = True) -> str:
+    """The full report; `environment=False` leaves the environment lines out (a suite prints them once)."""
+    header = [*[f"- {line}" for line in environment_lines(report)], ""] if environment else []
+    parts = [f"# {title}", "", *header,
              _md_table(list(COLUMNS), [summary_row(r) for r in report.results]), ""]
     latency = [[r.name, r.format, r.precision, str(s.batch_size), f"{s.mean_ms:.3f}", f"{s.p50_ms:.3f}",
                 f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.std_ms:.3f}", f"{s.images_per_s:.1f}"]

@@ -104,10 +104,15 @@ def _format_of(path: str | Path) -> str:
         return "?"
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text and not isinstance(exc, KdiqaError) else (text[0] if text else
-                                                                                                  type(exc).__name__)
+def _reason(exc: BaseException, path: str) -> str:
+    """One line; the model's own path prefix is dropped (the row already names it)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if text.startswith(f"{path}: "):
+        text = text[len(path) + 2:]
+    if not isinstance(exc, KdiqaError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
 
 
 def _model_facts(result: BenchResult, model) -> None:
@@ -187,7 +192,7 @@ def bench_one(path: str, cfg: BenchConfig, eval_data: Optional[EvalData], progre
             raise
         if stage == "data":
             raise  # the dataset is unusable for every model: say so once
-        result.status, result.stage, result.reason = "failed", stage, _reason(exc)
+        result.status, result.stage, result.reason = "failed", stage, _reason(exc, str(path))
     rss_after = facts.current_rss_mb()
     result.rss_delta_mb = rss_after - rss_before if rss_after is not None and rss_before is not None else None
     result.peak_rss_mb = facts.peak_rss_mb()
@@ -213,6 +218,10 @@ def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = No
                 ref_scores, ref_set = scores, eval_set
                 if result.status != "ok":
                     notes.append(f"reference {path} failed ({result.reason}): no drift figures")
+                elif ref_scores is not None and float(np.std(ref_scores)) < 1e-3:
+                    notes.append(f"the reference's scores are nearly constant (std {float(np.std(ref_scores)):.1e}, an "
+                                 "untrained model?): rank metrics and their deltas then follow 1e-7 float noise; "
+                                 "read the |score difference| columns for drift")
             elif scores is not None and ref_scores is not None and result.metrics is not None:
                 ref_metrics = results[0].metrics
                 aligned = _align(ref_set.names, ref_scores, eval_set.names)
