@@ -34,7 +34,19 @@ class IQAMetrics:
 
 
 def logistic_4(x, b1, b2, b3, b4):
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / b4)) + b2
+    from scipy.special import expit  # 1 / (1 + exp(-z)) without overflow
+
+    return (b1 - b2) * expit((x - b3) / b4) + b2
+
+
+def _logistic_4_jacobian(x, b1, b2, b3, b4):
+    # Analytic: curve_fit's finite differences scale their step by |b|, so a b3 that starts at 0 (centred
+    # predictions) would never move.
+    from scipy.special import expit
+
+    s = expit((x - b3) / b4)
+    slope = (b1 - b2) * s * (1.0 - s)
+    return np.stack([s, 1.0 - s, -slope / b4, -slope * (x - b3) / b4 ** 2], axis=1)
 
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
@@ -45,14 +57,17 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
     mos = np.asarray(mos, np.float64)
     b4 = np.std(pred) / 4.0 or 1.0
     p0 = [np.max(mos), np.min(mos), np.mean(pred), b4]
+    if pred.size <= len(p0):  # no more points than parameters: the logistic is not determined
+        slope, intercept = np.polyfit(pred, mos, 1)
+        return slope * pred + intercept
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            params, _ = curve_fit(logistic_4, pred, mos, p0=p0, maxfev=20000)
-        fitted = logistic_4(pred, *params)
+            params, _ = curve_fit(logistic_4, pred, mos, p0=p0, jac=_logistic_4_jacobian, maxfev=20000)
+            fitted = logistic_4(pred, *params)  # a saturated fit overflows exp() harmlessly (-> b1 or b2)
         if np.all(np.isfinite(fitted)):
             return fitted
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, TypeError):
         pass
     slope, intercept = np.polyfit(pred, mos, 1)  # the logistic did not converge: a linear map
     return slope * pred + intercept
