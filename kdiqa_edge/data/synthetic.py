@@ -185,13 +185,15 @@ def _readme(refs: int, seed: int, count: int) -> str:
 Made by `kdiqa-edge data synth` (kdiqa_edge/data/synthetic.py). Deterministic for the seed.
 
 Contents: {refs} reference contents (refs/r00.png ...), each a 320x240 view of a colour photograph bundled
-with scikit-image ({", ".join(PHOTOS)}): every photo's whole frame first, then seeded random crops of
-40-70% of the frame for more contents.
+with scikit-image ({", ".join(PHOTOS)}):
+every photo's whole frame first, then seeded random crops of 40-70% of the frame for more contents.
 
 Each reference is distorted by {len(DISTORTIONS)} distortions at {LEVELS} levels (parameters, mildest first):
 {distortions}
-(blur: Gaussian sigma in pixels; noise: std in grey levels; jpeg: quality; contrast and saturation:
-PIL ImageEnhance factors; pixelate: box downsampling factor, upsampled back with nearest neighbour.)
+(blur: Gaussian sigma in pixels; noise: std in grey levels per RGB channel; jpeg: quality; contrast:
+PIL ImageEnhance.Contrast factor, 1 = unchanged; saturation: ImageEnhance.Color factor, levels 1-3 wash
+the colour out (0 = grey), levels 4-5 oversaturate; pixelate: box downsampling factor, upsampled back
+with nearest neighbour.)
 
 Pseudo-MOS (1..5, higher is better), a full-reference measure through a fixed logistic:
     mos = 1 + 4 / (1 + exp(-(SSIM - {SSIM_CENTRE}) / {SSIM_SLOPE}))
