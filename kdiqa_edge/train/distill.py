@@ -1,0 +1,366 @@
+"""Distillation (the paper's second stage): a timm student learns the fine-tuned CLIP teacher's features.
+
+    L = lambda(t) * (1 - cos(u, v)) + (1 - lambda(t)) * MSE(score, mos),  lambda(t) = 0.5 * (1 + cos(pi t / T))
+
+The recipe is the shared engine (kdiqa_edge.train.engine) with the distillation loss plugged in; the
+teacher never runs per epoch: its features come from the feature cache (keyed by the teacher
+checkpoint's content hash and the image cache, rebuilt when either changes). Without a teacher
+checkpoint, the teacher is fine-tuned first, once per (dataset, split, teacher config): a later distill
+of another student on the same data reuses that run. One command is the whole pipeline.
+
+Shape: setup (teacher, data, features, student) / train (the engine) / save (summary, plots) / cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from kdiqa_edge import config as config_lib
+from kdiqa_edge import paths
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.io import read_json, write_json
+from kdiqa_edge.models.teacher import DEFAULT_TEACHER
+from kdiqa_edge.preprocess import PreprocessSpec
+from kdiqa_edge.train.schedules import Variant, parse_variant
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    student: str = "resnet18"  # timm model name (paper: swin_tiny_patch4_window7_224, resnet18, mobilevit_s, efficientnet_b0)
+    variant: str = "full"  # full | soft | hard | fixed:X | regression (the rows of the paper's Table II)
+    pretrained: bool = True  # ImageNet init through timm; False = random init, labelled "not pretrained"
+    student_weights: Optional[str] = None  # local weights file for the student encoder (offline machines)
+    teacher_checkpoint: Optional[str] = None  # a fine-tuned teacher (checkpoint or run dir); None = fine-tune one
+    teacher: str = DEFAULT_TEACHER  # the teacher to fine-tune first: open_clip NAME:TAG, or tiny
+    teacher_weights: Optional[str] = None  # local open_clip weights file for `teacher` (offline machines)
+    teacher_epochs: Optional[int] = None  # teacher fine-tune epochs; None = the same as `epochs`
+    teacher_lr: float = 5e-6  # teacher fine-tune learning rate (the paper's)
+    dataset: dict = dataclasses.field(default_factory=dict)  # DatasetSpec fields; CLI dataset options win
+    split_seed: int = 0  # seed of the train/val/test split (the teacher's and the student's: the same split)
+    val_fraction: float = 0.0  # held out for model selection; 0 = select on the test split (paper protocol)
+    test_fraction: float = 0.2  # the paper's random 80/20 split
+    split_by: str = "auto"  # auto | ref | image | official
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-4  # the paper's student learning rate
+    min_lr_ratio: float = 0.1  # cosine decay to 0.1x
+    weight_decay: float = 0.05
+    grad_accum: int = 1
+    grad_clip: Optional[float] = None
+    augment: str = "hflip"  # hflip | none (on-device; the cached teacher features are of the unflipped image)
+    seed: int = 0  # student init, data order and augmentation
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch_size: int = 128
+    select: str = "plcc+srcc"
+    progress: bool = True
+
+
+# Fields that may change between an interrupted run and its --resume (how, not what, is trained).
+VOLATILE = ("progress", "device", "compile", "eval_batch_size")
+
+
+def load_config(config_file: str | Path | None = None, **overrides) -> DistillConfig:
+    """Defaults <- YAML/JSON file (e.g. a run's saved config.yaml) <- CLI overrides (None never overrides)."""
+    return config_lib.resolve(DistillConfig, config_file, **overrides)
+
+
+def default_run_dir(cfg: DistillConfig, data: DatasetSpec) -> Path:
+    variant = parse_variant(cfg.variant).spec.replace(":", "")
+    return Path("runs") / f"distill-{cfg.student}-{variant}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher stage
+
+
+def teacher_finetune_config(cfg: DistillConfig, data: DatasetSpec):
+    """The teacher fine-tune this distillation implies: same data, split, schedule shape and seed."""
+    from kdiqa_edge.train.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        teacher=cfg.teacher, teacher_weights=cfg.teacher_weights, dataset=data.to_dict(),
+        split_seed=cfg.split_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+        split_by=cfg.split_by, epochs=cfg.teacher_epochs or cfg.epochs, batch_size=cfg.batch_size,
+        lr=cfg.teacher_lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
+        grad_clip=cfg.grad_clip, augment=cfg.augment, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
+        channels_last=cfg.channels_last, compile=cfg.compile, eval_batch_size=cfg.eval_batch_size,
+        select=cfg.select, progress=cfg.progress, features=True,
+    )
+
+
+def teacher_run_dir(finetune_cfg, data: DatasetSpec, root: Path | None = None) -> Path:
+    """Where the teacher fine-tune for (dataset files, split, teacher config) lives: one run, reused."""
+    from kdiqa_edge.data import cache_key, load_dataset
+
+    settings = {k: v for k, v in config_lib.to_dict(finetune_cfg).items() if k not in VOLATILE + ("features",)}
+    # The dataset's files (paths, sizes, mtimes): an edited dataset gets a new teacher.
+    files = cache_key(load_dataset(data), PreprocessSpec())
+    digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True, default=str).encode()).hexdigest()
+    name = f"{data.name}-{finetune_cfg.teacher.replace(':', '-').replace('/', '-')}-{digest[:16]}"
+    return Path(root or paths.cache_dir() / "teacher-runs") / name
+
+
+def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Path:
+    """The fine-tuned teacher's checkpoint dir: reused if done, resumed if interrupted, else trained now."""
+    from kdiqa_edge.train.engine import TRAIN_STATE
+    from kdiqa_edge.train.finetune import run_finetune
+
+    finetune_cfg = teacher_finetune_config(cfg, data)
+    run_dir = teacher_run_dir(finetune_cfg, data)
+    done = (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "best").is_dir()
+    interrupted = (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
+    _barrier(ctx)  # every process has looked before any of them writes
+    if done:
+        log(f"teacher: reusing the fine-tuned {finetune_cfg.teacher} in {run_dir}")
+    else:
+        log(f"teacher: fine-tuning {finetune_cfg.teacher} for {finetune_cfg.epochs} epochs -> {run_dir}"
+            + (" (resuming)" if interrupted else ""))
+        run_finetune(finetune_cfg, data, run_dir, resume=interrupted)
+        _barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
+    return run_dir / "checkpoints" / "best"
+
+
+def check_teacher_split(teacher_dir: Path, split) -> None:
+    """A teacher fine-tuned on this image list must have seen only this run's training images."""
+    run_dir = teacher_dir.parent.parent if teacher_dir.parent.name == "checkpoints" else None
+    if run_dir is None or not (run_dir / "split.json").is_file():
+        return
+    saved = read_json(run_dir / "split.json")
+    if saved.get("index") and saved.get("index") != split.index:
+        return  # another image list (another dataset): no test image of ours can have been trained on
+    if sorted(saved.get("test", [])) != sorted(split.test) or sorted(saved.get("train", [])) != sorted(split.train):
+        raise ConfigError(f"the teacher in {run_dir} was fine-tuned on another split of this dataset (its training "
+                          f"images include test images here): use the same --split-seed / fractions, or no "
+                          f"--teacher-checkpoint to fine-tune a matching teacher")
+
+
+def student_preprocess(cfg: DistillConfig, teacher) -> PreprocessSpec:
+    """The teacher's preprocessing (the student sees what CLIP sees); a regression student has no teacher."""
+    if teacher is not None:
+        return teacher.preprocess
+    if cfg.teacher_checkpoint:
+        from kdiqa_edge.models.checkpoint import read_meta
+
+        return PreprocessSpec.from_dict(read_meta(cfg.teacher_checkpoint)["preprocess"])
+    from kdiqa_edge.models.teacher import TEACHER_CONFIGS, load_teacher, parse_teacher
+
+    if parse_teacher(cfg.teacher)[0] in TEACHER_CONFIGS:  # a registered config: cheap, no download
+        return load_teacher(cfg.teacher).preprocess
+    return PreprocessSpec()  # CLIP's 224 px preprocessing (ViT-B-32, the paper's teacher)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model facts for the summary
+
+
+def model_facts(model, preprocess: PreprocessSpec) -> dict[str, Any]:
+    """Parameters and FLOPs of one forward pass on one image (torch's flop counter: 2 FLOPs per MAC)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.zeros(1, 3, preprocess.size, preprocess.size, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        flops: Optional[int] = int(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - FLOPs are informative; an op the counter cannot trace must not fail a run
+        flops = None
+    finally:
+        model.train(was_training)
+    return {"params": int(params), "flops": flops, "input": [1, 3, preprocess.size, preprocess.size]}
+
+
+def _ratio(a, b) -> Optional[float]:
+    return round(a / b, 3) if a and b else None
+
+
+def write_distill_plots(run_dir: Path, history: list[dict], variant: Variant, total_steps: int,
+                        steps_per_epoch: int, title: str = "") -> list[Path]:
+    """plots/distill.png: the loss and its weighted terms per epoch, lambda per optimizer step, PLCC/SRCC.
+
+    (The engine writes plots/curves.png and the test scatter plots/scatter_test.png beside it.)
+    """
+    if not history:
+        return []
+    from kdiqa_edge.train.plots import _pyplot, _save
+
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_lambda, ax_corr) = plt.subplots(1, 3, figsize=(15, 4))
+    for name in ("loss", "soft", "hard"):
+        if name in history[0]:
+            ax_loss.plot(epochs, [row[name] for row in history], marker=".", label=name,
+                         linewidth=2 if name == "loss" else 1)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("training loss (weighted terms)")
+    ax_loss.legend()
+    steps = list(range(total_steps + 1))
+    ax_lambda.plot([s / steps_per_epoch for s in steps], [variant.lam(s, total_steps) for s in steps],
+                   label="lambda(t) per step")
+    ax_lambda.plot([e - 0.5 for e in epochs], [row.get("lambda", float("nan")) for row in history], "o",
+                   label="epoch mean (metrics.csv)")
+    ax_lambda.set_xlabel("epoch")
+    ax_lambda.set_ylim(-0.05, 1.05)
+    ax_lambda.set_title(f"lambda: soft weight ({variant.spec})")
+    ax_lambda.legend()
+    for name in ("plcc", "srcc"):
+        ax_corr.plot(epochs, [row[name] for row in history], marker=".", label=name.upper())
+    ax_corr.set_xlabel("epoch")
+    ax_corr.set_title(f"{history[0].get('eval_split', 'eval')} correlation")
+    ax_corr.legend()
+    ax_corr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = _save(fig, Path(run_dir) / "plots" / "distill.png")
+    plt.close(fig)
+    return [path]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _barrier(ctx) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _main_first(ctx):
+    """Rank 0 builds a cache first; the others then open it (no two processes write the same files)."""
+    if ctx.enabled and not ctx.is_main:
+        _barrier(ctx)
+    yield
+    if ctx.enabled and ctx.is_main:
+        _barrier(ctx)
+
+
+def _check_resume(run_dir: Path, cfg: DistillConfig) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+    saved = config_lib.load_file(saved_path)
+    current = config_lib.to_dict(cfg)
+    changed = sorted(k for k in current if k not in VOLATILE and k in saved and saved[k] != current[k])
+    if changed:
+        raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(changed)})")
+
+
+def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | Path | None = None,
+                resume: bool = False, log=None) -> dict[str, Any]:
+    """Distil a student (fine-tuning the teacher first if needed); returns summary.json's content."""
+    import torch
+
+    from kdiqa_edge.data import prepare
+    from kdiqa_edge.models.checkpoint import load_checkpoint
+    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.train.engine import TrainConfig, Trainer, init_distributed
+    from kdiqa_edge.train.features import feature_cache_path, teacher_features
+    from kdiqa_edge.train.finetune import dataset_spec
+    from kdiqa_edge.train.losses import DistillLoss
+
+    variant: Variant = parse_variant(cfg.variant)
+    cfg = dataclasses.replace(cfg, variant=variant.spec)
+    train_cfg = TrainConfig.from_any(cfg).check()
+    data = dataset_spec(cfg, data)
+    cfg = dataclasses.replace(cfg, dataset=data.to_dict())
+    run_dir = Path(out) if out else default_run_dir(cfg, data)
+    if resume:
+        _check_resume(run_dir, cfg)
+
+    # One process group for both stages (the engine leaves a group it did not create alone).
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ctx, device = init_distributed(cfg.device)
+    say = (log or print) if ctx.is_main else (lambda *_: None)
+    trainer = None
+    try:
+        # -- setup: teacher, data, teacher features, student
+        teacher = teacher_dir = None
+        if variant.uses_teacher_head:
+            teacher_dir = Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else ensure_teacher(cfg, data, ctx, say)
+            teacher = load_checkpoint(teacher_dir)
+            if teacher.kind != "teacher":
+                raise ConfigError(f"--teacher-checkpoint {teacher_dir} holds a {teacher.kind}, not a teacher")
+            teacher_dir = teacher.checkpoint_dir
+        preprocess = student_preprocess(cfg, teacher)
+        with _main_first(ctx):
+            cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                                   test_fraction=cfg.test_fraction, split_by=cfg.split_by,
+                                   progress=cfg.progress and ctx.is_main)
+        if teacher_dir is not None:
+            check_teacher_split(teacher_dir, split)
+        extras = {}
+        if variant.uses_teacher_features:
+            with _main_first(ctx):
+                extras["teacher_features"] = teacher_features(
+                    teacher_dir, cache, device=str(device), batch_size=cfg.eval_batch_size,
+                    progress=cfg.progress and ctx.is_main)
+        torch.manual_seed(cfg.seed)  # the student's random init (projection, or the whole encoder)
+        student = create_student(cfg.student, teacher.head if teacher is not None else None, preprocess,
+                                 pretrained=cfg.pretrained, weights=cfg.student_weights)
+        meta = {
+            "stage": "distill", "label": f"{student.label} <- {teacher.label if teacher else 'no teacher'} "
+            f"({variant.spec})", "student": student.label, "variant": variant.spec,
+            "teacher": teacher.label if teacher is not None else None,
+            "teacher_checkpoint": str(teacher_dir) if teacher_dir else None,
+            "teacher_content_hash": teacher.meta["content_hash"] if teacher is not None else None,
+            "dataset": data.to_dict(), "image_cache": cache.key,
+        }
+        trainer = Trainer(student, DistillLoss(variant), cache, split, train_cfg, run_dir, extras=extras,
+                          scalars_fn=lambda step, total: {"lambda": variant.lam(step, total)},
+                          extra_meta=meta, resume=resume)
+        trainer.setup()
+        if ctx.is_main and not resume:
+            config_lib.save(cfg, run_dir / "config.yaml")
+
+        # -- train
+        started = time.perf_counter()
+        summary = trainer.train()
+        summary["wall_seconds"] = time.perf_counter() - started
+
+        # -- save: model facts, plots, summary
+        if ctx.is_main:
+            summary.update(_facts(student, teacher, preprocess))
+            if "teacher_features" in extras:
+                summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
+            summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
+            summary["run_dir"] = str(run_dir)
+            summary["plots"] = [str(p) for p in write_distill_plots(run_dir, trainer.history, variant,
+                                                                     trainer.total_steps, trainer.steps_per_epoch,
+                                                                     meta["label"])]
+            write_json(run_dir / "summary.json", summary)
+        _barrier(ctx)
+        summary["run_dir"] = str(run_dir)
+        return summary
+    finally:
+        if ctx.enabled and owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _facts(student, teacher, preprocess: PreprocessSpec) -> dict[str, Any]:
+    facts = {"student_facts": model_facts(student, preprocess)}
+    if teacher is not None:
+        facts["teacher_facts"] = model_facts(teacher, teacher.preprocess)
+        facts["compression"] = {
+            "params": _ratio(facts["teacher_facts"]["params"], facts["student_facts"]["params"]),
+            "flops": _ratio(facts["teacher_facts"]["flops"], facts["student_facts"]["flops"]),
+        }
+    return facts
