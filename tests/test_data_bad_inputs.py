@@ -177,3 +177,16 @@ def test_synth_refuses_to_overwrite_a_folder_that_is_not_a_synthetic_set(tmp_pat
         main(["data", "synth", str(tmp_path), "--refs", "1"])
     assert exit_info.value.code == ConfigError.exit_code
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_info_still_reports_a_dataset_too_small_to_split(tmp_path, capsys):
+    Image.new("RGB", (300, 300), (9, 9, 9)).save(tmp_path / "only.jpg")
+    _write_scores(tmp_path / "scores.csv", [["only.jpg", 3.0], ["gone.jpg", 4.0]])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "info", "--dataset", "csv", "--root", str(tmp_path)])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "split       none: need at least 2 images" in out and "gone.jpg: file not found" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "index", "--dataset", "csv", "--root", str(tmp_path), "--out", str(tmp_path / "i.csv")])
+    assert exit_info.value.code == DataError.exit_code

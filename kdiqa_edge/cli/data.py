@@ -12,6 +12,7 @@ import typer
 
 from kdiqa_edge.cli.options import dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import DataError
 
 data_app = typer.Typer(
     help="Dataset tools: a normalized index, a summary, the built-in synthetic set.",
@@ -79,8 +80,14 @@ def info_command(
 
     Example: kdiqa-edge data info --dataset live --root ~/data/databaserelease2 --json
     """
-    dataset, split = _load(data, seed, val_fraction, test_fraction, split_by, decode)
+    try:
+        dataset, split = _load(data, seed, val_fraction, test_fraction, split_by, decode)
+        split_problem = None
+    except _SplitFailed as failed:  # still worth a summary: say why there is no split
+        dataset, split, split_problem = failed.dataset, None, str(failed.__cause__)
     info = dataset_info(dataset, split)
+    if split_problem:
+        info["split"] = {"error": split_problem}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -90,7 +97,8 @@ def info_command(
                f"{info['raw_range'][1]:g}, {info['direction']})")
     typer.echo(f"mos (1..5)  {info['mos_min']:.3f} .. {info['mos_max']:.3f}, mean {info['mos_mean']:.3f}")
     typer.echo(f"references  {info['refs']}")
-    typer.echo(f"split       {_sizes(split)} (by {split.by}, seed {split.seed})")
+    typer.echo(f"split       {_sizes(split)} (by {split.by}, seed {split.seed})" if split else
+               f"split       none: {split_problem}")
     typer.echo(f"skipped     {_summary(dataset.skipped)}")
     for skip in dataset.skipped[:10]:
         typer.echo(f"  {skip.image}: {skip.reason}")
@@ -121,8 +129,22 @@ def _load(data: DatasetSpec, seed: int, val_fraction: float, test_fraction: floa
     dataset = load_dataset(data)
     if decode:
         dataset = ImageCache.build(dataset, strict=data.strict).dataset
-    split = make_split(dataset, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction, by=split_by)
+    try:
+        split = make_split(dataset, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction, by=split_by)
+    except DataError as exc:
+        raise _SplitFailed(dataset) from exc
     return dataset, split
+
+
+class _SplitFailed(DataError):
+    """The dataset loaded but cannot be split as asked (`info` still reports it; `index` fails)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        super().__init__("")
+
+    def __str__(self) -> str:
+        return str(self.__cause__)
 
 
 def dataset_info(dataset, split) -> dict:
@@ -138,7 +160,8 @@ def dataset_info(dataset, split) -> dict:
         "raw_range": list(dataset.raw_range), "raw_min": float(raw.min()), "raw_max": float(raw.max()),
         "direction": "lower is better (DMOS)" if dataset.lower_better else "higher is better",
         "mos_min": float(mos.min()), "mos_max": float(mos.max()), "mos_mean": float(mos.mean()),
-        "refs": len(dataset.refs), "split": {**split.sizes(), "by": split.by, "seed": split.seed},
+        "refs": len(dataset.refs),
+        "split": {**split.sizes(), "by": split.by, "seed": split.seed} if split is not None else None,
         "skipped": len(dataset.skipped), "skipped_reasons": reasons,
         "skipped_files": [[s.image, s.reason] for s in dataset.skipped],
     }
