@@ -140,7 +140,7 @@ def test_backend_chosen_by_artifact_kind(tmp_path, onnx_dir):
 def test_execution_providers_explicit_or_best_available():
     available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert resolve_providers(None, available) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert resolve_providers("tensorrt", available)[0] == "TensorrtExecutionProvider"
+    assert resolve_providers("tensorrt", available) == available  # TensorRT, then CUDA, then CPU per node
     assert resolve_providers("cpu", available) == ["CPUExecutionProvider"]
     with pytest.raises(ConfigError, match="not available"):
         resolve_providers("coreml", available)

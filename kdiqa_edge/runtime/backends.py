@@ -90,7 +90,9 @@ def resolve_providers(provider: Optional[str], available: list[str]) -> list[str
     if full not in available:
         raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime "
                           f"(available: {', '.join(available)})")
-    return [full] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
+    # TensorRT falls back per node to CUDA where CUDA is there, then to the CPU
+    fallback = [p for p in ("CUDAExecutionProvider",) if full == "TensorrtExecutionProvider" and p in available]
+    return [full, *fallback] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
 
 
 @BACKENDS.register("onnx")
