@@ -6,9 +6,10 @@ can export, benched against their PyTorch checkpoints; writes benchmarks/results
 Weights are random init (no pretrained weights can be downloaded here; pass --pretrained where the timm and
 open_clip caches hold them): latency, size, parameter counts and the drift each format costs are real,
 accuracy is that of an untrained model and says nothing about the method. The eval set is the synthetic
-dataset unless --dataset/--root name another. TensorRT engines are built only where tensorrt imports
-(elsewhere the export writes the TensorRT-ready ONNX and trtexec.sh, listed in the notes); CoreML packages
-convert on Linux and run on macOS only, so off macOS their rows say so.
+dataset unless --dataset/--root name another. Default formats are those this machine can export and run:
+ONNX FP32 and INT8 everywhere, ONNX FP16 with a CUDA execution provider, TensorRT FP16/INT8 engines where
+tensorrt imports (`--formats tensorrt:fp16` elsewhere writes the TensorRT-ready ONNX and trtexec.sh, listed
+in the notes), and CoreML FP16, which converts on Linux but runs on macOS only, so off macOS its row says so.
 """
 
 from __future__ import annotations
@@ -24,7 +25,21 @@ sys.path.insert(0, str(ROOT))
 
 TEACHER = "ViT-B-32"
 STUDENTS = ("swin_tiny_patch4_window7_224", "resnet18", "mobilevit_s", "efficientnet_b0")
-FORMATS = (("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"), ("coreml", "fp16"), ("tensorrt", "fp16"))
+
+
+def default_formats() -> list[tuple[str, str]]:
+    """What this machine can export AND run: FP16 ONNX and TensorRT only with a GPU runtime (FP16 on a CPU
+    execution provider is emulated and slow); CoreML converts anywhere, and its row says where it runs."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    formats = [("onnx", "fp32"), ("onnx", "int8")]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        formats.append(("onnx", "fp16"))
+    if importlib.util.find_spec("tensorrt") is not None:
+        formats += [("tensorrt", "fp16"), ("tensorrt", "int8")]
+    return formats + [("coreml", "fp16")]
 
 
 def build_teacher(pretrained: bool):
@@ -107,8 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--formats", nargs="+", default=[f"{t}:{p}" for t, p in FORMATS],
-                        help="target:precision pairs, e.g. onnx:fp32 onnx:int8")
+    parser.add_argument("--formats", nargs="+", default=None,
+                        help="target:precision pairs, e.g. onnx:fp32 onnx:int8 (default: what this machine runs)")
     parser.add_argument("--runtime-figures", type=Path, default=None,
                         help="A markdown file from bench_runtime.py to append to the results.")
     parser.add_argument("--out", type=Path, default=None, help="Results markdown (default results/<machine>.md).")
@@ -125,7 +140,7 @@ def main(argv=None) -> int:
     log = lambda message: print(message, flush=True)  # noqa: E731
     work = args.work or paths.cache_dir() / "bench-suite"
     data = DatasetSpec.from_cli(dataset=args.dataset, root=args.root)
-    formats = [tuple(f.split(":")) for f in args.formats]
+    formats = [tuple(f.split(":")) for f in args.formats] if args.formats else default_formats()
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(args.batch_sizes), threads=args.threads, warmup=args.warmup,
                       runs=args.runs, max_images=args.max_images)
     out = args.out or ROOT / "benchmarks" / "results" / f"{machine_slug()}.md"
