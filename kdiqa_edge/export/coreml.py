@@ -1,4 +1,4 @@
-"""The `coreml` target: an ML Program `.mlpackage` (iPhone, Mac) from the traced score model.
+"""The `coreml` target: an ML Program `.mlpackage` (iPhone, Mac) from the traced (torch.export) score model.
 
 The input is an `ImageType` (RGB, scale 1/255). ImageType takes one scalar scale, so CLIP's per-channel
 mean/std is folded into the network (one Mul, one Add). Compute is FP16 (FP32 on request); `int8` is 8-bit
@@ -42,15 +42,20 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any]):
 
     wrapped = _image_model(model, cfg)
     size = model.preprocess.size
-    example = torch.rand(1, 3, size, size)
-    with torch.no_grad(), warnings.catch_warnings():
+    batch_dim = torch.export.Dim("batch", min=1, max=max(cfg.max_batch, 2))
+    from kdiqa_edge.models.score import plain_attention
+
+    # torch.export traces the model (coremltools converts its ExportedProgram): jit.trace graphs of
+    # open_clip's ViT hit coremltools 9's `int` cast bug under torch 2.14
+    with torch.no_grad(), warnings.catch_warnings(), plain_attention():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapped, example)
+        traced = torch.export.export(wrapped, (torch.rand(2, 3, size, size),),
+                                     dynamic_shapes=({0: batch_dim},)).run_decompositions({})
     try:
         target = getattr(ct.target, cfg.coreml_target)
     except AttributeError:
         raise ConfigError(f"unknown CoreML deployment target {cfg.coreml_target!r} (e.g. iOS16, macOS13)") from None
-    batch = ct.RangeDim(lower_bound=1, upper_bound=cfg.max_batch, default=1)
+    batch = ct.RangeDim(lower_bound=1, upper_bound=max(cfg.max_batch, 2), default=1)
     outputs = [ct.TensorType(name="score")] + ([ct.TensorType(name="probs")] if cfg.with_probs else [])
     mlmodel = ct.convert(
         traced,

@@ -37,17 +37,15 @@ def export_fp32(scored, path: Path, opset: int) -> Path:
     names = scored.output_names
     dynamic = {name: {0: "batch"} for name in ["image", *names]}
     raw = path.with_suffix(".raw.onnx")
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    # nn.MultiheadAttention's fused inference kernel has no ONNX export: trace the plain ops instead
-    torch.backends.mha.set_fastpath_enabled(False)
-    with warnings.catch_warnings(), torch.no_grad():
+    from kdiqa_edge.models.score import plain_attention
+
+    with warnings.catch_warnings(), torch.no_grad(), plain_attention():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: deterministic, fast, and it names nodes by module scope (/head/...),
         # which is how the head is kept in float when quantizing.
         torch.onnx.export(scored, (scored.example_input(2),), str(raw), dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=names, dynamic_axes=dynamic,
                           do_constant_folding=True)
-    torch.backends.mha.set_fastpath_enabled(fastpath)
     graph = onnxslim.slim(onnx.load(str(raw)))
     raw.unlink()
     graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
@@ -153,7 +151,7 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
                               f"{result.parity['max_abs_diff']:.2e} > {tolerance[cfg.precision]:.0e}")
         if cfg.precision != "fp32":
             result.drift = drift_report(fp32, final, examples, scored, cfg)
-            result.notes.extend(drift_notes(result.drift, cfg.precision, final.name))
+            result.notes.extend(drift_notes(result.drift, cfg.precision, final.name, form))
     return result
 
 
@@ -174,14 +172,17 @@ def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: Exp
     return report
 
 
-def drift_notes(report: dict[str, Any], precision: str, name: str) -> list[str]:
+def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) -> list[str]:
     fp32_ms = report["latency"]["fp32"]["p50_ms"]
     low_ms = report["latency"][precision]["p50_ms"]
     notes = [f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
              f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on "
              f"{report['images']} test images; ONNX Runtime CPU batch 1: {precision.upper()} {low_ms:.2f} ms, "
              f"FP32 {fp32_ms:.2f} ms"]
-    if low_ms > fp32_ms:
+    if form == "s8s8" and precision == "int8":
+        notes.append(f"{name}: these latencies are the TensorRT Q/DQ form under ONNX Runtime on this CPU, "
+                     "not the engine's speed: bench the engine on the device")
+    elif low_ms > fp32_ms:
         notes.append(f"{name}: {precision.upper()} is SLOWER than FP32 on this machine "
                      f"({low_ms:.2f} ms vs {fp32_ms:.2f} ms): ship the FP32 model for ONNX Runtime here")
     return notes

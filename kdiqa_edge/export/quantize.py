@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -54,7 +56,8 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs per-tensor chatter on the root logger
-    with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch:
+    # the entropy/percentile calibrators print progress to stdout: keep it off the command's output
+    with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, contextlib.redirect_stdout(io.StringIO()):
         pre = Path(scratch) / "pre.onnx"
         # shape inference + graph clean-up first, as ONNX Runtime recommends before static quantization
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -67,7 +70,8 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
             nodes_to_exclude=list(keep_float or []),
             calibrate_method=methods[method],
             calibration_providers=["CPUExecutionProvider"],
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            # TensorRT's DequantizeLinear takes int8 only: biases stay float there (it fuses them itself)
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric},
         )
     root.setLevel(level)
     if symmetric:

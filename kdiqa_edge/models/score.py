@@ -10,6 +10,7 @@ sum, not a matmul with a 1-D operand, because coremltools rejects the latter.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -80,6 +81,17 @@ def reparameterized(model: nn.Module) -> nn.Module:
 
     model = copy.deepcopy(model).eval()
     return reparameterize_model(model, inplace=True)
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """Trace nn.MultiheadAttention as plain ops: its fused inference kernel exports to neither ONNX nor CoreML."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 class ScoreModel(nn.Module):

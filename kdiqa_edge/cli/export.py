@@ -1,0 +1,96 @@
+"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|all --precision fp32|fp16|int8 --out DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.data.spec import DatasetSpec
+
+EXPORT_PANEL = "Export"
+
+
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint dir (model.json + model.safetensors) or run dir.")],
+    data: DatasetSpec,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per target-precision, "
+                                                          "manifest.json).")] = Path("exports"),
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="onnx, tensorrt, coreml or all "
+                                                  "[default: onnx]", rich_help_panel=EXPORT_PANEL)] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", "-p", help="fp32, fp16 or int8 [default: fp32]",
+                                                     rich_help_panel=EXPORT_PANEL)] = None,
+    input_kind: Annotated[Optional[str], typer.Option(
+        "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph "
+                        "[default: float]", rich_help_panel=EXPORT_PANEL)] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="NCHW or NHWC (uint8 input only) "
+                                                  "[default: NCHW]", rich_help_panel=EXPORT_PANEL)] = None,
+    probs: Annotated[Optional[bool], typer.Option("--probs/--no-probs", help="Add the `probs` [N, 5] output.",
+                                                  rich_help_panel=EXPORT_PANEL)] = None,
+    calib: Annotated[Optional[int], typer.Option("--calib", min=1, help="INT8 calibration images from the TRAIN "
+                                                 "split [default: 256]", rich_help_panel=EXPORT_PANEL)] = None,
+    calib_method: Annotated[Optional[str], typer.Option("--calib-method", help="minmax, entropy or percentile "
+                                                        "[default: minmax]", rich_help_panel=EXPORT_PANEL)] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Largest batch (TensorRT profile "
+                                                     "max, CoreML range) [default: 8]",
+                                                     rich_help_panel=EXPORT_PANEL)] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 17..20 [default: 17]",
+                                                 rich_help_panel=EXPORT_PANEL)] = None,
+    tensorrt_version: Annotated[Optional[str], typer.Option(
+        "--tensorrt-version", help="TensorRT the op check targets [default: 10.3, JetPack 6]",
+        rich_help_panel=EXPORT_PANEL)] = None,
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="A target profile (export/<name>.yaml); "
+                                                    "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-export even when the manifest says up to date.")] = False,
+) -> None:
+    """Export a checkpoint's score model (folded text anchors, no text tower) with parity and drift checks.
+
+    Examples:
+
+      kdiqa-edge export runs/distill --target onnx --precision int8 --out exports/
+
+      kdiqa-edge export runs/distill --profile export/jetson-orin-tensorrt-int8.yaml --out exports/
+
+      kdiqa-edge export runs/distill --target all --precision fp16 --input uint8 --out exports/
+    """
+    from kdiqa_edge.config import resolve
+    from kdiqa_edge.export import ExportConfig, export_checkpoint
+    from kdiqa_edge.errors import TensorRTUnavailable
+
+    cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
+                  with_probs=probs, calib=calib, calib_method=calib_method, max_batch=max_batch, opset=opset,
+                  tensorrt_version=tensorrt_version)
+    try:
+        manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log)
+    except TensorRTUnavailable:
+        _summary(out)
+        raise
+    _summary(out, manifest)
+
+
+def _log(message: str) -> None:
+    typer.secho(message, err=True)
+
+
+def _summary(out: Path, manifest: dict | None = None) -> None:
+    """One line per export of this run's manifest, then its notes (drift, latency, slower INT8, trtexec)."""
+    from kdiqa_edge.export.pipeline import read_manifest
+
+    manifest = manifest or read_manifest(out)
+    for label, entry in manifest.get("exports", {}).items():
+        parity = entry.get("parity") or {}
+        check = ("parity skipped" if parity.get("skipped") else
+                 f"max |diff| vs torch {parity['max_abs_diff']:.1e}" if "max_abs_diff" in parity else "")
+        files = ", ".join(f["path"] for f in entry["files"])
+        typer.echo(f"{label:16s} {check:32s} {files}")
+        for note in entry.get("notes", []):
+            typer.echo(f"  {note}")
+        if entry.get("unavailable"):
+            typer.secho(f"  {entry['unavailable']}", fg="yellow")
+    typer.echo(f"manifest: {out / 'manifest.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export", no_args_is_help=True)(dataset_options(export_command))

@@ -1,0 +1,269 @@
+"""Exporters on tiny random-init checkpoints (tiny open_clip teacher, test_resnet students) and synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("open_clip")
+
+from kdiqa_edge.data.spec import DatasetSpec  # noqa: E402
+from kdiqa_edge.errors import ConfigError, ExportError, TensorRTUnavailable  # noqa: E402
+from kdiqa_edge.export import ExportConfig, export_checkpoint  # noqa: E402
+from kdiqa_edge.export.quantize import asymmetric_qdq_nodes  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tensorrt_missing() -> bool:
+    from kdiqa_edge.export.tensorrt import tensorrt_available
+
+    return tensorrt_available() is not None
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> DatasetSpec:
+    from kdiqa_edge.data.synthetic import generate
+
+    root = generate(tmp_path_factory.mktemp("synthetic") / "set", refs=3)
+    return DatasetSpec(name="synthetic", root=root)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from kdiqa_edge.models import save_checkpoint
+    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.models.teacher import load_teacher
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    teacher = load_teacher("tiny")
+    torch.manual_seed(0)
+    student = create_student("test_resnet", teacher.head, teacher.preprocess, pretrained=False)
+    regression = create_student("test_resnet", None, teacher.preprocess, pretrained=False)
+    return {name: save_checkpoint(model, root / name)
+            for name, model in (("teacher", teacher), ("student", student), ("regression", regression))}
+
+
+@pytest.fixture(scope="module")
+def fp32_exports(tmp_path_factory, checkpoints, data) -> dict[str, Path]:
+    """FP32 ONNX of each checkpoint (float input), plus the student with uint8 input."""
+    out = {}
+    for name in ("teacher", "student", "regression"):
+        folder = tmp_path_factory.mktemp(f"fp32-{name}")
+        export_checkpoint(checkpoints[name], ExportConfig(parity_images=8), folder, data=data, progress=False,
+                          log=lambda _: None)
+        out[name] = folder
+    folder = tmp_path_factory.mktemp("fp32-student-uint8")
+    export_checkpoint(checkpoints["student"], ExportConfig(input="uint8", parity_images=8), folder, data=data,
+                      progress=False, log=lambda _: None)
+    out["student-uint8"] = folder
+    return out
+
+
+def _images(data: DatasetSpec, size: int = 64, count: int = 6) -> np.ndarray:
+    from kdiqa_edge.data import prepare
+    from kdiqa_edge.preprocess import PreprocessSpec
+
+    cache, split = prepare(data, PreprocessSpec(size=size), progress=False)
+    return np.asarray(cache.images[split.test[:count]])
+
+
+def _torch_scores(checkpoint: Path, images: np.ndarray) -> np.ndarray:
+    from kdiqa_edge.models import load_checkpoint
+    from kdiqa_edge.preprocess import normalize
+
+    model = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        return model(torch.from_numpy(normalize(images, model.preprocess))).numpy()
+
+
+@pytest.mark.parametrize("name", ["teacher", "student", "regression"])
+def test_fp32_onnx_parity(name, fp32_exports, checkpoints, data):
+    folder = fp32_exports[name]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["exports"]["onnx-fp32"]
+    assert entry["parity"]["passed"] and entry["parity"]["max_abs_diff"] <= 1e-4
+    assert entry["parity"]["images"] == 8
+    # the torch-free runtime reads the artifact's own metadata and gets the torch scores back, batch 1 and 5
+    from kdiqa_edge.runtime import QualityModel
+
+    images = _images(data)
+    expected = _torch_scores(checkpoints[name], images)
+    quality_model = QualityModel.load(folder / "onnx-fp32" / "model.fp32.onnx")
+    np.testing.assert_allclose(quality_model.predict(images, batch_size=5), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(quality_model.predict(images[:1], batch_size=1), expected[:1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_onnx_graph_is_image_to_score(name, fp32_exports, checkpoints):
+    from kdiqa_edge import artifact
+
+    graph = onnx.load(str(fp32_exports[name] / "onnx-fp32" / "model.fp32.onnx"))
+    onnx.checker.check_model(graph, full_check=True)
+    assert [i.name for i in graph.graph.input] == ["image"]
+    assert [o.name for o in graph.graph.output] == ["score"]
+    assert graph.ir_version <= 10
+    assert all(17 <= o.version <= 20 for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    # no text tower: no token embedding table (vocab 49408), no ArgMax over tokens, no integer inputs
+    shapes = [tuple(t.dims) for t in graph.graph.initializer]
+    assert not any(49408 in s for s in shapes)
+    assert "ArgMax" not in {n.op_type for n in graph.graph.node}
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    meta = artifact.decode({p.key: p.value for p in graph.metadata_props})
+    checkpoint_meta = json.loads((checkpoints[name] / "model.json").read_text())
+    assert meta["source"]["checkpoint_hash"] == checkpoint_meta["content_hash"]
+    assert meta["prompts"] == checkpoint_meta["prompts"] and meta["score_range"] == [1, 5]
+    assert meta["preprocess"]["size"] == 64 and meta["precision"] == "fp32" and meta["target"] == "onnx"
+    assert "onnx" in meta["versions"] and "torch" in meta["versions"]
+
+
+def test_uint8_input_equals_float_input(fp32_exports, data):
+    from kdiqa_edge.export.evaluate import predict, session
+    from kdiqa_edge.preprocess import PreprocessSpec, normalize
+
+    images = _images(data)
+    float_path = fp32_exports["student"] / "onnx-fp32" / "model.fp32.onnx"
+    uint8_path = fp32_exports["student-uint8"] / "onnx-fp32" / "model.fp32.onnx"
+    graph = onnx.load(str(uint8_path))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    as_float = predict(session(float_path), normalize(images, PreprocessSpec(size=64)))
+    as_uint8 = predict(session(uint8_path), np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(as_uint8, as_float, atol=1e-4, rtol=0)
+
+
+def test_rerun_is_idempotent(fp32_exports, checkpoints, data):
+    folder = fp32_exports["student"]
+    onnx_file = folder / "onnx-fp32" / "model.fp32.onnx"
+    before = (onnx_file.stat().st_mtime_ns, json.loads((folder / "manifest.json").read_text())["exports"])
+    logged = []
+    export_checkpoint(checkpoints["student"], ExportConfig(parity_images=8), folder, data=data, progress=False,
+                      log=logged.append)
+    assert any("up to date" in line for line in logged)
+    assert (onnx_file.stat().st_mtime_ns, json.loads((folder / "manifest.json").read_text())["exports"]) == before
+
+
+def test_manifest_lists_every_file_with_sha256(fp32_exports):
+    from kdiqa_edge.io import sha256_file
+
+    folder = fp32_exports["student-uint8"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["exports"]["onnx-fp32"]
+    assert entry["input"] == {"name": "image", "dtype": "uint8", "layout": "NCHW", "size": 64, "normalized": False}
+    assert manifest["preprocess"]["size"] == 64 and manifest["versions"]["onnxruntime"]
+    for file in entry["files"]:
+        assert sha256_file(folder / file["path"]) == file["sha256"]
+
+
+# --- TensorRT: op check and the missing-tensorrt path ---------------------------------------------------
+
+
+def _graph(op_type: str, domain: str = "", opset: int = 17):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op_type, ["image"], ["score"], domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 4])])
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_tensorrt_op_check_flags_unsupported_ops():
+    from kdiqa_edge.export.tensorrt import check_ops
+
+    assert check_ops(_graph("Relu"), "10.3").ok
+    unique = check_ops(_graph("Unique"), "10.3")
+    assert not unique.ok and "Unique" in unique.problems[0] and unique.ops == {"Unique": 1}
+    assert not check_ops(_graph("Gelu", domain="com.microsoft"), "10.3").ok  # custom domain
+    assert not check_ops(_graph("RMSNormalization"), "10.3").ok  # added in TensorRT 10.15
+    assert check_ops(_graph("RMSNormalization"), "10.15").ok
+    assert not check_ops(_graph("Relu", opset=22), "10.3").ok  # opset newer than 10.3 parses
+    with pytest.raises(ConfigError):
+        check_ops(_graph("Relu"), "8.6")
+
+
+def test_unsupported_op_fails_the_export_and_leaves_nothing(monkeypatch, tmp_path, checkpoints, data):
+    from kdiqa_edge.export import tensorrt
+
+    monkeypatch.setattr(tensorrt, "supported_ops", lambda version: tensorrt._TRT10_OPS - {"Conv"})
+    with pytest.raises(ExportError, match="Conv x"):
+        export_checkpoint(checkpoints["student"], ExportConfig(target="tensorrt", parity_images=4), tmp_path / "out",
+                          data=data, progress=False, log=lambda _: None)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_trtexec_command():
+    from kdiqa_edge.export.tensorrt import trtexec_command
+
+    cfg = ExportConfig(max_batch=16, opt_batch=4, workspace_mib=512)
+    line = trtexec_command(Path("m.onnx"), Path("m.engine"), (1, 3, 224, 224), cfg, Path("timing.cache"))
+    assert line == ("trtexec --onnx=m.onnx --saveEngine=m.engine --stronglyTyped --minShapes=image:1x3x224x224 "
+                    "--optShapes=image:4x3x224x224 --maxShapes=image:16x3x224x224 --memPoolSize=workspace:512M "
+                    "--timingCacheFile=timing.cache")
+
+
+# --- bad input through the real CLI: one line, non-zero exit, no partial artifact ------------------------
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from kdiqa_edge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "target", "precision", "calib"])
+def test_bad_input_is_one_line(case, tmp_path, checkpoints, capsys):
+    checkpoint = str(checkpoints["student"])
+    args = {
+        "missing": [str(tmp_path / "nope")],
+        "foreign": [str(tmp_path / "foreign")],
+        "target": [checkpoint, "--target", "tflite"],
+        "precision": [checkpoint, "--precision", "int4"],
+        "calib": [checkpoint, "--precision", "int8", "--profile", str(tmp_path / "p.yaml")],
+    }[case]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "model.json").write_text('{"format": "someone-else/3"}')
+    (tmp_path / "p.yaml").write_text("calib: 0\n")
+    code, _, err = _cli(["export", *args, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert {"missing": "not found", "foreign": "not a kdiqa-edge checkpoint", "target": "unknown export target",
+            "precision": "unknown precision", "calib": "calibration"}[case] in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# --- CoreML ---------------------------------------------------------------------------------------------
+
+
+def test_coreml_mlpackage_from_profile(tmp_path, checkpoints, data, capsys):
+    pytest.importorskip("coremltools")
+    from kdiqa_edge.export.coreml import describe
+
+    code, out, _ = _cli(["export", str(checkpoints["student"]), "--profile", str(REPO / "export" / "iphone-coreml-fp16.yaml"),
+                         "--out", str(tmp_path), "--root", str(data.root)], capsys)
+    assert code == 0, out
+    package = tmp_path / "coreml-fp16" / "model.fp16.mlpackage"
+    info = describe(package)
+    assert info["program"] == "mlProgram"
+    assert info["inputs"] == {"image": "imageType"} and info["outputs"] == ["score"]
+    assert json.loads(info["metadata"]["kdiqa_edge.input"])["dtype"] == "uint8"
+    assert json.loads(info["metadata"]["kdiqa_edge.preprocess"])["size"] == 64
+    assert info["metadata"]["kdiqa_edge.precision"] == "fp16" and info["metadata"]["kdiqa_edge.target"] == "coreml"
+    entry = json.loads((tmp_path / "manifest.json").read_text())["exports"]["coreml-fp16"]
+    assert "macOS" in entry["parity"]["skipped"]
+
+
+@pytest.mark.skipif(__import__("sys").platform != "darwin", reason="CoreML predictions run on macOS only")
+def test_coreml_predictions_match_torch(tmp_path, checkpoints, data):
+    manifest = export_checkpoint(checkpoints["student"], ExportConfig(target="coreml", precision="fp16"), tmp_path,
+                                 data=data, progress=False, log=lambda _: None)
+    assert manifest["exports"]["coreml-fp16"]["parity"]["passed"]
