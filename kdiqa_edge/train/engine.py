@@ -137,6 +137,16 @@ def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.devi
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
+@contextlib.contextmanager
+def main_process_first(ctx: DistContext):
+    """Rank 0 runs the block first (building a cache); the others run it after (opening what rank 0 built)."""
+    if ctx.enabled and not ctx.is_main:
+        _barrier(ctx)
+    yield
+    if ctx.enabled and ctx.is_main:
+        _barrier(ctx)
+
+
 def _barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         import torch.distributed as dist
@@ -206,16 +216,20 @@ class BatchLoader:
         self.prefetch = prefetch
 
     def gather(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = {
-            "image": torch.from_numpy(np.ascontiguousarray(self.images[idx])),
-            "mos": torch.from_numpy(self.mos[idx]),
-            "index": torch.from_numpy(np.asarray(idx, dtype=np.int64)),
-        }
+        batch = {"image": self._take(self.images, idx), "mos": self._take(self.mos, idx),
+                 "index": torch.from_numpy(np.asarray(idx, dtype=np.int64))}
         for name, array in self.extras.items():
-            batch[name] = torch.from_numpy(np.ascontiguousarray(array[idx]))
-        if self.pin_memory:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
+            batch[name] = self._take(array, idx)
         return batch
+
+    def _take(self, array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        if not self.pin_memory:
+            return torch.from_numpy(np.ascontiguousarray(array[idx]))
+        # Gather straight into page-locked memory (one copy, not two); torch's caching host allocator
+        # keeps the buffer alive until the asynchronous host->device copy has used it.
+        out = torch.empty((len(idx), *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+        np.take(array, idx, axis=0, out=out.numpy(), mode="clip")  # "raise" would buffer `out`
+        return out
 
     def __call__(self, batches: Sequence[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
         if len(batches) <= 1 or self.prefetch <= 0:

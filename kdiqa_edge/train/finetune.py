@@ -96,7 +96,7 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
     """Fine-tune the teacher's image encoder; returns summary.json's content. The run dir layout is in
     docs/ARCHITECTURE.md."""
     from kdiqa_edge.models.teacher import load_teacher
-    from kdiqa_edge.train.engine import TrainConfig, Trainer
+    from kdiqa_edge.train.engine import TrainConfig, Trainer, init_distributed, main_process_first
 
     train_cfg = TrainConfig.from_any(cfg).check()
     data = dataset_spec(cfg, data)
@@ -104,14 +104,20 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
     if resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
 
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, tuple(cfg.templates))
-    freeze_all_but_image_encoder(teacher)
-    cache, split = prepare_teacher_data(cfg, data, teacher.preprocess, progress=cfg.progress)
+    import torch.distributed as dist
 
-    meta = {"label": teacher.label, "dataset": data.to_dict(), "image_cache": cache.key, "stage": "teacher-finetune"}
-    trainer = Trainer(teacher, finetune_loss, cache, split, train_cfg, run_dir, extra_meta=meta, resume=resume)
-    trainer.setup()
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    ctx, _ = init_distributed(cfg.device)  # torchrun: one group for the cache build and the training
+    trainer = None
     try:
+        with main_process_first(ctx):  # one process builds the weights and image caches, the others open them
+            teacher = load_teacher(cfg.teacher, cfg.teacher_weights, tuple(cfg.templates))
+            cache, split = prepare_teacher_data(cfg, data, teacher.preprocess, progress=cfg.progress and ctx.is_main)
+        freeze_all_but_image_encoder(teacher)
+        meta = {"label": teacher.label, "dataset": data.to_dict(), "image_cache": cache.key,
+                "stage": "teacher-finetune"}
+        trainer = Trainer(teacher, finetune_loss, cache, split, train_cfg, run_dir, extra_meta=meta, resume=resume)
+        trainer.setup()
         if trainer.ctx.is_main and not resume:
             saved = {**config_lib.to_dict(cfg), "dataset": data.to_dict()}
             from kdiqa_edge.io import write_text
@@ -138,7 +144,10 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         summary["run_dir"] = str(run_dir)
         return summary
     finally:
-        trainer.cleanup()
+        if trainer is not None:
+            trainer.cleanup()
+        if owns_group and ctx.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def zero_shot_before(trainer, cache, split, train_cfg) -> IQAMetrics | None:
