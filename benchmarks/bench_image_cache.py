@@ -98,6 +98,13 @@ def environment() -> dict[str, str]:
             "platform": platform.platform()}
 
 
+def _loaded(env: dict[str, str]) -> bool:
+    try:
+        return float(env["load average (1/5/15 min) at start"].split(",")[0]) > float(env["cores"])
+    except ValueError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="number of 1024x768 JPEGs")
@@ -141,6 +148,9 @@ def main() -> None:
         "(libjpeg's DCT-domain 1/2 downscale before the bicubic resize).",
         "All passes, images/s per core: draft " + ", ".join(f"{r[1]:.0f}" for r in draft_rates)
         + "; plain " + ", ".join(f"{r[1]:.0f}" for r in plain_rates) + ".",
+        *([f"The machine was shared while this ran (load average {env['load average (1/5/15 min) at start']} on "
+           f"{env['cores']} cores): wall-clock rates are lower bounds; CPU-time rates suffer less, but still "
+           "include cache and memory-bandwidth contention."] if _loaded(env) else []),
         "",
         "Environment:",
         "",
