@@ -121,10 +121,8 @@ def create_student(arch: str, head: QualityHead | None, preprocess: PreprocessSp
     """
     import timm
 
-    if not timm.is_model(arch.split(".")[0]):
-        raise ConfigError(f"unknown timm model {arch!r} for --student (e.g. {', '.join(PAPER_STUDENTS)})")
+    load_kwargs, source = check_student(arch, pretrained, weights)
     timm_kwargs = _size_kwargs(arch, preprocess.size)
-    load_kwargs, source = _pretrained_kwargs(arch, weights) if (pretrained or weights) else ({}, NOT_PRETRAINED)
     try:
         encoder = timm.create_model(arch, num_classes=0, exportable=True, **timm_kwargs, **load_kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
@@ -134,6 +132,20 @@ def create_student(arch: str, head: QualityHead | None, preprocess: PreprocessSp
     build = StudentBuild(arch, "quality" if head is not None else "regression", bool(load_kwargs), source,
                          timm_kwargs)
     return _assemble(encoder, head, preprocess, build)
+
+
+def check_student(arch: str, pretrained: bool = True, weights: str | Path | None = None) -> tuple[dict, str]:
+    """Fail fast, before any teacher work: an unknown timm name, or ImageNet weights that cannot be had.
+
+    Returns the timm.create_model arguments that load the weights, and a label of where they come from.
+    """
+    import timm
+
+    if not timm.is_model(arch.split(".")[0]):
+        raise ConfigError(f"unknown timm model {arch!r} for --student (e.g. {', '.join(PAPER_STUDENTS)})")
+    if not (pretrained or weights):
+        return {}, NOT_PRETRAINED
+    return _pretrained_kwargs(arch, weights)
 
 
 def _assemble(encoder: nn.Module, head: QualityHead | None, preprocess: PreprocessSpec,

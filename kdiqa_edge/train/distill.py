@@ -268,13 +268,14 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
 
     from kdiqa_edge.data import prepare
     from kdiqa_edge.models.checkpoint import load_checkpoint
-    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.models.student import check_student, create_student
     from kdiqa_edge.train.engine import TrainConfig, Trainer, init_distributed
     from kdiqa_edge.train.features import feature_cache_path, teacher_features
     from kdiqa_edge.train.finetune import dataset_spec
     from kdiqa_edge.train.losses import DistillLoss
 
     variant: Variant = parse_variant(cfg.variant)
+    check_student(cfg.student, cfg.pretrained, cfg.student_weights)  # fail before any teacher work
     cfg = dataclasses.replace(cfg, variant=variant.spec)
     train_cfg = TrainConfig.from_any(cfg).check()
     data = dataset_spec(cfg, data)

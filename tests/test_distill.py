@@ -1,0 +1,225 @@
+"""Distillation end to end on a small synthetic set: every variant, the one-command pipeline, resume, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("open_clip")
+
+from kdiqa_edge import paths  # noqa: E402
+from kdiqa_edge.data import DatasetSpec  # noqa: E402
+from kdiqa_edge.models import load_checkpoint  # noqa: E402
+from kdiqa_edge.models.checkpoint import content_hash  # noqa: E402
+from kdiqa_edge.models.head import QualityHead  # noqa: E402
+from kdiqa_edge.models.student import RegressionHead, Student, create_student  # noqa: E402
+from kdiqa_edge.train.distill import DistillConfig, ensure_teacher, run_distill  # noqa: E402
+from kdiqa_edge.train.engine import DistContext, Trainer  # noqa: E402
+from kdiqa_edge.train.schedules import parse_variant  # noqa: E402
+
+REFS = 4  # 4 references x 6 distortions x 5 levels = 120 images; split by reference: 90 train, 30 test
+
+
+def small_root():
+    from kdiqa_edge.data.synthetic import generate
+
+    root = paths.cache_dir() / f"synthetic-refs{REFS}"
+    if not (root / "scores.csv").is_file():
+        generate(root, refs=REFS)
+    return root
+
+
+def _cfg(**overrides) -> DistillConfig:
+    values = {"student": "test_efficientnet", "pretrained": False, "teacher": "tiny", "epochs": 1,
+              "batch_size": 32, "progress": False, **overrides}
+    return DistillConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DatasetSpec(name="synthetic", root=small_root())
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(data):
+    """The tiny teacher fine-tuned for one epoch on the small set, through distill's own teacher stage."""
+    return ensure_teacher(_cfg(), data, DistContext(), log=lambda *_: None)
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("variant", ["full", "soft", "hard", "fixed:0.3", "regression"])
+def test_each_variant_trains(variant, data, teacher_dir, tmp_path):
+    cfg = _cfg(variant=variant, teacher_checkpoint=str(teacher_dir))
+    summary = run_distill(cfg, data, tmp_path / "run", log=lambda *_: None)
+    spec = parse_variant(variant)
+
+    assert summary["variant"] == variant and summary["test"]["n"] == 30
+    assert all(math.isfinite(summary["test"][k]) for k in ("plcc", "srcc", "krcc", "rmse"))
+    student = load_checkpoint(tmp_path / "run")
+    assert isinstance(student, Student) and "not pretrained" in student.label
+    teacher = load_checkpoint(teacher_dir)
+    if variant == "regression":
+        assert isinstance(student.head, RegressionHead) and summary["teacher"] is None
+        assert "teacher_facts" not in summary
+    else:
+        assert isinstance(student.head, QualityHead)
+        assert torch.equal(student.head.anchors, teacher.head.anchors)  # the teacher's frozen head, unchanged
+        assert summary["teacher_facts"]["params"] == sum(p.numel() for p in teacher.parameters())
+    assert summary["student_facts"]["params"] == sum(p.numel() for p in student.parameters())
+    assert summary["student_facts"]["flops"] > 0
+
+    # It trained: the weights left their (seeded, reproducible) initialisation.
+    torch.manual_seed(cfg.seed)
+    init = create_student(cfg.student, None if variant == "regression" else teacher.head, student.preprocess,
+                          pretrained=False)
+    moved = sum(float((student.state_dict()[k] - v).abs().sum()) for k, v in init.state_dict().items()
+                if v.is_floating_point())
+    assert moved > 0
+
+    # lambda and the terms, as logged: the epoch mean of lambda(t) over its optimizer steps.
+    row = _rows(tmp_path / "run")[0]
+    steps, total = int(row["step"]), summary["steps"]
+    assert float(row["lambda"]) == pytest.approx(np.mean([spec.lam(s, total) for s in range(steps)]), abs=1e-5)
+    assert ("soft" in row) == spec.uses_teacher_features
+    assert float(row["loss"]) == pytest.approx(float(row["hard"]) + float(row.get("soft", 0.0)), rel=1e-4)
+    assert (tmp_path / "run" / "plots" / "distill.png").stat().st_size > 0
+    assert (tmp_path / "run" / "plots" / "scatter_test.png").stat().st_size > 0
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "split.json").is_file()
+    if spec.uses_teacher_features:
+        _check_cached_features(summary["teacher_features"], teacher, data)
+
+
+def _check_cached_features(folder, teacher, data):
+    """The features the run read are this teacher checkpoint's encodings of the cached images."""
+    from kdiqa_edge.data import prepare
+    from kdiqa_edge.train.features import FEATURES_FILE
+
+    assert os.path.basename(folder).startswith(teacher.meta["content_hash"][:16])  # keyed by this checkpoint
+    cache, _ = prepare(data, teacher.preprocess, progress=False)
+    cached = np.memmap(os.path.join(folder, FEATURES_FILE), dtype=np.float16, mode="r",
+                       shape=(len(cache), teacher.head.embed_dim))
+    pixels = torch.from_numpy(np.array(cache.images[:4])).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(teacher.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.preprocess.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(np.array(cached[:4], np.float32)), teacher.encode((pixels - mean) / std),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(data, teacher_dir, tmp_path, monkeypatch):
+    cfg = _cfg(epochs=2, teacher_checkpoint=str(teacher_dir))  # full variant: lambda moves every step
+    full = run_distill(cfg, data, tmp_path / "full", log=lambda *_: None)
+    steps_per_epoch = full["steps"] // 2
+
+    original_init = Trainer.__init__
+
+    def crashing_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.interrupt_after_steps = steps_per_epoch + 1  # dies in the middle of epoch 2
+
+    monkeypatch.setattr(Trainer, "__init__", crashing_init)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, data, tmp_path / "resumed", log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "__init__", original_init)
+    resumed = run_distill(cfg, data, tmp_path / "resumed", resume=True, log=lambda *_: None)
+
+    assert resumed["steps"] == full["steps"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last", verify=False)
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last", verify=False)
+    assert content_hash(a.state_dict()) == content_hash(b.state_dict())  # bit-identical weights
+    assert [(r["loss"], r["soft"], r["lambda"], r["srcc"]) for r in _rows(tmp_path / "full")] == \
+           [(r["loss"], r["soft"], r["lambda"], r["srcc"]) for r in _rows(tmp_path / "resumed")]
+    from kdiqa_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different config"):
+        run_distill(_cfg(epochs=2, teacher_checkpoint=str(teacher_dir), variant="soft"), data,
+                    tmp_path / "resumed", resume=True)
+
+
+# -- DDP: two gloo processes on CPU, the whole pipeline (teacher fine-tune + distillation) under one group
+
+
+def _ddp_cfg() -> DistillConfig:
+    # test_vit: LayerNorm only (BatchNorm statistics of half batches would differ); no flips (seeded per rank).
+    # Batch 16 and a teacher config of its own, so the teacher is fine-tuned under DDP here.
+    return _cfg(student="test_vit", batch_size=16, augment="none")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, cache_dir: str):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KDIQA_CACHE": cache_dir})
+    torch.set_num_threads(1)
+    run_distill(_ddp_cfg(), DatasetSpec(name="synthetic", root=small_root()), run_dir, log=lambda *_: None)
+
+
+def test_ddp_gloo_two_processes_match_one(data, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(paths.cache_dir())), nprocs=2)
+    messages = []
+    single = run_distill(_ddp_cfg(), data, tmp_path / "one", log=messages.append)
+    assert any("reusing" in m for m in messages)  # the teacher the 2-process run fine-tuned
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == single["steps"]
+    assert two["teacher_content_hash"] == single["teacher_content_hash"]
+
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last")
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last")
+    torch.manual_seed(0)
+    init = create_student("test_vit", load_checkpoint(single["teacher_checkpoint"]).head, a.preprocess,
+                          pretrained=False)
+    keys = [k for k, v in a.state_dict().items() if v.is_floating_point() and not k.startswith("head.")]
+    gap = sum(float((a.state_dict()[k] - b.state_dict()[k]).square().sum()) for k in keys)
+    moved = sum(float((a.state_dict()[k] - init.state_dict()[k]).square().sum()) for k in keys)
+    assert moved > 0 and math.sqrt(gap / moved) < 0.01
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=1e-4)
+    assert two["test"]["srcc"] == pytest.approx(single["test"]["srcc"], abs=1e-3)
+
+
+# -- the command line
+
+
+def test_cli_one_command_pipeline_and_offline_error(data, teacher_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import kdiqa_edge.models.student as student_module
+    from kdiqa_edge.cli import app
+
+    runner = CliRunner()
+    common = ["distill", "--dataset", "synthetic", "--root", str(data.root), "--teacher", "tiny", "--epochs", "1",
+              "--batch-size", "32", "--quiet"]
+    result = runner.invoke(app, common + ["--student", "test_resnet", "--no-pretrained", "--variant", "hard",
+                                          "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "reusing the fine-tuned tiny" in result.output  # the teacher the fixture fine-tuned, same config
+    assert "PLCC" in result.output and "SRCC" in result.output and "teacher" in result.output
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["variant"] == "hard" and summary["student"] == "test_resnet (not pretrained)"
+    assert summary["teacher_checkpoint"] == str(teacher_dir)
+
+    monkeypatch.setattr(student_module, "_cached_weights", lambda cfg: None)
+    monkeypatch.setattr(student_module, "_hub_reachable", lambda timeout=3.0: False)
+    result = runner.invoke(app, common + ["--student", "resnet18", "--out", str(tmp_path / "offline")])
+    assert result.exit_code != 0
+    assert "--student-weights PATH" in str(result.exception) and "--no-pretrained" in str(result.exception)
+    assert not (tmp_path / "offline").exists()  # failed before any work
