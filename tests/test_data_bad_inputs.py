@@ -190,3 +190,19 @@ def test_info_still_reports_a_dataset_too_small_to_split(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "index", "--dataset", "csv", "--root", str(tmp_path), "--out", str(tmp_path / "i.csv")])
     assert exit_info.value.code == DataError.exit_code
+
+
+def test_prepare_logs_one_summary_line_and_lists_the_skips(messy, caplog):
+    import logging
+
+    from kdiqa_edge.data import prepare
+
+    with caplog.at_level(logging.WARNING, logger="kdiqa_edge.data"):
+        cache, split = prepare(DatasetSpec(name="csv", root=messy), progress=False, workers=1)
+    total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 1
+    [record] = [r for r in caplog.records if r.name == "kdiqa_edge.data"]
+    assert f"{total} skipped" in record.getMessage() and "skipped.csv" in record.getMessage()
+    with open(cache.path / "skipped.csv", newline="") as handle:
+        listed = {row["image"]: row["reason"] for row in csv.DictReader(handle)}
+    assert "decompression bomb" in listed["img/bomb.png"] and listed["img/missing.jpg"] == "file not found"
+    assert len(cache) == len(GOOD) and sorted(split.train + split.test) == list(range(len(GOOD)))

@@ -10,6 +10,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from kdiqa_edge.data import official as _official  # noqa: F401 - registers the public datasets' readers
@@ -19,6 +20,8 @@ from kdiqa_edge.data.records import Dataset, Record, Skip, skip_summary, write_s
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.data.split import Split, SplitBy, make_split
 from kdiqa_edge.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DATASETS", "Dataset", "DatasetSpec", "ImageCache", "PreprocessSpec", "Record", "Skip", "Split",
@@ -31,10 +34,14 @@ def prepare(spec: DatasetSpec, preprocess_spec: PreprocessSpec = PreprocessSpec(
             progress: bool = True, workers: Optional[int] = None) -> tuple[ImageCache, Split]:
     """Read the dataset, decode it into the image cache (once), split what decoded.
 
-    The split indexes `cache.dataset.records` / `cache.images`.
+    The split indexes `cache.dataset.records` / `cache.images`. Skipped files are logged as one summary
+    line (a warning) and listed with their reasons in `<cache.path>/skipped.csv`.
     """
     dataset = load_dataset(spec)
     cache = ImageCache.build(dataset, preprocess_spec, progress=progress, workers=workers, strict=spec.strict)
+    if cache.skipped:  # every command that trains or evaluates says what it left out, and where the list is
+        listing = write_skipped(cache.path / "skipped.csv", cache.skipped)
+        log.warning("%s: %s (the list with reasons: %s)", spec.name, skip_summary(cache.skipped), listing)
     split = make_split(cache.dataset, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
                        by=split_by)
     return cache, split
