@@ -27,3 +27,18 @@ def _few_threads(monkeypatch):
     except ImportError:
         return
     torch.set_num_threads(2)
+
+
+SMALL_REFS = 4  # 4 references x 6 distortions x 5 levels = 120 images
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(_isolated_cache):
+    """A small synthetic set shared by the end-to-end tests (the same folder test_distill uses)."""
+    from kdiqa_edge.data import DatasetSpec
+    from kdiqa_edge.data.synthetic import generate
+
+    root = _isolated_cache / f"synthetic-refs{SMALL_REFS}"
+    if not (root / "scores.csv").is_file():
+        generate(root, refs=SMALL_REFS)
+    return DatasetSpec(name="synthetic", root=root)

@@ -1,0 +1,289 @@
+"""The paper's protocol: N seeded 80/20 splits, teacher fine-tune and distillation per split, medians.
+
+    out/seed<k>/teacher/                 the teacher fine-tuned on split k (shared by every student)
+    out/seed<k>/<student>-<variant>/     one distillation run
+    out/results.json, table1.md, table2.md
+
+Finished runs (a summary.json) are skipped, interrupted ones resumed, so the command can be re-run until
+done. Medians follow the paper; means are reported beside them (LIQE and pyiqa report means).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from kdiqa_edge import paper
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.io import read_json, write_json, write_text
+from kdiqa_edge.models.teacher import DEFAULT_TEACHER
+from kdiqa_edge.train.schedules import parse_variant
+
+# Reference train-step throughput (images/s, batch 64) from the design card: H200, bf16, channels_last.
+GPU_IMAGES_PER_S = {"ViT-B-32": 3118, "resnet18": 6511, "efficientnet_b0": 1896, "mobilevit_s": 1622,
+                    "swin_tiny_patch4_window7_224": 1404}
+
+
+@dataclasses.dataclass
+class ReproduceConfig:
+    students: list = dataclasses.field(default_factory=lambda: list(paper.STUDENTS))  # timm names
+    variants: list = dataclasses.field(default_factory=lambda: ["full"])  # full, soft, hard, fixed:X, regression
+    seeds: int = 5  # random 80/20 splits (seeds 0..N-1); the paper reports the median over several runs
+    teacher: str = DEFAULT_TEACHER  # open_clip NAME:TAG, or tiny
+    teacher_weights: Optional[str] = None  # local open_clip weights file (offline machines)
+    pretrained: bool = True  # ImageNet-pretrained students (the paper); False = random init
+    epochs: int = 100  # student epochs (the paper's)
+    teacher_epochs: Optional[int] = None  # None = the same as epochs
+    batch_size: int = 64
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    seed: int
+    stage: str  # teacher | distill
+    student: Optional[str]
+    variant: Optional[str]
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+    @property
+    def interrupted(self) -> bool:
+        return (self.run_dir / "checkpoints" / "last" / "train_state.pt").is_file() and not self.done
+
+    @property
+    def name(self) -> str:
+        return "teacher" if self.stage == "teacher" else f"{self.student}-{self.variant}"
+
+
+def plan(cfg: ReproduceConfig, out: Path) -> list[PlannedRun]:
+    if cfg.seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    if not cfg.students:
+        raise ConfigError("--students is empty")
+    variants = [parse_variant(v).spec for v in cfg.variants]
+    needs_teacher = any(parse_variant(v).uses_teacher_head for v in variants)
+    runs: list[PlannedRun] = []
+    for seed in range(cfg.seeds):
+        seed_dir = out / f"seed{seed}"
+        if needs_teacher:
+            runs.append(PlannedRun(seed, "teacher", None, None, seed_dir / "teacher"))
+        for student in cfg.students:
+            for variant in variants:
+                runs.append(PlannedRun(seed, "distill", student, variant,
+                                       seed_dir / f"{student}-{variant.replace(':', '')}"))
+    return runs
+
+
+def _distill_config(cfg: ReproduceConfig, run: PlannedRun, teacher_dir: Optional[Path]):
+    from kdiqa_edge.train.distill import DistillConfig
+
+    return DistillConfig(student=run.student, variant=run.variant, pretrained=cfg.pretrained,
+                         teacher_checkpoint=str(teacher_dir / "checkpoints" / "best") if teacher_dir else None,
+                         teacher=cfg.teacher, teacher_weights=cfg.teacher_weights, split_seed=run.seed,
+                         seed=run.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, device=cfg.device,
+                         progress=cfg.progress)
+
+
+def _finetune_config(cfg: ReproduceConfig, seed: int):
+    from kdiqa_edge.train.finetune import FinetuneConfig
+
+    return FinetuneConfig(teacher=cfg.teacher, teacher_weights=cfg.teacher_weights, split_seed=seed, seed=seed,
+                          epochs=cfg.teacher_epochs or cfg.epochs, batch_size=cfg.batch_size, device=cfg.device,
+                          progress=cfg.progress)
+
+
+def estimate(cfg: ReproduceConfig, data: DatasetSpec, runs: list[PlannedRun]) -> dict[str, Any]:
+    """How many images each run trains on, and a rough time from a measured (or reference) throughput."""
+    from kdiqa_edge.data import load_dataset
+
+    dataset = load_dataset(data)
+    n_train = int(round(len(dataset.records) * 0.8))
+    device = _device(cfg.device)
+    size = teacher_image_size(cfg.teacher)  # the students take the teacher's preprocessing
+    rates: dict[str, float | None] = {}
+    todo = [r for r in runs if not r.done]
+    total_s = 0.0
+    unknown = []
+    for run in todo:
+        arch = cfg.teacher if run.stage == "teacher" else run.student
+        epochs = (cfg.teacher_epochs or cfg.epochs) if run.stage == "teacher" else cfg.epochs
+        if arch not in rates:
+            rates[arch] = _throughput(arch, run.stage, device, size)
+        if rates[arch]:
+            total_s += epochs * n_train / rates[arch]
+        else:
+            unknown.append(run.name)
+    return {"images": len(dataset.records), "train_images": n_train, "device": device, "image_size": size,
+            "images_per_s": rates, "runs_total": len(runs), "runs_todo": len(todo),
+            "estimated_seconds": total_s, "unestimated": sorted(set(unknown))}
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _throughput(arch: str, stage: str, device: str, size: int) -> float | None:
+    """Train-step images/s: the design card's H200 figures on CUDA at 224 px, else measured steps at batch 8."""
+    base = arch.split(":")[0]
+    if device.startswith("cuda") and base in GPU_IMAGES_PER_S and size == 224:
+        return float(GPU_IMAGES_PER_S[base])
+    try:
+        return _measure(arch, stage, device, size)
+    except Exception:  # an estimate must never stop a plan
+        return None
+
+
+def teacher_image_size(teacher: str) -> int:
+    """The input size of a teacher, from its config alone (no weights are loaded)."""
+    from kdiqa_edge.models.teacher import TEACHER_CONFIGS
+
+    base = teacher.split(":")[0]
+    if base in TEACHER_CONFIGS:
+        size = TEACHER_CONFIGS.get(base)["vision_cfg"]["image_size"]
+    else:
+        import open_clip
+
+        size = (open_clip.get_model_config(base) or {}).get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _measure(arch: str, stage: str, device: str, size: int, batch: int = 8) -> float:
+    import torch
+
+    if stage == "teacher":
+        import open_clip
+
+        from kdiqa_edge.models.teacher import TEACHER_CONFIGS, _create_registered
+
+        base = arch.split(":")[0]
+        model = (_create_registered(base)[0] if base in TEACHER_CONFIGS
+                 else open_clip.create_model(base, pretrained=None)).visual
+    else:
+        import timm
+
+        from kdiqa_edge.models.student import _size_kwargs
+
+        model = timm.create_model(arch, num_classes=0, pretrained=False, **_size_kwargs(arch, size))
+    model = model.to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    times = []
+    for _ in range(3):  # the first step pays for allocation and kernel selection
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        model(x).float().mean().backward()
+        optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return batch / min(times)
+
+
+def run_reproduce(cfg: ReproduceConfig, data: DatasetSpec, out: str | Path, dry_run: bool = False,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or, with dry_run, only plan) the protocol; returns results.json's content."""
+    out = Path(out)
+    runs = plan(cfg, out)
+    if dry_run:
+        return {"plan": [_row(r) for r in runs], "estimate": estimate(cfg, data, runs)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "reproduce.json", {"config": dataclasses.asdict(cfg), "dataset": data.to_dict()})
+    from kdiqa_edge.train.distill import run_distill
+    from kdiqa_edge.train.finetune import run_finetune
+
+    for index, run in enumerate(runs, 1):
+        head = f"[{index}/{len(runs)}] seed {run.seed} {run.name}"
+        if run.done:
+            log(f"{head}: done, skipped")
+            continue
+        log(f"{head}: {'resuming' if run.interrupted else 'starting'} -> {run.run_dir}")
+        if run.stage == "teacher":
+            run_finetune(_finetune_config(cfg, run.seed), data, run.run_dir, resume=run.interrupted)
+        else:
+            teacher_dir = out / f"seed{run.seed}" / "teacher" if parse_variant(run.variant).uses_teacher_head else None
+            run_distill(_distill_config(cfg, run, teacher_dir), data, run.run_dir, resume=run.interrupted)
+    results = collect(runs, data.name)
+    write_json(out / "results.json", results)
+    write_text(out / "table1.md", table_i_markdown(results))
+    write_text(out / "table2.md", table_ii_markdown(results))
+    return results
+
+
+def _row(run: PlannedRun) -> dict[str, Any]:
+    return {"seed": run.seed, "run": run.name, "dir": str(run.run_dir),
+            "status": "done" if run.done else "interrupted" if run.interrupted else "todo"}
+
+
+def collect(runs: list[PlannedRun], dataset: str) -> dict[str, Any]:
+    """Per-run test metrics and their median/mean per (student, variant) and for the teacher."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        if not run.done:
+            continue
+        test = read_json(run.run_dir / "summary.json").get("test")
+        if test:
+            groups.setdefault(run.name, []).append({"seed": run.seed, **test})
+    rows = []
+    for name, values in groups.items():
+        student, variant = (None, None) if name == "teacher" else _split_name(name, runs)
+        row = {"run": name, "student": student, "variant": variant, "n": len(values), "runs": values}
+        for key in ("plcc", "plcc_fit", "srcc", "krcc", "rmse"):
+            series = [v[key] for v in values]
+            row[f"{key}_median"] = statistics.median(series)
+            row[f"{key}_mean"] = statistics.fmean(series)
+        rows.append(row)
+    return {"dataset": dataset, "rows": rows}
+
+
+def _split_name(name: str, runs: list[PlannedRun]) -> tuple[str, str]:
+    run = next(r for r in runs if r.name == name)
+    return run.student, run.variant
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def table_i_markdown(results: dict[str, Any]) -> str:
+    dataset = results["dataset"]
+    lines = [f"# Table I — {dataset}: median PLCC / SRCC over the seeds (variant full)", "",
+             "| model | runs | PLCC | SRCC | PLCC (fitted) | KRCC | paper PLCC | paper SRCC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        if row["run"] != "teacher" and row["variant"] != "full":
+            continue
+        published = paper.table_i(row["student"], dataset) if row["student"] else None
+        name = "teacher (fine-tuned CLIP)" if row["run"] == "teacher" else row["student"]
+        lines.append(f"| {name} | {row['n']} | {_fmt(row['plcc_median'])} | {_fmt(row['srcc_median'])} | "
+                     f"{_fmt(row['plcc_fit_median'])} | {_fmt(row['krcc_median'])} | "
+                     f"{_fmt(published[0] if published else None)} | {_fmt(published[1] if published else None)} |")
+    lines += ["", "PLCC is raw (no fit), as in the paper's table; the fitted PLCC uses the 4-parameter logistic.",
+              "Paper figures: Hou & Song, Table I (only for its four students and datasets csiq, live, koniq, spaq)."]
+    return "\n".join(lines) + "\n"
+
+
+def table_ii_markdown(results: dict[str, Any]) -> str:
+    dataset = results["dataset"]
+    lines = [f"# Table II — {dataset}: ablations, median PLCC over the seeds", "",
+             "| student | variant | runs | PLCC | SRCC | paper PLCC |", "|---|---|---|---|---|---|"]
+    for row in sorted((r for r in results["rows"] if r["run"] != "teacher"),
+                      key=lambda r: (r["student"], r["variant"])):
+        published = paper.table_ii(row["student"], row["variant"], dataset)
+        lines.append(f"| {row['student']} | {row['variant']} | {row['n']} | {_fmt(row['plcc_median'])} | "
+                     f"{_fmt(row['srcc_median'])} | {_fmt(published)} |")
+    lines += ["", "Variants: regression = plain regression head (paper row X); hard = hard labels only; "
+              "soft = soft labels only; full = cosine-annealed soft/hard (paper +ours)."]
+    return "\n".join(lines) + "\n"
