@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -23,7 +24,7 @@ from kdiqa_edge.train.engine import TrainConfig, Trainer, cosine_factor, epoch_o
 SMALL_REFS = 4  # 4 references x 6 distortions x 5 levels = 120 images
 
 
-def small_synthetic(size: int = 64):
+def small_synthetic(size: int = 64, split_by: str = "auto"):
     """A 120-image synthetic set at `size` px, generated once per test session (KDIQA_CACHE is per session)."""
     from kdiqa_edge.data.synthetic import generate
     from kdiqa_edge.preprocess import PreprocessSpec
@@ -31,12 +32,23 @@ def small_synthetic(size: int = 64):
     root = paths.cache_dir() / f"synthetic-refs{SMALL_REFS}"
     if not (root / "scores.csv").is_file():
         generate(root, refs=SMALL_REFS)
-    return prepare(DatasetSpec(name="synthetic", root=root), PreprocessSpec(size=size), seed=0, progress=False)
+    return prepare(DatasetSpec(name="synthetic", root=root), PreprocessSpec(size=size), seed=0, progress=False,
+                   split_by=split_by)
 
 
 @pytest.fixture(scope="module")
 def data():
     return small_synthetic()
+
+
+_TINY = {}
+
+
+def tiny_teacher():
+    """A fresh copy of the tiny teacher (built once: open_clip model creation is the slow part)."""
+    if "model" not in _TINY:
+        _TINY["model"] = load_teacher("tiny")
+    return copy.deepcopy(_TINY["model"])
 
 
 def mse_loss(model, batch, step, total_steps):
@@ -80,7 +92,7 @@ def test_run_dir_extras_scalars_and_lr(data, tmp_path):
         mse = F.mse_loss(model(batch["image"]), batch["mos"])
         return {"hard": 0.25 * mse, "other": 0.75 * mse}
 
-    trainer = Trainer(load_teacher("tiny"), loss_with_extras, cache, split, _cfg(), tmp_path / "run",
+    trainer = Trainer(tiny_teacher(), loss_with_extras, cache, split, _cfg(), tmp_path / "run",
                       extras={"teacher_features": features},
                       scalars_fn=lambda step, total: {"lambda": 1 - step / total}, extra_meta={"label": "tiny"})
     summary = trainer.fit()
@@ -103,26 +115,26 @@ def test_run_dir_extras_scalars_and_lr(data, tmp_path):
     assert load_checkpoint(tmp_path / "run").meta["epoch"] == summary["best_epoch"]
 
     with pytest.raises(ConfigError, match="already holds a run"):
-        Trainer(load_teacher("tiny"), mse_loss, cache, split, _cfg(), tmp_path / "run").setup()
+        Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(), tmp_path / "run").setup()
     with pytest.raises(ConfigError, match="changed: lr"):
-        Trainer(load_teacher("tiny"), mse_loss, cache, split, _cfg(lr=2e-4), tmp_path / "run", resume=True).setup()
+        Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(lr=2e-4), tmp_path / "run", resume=True).setup()
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        Trainer(load_teacher("tiny"), mse_loss, cache, split, _cfg(), tmp_path / "none", resume=True).setup()
+        Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(), tmp_path / "none", resume=True).setup()
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(data, tmp_path):
     cache, split = data
-    cfg = _cfg(epochs=3, grad_accum=2, lr=3e-4)  # hflip augmentation on, accumulation on
-    full = Trainer(load_teacher("tiny"), mse_loss, cache, split, cfg, tmp_path / "full").fit()
+    cfg = _cfg(epochs=2, grad_accum=2, lr=3e-4)  # hflip augmentation on, accumulation on
+    full = Trainer(tiny_teacher(), mse_loss, cache, split, cfg, tmp_path / "full").fit()
 
     steps_per_epoch = math.ceil(len(split.train) / 16)
-    crashing = Trainer(load_teacher("tiny"), mse_loss, cache, split, cfg, tmp_path / "resumed")
+    crashing = Trainer(tiny_teacher(), mse_loss, cache, split, cfg, tmp_path / "resumed")
     crashing.interrupt_after_steps = steps_per_epoch + 2  # dies in the middle of epoch 2
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last").meta["epoch"] == 1
 
-    resumed = Trainer(load_teacher("tiny"), mse_loss, cache, split, cfg, tmp_path / "resumed", resume=True).fit()
+    resumed = Trainer(tiny_teacher(), mse_loss, cache, split, cfg, tmp_path / "resumed", resume=True).fit()
     assert resumed["steps"] == full["steps"]
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last", verify=False)
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last", verify=False)
@@ -143,7 +155,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, cache_dir: 
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KDIQA_CACHE": cache_dir})
     torch.set_num_threads(1)
     cache, split = small_synthetic()
-    Trainer(load_teacher("tiny"), mse_loss, cache, split, _cfg(augment="none"), run_dir).fit()
+    Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(epochs=1, augment="none"), run_dir).fit()
 
 
 def test_ddp_gloo_two_processes_match_one(data, tmp_path):
@@ -152,11 +164,11 @@ def test_ddp_gloo_two_processes_match_one(data, tmp_path):
 
     cache, split = data
     assert len(split.train) % 2 == 0  # no padding: per step, the two shards hold exactly the single run's images
-    single = Trainer(load_teacher("tiny"), mse_loss, cache, split, _cfg(augment="none"), tmp_path / "one").fit()
+    single = Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(epochs=1, augment="none"), tmp_path / "one").fit()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(paths.cache_dir())), nprocs=2)
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last")
-    init = load_teacher("tiny")
+    init = tiny_teacher()
     # Not bit-equal: summation order differs, and AdamW turns the float noise of gradients that are zero in
     # exact arithmetic (attention key biases) into lr-sized steps. So: the two runs' weights differ by a
     # tiny fraction of what training moved, and their scores agree.
