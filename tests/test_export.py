@@ -267,3 +267,70 @@ def test_coreml_predictions_match_torch(tmp_path, checkpoints, data):
     manifest = export_checkpoint(checkpoints["student"], ExportConfig(target="coreml", precision="fp16"), tmp_path,
                                  data=data, progress=False, log=lambda _: None)
     assert manifest["exports"]["coreml-fp16"]["parity"]["passed"]
+
+
+# --- end to end: the distill command's tiny run dir -> every target in INT8 ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data) -> Path:
+    """The run dir of the distill command's tiny end-to-end recipe (tiny teacher, test_resnet student)."""
+    from typer.testing import CliRunner
+
+    from kdiqa_edge.cli import app
+
+    run = tmp_path_factory.mktemp("distill") / "run"
+    result = CliRunner().invoke(app, ["distill", "--dataset", "synthetic", "--root", str(data.root), "--teacher",
+                                      "tiny", "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "32",
+                                      "--student", "test_resnet", "--no-pretrained", "--quiet", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.mark.slow
+def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
+    out = tmp_path / "exports"
+    code, stdout, err = _cli(["export", str(tiny_run), "--target", "all", "--precision", "int8", "--calib", "48",
+                              "--root", str(data.root), "--out", str(out)], capsys)
+    if _tensorrt_missing():  # everything else is written, then the distinct exit code
+        assert code == TensorRTUnavailable.exit_code == 4
+        assert "NO ENGINE WAS BUILT" in err
+    else:
+        assert code == 0
+    assert "trtexec --onnx=model.int8.onnx --saveEngine=model.int8.engine --stronglyTyped" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["exports"]) == ["coreml-int8", "onnx-int8", "tensorrt-int8"]
+    assert manifest["checkpoint"]["path"] == str(tiny_run / "checkpoints" / "best")
+
+    # ONNX Runtime form: uint8 activations (asymmetric), int8 per-channel weights; head kept in float
+    u8s8 = onnx.load(str(out / "onnx-int8" / "model.int8.onnx"))
+    q_types = {n.op_type for n in u8s8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= q_types
+    assert asymmetric_qdq_nodes(u8s8)  # uint8 zero points: not the TensorRT form
+    dequantized = {n.output[0] for n in u8s8.graph.node if n.op_type == "DequantizeLinear"}
+    head = [n for n in u8s8.graph.node if n.name.startswith("/head/")]
+    assert head and not any(i in dequantized for n in head for i in n.input)
+
+    # TensorRT form: symmetric int8 Q/DQ, every zero point 0; every op in TensorRT 10.3's list
+    s8s8 = onnx.load(str(out / "tensorrt-int8" / "model.int8.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in s8s8.graph.node) > 5
+    assert asymmetric_qdq_nodes(s8s8) == []
+    entry = manifest["exports"]["tensorrt-int8"]
+    assert entry["details"]["op_check"]["problems"] == [] and entry["engine_built"] is (not _tensorrt_missing())
+    assert (out / "tensorrt-int8" / "trtexec.sh").read_text().rstrip().endswith("--timingCacheFile=timing.cache")
+
+    # the drift report: SRCC/PLCC of INT8 vs FP32 on the run's own test split, latency of both, plainly said
+    drift = manifest["exports"]["onnx-int8"]["drift"]
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert drift["images"] == len(split["test"])
+    assert set(drift["fp32"]) == set(drift["reduced"]) == {"srcc", "plcc"}
+    assert drift["srcc_vs_fp32"] >= 0.9  # INT8 ranks the test images like FP32 does
+    latency = drift["latency"]
+    assert latency["fp32"]["p50_ms"] > 0 and latency["int8"]["p50_ms"] > 0
+    slower = latency["int8"]["p50_ms"] > latency["fp32"]["p50_ms"]
+    assert slower == any("SLOWER" in note for note in manifest["exports"]["onnx-int8"]["notes"])
+
+    from kdiqa_edge.export.coreml import describe
+
+    coreml = describe(out / "coreml-int8" / "model.int8.mlpackage")
+    assert coreml["outputs"] == ["score"] and coreml["metadata"]["kdiqa_edge.precision"] == "int8"

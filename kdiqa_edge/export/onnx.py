@@ -68,11 +68,22 @@ def set_metadata(path: Path, meta: dict[str, Any]) -> None:
 
 
 def float_nodes(path: Path) -> list[str]:
-    """Names of the nodes that stay in float (head, input normalization)."""
+    """Names of the nodes that stay in float: the head, the input normalization, and the node that produces
+    the head's input (the projection into CLIP's space), so the features reach the head unquantized."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [n.name for n in graph.node if any(scope in n.name for scope in FLOAT_SCOPES)]
+    keep = [n for n in graph.node if any(scope in n.name for scope in FLOAT_SCOPES)]
+    names = {n.name for n in keep}
+    producers = {output: n for n in graph.node for output in n.output}
+    for node in keep:
+        if "/input_norm/" in node.name:
+            continue
+        for name in node.input:
+            producer = producers.get(name)
+            if producer is not None and producer.name not in names and producer.op_type in ("Gemm", "MatMul"):
+                names.add(producer.name)
+    return [n.name for n in graph.node if n.name in names]
 
 
 def to_fp16(src: Path, dst: Path) -> Path:
