@@ -98,6 +98,7 @@ def test_teacher_feature_cache(data, finetuned):
         model.meta["content_hash"]
 
 
+@pytest.mark.slow
 def test_cli_finetune_tiny_with_no_other_flags_then_eval(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
