@@ -385,6 +385,11 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.interrupt_after_steps: Optional[int] = None  # tests: simulate a crash after this many steps
+        # benchmarks: time data (gather + copy + normalize/augment), forward/backward/step and the rest of
+        # each step, synchronizing the device at every boundary (slows CUDA a little; off by default)
+        self.profile_steps = False
+        self.step_timings: dict[str, float] = {}
+        self._last_tick: Optional[float] = None
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -496,6 +501,7 @@ class Trainer:
 
     def _train_epoch(self, progress, task) -> EpochResult:
         epoch = self.epoch
+        self.step_timings, self._last_tick = {}, None  # profile_steps: this epoch's phases only
         flip_generator = self._seed_epoch(epoch)
         steps = self._epoch_batches(epoch)
         self.model.train()
@@ -508,7 +514,9 @@ class Trainer:
         for group in steps:
             group_images = sum(len(m) for m in group)
             for i, _ in enumerate(group):
+                self._tick("other")
                 batch = self.transform(next(batches), flip_generator)
+                self._tick("data")
                 sync = self.ddp_module.no_sync() if self.ddp_module is not None and i < len(group) - 1 \
                     else contextlib.nullcontext()
                 with sync:
@@ -516,6 +524,7 @@ class Trainer:
                         terms = self.train_step_module(batch, self.step, self.total_steps)
                         loss = sum(terms.values())
                     self.scaler.scale(loss * (batch["mos"].shape[0] / group_images)).backward()
+                self._tick("forward_backward")
                 weight = batch["mos"].shape[0]
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
@@ -523,7 +532,9 @@ class Trainer:
             if self.scalars_fn is not None:
                 for name, value in self.scalars_fn(self.step, self.total_steps).items():
                     scalar_sums[name] = scalar_sums.get(name, 0.0) + float(value)
+            self._tick("other")
             self._optimizer_step()
+            self._tick("forward_backward")
             progress.update(task, advance=1)
             if self.interrupt_after_steps is not None and self.step >= self.interrupt_after_steps:
                 raise KeyboardInterrupt(f"interrupted after step {self.step} (test hook)")
@@ -539,6 +550,17 @@ class Trainer:
         row.update({"eval_split": self.eval_split, **{k: getattr(metrics, k) for k in METRIC_NAMES},
                     "train_seconds": seconds, "images_per_s": images * self.ctx.world_size / max(seconds, 1e-9)})
         return EpochResult(row, metrics)
+
+    def _tick(self, phase: str) -> None:
+        """With `profile_steps` set, charge the time since the last tick to `phase` (device synchronized)."""
+        if not self.profile_steps:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self._last_tick is not None:
+            self.step_timings[phase] = self.step_timings.get(phase, 0.0) + now - self._last_tick
+        self._last_tick = now
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip:
