@@ -125,7 +125,7 @@ def test_cli_finetune_tiny_with_no_other_flags_then_eval(tmp_path, monkeypatch):
     result = runner.invoke(app, ["teacher", "eval", "--checkpoint", str(run), "--json"])
     assert result.exit_code == 0, result.output
     evaluated = json.loads(result.output)
-    assert evaluated["pretrained"] is False and evaluated["split"] == "test"
+    assert evaluated["pretrained"] is False and evaluated["split"] == "test" and "run's split" in evaluated["mode"]
     assert evaluated["metrics"]["srcc"] == pytest.approx(summary["test"]["srcc"], abs=1e-6)
 
     result = runner.invoke(app, ["teacher", "eval", "--teacher", "tiny"])

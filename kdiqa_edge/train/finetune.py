@@ -192,6 +192,11 @@ def evaluate_teacher(data: DatasetSpec, teacher: str | None = None, weights: str
         model = load_teacher(teacher or DEFAULT_TEACHER, weights, tuple(templates or DEFAULT_TEMPLATES))
         mode = "zero-shot"
     cache, parts = prepare(data, model.preprocess, seed=seed, test_fraction=test_fraction, progress=progress)
+    if checkpoint is not None:
+        run_split = _run_split(model.checkpoint_dir, cache.dataset)
+        if run_split is not None:  # the fine-tune's own test images, never its training images
+            parts = run_split
+            mode += " (the run's split)"
     indices = np.arange(len(cache)) if split == "all" else getattr(parts, split)
     if len(indices) < 3:
         raise ConfigError(f"the {split} split has {len(indices)} images: too few to correlate")
@@ -201,3 +206,17 @@ def evaluate_teacher(data: DatasetSpec, teacher: str | None = None, weights: str
         "split": split, "metrics": metrics.to_dict(),
         "prompts": model.head.prompts, "logit_scale": float(model.head.logit_scale),
     }
+
+
+def _run_split(checkpoint_dir: Path, dataset):
+    """The split.json of the run a checkpoint belongs to, if it was made for this dataset's image list."""
+    from kdiqa_edge.data import Split
+    from kdiqa_edge.errors import DataError
+
+    path = Path(checkpoint_dir).parent.parent / "split.json"
+    if not path.is_file():
+        return None
+    try:
+        return Split.load(path).check(dataset)
+    except DataError:  # another dataset (cross-dataset evaluation): a fresh split applies
+        return None
