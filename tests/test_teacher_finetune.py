@@ -131,3 +131,20 @@ def test_cli_finetune_tiny_with_no_other_flags_then_eval(tmp_path, monkeypatch):
     result = runner.invoke(app, ["teacher", "eval", "--teacher", "tiny"])
     assert result.exit_code == 0, result.output
     assert "NOT PRETRAINED" in result.output and "SRCC" in result.output and "zero-shot" in result.output
+
+
+def test_config_file_then_cli_overrides(tmp_path):
+    from kdiqa_edge.errors import ConfigError
+    from kdiqa_edge.train.finetune import FinetuneConfig, dataset_spec, load_config
+
+    assert (FinetuneConfig().lr, FinetuneConfig().epochs, FinetuneConfig().batch_size) == (5e-6, 100, 64)
+    path = tmp_path / "teacher.yaml"
+    path.write_text("epochs: 3\nlr: 1.0e-4\ntemplates: ['a {level} photo', 'a photo of {level} quality']\n"
+                    "dataset: {name: csv, root: /data/x, mos_range: [0, 100]}\n")
+    cfg = load_config(path, lr=2e-4, epochs=None)  # None never overrides
+    assert (cfg.epochs, cfg.lr, len(cfg.templates)) == (3, 2e-4, 2)
+    spec = dataset_spec(cfg, None)
+    assert spec.name == "csv" and spec.mos_range == (0, 100) and str(spec.root) == "/data/x"
+    path.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(path)
