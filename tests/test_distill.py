@@ -59,7 +59,8 @@ def _rows(run_dir):
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("variant", ["full", "soft", "hard", "fixed:0.3", "regression"])
+# `hard` runs through the command line below (test_cli_one_command_pipeline_and_offline_error).
+@pytest.mark.parametrize("variant", ["full", "soft", "fixed:0.3", "regression"])
 def test_each_variant_trains(variant, data, teacher_dir, tmp_path):
     cfg = _cfg(variant=variant, teacher_checkpoint=str(teacher_dir))
     summary = run_distill(cfg, data, tmp_path / "run", log=lambda *_: None)
@@ -91,7 +92,8 @@ def test_each_variant_trains(variant, data, teacher_dir, tmp_path):
     # lambda and the terms, as logged: the epoch mean of lambda(t) over its optimizer steps.
     row = _rows(tmp_path / "run")[0]
     steps, total = int(row["step"]), summary["steps"]
-    assert float(row["lambda"]) == pytest.approx(np.mean([spec.lam(s, total) for s in range(steps)]), abs=1e-5)
+    expected_lambda = np.mean([spec.lam(s, total) for s in range(steps)])
+    assert float(row["lambda"]) == pytest.approx(expected_lambda, abs=1e-5)
     assert ("soft" in row) == spec.uses_teacher_features
     assert float(row["loss"]) == pytest.approx(float(row["hard"]) + float(row.get("soft", 0.0)), rel=1e-4)
     assert (tmp_path / "run" / "plots" / "distill.png").stat().st_size > 0
@@ -114,8 +116,9 @@ def _check_cached_features(folder, teacher, data):
     mean = torch.tensor(teacher.preprocess.mean).view(1, 3, 1, 1)
     std = torch.tensor(teacher.preprocess.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(np.array(cached[:4], np.float32)), teacher.encode((pixels - mean) / std),
-                                   rtol=2e-3, atol=2e-3)
+        encoded = teacher.encode((pixels - mean) / std)
+    stored = torch.from_numpy(np.array(cached[:4], np.float32))
+    torch.testing.assert_close(stored, encoded, rtol=2e-3, atol=2e-3)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(data, teacher_dir, tmp_path, monkeypatch):
@@ -152,7 +155,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(data, teacher_dir, tmp_pa
 
 
 def _ddp_cfg() -> DistillConfig:
-    # test_vit: LayerNorm only (BatchNorm statistics of half batches would differ); no flips (seeded per rank).
+    # test_vit: LayerNorm only (BatchNorm statistics of half batches would differ); no flips (seeded per
+    # rank).
     # Batch 16 and a teacher config of its own, so the teacher is fine-tuned under DDP here.
     return _cfg(student="test_vit", batch_size=16, augment="none")
 
@@ -206,8 +210,8 @@ def test_cli_one_command_pipeline_and_offline_error(data, teacher_dir, tmp_path,
     from kdiqa_edge.cli import app
 
     runner = CliRunner()
-    common = ["distill", "--dataset", "synthetic", "--root", str(data.root), "--teacher", "tiny", "--epochs", "1",
-              "--batch-size", "32", "--quiet"]
+    common = ["distill", "--dataset", "synthetic", "--root", str(data.root), "--teacher", "tiny",
+              "--epochs", "1", "--batch-size", "32", "--quiet"]
     result = runner.invoke(app, common + ["--student", "test_resnet", "--no-pretrained", "--variant", "hard",
                                           "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
@@ -216,6 +220,11 @@ def test_cli_one_command_pipeline_and_offline_error(data, teacher_dir, tmp_path,
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["variant"] == "hard" and summary["student"] == "test_resnet (not pretrained)"
     assert summary["teacher_checkpoint"] == str(teacher_dir)
+    assert math.isfinite(summary["test"]["srcc"]) and summary["steps"] == 3
+    rows = _rows(tmp_path / "cli")
+    assert "soft" not in rows[0] and float(rows[0]["lambda"]) == 0.0  # hard: MSE only
+    assert float(rows[0]["loss"]) == pytest.approx(float(rows[0]["hard"]), rel=1e-4)
+    assert isinstance(load_checkpoint(tmp_path / "cli").head, QualityHead)
 
     monkeypatch.setattr(student_module, "_cached_weights", lambda cfg: None)
     monkeypatch.setattr(student_module, "_hub_reachable", lambda timeout=3.0: False)

@@ -99,7 +99,8 @@ def test_student_weights_file_loads_through_timm(teacher, tmp_path):
     assert student.pretrained and "not pretrained" not in student.label
     assert torch.equal(student.encoder.conv_stem.weight, reference.conv_stem.weight)
     with pytest.raises(WeightsUnavailable, match="not found"):
-        create_student("test_efficientnet", teacher.head, teacher.preprocess, weights=tmp_path / "missing.pth")
+        create_student("test_efficientnet", teacher.head, teacher.preprocess,
+                       weights=tmp_path / "missing.pth")
 
 
 def test_cached_weights_are_used_without_network(teacher, tmp_path, monkeypatch):

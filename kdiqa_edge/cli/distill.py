@@ -24,26 +24,27 @@ def distill_command(
     data: DatasetSpec,
     student: Annotated[Optional[str], typer.Option(
         "--student", "-s", rich_help_panel=STUDENT_PANEL,
-        help="timm model name (default resnet18; the paper's: swin_tiny_patch4_window7_224, resnet18, mobilevit_s, "
-        "efficientnet_b0).")] = None,
+        help="timm model name (default resnet18; the paper's: swin_tiny_patch4_window7_224, resnet18, "
+        "mobilevit_s, efficientnet_b0).")] = None,
     variant: Annotated[Optional[str], typer.Option(
         "--variant", rich_help_panel=STUDENT_PANEL,
         help="full (cosine-annealed soft+hard, default), soft (lambda=1), hard (lambda=0), fixed:X (constant "
         "lambda X), regression (plain regression head, no teacher).")] = None,
     no_pretrained: Annotated[bool, typer.Option(
         "--no-pretrained", rich_help_panel=STUDENT_PANEL,
-        help="Random-init student encoder instead of timm's ImageNet weights (labelled 'not pretrained').")] = False,
+        help="Random-init student encoder instead of timm's ImageNet weights (labelled 'not pretrained')."
+    )] = False,
     student_weights: Annotated[Optional[Path], typer.Option(
         "--student-weights", rich_help_panel=STUDENT_PANEL,
         help="Local ImageNet weights file for the student (offline machines).")] = None,
     teacher_checkpoint: Annotated[Optional[Path], typer.Option(
         "--teacher-checkpoint", rich_help_panel=TEACHER_PANEL,
-        help="A fine-tuned teacher (checkpoint or run dir). Without it the teacher is fine-tuned first, once per "
-        "dataset, split and teacher config, and reused by later runs.")] = None,
+        help="A fine-tuned teacher (checkpoint or run dir). Without it the teacher is fine-tuned first, once "
+        "per dataset, split and teacher config, and reused by later runs.")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         "--teacher", rich_help_panel=TEACHER_PANEL,
-        help="Teacher to fine-tune: open_clip NAME:TAG (default ViT-B-32:openai) or 'tiny' (random init, 64 px, "
-        "not pretrained: tests and offline demos).")] = None,
+        help="Teacher to fine-tune: open_clip NAME:TAG (default ViT-B-32:openai) or 'tiny' (random init, "
+        "64 px, not pretrained: tests and offline demos).")] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option(
         "--teacher-weights", rich_help_panel=TEACHER_PANEL,
         help="Local open_clip weights file for --teacher's NAME (offline machines).")] = None,
@@ -57,29 +58,32 @@ def distill_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, rich_help_panel=TRAIN_PANEL,
                                                   help="Epochs (100).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, rich_help_panel=TRAIN_PANEL,
-                                                      help="Images per optimizer step (64).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=TRAIN_PANEL,
-                                                help="Peak AdamW learning rate (1e-4), cosine to 0.1x.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", rich_help_panel=TRAIN_PANEL)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", "-b", min=1, rich_help_panel=TRAIN_PANEL,
+        help="Images per optimizer step (64).")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", rich_help_panel=TRAIN_PANEL, help="Peak AdamW learning rate (1e-4), cosine to 0.1x.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(
+        "--weight-decay", rich_help_panel=TRAIN_PANEL, help="AdamW weight decay (0.05).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Micro-batches per optimizer step.")] = None,
     augment: Annotated[Optional[str], typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
                                                    help="hflip (default) or none.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=TRAIN_PANEL,
-                                                help="Student init, data order and augmentation seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", rich_help_panel=TRAIN_PANEL,
+        help="Student init, data order and augmentation seed.")] = None,
     split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Train/test split seed.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(
-        "--val-fraction", help="Hold out a validation split for checkpoint selection (default 0: select on test, "
-        "the paper's protocol).")] = None,
+        "--val-fraction", help="Hold out a validation split for checkpoint selection (default 0: select on "
+        "test, the paper's protocol).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
                                                 "supported).")] = None,
-    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
-                                                          help="torch.compile the train step (CUDA).")] = None,
+    compile_model: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile", help="torch.compile the train step (CUDA).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Distil the CLIP quality teacher into a timm student: L = lambda(t)(1 - cos(u, v)) + (1 - lambda(t)) MSE.
+    """Distil the CLIP quality teacher into a timm student: L = lambda(1 - cos(u, v)) + (1 - lambda) MSE.
 
     Without --teacher-checkpoint the teacher is fine-tuned first (or an earlier fine-tune of the same
     teacher on the same data and split is reused), so this one command is the paper's whole pipeline.
@@ -88,11 +92,11 @@ def distill_command(
 
       kdiqa-edge distill --teacher tiny --student resnet18 --no-pretrained --epochs 2
 
-      kdiqa-edge distill --dataset koniq --root ~/data/koniq10k --student efficientnet_b0 --out runs/effb0-koniq
+      kdiqa-edge distill --dataset koniq --root ~/data/koniq10k --student efficientnet_b0 --out runs/b0
 
       kdiqa-edge distill --student mobilevit_s --teacher-checkpoint runs/teacher-koniq --variant hard ...
 
-      kdiqa-edge distill --out runs/effb0-koniq --resume
+      kdiqa-edge distill --out runs/b0 --resume
 
       torchrun --nproc-per-node 4 -m kdiqa_edge distill --dataset koniq --root ... --out ...
     """
@@ -121,12 +125,13 @@ def _report(summary: dict) -> None:
     typer.echo(f"{summary.get('label', '')}: best epoch {summary.get('best_epoch')} -> {summary['run_dir']}")
     test = summary.get("test")
     if test:
-        typer.echo(f"  test  PLCC {test['plcc']:.4f} (fitted {test['plcc_fit']:.4f})  SRCC {test['srcc']:.4f}  "
-                   f"KRCC {test['krcc']:.4f}  RMSE {test['rmse']:.4f}  n={test['n']}")
+        typer.echo(f"  test  PLCC {test['plcc']:.4f} (fitted {test['plcc_fit']:.4f})  "
+                   f"SRCC {test['srcc']:.4f}  KRCC {test['krcc']:.4f}  RMSE {test['rmse']:.4f}  "
+                   f"n={test['n']}")
     line = f"  student {_millions(student.get('params'))} params, {_giga(student.get('flops'))} FLOPs"
     if teacher:
-        line += (f"  |  teacher {_millions(teacher.get('params'))} params, {_giga(teacher.get('flops'))} FLOPs"
-                 f"  (per image at the input size)")
+        line += (f"  |  teacher {_millions(teacher.get('params'))} params, "
+                 f"{_giga(teacher.get('flops'))} FLOPs  (per image at the input size)")
     typer.echo(line)
 
 

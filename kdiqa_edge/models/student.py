@@ -128,7 +128,8 @@ def create_student(arch: str, head: QualityHead | None, preprocess: PreprocessSp
     except (RuntimeError, OSError, ValueError) as exc:
         if not load_kwargs:
             raise
-        raise WeightsUnavailable(f"cannot load the {arch} weights from {source}: {_first_line(exc)}") from None
+        raise WeightsUnavailable(f"cannot load the {arch} weights from {source}: {_first_line(exc)}") \
+            from None
     build = StudentBuild(arch, "quality" if head is not None else "regression", bool(load_kwargs), source,
                          timm_kwargs)
     return _assemble(encoder, head, preprocess, build)
@@ -235,7 +236,8 @@ def _student_from_checkpoint(meta: dict, state_dict: dict) -> Student:
 
     build = StudentBuild(meta["arch"], meta.get("head", "quality"), bool(meta.get("pretrained")),
                          meta.get("weights", ""), dict(meta.get("timm_kwargs") or {}))
-    encoder = timm.create_model(build.arch, pretrained=False, num_classes=0, exportable=True, **build.timm_kwargs)
+    encoder = timm.create_model(build.arch, pretrained=False, num_classes=0, exportable=True,
+                                **build.timm_kwargs)
     head = None
     if build.head == "quality":
         anchors = state_dict["head.anchors"]

@@ -1,6 +1,7 @@
 """Distillation (the paper's second stage): a timm student learns the fine-tuned CLIP teacher's features.
 
-    L = lambda(t) * (1 - cos(u, v)) + (1 - lambda(t)) * MSE(score, mos),  lambda(t) = 0.5 * (1 + cos(pi t / T))
+    L = lambda(t) * (1 - cos(u, v)) + (1 - lambda(t)) * MSE(score, mos)
+    lambda(t) = 0.5 * (1 + cos(pi t / T)), t the optimizer step, T all steps of the run
 
 The recipe is the shared engine (kdiqa_edge.train.engine) with the distillation loss plugged in; the
 teacher never runs per epoch: its features come from the feature cache (keyed by the teacher
@@ -33,11 +34,11 @@ from kdiqa_edge.train.schedules import Variant, parse_variant
 
 @dataclasses.dataclass
 class DistillConfig:
-    student: str = "resnet18"  # timm model name (paper: swin_tiny_patch4_window7_224, resnet18, mobilevit_s, efficientnet_b0)
+    student: str = "resnet18"  # timm model name (the paper's four: see models.student.PAPER_STUDENTS)
     variant: str = "full"  # full | soft | hard | fixed:X | regression (the rows of the paper's Table II)
     pretrained: bool = True  # ImageNet init through timm; False = random init, labelled "not pretrained"
     student_weights: Optional[str] = None  # local weights file for the student encoder (offline machines)
-    teacher_checkpoint: Optional[str] = None  # a fine-tuned teacher (checkpoint or run dir); None = fine-tune one
+    teacher_checkpoint: Optional[str] = None  # fine-tuned teacher (checkpoint/run dir); None: fine-tune one
     teacher: str = DEFAULT_TEACHER  # the teacher to fine-tune first: open_clip NAME:TAG, or tiny
     teacher_weights: Optional[str] = None  # local open_clip weights file for `teacher` (offline machines)
     teacher_epochs: Optional[int] = None  # teacher fine-tune epochs; None = the same as `epochs`
@@ -91,8 +92,9 @@ def teacher_finetune_config(cfg: DistillConfig, data: DatasetSpec):
         teacher=cfg.teacher, teacher_weights=cfg.teacher_weights, dataset=data.to_dict(),
         split_seed=cfg.split_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         split_by=cfg.split_by, epochs=cfg.teacher_epochs or cfg.epochs, batch_size=cfg.batch_size,
-        lr=cfg.teacher_lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
-        grad_clip=cfg.grad_clip, augment=cfg.augment, seed=cfg.seed, device=cfg.device, amp=cfg.amp,
+        lr=cfg.teacher_lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
+        grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, augment=cfg.augment, seed=cfg.seed,
+        device=cfg.device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, eval_batch_size=cfg.eval_batch_size,
         select=cfg.select, progress=cfg.progress, features=True,
     )
@@ -102,7 +104,8 @@ def teacher_run_dir(finetune_cfg, data: DatasetSpec, root: Path | None = None) -
     """Where the teacher fine-tune for (dataset files, split, teacher config) lives: one run, reused."""
     from kdiqa_edge.data import cache_key, load_dataset
 
-    settings = {k: v for k, v in config_lib.to_dict(finetune_cfg).items() if k not in VOLATILE + ("features",)}
+    ignored = VOLATILE + ("features",)
+    settings = {k: v for k, v in config_lib.to_dict(finetune_cfg).items() if k not in ignored}
     # The dataset's files (paths, sizes, mtimes): an edited dataset gets a new teacher.
     files = cache_key(load_dataset(data), PreprocessSpec())
     digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True, default=str).encode()).hexdigest()
@@ -138,10 +141,11 @@ def check_teacher_split(teacher_dir: Path, split) -> None:
     saved = read_json(run_dir / "split.json")
     if saved.get("index") and saved.get("index") != split.index:
         return  # another image list (another dataset): no test image of ours can have been trained on
-    if sorted(saved.get("test", [])) != sorted(split.test) or sorted(saved.get("train", [])) != sorted(split.train):
-        raise ConfigError(f"the teacher in {run_dir} was fine-tuned on another split of this dataset (its training "
-                          f"images include test images here): use the same --split-seed / fractions, or no "
-                          f"--teacher-checkpoint to fine-tune a matching teacher")
+    same_test = sorted(saved.get("test", [])) == sorted(split.test)
+    if not same_test or sorted(saved.get("train", [])) != sorted(split.train):
+        raise ConfigError(f"the teacher in {run_dir} was fine-tuned on another split of this dataset (its "
+                          f"training images include test images here): use the same --split-seed / "
+                          f"fractions, or no --teacher-checkpoint to fine-tune a matching teacher")
 
 
 def student_preprocess(cfg: DistillConfig, teacher) -> PreprocessSpec:
@@ -250,6 +254,17 @@ def _main_first(ctx):
         _barrier(ctx)
 
 
+def _same_on_all_ranks(ctx, value):
+    """Rank 0's value everywhere (a default run dir carries a timestamp that could differ across ranks)."""
+    if not ctx.enabled:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def _check_resume(run_dir: Path, cfg: DistillConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -280,20 +295,23 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     train_cfg = TrainConfig.from_any(cfg).check()
     data = dataset_spec(cfg, data)
     cfg = dataclasses.replace(cfg, dataset=data.to_dict())
-    run_dir = Path(out) if out else default_run_dir(cfg, data)
+    if resume and out is None:
+        raise ConfigError("--resume needs --out: the run dir to continue")
     if resume:
-        _check_resume(run_dir, cfg)
+        _check_resume(Path(out), cfg)
 
     # One process group for both stages (the engine leaves a group it did not create alone).
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx, device = init_distributed(cfg.device)
+    run_dir = Path(out) if out else _same_on_all_ranks(ctx, default_run_dir(cfg, data))
     say = (log or print) if ctx.is_main else (lambda *_: None)
     trainer = None
     try:
         # -- setup: teacher, data, teacher features, student
         teacher = teacher_dir = None
         if variant.uses_teacher_head:
-            teacher_dir = Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else ensure_teacher(cfg, data, ctx, say)
+            teacher_dir = (Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint
+                           else ensure_teacher(cfg, data, ctx, say))
             teacher = load_checkpoint(teacher_dir)
             if teacher.kind != "teacher":
                 raise ConfigError(f"--teacher-checkpoint {teacher_dir} holds a {teacher.kind}, not a teacher")
@@ -341,9 +359,9 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
                 summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
             summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
             summary["run_dir"] = str(run_dir)
-            summary["plots"] = [str(p) for p in write_distill_plots(run_dir, trainer.history, variant,
-                                                                     trainer.total_steps, trainer.steps_per_epoch,
-                                                                     meta["label"])]
+            plots = write_distill_plots(run_dir, trainer.history, variant, trainer.total_steps,
+                                        trainer.steps_per_epoch, meta["label"])
+            summary["plots"] = [str(p) for p in plots]
             write_json(run_dir / "summary.json", summary)
         _barrier(ctx)
         summary["run_dir"] = str(run_dir)

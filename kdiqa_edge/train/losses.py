@@ -49,17 +49,15 @@ class DistillLoss:
     """`loss_fn(model, batch, step, total_steps)` for the training engine, for one ablation variant.
 
     The batch carries normalized images `image`, labels `mos` and, for the variants that use them, the
-    cached teacher features `teacher_features`. lambda is reported (as a plain float) under `lambda`
-    by `last_lambda`, so the recipe can log it every step.
+    cached teacher features `teacher_features`. lambda(step) itself is a plain function of the step
+    (`self.variant.lam`): the recipe logs it beside the terms.
     """
 
     def __init__(self, variant: str | Variant = "full"):
         self.variant = parse_variant(variant)
-        self.last_lambda = self.variant.lam(0, 1)
 
     def __call__(self, model, batch, step: int, total_steps: int) -> dict[str, torch.Tensor]:
         lam = self.variant.lam(step, total_steps)
-        self.last_lambda = lam
         features = model.encode(batch["image"])
         score = model.head(features)
         teacher_features = batch.get("teacher_features") if lam > 0.0 else None
