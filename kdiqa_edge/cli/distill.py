@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -117,7 +118,8 @@ def distill_command(
         compile=compile_model, progress=False if quiet else None,
     )
     summary = run_distill(cfg, data, out, resume=resume, log=typer.echo)
-    _report(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        _report(summary)
 
 
 def _report(summary: dict) -> None:
