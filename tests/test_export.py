@@ -12,10 +12,10 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("open_clip")
 
-from kdiqa_edge.data.spec import DatasetSpec  # noqa: E402
-from kdiqa_edge.errors import ConfigError, ExportError, TensorRTUnavailable  # noqa: E402
-from kdiqa_edge.export import ExportConfig, export_checkpoint  # noqa: E402
-from kdiqa_edge.export.quantize import asymmetric_qdq_nodes  # noqa: E402
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import ConfigError, ExportError, TensorRTUnavailable
+from kdiqa_edge.export import ExportConfig, export_checkpoint
+from kdiqa_edge.export.quantize import asymmetric_qdq_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 

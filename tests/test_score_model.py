@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("open_clip")
 
-from kdiqa_edge.errors import ExportError  # noqa: E402
-from kdiqa_edge.models.score import ScoreModel  # noqa: E402
-from kdiqa_edge.preprocess import normalize  # noqa: E402
+from kdiqa_edge.errors import ExportError
+from kdiqa_edge.models.score import ScoreModel
+from kdiqa_edge.preprocess import normalize
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,30 +18,30 @@ def export_command(
     data: DatasetSpec,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per target-precision, "
                                                           "manifest.json).")] = Path("exports"),
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="onnx, tensorrt, coreml or all "
+    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml or all "
                                                   "[default: onnx]", rich_help_panel=EXPORT_PANEL)] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", "-p", help="fp32, fp16 or int8 [default: fp32]",
+    precision: Annotated[str | None, typer.Option("--precision", "-p", help="fp32, fp16 or int8 [default: fp32]",
                                                      rich_help_panel=EXPORT_PANEL)] = None,
-    input_kind: Annotated[Optional[str], typer.Option(
+    input_kind: Annotated[str | None, typer.Option(
         "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph "
                         "[default: float]", rich_help_panel=EXPORT_PANEL)] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="NCHW or NHWC (uint8 input only) "
+    layout: Annotated[str | None, typer.Option("--layout", help="NCHW or NHWC (uint8 input only) "
                                                   "[default: NCHW]", rich_help_panel=EXPORT_PANEL)] = None,
-    probs: Annotated[Optional[bool], typer.Option("--probs/--no-probs", help="Add the `probs` [N, 5] output.",
+    probs: Annotated[bool | None, typer.Option("--probs/--no-probs", help="Add the `probs` [N, 5] output.",
                                                   rich_help_panel=EXPORT_PANEL)] = None,
-    calib: Annotated[Optional[int], typer.Option("--calib", min=1, help="INT8 calibration images from the TRAIN "
+    calib: Annotated[int | None, typer.Option("--calib", min=1, help="INT8 calibration images from the TRAIN "
                                                  "split [default: 256]", rich_help_panel=EXPORT_PANEL)] = None,
-    calib_method: Annotated[Optional[str], typer.Option("--calib-method", help="minmax, entropy or percentile "
+    calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile "
                                                         "[default: minmax]", rich_help_panel=EXPORT_PANEL)] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Largest batch (TensorRT profile "
+    max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Largest batch (TensorRT profile "
                                                      "max, CoreML range) [default: 8]",
                                                      rich_help_panel=EXPORT_PANEL)] = None,
-    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 17..20 [default: 17]",
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, 17..20 [default: 17]",
                                                  rich_help_panel=EXPORT_PANEL)] = None,
-    tensorrt_version: Annotated[Optional[str], typer.Option(
+    tensorrt_version: Annotated[str | None, typer.Option(
         "--tensorrt-version", help="TensorRT the op check targets [default: 10.3, JetPack 6]",
         rich_help_panel=EXPORT_PANEL)] = None,
-    profile: Annotated[Optional[Path], typer.Option("--profile", help="A target profile (export/<name>.yaml); "
+    profile: Annotated[Path | None, typer.Option("--profile", help="A target profile (export/<name>.yaml); "
                                                     "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export even when the manifest says up to date.")] = False,
 ) -> None:
@@ -56,8 +56,8 @@ def export_command(
       kdiqa-edge export runs/distill --target all --precision fp16 --input uint8 --out exports/
     """
     from kdiqa_edge.config import resolve
-    from kdiqa_edge.export import ExportConfig, export_checkpoint
     from kdiqa_edge.errors import TensorRTUnavailable
+    from kdiqa_edge.export import ExportConfig, export_checkpoint
 
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
                   with_probs=probs, calib=calib, calib_method=calib_method, max_batch=max_batch, opset=opset,

@@ -7,10 +7,17 @@ Importing this package is light: the target modules import torch, onnx, coremlto
 their functions.
 """
 
-from kdiqa_edge.export.base import (
-    PRECISIONS, TARGETS, Examples, ExportConfig, ExportResult, Supports, Target, register_target,
-)
 from kdiqa_edge.export import coreml, onnx, tensorrt  # noqa: F401  (each registers its target)
+from kdiqa_edge.export.base import (
+    PRECISIONS,
+    TARGETS,
+    Examples,
+    ExportConfig,
+    ExportResult,
+    Supports,
+    Target,
+    register_target,
+)
 from kdiqa_edge.export.pipeline import export_checkpoint, load_examples
 
 __all__ = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,11 +38,11 @@ class ExportConfig:
     threads: int = 2  # ONNX Runtime intra-op threads for parity, drift and latency
     tensorrt_version: str = "10.3"  # TensorRT the engine/ONNX targets (JetPack 6 ships 10.3)
     workspace_mib: int = 1024  # TensorRT builder workspace limit
-    timing_cache: Optional[str] = None  # TensorRT timing cache file (default: in the kdiqa-edge cache dir)
+    timing_cache: str | None = None  # TensorRT timing cache file (default: in the kdiqa-edge cache dir)
     coreml_target: str = "iOS16"  # coremltools minimum deployment target
     seed: int = 0  # split seed when the checkpoint has no saved split
 
-    def validate(self) -> "ExportConfig":
+    def validate(self) -> ExportConfig:
         if self.target != "all":
             TARGETS.get(self.target)
         if self.precision not in PRECISIONS:
@@ -95,7 +95,7 @@ class ExportResult:
     drift: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)  # what the user must know (plainly)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # target-specific facts for the manifest
-    unavailable: Optional[str] = None  # set when a runtime was missing and only the inputs were written
+    unavailable: str | None = None  # set when a runtime was missing and only the inputs were written
 
 
 class Target(Protocol):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdiqa_edge.errors import ConfigError, ExportError
-from kdiqa_edge.export.base import ExportConfig, ExportResult, Examples, Supports, register_target
+from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Supports, register_target
 
 
 def _image_model(model, cfg: ExportConfig):
@@ -67,7 +67,11 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any]):
         minimum_deployment_target=target,
     )
     if cfg.precision == "int8":
-        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+        from coremltools.optimize.coreml import (
+            OpLinearQuantizerConfig,
+            OptimizationConfig,
+            linear_quantize_weights,
+        )
 
         config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
         mlmodel = linear_quantize_weights(mlmodel, config=config)

@@ -50,7 +50,7 @@ def latency_ms(sess, one: np.ndarray, runs: int = 30, warmup: int = 5) -> dict[s
 
 def parity(reference: np.ndarray, scores: np.ndarray, tolerance: float | None) -> dict[str, Any]:
     diff = np.abs(np.asarray(reference, np.float64) - np.asarray(scores, np.float64))
-    report: dict[str, Any] = {"images": int(len(diff)), "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
+    report: dict[str, Any] = {"images": len(diff), "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
                               "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0}
     if tolerance is not None:
         report["tolerance"] = tolerance
@@ -69,7 +69,7 @@ def drift(reference: np.ndarray, scores: np.ndarray, mos: np.ndarray) -> dict[st
         ref = evaluate(reference, mos)
         low = evaluate(scores, mos)
     return {
-        "images": int(len(mos)),
+        "images": len(mos),
         "fp32": {"srcc": ref.srcc, "plcc": ref.plcc},
         "reduced": {"srcc": low.srcc, "plcc": low.plcc},
         "delta_srcc": low.srcc - ref.srcc,

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from kdiqa_edge.errors import ExportError
-from kdiqa_edge.export.base import ExportConfig, ExportResult, Examples, Supports, model_input, register_target
+from kdiqa_edge.export.base import (
+    Examples,
+    ExportConfig,
+    ExportResult,
+    Supports,
+    model_input,
+    register_target,
+)
 
 MAX_IR_VERSION = 10  # TensorRT 10.x's parser and older runtimes read IR <= 10
 # Graph regions kept in float in FP16/INT8 models: the folded head (a per-tensor scale across 5 logits would
@@ -146,7 +153,7 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
         else:
             calib = model_input(examples.calib, scored.input_spec(), scored.preprocess)
             quantize.int8(fp32, final, calib, form=form, method=cfg.calib_method, keep_float=float_nodes(fp32))
-            result.extra["int8"] = {"form": form, "calibration_images": int(len(calib)),
+            result.extra["int8"] = {"form": form, "calibration_images": len(calib),
                                     "calibration_method": cfg.calib_method, "per_channel": True,
                                     "head": "float"}
         set_metadata(final, meta)
@@ -186,10 +193,10 @@ def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: Exp
 def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) -> list[str]:
     fp32_ms = report["latency"]["fp32"]["p50_ms"]
     low_ms = report["latency"][precision]["p50_ms"]
-    notes = [f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
-             f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on "
-             f"{report['images']} test images; ONNX Runtime CPU batch 1: {precision.upper()} {low_ms:.2f} ms, "
-             f"FP32 {fp32_ms:.2f} ms"]
+    notes = [(f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
+              f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on "
+              f"{report['images']} test images; ONNX Runtime CPU batch 1: {precision.upper()} {low_ms:.2f} ms, "
+              f"FP32 {fp32_ms:.2f} ms")]
     if form == "s8s8" and precision == "int8":
         notes.append(f"{name}: these latencies are the TensorRT Q/DQ form under ONNX Runtime on this CPU, "
                      "not the engine's speed: bench the engine on the device")

@@ -14,8 +14,9 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def artifact_meta(model) -> dict[str, Any]:
     }
 
 
-def _saved_split(checkpoint: Path, checkpoint_dir: Path) -> Optional[Path]:
+def _saved_split(checkpoint: Path, checkpoint_dir: Path) -> Path | None:
     """The split.json of the run the checkpoint came from, if any."""
     for run_dir in (checkpoint, checkpoint_dir.parent.parent):
         if (run_dir / "split.json").is_file():
@@ -66,7 +67,7 @@ def _saved_split(checkpoint: Path, checkpoint_dir: Path) -> Optional[Path]:
     return None
 
 
-def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: Optional[Path] = None,
+def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: Path | None = None,
                   progress: bool = True, log: Callable[[str], None] = print) -> Examples:
     """Calibration images from the TRAIN split, parity and drift images from the TEST split.
 
@@ -136,7 +137,7 @@ def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str
 
 
 def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path,
-                      data: DatasetSpec = DatasetSpec(), force: bool = False, progress: bool = True,
+                      data: DatasetSpec | None = None, force: bool = False, progress: bool = True,
                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Export `checkpoint` (checkpoint dir or run dir) per `cfg` into `out`; returns the manifest.
 
@@ -146,6 +147,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
     from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
 
     cfg = cfg.validate()
+    data = data or DatasetSpec()
     for name in cfg.targets():
         if cfg.precision not in TARGETS.get(name).supports.precisions:
             raise ConfigError(f"target {name} does not support {cfg.precision}")

@@ -38,8 +38,7 @@ def _reader(inputs: np.ndarray, batch: int = 8, name: str = "image"):
 def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "minmax",
          keep_float: list[str] | None = None) -> Path:
     """quant_pre_process, then quantize_static (QDQ, per-channel weights) with nodes in `keep_float` excluded."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if form not in FORMS:

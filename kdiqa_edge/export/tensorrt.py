@@ -12,28 +12,14 @@ from __future__ import annotations
 import dataclasses
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from kdiqa_edge.errors import ConfigError, ExportError
-from kdiqa_edge.export.base import ExportConfig, ExportResult, Examples, Supports, register_target
+from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Supports, register_target
 
 # ONNX operators TensorRT's parser imports, from onnx-tensorrt's docs/operators.md ("Supported: Y"), for
 # TensorRT 10.0 onwards (opsets 9..20). Ops added later map to the first version that has them.
-_TRT10_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BlackmanWindow Cast
-CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
-DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements
-GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample
-GroupNormalization GRU HammingWindow HannWindow HardSigmoid HardSwish Hardmax Identity If ImageScaler
-InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM
-LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
-NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal
-RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum
-ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
-ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
-Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
-ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+_TRT10_OPS = frozenset(["Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "BatchNormalization", "BlackmanWindow", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DepthToSpace", "DequantizeLinear", "Div", "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample", "GroupNormalization", "GRU", "HammingWindow", "HannWindow", "HardSigmoid", "HardSwish", "Hardmax", "Identity", "If", "ImageScaler", "InstanceNormalization", "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "Loop", "LRN", "LSTM", "LpNormalization", "LpPool", "MatMul", "Max", "MaxPool", "Mean", "MeanVarianceNormalization", "Min", "Mish", "Mod", "Mul", "Neg", "NonMaxSuppression", "NonZero", "Not", "OneHot", "Or", "Pad", "ParametricSoftplus", "Pow", "PRelu", "QuantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range", "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize", "ReverseSequence", "RNN", "RoiAlign", "Round", "ScaledTanh", "Scan", "Scatter", "ScatterElements", "ScatterND", "Selu", "Shape", "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Upsample", "Where", "Xor"])
 _ADDED_OPS = {  # op -> first TensorRT version whose ONNX parser supports it
     "Attention": (10, 15), "DeformConv": (10, 15), "RMSNormalization": (10, 15), "RotaryEmbedding": (10, 15),
     "TensorScatter": (10, 15), "STFT": (10, 15),
@@ -165,6 +151,13 @@ def build_engine(onnx_path: Path, engine_path: Path, input_shape: tuple[int, ...
     return full_header
 
 
+def installed_version() -> str:
+    """major.minor of the tensorrt that imports here."""
+    import tensorrt as trt
+
+    return ".".join(trt.__version__.split(".")[:2])
+
+
 def tensorrt_available() -> str | None:
     """None when tensorrt imports, else why not."""
     try:
@@ -181,7 +174,7 @@ class TensorRTTarget:
     name = "tensorrt"
     supports = Supports(precisions=("fp32", "fp16", "int8"), dynamic_batch=True,
                         tolerance={"fp32": 1e-4, "fp16": 5e-2})
-    engine_tolerance = {"fp32": 1e-2, "fp16": 5e-2}  # TensorRT may use TF32 for FP32 layers
+    engine_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-2, "fp16": 5e-2}  # FP32 layers may run in TF32
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         import onnx
@@ -194,11 +187,16 @@ class TensorRTTarget:
         result = onnx_target.build(model, examples, out, cfg, meta, form="s8s8", tolerance=self.supports.tolerance)
         onnx_path = result.files[0]
         graph = onnx.load(str(onnx_path))
-        check = check_ops(graph, cfg.tensorrt_version)
-        result.extra["op_check"] = {"tensorrt_version": check.version, "ops": check.ops, "problems": check.problems}
-        if not check.ok:
-            raise ExportError(f"{onnx_path.name} will not import into TensorRT {cfg.tensorrt_version}: "
-                              + "; ".join(check.problems))
+        missing = tensorrt_available()
+        # the targeted version, and the installed one when the engine is built here
+        versions = [cfg.tensorrt_version] + ([] if missing else [installed_version()])
+        for version in dict.fromkeys(versions):
+            check = check_ops(graph, version)
+            result.extra.setdefault("op_check", {"tensorrt_version": check.version, "ops": check.ops,
+                                                 "problems": check.problems})
+            if not check.ok:
+                raise ExportError(f"{onnx_path.name} will not import into TensorRT {version}: "
+                                  + "; ".join(check.problems))
 
         input_shape = tuple(d.dim_value or 1 for d in graph.graph.input[0].type.tensor_type.shape.dim)
         engine_path = out / f"model.{cfg.precision}.engine"
@@ -216,7 +214,6 @@ class TensorRTTarget:
         result.extra["trtexec"] = command
         result.notes.append(f"trtexec equivalent: {command}")
 
-        missing = tensorrt_available()
         if missing is not None:
             result.unavailable = (f"tensorrt does not import here ({missing}): NO ENGINE WAS BUILT; wrote the "
                                   f"TensorRT-ready {onnx_path.name} and trtexec.sh; build on the device")
