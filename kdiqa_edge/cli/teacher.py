@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -145,6 +146,8 @@ def finetune_command(
         progress=False if quiet else None,
     )
     summary = run_finetune(cfg, data, out, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     test = summary.get("test") or {}
     zero = summary.get("zero_shot_test")
     label = summary.get("label", cfg.teacher)

@@ -108,6 +108,10 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     ctx, _ = init_distributed(cfg.device)  # torchrun: one group for the cache build and the training
+    if ctx.enabled and out is None:  # the default name has a timestamp: every process takes rank 0's
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     trainer = None
     try:
         with main_process_first(ctx):  # one process builds the weights and image caches, the others open them
