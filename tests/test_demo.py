@@ -1,0 +1,43 @@
+"""`kdiqa-edge demo`: the whole path on a small synthetic set, a report with real numbers in every row."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from kdiqa_edge.cli import app  # noqa: E402
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--students", "test_resnet,test_efficientnet", "--teacher", "tiny",
+            "--epochs", "1", "--teacher-epochs", "1", "--refs", "3", "--no-pretrained"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    assert "Smoke test, not IQA results" in report and "not pretrained" in report
+    rows = [line for line in report.splitlines() if line.startswith("| test_") or line.startswith("| teacher")]
+    onnx_rows = [r for r in rows if ".onnx-" in r and "| ok |" in r]
+    # each student: FP32 and INT8 ONNX benched with a size, an SRCC and a latency
+    for student in ("test_resnet", "test_efficientnet"):
+        for precision in ("fp32", "int8"):
+            row = next(r for r in onnx_rows if r.startswith(f"| {student}.onnx-{precision}"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert re.fullmatch(r"-?\d+\.\d+", cells[6]), row  # SRCC
+            assert re.fullmatch(r"\d+\.\d+", cells[8]), row  # p50 ms at batch 1
+        assert (out / "exports" / student / "coreml-fp16" / "model.fp16.mlpackage").is_dir()
+        assert (out / "exports" / student / "tensorrt-int8" / "trtexec.sh").is_file()
+    assert (out / "bench" / "latency_vs_srcc.png").stat().st_size > 0
+    for plot in re.findall(r"\]\(([^)]+\.png)\)", report):
+        assert (out / plot).is_file(), plot
+
+    # a second run skips every finished stage
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "teacher: done" in again.output and "test_efficientnet: done" in again.output
