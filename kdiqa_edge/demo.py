@@ -226,7 +226,7 @@ def write_report(out: Path, teacher: str, pretrained: dict[str, bool], smoke: bo
                                                        for s, p in pretrained.items())
                   + ". The figures show that every stage runs and what each format costs, not how well a "
                   "real teacher distils."
-                  + (f" The tiny teacher (64 px, about 0.15M parameters) is far smaller than the students, so "
+                  + (" The tiny teacher (64 px, about 0.15M parameters) is far smaller than the students, so "
                      "the students are slower than it here; with the real ViT-B/32 teacher the ratio reverses."
                      if teacher == TINY_TEACHER else "")
                   + (f" The tiny teacher was fine-tuned at lr {cfg.tiny_teacher_lr:g} instead of the paper's 5e-6."
