@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import math
 import os
 import socket
@@ -64,7 +65,7 @@ def test_cosine_schedule_ends_at_a_tenth():
     assert cosine_factor(50, 100, 0.1) == pytest.approx(0.55)
     assert cosine_factor(100, 100, 0.1) == pytest.approx(0.1)
     values = [cosine_factor(s, 100, 0.1) for s in range(101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -102,7 +103,7 @@ def test_run_dir_extras_scalars_and_lr(data, tmp_path):
     first_epoch = torch.cat(seen[:steps_per_epoch]).numpy()
     assert sorted(first_epoch) == sorted(split.train)
 
-    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for row in rows:
         assert float(row["loss"]) == pytest.approx(float(row["hard"]) + float(row["other"]), rel=1e-4)
@@ -139,8 +140,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(data, tmp_path):
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last", verify=False)
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last", verify=False)
     assert content_hash(a.state_dict()) == content_hash(b.state_dict())  # bit-identical weights
-    rows_a = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
-    rows_b = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
+    rows_a = list(csv.DictReader((tmp_path / "full" / "metrics.csv").read_text().splitlines()))
+    rows_b = list(csv.DictReader((tmp_path / "resumed" / "metrics.csv").read_text().splitlines()))
     assert [(r["loss"], r["srcc"]) for r in rows_a] == [(r["loss"], r["srcc"]) for r in rows_b]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdiqa_edge import paths
 from kdiqa_edge.models import load_checkpoint
 from kdiqa_edge.models.teacher import create_clip, load_teacher, teacher_from_clip
 from kdiqa_edge.train.engine import TrainConfig, Trainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,18 +18,18 @@ teacher_app = typer.Typer(help="The CLIP quality teacher: zero-shot evaluation a
 TEACHER_PANEL = "Teacher"
 TRAIN_PANEL = "Training (defaults: the paper's recipe)"
 
-Teacher = Annotated[Optional[str], typer.Option(
+Teacher = Annotated[str | None, typer.Option(
     "--teacher", help="open_clip NAME:TAG (default ViT-B-32:openai, the paper's teacher), or 'tiny': a random-init "
     "64 px config for tests and offline demos (not pretrained).", rich_help_panel=TEACHER_PANEL)]
-TeacherWeights = Annotated[Optional[Path], typer.Option(
+TeacherWeights = Annotated[Path | None, typer.Option(
     "--teacher-weights", help="Local open_clip weights file for --teacher's NAME (offline machines).",
     rich_help_panel=TEACHER_PANEL)]
-Template = Annotated[Optional[list[str]], typer.Option(
+Template = Annotated[list[str] | None, typer.Option(
     "--template", help="Prompt template with {level}; repeat to average several (default: 'a photo of {level} "
     "quality').", rich_help_panel=TEACHER_PANEL)]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Split seed.")]
+Device = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Split seed.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def eval_command(
     data: DatasetSpec,
     teacher: Teacher = None,
     teacher_weights: TeacherWeights = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="A fine-tuned teacher: checkpoint dir or run dir (instead of --teacher).",
         rich_help_panel=TEACHER_PANEL)] = None,
     template: Template = None,
@@ -89,36 +89,36 @@ def eval_command(
 @dataset_options
 def finetune_command(
     data: DatasetSpec,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir (default runs/teacher-...).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML/JSON config; flags override it. "
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run dir (default runs/teacher-...).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON config; flags override it. "
                                                    "A run's config.yaml works.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
     teacher: Teacher = None,
     teacher_weights: TeacherWeights = None,
     template: Template = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, rich_help_panel=TRAIN_PANEL,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, rich_help_panel=TRAIN_PANEL,
                                                   help="Epochs (100).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, rich_help_panel=TRAIN_PANEL,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Images per optimizer step (64).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=TRAIN_PANEL,
+    lr: Annotated[float | None, typer.Option("--lr", rich_help_panel=TRAIN_PANEL,
                                                 help="Peak AdamW learning rate (5e-6), cosine to 0.1x.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", rich_help_panel=TRAIN_PANEL)] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", rich_help_panel=TRAIN_PANEL)] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Micro-batches per step.")] = None,
-    augment: Annotated[Optional[str], typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
+    augment: Annotated[str | None, typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
                                                    help="hflip (default) or none.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=TRAIN_PANEL,
+    seed: Annotated[int | None, typer.Option("--seed", rich_help_panel=TRAIN_PANEL,
                                                 help="Data order / augmentation seed.")] = None,
-    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Train/test split seed.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(
+    split_seed: Annotated[int | None, typer.Option("--split-seed", help="Train/test split seed.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", help="Hold out a validation split for checkpoint selection (default 0: select on test, "
         "as the paper's protocol).")] = None,
     device: Device = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
                                                 "supported).")] = None,
-    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+    compile_model: Annotated[bool | None, typer.Option("--compile/--no-compile",
                                                           help="torch.compile the train step.")] = None,
-    features: Annotated[Optional[bool], typer.Option("--features/--no-features", help="Write the teacher feature "
+    features: Annotated[bool | None, typer.Option("--features/--no-features", help="Write the teacher feature "
                                                      "cache for distillation afterwards (default on).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kdiqa_edge.errors import CheckpointError
 from kdiqa_edge.io import atomic_path, read_json, write_json

@@ -7,7 +7,7 @@ Everything here is a frozen buffer: the head is fixed once the anchors are compu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class QualityHead(nn.Module):
             "logit_scale": float(self.logit_scale),
         }
 
-    def copy(self) -> "QualityHead":
+    def copy(self) -> QualityHead:
         """An independent head with the same anchors (the student reuses the teacher's head)."""
         return QualityHead(self.anchors.clone(), float(self.logit_scale), self.prompts, tuple(self.levels.tolist()))
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,7 +172,7 @@ def _create_from_file(arch: str, path: Path, quick_gelu: bool):
         raise WeightsUnavailable(f"--teacher-weights file not found: {path}")
     try:
         return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
-    except Exception as exc:  # open_clip raises many types for a wrong or foreign file
+    except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a wrong or foreign file
         raise CheckpointError(f"cannot load {path} as {arch} weights: {str(exc).splitlines()[0][:200]}") from None
 
 

@@ -31,8 +31,9 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
     weight_decay: float = 0.05  # AdamW decay on weight matrices (not on biases, norms, embeddings' scales)
     grad_accum: int = 1  # micro-batches per optimizer step
-    grad_clip: Optional[float] = None  # clip the global gradient norm to this, if set
+    grad_clip: float | None = None  # clip the global gradient norm to this, if set
     augment: str = "hflip"  # on-device train augmentation: hflip | none (crops would change quality)
     seed: int = 0  # data order, augmentation and init noise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -74,12 +75,12 @@ class TrainConfig:
     progress: bool = True  # rich progress bars
 
     @classmethod
-    def from_any(cls, cfg) -> "TrainConfig":
+    def from_any(cls, cfg) -> TrainConfig:
         """The training fields of a larger recipe config (fine-tune, distill) that shares their names."""
         values = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("epochs, batch_size and grad_accum must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -245,7 +246,7 @@ class BatchLoader:
                         return
                     slots.put(self.gather(idx))
                 slots.put(None)
-            except BaseException as exc:  # surfaced in the consumer
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 slots.put(exc)
 
         worker = threading.Thread(target=produce, daemon=True, name="kdiqa-batches")
@@ -384,15 +385,15 @@ class Trainer:
         self.best: dict[str, Any] = {"epoch": None, "value": -math.inf}
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
-        self.interrupt_after_steps: Optional[int] = None  # tests: simulate a crash after this many steps
+        self.interrupt_after_steps: int | None = None  # tests: simulate a crash after this many steps
         # benchmarks: time data (gather + copy + normalize/augment), forward/backward/step and the rest of
         # each step, synchronizing the device at every boundary (slows CUDA a little; off by default)
         self.profile_steps = False
         self.step_timings: dict[str, float] = {}
-        self._last_tick: Optional[float] = None
+        self._last_tick: float | None = None
 
     # -- setup ------------------------------------------------------------------------------------------
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg = self.cfg
         # A process group that already exists (a pipeline running several stages, e.g. distill's teacher
         # fine-tune) belongs to the caller: cleanup() leaves it alone.
@@ -726,7 +727,14 @@ def write_metrics_csv(path: Path, history: list[dict]) -> Path:
 
 
 def _progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

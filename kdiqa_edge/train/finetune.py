@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from kdiqa_edge.models.teacher import DEFAULT_TEACHER
 @dataclasses.dataclass
 class FinetuneConfig:
     teacher: str = DEFAULT_TEACHER  # open_clip NAME:TAG, or a registered random-init config (tiny)
-    teacher_weights: Optional[str] = None  # local open_clip weights file for NAME (offline machines)
+    teacher_weights: str | None = None  # local open_clip weights file for NAME (offline machines)
     templates: list = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # averaged prompts
     dataset: dict = dataclasses.field(default_factory=dict)  # DatasetSpec fields; CLI dataset options win
     split_seed: int = 0  # seed of the train/val/test split
@@ -40,7 +40,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.1  # cosine decay to 0.1x
     weight_decay: float = 0.05
     grad_accum: int = 1
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     augment: str = "hflip"  # hflip | none
     seed: int = 0  # data order and augmentation
     device: str = "auto"
@@ -124,8 +124,9 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         trainer.setup()
         if trainer.ctx.is_main and not resume:
             saved = {**config_lib.to_dict(cfg), "dataset": data.to_dict()}
-            from kdiqa_edge.io import write_text
             import yaml
+
+            from kdiqa_edge.io import write_text
 
             write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
         zero = zero_shot_before(trainer, cache, split, train_cfg) if not resume else None
@@ -135,7 +136,7 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         if zero is not None:
             summary["zero_shot_test"] = zero.to_dict()
         if cfg.features and trainer.ctx.is_main:
-            from kdiqa_edge.train.features import teacher_features, feature_cache_path
+            from kdiqa_edge.train.features import feature_cache_path, teacher_features
 
             features = teacher_features(run_dir / "checkpoints" / "best", cache, device=str(trainer.device),
                                         batch_size=train_cfg.eval_batch_size, progress=cfg.progress)
@@ -156,9 +157,9 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
 
 def zero_shot_before(trainer, cache, split, train_cfg) -> IQAMetrics | None:
     """The teacher's zero-shot test metrics before any training (what fine-tuning must beat)."""
-    from kdiqa_edge.train.engine import predict
-
     import numpy as np
+
+    from kdiqa_edge.train.engine import predict
 
     test = np.asarray(split.test, dtype=np.int64)
     if len(test) < 3:
