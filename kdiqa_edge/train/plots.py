@@ -32,6 +32,8 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
     skip = {"epoch", "step", "lr", "eval_split", "train_seconds", "images_per_s", "plcc", "plcc_fit", "srcc",
             "krcc", "rmse"}
     terms = [k for k in history[0] if k not in skip and isinstance(history[0][k], (int, float))] if history else []
+    if len(terms) == 2 and "loss" in terms:  # a single named term is the loss itself: draw it once
+        terms = ["loss"]
     fig, (ax_loss, ax_corr) = plt.subplots(1, 2, figsize=(11, 4))
     for name in terms:
         ax_loss.plot(epochs, [row.get(name, np.nan) for row in history], marker=".",
@@ -46,6 +48,10 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
     ax_corr.set_title(f"{split} correlation")
     ax_corr.legend()
     ax_corr.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_corr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     path = _save(fig, path)
