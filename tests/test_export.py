@@ -137,6 +137,22 @@ def test_uint8_input_equals_float_input(fp32_exports, data):
     np.testing.assert_allclose(as_uint8, as_float, atol=1e-4, rtol=0)
 
 
+def test_fp16_onnx_has_fp32_io_and_float_head(tmp_path, checkpoints, data):
+    """FP16 weights and compute, FP32 input/output, the head in float; checked against torch (ViT teacher)."""
+    manifest = export_checkpoint(checkpoints["teacher"], ExportConfig(precision="fp16", parity_images=8), tmp_path,
+                                 data=data, progress=False, log=lambda _: None)
+    entry = manifest["exports"]["onnx-fp16"]
+    assert entry["parity"]["passed"] and entry["parity"]["max_abs_diff"] <= 5e-2
+    assert entry["drift"]["latency"]["fp16"]["p50_ms"] > 0 and "srcc_vs_fp32" in entry["drift"]
+    graph = onnx.load(str(tmp_path / "onnx-fp16" / "model.fp16.onnx"))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = {t.name: t.data_type for t in graph.graph.initializer}
+    assert sum(t == onnx.TensorProto.FLOAT16 for t in weights.values()) > 10
+    head_matmul = next(n for n in graph.graph.node if n.name == "/head/MatMul")
+    assert weights[head_matmul.input[1]] == onnx.TensorProto.FLOAT  # W = logit_scale * anchors stays FP32
+
+
 def test_rerun_is_idempotent(fp32_exports, checkpoints, data):
     folder = fp32_exports["student"]
     onnx_file = folder / "onnx-fp32" / "model.fp32.onnx"
