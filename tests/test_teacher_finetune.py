@@ -91,9 +91,14 @@ def test_teacher_feature_cache(data, finetuned):
     again = teacher_features(load_checkpoint(run), cache, progress=False)  # a loaded model works too
     assert os.stat(folder / "features.f16").st_mtime_ns == stamp  # read back, not recomputed
     assert np.array_equal(again, features)
-    last = run / "checkpoints" / "last"
-    assert feature_cache_path(last, cache) != folder or load_checkpoint(last).meta["content_hash"] == \
-        model.meta["content_hash"]
+    # keyed by the teacher checkpoint and the image cache: either one changed, another file
+    from types import SimpleNamespace
+
+    from kdiqa_edge.models import save_checkpoint
+
+    other_teacher = save_checkpoint(load_teacher("tiny"), run.parent / "untrained")
+    assert feature_cache_path(other_teacher, cache) != folder
+    assert feature_cache_path(run, SimpleNamespace(key="0" * 64)) != folder
 
 
 @pytest.mark.slow
