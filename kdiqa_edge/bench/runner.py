@@ -117,6 +117,8 @@ def _reason(exc: BaseException, path: str) -> str:
 
 def _model_facts(result: BenchResult, model) -> None:
     path = Path(result.model)
+    if model.backend.name == "torch" and not (path / "model.json").is_file():
+        path = path / "checkpoints" / "best"  # a run dir: the weights, not the logs and exports beside them
     result.size_mb = facts.size_bytes(path) / 1e6
     if model.backend.name == "onnxruntime":
         result.params = facts.onnx_param_count(path)
