@@ -604,7 +604,7 @@ class Trainer:
             with atomic_path(last / TRAIN_STATE) as tmp:
                 tmp.write_bytes(buffer.getvalue())
             if best:
-                save_checkpoint(self.model, self.run_dir / "checkpoints" / "best", meta)
+                _link_checkpoint(last, self.run_dir / "checkpoints" / "best")
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         _barrier(self.ctx)
 
@@ -708,6 +708,27 @@ class Trainer:
             return self.train()
         finally:
             self.cleanup()
+
+
+def _link_checkpoint(source: Path, target: Path) -> Path:
+    """`target` = the checkpoint files of `source` (not its train_state), hard-linked where possible.
+
+    Saving never rewrites a file in place (a checkpoint dir is replaced as a whole), so a link stays the
+    content it was made with; for ViT-B/32 this saves serializing and hashing 350 MB once more per epoch.
+    """
+    import os
+    import shutil
+
+    from kdiqa_edge.models.checkpoint import META_FILE, WEIGHTS_FILE
+
+    with atomic_path(target) as tmp:
+        tmp.mkdir(parents=True)
+        for name in (WEIGHTS_FILE, META_FILE):
+            try:
+                os.link(source / name, tmp / name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(source / name, tmp / name)
+    return target
 
 
 def _as_tuple(value):
