@@ -327,8 +327,9 @@ def tiny_run(tmp_path_factory, data) -> Path:
 @pytest.mark.slow
 def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
     out = tmp_path / "exports"
-    code, stdout, err = _cli(["export", str(tiny_run), "--target", "all", "--precision", "int8",
-                              "--root", str(data.root), "--out", str(out)], capsys)
+    # no dataset options: the run's own dataset (config.yaml) and split (split.json)
+    code, stdout, err = _cli(["export", str(tiny_run), "--target", "all", "--precision", "int8", "--out", str(out)],
+                             capsys)
     if _tensorrt_missing():  # everything else is written, then the distinct exit code
         assert code == TensorRTUnavailable.exit_code == 4
         assert "NO ENGINE WAS BUILT" in err
@@ -338,6 +339,7 @@ def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["exports"]) == ["coreml-int8", "onnx-int8", "tensorrt-int8"]
     assert manifest["checkpoint"]["path"] == str(tiny_run / "checkpoints" / "best")
+    assert manifest["data"]["root"] == str(data.root)
 
     # ONNX Runtime form: uint8 activations (asymmetric), int8 per-channel weights; head kept in float
     u8s8 = onnx.load(str(out / "onnx-int8" / "model.int8.onnx"))

@@ -67,6 +67,21 @@ def _saved_split(checkpoint: Path, checkpoint_dir: Path) -> Path | None:
     return None
 
 
+def _run_dataset(checkpoint: Path, checkpoint_dir: Path) -> DatasetSpec | None:
+    """The dataset the run was trained on (its config.yaml), so calibration and test images match it."""
+    from kdiqa_edge.config import load_file
+
+    for run_dir in (checkpoint, checkpoint_dir.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            dataset = load_file(run_dir / "config.yaml").get("dataset")
+            if isinstance(dataset, dict):
+                try:
+                    return DatasetSpec.from_dict(dataset)
+                except TypeError:
+                    return None
+    return None
+
+
 def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: Path | None = None,
                   progress: bool = True, log: Callable[[str], None] = print) -> Examples:
     """Calibration images from the TRAIN split, parity and drift images from the TEST split.
@@ -141,19 +156,23 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Export `checkpoint` (checkpoint dir or run dir) per `cfg` into `out`; returns the manifest.
 
+    Calibration, parity and drift images come from `data`; without one, from the dataset in the run's
+    config.yaml (and its split.json), else from the synthetic set.
+
     Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
     """
     from kdiqa_edge.io import atomic_path, write_json
     from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
 
     cfg = cfg.validate()
-    data = data or DatasetSpec()
     for name in cfg.targets():
         if cfg.precision not in TARGETS.get(name).supports.precisions:
             raise ConfigError(f"target {name} does not support {cfg.precision}")
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    if data is None or data == DatasetSpec():  # no dataset named: the run's own, else the synthetic set
+        data = _run_dataset(checkpoint, checkpoint_dir) or DatasetSpec()
     model_hash = model.meta.get("content_hash", "")
     out = Path(out)
     manifest = read_manifest(out)

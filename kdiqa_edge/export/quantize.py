@@ -50,7 +50,9 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
     if method not in methods:
         raise ConfigError(f"unknown calibration method {method!r}; choose one of: {', '.join(methods)}")
 
-    reader = _reader(calib)
+    # The histogram calibrators (entropy, percentile) stack every batch's activations into one array, so
+    # a short last batch breaks them ("inhomogeneous shape"): feed them one image at a time.
+    reader = _reader(calib, batch=8 if method == "minmax" else 1)
     symmetric = form == "s8s8"
     root = logging.getLogger()
     level = root.level
