@@ -75,6 +75,7 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric},
         )
     root.setLevel(level)
+    _drop_unused_domains(dst)
     if symmetric:
         import onnx
 
@@ -83,6 +84,19 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
             raise ExportError(f"{dst.name}: Q/DQ nodes with non-zero zero points ({', '.join(bad[:3])}); "
                               "TensorRT requires symmetric quantization")
     return dst
+
+
+def _drop_unused_domains(path: Path) -> None:
+    """quant_pre_process leaves opset imports for every ONNX Runtime domain; keep those the graph uses."""
+    import onnx
+
+    model = onnx.load(str(path))
+    used = {"", "ai.onnx"} | {n.domain for n in model.graph.node}
+    kept = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
 
 
 def asymmetric_qdq_nodes(model) -> list[str]:
