@@ -352,6 +352,9 @@ def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
 
     # TensorRT form: symmetric int8 Q/DQ, every zero point 0; every op in TensorRT 10.3's list
     s8s8 = onnx.load(str(out / "tensorrt-int8" / "model.int8.onnx"))
+    for graph in (u8s8, s8s8):
+        onnx.checker.check_model(graph, full_check=True)
+        assert [(o.domain, o.version) for o in graph.opset_import] == [("", 17)] and graph.ir_version <= 10
     assert sum(n.op_type == "QuantizeLinear" for n in s8s8.graph.node) > 5
     assert asymmetric_qdq_nodes(s8s8) == []
     entry = manifest["exports"]["tensorrt-int8"]
