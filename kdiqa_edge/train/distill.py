@@ -305,7 +305,6 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     ctx, device = init_distributed(cfg.device)
     run_dir = Path(out) if out else _same_on_all_ranks(ctx, default_run_dir(cfg, data))
     say = (log or print) if ctx.is_main else (lambda *_: None)
-    trainer = None
     try:
         # -- setup: teacher, data, teacher features, student
         teacher = teacher_dir = None
