@@ -35,37 +35,73 @@ def _image_model(model, cfg: ExportConfig):
     return ImageScoreModel().eval()
 
 
+def _register_missing_ops() -> None:
+    """Torch ops coremltools 9 lacks a converter for. `alias` (torch.export emits it for views in timm's
+    Swin) is an identity."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+
+    if "alias" not in _TORCH_OPS_REGISTRY:
+        @register_torch_op
+        def alias(context, node):
+            context.add(mb.identity(x=_get_inputs(context, node, expected=1)[0], name=node.name))
+
+
+def _traced_graphs(wrapped, size: int, cfg: ExportConfig):
+    """The traced model, twice over: torch.export first (jit.trace graphs of open_clip's ViT hit
+    coremltools 9's `int` cast bug under torch 2.14), then jit.trace (torch.export keeps ops such as the
+    antialiased bicubic resize of timm's ViT position embeddings that coremltools cannot convert)."""
+    import torch
+
+    from kdiqa_edge.models.score import plain_attention
+
+    def exported():
+        batch_dim = torch.export.Dim("batch", min=1, max=max(cfg.max_batch, 2))
+        with torch.no_grad(), warnings.catch_warnings(), plain_attention():
+            warnings.simplefilter("ignore")
+            return torch.export.export(wrapped, (torch.rand(2, 3, size, size),),
+                                       dynamic_shapes=({0: batch_dim},)).run_decompositions({})
+
+    def jit_traced():
+        with torch.no_grad(), warnings.catch_warnings(), plain_attention():
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(wrapped, torch.rand(1, 3, size, size))
+
+    return (("torch.export", exported), ("jit.trace", jit_traced))
+
+
 def convert(model, cfg: ExportConfig, meta: dict[str, Any]):
     """The MLModel (not yet saved) for `model` at `cfg.precision`."""
     import coremltools as ct
-    import torch
 
+    _register_missing_ops()
     wrapped = _image_model(model, cfg)
     size = model.preprocess.size
-    batch_dim = torch.export.Dim("batch", min=1, max=max(cfg.max_batch, 2))
-    from kdiqa_edge.models.score import plain_attention
-
-    # torch.export traces the model (coremltools converts its ExportedProgram): jit.trace graphs of
-    # open_clip's ViT hit coremltools 9's `int` cast bug under torch 2.14
-    with torch.no_grad(), warnings.catch_warnings(), plain_attention():
-        warnings.simplefilter("ignore")
-        traced = torch.export.export(wrapped, (torch.rand(2, 3, size, size),),
-                                     dynamic_shapes=({0: batch_dim},)).run_decompositions({})
     try:
         target = getattr(ct.target, cfg.coreml_target)
     except AttributeError:
         raise ConfigError(f"unknown CoreML deployment target {cfg.coreml_target!r} (e.g. iOS16, macOS13)") from None
     batch = ct.RangeDim(lower_bound=1, upper_bound=max(cfg.max_batch, 2), default=1)
     outputs = [ct.TensorType(name="score")] + ([ct.TensorType(name="probs")] if cfg.with_probs else [])
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.ImageType(name="image", shape=(batch, 3, size, size), scale=1 / 255.0,
-                             color_layout=ct.colorlayout.RGB)],
-        outputs=outputs,
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT32 if cfg.precision == "fp32" else ct.precision.FLOAT16,
-        minimum_deployment_target=target,
-    )
+    failures = []
+    for how, trace in _traced_graphs(wrapped, size, cfg):
+        try:
+            mlmodel = ct.convert(
+                trace(),
+                inputs=[ct.ImageType(name="image", shape=(batch, 3, size, size), scale=1 / 255.0,
+                                     color_layout=ct.colorlayout.RGB)],
+                outputs=outputs,
+                convert_to="mlprogram",
+                compute_precision=ct.precision.FLOAT32 if cfg.precision == "fp32" else ct.precision.FLOAT16,
+                minimum_deployment_target=target,
+            )
+            break
+        except Exception as exc:  # coremltools raises many types for an op or shape it cannot convert
+            failures.append(f"{how}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+    else:
+        arch = meta.get("source", {}).get("arch", "this model") if isinstance(meta.get("source"), dict) else "model"
+        raise ExportError(f"coremltools cannot convert {arch} ({'; '.join(failures)})")
     if cfg.precision == "int8":
         from coremltools.optimize.coreml import (
             OpLinearQuantizerConfig,
