@@ -27,9 +27,9 @@ class DemoConfig:
     students: tuple = ("resnet18", "mobilevit_s")  # one CNN, one mobile transformer hybrid
     teacher: Optional[str] = None  # None: ViT-B-32:openai if its weights are on disk, else tiny
     pretrained: Optional[bool] = None  # students ImageNet-pretrained; None: where the weights are on disk
-    teacher_epochs: int = 3
-    epochs: int = 3
-    batch_size: int = 32
+    teacher_epochs: int = 8
+    epochs: int = 5
+    batch_size: int = 16  # small batches: more steps for the few hundred synthetic images
     tiny_teacher_lr: float = 3e-4  # a random-init teacher learns nothing at the paper's 5e-6 in a few epochs
     refs: Optional[int] = None  # synthetic set size in reference images (None: the built-in default)
     calib: int = 64  # INT8 calibration images (train split)

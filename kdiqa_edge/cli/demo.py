@@ -19,9 +19,9 @@ def demo_command(
         "--students", help="Comma-separated timm names (default resnet18,mobilevit_s).")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         "--teacher", help="open_clip NAME:TAG or tiny (default: ViT-B-32:openai if on disk, else tiny).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Student epochs (3).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Student epochs (5).")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option("--teacher-epochs", min=1,
-                                                          help="Teacher epochs (3).")] = None,
+                                                          help="Teacher epochs (8).")] = None,
     refs: Annotated[Optional[int], typer.Option(
         "--refs", min=1, help="Size of the synthetic set in reference images (default: the built-in set).")] = None,
     no_pretrained: Annotated[bool, typer.Option(
