@@ -95,6 +95,11 @@ def test_each_variant_trains(variant, data, teacher_dir, tmp_path):
     expected_lambda = np.mean([spec.lam(s, total) for s in range(steps)])
     assert float(row["lambda"]) == pytest.approx(expected_lambda, abs=1e-5)
     assert ("soft" in row) == spec.uses_teacher_features
+    with open(tmp_path / "run" / "steps.csv") as handle:  # and lambda(t) at every optimizer step
+        step_rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in step_rows] == list(range(total))
+    assert [float(r["lambda"]) for r in step_rows] == pytest.approx([spec.lam(s, total) for s in range(total)],
+                                                                    abs=1e-6)
     assert float(row["loss"]) == pytest.approx(float(row["hard"]) + float(row.get("soft", 0.0)), rel=1e-4)
     assert (tmp_path / "run" / "plots" / "distill.png").stat().st_size > 0
     assert (tmp_path / "run" / "plots" / "scatter_test.png").stat().st_size > 0
@@ -144,6 +149,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(data, teacher_dir, tmp_pa
     assert content_hash(a.state_dict()) == content_hash(b.state_dict())  # bit-identical weights
     assert [(r["loss"], r["soft"], r["lambda"], r["srcc"]) for r in _rows(tmp_path / "full")] == \
            [(r["loss"], r["soft"], r["lambda"], r["srcc"]) for r in _rows(tmp_path / "resumed")]
+    # the per-step log has each step once, as the uninterrupted run logged it
+    assert (tmp_path / "full" / "steps.csv").read_text() == (tmp_path / "resumed" / "steps.csv").read_text()
     from kdiqa_edge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="different config"):

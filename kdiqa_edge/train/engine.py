@@ -508,6 +508,7 @@ class Trainer:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         scalar_sums: dict[str, float] = {}
+        step_log: list[tuple[dict, dict[str, torch.Tensor]]] = []  # per optimizer step; read once per epoch
         images = 0
         start = time.perf_counter()
         micro_batches = [m for step in steps for m in step]
@@ -530,9 +531,12 @@ class Trainer:
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
                 images += weight
-            if self.scalars_fn is not None:
-                for name, value in self.scalars_fn(self.step, self.total_steps).items():
-                    scalar_sums[name] = scalar_sums.get(name, 0.0) + float(value)
+            scalars = self.scalars_fn(self.step, self.total_steps) if self.scalars_fn is not None else {}
+            for name, value in scalars.items():
+                scalar_sums[name] = scalar_sums.get(name, 0.0) + float(value)
+            step_log.append(({"epoch": epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                              **{k: float(v) for k, v in scalars.items()}},
+                             {name: value.detach().float() for name, value in {"loss": loss, **terms}.items()}))
             self._tick("other")
             self._optimizer_step()
             self._tick("forward_backward")
@@ -542,6 +546,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        self._write_step_log(step_log)
         self.epoch += 1
         row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"]}
         row.update(self._reduce_means(sums, images))
@@ -551,6 +556,25 @@ class Trainer:
         row.update({"eval_split": self.eval_split, **{k: getattr(metrics, k) for k in METRIC_NAMES},
                     "train_seconds": seconds, "images_per_s": images * self.ctx.world_size / max(seconds, 1e-9)})
         return EpochResult(row, metrics)
+
+    def _write_step_log(self, step_log) -> None:
+        """steps.csv: lr, the scalars (e.g. lambda) and this process's loss terms at every optimizer step.
+
+        The tensors are read once per epoch (one device sync, not one per step). Rows of steps at or past
+        this epoch's first step are replaced, so a resumed run never duplicates them.
+        """
+        if not self.ctx.is_main or not step_log:
+            return
+        names = list(step_log[0][1])
+        values = torch.stack([torch.stack([terms[n] for n in names]) for _, terms in step_log]).cpu().tolist()
+        rows = [{**info, **dict(zip(names, row))} for (info, _), row in zip(step_log, values)]
+        path = self.run_dir / "steps.csv"
+        first = rows[0]["step"]
+        kept = []
+        if path.is_file():
+            with open(path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) < first]
+        write_metrics_csv(path, kept + rows)
 
     def _tick(self, phase: str) -> None:
         """With `profile_steps` set, charge the time since the last tick to `phase` (device synchronized)."""
