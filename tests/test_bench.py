@@ -148,3 +148,14 @@ def test_bench_without_accuracy_still_reports_latency_and_facts(tmp_path):
     assert [s.batch_size for s in row.latency] == [1, 4] and row.size_mb > 0
     write_plot(report, tmp_path / "p.png")  # latency bars when there is no SRCC to plot
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_same_named_exports_get_distinct_row_names():
+    from kdiqa_edge.bench.runner import BenchResult, _distinct_names
+
+    paths = ["/x/run", "/e/resnet18/onnx-fp32/model.fp32.onnx", "/e/teacher/onnx-fp32/model.fp32.onnx",
+             "/e/resnet18/onnx-int8/model.int8.onnx"]
+    results = [BenchResult(model=p, name="", format="ONNX", precision="fp32") for p in paths]
+    _distinct_names(results)
+    assert [r.name for r in results] == ["run", "resnet18/onnx-fp32/model.fp32.onnx",
+                                         "teacher/onnx-fp32/model.fp32.onnx", "model.int8.onnx"]

@@ -163,7 +163,12 @@ def write_plot(report: BenchReport, path: str | Path) -> Path:
     batch = points[0][1].batch_size if points else 1
     ax.set_xlabel(f"p50 latency (ms) at batch {batch}")
     if with_srcc and len({round(s.p50_ms, 6) for _, s in with_srcc}) > 1:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.3, 2, 40, not 3x10^-1
+        ax.xaxis.set_minor_formatter(FuncFormatter(  # 2 and 5 between the decades, or the labels collide
+            lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
     ax.grid(True, alpha=0.3)
     env = report.environment
     ax.set_title(f"kdiqa-edge bench: {env.get('cpu', '')[:60]}, threads {env.get('threads')}", fontsize=9)

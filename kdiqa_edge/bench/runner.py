@@ -233,6 +233,7 @@ def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = No
                     result.drift = drift(result.metrics, scores, ref_metrics, aligned)
             results.append(result)
             bar.advance()
+    _distinct_names(results)
     dataset = None
     if eval_data is not None and eval_data._sets:
         first = next(iter(eval_data._sets.values()))
@@ -240,6 +241,22 @@ def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = No
                    "spec": eval_data.spec.to_dict() if hasattr(eval_data.spec, "to_dict") else str(eval_data.spec)}
     return BenchReport(environment=environment(cfg.threads), config=cfg, dataset=dataset, results=results,
                        notes=notes)
+
+
+def _distinct_names(results: list[BenchResult]) -> None:
+    """Rows are named by file name; same-named files (every export is model.<precision>.onnx) get as many
+    parent folders as it takes to tell them apart."""
+    parts = [Path(r.model).resolve().parts for r in results]
+    depth = [1] * len(results)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clash = [i for i, name in enumerate(names) if names.count(name) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    for result, name in zip(results, names):
+        result.name = name
 
 
 def _align(ref_names: list[str], ref_scores: np.ndarray, names: list[str]) -> Optional[np.ndarray]:
