@@ -15,6 +15,7 @@ in the notes), and CoreML FP16, which converts on Linux but runs on macOS only, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -178,7 +179,8 @@ def _document(report, sections, environment_lines, args, seconds) -> str:
             "model's and only anchors the drift. Reference = the PyTorch checkpoint (first row of each table).", "",
             *[f"- {line}" for line in environment_lines(report)],
             f"- Command: `python benchmarks/bench_suite.py {' '.join(sys.argv[1:] if argv_is_cli() else [])}`".rstrip(),
-            f"- Suite wall time: {seconds / 60:.1f} min (machine shared with other jobs: latencies are noisy)", ""]
+            f"- Suite wall time: {seconds / 60:.1f} min; load average at the end {os.getloadavg()[0]:.2f} "
+            "(above the core count, other jobs shared the CPU and latencies are noisy)", ""]
     return "\n".join(head + ["\n\n".join(sections), ""])
 
 
