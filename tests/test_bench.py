@@ -159,3 +159,16 @@ def test_same_named_exports_get_distinct_row_names():
     _distinct_names(results)
     assert [r.name for r in results] == ["run", "resnet18/onnx-fp32/model.fp32.onnx",
                                          "teacher/onnx-fp32/model.fp32.onnx", "model.int8.onnx"]
+
+
+def test_a_symlinked_artifact_keeps_its_own_name(tmp_path):
+    from kdiqa_edge.bench.runner import BenchResult, _distinct_names
+
+    target = tmp_path / "exports" / "onnx-fp32" / "model.fp32.onnx"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")
+    alias = tmp_path / "resnet18.onnx-fp32.onnx"
+    alias.symlink_to(target)
+    results = [BenchResult(model=str(alias), name="", format="ONNX", precision="fp32")]
+    _distinct_names(results)
+    assert results[0].name == "resnet18.onnx-fp32.onnx"

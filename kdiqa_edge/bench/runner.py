@@ -6,6 +6,7 @@ A model that fails to load or run gets a row with its status and reason; the oth
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -246,7 +247,7 @@ def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = No
 def _distinct_names(results: list[BenchResult]) -> None:
     """Rows are named by file name; same-named files (every export is model.<precision>.onnx) get as many
     parent folders as it takes to tell them apart."""
-    parts = [Path(r.model).resolve().parts for r in results]
+    parts = [Path(os.path.abspath(r.model)).parts for r in results]  # abspath: a symlink keeps its own name
     depth = [1] * len(results)
     while True:
         names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
