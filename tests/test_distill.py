@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("open_clip")
 
+from ddp_helpers import become_rank, free_port  # noqa: E402
 from kdiqa_edge import paths  # noqa: E402
 from kdiqa_edge.data import DatasetSpec  # noqa: E402
 from kdiqa_edge.models import load_checkpoint  # noqa: E402
@@ -168,23 +168,16 @@ def _ddp_cfg() -> DistillConfig:
     return _cfg(student="test_vit", batch_size=16, augment="none")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, cache_dir: str):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KDIQA_CACHE": cache_dir})
-    torch.set_num_threads(1)
+    become_rank(rank, world_size, port, cache_dir)
     run_distill(_ddp_cfg(), DatasetSpec(name="synthetic", root=small_root()), run_dir, log=lambda *_: None)
 
 
 def test_ddp_gloo_two_processes_match_one(data, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(paths.cache_dir())), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "two"), str(paths.cache_dir())), nprocs=2)
     messages = []
     single = run_distill(_ddp_cfg(), data, tmp_path / "one", log=messages.append)
     assert any("reusing" in m for m in messages)  # the teacher the 2-process run fine-tuned

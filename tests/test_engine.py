@@ -6,14 +6,13 @@ import copy
 import csv
 import itertools
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ddp_helpers import become_rank, free_port  # noqa: E402
 from kdiqa_edge import paths
 from kdiqa_edge.data import DatasetSpec, prepare
 from kdiqa_edge.errors import CheckpointError, ConfigError
@@ -145,16 +144,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(data, tmp_path):
     assert [(r["loss"], r["srcc"]) for r in rows_a] == [(r["loss"], r["srcc"]) for r in rows_b]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, cache_dir: str):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KDIQA_CACHE": cache_dir})
-    torch.set_num_threads(1)
+    become_rank(rank, world_size, port, cache_dir)
     cache, split = small_synthetic()
     Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(epochs=1, augment="none"), run_dir).fit()
 
@@ -166,7 +158,7 @@ def test_ddp_gloo_two_processes_match_one(data, tmp_path):
     cache, split = data
     assert len(split.train) % 2 == 0  # no padding: per step, the two shards hold exactly the single run's images
     single = Trainer(tiny_teacher(), mse_loss, cache, split, _cfg(epochs=1, augment="none"), tmp_path / "one").fit()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(paths.cache_dir())), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "two"), str(paths.cache_dir())), nprocs=2)
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last")
     init = tiny_teacher()
