@@ -68,17 +68,10 @@ def student_weights_on_disk(arch: str) -> bool:
     return cfg is not None and _cached_weights(cfg) is not None
 
 
-def _done(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
-
-
-def _interrupted(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "last" / "train_state.pt").is_file() and not _done(run_dir)
-
-
 def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """Run every stage (skipping finished ones); returns the path of report.md."""
     from kdiqa_edge.train.distill import DistillConfig, run_distill
+    from kdiqa_edge.train.engine import run_finished, run_interrupted
     from kdiqa_edge.train.finetune import FinetuneConfig, run_finetune
 
     out = Path(out)
@@ -100,13 +93,13 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     # 1. the teacher
     teacher_dir = out / "teacher"
     with _timed(timings, "teacher fine-tune"):
-        if _done(teacher_dir):
+        if run_finished(teacher_dir):
             log(f"teacher: done ({teacher_dir})")
         else:
             lr = {"lr": cfg.tiny_teacher_lr} if teacher == TINY_TEACHER else {}
             run_finetune(FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
                                         progress=cfg.progress, **lr), data, teacher_dir,
-                         resume=_interrupted(teacher_dir))
+                         resume=run_interrupted(teacher_dir))
 
     # 2. the students
     student_dirs = {}
@@ -114,13 +107,13 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
         run_dir = out / "students" / student
         student_dirs[student] = run_dir
         with _timed(timings, f"distill {student}"):
-            if _done(run_dir):
+            if run_finished(run_dir):
                 log(f"{student}: done ({run_dir})")
                 continue
             run_distill(DistillConfig(student=student, pretrained=pretrained[student],
                                       teacher_checkpoint=str(teacher_dir / "checkpoints" / "best"),
                                       epochs=cfg.epochs, batch_size=cfg.batch_size, progress=cfg.progress),
-                        data, run_dir, resume=_interrupted(run_dir))
+                        data, run_dir, resume=run_interrupted(run_dir))
 
     # 3. exports
     exports: dict[str, dict[str, Any]] = {}

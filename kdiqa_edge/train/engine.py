@@ -51,6 +51,16 @@ TRAIN_STATE = "train_state.pt"
 METRIC_NAMES = ("plcc", "plcc_fit", "srcc", "krcc", "rmse")
 
 
+def run_finished(run_dir: Path) -> bool:
+    """A run dir whose training completed (summary.json is written last)."""
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def run_interrupted(run_dir: Path) -> bool:
+    """A run dir that `resume=True` can continue: a saved train state, no summary yet."""
+    return (Path(run_dir) / "checkpoints" / "last" / TRAIN_STATE).is_file() and not run_finished(run_dir)
+
+
 class TrainingError(KdiqaError):
     """Training cannot go on (a diverged loss, an inconsistent run dir)."""
 

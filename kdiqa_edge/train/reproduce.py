@@ -21,6 +21,7 @@ from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json, write_text
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
+from kdiqa_edge.train.engine import run_finished, run_interrupted
 from kdiqa_edge.train.schedules import parse_variant
 
 # Reference train-step throughput (images/s, batch 64) from the design card: H200, bf16, channels_last.
@@ -53,11 +54,11 @@ class PlannedRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return run_finished(self.run_dir)
 
     @property
     def interrupted(self) -> bool:
-        return (self.run_dir / "checkpoints" / "last" / "train_state.pt").is_file() and not self.done
+        return run_interrupted(self.run_dir)
 
     @property
     def name(self) -> str:
