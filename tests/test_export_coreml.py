@@ -1,10 +1,12 @@
-"""CoreML conversion falls back from torch.export to jit.trace, and says plainly when neither converts."""
+"""CoreML conversion: the torch.export -> jit.trace fallback, Swin through rank-5 windows, and one clear error when nothing converts."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 ct = pytest.importorskip("coremltools")
 
 from kdiqa_edge.errors import ExportError  # noqa: E402
@@ -41,3 +43,45 @@ def test_unconvertible_model_is_one_clear_error(vit_student, monkeypatch):
     with pytest.raises(ExportError, match=r"cannot convert test_vit \(torch.export: ValueError: Core ML only "
                                           r"supports tensors with rank <= 5; jit.trace: ValueError"):
         coreml.convert(vit_student, ExportConfig(target="coreml"), {"source": {"arch": "test_vit"}})
+
+
+@pytest.fixture(scope="module")
+def swin_student():
+    """A small Swin (two stages, shifted windows, patch merging) at the tiny teacher's 64 px."""
+    import timm
+
+    from kdiqa_edge.models.student import NOT_PRETRAINED, StudentBuild, _assemble
+
+    kwargs = {"img_size": 64, "embed_dim": 16, "depths": (2, 2), "num_heads": (1, 2), "window_size": 4}
+    torch.manual_seed(0)
+    encoder = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, exportable=True, **kwargs)
+    teacher = load_teacher("tiny")
+    build = StudentBuild("swin_tiny_patch4_window7_224", "quality", False, NOT_PRETRAINED, kwargs)
+    return _assemble(encoder, teacher.head, teacher.preprocess, build).eval()
+
+
+def test_rank5_swin_rearrangements_are_timms(swin_student):
+    from timm.models import swin_transformer as swin
+
+    x = torch.randn(3, 16, 24, 8)
+    windows = swin.window_partition(x, (4, 4))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = swin_student(images)
+        with coreml.rank5_swin():
+            assert torch.equal(swin.window_partition(x, (4, 4)), windows)
+            assert torch.equal(swin.window_reverse(windows, (4, 4), 16, 24), x)
+            assert torch.equal(swin_student(images), reference)
+    assert swin.window_partition is not coreml._window_partition  # timm's own functions are back
+
+
+def test_swin_student_converts_with_rank5_windows(swin_student, monkeypatch):
+    cfg = ExportConfig(target="coreml", precision="fp16")
+    # timm's own rank-6 window partition is what Core ML refuses
+    monkeypatch.setattr(coreml, "rank5_swin", contextlib.nullcontext)
+    with pytest.raises(ExportError, match="rank"):
+        coreml.convert(swin_student, cfg, {"source": {"arch": "swin"}})
+    monkeypatch.undo()
+    spec = coreml.convert(swin_student, cfg, {"source": {"arch": "swin"}}).get_spec()
+    assert [i.name for i in spec.description.input] == ["image"]
+    assert [o.name for o in spec.description.output] == ["score"]

@@ -8,6 +8,7 @@ so the parity check runs there and is reported as skipped elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -48,6 +49,50 @@ def _register_missing_ops() -> None:
             context.add(mb.identity(x=_get_inputs(context, node, expected=1)[0], name=node.name))
 
 
+def _window_partition(x, window_size):
+    """timm's Swin window_partition with the batch folded into the first axis: rank-5 views only."""
+    B, H, W, C = x.shape
+    x = x.reshape(B * (H // window_size[0]), window_size[0], W // window_size[1], window_size[1], C)
+    return x.permute(0, 2, 1, 3, 4).reshape(-1, window_size[0], window_size[1], C)
+
+
+def _window_reverse(windows, window_size, H: int, W: int):
+    """timm's Swin window_reverse through rank-5 views."""
+    C = windows.shape[-1]
+    x = windows.reshape(-1, W // window_size[1], window_size[0], window_size[1], C)  # [B*H/wh, W/ww, wh, ww, C]
+    return x.permute(0, 2, 1, 3, 4).reshape(-1, H, W, C)
+
+
+def _patch_merging_forward(self, x):
+    """timm's Swin PatchMerging.forward (2x2 neighbourhood -> channels) through rank-5 views."""
+    from torch import nn
+
+    B, H, W, C = x.shape
+    x = nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    _, H, W, _ = x.shape
+    x = x.reshape(B * (H // 2), 2, W // 2, 2, C).permute(0, 2, 3, 1, 4).reshape(B, H // 2, W // 2, 4 * C)
+    return self.reduction(self.norm(x))
+
+
+@contextlib.contextmanager
+def rank5_swin():
+    """Core ML allows tensors of rank <= 5, and timm's Swin partitions windows (and merges patches) through
+    rank-6 views. For the length of a trace, the same rearrangements with the batch folded into the first
+    axis: identical numbers, rank 5 at most."""
+    try:
+        from timm.models import swin_transformer as swin
+    except ImportError:
+        yield
+        return
+    saved = swin.window_partition, swin.window_reverse, swin.PatchMerging.forward
+    swin.window_partition, swin.window_reverse = _window_partition, _window_reverse
+    swin.PatchMerging.forward = _patch_merging_forward
+    try:
+        yield
+    finally:
+        swin.window_partition, swin.window_reverse, swin.PatchMerging.forward = saved
+
+
 def _traced_graphs(wrapped, size: int, cfg: ExportConfig):
     """The traced model, twice over: torch.export first (jit.trace graphs of open_clip's ViT hit
     coremltools 9's `int` cast bug under torch 2.14), then jit.trace (torch.export keeps ops such as the
@@ -58,13 +103,13 @@ def _traced_graphs(wrapped, size: int, cfg: ExportConfig):
 
     def exported():
         batch_dim = torch.export.Dim("batch", min=1, max=max(cfg.max_batch, 2))
-        with torch.no_grad(), warnings.catch_warnings(), plain_attention():
+        with torch.no_grad(), warnings.catch_warnings(), plain_attention(), rank5_swin():
             warnings.simplefilter("ignore")
             return torch.export.export(wrapped, (torch.rand(2, 3, size, size),),
                                        dynamic_shapes=({0: batch_dim},)).run_decompositions({})
 
     def jit_traced():
-        with torch.no_grad(), warnings.catch_warnings(), plain_attention():
+        with torch.no_grad(), warnings.catch_warnings(), plain_attention(), rank5_swin():
             warnings.simplefilter("ignore")
             return torch.jit.trace(wrapped, torch.rand(1, 3, size, size))
 
