@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,7 @@ def test_coreml_mlpackage_from_profile(tmp_path, checkpoints, data, capsys):
     assert "macOS" in entry["parity"]["skipped"]
 
 
-@pytest.mark.skipif(__import__("sys").platform != "darwin", reason="CoreML predictions run on macOS only")
+@pytest.mark.skipif(sys.platform != "darwin", reason="CoreML predictions run on macOS only")
 def test_coreml_predictions_match_torch(tmp_path, checkpoints, data):
     manifest = export_checkpoint(checkpoints["student"], ExportConfig(target="coreml", precision="fp16"), tmp_path,
                                  data=data, progress=False, log=lambda _: None)
@@ -380,3 +381,18 @@ def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
 
     coreml = describe(out / "coreml-int8" / "model.int8.mlpackage")
     assert coreml["outputs"] == ["score"] and coreml["metadata"]["kdiqa_edge.precision"] == "int8"
+    # W8A8 calibrates through CoreML predictions (macOS); elsewhere weights-only, and the notes say so
+    entry = manifest["exports"]["coreml-int8"]
+    if sys.platform != "darwin":
+        assert entry["details"]["activations"] == "fp16" and entry["details"]["calibration_images"] == 0
+        assert any("W8A8" in note and "macOS" in note for note in entry["notes"])
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="CoreML W8A8 calibration runs CoreML predictions: macOS only")
+def test_coreml_int8_quantizes_activations_on_macos(tmp_path, checkpoints, data):
+    manifest = export_checkpoint(checkpoints["student"], ExportConfig(target="coreml", precision="int8", calib=16,
+                                                                      coreml_target="iOS17"),
+                                 tmp_path, data=data, progress=False, log=lambda _: None)
+    details = manifest["exports"]["coreml-int8"]["details"]
+    assert details["activations"] == "int8 linear symmetric" and details["calibration_images"] == 16
+    assert manifest["exports"]["coreml-int8"]["parity"]["max_abs_diff"] < 0.5

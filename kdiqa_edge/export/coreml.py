@@ -1,9 +1,11 @@
 """The `coreml` target: an ML Program `.mlpackage` (iPhone, Mac) from the traced (torch.export) score model.
 
 The input is an `ImageType` (RGB, scale 1/255). ImageType takes one scalar scale, so CLIP's per-channel
-mean/std is folded into the network (one Mul, one Add). Compute is FP16 (FP32 on request); `int8` is 8-bit
-linear weight quantization with FP16 compute. coremltools converts on Linux; predictions run on macOS only,
-so the parity check runs there and is reported as skipped elsewhere.
+mean/std is folded into the network (one Mul, one Add). Compute is FP16 (FP32 on request). `int8` is W8A8
+(8-bit activations calibrated on train-split images, then 8-bit linear weights) where CoreML predictions run
+(macOS, deployment target iOS17+), and weights-only W8 with FP16 activations elsewhere, said in the notes.
+coremltools converts on Linux; predictions run on macOS only, so the parity check runs there and is reported
+as skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -116,8 +118,40 @@ def _traced_graphs(wrapped, size: int, cfg: ExportConfig):
     return (("torch.export", exported), ("jit.trace", jit_traced))
 
 
-def convert(model, cfg: ExportConfig, meta: dict[str, Any]):
-    """The MLModel (not yet saved) for `model` at `cfg.precision`."""
+def activation_quantization(cfg: ExportConfig) -> str | None:
+    """None when `int8` can quantize activations too (W8A8), else why it stays weights-only (W8)."""
+    import coremltools as ct
+
+    if sys.platform != "darwin":
+        return (f"W8A8 calibrates activations with CoreML predictions, which run on macOS only (this is "
+                f"{sys.platform}): weights-only int8 (W8), FP16 activations")
+    if getattr(ct.target, cfg.coreml_target) < ct.target.iOS17:
+        return (f"W8A8 needs a deployment target of iOS17 or later (this is {cfg.coreml_target}): "
+                "weights-only int8 (W8)")
+    return None
+
+
+def quantize_int8(mlmodel, calib, activations: str | None):
+    """8-bit linear symmetric weights; with `activations` None, 8-bit activations first, calibrated on the
+    `calib` images (uint8 HWC, the model's input size) through CoreML predictions: W8A8."""
+    import coremltools.optimize.coreml as cto
+
+    if activations is None:
+        from PIL import Image
+
+        if len(calib) == 0:
+            raise ConfigError("CoreML W8A8 needs calibration images, and the train split gave none")
+        config = cto.OptimizationConfig(
+            global_config=cto.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric"))
+        mlmodel = cto.experimental.linear_quantize_activations(
+            mlmodel, config, [{"image": Image.fromarray(img)} for img in calib])
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+    return cto.linear_quantize_weights(mlmodel, config=config)
+
+
+def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
+    """The MLModel (not yet saved) for `model` at `cfg.precision`; `calib` (uint8 HWC images from the train
+    split) calibrates W8A8 int8 where CoreML predictions run."""
     import coremltools as ct
 
     _register_missing_ops()
@@ -148,14 +182,7 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any]):
         arch = meta.get("source", {}).get("arch", "this model") if isinstance(meta.get("source"), dict) else "model"
         raise ExportError(f"coremltools cannot convert {arch} ({'; '.join(failures)})")
     if cfg.precision == "int8":
-        from coremltools.optimize.coreml import (
-            OpLinearQuantizerConfig,
-            OptimizationConfig,
-            linear_quantize_weights,
-        )
-
-        config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
-        mlmodel = linear_quantize_weights(mlmodel, config=config)
+        mlmodel = quantize_int8(mlmodel, calib if calib is not None else [], activations=activation_quantization(cfg))
 
     from kdiqa_edge import artifact
 
@@ -181,7 +208,7 @@ def describe(path: Path) -> dict[str, Any]:
 
 @register_target
 class CoreMLTarget:
-    """iPhone / Mac: ML Program with FP16 compute; int8 = 8-bit linear weight quantization."""
+    """iPhone / Mac: ML Program with FP16 compute; int8 = W8A8 on macOS (iOS17+ target), weights-only elsewhere."""
 
     name = "coreml"
     supports = Supports(precisions=("fp32", "fp16", "int8"), dynamic_batch=True,
@@ -194,7 +221,7 @@ class CoreMLTarget:
                           "kind": "image"},
                 "outputs": ["score", "probs"] if cfg.with_probs else ["score"]}
         path = out / f"model.{cfg.precision}.mlpackage"
-        mlmodel = convert(model, cfg, meta)
+        mlmodel = convert(model, cfg, meta, calib=examples.calib)
         mlmodel.save(str(path))
         info = describe(path)
         if info["program"] != "mlProgram" or info["outputs"][0] != "score" or info["inputs"].get("image") != "imageType":
@@ -204,6 +231,12 @@ class CoreMLTarget:
                                      "compute_precision": "fp32" if cfg.precision == "fp32" else "fp16",
                                      "weights": "int8 linear symmetric" if cfg.precision == "int8" else cfg.precision,
                                      "deployment_target": cfg.coreml_target})
+        if cfg.precision == "int8":
+            weights_only = activation_quantization(cfg)
+            result.extra["activations"] = "fp16" if weights_only else "int8 linear symmetric"
+            result.extra["calibration_images"] = 0 if weights_only else len(examples.calib)
+            if weights_only:
+                result.notes.append(f"{path.name}: {weights_only}")
         result.parity = self._parity(model, mlmodel, examples, cfg.precision)
         if result.parity.get("skipped"):
             result.notes.append(f"{path.name}: {result.parity['skipped']}")
