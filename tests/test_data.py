@@ -65,6 +65,21 @@ def test_synthetic_is_deterministic_per_seed(synth_root, tmp_path):
     assert (other / "scores.csv").read_text().splitlines()[1:] != lines[1:]
 
 
+def test_synthetic_set_at_a_small_model_resolution(tmp_path):
+    from PIL import Image
+
+    from kdiqa_edge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "synth", str(tmp_path / "small"), "--refs", "1", "--size", "86x64"])
+    assert exit_info.value.code == 0
+    rows = _scores(tmp_path / "small")
+    assert len(rows) == 30 and "86x64 view" in (tmp_path / "small" / "README").read_text()
+    assert {Image.open(tmp_path / "small" / r["image"]).size for r in rows} == {(86, 64)}
+    noise = {int(r["level"]): float(r["mos"]) for r in rows if r["distortion"] == "noise"}
+    assert noise[5] < noise[1]  # still a graded task at the small size
+
+
 def test_default_synthetic_set_is_generated_once_into_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("KDIQA_CACHE", str(tmp_path))
     monkeypatch.setattr(synthetic, "DEFAULT_REFS", 1)

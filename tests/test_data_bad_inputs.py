@@ -179,6 +179,16 @@ def test_synth_refuses_to_overwrite_a_folder_that_is_not_a_synthetic_set(tmp_pat
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("size", ["86", "86x", "wide x 64", "8x8"])
+def test_synth_bad_size_is_one_line(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "synth", str(tmp_path / "set"), "--refs", "1", "--size", size])
+    assert exit_info.value.code == ConfigError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert "--size must be WIDTHxHEIGHT" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "set").exists()
+
+
 def test_info_still_reports_a_dataset_too_small_to_split(tmp_path, capsys):
     Image.new("RGB", (300, 300), (9, 9, 9)).save(tmp_path / "only.jpg")
     _write_scores(tmp_path / "scores.csv", [["only.jpg", 3.0], ["gone.jpg", 4.0]])

@@ -367,11 +367,10 @@ def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
     split = json.loads((tiny_run / "split.json").read_text())
     assert drift["images"] == len(split["test"])
     assert set(drift["fp32"]) == set(drift["reduced"]) == {"srcc", "plcc"}
-    # This 1-epoch tiny student scores the test images almost alike (FP32 SRCC near 0), so INT8 rounding swaps
-    # near-ties: measured |delta SRCC| 0.0205 here (0.001-0.007 on a 6-reference set). The issue's 0.02 bound
-    # needs a student that learned something; what holds for any student is the rank agreement with FP32.
+    # This 1-epoch student scores the test images almost alike (FP32 SRCC near 0), so INT8 rounding swaps
+    # near-ties and delta SRCC vs MOS is noise; the 0.02 bound is checked on a student that learned (below).
+    # What holds for any student is the rank agreement with FP32.
     assert drift["srcc_vs_fp32"] >= 0.9
-    assert abs(drift["delta_srcc"]) <= 0.05
     latency = drift["latency"]
     assert latency["fp32"]["p50_ms"] > 0 and latency["int8"]["p50_ms"] > 0
     slower = latency["int8"]["p50_ms"] > latency["fp32"]["p50_ms"]
@@ -396,3 +395,44 @@ def test_coreml_int8_quantizes_activations_on_macos(tmp_path, checkpoints, data)
     details = manifest["exports"]["coreml-int8"]["details"]
     assert details["activations"] == "int8 linear symmetric" and details["calibration_images"] == 16
     assert manifest["exports"]["coreml-int8"]["parity"]["max_abs_diff"] < 0.5
+
+
+# --- INT8 drift of a student that learned ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> Path:
+    """A test_resnet that learned the synthetic task: the set generated at the tiny teacher's own 64 px (at
+    320x240 the downscale hides most noise and JPEG), 24 references (150 test images), 20 epochs of the
+    `hard` variant. Measured over split/init seeds 0-4: test SRCC 0.58-0.83."""
+    from kdiqa_edge.cli import main
+
+    root = tmp_path_factory.mktemp("learned")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "synth", str(root / "set"), "--refs", "24", "--size", "86x64"])
+    assert exit_info.value.code == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--dataset", "synthetic", "--root", str(root / "set"), "--teacher", "tiny",
+              "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
+              "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(root / "run")])
+    assert exit_info.value.code == 0
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_int8_of_a_learned_student_keeps_srcc(learned_run, tmp_path, capsys):
+    drifts = {}
+    for stem in ("float", "int8"):
+        code, _, err = _cli(["export", str(learned_run), "--target", "onnx", "--precision", "int8", "--int8-stem",
+                             stem, "--out", str(tmp_path / stem)], capsys)
+        assert code == 0, err
+        entry = json.loads((tmp_path / stem / "manifest.json").read_text())["exports"]["onnx-int8"]
+        assert entry["details"]["int8"]["stem"] == stem
+        drifts[stem] = entry["drift"]
+    drift = drifts["float"]  # the default
+    assert drift["images"] >= 100 and drift["fp32"]["srcc"] >= 0.4  # it learned: near-ties are not the story
+    # the issue's bound (measured over seeds 0-4: |delta SRCC| <= 0.004, rank agreement >= 0.998)
+    assert abs(drift["delta_srcc"]) <= 0.02 and drift["srcc_vs_fp32"] >= 0.99
+    # Keeping the stem in float spares the input pixels a second rounding, which an IQA model notices:
+    # the mean |INT8 - FP32| score error is smaller with it.
+    assert drift["mean_abs_diff_vs_fp32"] < drifts["int8"]["mean_abs_diff_vs_fp32"]

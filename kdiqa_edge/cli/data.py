@@ -111,14 +111,21 @@ def synth_command(
     out: Annotated[Path, typer.Argument(help="Folder to write (new, empty, or an earlier synthetic set).")],
     refs: Annotated[int, typer.Option("--refs", help="Number of reference contents (30 images each).")] = 12,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the crops and the noise.")] = 0,
+    size: Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT of every image; match a small model's input "
+                                                     "(e.g. 86x64) so it can see the distortions.")] = "320x240",
 ) -> None:
     """Generate the built-in synthetic IQA set: scikit-image photos x 6 distortions x 5 levels, SSIM pseudo-MOS.
 
     Example: kdiqa-edge data synth ./synthetic --refs 4
     """
     from kdiqa_edge.data import synthetic
+    from kdiqa_edge.errors import ConfigError
 
-    synthetic.generate(out, refs=refs, seed=seed, progress=True)
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size must be WIDTHxHEIGHT (e.g. 86x64), got {size!r}") from None
+    synthetic.generate(out, refs=refs, seed=seed, progress=True, size=(width, height))
     count = refs * len(synthetic.DISTORTIONS) * synthetic.LEVELS
     typer.echo(f"wrote {count} images from {refs} references to {out} (scores.csv, README)")
 

@@ -33,6 +33,10 @@ def export_command(
                                                  "split [default: 256]", rich_help_panel=EXPORT_PANEL)] = None,
     calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile "
                                                         "[default: minmax]", rich_help_panel=EXPORT_PANEL)] = None,
+    int8_stem: Annotated[str | None, typer.Option(
+        "--int8-stem", help="float: keep the first conv/patch embedding of INT8 models in float, so the input "
+                            "pixels are not re-rounded (IQA models measure exactly that noise); int8: quantize it "
+                            "too (faster, more drift) [default: float]", rich_help_panel=EXPORT_PANEL)] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Largest batch (TensorRT profile "
                                                      "max, CoreML range) [default: 8]",
                                                      rich_help_panel=EXPORT_PANEL)] = None,
@@ -60,7 +64,8 @@ def export_command(
     from kdiqa_edge.export import ExportConfig, export_checkpoint
 
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
-                  with_probs=probs, calib=calib, calib_method=calib_method, max_batch=max_batch, opset=opset,
+                  with_probs=probs, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
+                  max_batch=max_batch, opset=opset,
                   tensorrt_version=tensorrt_version)
     try:
         manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log)

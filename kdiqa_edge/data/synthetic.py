@@ -60,15 +60,22 @@ def default_root(refs: int | None = None, seed: int = DEFAULT_SEED) -> Path:
     return root
 
 
-def generate(out: str | Path, refs: int = DEFAULT_REFS, seed: int = DEFAULT_SEED, progress: bool = False) -> Path:
-    """Write the set to `out` (images/, refs/, scores.csv, README) atomically; deterministic for a seed."""
+def generate(out: str | Path, refs: int = DEFAULT_REFS, seed: int = DEFAULT_SEED, progress: bool = False,
+             size: tuple[int, int] = SIZE) -> Path:
+    """Write the set to `out` (images/, refs/, scores.csv, README) atomically; deterministic for a seed.
+
+    `size` (width, height) is every image's size. The default suits 224 px models; a model with a smaller
+    input (the tiny test teacher's 64 px) sees little of the noise and JPEG distortions after downscaling
+    320x240 to its size, so generate at its own resolution (e.g. 86x64) to give it a learnable task."""
     if refs < 1:
         raise ConfigError(f"--refs must be at least 1, got {refs}")
+    if len(size) != 2 or min(size) < 16:
+        raise ConfigError(f"--size must be WIDTHxHEIGHT with both at least 16, got {size}")
     out = Path(out)
     if out.exists() and not _replaceable(out):
         raise ConfigError(f"{out} exists and is not a synthetic set made by kdiqa-edge: choose a new folder")
     rng = np.random.default_rng(seed)
-    references = _references(refs, rng)
+    references = _references(refs, rng, (int(size[0]), int(size[1])))
     total = refs * len(DISTORTIONS) * LEVELS
     with atomic_path(out) as tmp:
         (tmp / "images").mkdir(parents=True)
@@ -92,7 +99,7 @@ def generate(out: str | Path, refs: int = DEFAULT_REFS, seed: int = DEFAULT_SEED
         writer.writerow(["image", "mos", "ref", "distortion", "level", "ssim"])
         writer.writerows(rows)
         (tmp / "scores.csv").write_text(buffer.getvalue())
-        (tmp / "README").write_text(_readme(refs, seed, len(rows)))
+        (tmp / "README").write_text(_readme(refs, seed, len(rows), size))
     return out
 
 
@@ -141,7 +148,7 @@ def distort(image: np.ndarray, distortion: str, param: float, noise_seed: tuple[
     raise ValueError(f"unknown distortion {distortion!r}")
 
 
-def _references(count: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _references(count: int, rng: np.random.Generator, size: tuple[int, int]) -> list[np.ndarray]:
     """`count` contents: each photo's whole frame first, then random crops (40-70% of the frame)."""
     photos = [_photo(name) for name in PHOTOS]
     order = rng.permutation(len(photos))
@@ -149,7 +156,7 @@ def _references(count: int, rng: np.random.Generator) -> list[np.ndarray]:
     for index in range(count):
         photo = photos[order[index % len(photos)]]
         whole = index < len(photos)
-        views.append(_view(photo, rng, 1.0 if whole else rng.uniform(0.4, 0.7)))
+        views.append(_view(photo, rng, 1.0 if whole else rng.uniform(0.4, 0.7), size))
     return views
 
 
@@ -162,8 +169,8 @@ def _photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
-def _view(photo: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
-    """A 4:3 window covering `fraction` of the largest 4:3 window, resized to SIZE."""
+def _view(photo: np.ndarray, rng: np.random.Generator, fraction: float, size: tuple[int, int]) -> np.ndarray:
+    """A 4:3 window covering `fraction` of the largest 4:3 window, resized to `size`."""
     height, width = photo.shape[:2]
     full_w = min(width, height * 4 // 3)
     crop_w = max(SIZE[0] // 2, int(full_w * fraction))
@@ -171,20 +178,20 @@ def _view(photo: np.ndarray, rng: np.random.Generator, fraction: float) -> np.nd
     left = int(rng.integers(0, width - crop_w + 1))
     top = int(rng.integers(0, height - crop_h + 1))
     window = Image.fromarray(photo[top:top + crop_h, left:left + crop_w])
-    return np.asarray(window.resize(SIZE, Image.Resampling.LANCZOS))
+    return np.asarray(window.resize(size, Image.Resampling.LANCZOS))
 
 
 def _ycbcr(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(image).convert("YCbCr"), dtype=np.float64)
 
 
-def _readme(refs: int, seed: int, count: int) -> str:
+def _readme(refs: int, seed: int, count: int, size: tuple[int, int] = SIZE) -> str:
     distortions = "\n".join(f"- {name}: {', '.join(str(p) for p in params)}" for name, params in DISTORTIONS.items())
     return f"""kdiqa-edge synthetic IQA set (generator v{VERSION}, refs={refs}, seed={seed}, {count} images)
 
 Made by `kdiqa-edge data synth` (kdiqa_edge/data/synthetic.py). Deterministic for the seed.
 
-Contents: {refs} reference contents (refs/r00.png ...), each a 320x240 view of a colour photograph bundled
+Contents: {refs} reference contents (refs/r00.png ...), each a {size[0]}x{size[1]} view of a colour photograph bundled
 with scikit-image ({", ".join(PHOTOS)}):
 every photo's whole frame first, then seeded random crops of 40-70% of the frame for more contents.
 

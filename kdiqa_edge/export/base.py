@@ -32,6 +32,7 @@ class ExportConfig:
     opt_batch: int = 1  # TensorRT profile opt batch
     calib: int = 256  # INT8 calibration images from the TRAIN split
     calib_method: str = "minmax"  # minmax | entropy | percentile
+    int8_stem: str = "float"  # float | int8: the first conv/patch embedding in INT8 models (float: pixel-exact input)
     parity_images: int = 32  # real test-split images for the parity check vs PyTorch
     eval_images: int = 512  # at most this many test-split images for the INT8/FP16 drift report
     latency_runs: int = 30  # timed ONNX Runtime runs (batch 1, after warm-up) per model
@@ -57,6 +58,8 @@ class ExportConfig:
             raise ConfigError(f"opset must be 17..20, got {self.opset}")
         if not 1 <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch})")
+        if self.int8_stem not in ("float", "int8"):
+            raise ConfigError(f"unknown --int8-stem {self.int8_stem!r}; choose float or int8")
         if self.calib_method not in CALIB_METHODS:
             raise ConfigError(f"unknown calibration method {self.calib_method!r}; "
                               f"choose one of: {', '.join(CALIB_METHODS)}")

@@ -76,4 +76,5 @@ def drift(reference: np.ndarray, scores: np.ndarray, mos: np.ndarray) -> dict[st
         "delta_plcc": low.plcc - ref.plcc,
         "srcc_vs_fp32": float(stats.spearmanr(reference, scores)[0]),
         "max_abs_diff_vs_fp32": float(np.max(np.abs(np.asarray(reference) - np.asarray(scores)))),
+        "mean_abs_diff_vs_fp32": float(np.mean(np.abs(np.asarray(reference) - np.asarray(scores)))),
     }

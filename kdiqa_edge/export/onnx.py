@@ -74,13 +74,22 @@ def set_metadata(path: Path, meta: dict[str, Any]) -> None:
     onnx.save(graph, str(path))
 
 
-def float_nodes(path: Path) -> list[str]:
+def float_nodes(path: Path, stem: bool = False) -> list[str]:
     """Names of the nodes that stay in float: the head, the input normalization, and the node that produces
-    the head's input (the projection into CLIP's space), so the features reach the head unquantized."""
+    the head's input (the projection into CLIP's space), so the features reach the head unquantized; with
+    `stem`, also the first Conv/MatMul/Gemm (the stem conv or patch embedding), so its input is not re-rounded.
+
+    Why the stem: a per-tensor 8-bit grid over the normalized input (about 4 units wide) has a step of about
+    one grey level that does not line up with the pixel grid, so quantizing the stem's input adds noise of
+    about 0.3 grey levels RMS, which is the kind of signal an IQA model measures. Measured on 64 px test_resnet
+    students trained on the synthetic set: INT8 score error / FP32 score spread 0.147 -> 0.049 and |delta SRCC|
+    0.033 -> 0.004 with the stem in float."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     keep = [n for n in graph.node if any(scope in n.name for scope in FLOAT_SCOPES)]
+    if stem:  # graph.node is topologically sorted: the first compute node is the stem
+        keep += [next(n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n not in keep)]
     names = {n.name for n in keep}
     producers = {output: n for n in graph.node for output in n.output}
     for node in keep:
@@ -152,10 +161,11 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
             to_fp16(fp32, final)
         else:
             calib = model_input(examples.calib, scored.input_spec(), scored.preprocess)
-            quantize.int8(fp32, final, calib, form=form, method=cfg.calib_method, keep_float=float_nodes(fp32))
+            quantize.int8(fp32, final, calib, form=form, method=cfg.calib_method,
+                          keep_float=float_nodes(fp32, stem=cfg.int8_stem == "float"))
             result.extra["int8"] = {"form": form, "calibration_images": len(calib),
                                     "calibration_method": cfg.calib_method, "per_channel": True,
-                                    "head": "float"}
+                                    "head": "float", "stem": cfg.int8_stem}
         set_metadata(final, meta)
         result.files.append(final)
 
