@@ -138,6 +138,33 @@ def test_uint8_input_equals_float_input(fp32_exports, data):
     np.testing.assert_allclose(as_uint8, as_float, atol=1e-4, rtol=0)
 
 
+def _activation_scales(path: Path) -> dict[str, float]:
+    """Scale of each QuantizeLinear over an activation (not a weight), by the tensor it quantizes."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return {n.input[0]: float(constants[n.input[1]]) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
+
+
+def test_calibration_methods_give_their_own_scales(tmp_path, fp32_exports, data):
+    # ONNX Runtime's quantize_static leaves its entropy calibrator 128 bins and 128 quantized bins: one
+    # candidate threshold, the full range, i.e. minmax. With TensorRT's 2048-bin histogram it searches.
+    from kdiqa_edge.export import quantize
+    from kdiqa_edge.preprocess import PreprocessSpec, normalize
+
+    calib = normalize(_images(data, count=16), PreprocessSpec(size=64))
+    fp32 = fp32_exports["student"] / "onnx-fp32" / "model.fp32.onnx"
+    scales = {method: _activation_scales(quantize.int8(fp32, tmp_path / f"{method}.onnx", calib, form="u8s8",
+                                                       method=method))
+              for method in ("minmax", "entropy", "percentile")}
+    assert set(scales["entropy"]) == set(scales["minmax"]) == set(scales["percentile"])
+    for method, narrower in (("entropy", 3), ("percentile", 1)):  # clipped: never wider than min..max
+        assert all(scales[method][t] <= scales["minmax"][t] * (1 + 1e-6) for t in scales["minmax"])
+        assert sum(scales[method][t] < 0.95 * scales["minmax"][t] for t in scales["minmax"]) >= narrower, method
+
+
 def test_fp16_onnx_has_fp32_io_and_float_head(tmp_path, checkpoints, data):
     """FP16 weights and compute, FP32 input/output, the head in float; checked against torch (ViT teacher)."""
     manifest = export_checkpoint(checkpoints["teacher"], ExportConfig(precision="fp16", parity_images=8), tmp_path,
