@@ -15,7 +15,6 @@ Needs torch + timm only to build the random-init student it exports; the measure
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -33,10 +32,9 @@ def export_student(arch: str, out: Path, size: int = 224) -> Path:
     """A random-init timm student with the folded quality head, as FP32 ONNX with the artifact metadata."""
     import warnings
 
-    import onnx
     import torch
 
-    from kdiqa_edge import artifact
+    from kdiqa_edge.export.onnx import set_metadata
     from kdiqa_edge.models import QualityHead
     from kdiqa_edge.models.student import create_student
 
@@ -49,14 +47,10 @@ def export_student(arch: str, out: Path, size: int = 224) -> Path:
         torch.onnx.export(student, (torch.randn(1, 3, size, size),), str(path), input_names=["image"],
                           output_names=["score"], dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    proto = onnx.load(str(path))
-    meta = {"format": "1", "preprocess": student.preprocess.to_dict(), "precision": "fp32", "target": "onnx",
-            "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "size": size, "normalized": True},
-            "outputs": ["score"], "source": {"kind": "student", "arch": arch, "pretrained": False}}
-    for key, value in artifact.encode(meta).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    set_metadata(path, {"format": "1", "preprocess": student.preprocess.to_dict(), "precision": "fp32",
+                        "target": "onnx", "input": {"name": "image", "dtype": "float32", "layout": "NCHW",
+                                                    "size": size, "normalized": True},
+                        "outputs": ["score"], "source": {"kind": "student", "arch": arch, "pretrained": False}})
     return path
 
 

@@ -46,21 +46,17 @@ def student_run(tmp_path_factory):
 def _export_student(student, path):
     import warnings
 
-    import onnx
+    from kdiqa_edge.export.onnx import set_metadata
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(student, (torch.randn(2, 3, SIZE, SIZE),), str(path), input_names=["image"],
                           output_names=["score"], dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    proto = onnx.load(str(path))
-    meta = {"format": "1", "preprocess": student.preprocess.to_dict(), "precision": "fp32", "target": "onnx",
-            "input": {"name": "image", "dtype": "float32", "layout": "NCHW", "size": SIZE, "normalized": True},
-            "outputs": ["score"], "source": {"kind": "student", "arch": "test_resnet"}}
-    for key, value in artifact.encode(meta).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    set_metadata(path, {"format": "1", "preprocess": student.preprocess.to_dict(), "precision": "fp32",
+                        "target": "onnx", "input": {"name": "image", "dtype": "float32", "layout": "NCHW",
+                                                    "size": SIZE, "normalized": True},
+                        "outputs": ["score"], "source": {"kind": "student", "arch": "test_resnet"}})
     return path
 
 

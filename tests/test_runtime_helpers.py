@@ -44,8 +44,9 @@ def tiny_score_model(seed: int = 0, uint8_nhwc: bool = False):
 
 def export_tiny_onnx(path: Path, seed: int = 0, uint8_nhwc: bool = False, precision: str = "fp32",
                      fixed_batch: int | None = None, metadata: bool = True) -> Path:
-    import onnx
     import torch
+
+    from kdiqa_edge.export.onnx import set_metadata
 
     model = tiny_score_model(seed, uint8_nhwc)
     batch = fixed_batch or 2
@@ -59,7 +60,6 @@ def export_tiny_onnx(path: Path, seed: int = 0, uint8_nhwc: bool = False, precis
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["score"],
                           dynamic_axes=None if fixed_batch else {"image": {0: "batch"}, "score": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    proto = onnx.load(str(path))
     if metadata:
         meta = {
             "format": artifact.FORMAT_VERSION, "preprocess": SPEC.to_dict(),
@@ -71,10 +71,7 @@ def export_tiny_onnx(path: Path, seed: int = 0, uint8_nhwc: bool = False, precis
                        "variant": "full"},
             "precision": precision, "target": "onnx", "versions": {"torch": torch.__version__},
         }
-        for key, value in artifact.encode(meta).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+        set_metadata(path, meta)
     return path
 
 

@@ -199,7 +199,7 @@ def write_distill_plots(run_dir: Path, history: list[dict], variant: Variant, to
     """
     if not history:
         return []
-    from kdiqa_edge.train.plots import _pyplot, _save
+    from kdiqa_edge.train.plots import _pyplot, _save, correlation_panel
 
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
@@ -220,12 +220,7 @@ def write_distill_plots(run_dir: Path, history: list[dict], variant: Variant, to
     ax_lambda.set_ylim(-0.05, 1.05)
     ax_lambda.set_title(f"lambda: soft weight ({variant.spec})")
     ax_lambda.legend()
-    for name in ("plcc", "srcc"):
-        ax_corr.plot(epochs, [row[name] for row in history], marker=".", label=name.upper())
-    ax_corr.set_xlabel("epoch")
-    ax_corr.set_title(f"{history[0].get('eval_split', 'eval')} correlation")
-    ax_corr.legend()
-    ax_corr.grid(alpha=0.3)
+    correlation_panel(ax_corr, history)
     if title:
         fig.suptitle(title)
     path = _save(fig, Path(run_dir) / "plots" / "distill.png")

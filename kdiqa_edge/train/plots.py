@@ -25,6 +25,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def correlation_panel(ax, history: Sequence[dict]) -> None:
+    """Eval PLCC and SRCC per epoch on `ax`, titled with the split they were measured on."""
+    epochs = [row["epoch"] for row in history]
+    split = history[0].get("eval_split", "eval") if history else "eval"
+    for name in ("plcc", "srcc"):
+        ax.plot(epochs, [row[name] for row in history], marker=".", label=name.upper())
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{split} correlation")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
     """Train loss (and its named terms) and eval PLCC/SRCC per epoch, side by side."""
     plt = _pyplot()
@@ -41,13 +53,7 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("training loss")
     ax_loss.legend()
-    split = history[0].get("eval_split", "eval") if history else "eval"
-    for name in ("plcc", "srcc"):
-        ax_corr.plot(epochs, [row[name] for row in history], marker=".", label=name.upper())
-    ax_corr.set_xlabel("epoch")
-    ax_corr.set_title(f"{split} correlation")
-    ax_corr.legend()
-    ax_corr.grid(alpha=0.3)
+    correlation_panel(ax_corr, history)
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_loss, ax_corr):
