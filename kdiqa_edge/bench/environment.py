@@ -9,12 +9,12 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 _PACKAGES = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "coremltools", "torch", "onnx")
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> str | None:
     try:
         return Path(path).read_text(errors="replace").strip("\x00\n ")
     except OSError:
@@ -28,11 +28,44 @@ def cpu_name() -> str:
             return line.split(":", 1)[1].strip()
     if sys.platform == "darwin":
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], check=False, capture_output=True,
                                   text=True, timeout=5).stdout.strip() or platform.processor()
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
+
+
+# The instruction-set flags ONNX Runtime's INT8 and FP32 kernels depend on, as /proc/cpuinfo names them:
+# VNNI speeds up U8S8 GEMM/conv, AVX-VNNI-INT8 makes S8S8 fast, AMX runs INT8/BF16 tiles; ARM's dot product
+# (asimddp), int8 matrix multiply (i8mm) and SVE play the same roles there. INT8 conclusions hold per ISA.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx_vnni_int8", "avx512_bf16", "amx_tile",
+             "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+
+
+def cpu_flags() -> list[str]:
+    """Every flag of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on ARM); empty elsewhere."""
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.lower().startswith(("flags", "features")):
+            return line.split(":", 1)[1].split()
+    return []
+
+
+def cpu_isa() -> list[str]:
+    """The ISA flags of ISA_FLAGS this CPU has, in that order."""
+    flags = set(cpu_flags())
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU a measurement ran on: model, logical cores and the ISA flags that decide INT8 speed."""
+    return {"model": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(), "isa": cpu_isa()}
+
+
+def cpu_line(info: dict[str, Any] | None = None) -> str:
+    """'AMD EPYC, 2 cores, avx2 avx512f avx512_vnni': the CPU in one line, for notes and tables."""
+    info = info or cpu_info()
+    return f"{info['model']}, {info['cores']} cores, ISA {' '.join(info['isa']) or 'unknown'}"
 
 
 def gpus() -> list[str]:
@@ -40,7 +73,7 @@ def gpus() -> list[str]:
         return []
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+                             check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
@@ -56,7 +89,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def environment(threads: Optional[int] = None) -> dict[str, Any]:
+def environment(threads: int | None = None) -> dict[str, Any]:
     import onnxruntime as ort
 
     env: dict[str, Any] = {
@@ -65,6 +98,7 @@ def environment(threads: Optional[int] = None) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_isa": cpu_isa(),
         "threads": threads or "default",
         "python": platform.python_version(),
         "versions": versions(),

@@ -1,4 +1,4 @@
-"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|all --precision fp32|fp16|int8 --out DIR`."""
+"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|all --precision fp32|fp16|int8|auto --out DIR`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,21 @@ def export_command(
                                                           "manifest.json).")] = Path("exports"),
     target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml or all "
                                                   "[default: onnx]", rich_help_panel=EXPORT_PANEL)] = None,
-    precision: Annotated[str | None, typer.Option("--precision", "-p", help="fp32, fp16 or int8 [default: fp32]",
-                                                     rich_help_panel=EXPORT_PANEL)] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", "-p", help="fp32, fp16, int8, or auto: build every candidate (FP32, each INT8 recipe the "
+                                  "graph calls for, FP16 on an accelerator), measure them here, ship the fastest "
+                                  "within --max-drift to OUT/<target>-auto/ [default: fp32]",
+        rich_help_panel=EXPORT_PANEL)] = None,
+    max_drift: Annotated[float | None, typer.Option(
+        "--max-drift", min=0.0, help="auto: the largest |ΔSRCC| vs FP32 on the test split the shipped candidate "
+                                     "may have [default: 0.01]", rich_help_panel=EXPORT_PANEL)] = None,
+    candidates: Annotated[str | None, typer.Option(
+        "--candidates", help="auto: only these candidates, comma-separated (e.g. int8:qdq-all+stem-int8); FP32 is "
+                             "always measured [default: all]", rich_help_panel=EXPORT_PANEL)] = None,
+    int8_recipe: Annotated[str | None, typer.Option(
+        "--int8-recipe", help="int8: the ONNX Runtime INT8 recipe (qdq-all, dw-float, compute-only, "
+                              "compute-only-dw-float, dynamic-matmul); auto measures every one that applies "
+                              "[default: qdq-all]", rich_help_panel=EXPORT_PANEL)] = None,
     input_kind: Annotated[str | None, typer.Option(
         "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph "
                         "[default: float]", rich_help_panel=EXPORT_PANEL)] = None,
@@ -55,6 +68,8 @@ def export_command(
 
       kdiqa-edge export runs/distill --target onnx --precision int8 --out exports/
 
+      kdiqa-edge export runs/distill --precision auto --max-drift 0.01 --out exports/   # -> exports/onnx-auto/model.onnx
+
       kdiqa-edge export runs/distill --profile export/jetson-orin-tensorrt-int8.yaml --out exports/
 
       kdiqa-edge export runs/distill --target all --precision fp16 --input uint8 --out exports/
@@ -65,6 +80,7 @@ def export_command(
 
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
                   with_probs=probs, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
+                  int8_recipe=int8_recipe, max_drift=max_drift, candidates=candidates,
                   max_batch=max_batch, opset=opset,
                   tensorrt_version=tensorrt_version)
     try:

@@ -16,14 +16,14 @@ import numpy as np
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.registry import Registry
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "auto")  # auto: every candidate measured here, the fastest within bound
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     target: str = "onnx"  # onnx | tensorrt | coreml | all
-    precision: str = "fp32"  # fp32 | fp16 | int8
+    precision: str = "fp32"  # fp32 | fp16 | int8 | auto
     input: str = "float"  # float (normalized NCHW float32) | uint8 (raw pixels, normalization in the graph)
     layout: str = "NCHW"  # NCHW | NHWC (uint8 input only)
     with_probs: bool = False  # add a second output `probs` [N, 5]
@@ -33,6 +33,9 @@ class ExportConfig:
     calib: int = 256  # INT8 calibration images from the TRAIN split
     calib_method: str = "minmax"  # minmax | entropy | percentile
     int8_stem: str = "float"  # float | int8: the first conv/patch embedding in INT8 models (float: pixel-exact input)
+    int8_recipe: str = "qdq-all"  # the ONNX Runtime INT8 recipe (export/recipes.py) for --precision int8
+    max_drift: float = 0.01  # auto: the largest |ΔSRCC| vs FP32 on the test split a shipped candidate may have
+    candidates: str | None = None  # auto: comma-separated candidate names to try (None: every applicable one)
     parity_images: int = 32  # real test-split images for the parity check vs PyTorch
     eval_images: int = 512  # at most this many test-split images for the INT8/FP16 drift report
     latency_runs: int = 30  # timed ONNX Runtime runs (batch 1, after warm-up) per model
@@ -63,8 +66,14 @@ class ExportConfig:
         if self.calib_method not in CALIB_METHODS:
             raise ConfigError(f"unknown calibration method {self.calib_method!r}; "
                               f"choose one of: {', '.join(CALIB_METHODS)}")
-        if self.precision == "int8" and self.calib < 1:
-            raise ConfigError("int8 needs calibration images: --calib must be at least 1")
+        if self.precision in ("int8", "auto") and self.calib < 1:
+            raise ConfigError(f"{self.precision} needs calibration images: --calib must be at least 1")
+        from kdiqa_edge.export.recipes import RECIPES
+
+        if self.int8_recipe not in RECIPES:
+            raise ConfigError(f"unknown --int8-recipe {self.int8_recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if not 0 <= self.max_drift <= 2:
+            raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
         return self
 
     def targets(self) -> list[str]:

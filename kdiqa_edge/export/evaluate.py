@@ -78,3 +78,48 @@ def drift(reference: np.ndarray, scores: np.ndarray, mos: np.ndarray) -> dict[st
         "max_abs_diff_vs_fp32": float(np.max(np.abs(np.asarray(reference) - np.asarray(scores)))),
         "mean_abs_diff_vs_fp32": float(np.mean(np.abs(np.asarray(reference) - np.asarray(scores)))),
     }
+
+
+def kernel_profile(path: str | Path, x: np.ndarray, threads: int = 2, runs: int = 10,
+                   provider: str = "CPUExecutionProvider") -> dict[str, Any]:
+    """Which kernels ran and where the time went: ONNX Runtime's profiler (SessionOptions.enable_profiling)
+    over `runs` runs of `x`, summed by operator (the kernel's op type, e.g. QLinearConv, DequantizeLinear).
+
+    Returns {"ops": [{"op", "ms", "share", "count"}] by time, "nodes": how many nodes ran, "runs"}: the
+    evidence for why an INT8 model is slower than FP32 (float ops between Q/DQ pairs, Quantize/Dequantize
+    passes, unfused depthwise convs)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="kdiqa-profile-") as scratch:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(scratch) / "profile")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), options, providers=[provider])
+        feed = {sess.get_inputs()[0].name: x}
+        sess.run(None, feed)  # the first run allocates; it is profiled too, and dropped below
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    node_events = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run: dict[str, list[float]] = {}
+    nodes = set()
+    for event in node_events:
+        op = event.get("args", {}).get("op_name", "?")
+        per_run.setdefault(op, []).append(float(event.get("dur", 0)) / 1e3)
+        nodes.add(event["name"])
+    calls = max(runs + 1, 1)
+    total = sum(sum(v) for v in per_run.values()) or 1.0
+    ops = sorted(({"op": op, "ms": round(sum(v) / calls, 3), "share": round(sum(v) / total, 3),
+                   "count": len(v) // calls} for op, v in per_run.items()), key=lambda r: -r["ms"])
+    return {"ops": ops, "nodes": len(nodes), "runs": runs, "total_ms": round(total / calls, 3)}
+
+
+def profile_line(profile: dict[str, Any], top: int = 5) -> str:
+    """'QLinearConv 45% (52), DequantizeLinear 18% (60), ...': the top kernels of a kernel_profile."""
+    return ", ".join(f"{r['op']} {r['share']:.0%} ({r['count']})" for r in profile["ops"][:top])

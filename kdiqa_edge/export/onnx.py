@@ -1,4 +1,6 @@
-"""The `onnx` target: ScoreModel -> ONNX (FP32, FP16, INT8 U8S8 Q/DQ for ONNX Runtime on CPUs).
+"""The `onnx` target: ScoreModel -> ONNX (FP32, FP16, INT8 U8S8 Q/DQ for ONNX Runtime on CPUs), and its
+candidates for `--precision auto` (export/auto.py): FP32, every INT8 recipe the graph calls for, FP16 where
+an accelerator execution provider runs it.
 
 Also the ONNX building blocks the `tensorrt` target reuses: the FP32 graph (dynamic batch, simplified,
 checker-clean, IR <= 10), metadata, parity against PyTorch, and the per-precision conversion + drift report.
@@ -6,6 +8,8 @@ checker-clean, IR <= 10), metadata, parity against PyTorch, and the per-precisio
 
 from __future__ import annotations
 
+import functools
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -146,7 +150,7 @@ def torch_reference(model, images: np.ndarray) -> np.ndarray:
 def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any], *, form: str,
           tolerance: dict[str, float], stem: str = "model") -> ExportResult:
     """FP32 ONNX -> the requested precision in `out`, checked against PyTorch; `form` is the INT8 Q/DQ form."""
-    from kdiqa_edge.export import evaluate, quantize
+    from kdiqa_edge.export import evaluate, quantize, recipes
 
     scored = score_model(model, cfg)
     meta = {**meta, "input": scored.input_spec(), "outputs": scored.output_names, "precision": cfg.precision}
@@ -159,7 +163,15 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
             final.write_bytes(fp32.read_bytes())
         elif cfg.precision == "fp16":
             to_fp16(fp32, final)
-        else:
+        elif form == "u8s8":  # ONNX Runtime on CPUs: a recipe chosen by name, the stem per --int8-stem
+            graph = int8_graph(fp32, scored, examples, cfg, Path(scratch))
+            recipe = recipes.named(cfg.int8_recipe, graph.facts).with_stem(cfg.int8_stem)
+            graph.build(recipe, final)
+            meta["recipe"] = recipe.name
+            result.extra["int8"] = {"form": form, "calibration_images": len(graph.calib),
+                                    "calibration_method": cfg.calib_method, "head": "float", "stem": recipe.stem,
+                                    "recipe": recipe.to_dict(), "graph": graph.facts.summary()}
+        else:  # TensorRT's symmetric Q/DQ form: every op, per-channel (TensorRT picks its own kernels)
             calib = model_input(examples.calib, scored.input_spec(), scored.preprocess)
             quantize.int8(fp32, final, calib, form=form, method=cfg.calib_method,
                           keep_float=float_nodes(fp32, stem=cfg.int8_stem == "float"))
@@ -180,11 +192,76 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
         if cfg.precision != "fp32":
             result.drift = drift_report(fp32, final, examples, scored, cfg)
             result.notes.extend(drift_notes(result.drift, cfg.precision, final.name, form))
+        if cfg.precision == "int8" and form == "u8s8":
+            alternative = measure_alternative(graph, recipe, fp32, final, examples, cfg, meta, Path(scratch))
+            result.extra["int8"]["alternative"] = alternative
+            result.notes.append(alternative["note"])
     return result
 
 
+class Int8Graph:
+    """One FP32 graph ready for INT8 recipes: its facts, head nodes and calibration inputs, one calibration
+    per set of quantized op types (the ranges of a tensor do not depend on the recipe)."""
+
+    def __init__(self, fp32: Path, calib: np.ndarray, method: str, work: Path):
+        import onnx
+
+        from kdiqa_edge.export import recipes
+
+        self.fp32, self.calib, self.method, self.work = fp32, calib, method, work
+        self.head = float_nodes(fp32)
+        self.facts = recipes.graph_facts(onnx.load(str(fp32), load_external_data=False), ignore=self.head)
+
+    def build(self, recipe, path: Path) -> Path:
+        from kdiqa_edge.export import quantize
+
+        key = "-".join(recipe.op_types) or "all"
+        cache = self.work / f"calibration-{self.method}-{key}-{recipe.optimizer or 'plain'}.json"
+        return quantize.int8(self.fp32, path, self.calib, form="u8s8", method=self.method, recipe=recipe,
+                             keep_float=self.head + recipe.nodes_to_exclude(self.facts), calibration_cache=cache)
+
+
+def int8_graph(fp32: Path, scored, examples: Examples, cfg: ExportConfig, work: Path) -> Int8Graph:
+    calib = model_input(examples.calib, scored.input_spec(), scored.preprocess)
+    return Int8Graph(fp32, calib, cfg.calib_method, work)
+
+
+def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examples: Examples, cfg: ExportConfig,
+                        meta: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The same recipe with the other stem choice, measured beside FP32 and the shipped INT8 (alternated
+    rounds, same test images), so the note can say what the other choice would cost or gain here."""
+    from kdiqa_edge.bench.environment import cpu_line
+    from kdiqa_edge.export import auto
+
+    other = recipe.with_stem("int8" if recipe.stem == "float" else "float")
+    folder = work / "alternative"
+    folder.mkdir()
+    path = graph.build(other, folder / "model.int8.onnx")
+    set_metadata(path, {**meta, "recipe": other.name})
+    items = [auto.Measured(auto.Candidate("fp32", "fp32", build=None, reference=True), path=fp32),
+             auto.Measured(auto.Candidate(recipe.name, "int8", build=None), path=final),
+             auto.Measured(auto.Candidate(other.name, "int8", build=None), path=path)]
+    models = auto.load_models(items, cfg.threads)
+    auto.measure_drift(items, models, examples)
+    auto.measure_latency(items, models, examples.test, cfg, batches=(1,))
+    models.clear()
+    _, shipped, alt = items
+    speed = shipped.p50(1) / alt.p50(1)
+    change = "faster" if speed >= 1 else "slower"
+    how = f"--int8-stem {other.stem}"
+    note = (f"{final.name}: stem in {other.stem} (the alternative) would be {max(speed, 1 / speed):.2f}x {change} "
+            f"than this stem-{recipe.stem} INT8 ({alt.p50(1):.2f} vs {shipped.p50(1):.2f} ms at batch 1, FP32 "
+            f"{items[0].p50(1):.2f} ms), ΔSRCC {alt.drift['delta_srcc']:+.4f} vs {shipped.drift['delta_srcc']:+.4f}, "
+            f"mean |Δscore| {alt.drift['mean_abs_diff_vs_fp32']:.4f} vs {shipped.drift['mean_abs_diff_vs_fp32']:.4f} "
+            f"here ({cpu_line()}); {how} ships it")
+    return {"recipe": other.name, "note": note, "speed_vs_shipped": round(speed, 3),
+            "latency": {i.name: i.latency.get(1) for i in items}, "drift": alt.drift, "shipped_drift": shipped.drift}
+
+
 def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: ExportConfig) -> dict[str, Any]:
-    """SRCC/PLCC of the reduced-precision model vs the FP32 one on the test split, and both latencies here."""
+    """SRCC/PLCC of the reduced-precision model vs the FP32 one on the test split, and both latencies here
+    (with the CPU they ran on: INT8 speed depends on its instruction set)."""
+    from kdiqa_edge.bench.environment import cpu_info
     from kdiqa_edge.export import evaluate
 
     inputs = model_input(examples.test, scored.input_spec(), scored.preprocess)
@@ -195,7 +272,7 @@ def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: Exp
     report["latency"] = {
         "fp32": evaluate.latency_ms(ref_session, inputs, cfg.latency_runs),
         cfg.precision: evaluate.latency_ms(low_session, inputs, cfg.latency_runs),
-        "runtime": "onnxruntime CPUExecutionProvider", "threads": cfg.threads,
+        "runtime": "onnxruntime CPUExecutionProvider", "threads": cfg.threads, "cpu": cpu_info(),
     }
     return report
 
@@ -203,10 +280,12 @@ def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: Exp
 def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) -> list[str]:
     fp32_ms = report["latency"]["fp32"]["p50_ms"]
     low_ms = report["latency"][precision]["p50_ms"]
+    cpu = report["latency"].get("cpu")
+    where = f" ({cpu['model']}, ISA {' '.join(cpu['isa']) or 'unknown'})" if cpu else ""
     notes = [(f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
               f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on "
-              f"{report['images']} test images; ONNX Runtime CPU batch 1: {precision.upper()} {low_ms:.2f} ms, "
-              f"FP32 {fp32_ms:.2f} ms")]
+              f"{report['images']} test images; ONNX Runtime CPU{where} batch 1: {precision.upper()} "
+              f"{low_ms:.2f} ms, FP32 {fp32_ms:.2f} ms")]
     if form == "s8s8" and precision == "int8":
         notes.append(f"{name}: these latencies are the TensorRT Q/DQ form under ONNX Runtime on this CPU, "
                      "not the engine's speed: bench the engine on the device")
@@ -216,14 +295,73 @@ def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) ->
     return notes
 
 
+# Execution providers that run FP16 on an accelerator (short names as the runtime takes them). FP16 on the
+# CPU provider is emulated and slow, so FP16 is a candidate only where one of these is available.
+ACCELERATORS = {"cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider"}
+
+
+def accelerator_providers(available: list[str] | None = None) -> list[str]:
+    """The accelerator providers this onnxruntime offers, by short name (cuda, rocm, dml)."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    return [short for short, full in ACCELERATORS.items() if full in available]
+
+
+def candidates(model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path,
+               tolerance: dict[str, float]) -> list:
+    """The `onnx` target's candidates for --precision auto: FP32 (the reference), every INT8 recipe the graph
+    calls for (each static one with the stem in int8 and in float), and FP16 and FP32 on each accelerator
+    execution provider onnxruntime offers here."""
+    from kdiqa_edge.export import recipes
+    from kdiqa_edge.export.auto import Candidate
+
+    work.mkdir(parents=True, exist_ok=True)
+    scored = score_model(model, cfg)
+    meta = {**meta, "input": scored.input_spec(), "outputs": scored.output_names}
+    extra = {"input": meta["input"], "outputs": meta["outputs"], "opset": cfg.opset}
+    fp32 = export_fp32(scored, work / "model.fp32.onnx", cfg.opset)
+    graph = int8_graph(fp32, scored, examples, cfg, work)
+
+    def artifact(precision: str, write, recipe: str | None = None):
+        def build(folder: Path) -> Path:
+            path = write(folder / f"model.{precision}.onnx")
+            set_metadata(path, {**meta, "precision": precision, **({"recipe": recipe} if recipe else {})})
+            return path
+        return build
+
+    def copy(path: Path) -> Path:
+        return Path(shutil.copyfile(fp32, path))
+
+    found = [Candidate("fp32", "fp32", artifact("fp32", copy), reference=True, tolerance=tolerance["fp32"],
+                       recipe={"name": "fp32"}, extra=extra)]
+    for recipe in recipes.applicable(graph.facts, recipes.Isa.here()):
+        found.append(Candidate(
+            f"int8:{recipe.name}", "int8", artifact("int8", functools.partial(graph.build, recipe), recipe.name),
+            recipe=recipe.to_dict(), extra={**extra, "int8": {"form": "u8s8", "calibration_images": len(graph.calib),
+                                                               "calibration_method": cfg.calib_method, "head": "float",
+                                                               "stem": recipe.stem, "graph": graph.facts.summary()}}))
+    for provider in accelerator_providers():
+        found.append(Candidate(f"fp16:{provider}", "fp16", artifact("fp16", functools.partial(to_fp16, fp32)),
+                               provider=provider, tolerance=tolerance["fp16"], recipe={"name": "fp16"}, extra=extra))
+        found.append(Candidate(f"fp32:{provider}", "fp32", artifact("fp32", copy), provider=provider,
+                               tolerance=tolerance["fp32"], recipe={"name": "fp32"}, extra=extra))
+    return found
+
+
 @register_target
 class OnnxTarget:
     """ONNX Runtime on CPUs: INT8 uses uint8 activations, int8 per-channel weights (U8S8), the fast form there."""
 
     name = "onnx"
-    supports = Supports(precisions=("fp32", "fp16", "int8"), dynamic_batch=True,
+    supports = Supports(precisions=("fp32", "fp16", "int8", "auto"), dynamic_batch=True,
                         tolerance={"fp32": 1e-4, "fp16": 5e-2})
+    auto_file = "model.onnx"  # --precision auto ships its pick as OUT/onnx-auto/model.onnx
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         return build(model, examples, out, cfg, {**meta, "target": self.name}, form="u8s8",
                      tolerance=self.supports.tolerance)
+
+    def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:
+        return candidates(model, examples, cfg, {**meta, "target": self.name}, work, self.supports.tolerance)

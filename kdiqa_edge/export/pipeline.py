@@ -1,6 +1,7 @@
 """Checkpoint -> artifacts for one or all targets, written atomically, with a manifest; re-runs are idempotent.
 
-Each (target, precision) goes to `OUT/<target>-<precision>/`. Every folder of a run is built beside its final
+Each (target, precision) goes to `OUT/<target>-<precision>/`; `--precision auto` writes the measured pick to
+`OUT/<target>-auto/` (export/auto.py). Every folder of a run is built beside its final
 place and renamed in only when all targets of the run succeeded, so a failure leaves nothing partial.
 `OUT/manifest.json` lists every file with its sha256, plus target, precision, input spec, preprocessing,
 parity, drift and versions. A re-run with the same checkpoint, options and data skips the exports whose
@@ -103,9 +104,10 @@ def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: 
         test = np.sort(rng.choice(test, cfg.eval_images, replace=False))
     if len(test) < 3:
         raise DataError(f"the test split of {data.name} has {len(test)} images; parity and drift need at least 3")
-    calib = cache.images[train] if cfg.precision == "int8" else cache.images[:0]
-    if cfg.precision == "int8" and len(calib) == 0:
-        raise ConfigError(f"int8 needs calibration images, and the TRAIN split of {data.name} has none")
+    quantized = cfg.precision in ("int8", "auto")
+    calib = cache.images[train] if quantized else cache.images[:0]
+    if quantized and len(calib) == 0:
+        raise ConfigError(f"{cfg.precision} needs calibration images, and the TRAIN split of {data.name} has none")
     return Examples(parity=np.asarray(cache.images[test[:cfg.parity_images]]), calib=np.asarray(calib),
                     test=np.asarray(cache.images[test]), test_mos=np.asarray(cache.mos[test], np.float64),
                     source=f"{data.name}: calib {len(calib)} train images, test {len(test)} images")
@@ -114,8 +116,18 @@ def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: 
 def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: str) -> str:
     """What decides an export's content: same key, same artifact."""
     fields = {**dataclasses.asdict(cfg), "target": target}
-    for key in ("latency_runs", "threads", "timing_cache"):  # measurement and caching only
+    measured = cfg.precision == "auto"  # auto's pick depends on the measurement: on this CPU, at these threads
+    for key in ("timing_cache",) if measured else ("latency_runs", "threads", "timing_cache"):
         fields.pop(key)
+    if measured:
+        from kdiqa_edge.bench.environment import cpu_info
+
+        fields["machine"] = cpu_info()
+    else:  # options only auto reads do not change other exports
+        for key in ("max_drift", "candidates"):
+            fields.pop(key)
+    if cfg.precision != "int8":
+        fields.pop("int8_recipe")
     blob = json.dumps({"model": model_hash, "cfg": fields, "data": data.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -161,12 +173,16 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
 
     Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
     """
+    from kdiqa_edge.export import auto
     from kdiqa_edge.io import atomic_path, write_json
     from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
 
     cfg = cfg.validate()
     for name in cfg.targets():
-        if cfg.precision not in TARGETS.get(name).supports.precisions:
+        target = TARGETS.get(name)
+        if cfg.precision == "auto" and not auto.supports_auto(target):
+            raise ConfigError(f"target {name} has no --precision auto (it offers no candidates to measure)")
+        if cfg.precision not in target.supports.precisions:
             raise ConfigError(f"target {name} does not support {cfg.precision}")
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
@@ -200,7 +216,8 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
                 staged = stack.enter_context(atomic_path(out / label))
                 staged.mkdir()
                 log(f"{label}: exporting...")
-                result = TARGETS.get(name).export(model, examples, staged, cfg, meta)
+                target = auto.Auto(TARGETS.get(name), log) if cfg.precision == "auto" else TARGETS.get(name)
+                result = target.export(model, examples, staged, cfg, meta)
                 staged_results.append((label, key, staged, result))
             entries = {label: _entry(result, staged, out / label, out, key)
                        for label, key, staged, result in staged_results}

@@ -4,6 +4,8 @@
   fast (measured here: resnet18 score model FP32 12.2 ms -> 4.6 ms).
 - `s8s8`: int8 activations and weights, symmetric, every zero point 0: what TensorRT requires of Q/DQ nodes
   (and slow under ONNX Runtime on CPUs: 14.9 ms for the same model).
+
+Which ops are quantized and which stay float is a `recipes.Recipe`, chosen from the graph.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kdiqa_edge.errors import ConfigError, ExportError
+from kdiqa_edge.export.recipes import Recipe
 
 FORMS = ("u8s8", "s8s8")
 
@@ -68,14 +71,30 @@ def _entropy_histogram():
 
 
 def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "minmax",
-         keep_float: list[str] | None = None) -> Path:
-    """quant_pre_process, then quantize_static (QDQ, per-channel weights) with nodes in `keep_float` excluded."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+         keep_float: list[str] | None = None, recipe: Recipe | None = None,
+         calibration_cache: Path | None = None) -> Path:
+    """quant_pre_process, then quantize_static (QDQ) with the nodes in `keep_float` excluded.
+
+    Without a recipe: every op type, per-channel weights (the `qdq-all` recipe). A recipe sets the op types,
+    per-channel, reduce_range, the extra options, static or dynamic, and the transformer optimizer; `keep_float`
+    must then hold its float groups too (`Recipe.nodes_to_exclude`). `calibration_cache` (a JSON file) keeps
+    the calibrated ranges, so recipes over the same graph and calibration images calibrate once.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if form not in FORMS:
         raise ConfigError(f"unknown INT8 form {form!r}; choose one of: {', '.join(FORMS)}")
-    if len(calib) == 0:
+    recipe = recipe or Recipe("qdq-all", "every op type")
+    if recipe.mode not in ("static", "dynamic"):
+        raise ConfigError(f"unknown quantization mode {recipe.mode!r}; choose static or dynamic")
+    if recipe.mode == "static" and len(calib) == 0:
         raise ConfigError("int8 needs calibration images, and the train split gave none")
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -86,28 +105,37 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
     # a short last batch breaks them ("inhomogeneous shape"): feed them one image at a time.
     reader = _reader(calib, batch=8 if method == "minmax" else 1)
     symmetric = form == "s8s8"
+    extra = {"ActivationSymmetric": symmetric or recipe.activation_symmetric, "WeightSymmetric": True,
+             # TensorRT's DequantizeLinear takes int8 only: biases stay float there (it fuses them itself)
+             "QuantizeBias": not symmetric, "MatMulConstBOnly": recipe.matmul_const_b_only,
+             "QDQKeepRemovableActivations": recipe.keep_removable_activations}
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs per-tensor chatter on the root logger
-    # the entropy/percentile calibrators print progress to stdout: keep it off the command's output
-    with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, contextlib.redirect_stdout(io.StringIO()), \
-            _entropy_histogram():
-        pre = Path(scratch) / "pre.onnx"
-        # shape inference + graph clean-up first, as ONNX Runtime recommends before static quantization
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre), str(dst), reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(keep_float or []),
-            calibrate_method=methods[method],
-            calibration_providers=["CPUExecutionProvider"],
-            # TensorRT's DequantizeLinear takes int8 only: biases stay float there (it fuses them itself)
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric},
-        )
-    root.setLevel(level)
+    # the entropy/percentile calibrators and the transformer optimizer print to stdout: keep it off the output
+    try:
+        with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, \
+                contextlib.redirect_stdout(io.StringIO()), _entropy_histogram():
+            source = optimize_transformer(src, Path(scratch) / "optimized.onnx", recipe.optimizer) \
+                if recipe.optimizer else src
+            pre = Path(scratch) / "pre.onnx"
+            # shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
+            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+            common = {"op_types_to_quantize": list(recipe.op_types) or None, "per_channel": recipe.per_channel,
+                      "reduce_range": recipe.reduce_range, "weight_type": QuantType.QInt8,
+                      "nodes_to_exclude": list(keep_float or [])}
+            if recipe.mode == "dynamic":
+                quantize_dynamic(str(pre), str(dst), **common,
+                                 extra_options={"MatMulConstBOnly": recipe.matmul_const_b_only})
+            else:
+                quantize_static(
+                    str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, **common,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    calibrate_method=methods[method], calibration_providers=["CPUExecutionProvider"],
+                    extra_options=extra,
+                    calibration_cache_path=str(calibration_cache) if calibration_cache else None)
+    finally:
+        root.setLevel(level)
     _drop_unused_domains(dst)
     if symmetric:
         import onnx
@@ -116,6 +144,18 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
         if bad:
             raise ExportError(f"{dst.name}: Q/DQ nodes with non-zero zero points ({', '.join(bad[:3])}); "
                               "TensorRT requires symmetric quantization")
+    return dst
+
+
+def optimize_transformer(src: Path, dst: Path, model_type: str) -> Path:
+    """ONNX Runtime's transformer optimizer (LayerNorm, GELU, attention, SkipLayerNorm fusions) for CPU.
+
+    Heads and hidden size are detected from the graph (0); the fused ops are com.microsoft contrib ops,
+    which ONNX Runtime runs and TensorRT does not, so only the `onnx` target uses this."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, use_gpu=False)
+    optimized.save_model_to_file(str(dst))
     return dst
 
 

@@ -1,0 +1,357 @@
+"""`--precision auto`: build every candidate a target offers, measure each on this machine, ship the fastest
+one within the drift bound.
+
+The candidate contract (docs/ARCHITECTURE.md): a target that supports auto has `auto_file` (the pick's
+stable file name in `OUT/<target>-auto/`) and `candidates(model, examples, cfg, meta, work) -> list[Candidate]`.
+Each candidate says how to build one artifact into a folder; the artifact loads in the torch-free runtime
+(`kdiqa_edge.runtime.QualityModel`, with the candidate's provider), which measures it:
+
+- latency at batch 1 and 8 (capped at max_batch), rounds alternated across candidates so all see the same
+  machine load, median per candidate; the timer is injectable (`timer(measured, model, x) -> seconds`);
+- drift on the test split against the reference (FP32) candidate: |ΔSRCC|, mean and max |Δscore|.
+
+The fastest candidate within `max_drift` (|ΔSRCC|) ships; candidates within `TIE` of it are a tie, which the
+smaller file wins. The table of every candidate goes into the manifest and the export notes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from kdiqa_edge.errors import ConfigError, ExportError
+from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult
+
+TIE = 0.03  # candidates within 3 % of the fastest are a tie: the smaller file wins
+ROUNDS = 5  # latency rounds; every candidate runs once per round, the order reversed every other round
+WARMUP = 3  # untimed runs per candidate and batch size before timing
+LATENCY_BATCHES = (1, 8)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One artifact a target can ship, and how to build it."""
+
+    name: str  # unique within the target: fp32, int8:qdq-all+stem-int8, fp16:cuda
+    precision: str  # fp32 | fp16 | int8
+    build: Callable[[Path], Path]  # writes the artifact into the (empty) folder given; returns its path
+    provider: str = "cpu"  # the execution provider it is measured with, and meant to run on
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # the explicit choice, for the manifest
+    reference: bool = False  # the FP32 candidate every other one's drift is measured against (exactly one)
+    tolerance: float | None = None  # max |score - torch score| when shipped (None: reported only)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # target facts for the manifest (input spec)
+
+
+class AutoTarget(Protocol):
+    name: str
+    auto_file: str  # e.g. model.onnx, model.pte
+
+    def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
+                   work: Path) -> list[Candidate]:
+        """Every candidate for `model` on this machine; the reference first. May write into `work`."""
+
+
+def supports_auto(target) -> bool:
+    """A target offers auto when it declares it (`"auto"` in supports.precisions) and implements the contract."""
+    return ("auto" in target.supports.precisions and callable(getattr(target, "candidates", None))
+            and bool(getattr(target, "auto_file", None)))
+
+
+@dataclasses.dataclass
+class Measured:
+    """A candidate once built and measured: its row in the table."""
+
+    candidate: Candidate
+    path: Path | None = None
+    status: str = "ok"  # ok | failed
+    stage: str | None = None  # build | load | drift | latency
+    reason: str | None = None  # one line
+    bytes: int = 0
+    latency: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # batch -> p50_ms, images_per_s
+    drift: dict[str, float] = dataclasses.field(default_factory=dict)
+    scores: np.ndarray | None = None
+    within: bool | None = None  # within the drift bound
+
+    @property
+    def name(self) -> str:
+        return self.candidate.name
+
+    def fail(self, stage: str, exc: BaseException) -> None:
+        lines = str(exc).strip().splitlines()
+        self.status, self.stage = "failed", stage
+        self.reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+    def p50(self, batch: int) -> float:
+        return self.latency.get(batch, {}).get("p50_ms", math.inf)
+
+    def row(self) -> dict[str, Any]:
+        return {"name": self.name, "precision": self.candidate.precision, "provider": self.candidate.provider,
+                "status": self.status, "stage": self.stage, "reason": self.reason, "bytes": self.bytes,
+                "latency": {str(b): v for b, v in sorted(self.latency.items())}, "drift": self.drift,
+                "within_bound": self.within, "reference": self.candidate.reference, "recipe": self.candidate.recipe}
+
+
+Timer = Callable[[Measured, Any, np.ndarray], float]
+
+
+def wall_clock(measured: Measured, model, x: np.ndarray) -> float:
+    """Seconds for one `model.run(x)`, device work included."""
+    start = time.perf_counter()
+    model.run(x)
+    model.backend.synchronize()
+    return time.perf_counter() - start
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def build_all(candidates: list[Candidate], work: Path, log: Callable[[str], None]) -> list[Measured]:
+    """Build each candidate in its own folder; a failing one becomes a failed row (the reference may not fail)."""
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ExportError(f"duplicate candidate names: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+    if sum(c.reference for c in candidates) != 1:
+        raise ExportError("auto needs exactly one reference (FP32) candidate")
+    measured = []
+    for index, candidate in enumerate(candidates):
+        item = Measured(candidate)
+        folder = work / f"candidate-{index:02d}"
+        folder.mkdir(parents=True)
+        start = time.perf_counter()
+        try:
+            item.path = candidate.build(folder)
+            item.bytes = _size(item.path)
+        except Exception as exc:
+            if candidate.reference:
+                raise
+            item.fail("build", exc)
+        log(f"  {candidate.name}: built in {time.perf_counter() - start:.1f} s"
+            + (f" ({item.reason})" if item.status != "ok" else ""))
+        measured.append(item)
+    return measured
+
+
+def load_models(items: list[Measured], threads: int) -> dict[str, Any]:
+    from kdiqa_edge.runtime import QualityModel
+
+    models = {}
+    for item in items:
+        if item.status != "ok":
+            continue
+        try:
+            models[item.name] = QualityModel.load(item.path, provider=item.candidate.provider, threads=threads)
+        except Exception as exc:
+            if item.candidate.reference:
+                raise
+            item.fail("load", exc)
+    return models
+
+
+def measure_drift(items: list[Measured], models: dict[str, Any], examples: Examples) -> None:
+    """Score the test split with every candidate; drift against the reference's scores."""
+    from kdiqa_edge.export import evaluate
+
+    reference = next(i for i in items if i.candidate.reference)
+    for item in [reference, *[i for i in items if i is not reference]]:
+        if item.name not in models:
+            continue
+        try:
+            item.scores = np.asarray(models[item.name].predict(examples.test, batch_size=16), np.float64)
+        except Exception as exc:
+            if item.candidate.reference:
+                raise
+            item.fail("drift", exc)
+            models.pop(item.name)
+            continue
+        report = evaluate.drift(reference.scores, item.scores, examples.test_mos)
+        item.drift = {key: float(report[key]) for key in ("delta_srcc", "delta_plcc", "mean_abs_diff_vs_fp32",
+                                                           "max_abs_diff_vs_fp32", "srcc_vs_fp32")}
+        item.drift["srcc"] = float(report["reduced"]["srcc"])
+        item.drift["images"] = int(report["images"])
+
+
+def latency_inputs(model, pixels: np.ndarray, batch: int) -> np.ndarray:
+    """`batch` real test images (repeated when the split is smaller) in the artifact's input format."""
+    take = np.resize(np.arange(len(pixels)), batch)
+    return model.prepare(np.ascontiguousarray(pixels[take]))
+
+
+def latency_batches(cfg: ExportConfig) -> tuple[int, ...]:
+    """Batch 1 and 8 (capped at max_batch), and the batch the pick is ranked at (opt_batch)."""
+    return tuple(sorted({min(b, cfg.max_batch) for b in LATENCY_BATCHES} | {cfg.opt_batch}))
+
+
+def measure_latency(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg: ExportConfig,
+                    timer: Timer = wall_clock, batches: tuple[int, ...] | None = None,
+                    rounds: int = ROUNDS) -> None:
+    """Median latency per candidate and batch size, rounds alternated so every candidate sees the same load."""
+    batches = batches or latency_batches(cfg)
+    runs = max(1, math.ceil(cfg.latency_runs / rounds))
+    live = [i for i in items if i.name in models]
+    inputs = {}
+    for item in list(live):
+        try:
+            inputs[item.name] = {b: latency_inputs(models[item.name], pixels, b) for b in batches}
+            for b in batches:
+                for _ in range(WARMUP):
+                    models[item.name].run(inputs[item.name][b])
+        except Exception as exc:
+            if item.candidate.reference:
+                raise
+            item.fail("latency", exc)
+            live.remove(item)
+    times: dict[str, dict[int, list[float]]] = {i.name: {b: [] for b in batches} for i in live}
+    for round_index in range(rounds):
+        order = live if round_index % 2 == 0 else live[::-1]
+        for item in order:
+            for b in batches:
+                for _ in range(runs):
+                    times[item.name][b].append(timer(item, models[item.name], inputs[item.name][b]))
+    for item in live:
+        for b in batches:
+            p50 = float(np.median(times[item.name][b])) * 1e3
+            item.latency[b] = {"p50_ms": round(p50, 3), "images_per_s": round(b * 1e3 / p50, 1) if p50 else math.inf,
+                               "runs": len(times[item.name][b])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    pick: Measured
+    why: str
+    batch: int  # the batch size the latencies were ranked at
+
+
+def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float = TIE) -> Choice:
+    """The fastest candidate within |ΔSRCC| <= max_drift at `batch`; a tie (within `tie`) goes to the smaller file.
+
+    The reference is always within the bound; a candidate whose drift could not be measured never is.
+    """
+    for item in items:
+        delta = item.drift.get("delta_srcc")
+        item.within = item.status == "ok" and (item.candidate.reference or (
+            delta is not None and not math.isnan(delta) and abs(delta) <= max_drift))
+    ok = [i for i in items if i.within and batch in i.latency]
+    if not ok:
+        raise ExportError("no candidate could be measured (not even the reference)")
+    fastest = min(ok, key=lambda i: i.p50(batch))
+    tied = [i for i in ok if i.p50(batch) <= fastest.p50(batch) * (1 + tie)]
+    pick = min(tied, key=lambda i: (i.bytes, i.p50(batch)))
+    return Choice(pick, _why(pick, fastest, items, max_drift, batch, tie), batch)
+
+
+def _why(pick: Measured, fastest: Measured, items: list[Measured], max_drift: float, batch: int, tie: float) -> str:
+    reference = next(i for i in items if i.candidate.reference)
+    speed = reference.p50(batch) / pick.p50(batch)
+    lines = []
+    if pick is reference:
+        lines.append(f"{pick.name} ships: no other candidate within |ΔSRCC| <= {max_drift:g} is faster at batch {batch}"
+                     + (f" by more than {tie:.0%}" if len([i for i in items if i.within]) > 1 else ""))
+    else:
+        lines.append(f"{pick.name} ships: {speed:.2f}x the speed of {reference.name} at batch {batch} "
+                     f"({pick.p50(batch):.2f} vs {reference.p50(batch):.2f} ms), ΔSRCC "
+                     f"{pick.drift.get('delta_srcc', 0):+.4f} within {max_drift:g}")
+    if fastest is not pick:
+        lines.append(f"{fastest.name} is {fastest.p50(batch):.2f} ms, within {tie:.0%}: a tie, and "
+                     f"{pick.name} is the smaller file ({pick.bytes / 1e6:.1f} vs {fastest.bytes / 1e6:.1f} MB)")
+    over = sorted((i for i in items if i.status == "ok" and not i.within and i.p50(batch) < pick.p50(batch)),
+                  key=lambda i: i.p50(batch))
+    for item in over:
+        lines.append(f"{item.name} is faster ({item.p50(batch):.2f} ms) but over the bound: ΔSRCC "
+                     f"{item.drift.get('delta_srcc', math.nan):+.4f}")
+    return "; ".join(lines)
+
+
+def table(items: list[Measured], pick: Measured | None = None) -> list[str]:
+    """The candidates as fixed-width lines (the pick marked with *), for the export notes and the console."""
+    batches = sorted({b for i in items for b in i.latency})
+    width = max([len("candidate"), *(len(i.name) for i in items)])
+    head = [f"{'candidate':{width}s}", f"{'prec':4s}", *[f"{f'p50 ms@{b}':>10s}" for b in batches[:1]],
+            *[f"{f'img/s@{b}':>9s}" for b in batches], f"{'MB':>6s}", f"{'ΔSRCC':>8s}", f"{'mean|Δ|':>8s}",
+            f"{'max|Δ|':>8s}", "bound"]
+    lines = ["  " + " ".join(head)]
+    for item in items:
+        mark = "*" if item is pick else " "
+        if item.status != "ok":
+            lines.append(f"{mark} {item.name:{width}s} {item.candidate.precision:4s} failed at {item.stage}: {item.reason}")
+            continue
+        d = item.drift
+        bound = "ref" if item.candidate.reference else {True: "ok", False: "over"}.get(item.within, "")
+        cells = [f"{item.name:{width}s}", f"{item.candidate.precision:4s}", *[f"{item.p50(b):10.2f}" for b in batches[:1]],
+                 *[f"{item.latency[b]['images_per_s']:9.1f}" if b in item.latency else f"{'-':>9s}" for b in batches],
+                 f"{item.bytes / 1e6:6.1f}", f"{d.get('delta_srcc', 0):+8.4f}", f"{d.get('mean_abs_diff_vs_fp32', 0):8.4f}",
+                 f"{d.get('max_abs_diff_vs_fp32', 0):8.4f}", bound]
+        lines.append(f"{mark} " + " ".join(cells))
+    return lines
+
+
+def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: ExportConfig,
+                meta: dict[str, Any], timer: Timer = wall_clock, log: Callable[[str], None] = print) -> ExportResult:
+    """Candidates -> built, measured, the pick copied to `out/<target.auto_file>`, checked against torch."""
+    from kdiqa_edge.bench.environment import cpu_info, cpu_line
+    from kdiqa_edge.export import evaluate
+    from kdiqa_edge.export.onnx import torch_reference
+
+    if not supports_auto(target):
+        raise ConfigError(f"target {target.name} has no --precision auto (it offers no candidates)")
+    with tempfile.TemporaryDirectory(prefix=f"kdiqa-auto-{target.name}-") as scratch:
+        work = Path(scratch)
+        candidates = target.candidates(model, examples, cfg, meta, work / "shared")
+        allowed = [c.strip() for c in cfg.candidates.split(",")] if cfg.candidates else None
+        if allowed:
+            unknown = sorted(set(allowed) - {c.name for c in candidates})
+            if unknown:
+                raise ConfigError(f"unknown candidate(s) {', '.join(unknown)} for this {target.name} model; "
+                                  f"choose from: {', '.join(c.name for c in candidates)}")
+            candidates = [c for c in candidates if c.reference or c.name in allowed]
+        log(f"{target.name}-auto: {len(candidates)} candidates: {', '.join(c.name for c in candidates)}")
+        items = build_all(candidates, work, log)
+        models = load_models(items, cfg.threads)
+        measure_drift(items, models, examples)
+        measure_latency(items, models, examples.test, cfg, timer)
+        choice = choose(items, cfg.max_drift, batch=cfg.opt_batch)
+        pick = choice.pick
+        final = out / target.auto_file
+        if pick.path.is_dir():
+            shutil.copytree(pick.path, final)
+        else:
+            shutil.copyfile(pick.path, final)
+        reference_scores = torch_reference(model, examples.parity)
+        parity = evaluate.parity(reference_scores, models[pick.name].predict(examples.parity, batch_size=16),
+                                 pick.candidate.tolerance)
+        models.clear()
+    if parity.get("passed") is False:
+        raise ExportError(f"{final.name} ({pick.name}): parity check failed, max |score - torch score| = "
+                          f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
+    machine = cpu_info()
+    lines = table(items, pick)
+    summary = (f"{target.name}-auto: {len(items)} candidates measured on {cpu_line(machine)}, {cfg.threads} threads "
+               f"(median of {ROUNDS} alternated rounds); drift on {len(examples.test)} test images vs {items[0].name}")
+    notes = [summary, *lines, choice.why]
+    drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
+                                       "threads": cfg.threads, "provider": pick.candidate.provider}}
+    extra = {**pick.candidate.extra, "auto": {
+        "pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "ranked_at_batch": choice.batch,
+        "tie": TIE, "rounds": ROUNDS, "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items]},
+        "recipe": pick.candidate.recipe}
+    return ExportResult(target=target.name, precision=pick.candidate.precision, files=[final], parity=parity,
+                        drift=drift, notes=notes, extra=extra)
+
+
+class Auto:
+    """A target's `--precision auto`, with the Target protocol's `export` (what the pipeline calls)."""
+
+    def __init__(self, target: AutoTarget, log: Callable[[str], None] = print, timer: Timer | None = None):
+        self.target, self.log, self.timer = target, log, timer
+        self.name = target.name
+
+    def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
+        return export_auto(self.target, model, examples, out, cfg, meta, timer=self.timer or wall_clock, log=self.log)
