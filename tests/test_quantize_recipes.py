@@ -216,6 +216,10 @@ def test_recipes_quantize_what_they_say(tmp_path):
     ran = {name: {r["op"]: r["count"] for r in kernel_profile(tmp_path / f"{name}.onnx", x, runs=1)["ops"]}
            for name in built}
     assert ran["qdq-all+stem-int8"].get("QLinearSigmoid") and ran["qdq-all+stem-int8"].get("QLinearMul")
+    # timm's squeeze-excite mean over H, W ran as an integer global pool, not as a float ReduceMean
+    assert graph.facts.spatial_means and recipes.named("qdq-all", graph.facts, VNNI).means_as_pools
+    assert ran["qdq-all+stem-int8"]["QLinearGlobalAveragePool"] >= len(graph.facts.spatial_means)
+    assert "ReduceMean" not in ran["qdq-all+stem-int8"]
     assert not ran["compute-only+stem-int8"].get("QLinearSigmoid") and ran["compute-only+stem-int8"]["QLinearConv"]
     assert not ran["compute-only+stem-int8"].get("QLinearMul")
     float_convs = {name: sum(n for op, n in ops.items() if op in ("Conv", "FusedConv")) for name, ops in ran.items()}

@@ -238,6 +238,8 @@ def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examp
     folder.mkdir()
     path = graph.build(other, folder / "model.int8.onnx")
     set_metadata(path, {**meta, "recipe": other.name})
+    # the scratch FP32 graph gets its metadata too, so the runtime can load it
+    set_metadata(fp32, {**{k: v for k, v in meta.items() if k != "recipe"}, "precision": "fp32"})
     items = [auto.Measured(auto.Candidate("fp32", "fp32", build=None, reference=True), path=fp32),
              auto.Measured(auto.Candidate(recipe.name, "int8", build=None), path=final),
              auto.Measured(auto.Candidate(other.name, "int8", build=None), path=path)]

@@ -118,6 +118,8 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
                 contextlib.redirect_stdout(io.StringIO()), _entropy_histogram():
             source = optimize_transformer(src, Path(scratch) / "optimized.onnx", recipe.optimizer) \
                 if recipe.optimizer else src
+            if recipe.means_as_pools:
+                source = means_as_pools(source, Path(scratch) / "pools.onnx")
             pre = Path(scratch) / "pre.onnx"
             # shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
             quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
@@ -144,6 +146,23 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
         if bad:
             raise ExportError(f"{dst.name}: Q/DQ nodes with non-zero zero points ({', '.join(bad[:3])}); "
                               "TensorRT requires symmetric quantization")
+    return dst
+
+
+def means_as_pools(src: Path, dst: Path) -> Path:
+    """Every ReduceMean over H, W with keepdims becomes a GlobalAveragePool of the same name (same values)."""
+    import onnx
+    from onnx import helper
+
+    from kdiqa_edge.export.recipes import graph_constants, is_spatial_pool
+
+    model = onnx.load(str(src))
+    constants = graph_constants(model.graph)
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "ReduceMean" and is_spatial_pool(node, constants):
+            pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+            model.graph.node[index].CopyFrom(pool)
+    onnx.save(model, str(dst))
     return dst
 
 

@@ -54,6 +54,7 @@ class GraphFacts:
     attention_matmuls: tuple[str, ...]  # MatMuls of two activations (Q @ K^T, attn @ V)
     weight_matmuls: tuple[str, ...]  # MatMul/Gemm with a constant B (linear layers)
     convs: int  # Conv nodes, depthwise included
+    spatial_means: tuple[str, ...] = ()  # ReduceMean over H, W (keepdims): a GlobalAveragePool in other words
 
     @property
     def transformer(self) -> bool:
@@ -69,10 +70,10 @@ class GraphFacts:
         return {"stem": self.stem, "depthwise_convs": len(self.depthwise), "se_blocks": self.se_blocks,
                 "norms": len(self.norms), "gelus": len(self.gelus), "softmaxes": len(self.softmaxes),
                 "attention_matmuls": len(self.attention_matmuls), "weight_matmuls": len(self.weight_matmuls),
-                "convs": self.convs, "ops": dict(sorted(self.ops.items()))}
+                "convs": self.convs, "spatial_means": len(self.spatial_means), "ops": dict(sorted(self.ops.items()))}
 
 
-def _constants(graph) -> dict[str, Any]:
+def graph_constants(graph) -> dict[str, Any]:
     from onnx import numpy_helper
 
     found = {t.name: t for t in graph.initializer}
@@ -100,7 +101,7 @@ def _is_depthwise(node, constants) -> bool:
     return group > 1 and weight is not None and weight.ndim == 4 and weight.shape[1] == 1
 
 
-def _is_spatial_pool(node, constants) -> bool:
+def is_spatial_pool(node, constants) -> bool:
     if node.op_type == "GlobalAveragePool":
         return True
     if node.op_type != "ReduceMean":
@@ -128,7 +129,7 @@ def _se_branch(gate, producers, constants) -> list | None:
                 continue
             seen.add(node.name)
             branch.append(node)
-            if _is_spatial_pool(node, constants):
+            if is_spatial_pool(node, constants):
                 if node.input[0] != features:
                     break
                 pool = node  # the branch starts here: do not walk into the features themselves
@@ -146,7 +147,7 @@ def graph_facts(model, ignore: Iterable[str] = ()) -> GraphFacts:
     """Facts of an ONNX ModelProto (FP32, topologically sorted, as `export_fp32` writes it); the nodes named
     in `ignore` (the head and input normalization, which stay float anyway) are not counted."""
     graph = model.graph
-    constants = _constants(graph)
+    constants = graph_constants(graph)
     producers = {output: node for node in graph.node for output in node.output}
     ignore = set(ignore)
     nodes = [n for n in graph.node if n.name not in ignore]
@@ -174,7 +175,8 @@ def graph_facts(model, ignore: Iterable[str] = ()) -> GraphFacts:
         softmaxes=tuple(n.name for n in nodes if n.op_type == "Softmax"),
         attention_matmuls=tuple(attention),
         weight_matmuls=tuple(n.name for n in matmuls if n.name not in attention),
-        convs=ops.get("Conv", 0))
+        convs=ops.get("Conv", 0),
+        spatial_means=tuple(n.name for n in nodes if n.op_type == "ReduceMean" and is_spatial_pool(n, constants)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +194,7 @@ class Recipe:
     matmul_const_b_only: bool = False  # quantize only MatMuls with a constant B (activation x activation stays float)
     keep_removable_activations: bool = False  # keep Relu/Clip after a quantized node (QDQKeepRemovableActivations)
     optimizer: str | None = None  # onnxruntime transformer optimizer model type run first (vit, swin), or None
+    means_as_pools: bool = False  # rewrite ReduceMean over H, W as GlobalAveragePool first (same values)
 
     @property
     def stem(self) -> str:
@@ -215,7 +218,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """As the manifest records it (JSON types: lists, not tuples)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {**saved, "stem": self.stem}
 
 
 # --- the catalogue -------------------------------------------------------------------------------------
@@ -321,12 +325,23 @@ def _dynamic_matmul(facts: GraphFacts, isa: Isa) -> Recipe | None:
 STATIC_STEMS = ("int8", "float")
 
 
+def _build(name: str, facts: GraphFacts, isa: Isa) -> Recipe | None:
+    """A catalogue entry for this graph, with the knobs every static recipe shares."""
+    recipe = RECIPES.get(name)(facts, isa)
+    if recipe is not None and recipe.mode == "static" and facts.spatial_means:
+        # A spatial ReduceMean (timm's squeeze-excite) has no QDQ fusion: it runs in float between a DQ and
+        # a Q, on the channels-last tensors the integer convs leave (16 % of EfficientNet-B0's INT8 time,
+        # measured). As a GlobalAveragePool it runs as QLinearGlobalAveragePool, in the integer pipeline.
+        recipe = dataclasses.replace(recipe, means_as_pools=True)
+    return recipe
+
+
 def applicable(facts: GraphFacts, isa: Isa | None = None, stems: Iterable[str] = STATIC_STEMS) -> list[Recipe]:
     """Every recipe the graph calls for; static recipes once per stem choice (dynamic ones leave convs float)."""
     isa = isa or Isa.here()
     found = []
     for name in RECIPES:
-        recipe = RECIPES.get(name)(facts, isa)
+        recipe = _build(name, facts, isa)
         if recipe is None:
             continue
         if recipe.mode == "dynamic" or not facts.stem:
@@ -339,7 +354,8 @@ def applicable(facts: GraphFacts, isa: Isa | None = None, stems: Iterable[str] =
 def named(name: str, facts: GraphFacts, isa: Isa | None = None) -> Recipe:
     """One recipe by name (`qdq-all`, `dw-float+stem-int8`, ...), refused when the graph does not call for it."""
     base, _, stem = name.partition("+stem-")
-    recipe = RECIPES.get(base)(facts, isa or Isa.here())
+    RECIPES.get(base)  # an unknown name: the registry's one-line error
+    recipe = _build(base, facts, isa or Isa.here())
     if recipe is None:
         raise ConfigError(f"INT8 recipe {base!r} does not apply to this graph (it has none of what it is for)")
     return recipe.with_stem(stem) if stem else recipe

@@ -1,0 +1,256 @@
+"""`--precision auto`: the choice logic (injected latencies), the drift bound, the manifest, idempotent re-runs.
+
+Tiny random-init test_resnet students at 64 px and the synthetic set; latencies that decide a test are
+injected, so no test depends on this machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("open_clip")
+
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.export import TARGETS, Examples, ExportConfig, auto, export_checkpoint
+from kdiqa_edge.export.auto import Candidate, Measured, choose
+
+QDQ = "int8:qdq-all+stem-int8"
+
+
+# --- the choice, on rows alone ---------------------------------------------------------------------------
+
+
+def _row(name: str, ms: float, delta: float = 0.0, mb: float = 1.0, reference: bool = False) -> Measured:
+    item = Measured(Candidate(name, "fp32" if reference else "int8", build=None, reference=reference))
+    item.latency = {1: {"p50_ms": ms, "images_per_s": 1e3 / ms}}
+    item.drift, item.bytes = {"delta_srcc": delta}, int(mb * 1e6)
+    return item
+
+
+def test_choose_the_fastest_within_the_bound():
+    rows = [_row("fp32", 10.0, reference=True), _row("a", 6.0, delta=-0.004), _row("b", 4.0, delta=-0.03),
+            _row("c", 5.0, delta=float("nan"))]
+    choice = choose(rows, max_drift=0.01)
+    assert choice.pick.name == "a"  # b is faster but over the bound; c's drift could not be measured
+    assert [r.within for r in rows] == [True, True, False, False]
+    assert "b is faster (4.00 ms) but over the bound" in choice.why and "1.67x" in choice.why
+    assert choose(rows, max_drift=0.05).pick.name == "b"
+    assert choose(rows, max_drift=0.001).pick.name == "fp32"  # nothing else within: FP32, and it says so
+    assert choose(rows, max_drift=0.001).why.startswith("fp32 ships")
+
+
+def test_a_tie_goes_to_the_smaller_file():
+    rows = [_row("fp32", 5.0, mb=40, reference=True), _row("int8", 5.1, mb=10), _row("slow", 9.0, mb=5)]
+    choice = choose(rows, max_drift=0.01)
+    assert choice.pick.name == "int8" and "a tie" in choice.why  # within 3 %: the 4x smaller file
+    assert choose(rows, max_drift=0.01, tie=0.0).pick.name == "fp32"
+
+
+def test_failed_candidates_are_never_picked():
+    rows = [_row("fp32", 10.0, reference=True), _row("broken", 1.0)]
+    rows[1].status = "failed"
+    assert choose(rows, max_drift=1.0).pick.name == "fp32"
+
+
+# --- auto on a tiny student, with injected latencies -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student():
+    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.models.teacher import load_teacher
+
+    teacher = load_teacher("tiny")
+    torch.manual_seed(0)
+    return create_student("test_resnet", teacher.head, teacher.preprocess, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def examples(student) -> Examples:
+    """Random 64 px images whose MOS IS the FP32 model's score: FP32 SRCC 1, so drift is in plain view."""
+    from kdiqa_edge.export.onnx import torch_reference
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
+    return Examples(parity=images[:8], calib=images[:16], test=images, test_mos=torch_reference(student, images))
+
+
+class WithReversed:
+    """The onnx target plus a candidate whose scores run backwards (6 - score): the largest drift there is."""
+
+    name = "onnx"
+    auto_file = "model.onnx"
+    supports = TARGETS.get("onnx").supports
+
+    def candidates(self, model, examples, cfg, meta, work):
+        found = TARGETS.get("onnx").candidates(model, examples, cfg, meta, work)
+
+        def reversed_scores(folder: Path) -> Path:
+            from onnx import helper, numpy_helper
+
+            path = found[0].build(folder)
+            graph = onnx.load(str(path))
+            graph.graph.output[0].name = "forward_score"
+            for node in graph.graph.node:
+                node.output[:] = ["forward_score" if o == "score" else o for o in node.output]
+            graph.graph.initializer.append(numpy_helper.from_array(np.array(6.0, np.float32), "six"))
+            graph.graph.node.append(helper.make_node("Sub", ["six", "forward_score"], ["score"], name="reverse"))
+            graph.graph.output[0].name = "score"
+            onnx.save(graph, str(path))
+            return path
+
+        return [*found, Candidate("fp32:reversed", "fp32", reversed_scores, extra=found[0].extra)]
+
+
+def _timer(ms: dict[str, float]):
+    """Fake seconds per run by candidate name: the choice must follow these, whatever the machine does."""
+    return lambda measured, model, x: ms[measured.name] / 1e3 * len(x)
+
+
+def _auto(student, examples, tmp_path, ms, max_drift=1.0):
+    from kdiqa_edge.export.pipeline import artifact_meta
+
+    cfg = ExportConfig(precision="auto", max_drift=max_drift, latency_runs=5, candidates=f"{QDQ},fp32:reversed")
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    return auto.export_auto(WithReversed(), student, examples, out, cfg, artifact_meta(student), timer=_timer(ms),
+                            log=lambda _: None), out
+
+
+def test_auto_picks_the_faster_and_never_one_over_the_bound(student, examples, tmp_path):
+    # reversed is the fastest by far, and its ΔSRCC is -2: never shipped
+    result, out = _auto(student, examples, tmp_path, {"fp32": 5.0, QDQ: 2.0, "fp32:reversed": 0.5})
+    rows = {r["name"]: r for r in result.extra["auto"]["candidates"]}
+    assert result.extra["auto"]["pick"] == QDQ and result.precision == "int8"
+    assert rows["fp32:reversed"]["drift"]["delta_srcc"] < -1.9 and rows["fp32:reversed"]["within_bound"] is False
+    assert rows[QDQ]["within_bound"] and rows[QDQ]["latency"]["1"]["p50_ms"] == pytest.approx(2.0)
+    assert rows[QDQ]["recipe"]["name"] == "qdq-all+stem-int8" and rows[QDQ]["recipe"]["stem"] == "int8"
+    assert "over the bound" in result.extra["auto"]["why"]
+    # the shipped file is the INT8 candidate, with its metadata, and it scores like FP32
+    from kdiqa_edge.runtime import QualityModel
+
+    shipped = QualityModel.load(out / "model.onnx")
+    assert shipped.info.precision == "int8" and shipped.info.meta["recipe"] == "qdq-all+stem-int8"
+    assert np.corrcoef(shipped.predict(examples.test), examples.test_mos)[0, 1] > 0.9
+    # the same candidates, FP32 now the faster: FP32 ships
+    result, _ = _auto(student, examples, tmp_path, {"fp32": 2.0, QDQ: 5.0, "fp32:reversed": 0.5})
+    assert result.extra["auto"]["pick"] == "fp32" and result.precision == "fp32"
+    assert result.parity["passed"] and result.parity["max_abs_diff"] <= 1e-4
+
+
+def test_accelerator_fp16_candidate_only_with_an_accelerator_provider(student, examples, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from kdiqa_edge.export.onnx import accelerator_providers
+
+    assert accelerator_providers(["CPUExecutionProvider"]) == []
+    assert accelerator_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["cuda"]
+    cfg = ExportConfig(precision="auto")
+    names = [c.name for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "cpu")]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert not any(n.startswith("fp16") for n in names)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    found = {c.name: c for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "gpu")}
+    assert found["fp16:cuda"].provider == "cuda" and found["fp16:cuda"].precision == "fp16"
+    assert found["fp16:cuda"].tolerance == 5e-2 and found["fp32:cuda"].provider == "cuda"
+    assert found["fp32"].reference and found["fp32"].provider == "cpu"
+    assert sum(c.reference for c in found.values()) == 1 and set(names) < set(found)
+
+
+# --- through the pipeline and the CLI ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(small_synthetic) -> DatasetSpec:
+    return small_synthetic
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, student) -> Path:
+    from kdiqa_edge.models import save_checkpoint
+
+    return save_checkpoint(student, tmp_path_factory.mktemp("auto") / "student")
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from kdiqa_edge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_cli_auto_writes_the_pick_and_reruns_idempotently(checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "exports"
+    candidates = "int8:qdq-all+stem-int8,int8:qdq-all+stem-float"
+    args = ["export", str(checkpoint), "--dataset", "synthetic", "--root", str(data.root), "--precision", "auto",
+            "--max-drift", "2", "--candidates", candidates, "--calib", "16", "--out", str(out)]
+    code, stdout, err = _cli(args, capsys)
+    assert code == 0, err
+    entry = json.loads((out / "manifest.json").read_text())["exports"]["onnx-auto"]
+    assert [f["path"] for f in entry["files"]] == ["onnx-auto/model.onnx"]
+    table = entry["details"]["auto"]["candidates"]
+    assert [r["name"] for r in table] == ["fp32", *candidates.split(",")]  # every candidate, the pick marked
+    assert all(r["status"] == "ok" and r["latency"]["1"]["p50_ms"] > 0 and r["latency"]["8"]["images_per_s"] > 0
+               for r in table)
+    pick = entry["details"]["auto"]["pick"]
+    assert entry["precision"] == next(r["precision"] for r in table if r["name"] == pick)
+    assert entry["details"]["auto"]["cpu"]["isa"] == entry["drift"]["latency"]["cpu"]["isa"]
+    assert f"* {pick}" in stdout and " ships: " in stdout and "ISA" in stdout  # the table and the why
+    # a re-run with the same options is a no-op: the manifest's request key, nothing re-measured
+    onnx_file = out / "onnx-auto" / "model.onnx"
+    before = (onnx_file.stat().st_mtime_ns, entry)
+    code, _, err = _cli(args, capsys)
+    assert code == 0 and "onnx-auto: up to date" in err
+    after = json.loads((out / "manifest.json").read_text())["exports"]["onnx-auto"]
+    assert (onnx_file.stat().st_mtime_ns, after) == before
+
+
+def test_auto_request_key_follows_the_machine(monkeypatch, data):
+    from kdiqa_edge.bench import environment
+    from kdiqa_edge.export.pipeline import request_key
+
+    auto_cfg, int8_cfg = ExportConfig(precision="auto"), ExportConfig(precision="int8")
+    keys = (request_key("h", auto_cfg, data, "onnx"), request_key("h", int8_cfg, data, "onnx"))
+    monkeypatch.setattr(environment, "cpu_isa", lambda: ["avx2"])
+    assert request_key("h", auto_cfg, data, "onnx") != keys[0]  # another CPU: auto measures again
+    assert request_key("h", int8_cfg, data, "onnx") == keys[1]  # an explicit precision does not
+    assert request_key("h", ExportConfig(precision="int8", max_drift=0.5), data, "onnx") == keys[1]
+
+
+@pytest.mark.parametrize("case", ["coreml", "recipe", "drift", "candidate"])
+def test_bad_auto_options_are_one_line(case, checkpoint, data, tmp_path, capsys):
+    args = {"coreml": ["--precision", "auto", "--target", "coreml"],
+            "recipe": ["--precision", "int8", "--int8-recipe", "int4"],
+            "drift": ["--precision", "auto", "--max-drift", "3"],
+            "candidate": ["--precision", "auto", "--candidates", "int8:nope", "--calib", "8"]}[case]
+    code, _, err = _cli(["export", str(checkpoint), "--dataset", "synthetic", "--root", str(data.root), *args,
+                         "--out", str(tmp_path / "out")], capsys)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert {"coreml": "has no --precision auto", "recipe": "unknown --int8-recipe", "drift": "--max-drift",
+            "candidate": "unknown candidate"}[case] in lines[0]
+    assert not any((tmp_path / "out").glob("*/model.onnx"))
+
+
+def test_explicit_int8_notes_say_what_the_other_stem_costs(checkpoint, data, tmp_path):
+    manifest = export_checkpoint(checkpoint, ExportConfig(precision="int8", calib=16, parity_images=8,
+                                                          latency_runs=5), tmp_path, data=data, progress=False,
+                                 log=lambda _: None)
+    entry = manifest["exports"]["onnx-int8"]
+    int8 = entry["details"]["int8"]
+    assert int8["stem"] == "float" and int8["recipe"]["name"] == "qdq-all+stem-float"  # the default is kept
+    alternative = int8["alternative"]
+    assert alternative["recipe"] == "qdq-all+stem-int8" and alternative["speed_vs_shipped"] > 0
+    assert math.isfinite(alternative["drift"]["delta_srcc"])
+    note = next(n for n in entry["notes"] if "the alternative" in n)
+    assert "stem in int8" in note and "ΔSRCC" in note and "--int8-stem int8 ships it" in note and "ISA" in note
+    assert entry["drift"]["latency"]["cpu"]["isa"]  # the CPU of every measurement
