@@ -463,3 +463,22 @@ def test_int8_of_a_learned_student_keeps_srcc(learned_run, tmp_path, capsys):
     # Keeping the stem in float spares the input pixels a second rounding, which an IQA model notices:
     # the mean |INT8 - FP32| score error is smaller with it.
     assert drift["mean_abs_diff_vs_fp32"] < drifts["int8"]["mean_abs_diff_vs_fp32"]
+
+
+@pytest.mark.slow
+def test_auto_on_a_learned_student_keeps_int8_within_the_bound(learned_run, tmp_path, capsys):
+    # auto's default bound (|ΔSRCC| <= 0.01) on a student whose test scores are not near-ties: the INT8
+    # recipes pass it, so what ships is decided by speed on this machine, and never by drift over the bound
+    candidates = "int8:qdq-all+stem-float,int8:qdq-all+stem-int8"
+    code, stdout, err = _cli(["export", str(learned_run), "--precision", "auto", "--candidates", candidates,
+                              "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    details = json.loads((tmp_path / "manifest.json").read_text())["exports"]["onnx-auto"]["details"]["auto"]
+    rows = {r["name"]: r for r in details["candidates"]}
+    assert details["max_drift"] == 0.01 and set(rows) == {"fp32", *candidates.split(",")}
+    stem_float = rows["int8:qdq-all+stem-float"]
+    assert stem_float["drift"]["images"] >= 100 and abs(stem_float["drift"]["delta_srcc"]) <= 0.01
+    assert stem_float["within_bound"] is True
+    pick = rows[details["pick"]]
+    assert pick["within_bound"] and abs(pick["drift"].get("delta_srcc", 0.0)) <= 0.01
+    assert f"* {details['pick']}" in stdout

@@ -162,6 +162,15 @@ def test_cpu_isa_from_cpuinfo(monkeypatch):
     assert environment.cpu_isa() == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"]
     info = environment.cpu_info()
     assert info["model"] == "AMD EPYC 9R14" and "avx512_vnni" in environment.cpu_line(info)
+    # the bench records it with every figure: JSON (environment) and markdown (the CPU line)
+    from kdiqa_edge.bench import BenchConfig
+    from kdiqa_edge.bench.report import environment_lines
+    from kdiqa_edge.bench.runner import BenchReport
+
+    env = environment.environment(threads=2)
+    assert env["cpu_isa"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"]
+    line = environment_lines(BenchReport(environment=env, config=BenchConfig(), dataset=None, results=[]))[0]
+    assert "AMD EPYC 9R14" in line and "ISA avx2 avx512f avx512_vnni" in line
     arm = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nHardware\t: Jetson\n"
     monkeypatch.setattr(environment, "_read", lambda path: arm if path == "/proc/cpuinfo" else None)
     assert environment.cpu_isa() == ["asimd", "asimddp", "i8mm"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from kdiqa_edge.bench.runner import BenchReport, BenchResult
 from kdiqa_edge.io import atomic_path, write_json, write_text
@@ -12,11 +11,11 @@ COLUMNS = ("Model", "Format", "Precision", "Status", "Size (MB)", "Params", "SRC
            "images/s")
 
 
-def _num(value: Optional[float], fmt: str) -> str:
+def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _count(value: Optional[int]) -> str:
+def _count(value: int | None) -> str:
     if value is None:
         return "—"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -42,7 +41,9 @@ def environment_lines(report: BenchReport) -> list[str]:
     env = report.environment
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
     load = env.get("load_average")
+    isa = env.get("cpu_isa")
     lines = [f"CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), {env.get('os')} {env.get('machine')}"
+             + (f"; ISA {' '.join(isa) or 'unknown'}" if isa is not None else "")
              + (f"; load average {load[0]:.2f} (1 min) at the end of the run" if load else ""),
              f"Threads: {env.get('threads')}; onnxruntime providers: {', '.join(env.get('onnxruntime_providers', []))}",
              f"Python {env.get('python')}; {versions}"]
@@ -83,7 +84,7 @@ def print_table(report: BenchReport, console=None) -> None:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
+    escape = lambda cell: str(cell).replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)

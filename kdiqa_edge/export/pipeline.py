@@ -173,6 +173,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
 
     Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
     """
+    from kdiqa_edge.bench.environment import cpu_info
     from kdiqa_edge.export import auto
     from kdiqa_edge.io import atomic_path, write_json
     from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
@@ -231,6 +232,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
         "config": dataclasses.asdict(cfg),
         "data": data.to_dict(),
         "versions": versions(),
+        "machine": cpu_info(),  # the CPU this run measured latencies on (INT8 speed depends on its ISA)
         "exports": dict(sorted(exports.items())),
     }
     write_json(out / MANIFEST, manifest)

@@ -1,0 +1,392 @@
+"""INT8 on ONNX Runtime, per architecture and per CPU: every recipe, auto's pick, and a plain export, side by side.
+
+    python benchmarks/bench_int8.py [--models resnet18 efficientnet_b0 ...] [--threads 2] [--rounds 7]
+                                    [--runs 6] [--max-drift 1.0] [--work DIR] [--out FILE.md]
+
+For the paper's four students and the CLIP ViT-B/32 teacher's image tower (random init: no pretrained
+weights on this offline machine), 224 px, batch 1:
+- our FP32 score model, every INT8 recipe the graph calls for (kdiqa_edge/export/recipes.py) and auto's
+  pick (kdiqa_edge/export/auto.py, the same code as `kdiqa-edge export --precision auto`);
+- the plain export of the same backbone: torch.onnx.export of the bare timm model (the open_clip visual
+  tower for the teacher), no projection or head, no graph clean-up, and quantize_static after
+  quant_pre_process in the U8S8 per-channel QDQ form with every default op type and MinMax calibration;
+- the teacher tower in torch eager too (the ratio the paper's distillation buys).
+Every artifact of every model is loaded at once and timed in the same rounds, the order reversed every
+other round; medians; ratios are the figures to read (other jobs share the machine: the load is printed).
+ONNX Runtime's profiler says which kernels ran for FP32 and INT8, to explain an INT8 that does not pay.
+
+Drift (ΔSRCC, |Δscore| vs FP32) is measured on the synthetic test split like auto does, but random-init
+weights score images almost alike, so those figures say nothing about a trained model: auto's pick here is
+ranked with the bound off by default (--max-drift 1.0), and the table shows which candidates would pass 0.01.
+
+Writes benchmarks/results/int8-<machine>-<isa>.md (and a .json beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TEACHER = "ViT-B-32"
+MODELS = ("resnet18", "efficientnet_b0", "mobilevit_s", "swin_tiny_patch4_window7_224", TEACHER)
+BOUND = 0.01  # the issue's drift bound, shown per candidate
+SPEEDUP = 1.25  # "an INT8 recipe at least 1.25x faster than FP32"
+
+
+@dataclasses.dataclass
+class Row:
+    """One timed artifact."""
+
+    model: str
+    name: str  # fp32, int8:<recipe>, plain fp32, plain int8, torch eager
+    kind: str  # ours | plain | torch
+    path: Path | None
+    precision: str
+    bytes: int = 0
+    drift: dict = dataclasses.field(default_factory=dict)
+    auto_latency: dict = dataclasses.field(default_factory=dict)  # auto's own b1/b8 measurement
+    status: str = "ok"
+    reason: str | None = None
+    times: list[float] = dataclasses.field(default_factory=list)
+    profile: dict | None = None
+
+    @property
+    def p50(self) -> float:
+        return float(np.median(self.times)) * 1e3 if self.times else float("nan")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {message}", flush=True)
+
+
+def build_model(name: str, teacher):
+    import torch
+
+    from kdiqa_edge.models.student import create_student
+
+    if name == TEACHER:
+        return teacher
+    torch.manual_seed(0)
+    return create_student(name, teacher.head, teacher.preprocess, pretrained=False).eval()
+
+
+def plain_exports(name: str, model, calib: np.ndarray, work: Path) -> tuple[Path, Path]:
+    """torch.onnx.export of the bare backbone, and quantize_static's U8S8 per-channel QDQ of it."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from kdiqa_edge.models.score import plain_attention
+
+    backbone = model.visual if name == TEACHER else model.encoder
+    fp32, pre, int8 = work / "plain.fp32.onnx", work / "plain.pre.onnx", work / "plain.int8.onnx"
+    size = model.preprocess.size
+    with warnings.catch_warnings(), torch.no_grad(), plain_attention():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(backbone.eval(), (torch.randn(1, 3, size, size),), str(fp32), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["features"],
+                          dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": calib[i:i + 8]} for i in range(0, len(calib), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return fp32, int8
+
+
+def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple[list[Row], dict]:
+    """Every candidate of `--precision auto`, built and measured by auto's own code; returns the rows and the pick."""
+    from kdiqa_edge.export import TARGETS, auto
+    from kdiqa_edge.export.pipeline import artifact_meta
+
+    target = TARGETS.get("onnx")
+    candidates = target.candidates(model, examples, cfg, {**artifact_meta(model), "target": "onnx"}, work / "shared")
+    items = auto.build_all(candidates, work, log=lambda m: log(f"{name}: {m.strip()}"))
+    models = auto.load_models(items, cfg.threads)
+    auto.measure_drift(items, models, examples)
+    auto.measure_latency(items, models, examples.test, cfg)
+    models.clear()
+    choice = auto.choose(items, max_drift)
+    for item in items:  # which would pass the issue's bound (drift of random weights: informative only)
+        item.within_issue_bound = item.candidate.reference or (
+            item.status == "ok" and abs(item.drift.get("delta_srcc", np.nan)) <= BOUND)
+    rows = [Row(name, item.name, "ours", item.path, item.candidate.precision, item.bytes, item.drift,
+                {str(b): v for b, v in item.latency.items()}, item.status, item.reason) for item in items]
+    return rows, {"pick": choice.pick.name, "why": choice.why, "table": auto.table(items, choice.pick),
+                  "within_0.01": [i.name for i in items if i.within_issue_bound],
+                  "recipes": {i.name: i.candidate.recipe for i in items}}
+
+
+def sessions(rows: list[Row], threads: int) -> dict[int, object]:
+    import onnxruntime as ort
+
+    found = {}
+    for index, row in enumerate(rows):
+        if row.status != "ok" or row.kind == "torch":
+            continue
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        try:
+            found[index] = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a row that cannot load is reported, the others still run
+            row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return found
+
+
+def time_side_by_side(rows: list[Row], inputs: dict[str, np.ndarray], torch_models: dict[str, object],
+                      threads: int, rounds: int, runs: int) -> list[float]:
+    """Every row, `runs` batch-1 runs per round, the order reversed every other round; the load per round."""
+    import torch
+
+    live = sessions(rows, threads)
+    calls = {}
+    for index, row in enumerate(rows):
+        x = inputs[row.model]
+        if row.kind == "torch":
+            module = torch_models[row.model]
+            tensor = torch.from_numpy(x)
+            calls[index] = lambda m=module, t=tensor: m(t)
+        elif index in live:
+            feed = {live[index].get_inputs()[0].name: x}
+            calls[index] = lambda s=live[index], f=feed: s.run(None, f)
+    with torch.inference_mode():
+        for call in calls.values():  # warm-up
+            for _ in range(3):
+                call()
+        loads = []
+        for round_index in range(rounds):
+            order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
+            for index in order:
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    calls[index]()
+                    rows[index].times.append(time.perf_counter() - start)
+            loads.append(os.getloadavg()[0])
+            log(f"round {round_index + 1}/{rounds} done")
+    return loads
+
+
+def profile(rows: list[Row], inputs: dict[str, np.ndarray], threads: int) -> None:
+    """Kernels of FP32 and INT8: every INT8 of a model where none reaches SPEEDUP, else FP32 and the fastest."""
+    from kdiqa_edge.export.evaluate import kernel_profile
+
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model and r.kind != "torch" and r.status == "ok"]
+        fp32 = next(r for r in mine if r.name == "fp32")
+        int8 = [r for r in mine if r.precision == "int8" and r.kind == "ours"]
+        best = min(int8, key=lambda r: r.p50, default=None)
+        chosen = [fp32, *(int8 if best is None or fp32.p50 / best.p50 < SPEEDUP else [best]),
+                  *[r for r in mine if r.kind == "plain" and r.precision == "int8"]]
+        for row in chosen:
+            row.profile = kernel_profile(row.path, inputs[model], threads=threads, runs=5)
+
+
+def environment_lines(args, loads_before, loads) -> list[str]:
+    import platform
+
+    from kdiqa_edge.bench.environment import cpu_flags, cpu_info, versions
+
+    cpu = cpu_info()
+    isa_all = [f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4", "f16c", "vnni"))]
+    wanted = ("onnxruntime", "onnx", "torch", "numpy")
+    return [
+        f"- CPU: {cpu['model']}, {cpu['cores']} logical cores, {platform.system()} {platform.release()} {cpu['machine']}",
+        (f"- ISA flags that decide INT8 speed: **{' '.join(cpu['isa']) or 'unknown'}** "
+        f"(no {', '.join(f for f in ('avx_vnni', 'avx_vnni_int8', 'amx_int8') if f not in cpu['isa'])})"),
+        f"- all SIMD flags: {' '.join(isa_all)}",
+        f"- Threads: {args.threads} intra-op (ONNX Runtime), torch.set_num_threads({args.threads}); batch 1, 224 px",
+        f"- Versions: python {platform.python_version()}, "
+        + ", ".join(f"{k} {v}" for k, v in versions().items() if k in wanted),
+        (f"- Load average (1 min): {loads_before:.2f} at the start, {min(loads):.2f}-{max(loads):.2f} over the timed "
+        f"rounds (2 cores shared with other jobs: read the ratios, not the milliseconds)"),
+        (f"- Timing: {args.rounds} rounds x {args.runs} runs per artifact, all artifacts of all models in each round, "
+        "order reversed every other round; p50 of all runs"),
+    ]
+
+
+def _ms(value: float) -> str:
+    return "—" if not np.isfinite(value) else f"{value:.2f}"
+
+
+def model_section(model: str, rows: list[Row], pick: dict, eager: Row | None) -> list[str]:
+    mine = [r for r in rows if r.model == model]
+    fp32 = next(r for r in mine if r.name == "fp32")
+    lines = [f"## {model}", "", ("| artifact | p50 ms @1 | vs our FP32 | img/s @8 (auto) | MB | ΔSRCC | mean \\|Δ\\| | "
+             "max \\|Δ\\| | within 0.01 |"), "|---|---|---|---|---|---|---|---|---|"]
+    for r in mine:
+        if r.status != "ok":
+            lines.append(f"| {r.name} | failed: {r.reason} | | | | | | | |")
+            continue
+        label = f"**{r.name}** (auto's pick)" if r.name == pick["pick"] else r.name
+        d = r.drift
+        b8 = r.auto_latency.get("8", {}).get("images_per_s")
+        within = "ref" if r.name == "fp32" else ("yes" if r.name in pick["within_0.01"] else "no") \
+            if r.kind == "ours" else ""
+        lines.append(f"| {label} | {_ms(r.p50)} | {fp32.p50 / r.p50:.2f}x | {b8 if b8 else '—'} | "
+                     f"{r.bytes / 1e6:.1f} | {d.get('delta_srcc', float('nan')):+.4f} | "
+                     f"{d.get('mean_abs_diff_vs_fp32', float('nan')):.4f} | {d.get('max_abs_diff_vs_fp32', float('nan')):.4f} | "
+                     f"{within} |" if d else f"| {label} | {_ms(r.p50)} | {fp32.p50 / r.p50:.2f}x | — | "
+                     f"{r.bytes / 1e6:.1f} | | | | |")
+    lines += ["", f"Auto (its own measurement, batch 1 and 8, 5 alternated rounds): {pick['why']}", "", "```",
+              *pick["table"], "```", ""]
+    profiled = [r for r in mine if r.profile]
+    if profiled:
+        from kdiqa_edge.export.evaluate import profile_line
+
+        lines += ["Kernels that ran (ONNX Runtime profiler, time share and node count, top 6):", ""]
+        lines += [f"- {r.name}: {r.profile['total_ms']:.2f} ms of kernels: {profile_line(r.profile, 6)}" for r in profiled]
+        lines.append("")
+    if eager is not None:
+        lines += [(f"The teacher tower in torch eager: {eager.p50:.2f} ms at batch 1 ({eager.p50 / fp32.p50:.2f}x our "
+                  "FP32 ONNX)."), ""]
+    return lines
+
+
+def summary(rows: list[Row], picks: dict[str, dict], eager: Row | None) -> tuple[list[str], dict]:
+    lines = ["## Summary (batch 1, p50 ms, this CPU)", "",
+             ("| model | our FP32 | best INT8 (recipe) | INT8 speed-up | auto's pick | pick / fastest candidate | "
+             "plain FP32 | plain INT8 | pick / faster plain | teacher eager / pick |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    checks = {}
+    for model, pick in picks.items():
+        mine = [r for r in rows if r.model == model and r.status == "ok"]
+        by = {r.name: r for r in mine}
+        fp32 = by["fp32"]
+        int8 = [r for r in mine if r.kind == "ours" and r.precision == "int8"]
+        best = min(int8, key=lambda r: r.p50, default=None)
+        shipped = by.get(pick["pick"], fp32)
+        candidates = [r for r in mine if r.kind == "ours"]
+        fastest = min(candidates, key=lambda r: r.p50)
+        plain = [r for r in mine if r.kind == "plain"]
+        faster_plain = min(plain, key=lambda r: r.p50) if plain else None
+        plain_fp32 = by.get("plain fp32")
+        plain_int8 = by.get("plain int8")
+        teacher = f"{eager.p50 / shipped.p50:.1f}x" if eager is not None else "—"
+        checks[model] = {"pick_vs_fastest": shipped.p50 / fastest.p50,
+                         "pick_vs_faster_plain": shipped.p50 / faster_plain.p50 if faster_plain else None,
+                         "best_int8_speedup": fp32.p50 / best.p50 if best else None,
+                         "best_int8": best.name if best else None, "pick": shipped.name}
+        lines.append(f"| {model} | {_ms(fp32.p50)} | {_ms(best.p50) if best else '—'} ({best.name if best else '—'}) | "
+                     f"{fp32.p50 / best.p50:.2f}x | {shipped.name} {_ms(shipped.p50)} | "
+                     f"{checks[model]['pick_vs_fastest']:.3f} | {_ms(plain_fp32.p50) if plain_fp32 else '—'} | "
+                     f"{_ms(plain_int8.p50) if plain_int8 else '—'} | "
+                     f"{checks[model]['pick_vs_faster_plain']:.3f} | {teacher} |")
+    return lines + [""], checks
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=6, help="timed batch-1 runs per artifact per round")
+    parser.add_argument("--max-drift", type=float, default=1.0,
+                        help="auto's bound on |ΔSRCC| (default 1.0: off, random-init drift means nothing)")
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--eval-images", type=int, default=64)
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bench_suite import build_teacher
+
+    from kdiqa_edge.bench.environment import cpu_info, machine_slug
+    from kdiqa_edge.data.spec import DatasetSpec
+    from kdiqa_edge.data.synthetic import generate
+    from kdiqa_edge.export import ExportConfig
+    from kdiqa_edge.export.base import model_input
+    from kdiqa_edge.export.pipeline import load_examples
+    from kdiqa_edge.export.recipes import Isa
+    from kdiqa_edge.io import write_json, write_text
+
+    start, loads_before = time.time(), os.getloadavg()[0]
+    work = args.work or Path(tempfile.mkdtemp(prefix="kdiqa-bench-int8-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "synthetic" / "scores.csv").is_file():
+        generate(work / "synthetic", refs=4)
+    data = DatasetSpec(name="synthetic", root=work / "synthetic")
+    cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, latency_runs=10,
+                       threads=args.threads, max_drift=args.max_drift)
+    teacher = build_teacher(False)
+    rows, picks, inputs, torch_models = [], {}, {}, {}
+    for name in args.models:
+        log(f"{name}: building candidates")
+        model = build_model(name, teacher)
+        examples = load_examples(data, model.preprocess, cfg, progress=False, log=log)
+        folder = work / name
+        folder.mkdir(exist_ok=True)
+        mine, picks[name] = ours(name, model, examples, cfg, folder, args.max_drift)
+        rows += mine
+        calib = model_input(examples.calib, {"dtype": "float32", "layout": "NCHW"}, model.preprocess)
+        inputs[name] = np.ascontiguousarray(calib[:1])
+        try:
+            plain = plain_exports(name, model, calib, folder)
+            rows += [Row(name, f"plain {p}", "plain", path, p, path.stat().st_size)
+                     for p, path in zip(("fp32", "int8"), plain)]
+        except Exception as exc:  # noqa: BLE001 - a plain export that fails is a row, not the end of the bench
+            rows.append(Row(name, "plain", "plain", None, "?", status="failed", reason=f"{type(exc).__name__}: {exc}"))
+        if name == TEACHER:
+            torch_models[name] = model.visual.eval()
+            rows.append(Row(name, "torch eager fp32 (tower)", "torch", None, "fp32"))
+        log(f"{name}: auto picks {picks[name]['pick']}")
+    log("timing every artifact side by side")
+    loads = time_side_by_side(rows, inputs, torch_models, args.threads, args.rounds, args.runs)
+    log("profiling kernels")
+    profile(rows, inputs, args.threads)
+
+    eager = next((r for r in rows if r.kind == "torch" and r.times), None)
+    isa = Isa.here()
+    lines = [f"# INT8 on ONNX Runtime: recipes, auto's pick, plain export — {cpu_info()['model']} ({isa.describe()})",
+             "", ("Random-init weights (no pretrained weights on this offline machine): latency, size and which kernels "
+             "ran are real; drift figures are of untrained weights (their scores are nearly constant, so INT8 "
+             "rounding reorders near-ties) and say nothing about a trained model. These INT8 conclusions hold for "
+             f"this CPU's instruction set ({isa.describe()}) only."), "",
+             *environment_lines(args, loads_before, loads),
+             (f"- Auto ranked with --max-drift {args.max_drift:g} (the 'within 0.01' column shows the issue's bound); "
+             f"calibration {args.calib} train images, drift on up to {args.eval_images} test images (synthetic set)"),
+             f"- Command: `python benchmarks/bench_int8.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             ("- Plain export: `torch.onnx.export` of the bare backbone (timm model / open_clip visual tower, no "
+             "projection or head, no onnxslim), then `quant_pre_process` + `quantize_static(QDQ, per_channel=True, "
+             "U8 activations, S8 weights, default op types, MinMax)` on the same calibration images"), ""]
+    table, checks = summary(rows, picks, eager)
+    lines += table
+    for name, pick in picks.items():
+        lines += model_section(name, rows, pick, eager if name == TEACHER else None)
+    lines += [f"Wall time {(time.time() - start) / 60:.1f} min.", ""]
+    out = args.out or ROOT / "benchmarks" / "results" / f"int8-{machine_slug()}-{isa.describe().lower().replace(' ', '-')}.md"
+    write_text(out, "\n".join(lines))
+    write_json(out.with_suffix(".json"), {
+        "environment": {"cpu": cpu_info(), "threads": args.threads, "loads": loads, "load_before": loads_before},
+        "checks": checks, "picks": picks,
+        "rows": [{"model": r.model, "name": r.name, "kind": r.kind, "precision": r.precision, "p50_ms": r.p50,
+                  "bytes": r.bytes, "drift": r.drift, "auto_latency": r.auto_latency, "status": r.status,
+                  "reason": r.reason, "profile": r.profile} for r in rows]})
+    log(f"wrote {out}")
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
