@@ -333,8 +333,9 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
     machine = cpu_info()
     lines = table(items, pick)
+    reference = next(i for i in items if i.candidate.reference)
     summary = (f"{target.name}-auto: {len(items)} candidates measured on {cpu_line(machine)}, {cfg.threads} threads "
-               f"(median of {ROUNDS} alternated rounds); drift on {len(examples.test)} test images vs {items[0].name}")
+               f"(median of {ROUNDS} alternated rounds); drift on {len(examples.test)} test images vs {reference.name}")
     notes = [summary, *lines, choice.why]
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
                                        "threads": cfg.threads, "provider": pick.candidate.provider}}

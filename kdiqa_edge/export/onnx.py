@@ -192,7 +192,7 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
         if cfg.precision != "fp32":
             result.drift = drift_report(fp32, final, examples, scored, cfg)
             result.notes.extend(drift_notes(result.drift, cfg.precision, final.name, form))
-        if cfg.precision == "int8" and form == "u8s8":
+        if cfg.precision == "int8" and form == "u8s8" and recipe.mode == "static":  # dynamic: convs stay float
             alternative = measure_alternative(graph, recipe, fp32, final, examples, cfg, meta, Path(scratch))
             result.extra["int8"]["alternative"] = alternative
             result.notes.append(alternative["note"])
