@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -228,6 +229,8 @@ def _ms(value: float) -> str:
 
 
 def model_section(model: str, rows: list[Row], pick: dict, eager: Row | None) -> list[str]:
+    from kdiqa_edge.export import auto
+
     mine = [r for r in rows if r.model == model]
     fp32 = next(r for r in mine if r.name == "fp32")
     lines = [f"## {model}", "", ("| artifact | p50 ms @1 | vs our FP32 | img/s @8 (auto) | MB | ΔSRCC | mean \\|Δ\\| | "
@@ -246,7 +249,7 @@ def model_section(model: str, rows: list[Row], pick: dict, eager: Row | None) ->
                      f"{d.get('mean_abs_diff_vs_fp32', float('nan')):.4f} | {d.get('max_abs_diff_vs_fp32', float('nan')):.4f} | "
                      f"{within} |" if d else f"| {label} | {_ms(r.p50)} | {fp32.p50 / r.p50:.2f}x | — | "
                      f"{r.bytes / 1e6:.1f} | | | | |")
-    lines += ["", f"Auto (its own measurement, batch 1 and 8, 5 alternated rounds): {pick['why']}", "", "```",
+    lines += ["", f"Auto (its own measurement, batch 1 and 8, {auto.ROUNDS} alternated rounds): {pick['why']}", "", "```",
               *pick["table"], "```", ""]
     profiled = [r for r in mine if r.profile]
     if profiled:
@@ -327,8 +330,8 @@ def main(argv=None) -> int:
     if not (work / "synthetic" / "scores.csv").is_file():
         generate(work / "synthetic", refs=4)
     data = DatasetSpec(name="synthetic", root=work / "synthetic")
-    cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, latency_runs=10,
-                       threads=args.threads, max_drift=args.max_drift)
+    cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, threads=args.threads,
+                       max_drift=args.max_drift)  # auto's own timing: its defaults (30 runs at batch 1, 7 rounds)
     teacher = build_teacher(False)
     rows, picks, inputs, torch_models = [], {}, {}, {}
     for name in args.models:
@@ -336,7 +339,8 @@ def main(argv=None) -> int:
         model = build_model(name, teacher)
         examples = load_examples(data, model.preprocess, cfg, progress=False, log=log)
         folder = work / name
-        folder.mkdir(exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh build per run (the synthetic set is kept)
+        folder.mkdir()
         mine, picks[name] = ours(name, model, examples, cfg, folder, args.max_drift)
         rows += mine
         calib = model_input(examples.calib, {"dtype": "float32", "layout": "NCHW"}, model.preprocess)

@@ -31,7 +31,7 @@ from kdiqa_edge.errors import ConfigError, ExportError
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult
 
 TIE = 0.03  # candidates within 3 % of the fastest are a tie: the smaller file wins
-ROUNDS = 5  # latency rounds; every candidate runs once per round, the order reversed every other round
+ROUNDS = 7  # latency rounds; every candidate runs in every round, the order reversed every other round
 WARMUP = 3  # untimed runs per candidate and batch size before timing
 LATENCY_BATCHES = (1, 8)
 
@@ -193,9 +193,12 @@ def latency_batches(cfg: ExportConfig) -> tuple[int, ...]:
 def measure_latency(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg: ExportConfig,
                     timer: Timer = wall_clock, batches: tuple[int, ...] | None = None,
                     rounds: int = ROUNDS) -> None:
-    """Median latency per candidate and batch size, rounds alternated so every candidate sees the same load."""
+    """Median latency per candidate and batch size, rounds alternated so every candidate sees the same load.
+
+    `cfg.latency_runs` runs at batch 1 and as many images at larger batches (latency_runs / batch runs), spread
+    over the rounds: a shared machine's load drifts over minutes, and every candidate sees each stretch of it."""
     batches = batches or latency_batches(cfg)
-    runs = max(1, math.ceil(cfg.latency_runs / rounds))
+    runs = {b: max(1, math.ceil(cfg.latency_runs / b / rounds)) for b in batches}
     live = [i for i in items if i.name in models]
     inputs = {}
     for item in list(live):
@@ -214,7 +217,7 @@ def measure_latency(items: list[Measured], models: dict[str, Any], pixels: np.nd
         order = live if round_index % 2 == 0 else live[::-1]
         for item in order:
             for b in batches:
-                for _ in range(runs):
+                for _ in range(runs[b]):
                     times[item.name][b].append(timer(item, models[item.name], inputs[item.name][b]))
     for item in live:
         for b in batches:
