@@ -16,12 +16,22 @@ from kdiqa_edge.cli import app  # noqa: E402
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--students", "test_resnet,test_efficientnet", "--teacher", "tiny",
+    args = ["demo", "--quick", "--out", str(out), "--students", "test_resnet,test_efficientnet",
             "--epochs", "1", "--teacher-epochs", "1", "--refs", "3", "--no-pretrained"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
-    assert "Smoke test, not IQA results" in report and "not pretrained" in report
+    # the first lines: each student against the teacher in plain words, then what the accuracy figures mean
+    head = report.split("\n## ")[0]
+    for student in ("test_resnet", "test_efficientnet"):
+        assert re.search(rf"^On this CPU the student `{student}` is \*\*\d+\.\dx (faster|slower)\*\* and "
+                         rf"\*\*\d+\.\dx (smaller|larger)\*\* than the `tiny` teacher", head, re.M), head
+    assert "**smoke test**: the weights are random" in head and "not pretrained" in head
+    assert "| teacher-tiny.onnx-fp32.onnx |" in report and "## Students vs the teacher" in report
+    # one line per artifact, the converters' own output in each export's export.log, not on the console
+    assert re.search(r"test_resnet: onnx-int8 .*model\.int8\.onnx \(\d+\.\d MB\)", result.output)
+    assert "Running MIL" not in result.output and "RuntimeWarning" not in result.output
+    assert (out / "exports" / "test_resnet" / "coreml-fp16" / "export.log").is_file()
     rows = [line for line in report.splitlines() if line.startswith("| test_") or line.startswith("| teacher")]
     onnx_rows = [r for r in rows if ".onnx-" in r and "| ok |" in r]
     # each student: FP32 and INT8 ONNX benched with a size, an SRCC and a latency
