@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from kdiqa_edge.cli import app  # noqa: E402
+from kdiqa_edge.cli import app
 
 
 @pytest.mark.slow
@@ -25,14 +25,14 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     head = report.split("\n## ")[0]
     for student in ("test_resnet", "test_efficientnet"):
         assert re.search(rf"^On this CPU the student `{student}` is \*\*\d+\.\dx (faster|slower)\*\* and "
-                         rf"\*\*\d+\.\dx (smaller|larger)\*\* than the `tiny` teacher", head, re.M), head
+                         rf"\*\*\d+\.\dx (smaller|larger)\*\* than the `tiny` teacher", head, re.MULTILINE), head
     assert "**smoke test**: the weights are random" in head and "not pretrained" in head
     assert "| teacher-tiny.onnx-fp32.onnx |" in report and "## Students vs the teacher" in report
     # one line per artifact, the converters' own output in each export's export.log, not on the console
     assert re.search(r"test_resnet: onnx-int8 .*model\.int8\.onnx \(\d+\.\d MB\)", result.output)
     assert "Running MIL" not in result.output and "RuntimeWarning" not in result.output
     assert (out / "exports" / "test_resnet" / "coreml-fp16" / "export.log").is_file()
-    rows = [line for line in report.splitlines() if line.startswith("| test_") or line.startswith("| teacher")]
+    rows = [line for line in report.splitlines() if line.startswith(("| test_", "| teacher"))]
     onnx_rows = [r for r in rows if ".onnx-" in r and "| ok |" in r]
     # each student: FP32 and INT8 ONNX benched with a size, an SRCC and a latency
     for student in ("test_resnet", "test_efficientnet"):
