@@ -24,6 +24,7 @@ PLAIN_INTERVAL_S = 5.0  # at most one plain progress line this often (a log stay
 
 # While a capture holds fds 1 and 2: the streams our own output goes to (the terminal, or the caller's file).
 _user_streams: list[dict[str, TextIO]] = []
+_silenced = [0]  # > 0 inside quiet_progress(): every Progress shows nothing
 
 
 def stream(name: str = "stderr") -> TextIO:
@@ -38,6 +39,17 @@ def is_terminal(file: TextIO) -> bool:
     from rich.console import Console
 
     return Console(file=file).is_terminal
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True):
+    """Every Progress inside the block shows nothing: `--quiet` reaching code that takes no progress flag
+    (a calibration data reader that ONNX Runtime drives)."""
+    _silenced[0] += int(quiet)
+    try:
+        yield
+    finally:
+        _silenced[0] -= int(quiet)
 
 
 def _duration(seconds: float) -> str:
@@ -69,6 +81,7 @@ class Progress:
 
     # -- context ------------------------------------------------------------------------------------------
     def __enter__(self):
+        self.enabled = self.enabled and not _silenced[0]
         if not self.enabled:
             return self
         self._file = stream(self.stream_name)

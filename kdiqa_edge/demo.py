@@ -125,6 +125,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
             log(f"teacher: done ({teacher_dir})")
         else:
             lr = {"lr": cfg.random_teacher_lr} if random_teacher else {}
+            log(f"teacher: fine-tuning {teacher} for {cfg.teacher_epochs} epoch(s) -> {teacher_dir}")
             run_finetune(FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
                                         progress=cfg.progress, **lr), data, teacher_dir,
                          resume=run_interrupted(teacher_dir))
@@ -138,6 +139,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
             if run_finished(run_dir):
                 log(f"{student}: done ({run_dir})")
                 continue
+            log(f"{student}: distilling for {cfg.epochs} epoch(s) -> {run_dir}")
             run_distill(DistillConfig(student=student, pretrained=pretrained[student],
                                       teacher_checkpoint=str(teacher_dir / "checkpoints" / "best"),
                                       epochs=cfg.epochs, batch_size=cfg.batch_size, progress=cfg.progress),
@@ -147,6 +149,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     exports: dict[str, dict[str, Any]] = {}
     for name, run_dir in [("teacher", teacher_dir), *student_dirs.items()]:
         requests = available_exports(TEACHER_EXPORTS if name == "teacher" else STUDENT_EXPORTS)
+        log(f"{name}: exporting to " + ", ".join(f"{t}-{p}" for t, p in requests))
         with timings.stage(f"export {name}"):
             exports[name] = _export_all(name, run_dir, out / "exports" / name, requests, cfg, data, log, timings)
 

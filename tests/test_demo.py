@@ -51,3 +51,18 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "teacher: done" in again.output and "test_efficientnet: done" in again.output
+
+
+def test_demo_stages_follow_the_registered_targets_and_precisions(monkeypatch):
+    """`auto` and `executorch` join the demo once the export registry has them, and not before."""
+    from kdiqa_edge.demo import STUDENT_EXPORTS, available_exports
+    from kdiqa_edge.export import base
+
+    built = available_exports(STUDENT_EXPORTS)
+    assert ("onnx", "fp32") in built and ("onnx", "int8") in built and ("coreml", "fp16") in built
+    assert [r for r in STUDENT_EXPORTS if r not in built] == [
+        r for r in STUDENT_EXPORTS if r[0] not in base.TARGETS or r[1] not in base.PRECISIONS]
+    monkeypatch.setattr(base, "PRECISIONS", (*base.PRECISIONS, "auto"))
+    monkeypatch.setitem(base.TARGETS._entries, "executorch", base.TARGETS.get("onnx"))
+    with_both = available_exports(STUDENT_EXPORTS)
+    assert ("onnx", "auto") in with_both and ("executorch", "fp32") in with_both and ("executorch", "int8") in with_both

@@ -163,13 +163,13 @@ def failed_log(out: Path, label: str) -> Path:
 
 
 def _export_target(name: str, label: str, model, examples: Examples, staged: Path, out: Path, cfg: ExportConfig,
-                   meta: dict[str, Any], verbose: bool) -> ExportResult:
+                   meta: dict[str, Any], verbose: bool, progress: bool) -> ExportResult:
     """One target's export, its converters' output captured into staged/export.log (streamed too with
     `verbose`). On failure the log is kept beside the folder and the error names it."""
-    from kdiqa_edge.console import capture_output
+    from kdiqa_edge.console import capture_output, quiet_progress
 
     try:
-        with capture_output(staged / EXPORT_LOG, echo=verbose):
+        with capture_output(staged / EXPORT_LOG, echo=verbose), quiet_progress(not progress):
             result = TARGETS.get(name).export(model, examples, staged, cfg, meta)
     except Exception as exc:
         if not (staged / EXPORT_LOG).is_file():
@@ -247,7 +247,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
                 staged = stack.enter_context(atomic_path(out / label))
                 staged.mkdir()
                 log(f"{label}: exporting...")
-                result = _export_target(name, label, model, examples, staged, out, cfg, meta, verbose)
+                result = _export_target(name, label, model, examples, staged, out, cfg, meta, verbose, progress)
                 staged_results.append((label, key, staged, result))
             entries = {label: _entry(result, staged, out / label, out, key)
                        for label, key, staged, result in staged_results}

@@ -21,16 +21,22 @@ from kdiqa_edge.errors import ConfigError, ExportError
 FORMS = ("u8s8", "s8s8")
 
 
-def _reader(inputs: np.ndarray, batch: int = 8, name: str = "image"):
-    """A CalibrationDataReader feeding `inputs` in batches to ONNX Runtime's calibrator."""
+def _reader(inputs: np.ndarray, batch: int = 8, name: str = "image", progress=None):
+    """A CalibrationDataReader feeding `inputs` in batches to ONNX Runtime's calibrator; `progress` (a
+    kdiqa_edge.console.Progress) advances as each batch is handed over, the one before it having run."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
             self._batches = iter([{name: inputs[i:i + batch]} for i in range(0, len(inputs), batch)])
+            self._handed = 0
 
         def get_next(self):
-            return next(self._batches, None)
+            if progress is not None and self._handed:
+                progress.advance(self._handed)
+            item = next(self._batches, None)
+            self._handed = len(item[name]) if item is not None else 0
+            return item
 
     return Reader()
 
@@ -84,14 +90,17 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
 
     # The histogram calibrators (entropy, percentile) stack every batch's activations into one array, so
     # a short last batch breaks them ("inhomogeneous shape"): feed them one image at a time.
-    reader = _reader(calib, batch=8 if method == "minmax" else 1)
+    from kdiqa_edge.console import Progress
+
+    progress = Progress("calibration", len(calib), unit="images", transient=True)
+    reader = _reader(calib, batch=8 if method == "minmax" else 1, progress=progress)
     symmetric = form == "s8s8"
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs per-tensor chatter on the root logger
     # the entropy/percentile calibrators print progress to stdout: keep it off the command's output
     with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, contextlib.redirect_stdout(io.StringIO()), \
-            _entropy_histogram():
+            _entropy_histogram(), progress:
         pre = Path(scratch) / "pre.onnx"
         # shape inference + graph clean-up first, as ONNX Runtime recommends before static quantization
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
