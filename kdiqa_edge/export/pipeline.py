@@ -1,7 +1,8 @@
 """Checkpoint -> artifacts for one or all targets, written atomically, with a manifest; re-runs are idempotent.
 
 Each (target, precision) goes to `OUT/<target>-<precision>/`. Every folder of a run is built beside its final
-place and renamed in only when all targets of the run succeeded, so a failure leaves nothing partial.
+place and renamed in only when all targets of the run succeeded, so a failure leaves no artifact, partial or
+whole (only the failed target's log, below).
 `OUT/manifest.json` lists every file with its sha256, plus target, precision, input spec, preprocessing,
 parity, drift and versions. A re-run with the same checkpoint, options and data skips the exports whose
 files are intact.
