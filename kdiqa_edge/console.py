@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import threading
@@ -219,10 +220,12 @@ def capture_output(log_path: str | os.PathLike, echo: bool = False):
     else:
         sink_fd = os.dup(log.fileno())
     sink = open(sink_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=True)  # noqa: SIM115
+    forwards = ()
     try:
         os.dup2(sink_fd, 1)
         os.dup2(sink_fd, 2)
-        sys.stdout = sys.stderr = sink
+        forwards = (_Forward(sink), _Forward(sink))
+        sys.stdout, sys.stderr = forwards
         _user_streams.append(own)
         with warnings.catch_warnings():
             warnings.showwarning = _warning_writer(sink)
@@ -233,6 +236,8 @@ def capture_output(log_path: str | os.PathLike, echo: bool = False):
         if _user_streams and _user_streams[-1] is own:
             _user_streams.pop()
         sys.stdout, sys.stderr = previous
+        for forward, stream_before in zip(forwards, previous):  # whoever kept one writes where it wrote before
+            forward.target = stream_before
         os.dup2(saved[1], 1)
         os.dup2(saved[2], 2)
         os.close(saved[1])
@@ -245,6 +250,42 @@ def capture_output(log_path: str | os.PathLike, echo: bool = False):
             _flush(file)
             with contextlib.suppress(OSError):
                 file.close()
+
+
+class _Forward(io.TextIOBase):
+    """sys.stdout / sys.stderr during a capture: writes go to `target`, the log while the capture lasts, and
+    afterwards the stream that was there before. A logging handler or progress bar a library creates during
+    the capture keeps a working stream instead of a closed one."""
+
+    def __init__(self, target: TextIO):
+        super().__init__()
+        self.target = target
+
+    def write(self, text: str) -> int:
+        return self.target.write(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self):
+        return getattr(self.target, "encoding", "utf-8")
+
+    @property
+    def buffer(self):
+        return self.target.buffer
+
+    def close(self) -> None:  # the target is not ours to close
+        pass
 
 
 def _pump(read_fd: int, log, echo: TextIO) -> None:

@@ -43,7 +43,7 @@ class DemoConfig:
     teacher: str | None = None  # None: ViT-B-32:openai if its weights are on disk, else ViT-B-32:random
     pretrained: bool | None = None  # students ImageNet-pretrained; None: where the weights are on disk
     teacher_epochs: int = 1  # ViT-B/32 trains at about 5 images/s on 2 CPU cores
-    epochs: int = 2  # student epochs (mobilevit_s: about 4 images/s on 2 CPU cores)
+    epochs: int = 1  # student epochs (mobilevit_s trains at about 4 images/s on 2 CPU cores)
     batch_size: int = 16  # small batches: more steps for the few hundred synthetic images
     random_teacher_lr: float = 3e-4  # a random-init teacher learns nothing at the paper's 5e-6 in a few epochs
     refs: int | None = None  # synthetic set size in reference images (None: the built-in default)

@@ -145,3 +145,21 @@ def test_capture_with_echo_streams_the_output_too(tmp_path, capfd):
     _, err = capfd.readouterr()
     assert "C-level stderr" in log.read_text() and "C-level stderr" in err
     assert "echoed warning" in log.read_text() and "echoed warning" in err
+
+
+def test_a_stream_taken_during_a_capture_still_works_after_it(tmp_path, capfd):
+    """A library that builds a logging handler while its import is captured keeps a live stream."""
+    import logging
+
+    with capture_output(tmp_path / "export.log"):
+        handler = logging.StreamHandler()  # binds sys.stderr as it is now
+        handler.stream.write("during\n")
+    logger = logging.getLogger("kdiqa-test-late-handler")
+    logger.addHandler(handler)
+    try:
+        logger.warning("after the capture")
+    finally:
+        logger.removeHandler(handler)
+    _, err = capfd.readouterr()
+    assert "after the capture" in err and "Logging error" not in err
+    assert "during" in (tmp_path / "export.log").read_text()

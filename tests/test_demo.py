@@ -31,7 +31,8 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     # one line per artifact, the converters' own output in each export's export.log, not on the console
     assert re.search(r"test_resnet: onnx-int8 .*model\.int8\.onnx \(\d+\.\d MB\)", result.output)
     assert "Running MIL" not in result.output and "RuntimeWarning" not in result.output
-    assert (out / "exports" / "test_resnet" / "coreml-fp16" / "export.log").is_file()
+    logs = list((out / "exports").glob("*/*/export.log"))
+    assert len(logs) >= 9 and not any("Logging error" in log.read_text() for log in logs)
     rows = [line for line in report.splitlines() if line.startswith(("| test_", "| teacher"))]
     onnx_rows = [r for r in rows if ".onnx-" in r and "| ok |" in r]
     # each student: FP32 and INT8 ONNX benched with a size, an SRCC and a latency

@@ -24,7 +24,7 @@ def demo_command(
     teacher: Annotated[str | None, typer.Option(
         "--teacher", help="open_clip NAME:TAG, NAME:random or tiny (default: ViT-B-32:openai if on disk, "
                           "else ViT-B-32:random; --quick: tiny).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Student epochs (2; --quick 5).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Student epochs (1; --quick 5).")] = None,
     teacher_epochs: Annotated[int | None, typer.Option("--teacher-epochs", min=1,
                                                           help="Teacher epochs (1; --quick 8).")] = None,
     refs: Annotated[int | None, typer.Option(
