@@ -137,11 +137,12 @@ def environment(device) -> dict:
 def run(args) -> dict:
     import torch
 
+    from kdiqa_edge.console import Progress
     from kdiqa_edge.data import Split
     from kdiqa_edge.models.checkpoint import save_checkpoint
     from kdiqa_edge.models.student import create_student
     from kdiqa_edge.models.teacher import load_teacher
-    from kdiqa_edge.train.engine import TrainConfig, Trainer, _progress_bar, epoch_order, resolve_device
+    from kdiqa_edge.train.engine import TrainConfig, Trainer, epoch_order, resolve_device
     from kdiqa_edge.train.features import teacher_features
     from kdiqa_edge.train.losses import DistillLoss
     from kdiqa_edge.train.schedules import parse_variant
@@ -193,8 +194,7 @@ def run(args) -> dict:
     trainer._evaluate = timed_evaluate
 
     pairs, step_times = [], []
-    progress = _progress_bar(False)
-    task = progress.add_task("bench", total=trainer.total_steps, info="")
+    progress = Progress("bench", trainer.total_steps, enabled=False)
     for epoch in range(epochs):
         # the engine's own batch order for this epoch, prepared ahead for the bare loop
         order = epoch_order(split.train, cfg.seed, epoch)
@@ -206,7 +206,7 @@ def run(args) -> dict:
 
         def run_distill():
             cpu = time.process_time()
-            row = trainer._train_epoch(progress, task).row  # one epoch of the real recipe, wall-timed inside
+            row = trainer._train_epoch(progress).row  # one epoch of the real recipe, wall-timed inside
             return row, time.process_time() - cpu - eval_cpu[-1]
 
         # the order alternates, so neither side always runs on the caches the other left behind

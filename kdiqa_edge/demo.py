@@ -1,8 +1,14 @@
 """`kdiqa-edge demo`: the whole path on the built-in synthetic set, ending in a report a newcomer can read.
 
-synthetic data -> teacher fine-tune -> two students (a CNN and a mobile hybrid) -> ONNX FP32 / INT8,
-CoreML, the TensorRT-ready ONNX -> bench against the teacher -> DIR/report.md. Every stage is skipped when
-its output is already there, so an interrupted demo continues where it stopped.
+synthetic data -> teacher fine-tune -> two students (a CNN and a mobile hybrid) -> ONNX FP32 / INT8 (and
+`auto` where that precision exists), CoreML, the TensorRT-ready ONNX (and ExecuTorch where that target
+exists) -> bench against the teacher -> DIR/report.md. Every stage is skipped when its output is already
+there, so an interrupted demo continues where it stopped.
+
+The default runs the paper's architectures at 224 px (CLIP ViT-B/32 -> resnet18, mobilevit_s), so the
+speed and size ratios in the report are the ones a user sees on their own CPU; with no pretrained weights
+on disk the weights are random and the accuracy figures are a smoke test. `DemoConfig.quick()` is the tiny
+64 px path (tests, impatient users).
 """
 
 from __future__ import annotations
@@ -11,32 +17,47 @@ import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable
-from kdiqa_edge.io import read_json, write_text
+from kdiqa_edge.io import read_json, write_json, write_text
 
 PRETRAINED_TEACHER = "ViT-B-32:openai"
+RANDOM_TEACHER = "ViT-B-32:random"  # the same architecture, random init, when the weights are not on disk
 TINY_TEACHER = "tiny"
+
+# (target, precision) per model. A target or precision this installation does not have (the registry and
+# PRECISIONS say) is left out, so new ones (auto, executorch) join the demo when they are built.
+TEACHER_EXPORTS = (("onnx", "fp32"),)
+STUDENT_EXPORTS = (("onnx", "fp32"), ("onnx", "int8"), ("onnx", "auto"), ("coreml", "fp16"), ("tensorrt", "int8"),
+                   ("executorch", "fp32"), ("executorch", "int8"))
+ARTIFACT_SUFFIXES = (".onnx", ".mlpackage", ".engine", ".plan", ".pte")
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    students: tuple = ("resnet18", "mobilevit_s")  # one CNN, one mobile transformer hybrid
-    teacher: Optional[str] = None  # None: ViT-B-32:openai if its weights are on disk, else tiny
-    pretrained: Optional[bool] = None  # students ImageNet-pretrained; None: where the weights are on disk
-    teacher_epochs: int = 8
-    epochs: int = 5
+    students: tuple = ("resnet18", "mobilevit_s")  # one CNN, one mobile transformer hybrid (the paper's)
+    teacher: str | None = None  # None: ViT-B-32:openai if its weights are on disk, else ViT-B-32:random
+    pretrained: bool | None = None  # students ImageNet-pretrained; None: where the weights are on disk
+    teacher_epochs: int = 1  # ViT-B/32 trains at about 5 images/s on 2 CPU cores
+    epochs: int = 1  # student epochs (mobilevit_s trains at about 4 images/s on 2 CPU cores)
     batch_size: int = 16  # small batches: more steps for the few hundred synthetic images
-    tiny_teacher_lr: float = 3e-4  # a random-init teacher learns nothing at the paper's 5e-6 in a few epochs
-    refs: Optional[int] = None  # synthetic set size in reference images (None: the built-in default)
-    calib: int = 64  # INT8 calibration images (train split)
-    bench_runs: int = 20  # timed runs per batch size
+    random_teacher_lr: float = 3e-4  # a random-init teacher learns nothing at the paper's 5e-6 in a few epochs
+    refs: int | None = None  # synthetic set size in reference images (None: the built-in default)
+    calib: int = 32  # INT8 calibration images (train split)
+    bench_runs: int = 10  # timed runs per batch size
     batch_sizes: tuple = (1, 8)
-    threads: Optional[int] = None
+    threads: int | None = None
     progress: bool = True
+    verbose: bool = False  # stream the converters' output too (it always goes to each export.log)
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """The tiny path: the 64 px random-init `tiny` CLIP (0.15M parameters), a few minutes on a CPU."""
+        return cls(teacher=TINY_TEACHER, teacher_epochs=8, epochs=5, calib=64, bench_runs=20)
 
 
 def teacher_weights_on_disk(name: str = PRETRAINED_TEACHER) -> bool:
@@ -68,6 +89,13 @@ def student_weights_on_disk(arch: str) -> bool:
     return cfg is not None and _cached_weights(cfg) is not None
 
 
+def available_exports(requests) -> list[tuple[str, str]]:
+    """The (target, precision) pairs whose target is registered and whose precision exists here."""
+    from kdiqa_edge.export.base import PRECISIONS, TARGETS
+
+    return [(target, precision) for target, precision in requests if target in TARGETS and precision in PRECISIONS]
+
+
 def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """Run every stage (skipping finished ones); returns the path of report.md."""
     from kdiqa_edge.train.distill import DistillConfig, run_distill
@@ -76,27 +104,28 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    timings = _Timings()
     data = DatasetSpec()  # the built-in synthetic set
     if cfg.refs is not None:
         from kdiqa_edge.data.synthetic import default_root
 
-        data = DatasetSpec(root=default_root(cfg.refs))
-    teacher = cfg.teacher or (PRETRAINED_TEACHER if teacher_weights_on_disk() else TINY_TEACHER)
+        with timings.stage("synthetic set"):
+            data = DatasetSpec(root=default_root(cfg.refs))
+    teacher = cfg.teacher or (PRETRAINED_TEACHER if teacher_weights_on_disk() else RANDOM_TEACHER)
     pretrained = {s: (cfg.pretrained if cfg.pretrained is not None else student_weights_on_disk(s))
                   for s in cfg.students}
-    smoke = teacher == TINY_TEACHER or not all(pretrained.values())
-    log(f"demo: teacher {teacher}, students "
+    random_teacher = teacher == TINY_TEACHER or teacher.endswith(":random")
+    log(f"demo: teacher {teacher}{' (not pretrained)' if random_teacher else ''}, students "
         + ", ".join(f"{s} ({'ImageNet' if p else 'not pretrained'})" for s, p in pretrained.items()))
-    timings: dict[str, float] = {}
 
     # 1. the teacher
     teacher_dir = out / "teacher"
-    with _timed(timings, "teacher fine-tune"):
+    with timings.stage("teacher fine-tune"):
         if run_finished(teacher_dir):
             log(f"teacher: done ({teacher_dir})")
         else:
-            lr = {"lr": cfg.tiny_teacher_lr} if teacher == TINY_TEACHER else {}
+            lr = {"lr": cfg.random_teacher_lr} if random_teacher else {}
+            log(f"teacher: fine-tuning {teacher} for {cfg.teacher_epochs} epoch(s) -> {teacher_dir}")
             run_finetune(FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
                                         progress=cfg.progress, **lr), data, teacher_dir,
                          resume=run_interrupted(teacher_dir))
@@ -106,10 +135,11 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     for student in cfg.students:
         run_dir = out / "students" / student
         student_dirs[student] = run_dir
-        with _timed(timings, f"distill {student}"):
+        with timings.stage(f"distill {student}"):
             if run_finished(run_dir):
                 log(f"{student}: done ({run_dir})")
                 continue
+            log(f"{student}: distilling for {cfg.epochs} epoch(s) -> {run_dir}")
             run_distill(DistillConfig(student=student, pretrained=pretrained[student],
                                       teacher_checkpoint=str(teacher_dir / "checkpoints" / "best"),
                                       epochs=cfg.epochs, batch_size=cfg.batch_size, progress=cfg.progress),
@@ -117,57 +147,94 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
 
     # 3. exports
     exports: dict[str, dict[str, Any]] = {}
-    with _timed(timings, "export"):
-        for name, run_dir in [("teacher", teacher_dir), *student_dirs.items()]:
-            exports[name] = _export_all(name, run_dir, out / "exports" / name, cfg, data, log,
-                                        full=name != "teacher")
+    for name, run_dir in [("teacher", teacher_dir), *student_dirs.items()]:
+        requests = available_exports(TEACHER_EXPORTS if name == "teacher" else STUDENT_EXPORTS)
+        log(f"{name}: exporting to " + ", ".join(f"{t}-{p}" for t, p in requests))
+        with timings.stage(f"export {name}"):
+            exports[name] = _export_all(name, run_dir, out / "exports" / name, requests, cfg, data, log, timings)
 
     # 4. bench: the teacher's FP32 ONNX and every student artifact, the teacher's run as the reference
-    with _timed(timings, "bench"):
-        report = _bench(exports, teacher_dir, out, cfg, data)
+    with timings.stage("bench"):
+        report = _bench(exports, teacher_dir, out, cfg, data, teacher_alias(teacher_dir))
 
-    timings["total"] = time.perf_counter() - started
-    path = write_report(out, teacher, pretrained, smoke, exports, report, student_dirs, teacher_dir, timings, cfg)
+    timings.finish()
+    write_json(out / "timings.json", timings.to_dict())
+    path = write_report(out, teacher, pretrained, exports, report, student_dirs, teacher_dir, timings, cfg)
     log(f"report: {path}")
     return path
 
 
-class _timed:
-    def __init__(self, timings: dict[str, float], name: str):
+class _Timings:
+    """Wall and CPU seconds per stage, with the load average when each ended: on a shared machine the wall
+    time says how busy it was as much as how long the stage takes, and CPU time is the steadier estimate."""
+
+    def __init__(self):
+        self.started, self.started_cpu = time.perf_counter(), time.process_time()
+        self.stages: dict[str, dict[str, float]] = {}
+        self.start_load = _load()
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self, name)
+
+    def add(self, name: str, seconds: float, cpu_seconds: float) -> None:
+        entry = self.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+        entry["seconds"] += seconds
+        entry["cpu_seconds"] += cpu_seconds
+        entry["load_1min"] = _load()
+
+    def finish(self) -> None:
+        self.add("total", time.perf_counter() - self.started, time.process_time() - self.started_cpu)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stages": self.stages, "load_1min_at_start": self.start_load, "cpu_count": os.cpu_count()}
+
+
+class _Stage:
+    def __init__(self, timings: _Timings, name: str):
         self.timings, self.name = timings, name
 
     def __enter__(self):
-        self.start = time.perf_counter()
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
     def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
+        self.timings.add(self.name, time.perf_counter() - self.start, time.process_time() - self.start_cpu)
 
 
-def _export_all(name: str, run_dir: Path, out: Path, cfg: DemoConfig, data: DatasetSpec, log, full: bool):
-    """ONNX FP32 (+ INT8, CoreML FP16, the TensorRT-ready INT8 ONNX for the students)."""
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _export_all(name: str, run_dir: Path, out: Path, requests, cfg: DemoConfig, data: DatasetSpec, log,
+                timings: _Timings):
+    """Each (target, precision) of `requests`, one line per artifact; a failing one is reported, not fatal."""
     from kdiqa_edge.export import ExportConfig, export_checkpoint
 
     quiet = (lambda *_: None)
-    requests = [("onnx", "fp32")]
-    if full:
-        requests += [("onnx", "int8"), ("coreml", "fp16"), ("tensorrt", "int8")]
     manifest: dict[str, Any] = {}
     failed: dict[str, str] = {}
     for target, precision in requests:
-        export_cfg = ExportConfig(target=target, precision=precision, calib=cfg.calib,
-                                  threads=cfg.threads or 2)
+        label = f"{target}-{precision}"
+        export_cfg = ExportConfig(target=target, precision=precision, calib=cfg.calib, threads=cfg.threads or 2)
+        started, started_cpu = time.perf_counter(), time.process_time()
         try:
-            manifest = export_checkpoint(run_dir, export_cfg, out, data, progress=cfg.progress, log=quiet)
+            manifest = export_checkpoint(run_dir, export_cfg, out, data, progress=cfg.progress, log=quiet,
+                                         verbose=cfg.verbose)
         except TensorRTUnavailable:
             manifest = read_json(out / "manifest.json")  # the ONNX and the trtexec line are written
         except Exception as exc:  # one failing format must not sink the demo: the report says why
             if not isinstance(exc, KdiqaError) and os.environ.get("KDIQA_DEBUG"):
                 raise
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log(f"{name}: {target} {precision} export failed: {reason}")
-            failed[f"{target}-{precision}"] = f"{type(exc).__name__}: {reason}"
+            log(f"{name}: {label} export failed: {reason}")
+            failed[label] = f"{type(exc).__name__}: {reason}"
             continue
-        log(f"{name}: exported {target} {precision}")
+        finally:
+            timings.add(f"export {name} {label}", time.perf_counter() - started, time.process_time() - started_cpu)
+        for file in (manifest.get("exports", {}).get(label) or {}).get("files", []):
+            log(f"{name}: {label:16s} {out / file['path']} ({file['bytes'] / 1e6:.1f} MB)")
     return {**manifest, "failed": failed}
 
 
@@ -177,12 +244,18 @@ def artifacts(manifest: dict[str, Any], out: Path) -> dict[str, Path]:
     for label, entry in manifest.get("exports", {}).items():
         for file in entry.get("files", []):
             path = out / file["path"]
-            if path.suffix in (".onnx", ".mlpackage", ".engine", ".plan"):
+            if path.suffix in ARTIFACT_SUFFIXES:
                 found.setdefault(label, path)
     return found
 
 
-def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: DatasetSpec):
+def teacher_alias(teacher_dir: Path) -> str:
+    """The teacher's row name in the bench: `teacher-<arch>`, e.g. teacher-ViT-B-32."""
+    meta = read_json(teacher_dir / "checkpoints" / "best" / "model.json")
+    return f"teacher-{meta.get('arch', 'clip')}"
+
+
+def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: DatasetSpec, teacher_name: str):
     from kdiqa_edge.bench.report import write_markdown, write_plot, write_report_json
     from kdiqa_edge.bench.runner import BenchConfig, run_bench
 
@@ -192,7 +265,8 @@ def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: Dataset
             if label.startswith("tensorrt"):
                 continue  # a TensorRT-ready ONNX, benched on the device once it becomes an engine
             # a readable row label: copy-free symlink named after the model and format
-            alias = out / "bench" / "models" / f"{name}.{label}{path.suffix}"
+            row = teacher_name if name == "teacher" else name
+            alias = out / "bench" / "models" / f"{row}.{label}{path.suffix}"
             alias.parent.mkdir(parents=True, exist_ok=True)
             if alias.is_symlink() or alias.exists():
                 alias.unlink() if not alias.is_dir() or alias.is_symlink() else shutil.rmtree(alias)
@@ -207,25 +281,99 @@ def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: Dataset
     return report
 
 
-def write_report(out: Path, teacher: str, pretrained: dict[str, bool], smoke: bool, exports, report,
-                 student_dirs: dict[str, Path], teacher_dir: Path, timings: dict[str, float], cfg: DemoConfig) -> Path:
+# ----------------------------------------------------------------------------------------------------------
+# report.md
+
+
+@dataclasses.dataclass
+class Versus:
+    """One student artifact against the teacher's ONNX FP32, both at batch 1 on this CPU."""
+
+    student: str
+    label: str  # e.g. onnx-int8
+    ms: float
+    size_mb: float
+    params: int | None
+    speedup: float  # teacher ms / student ms
+    smaller: float  # teacher MB / student MB
+
+
+def versus_teacher(report, students, teacher_name: str) -> tuple[Any, list[Versus]]:
+    """(the teacher's ONNX FP32 row or None, every benched student artifact against it), fastest first."""
+    rows = [r for r in report.results if r.status == "ok" and r.latency_at(1) and r.size_mb]
+    teacher_row = next((r for r in rows if r.name.startswith(f"{teacher_name}.onnx-fp32")), None)
+    if teacher_row is None:
+        return None, []
+    t_ms, t_mb = teacher_row.latency_at(1).p50_ms, teacher_row.size_mb
+    found = []
+    for student in students:
+        for row in rows:
+            if row.name.startswith(f"{student}."):
+                ms = row.latency_at(1).p50_ms
+                label = row.name[len(student) + 1:].rsplit(".", 1)[0]
+                found.append(Versus(student, label, ms, row.size_mb, row.params, t_ms / ms, t_mb / row.size_mb))
+    return teacher_row, sorted(found, key=lambda v: v.ms)
+
+
+def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bool, tiny: bool,
+             epochs: str) -> list[str]:
+    """The report's first lines: the speed and size ratios in plain words, then what the accuracy means."""
+    lines = []
+    best = {}
+    for v in versus:  # sorted fastest first: each student's first is its fastest export
+        best.setdefault(v.student, v)
+    if teacher_row is not None and best:
+        def ratio(x: float, more: str, less: str) -> str:
+            return f"{x:.1f}x {more}" if x >= 1 else f"{1 / x:.1f}x {less}"
+
+        t_ms, t_mb = teacher_row.latency_at(1).p50_ms, teacher_row.size_mb
+        for v in best.values():
+            lines.append(f"On this CPU the student `{v.student}` is **{ratio(v.speedup, 'faster', 'slower')}** and "
+                         f"**{ratio(v.smaller, 'smaller', 'larger')}** than the `{teacher}` teacher ({v.label} against "
+                         f"the teacher's ONNX FP32 at batch 1: {_short(v.ms)} vs {_short(t_ms)} ms, "
+                         f"{_short(v.size_mb)} vs {_short(t_mb)} MB).")
+        if tiny:
+            lines.append("The `--quick` demo's teacher is the 64 px `tiny` CLIP (about 0.15M parameters), far smaller "
+                         "than the students; run `kdiqa-edge demo` without `--quick` for the real ViT-B/32 ratios.")
+    else:
+        lines.append("The teacher's ONNX FP32 or every student export failed to bench: no speed-up to report "
+                     "(see Failures below).")
+    if random_weights:
+        lines.append("The accuracy figures (SRCC, PLCC, drift) are a **smoke test**: the weights are random (no "
+                     f"pretrained weights were found on this machine), trained for {epochs} on the synthetic set. "
+                     "They show that every stage runs, not how well a real teacher distils.")
+    else:
+        lines.append("The accuracy figures (SRCC, PLCC, drift) are a **smoke test**: pretrained weights, but only "
+                     f"{epochs} on the small synthetic set.")
+    return lines
+
+
+def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, report,
+                 student_dirs: dict[str, Path], teacher_dir: Path, timings: _Timings, cfg: DemoConfig) -> Path:
     from kdiqa_edge.bench.report import markdown
 
+    tiny = teacher == TINY_TEACHER
+    random_weights = tiny or teacher.endswith(":random") or not all(pretrained.values())
+    teacher_name = teacher_alias(teacher_dir)
+    teacher_row, versus = versus_teacher(report, list(student_dirs), teacher_name)
+    epochs = f"{cfg.teacher_epochs} teacher and {cfg.epochs} student epoch{'s' if cfg.epochs != 1 else ''}"
     lines = ["# kdiqa-edge demo report", ""]
-    if smoke:
-        lines += ["> **Smoke test, not IQA results.** No pretrained weights were found on this machine, so the "
-                  f"teacher is `{teacher}` (random init{', not pretrained' if teacher == TINY_TEACHER else ''}) "
-                  "and the students are " + ", ".join(f"`{s}` ({'ImageNet' if p else 'not pretrained'})"
-                                                       for s, p in pretrained.items())
-                  + ". The figures show that every stage runs and what each format costs, not how well a "
-                  "real teacher distils."
-                  + (" The tiny teacher (64 px, about 0.15M parameters) is far smaller than the students, so "
-                     "the students are slower than it here; with the real ViT-B/32 teacher the ratio reverses."
-                     if teacher == TINY_TEACHER else "")
-                  + (f" The tiny teacher was fine-tuned at lr {cfg.tiny_teacher_lr:g} instead of the paper's 5e-6."
-                     if teacher == TINY_TEACHER else ""), ""]
+    for line in headline(teacher, teacher_row, versus, random_weights, tiny, epochs):
+        lines += [line, ""]
+    lines += [f"Teacher `{teacher}`{' (random init, not pretrained)' if tiny or teacher.endswith(':random') else ''}; "
+              "students " + ", ".join(f"`{s}` ({'ImageNet' if p else 'not pretrained'})" for s, p in pretrained.items())
+              + (f"; the random-init teacher was fine-tuned at lr {cfg.random_teacher_lr:g} instead of the paper's 5e-6"
+                 if tiny or teacher.endswith(":random") else "") + ".", ""]
+    if versus:
+        lines += ["## Students vs the teacher", "",
+                  (f"Teacher `{teacher_row.name}`: {teacher_row.latency_at(1).p50_ms:.2f} ms at batch 1, "
+                   f"{teacher_row.size_mb:.1f} MB, {_millions(teacher_row.params)} parameters."), "",
+                  "| student | format | p50 ms (batch 1) | speed-up | size (MB) | smaller | params |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {v.student} | {v.label} | {v.ms:.2f} | {v.speedup:.1f}x | {v.size_mb:.1f} | {v.smaller:.1f}x | "
+                  f"{_millions(v.params)} |" for v in versus]
+        lines.append("")
     lines += ["## Summary", ""] + [f"- {line}" for line in summary_lines(report, exports, student_dirs,
-                                                                          teacher_dir)]
+                                                                          teacher_dir, teacher_name)]
     # the bench report's own sections sit under this report's "Benchmark" heading
     bench_md = markdown(report, title="Benchmark", environment=True).strip().replace("\n## ", "\n### ")
     lines += ["", "#" + bench_md, "",
@@ -242,14 +390,29 @@ def write_report(out: Path, teacher: str, pretrained: dict[str, bool], smoke: bo
                          + (f" — {note}" if note else ""))
         for label, reason in manifest.get("failed", {}).items():
             lines.append(f"- {name} {label}: FAILED — {reason}")
-    lines += ["", "## Time", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += ["", "## Time", "", "Load average (1 min) when each stage ended: other jobs on the machine slow every stage.",
+              "", "| stage | seconds | CPU seconds | load |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {_num(v.get('load_1min'))} |"
+              for k, v in timings.stages.items()]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-def summary_lines(report, exports, student_dirs, teacher_dir) -> list[str]:
+def _short(value: float) -> str:
+    """Three significant figures at most, never fewer than one decimal: 0.184, 11.2, 351.5."""
+    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def _millions(count: int | None) -> str:
+    return f"{count / 1e6:.2f}M" if count else "—"
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def summary_lines(report, exports, student_dirs, teacher_dir, teacher_name: str = "teacher") -> list[str]:
     rows = {r.name: r for r in report.results}
-    teacher_row = next((r for r in report.results if r.name.startswith("teacher.onnx-fp32")), None)
+    teacher_row = next((r for r in report.results if r.name.startswith(f"{teacher_name}.onnx-fp32")), None)
     teacher_ms = teacher_row.latency_at(1).p50_ms if teacher_row and teacher_row.latency_at(1) else None
     teacher_test = read_json(teacher_dir / "summary.json").get("test") or {}
     lines = [f"Teacher (fine-tuned): test SRCC {teacher_test.get('srcc', float('nan')):.3f}, "
@@ -258,8 +421,8 @@ def summary_lines(report, exports, student_dirs, teacher_dir) -> list[str]:
     for student, run_dir in student_dirs.items():
         test = read_json(run_dir / "summary.json").get("test") or {}
         parts = [f"{student}: test SRCC {test.get('srcc', float('nan')):.3f}, PLCC {test.get('plcc', float('nan')):.3f}"]
-        for label in ("onnx-fp32", "onnx-int8", "coreml-fp16"):
-            row = next((r for n, r in rows.items() if n.startswith(f"{student}.{label}")), None)
+        for label in sorted(artifacts(exports.get(student, {}), Path())):
+            row = next((r for n, r in rows.items() if n.startswith(f"{student}.{label}.")), None)
             if row is None:
                 continue
             if row.status != "ok":

@@ -10,19 +10,30 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from kdiqa_edge.cli import app  # noqa: E402
+from kdiqa_edge.cli import app
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--students", "test_resnet,test_efficientnet", "--teacher", "tiny",
+    args = ["demo", "--quick", "--out", str(out), "--students", "test_resnet,test_efficientnet",
             "--epochs", "1", "--teacher-epochs", "1", "--refs", "3", "--no-pretrained"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
-    assert "Smoke test, not IQA results" in report and "not pretrained" in report
-    rows = [line for line in report.splitlines() if line.startswith("| test_") or line.startswith("| teacher")]
+    # the first lines: each student against the teacher in plain words, then what the accuracy figures mean
+    head = report.split("\n## ")[0]
+    for student in ("test_resnet", "test_efficientnet"):
+        assert re.search(rf"^On this CPU the student `{student}` is \*\*\d+\.\dx (faster|slower)\*\* and "
+                         rf"\*\*\d+\.\dx (smaller|larger)\*\* than the `tiny` teacher", head, re.MULTILINE), head
+    assert "**smoke test**: the weights are random" in head and "not pretrained" in head
+    assert "| teacher-tiny.onnx-fp32.onnx |" in report and "## Students vs the teacher" in report
+    # one line per artifact, the converters' own output in each export's export.log, not on the console
+    assert re.search(r"test_resnet: onnx-int8 .*model\.int8\.onnx \(\d+\.\d MB\)", result.output)
+    assert "Running MIL" not in result.output and "RuntimeWarning" not in result.output
+    logs = list((out / "exports").glob("*/*/export.log"))
+    assert len(logs) >= 9 and not any("Logging error" in log.read_text() for log in logs)
+    rows = [line for line in report.splitlines() if line.startswith(("| test_", "| teacher"))]
     onnx_rows = [r for r in rows if ".onnx-" in r and "| ok |" in r]
     # each student: FP32 and INT8 ONNX benched with a size, an SRCC and a latency
     for student in ("test_resnet", "test_efficientnet"):
@@ -41,3 +52,18 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "teacher: done" in again.output and "test_efficientnet: done" in again.output
+
+
+def test_demo_stages_follow_the_registered_targets_and_precisions(monkeypatch):
+    """`auto` and `executorch` join the demo once the export registry has them, and not before."""
+    from kdiqa_edge.demo import STUDENT_EXPORTS, available_exports
+    from kdiqa_edge.export import base
+
+    built = available_exports(STUDENT_EXPORTS)
+    assert ("onnx", "fp32") in built and ("onnx", "int8") in built and ("coreml", "fp16") in built
+    assert [r for r in STUDENT_EXPORTS if r not in built] == [
+        r for r in STUDENT_EXPORTS if r[0] not in base.TARGETS or r[1] not in base.PRECISIONS]
+    monkeypatch.setattr(base, "PRECISIONS", (*base.PRECISIONS, "auto"))
+    monkeypatch.setitem(base.TARGETS._entries, "executorch", base.TARGETS.get("onnx"))
+    with_both = available_exports(STUDENT_EXPORTS)
+    assert ("onnx", "auto") in with_both and ("executorch", "fp32") in with_both and ("executorch", "int8") in with_both

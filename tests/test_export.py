@@ -256,10 +256,12 @@ def test_unsupported_op_fails_the_export_and_leaves_nothing(monkeypatch, tmp_pat
     from kdiqa_edge.export import tensorrt
 
     monkeypatch.setattr(tensorrt, "supported_ops", lambda version: tensorrt._TRT10_OPS - {"Conv"})
-    with pytest.raises(ExportError, match="Conv x"):
+    with pytest.raises(ExportError, match="Conv x") as failure:
         export_checkpoint(checkpoints["student"], ExportConfig(target="tensorrt", parity_images=4), tmp_path / "out",
                           data=data, progress=False, log=lambda _: None)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # no artifact, partial or whole: only the converters' log, which the error names
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["tensorrt-fp32.failed.log"]
+    assert str(tmp_path / "out" / "tensorrt-fp32.failed.log") in str(failure.value)
 
 
 def test_trtexec_command():

@@ -138,6 +138,18 @@ def test_other_kinds_register_their_own_builder(tiny, tmp_path):
         register_checkpoint_kind("teacher")(lambda meta, sd: None)
 
 
+def test_random_tag_is_the_architecture_with_random_weights_labelled_not_pretrained():
+    """`NAME:random`: the real sizes and speeds (the demo's ViT-B/32) on a machine without the weights."""
+    teacher = load_teacher("ViT-S-32-alt:random")  # the smallest ViT config open_clip has
+    assert not teacher.pretrained and teacher.label == "ViT-S-32-alt (not pretrained)"
+    assert teacher.preprocess.size == 224 and teacher.build.arch == "ViT-S-32-alt"
+    assert teacher.head.logit_scale == pytest.approx(1 / 0.07)  # open_clip's init, not a pretrained 100
+    with pytest.raises(ConfigError, match="random init"):
+        create_clip("ViT-S-32-alt:random", weights="/some/w.safetensors")
+    with pytest.raises(ConfigError, match="ViT-B-32:random for random init"):
+        create_clip("ViT-B-32")
+
+
 def test_teacher_names_and_offline_error(monkeypatch):
     import open_clip
 

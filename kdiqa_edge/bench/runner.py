@@ -213,9 +213,11 @@ def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = No
     results: list[BenchResult] = []
     notes: list[str] = []
     ref_scores = ref_set = None
-    with _Progress(len(paths), enabled=progress) as bar:
+    from kdiqa_edge.console import Progress
+
+    with Progress("bench", len(paths), unit="models", enabled=progress, transient=True) as bar:
         for path, is_reference in paths:
-            bar.start(Path(path).name)
+            bar.update(f"{Path(path).name}: load")
             result, scores, eval_set = bench_one(path, cfg, eval_data, progress=bar.update, reference=is_reference)
             if is_reference:
                 ref_scores, ref_set = scores, eval_set
@@ -268,35 +270,3 @@ def _align(ref_names: list[str], ref_scores: np.ndarray, names: list[str]) -> Op
         return None
     return np.asarray([lookup[name] for name in names], np.float32)
 
-
-class _Progress:
-    """A rich progress bar on stderr over the models, with the current stage as its description."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.enabled, self._bar, self._task, self._name = total, enabled, None, None, ""
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("bench", total=self.total)
-        return self
-
-    def start(self, name: str) -> None:
-        self.update(f"{name}: load")
-
-    def update(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, description=text)
-
-    def advance(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

@@ -44,8 +44,8 @@ def distill_command(
         "per dataset, split and teacher config, and reused by later runs.")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         "--teacher", rich_help_panel=TEACHER_PANEL,
-        help="Teacher to fine-tune: open_clip NAME:TAG (default ViT-B-32:openai) or 'tiny' (random init, "
-        "64 px, not pretrained: tests and offline demos).")] = None,
+        help="Teacher to fine-tune: open_clip NAME:TAG (default ViT-B-32:openai), NAME:random (that model, random "
+        "init, not pretrained) or 'tiny' (random init, 64 px, not pretrained: tests and quick demos).")] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option(
         "--teacher-weights", rich_help_panel=TEACHER_PANEL,
         help="Local open_clip weights file for --teacher's NAME (offline machines).")] = None,

@@ -61,6 +61,9 @@ def export_command(
     profile: Annotated[Path | None, typer.Option("--profile", help="A target profile (export/<name>.yaml); "
                                                     "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export even when the manifest says up to date.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Stream the converters' own output (coremltools, torch.onnx, onnxruntime...) "
+                                "too; it always goes to each export's export.log.")] = False,
 ) -> None:
     """Export a checkpoint's score model (folded text anchors, no text tower) with parity and drift checks.
 
@@ -84,7 +87,7 @@ def export_command(
                   max_batch=max_batch, opset=opset,
                   tensorrt_version=tensorrt_version)
     try:
-        manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log)
+        manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log, verbose=verbose)
     except TensorRTUnavailable:
         _summary(out)
         raise
@@ -92,7 +95,9 @@ def export_command(
 
 
 def _log(message: str) -> None:
-    typer.secho(message, err=True)
+    from kdiqa_edge.console import stream
+
+    typer.secho(message, file=stream("stderr"))  # the user's stderr, also while converter output is captured
 
 
 def _summary(out: Path, manifest: dict | None = None) -> None:

@@ -19,8 +19,9 @@ TEACHER_PANEL = "Teacher"
 TRAIN_PANEL = "Training (defaults: the paper's recipe)"
 
 Teacher = Annotated[str | None, typer.Option(
-    "--teacher", help="open_clip NAME:TAG (default ViT-B-32:openai, the paper's teacher), or 'tiny': a random-init "
-    "64 px config for tests and offline demos (not pretrained).", rich_help_panel=TEACHER_PANEL)]
+    "--teacher", help="open_clip NAME:TAG (default ViT-B-32:openai, the paper's teacher), NAME:random (that model, "
+    "random init, not pretrained), or 'tiny': a random-init 64 px config for tests and quick demos (not pretrained).",
+    rich_help_panel=TEACHER_PANEL)]
 TeacherWeights = Annotated[Path | None, typer.Option(
     "--teacher-weights", help="Local open_clip weights file for --teacher's NAME (offline machines).",
     rich_help_panel=TEACHER_PANEL)]

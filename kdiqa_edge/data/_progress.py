@@ -1,34 +1,11 @@
-"""A rich progress bar on stderr for long data work (decoding, generating)."""
+"""Progress for long data work (decoding, generating), on stderr so piped output (`data info --json | jq`)
+stays clean. The display itself is kdiqa_edge.console.Progress (a rich bar in a terminal, plain lines in a log)."""
 
 from __future__ import annotations
 
+from kdiqa_edge.console import Progress as _Progress
 
-class Progress:
-    """A rich progress bar on stderr, or nothing: `with Progress(on, total, label) as advance: advance(n)`.
 
-    Off when stderr is not a terminal, so piped output (`data info --json | jq`) stays clean.
-    """
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-        self._bar = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich import progress as rp
-            from rich.console import Console
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self._bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
-                                        rp.MofNCompleteColumn(), rp.TimeRemainingColumn(),
-                                        console=console, transient=True)
-        if self._bar is None:
-            return lambda n=1: None
-        self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda n=1: self._bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.stop()
+def Progress(enabled: bool, total: int, label: str) -> _Progress:
+    """`with Progress(on, total, label) as advance: advance(n)` (n images done)."""
+    return _Progress(label, total, unit="images", enabled=enabled, stream="stderr", transient=True)

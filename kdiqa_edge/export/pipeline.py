@@ -1,11 +1,16 @@
 """Checkpoint -> artifacts for one or all targets, written atomically, with a manifest; re-runs are idempotent.
 
 Each (target, precision) goes to `OUT/<target>-<precision>/`; `--precision auto` writes the measured pick to
-`OUT/<target>-auto/` (export/auto.py). Every folder of a run is built beside its final
-place and renamed in only when all targets of the run succeeded, so a failure leaves nothing partial.
+`OUT/<target>-auto/` (export/auto.py). Every folder of a run is built beside its final place and renamed in
+only when all targets of the run succeeded, so a failure leaves no artifact, partial or whole (only the
+failed target's log, below).
 `OUT/manifest.json` lists every file with its sha256, plus target, precision, input spec, preprocessing,
 parity, drift and versions. A re-run with the same checkpoint, options and data skips the exports whose
 files are intact.
+
+The converters' own output (coremltools, torch.onnx, torch.export, onnxruntime.quantization: their prints,
+warnings and progress bars, C++ included) goes to `OUT/<target>-<precision>/export.log`, not the terminal;
+a failed export keeps it as `OUT/<target>-<precision>.failed.log` and its error names that file.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from kdiqa_edge.data.spec import DatasetSpec
-from kdiqa_edge.errors import ConfigError, DataError, TensorRTUnavailable
+from kdiqa_edge.errors import ConfigError, DataError, KdiqaError, TensorRTUnavailable
 from kdiqa_edge.export.base import TARGETS, Examples, ExportConfig, ExportResult
 
 MANIFEST = "manifest.json"
+EXPORT_LOG = "export.log"
 MANIFEST_FORMAT = "kdiqa-edge-export/1"
 VERSION_PACKAGES = ("kdiqa-edge", "torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "onnxslim",
                     "coremltools", "tensorrt", "numpy")
@@ -160,16 +166,58 @@ def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str
     return {"target": result.target, "precision": result.precision, "input": result.extra.get("input"),
             "request_key": key, "files": files,
             "parity": result.parity, "drift": result.drift, "notes": result.notes, "details": result.extra,
-            "engine_built": result.extra.get("engine_built"), "unavailable": result.unavailable}
+            "engine_built": result.extra.get("engine_built"), "unavailable": result.unavailable,
+            "log": str((folder / EXPORT_LOG).relative_to(out)) if (staged / EXPORT_LOG).is_file() else None}
+
+
+def failed_log(out: Path, label: str) -> Path:
+    """Where a failed export's converter output is kept (its staging folder is discarded)."""
+    return out / f"{label}.failed.log"
+
+
+def _export_target(target, label: str, model, examples: Examples, staged: Path, out: Path,
+                   cfg: ExportConfig, meta: dict[str, Any], verbose: bool, progress: bool) -> ExportResult:
+    """One target's export, its converters' output captured into staged/export.log (streamed too with
+    `verbose`). On failure the log is kept beside the folder and the error names it."""
+    from kdiqa_edge.console import capture_output, quiet_progress
+
+    try:
+        with capture_output(staged / EXPORT_LOG, echo=verbose), quiet_progress(not progress):
+            result = target.export(model, examples, staged, cfg, meta)
+    except Exception as exc:
+        if not (staged / EXPORT_LOG).is_file():
+            raise
+        kept = failed_log(out, label)
+        shutil.copyfile(staged / EXPORT_LOG, kept)
+        named = _naming_log(exc, f"{label}: the converters' output is in {kept}")
+        if named is exc:
+            raise
+        raise named from exc
+    failed_log(out, label).unlink(missing_ok=True)  # an earlier failure's log is stale now
+    return result
+
+
+def _naming_log(exc: Exception, note: str) -> Exception:
+    """`exc` with `note` in its message: a known error keeps its class (and exit code); anything else keeps
+    its traceback and gets the note under it."""
+    if isinstance(exc, KdiqaError):
+        try:
+            return type(exc)(f"{exc} ({note})")
+        except TypeError:  # a subclass with its own constructor
+            pass
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(note)
+    return exc
 
 
 def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path,
                       data: DatasetSpec | None = None, force: bool = False, progress: bool = True,
-                      log: Callable[[str], None] = print) -> dict[str, Any]:
+                      log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
     """Export `checkpoint` (checkpoint dir or run dir) per `cfg` into `out`; returns the manifest.
 
     Calibration, parity and drift images come from `data`; without one, from the dataset in the run's
-    config.yaml (and its split.json), else from the synthetic set.
+    config.yaml (and its split.json), else from the synthetic set. The converters' output goes to each
+    export's export.log; `verbose` streams it to stderr too.
 
     Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
     """
@@ -218,7 +266,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
                 staged.mkdir()
                 log(f"{label}: exporting...")
                 target = auto.Auto(TARGETS.get(name), log) if cfg.precision == "auto" else TARGETS.get(name)
-                result = target.export(model, examples, staged, cfg, meta)
+                result = _export_target(target, label, model, examples, staged, out, cfg, meta, verbose, progress)
                 staged_results.append((label, key, staged, result))
             entries = {label: _entry(result, staged, out / label, out, key)
                        for label, key, staged, result in staged_results}

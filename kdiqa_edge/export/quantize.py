@@ -24,16 +24,22 @@ from kdiqa_edge.export.recipes import Recipe
 FORMS = ("u8s8", "s8s8")
 
 
-def _reader(inputs: np.ndarray, batch: int = 8, name: str = "image"):
-    """A CalibrationDataReader feeding `inputs` in batches to ONNX Runtime's calibrator."""
+def _reader(inputs: np.ndarray, batch: int = 8, name: str = "image", progress=None):
+    """A CalibrationDataReader feeding `inputs` in batches to ONNX Runtime's calibrator; `progress` (a
+    kdiqa_edge.console.Progress) advances as each batch is handed over, the one before it having run."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
             self._batches = iter([{name: inputs[i:i + batch]} for i in range(0, len(inputs), batch)])
+            self._handed = 0
 
         def get_next(self):
-            return next(self._batches, None)
+            if progress is not None and self._handed:
+                progress.advance(self._handed)
+            item = next(self._batches, None)
+            self._handed = len(item[name]) if item is not None else 0
+            return item
 
     return Reader()
 
@@ -103,7 +109,10 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
 
     # The histogram calibrators (entropy, percentile) stack every batch's activations into one array, so
     # a short last batch breaks them ("inhomogeneous shape"): feed them one image at a time.
-    reader = _reader(calib, batch=8 if method == "minmax" else 1)
+    from kdiqa_edge.console import Progress
+
+    progress = Progress("calibration", len(calib), unit="images", transient=True)
+    reader = _reader(calib, batch=8 if method == "minmax" else 1, progress=progress)
     symmetric = form == "s8s8"
     extra = {"ActivationSymmetric": symmetric or recipe.activation_symmetric, "WeightSymmetric": True,
              # TensorRT's DequantizeLinear takes int8 only: biases stay float there (it fuses them itself)
@@ -115,7 +124,7 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
     # the entropy/percentile calibrators and the transformer optimizer print to stdout: keep it off the output
     try:
         with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, \
-                contextlib.redirect_stdout(io.StringIO()), _entropy_histogram():
+                contextlib.redirect_stdout(io.StringIO()), _entropy_histogram(), progress:
             source = optimize_transformer(src, Path(scratch) / "optimized.onnx", recipe.optimizer) \
                 if recipe.optimizer else src
             if recipe.means_as_pools:

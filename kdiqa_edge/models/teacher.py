@@ -4,8 +4,10 @@ The text tower is used once, to compute the anchors, and then dropped: a teacher
 image encoder, the anchors and logit_scale, never the text tower.
 
 Teachers are named like `--teacher ViT-B-32:openai` (any open_clip model with a pretrained tag; the
-paper's teacher is the default) or `--teacher tiny`, a registered random-init config with 64 px inputs
-for tests and offline demos. A tiny teacher is NOT pretrained, and every output it touches says so.
+paper's teacher is the default), `--teacher ViT-B-32:random` (that architecture, random init: the real
+sizes and speeds on a machine without the weights) or `--teacher tiny`, a registered random-init config
+with 64 px inputs for tests and quick demos. A random-init teacher is NOT pretrained, and every output it
+touches says so.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kdiqa_edge.registry import Registry
 
 DEFAULT_TEACHER = "ViT-B-32:openai"
 NOT_PRETRAINED = "not pretrained"
+RANDOM_TAG = "random"  # `NAME:random`: the open_clip architecture NAME with random-init weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ TEACHER_CONFIGS.register("tiny")({
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     "quick_gelu": False,
 })
-TINY_SEED = 0  # a random-init teacher is still the same teacher on every call
+TINY_SEED = 0  # a random-init teacher (tiny, NAME:random) is still the same teacher on every call
 
 
 class CLIPTeacher(nn.Module):
@@ -109,6 +112,10 @@ def create_clip(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = Non
     if cfg is None:
         raise ConfigError(f"unknown teacher model {arch!r}: use an open_clip name (e.g. {DEFAULT_TEACHER}) "
                           f"or one of: {', '.join(TEACHER_CONFIGS.names())}")
+    if tag == RANDOM_TAG:
+        if weights is not None:
+            raise ConfigError(f"--teacher {teacher} is random init; drop ':{RANDOM_TAG}' to load --teacher-weights")
+        return _create_random(arch, cfg)
     tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if tag and not tag_cfg and weights is None:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
@@ -120,7 +127,8 @@ def create_clip(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = Non
         model = _create_from_file(arch, Path(weights), quick_gelu)
         source = f"{arch}:{Path(weights).name}"
     elif tag is None:
-        raise ConfigError(f"--teacher {arch} needs a pretrained tag (e.g. {arch}:openai) or --teacher-weights PATH")
+        raise ConfigError(f"--teacher {arch} needs a pretrained tag (e.g. {arch}:openai), --teacher-weights PATH, "
+                          f"or {arch}:{RANDOM_TAG} for random init")
     else:
         model = _create_pretrained(arch, tag, quick_gelu)
         source = f"{arch}:{tag}"
@@ -137,6 +145,18 @@ def _create_registered(name: str):
         model = open_clip.CLIP(**{k: v for k, v in cfg.items()})
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     return model.eval(), tokenizer, ClipBuild(name, dict(cfg), False, name)
+
+
+def _create_random(arch: str, cfg: dict):
+    """open_clip's architecture `arch`, random init (seeded: the same teacher on every call)."""
+    import open_clip
+
+    cfg = {**cfg, "quick_gelu": bool(cfg.get("quick_gelu", False))}
+    # _quiet_download_logs: open_clip warns "No pretrained weights loaded", which the label already says
+    with torch.random.fork_rng(devices=[]), _quiet_download_logs():
+        torch.manual_seed(TINY_SEED)
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=cfg["quick_gelu"])
+    return model.eval(), open_clip.get_tokenizer(arch), ClipBuild(arch, cfg, False, arch)
 
 
 def _create_pretrained(arch: str, tag: str, quick_gelu: bool):

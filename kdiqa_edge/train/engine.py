@@ -82,7 +82,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the image encoder (CUDA: 1.25-1.3x for 20-60 s of compile)
     eval_batch_size: int = 128  # images per forward pass at evaluation
     select: str = "plcc+srcc"  # which eval metric picks `best`: plcc+srcc | srcc | plcc
-    progress: bool = True  # rich progress bars
+    progress: bool = True  # progress: a rich bar in a terminal, plain periodic lines in a log
 
     @classmethod
     def from_any(cls, cfg) -> TrainConfig:
@@ -471,11 +471,13 @@ class Trainer:
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        progress = _progress_bar(self.cfg.progress and self.ctx.is_main)
-        with progress:
-            task = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+        from kdiqa_edge.console import Progress
+
+        # on stdout, with the epoch lines: `distill > log` keeps the training's story in one file
+        with Progress("train", self.total_steps, unit="steps", stream="stdout", completed=self.step,
+                      enabled=self.cfg.progress and self.ctx.is_main) as progress:
             while self.epoch < self.cfg.epochs:
-                result = self._train_epoch(progress, task)
+                result = self._train_epoch(progress)
                 self.history.append(result.row)
                 improved = self._score(result.metrics) > self.best["value"]
                 if improved:
@@ -484,9 +486,8 @@ class Trainer:
                 info = (f"epoch {self.epoch}/{self.cfg.epochs} loss {result.row['loss']:.4f} "
                         f"{self.eval_split} PLCC {result.metrics.plcc:.4f} SRCC {result.metrics.srcc:.4f}"
                         + (" (best)" if improved else ""))
-                progress.update(task, info=info)
-                if self.cfg.progress and self.ctx.is_main:
-                    progress.console.print(info)
+                progress.update(info=info)
+                progress.print(info)
         return self.finish()
 
     def _score(self, m: IQAMetrics) -> float:
@@ -510,7 +511,7 @@ class Trainer:
         generator.manual_seed(seed)
         return generator
 
-    def _train_epoch(self, progress, task) -> EpochResult:
+    def _train_epoch(self, progress) -> EpochResult:
         epoch = self.epoch
         self.step_timings, self._last_tick = {}, None  # profile_steps: this epoch's phases only
         flip_generator = self._seed_epoch(epoch)
@@ -550,7 +551,7 @@ class Trainer:
             self._tick("other")
             self._optimizer_step()
             self._tick("forward_backward")
-            progress.update(task, advance=1)
+            progress.advance(1, images=group_images * self.ctx.world_size)
             if self.interrupt_after_steps is not None and self.step >= self.interrupt_after_steps:
                 raise KeyboardInterrupt(f"interrupted after step {self.step} (test hook)")
         if self.device.type == "cuda":
@@ -780,18 +781,3 @@ def write_metrics_csv(path: Path, history: list[dict]) -> Path:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     return write_text(path, buffer.getvalue())
 
-
-def _progress_bar(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not enabled,
-    )

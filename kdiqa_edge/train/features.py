@@ -77,18 +77,19 @@ def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batc
     autocast, _ = autocast_for(device, True)
     loader = BatchLoader(cache.images, np.zeros(len(cache), np.float32), pin_memory=device.type == "cuda")
     batches = [np.arange(i, min(i + batch_size, shape[0])) for i in range(0, shape[0], batch_size)]
-    from rich.progress import Progress
+    from kdiqa_edge.console import Progress
 
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         features = np.memmap(tmp / FEATURES_FILE, dtype=np.float16, mode="w+", shape=shape)
-        with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
-            task = bar.add_task("teacher features", total=len(batches))
+        # stdout, beside the training it feeds
+        with Progress("teacher features", shape[0], unit="images", stream="stdout", transient=True,
+                      enabled=progress) as bar, torch.no_grad():
             for idx, batch in zip(batches, loader(batches)):
                 with autocast():
                     encoded = model.encode(transform(batch)["image"])
                 features[idx[0]:idx[-1] + 1] = encoded.float().cpu().numpy().astype(np.float16)
-                bar.advance(task)
+                bar.advance(len(idx))
         features.flush()
         del features
         write_json(tmp / META_FILE, {
