@@ -2,11 +2,11 @@
 next export, cache build or checkpoint save in that folder removes exactly the temporaries of dead writers.
 
 The kills are real: a subprocess is SIGKILLed in the middle of the write (no `finally`, no atexit runs).
+A killed checkpoint write: test_distill.py (resumed to the same bytes); a killed export: test_reproducible.py.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -128,43 +128,3 @@ def test_a_killed_image_cache_build_is_swept_by_the_next_build(small_synthetic, 
                              progress=False)
     assert len(cache) == 120 and cache.images.shape == (120, 32, 32, 3)
     assert _temporaries(root) == []
-
-
-CHECKPOINT_WRITER = """
-    import sys, time
-    from pathlib import Path
-    import safetensors.torch
-    from kdiqa_edge.models.checkpoint import save_checkpoint
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.preprocess import PreprocessSpec
-
-    save_file = safetensors.torch.save_file
-    def slow_save(*args, **kwargs):  # the weights are written, the rest is still to come
-        save_file(*args, **kwargs)
-        print("weights written", flush=True)
-        time.sleep(600)
-    safetensors.torch.save_file = slow_save
-    model = create_student("test_resnet", None, PreprocessSpec(size=32), pretrained=False)
-    save_checkpoint(model, Path(sys.argv[1]))
-"""
-
-
-def test_a_killed_checkpoint_write_is_swept_by_the_next_one(tmp_path):
-    pytest.importorskip("timm")
-    from kdiqa_edge.models.checkpoint import load_checkpoint, save_checkpoint
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.preprocess import PreprocessSpec
-
-    folder = tmp_path / "checkpoints"
-    child = _spawn(CHECKPOINT_WRITER, str(folder / "last"))
-    try:
-        assert child.stdout.readline().strip() == "weights written"
-        _kill(child)
-    finally:
-        child.kill()
-    assert {p.suffix for p in _temporaries(folder)} == {".tmp", ".claim"}
-    assert not (folder / "last").exists()
-
-    model = create_student("test_resnet", None, PreprocessSpec(size=32), pretrained=False)
-    save_checkpoint(model, folder / "last")
-    assert _temporaries(folder) == [] and load_checkpoint(folder / "last").kind == "student"
