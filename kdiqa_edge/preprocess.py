@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,10 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     path = Path(path)
     try:
         size = path.stat().st_size
-    except OSError:
-        raise ImageLoadError("file not found") from None
+    except OSError as exc:
+        raise ImageLoadError(_stat_problem(path, exc)) from None
+    if path.is_dir():
+        raise ImageLoadError("a folder, not an image file")
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
     try:
@@ -91,9 +94,19 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise ImageLoadError(f"decompression bomb refused: {exc}") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image (unidentified format)") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"unreadable image: {exc}") from None
     return to_rgb(img)
+
+
+def _stat_problem(path: Path, exc: OSError) -> str:
+    if path.is_symlink():
+        return f"dangling symlink (to {os.readlink(path)})"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return "file not found"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
