@@ -16,11 +16,13 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 CLAIM = ".claim"
+UNCLAIMED_IDLE_S = 3600.0  # an unclaimed temporary idle this long is a dead writer's
 # `.NAME.RANDOM.SUFFIX`, RANDOM from tempfile's names (8 of [a-z0-9_]): a temporary or its claim
 _TEMPORARY = re.compile(r"^(?P<stem>\..+\.[a-z0-9_]{8})(?P<suffix>\.[A-Za-z0-9]+)$")
 
@@ -106,8 +108,8 @@ def sweep_temporaries(folder: str | os.PathLike, name: str | None = None) -> lis
     what was removed.
 
     A claimed temporary goes only when its claim's lock can be taken (its writer died); an unclaimed
-    `.NAME.RANDOM.tmp` (left by a version before claims, or whose claim a crash removed) goes too. Where
-    flock does not exist (Windows), claimed temporaries are left alone: liveness cannot be told there.
+    `.NAME.RANDOM.tmp` (left by a version before claims) goes once idle for UNCLAIMED_IDLE_S. Where flock
+    does not exist (Windows), claimed temporaries are left alone: liveness cannot be told there.
     """
     folder = Path(folder)
     try:
@@ -132,7 +134,7 @@ def _sweep_group(folder: Path, stem: str, temporaries: list[str]) -> list[Path]:
     try:
         fd = os.open(claim, os.O_RDONLY)
     except FileNotFoundError:  # unclaimed: only the default suffix, so no stranger's dotfile is touched
-        return [_remove(folder / t) for t in temporaries if t.endswith(".tmp")]
+        return [_remove(folder / t) for t in temporaries if t.endswith(".tmp") and _idle(folder / t)]
     except OSError:
         return []
     try:
@@ -143,6 +145,19 @@ def _sweep_group(folder: Path, stem: str, temporaries: list[str]) -> list[Path]:
         return removed + [claim]
     finally:
         os.close(fd)
+
+
+def _idle(path: Path) -> bool:
+    """Untouched for UNCLAIMED_IDLE_S (it and, for a folder, its entries): an unclaimed temporary cannot say
+    whether its writer lives (a version before claims may still be writing it), its age can."""
+    try:
+        times = [path.stat().st_mtime]
+        if path.is_dir():
+            with os.scandir(path) as entries:
+                times += [e.stat(follow_symlinks=False).st_mtime for e in entries]
+    except OSError:
+        return False
+    return time.time() - max(times) > UNCLAIMED_IDLE_S
 
 
 def _remove(path: Path) -> Path:

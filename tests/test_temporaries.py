@@ -7,6 +7,7 @@ A killed checkpoint write: test_distill.py (resumed to the same bytes); a killed
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -64,18 +65,20 @@ def test_sweep_removes_the_temporaries_of_dead_writers_only(tmp_path):
         for child in (live, dead):
             assert child.stdout.readline().strip() == "writing"
         _kill(dead)
-        (tmp_path / ".old.bin.abcd1234.tmp").write_bytes(b"x")  # an unclaimed one, as before claims existed
+        (tmp_path / ".old.bin.abcd1234.tmp").write_bytes(b"x")  # unclaimed, as before claims existed, idle
+        os.utime(tmp_path / ".old.bin.abcd1234.tmp", (time.time() - 7200,) * 2)
+        (tmp_path / ".new.bin.abcd1234.tmp").write_bytes(b"x")  # unclaimed and fresh: perhaps an old version's live write
         (tmp_path / ".notes.abcd1234.txt").write_bytes(b"x")  # a stranger's dotfile: not ours to remove
-        assert len(_temporaries(tmp_path)) == 6  # live and dead: temporary + claim each; the two above
+        assert len(_temporaries(tmp_path)) == 7  # live and dead: temporary + claim each; the three above
 
         removed = {p.name for p in sweep_temporaries(tmp_path)}
         assert len(removed) == 3 and all(n.startswith((".dead.bin.", ".old.bin.")) for n in removed)
         left = {p.name for p in _temporaries(tmp_path)}
-        assert {n.split(".")[1] for n in left} == {"live", "notes"}  # the live writer's work is untouched
+        assert {n.split(".")[1] for n in left} == {"live", "new", "notes"}  # the live writer's work is untouched
 
         _kill(live)
         sweep_temporaries(tmp_path)
-        assert [p.name for p in _temporaries(tmp_path)] == [".notes.abcd1234.txt"]
+        assert [p.name for p in _temporaries(tmp_path)] == [".new.bin.abcd1234.tmp", ".notes.abcd1234.txt"]
         assert not (tmp_path / "live.bin").exists() and not (tmp_path / "dead.bin").exists()
     finally:
         for child in (live, dead):
