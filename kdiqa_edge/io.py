@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +103,14 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY.match(name) is not None
 
 
-def sweep_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+def sweep_temporaries(folder: str | os.PathLike, name: str | None = None,
+                      unclaimed: Sequence[str] | None = None) -> list[Path]:
     """Remove the temporaries in `folder` (only those for `name`, if given) whose writer is gone; returns
     what was removed.
 
     A claimed temporary goes only when its claim's lock can be taken (its writer died); an unclaimed
-    `.NAME.RANDOM.tmp` (left by a version before claims) goes once idle for UNCLAIMED_IDLE_S. Where flock
+    `.NAME.RANDOM.tmp` (left by a version before claims) goes once idle for UNCLAIMED_IDLE_S, and in a
+    folder that is not only ours (an export's OUT) only if NAME starts with one of `unclaimed`. Where flock
     does not exist (Windows), claimed temporaries are left alone: liveness cannot be told there.
     """
     folder = Path(folder)
@@ -123,18 +125,19 @@ def sweep_temporaries(folder: str | os.PathLike, name: str | None = None) -> lis
             groups.setdefault(match["stem"], []).append(entry)
     removed: list[Path] = []
     for stem, members in sorted(groups.items()):
-        removed += _sweep_group(folder, stem, sorted(m for m in members if not m.endswith(CLAIM)))
+        ours = unclaimed is None or stem.startswith(tuple(f".{prefix}" for prefix in unclaimed))
+        removed += _sweep_group(folder, stem, sorted(m for m in members if not m.endswith(CLAIM)), ours)
     return removed
 
 
-def _sweep_group(folder: Path, stem: str, temporaries: list[str]) -> list[Path]:
+def _sweep_group(folder: Path, stem: str, temporaries: list[str], ours: bool) -> list[Path]:
     from kdiqa_edge.data._lock import lock_held_file
 
     claim = folder / (stem + CLAIM)
     try:
         fd = os.open(claim, os.O_RDONLY)
     except FileNotFoundError:  # unclaimed: only the default suffix, so no stranger's dotfile is touched
-        return [_remove(folder / t) for t in temporaries if t.endswith(".tmp") and _idle(folder / t)]
+        return [_remove(folder / t) for t in temporaries if ours and t.endswith(".tmp") and _idle(folder / t)]
     except OSError:
         return []
     try:

@@ -175,7 +175,8 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
         data = _run_dataset(checkpoint, checkpoint_dir) or DatasetSpec()
     model_hash = model.meta.get("content_hash", "")
     out = Path(out)
-    sweep_temporaries(out)  # staging folders and manifests a killed export left (never a live one's)
+    # staging folders and manifests a killed export left (never a live one's; OUT may hold the user's files too)
+    sweep_temporaries(out, unclaimed=[f"{name}-" for name in TARGETS.names()] + [MANIFEST])
     manifest = read_manifest(out)
     exports: dict[str, Any] = {name: entry for name, entry in manifest.get("exports", {}).items()
                                if _intact(entry, out)}
