@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from kdiqa_edge import QualityModel
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+from kdiqa_edge.runtime import ScoreResult
+from kdiqa_edge.runtime.files import ImageFiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     model = QualityModel.load(args.model)
-    files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    results = list(model.score_files(files, batch_size=args.batch_size))
+    found = list(ImageFiles([args.folder]))  # image files, and what cannot be read (dangling links...) with why
+    results = list(model.score_files([path for path, problem in found if problem is None], batch_size=args.batch_size))
+    results += [ScoreResult(str(path), None, problem) for path, problem in found if problem is not None]
     scored = sorted((r for r in results if r.score is not None), key=lambda r: r.score)
     failed = [r for r in results if r.score is None]
 

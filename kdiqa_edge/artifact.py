@@ -33,7 +33,7 @@ KEYS = {
 
 def encode(meta: dict[str, Any]) -> dict[str, str]:
     """Plain dict -> prefixed string dict (JSON-encoding non-strings)."""
-    return {PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    return {PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in meta.items()}
 
 
 def decode(props: dict[str, str]) -> dict[str, Any]:

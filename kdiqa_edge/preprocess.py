@@ -2,13 +2,17 @@
 
 The SAME functions build the training image cache and feed the torch-free runtime, so training and
 deployment see identical pixels by construction. The spec travels with every checkpoint and artifact.
-The resize and crop follow torchvision on PIL images (what open_clip's transform runs): shorter side to
-`size` with PIL bicubic, then a centre crop with torchvision's rounding.
+The resize and crop give the pixels of torchvision on PIL images (what open_clip's transform runs): shorter
+side to `size` with PIL bicubic, then a centre crop with torchvision's rounding; but only the region the
+crop keeps is resized, so memory and time follow the output size, whatever the input's aspect ratio.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 120_000_000
 
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+EXACT_PASS_BYTES = 64 << 20  # a full-length first pass may take this much (or the input's size) to stay exact
+_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # each filter's radius in source pixels, before downscaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +43,7 @@ class PreprocessSpec:
         return {**dataclasses.asdict(self), "resize": "shortest", "crop": "center"}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessSpec":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         for key in ("mean", "std"):
@@ -66,8 +72,10 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     path = Path(path)
     try:
         size = path.stat().st_size
-    except OSError:
-        raise ImageLoadError("file not found") from None
+    except OSError as exc:
+        raise ImageLoadError(_stat_problem(path, exc)) from None
+    if path.is_dir():
+        raise ImageLoadError("a folder, not an image file")
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
     try:
@@ -86,9 +94,19 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise ImageLoadError(f"decompression bomb refused: {exc}") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image (unidentified format)") from None
+    except PermissionError:
+        raise ImageLoadError("permission denied") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"unreadable image: {exc}") from None
     return to_rgb(img)
+
+
+def _stat_problem(path: Path, exc: OSError) -> str:
+    if path.is_symlink():
+        return f"dangling symlink (to {os.readlink(path)})"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return "file not found"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -112,20 +130,110 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Shorter side to spec.size, centre crop: uint8 HWC [size, size, 3]."""
-    size = spec.size
-    width, height = img.size
+def crop_box(width: int, height: int, size: int) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The source box the centre crop keeps, and the shorter-side resize it comes from.
+
+    torchvision (open_clip's transform) resizes the shorter side to `size`, the longer to
+    int(size * long / short), then crops `size` x `size` at int(round((new - size) / 2)). The crop's source
+    is that window scaled back by width / new_w and height / new_h: fractional, exact.
+    """
     if width <= height:
         new_w, new_h = size, int(size * height / width)
     else:
         new_w, new_h = int(size * width / height), size
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), _INTERPOLATION[spec.interpolation])
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
+    top = round((new_h - size) / 2.0)
+    left = round((new_w - size) / 2.0)
+    scale_x, scale_y = width / new_w, height / new_h
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    return box, (new_w, new_h)
+
+
+def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Shorter side to spec.size, centre crop: uint8 HWC [size, size, 3], resizing only what the crop keeps.
+
+    PIL resizes in two 1-D passes (rounding to uint8 in between), here run one at a time in the order PIL
+    runs the full resize. Along the shorter side the crop keeps everything, so that pass is PIL's own.
+    Along the longer side only the crop's window is resized (PIL's `box=`, on the source strip the filter
+    reaches). Where that pass comes first, it runs at full length instead and is then cropped, as long as
+    that takes no more memory than the input (or EXACT_PASS_BYTES for thin strips): the box's float32 rounding
+    would otherwise carry into the second pass. So the pixels are open_clip's, bit for bit or within one
+    grey level, and memory and time follow the output: resizing the whole image first made a 2 x 60000
+    image a 224 x 6.7M intermediate (4.5 GB).
+    """
+    size, (width, height) = spec.size, img.size
+    box, resized = crop_box(width, height, size)
+    resample = _INTERPOLATION[spec.interpolation]
+    if resized == img.size:  # already the resize's size: only the crop
+        left, top = int(box[0]), int(box[1])
+        return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    if width == height:
+        return np.asarray(img.resize((size, size), resample), dtype=np.uint8)
+    along = 0 if width > height else 1  # the longer side: the one the crop cuts
+    span = (box[along], box[along + 2])
+    if horizontal_first((width, height), resized) == (along == 1):  # the shorter side's pass comes first
+        img, span = _strip(img, along, span, size, _SUPPORT[spec.interpolation])
+        img = _resize_along(img, 1 - along, size, resample)
+        return np.asarray(_resize_along(img, along, size, resample, span), dtype=np.uint8)
+    if _full_pass_bytes(resized[along], img.size[1 - along], img.size[along] / resized[along], spec) \
+            <= max(4 * width * height, EXACT_PASS_BYTES):
+        img = _resize_along(img, along, resized[along], resample)
+        offset = round((resized[along] - size) / 2.0)
+        img = img.crop((offset, 0, offset + size, img.height) if along == 0 else (0, offset, img.width, offset + size))
+    else:
+        img, span = _strip(img, along, span, size, _SUPPORT[spec.interpolation])
+        img = _resize_along(img, along, size, resample, span)
+    return np.asarray(_resize_along(img, 1 - along, size, resample), dtype=np.uint8)
+
+
+def _resize_along(img: Image.Image, axis: int, length: int, resample,
+                  span: tuple[float, float] | None = None) -> Image.Image:
+    """One 1-D PIL resize: axis 0 (width) or 1 (height) to `length`, over `span` of it (default: all)."""
+    lo, hi = span if span is not None else (0, img.size[axis])
+    if axis == 0:
+        return img.resize((length, img.height), resample, box=(lo, 0, hi, img.height))
+    return img.resize((img.width, length), resample, box=(0, lo, img.width, hi))
+
+
+def _full_pass_bytes(length: int, across: int, scale: float, spec: PreprocessSpec) -> int:
+    """Memory of PIL's 1-D resize to `length` pixels (x `across`): RGBX output, plus one float64 weight
+    per tap and two int32 bounds per output pixel (libImaging/Resample.c precompute_coeffs)."""
+    taps = 2 * math.ceil(_SUPPORT[spec.interpolation] * max(scale, 1.0)) + 1
+    return length * (4 * across + 8 * taps + 8)
+
+
+def _strip(img: Image.Image, axis: int, span: tuple[float, float], size: int,
+           support: float) -> tuple[Image.Image, tuple[float, float]]:
+    """The strip along `axis` holding every pixel the filter weighs for `span`, and `span` in its coordinates.
+
+    The margin beyond the filter's reach (support x the downscale factor) leaves PIL's clipping of the filter
+    at the image's edges as in the full resize, and small coordinates keep their precision in PIL's float32 box.
+    """
+    start, stop = span
+    reach = math.ceil(support * max((stop - start) / size, 1.0)) + 2
+    lo, hi = max(0, math.floor(start) - reach), min(img.size[axis], math.ceil(stop) + reach)
+    if (lo, hi) != (0, img.size[axis]):
+        img = img.crop((lo, 0, hi, img.height) if axis == 0 else (0, lo, img.width, hi))
+    return img, (start - lo, stop - lo)
+
+
+def horizontal_first(source: tuple[int, int], target: tuple[int, int]) -> bool:
+    """Whether this Pillow's resize of `source` to `target` runs its horizontal pass first.
+
+    Pillow 13 runs the vertical pass first when the height shrinks by more than twice what the width
+    does (libImaging/Resample.c); older versions always ran the horizontal pass first.
+    """
+    (in_w, in_h), (out_w, out_h) = source, target
+    shrink_first = in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2
+    return not (shrink_first and _pillow_may_resize_vertically_first())
+
+
+@functools.cache
+def _pillow_may_resize_vertically_first() -> bool:
+    """Ask this Pillow once, on a 16 x 64 noise image whose two pass orders round differently."""
+    noise = Image.frombytes("L", (16, 64), bytes((i * 7919 + (i * i) % 251) % 256 for i in range(16 * 64)))
+    full = noise.resize((20, 12), Image.Resampling.BICUBIC)  # 52 rows shrink > 2 x (-4) columns
+    horizontal = noise.resize((20, 64), Image.Resampling.BICUBIC).resize((20, 12), Image.Resampling.BICUBIC)
+    return full.tobytes() != horizontal.tobytes()
 
 
 def load_preprocessed(path: str | Path, spec: PreprocessSpec) -> np.ndarray:

@@ -35,6 +35,7 @@ def messy(tmp_path) -> Path:
         Image.fromarray(pixels).convert(mode).save(root / "img" / name, **save)
 
     photo("good.jpg")
+    photo("twice.jpg")
     photo("gray.png", "L")
     photo("alpha.png", "RGBA")
     photo("la.png", "LA")
@@ -60,7 +61,8 @@ def messy(tmp_path) -> Path:
         ["img/rotated.jpg", 2.2],
         ["img/empty.jpg", 3.0], ["img/text.jpg", 3.0], ["img/cut.jpg", 3.0], ["img/bomb.png", 3.0],
         ["img/missing.jpg", 3.0], ["img/folder.jpg", 3.0],
-        ["img/good.jpg", 1.0],  # duplicate row
+        ["img/good.jpg", 4.5],  # duplicate row
+        ["img/twice.jpg", 2.0], ["img/twice.jpg", 4.0],  # one image, two scores: a conflict, neither used
         ["img/nan.jpg", "nan"], ["img/blank.jpg", ""], ["img/word.jpg", "good"], ["img/high.jpg", 7.5],
         ["img/low.jpg", -1],
         ["../outside.jpg", 3.0], [str(tmp_path / "outside.jpg"), 3.0], ["img/link.jpg", 3.0],
@@ -71,7 +73,8 @@ def messy(tmp_path) -> Path:
 
 INDEX_TIME_SKIPS = {
     "img/empty.jpg": "empty file (0 bytes)", "img/missing.jpg": "file not found", "img/folder.jpg": "not a file",
-    "img/good.jpg": "duplicate row", "img/nan.jpg": "score is empty or not a number",
+    "img/good.jpg": "duplicate row", "img/twice.jpg": "conflicting scores: listed 2 times, with 2, 4",
+    "img/nan.jpg": "score is empty or not a number",
     "img/blank.jpg": "score is empty or not a number", "img/word.jpg": "score is empty or not a number",
     "img/high.jpg": "outside the nominal range", "img/low.jpg": "outside the nominal range",
     "../outside.jpg": "path escapes the dataset root", "img/link.jpg": "path escapes the dataset root",
@@ -91,9 +94,11 @@ def test_bad_entries_are_skipped_with_their_reasons(messy, tmp_path):
     for image, reason in INDEX_TIME_SKIPS.items():
         assert reason in reasons.get(image, ""), (image, reasons.get(image))
     assert reasons[str(tmp_path / "outside.jpg")] == "path escapes the dataset root"
-    # the good.jpg entry kept is the first row, not the duplicate
+    # the good.jpg entry kept is the first row, not the duplicate; a conflict skips every row of its image
     good = next(r for r in dataset.records if r.image == "img/good.jpg")
     assert good.raw == 4.5
+    assert [s.image for s in dataset.skipped].count("img/twice.jpg") == 2
+    assert "img/twice.jpg" not in {r.image for r in dataset.records}
     cache = ImageCache.build(dataset, cache_root=tmp_path / "cache", workers=1, progress=False)
     assert [r.image for r in cache.dataset.records] == GOOD
     decode_reasons = {s.image: s.reason for s in cache.skipped}
@@ -112,7 +117,7 @@ def test_data_index_writes_skipped_csv_and_a_summary_line(messy, tmp_path, capsy
         main(["data", "index", "--dataset", "csv", "--root", str(messy), "--out", str(out), "--decode"])
     assert exit_info.value.code in (0, None)
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 1
+    total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 2  # + the absolute-path row, + twice.jpg's 2nd row
     assert line.startswith(f"indexed {len(GOOD)} images") and f"{total} skipped" in line and "skipped.csv" in line
     with open(out.parent / "skipped.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -209,10 +214,55 @@ def test_prepare_logs_one_summary_line_and_lists_the_skips(messy, caplog):
 
     with caplog.at_level(logging.WARNING, logger="kdiqa_edge.data"):
         cache, split = prepare(DatasetSpec(name="csv", root=messy), progress=False, workers=1)
-    total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 1
+    total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 2  # + the absolute-path row, + twice.jpg's 2nd row
     [record] = [r for r in caplog.records if r.name == "kdiqa_edge.data"]
     assert f"{total} skipped" in record.getMessage() and "skipped.csv" in record.getMessage()
     with open(cache.path / "skipped.csv", newline="") as handle:
         listed = {row["image"]: row["reason"] for row in csv.DictReader(handle)}
     assert "decompression bomb" in listed["img/bomb.png"] and listed["img/missing.jpg"] == "file not found"
     assert len(cache) == len(GOOD) and sorted(split.train + split.test) == list(range(len(GOOD)))
+
+
+def _pngs(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)).save(folder / name)
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_european_csvs_parse_semicolons_tabs_and_decimal_commas(delimiter, tmp_path):
+    _pngs(tmp_path, "a.png", "café.png", "c.png", "d.png")
+    lines = [["image", "mos", "ref"], ["a.png", "3,5", "r1"], ["café.png", '"4,25"', "r2"], ["c.png", "2", "r1"],
+             ["d.png", "1,0", "r3"]]
+    # Latin-1 (cp1252), as Excel writes a CSV on a European Windows
+    (tmp_path / "scores.csv").write_bytes("\n".join(delimiter.join(row) for row in lines).encode("cp1252"))
+    dataset = load_dataset(DatasetSpec(name="csv", root=tmp_path, ref_col="ref"))
+    assert dataset.skipped == []
+    assert [(r.image, r.raw, r.ref) for r in dataset.records] == [
+        ("a.png", 3.5, "r1"), ("café.png", 4.25, "r2"), ("c.png", 2.0, "r1"), ("d.png", 1.0, "r3")]
+
+
+def test_a_decimal_comma_in_a_comma_delimited_file_stays_a_reported_error(tmp_path):
+    _pngs(tmp_path, "a.png", "b.png")
+    (tmp_path / "scores.csv").write_text('image,mos\na.png,"3,5"\nb.png,4\n')  # 3.5 or 35? not guessed
+    dataset = load_dataset(DatasetSpec(name="csv", root=tmp_path))
+    assert [r.image for r in dataset.records] == ["b.png"]
+    assert dataset.skipped[0].image == "a.png" and "not a number ('3,5')" in dataset.skipped[0].reason
+
+
+def test_scores_outside_the_range_are_reported_never_clipped(tmp_path, caplog):
+    from kdiqa_edge.data.records import Row, build_dataset
+
+    _pngs(tmp_path, "a.png", "b.png", "c.png", "d.png")
+    (tmp_path / "scores.csv").write_text("image,mos\na.png,0\nb.png,100\nc.png,100.5\nd.png,-3\n")
+    dataset = load_dataset(DatasetSpec(name="csv", root=tmp_path, mos_range=(0.0, 100.0)))
+    assert [(r.image, r.mos) for r in dataset.records] == [("a.png", 1.0), ("b.png", 5.0)]
+    assert {s.image: s.reason for s in dataset.skipped} == {
+        "c.png": "outside the nominal range [0, 100]: score 100.5", "d.png": "outside the nominal range [0, 100]: score -3"}
+    # the official readers' widening (LIVE's DMOS runs a little past 100) remaps, and says so; farther out: skipped
+    rows = [Row("a.png", 50), Row("b.png", 104), Row("c.png", 160)]
+    with caplog.at_level("WARNING"):
+        live = build_dataset("live", tmp_path, rows, (0.0, 100.0), lower_better=True, hard_range=False)
+    assert live.raw_range == (0.0, 104.0) and [r.image for r in live.records] == ["a.png", "b.png"]
+    assert "outside the nominal range [0, 104]: score 160" in live.skipped[0].reason
+    assert "1 scores lie a little outside the nominal range [0, 100]: the 1..5 mapping uses [0, 104]" in caplog.text

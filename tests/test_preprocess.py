@@ -176,3 +176,76 @@ def test_normalize_is_clip_mean_std_nchw():
     assert out.shape == (2, 3, 4, 4) and out.dtype == np.float32
     assert out[0, 0, 0, 0] == pytest.approx((1 - SPEC.mean[0]) / SPEC.std[0])
     assert out[1, 2, 3, 3] == pytest.approx(-SPEC.mean[2] / SPEC.std[2])
+
+
+def _open_clip_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """open_clip's own eval transform (torchvision resize + centre crop), back in 0..255 pixel units, HWC."""
+    open_clip = pytest.importorskip("open_clip")
+    transform = open_clip.image_transform(spec.size, is_train=False, mean=spec.mean, std=spec.std,
+                                          interpolation=spec.interpolation, resize_mode="shortest")
+    chw = transform(image).numpy()
+    return (chw.transpose(1, 2, 0) * np.asarray(spec.std) + np.asarray(spec.mean)) * 255.0
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    data = pytest.importorskip("skimage.data")
+    return [Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")
+            for name in ("astronaut", "chelsea", "coffee", "rocket")]
+
+
+# (width, height): landscape and portrait photos (Pillow runs the full resize's passes in either order),
+# portraits taller than 2:1 (vertical pass first in Pillow 13), upscales, strips of 1-7 pixels, squares.
+SHAPES = [(512, 384), (384, 512), (300, 700), (700, 300), (230, 700), (640, 225), (160, 120), (90, 200),
+          (7, 450), (450, 7), (3, 600), (600, 1), (1, 300), (224, 500), (500, 224), (333, 333), (225, 1000)]
+
+
+@pytest.mark.parametrize("spec", [SPEC, PreprocessSpec(size=64), PreprocessSpec(interpolation="bilinear")],
+                         ids=["224-bicubic", "64-bicubic", "224-bilinear"])
+def test_window_resize_matches_open_clip_on_every_shape(photos, spec):
+    """Only the crop's window is resized, yet every pixel is open_clip's within one grey level."""
+    worst, exact = 0.0, 0
+    for i, (width, height) in enumerate(SHAPES):
+        photo = photos[i % len(photos)]
+        image = photo.resize((width, height), Image.Resampling.BICUBIC, box=(0, 0, min(photo.width, width * 4),
+                                                                           min(photo.height, height * 4)))
+        ours = preprocess_pil(image, spec).astype(np.float64)
+        theirs = _open_clip_pixels(image, spec)
+        assert ours.shape == theirs.shape == (spec.size, spec.size, 3)
+        difference = np.abs(ours - theirs).max()
+        worst, exact = max(worst, difference), exact + (difference < 0.01)
+        assert difference <= 1.0 + 1e-4, (width, height, difference)
+    assert exact >= len(SHAPES) // 2, f"only {exact} of {len(SHAPES)} shapes bit-identical"
+
+
+def test_thin_strips_past_the_exact_pass_budget_stay_within_a_grey_level(monkeypatch):
+    """Past EXACT_PASS_BYTES the longer side's first pass runs on its window too (PIL's float32 box)."""
+    from kdiqa_edge import preprocess
+
+    monkeypatch.setattr(preprocess, "EXACT_PASS_BYTES", 0)
+    rng = np.random.default_rng(0)
+    for width, height in ((700, 4), (1500, 2), (640, 100), (5000, 1)):
+        noise = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        assert np.abs(preprocess_pil(noise, SPEC) - _open_clip_pixels(noise, SPEC)).max() <= 1.0 + 1e-4
+
+
+def test_an_extreme_aspect_ratio_needs_memory_of_the_output_not_of_the_resize(tmp_path):
+    """2 x 60000 (a 400 kB PNG): the full shorter-side resize is 224 x 6.72M (4.5 GB). Under a 512 MB
+    address-space limit the window resize decodes it; resizing everything first raised MemoryError."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    for name, shape in (("tall.png", (60000, 2, 3)), ("wide.png", (2, 60000, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / name)
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (512 << 20, resource.RLIM_INFINITY))\n"
+        "from kdiqa_edge.preprocess import PreprocessSpec, load_preprocessed\n"
+        "for path in sys.argv[1:]:\n"
+        "    assert load_preprocessed(path, PreprocessSpec()).shape == (224, 224, 3)\n"
+    )
+    pytest.importorskip("resource")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tall.png"), str(tmp_path / "wide.png")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +206,132 @@ def test_checkpoint_and_run_dir_scored_through_torch(photos, tmp_path):
         np.testing.assert_allclose(model.score(photos[:3]), expected, atol=1e-5)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "best" / "model.json").read_text())
     assert meta["preprocess"]["size"] == SIZE
+
+
+def _score_cli(args):
+    from typer.testing import CliRunner
+
+    from kdiqa_edge.cli import app
+
+    result = CliRunner().invoke(app, ["score", *map(str, args)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def _folder_of_every_kind(photos, root):
+    """Photos, broken and empty files, dangling symlinks, symlink loops, a FIFO, a folder named like an image,
+    a sidecar: (folder, {name: expected error fragment or None for a score})."""
+    import os
+    import shutil
+
+    folder = root / "photos"
+    (folder / "album.jpg").mkdir(parents=True)  # a folder, named like an image: walked
+    shutil.copy(photos[0], folder / "a.jpg")
+    shutil.copy(photos[1], folder / "album.jpg" / "b.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("a sidecar: counted, not listed")
+    os.symlink("nowhere.jpg", folder / "gone.jpg")
+    os.symlink("missing.png", folder / "gone-link")  # no suffix on the link, an image's on its target
+    os.symlink(".", folder / "loop")  # the folder inside itself
+    os.symlink("self.jpg", folder / "self.jpg")  # ELOOP
+    os.mkfifo(folder / "pipe.jpg")  # opening it would block forever
+    expected = {"a.jpg": None, "album.jpg/b.png": None, "broken.jpg": "not an image", "empty.png": "empty file",
+                "gone.jpg": "dangling symlink (to nowhere.jpg", "gone-link": "dangling symlink (to missing.png",
+                "loop": "already scanned", "self.jpg": "symlink loop", "pipe.jpg": "not a regular file"}
+    return folder, expected
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="symlinks and FIFOs: POSIX")
+def test_score_on_a_folder_gives_every_file_a_row_and_a_summary(photos, onnx_dir, tmp_path):
+    folder, expected = _folder_of_every_kind(photos, tmp_path)
+    result = _score_cli([onnx_dir / "float.onnx", folder, "--csv"])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    rows = list(csv.DictReader(result.stdout.splitlines()))
+    got = {str(Path(r["image"]).relative_to(folder)): r for r in rows}
+    assert sorted(got) == sorted(expected)
+    for name, error in expected.items():
+        if error is None:
+            assert not got[name]["error"] and 1.0 <= float(got[name]["score"]) <= 5.0, name
+        else:
+            assert error in got[name]["error"] and got[name]["score"] == "", (name, got[name]["error"])
+    failed = sum(e is not None for e in expected.values())
+    assert f"2 scored, {failed} unreadable, 1 other files ignored (no image suffix)" in result.stderr
+
+    lines = [json.loads(line) for line in _score_cli([onnx_dir / "float.onnx", folder, "--json"]).stdout.splitlines()]
+    assert sorted(line["image"] for line in lines) == sorted(r["image"] for r in rows)
+
+
+def test_permission_errors_get_rows_even_as_root(photos, onnx_dir, tmp_path, monkeypatch):
+    """Simulated (root reads through chmod 000): a folder that cannot be listed and a file that cannot be
+    opened, as PermissionError from os.scandir and open, each get a row and count as unreadable."""
+    import os
+    import shutil
+
+    from PIL import Image as PILImage
+
+    folder = tmp_path / "photos"
+    (folder / "private").mkdir(parents=True)
+    shutil.copy(photos[0], folder / "a.jpg")
+    shutil.copy(photos[1], folder / "private" / "b.jpg")
+    shutil.copy(photos[2], folder / "denied.jpg")
+    scandir, open_image = os.scandir, PILImage.open
+
+    def scandir_denied(path="."):
+        if Path(path).name == "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    def open_denied(fp, *args, **kwargs):
+        if Path(str(fp)).name == "denied.jpg":
+            raise PermissionError(13, "Permission denied", str(fp))
+        return open_image(fp, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir_denied)
+    monkeypatch.setattr(PILImage, "open", open_denied)
+    result = _score_cli([onnx_dir / "float.onnx", folder, "--csv"])
+    assert result.exit_code == 0
+    errors = {Path(r["image"]).name: r["error"] for r in csv.DictReader(result.stdout.splitlines())}
+    assert errors == {"a.jpg": "", "denied.jpg": "permission denied",
+                      "private": "cannot list the folder: permission denied"}
+    assert "1 scored, 2 unreadable" in result.stderr
+
+
+def _permissions_bind(folder: Path) -> bool:
+    """Whether this process is refused a chmod 000 file (root, or CAP_DAC_OVERRIDE, reads it anyway)."""
+    import os
+
+    probe = folder / "probe"
+    probe.write_bytes(b"x")
+    os.chmod(probe, 0)
+    try:
+        probe.read_bytes()
+    except PermissionError:
+        return True
+    finally:
+        os.chmod(probe, 0o600)
+        probe.unlink()
+    return False
+
+
+def test_chmod_000_files_and_folders_get_rows(photos, onnx_dir, tmp_path):
+    import os
+
+    if not _permissions_bind(tmp_path):
+        pytest.skip("this process reads a chmod 000 file anyway (root, or CAP_DAC_OVERRIDE); the permission "
+                    "errors themselves are simulated in test_permission_errors_get_rows_even_as_root")
+    folder = tmp_path / "photos"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "locked" / "c.jpg").write_bytes(photos[0].read_bytes())
+    (folder / "secret.jpg").write_bytes(photos[0].read_bytes())
+    (folder / "a.jpg").write_bytes(photos[1].read_bytes())
+    os.chmod(folder / "secret.jpg", 0)
+    os.chmod(folder / "locked", 0)
+    try:
+        result = _score_cli([onnx_dir / "float.onnx", folder, "--csv"])
+    finally:
+        os.chmod(folder / "locked", 0o755)
+    errors = {Path(r["image"]).name: r["error"] for r in csv.DictReader(result.stdout.splitlines())}
+    assert errors == {"a.jpg": "", "locked": "cannot list the folder: permission denied",
+                      "secret.jpg": "permission denied"}
+    assert "1 scored, 2 unreadable" in result.stderr

@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+from kdiqa_edge.runtime.files import IMAGE_SUFFIXES  # noqa: F401 - where this module had it
+
+if TYPE_CHECKING:
+    from kdiqa_edge.runtime import ScoreResult
 
 Provider = Annotated[
     Optional[str],
@@ -20,13 +24,22 @@ Provider = Annotated[
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for inference.")]
 
 
-def expand_images(inputs: list[Path]) -> Iterator[Path]:
-    """Files as given (even with odd suffixes: they get reported if unreadable); directories recursively."""
-    for item in inputs:
-        if item.is_dir():
-            yield from sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            yield item
+def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_size: int) -> Iterator[ScoreResult]:
+    """Results in walk order: image files scored in batches, entries that cannot be read as rows with their
+    reason (a dangling symlink, a folder that cannot be listed) between them."""
+    from kdiqa_edge.runtime import ScoreResult
+
+    pending: list[Path] = []
+    for path, problem in found:
+        if problem is None:
+            pending.append(path)
+            if len(pending) < batch_size:
+                continue
+        yield from quality_model.score_files(pending, batch_size=batch_size)
+        pending = []
+        if problem is not None:
+            yield ScoreResult(str(path), None, problem)
+    yield from quality_model.score_files(pending, batch_size=batch_size)
 
 
 def score(
@@ -40,6 +53,9 @@ def score(
 ) -> None:
     """Score images with a quality model (1 = bad ... 5 = perfect). Unreadable images are reported, not fatal.
 
+    Folders are searched recursively; every file that cannot be scored (unreadable, not an image, a dangling
+    symlink, a folder that cannot be listed) gets a row with its error, and the summary counts it.
+
     Examples:
 
       kdiqa-edge score student.onnx photo.jpg
@@ -48,6 +64,7 @@ def score(
     """
     from kdiqa_edge.errors import ConfigError
     from kdiqa_edge.runtime import QualityModel
+    from kdiqa_edge.runtime.files import ImageFiles
 
     if as_csv and as_json:
         raise ConfigError("--csv and --json are exclusive: pick one output format")
@@ -56,7 +73,8 @@ def score(
     if writer:
         writer.writerow(["image", "score", "error"])
     scored = failed = 0
-    for result in quality_model.score_files(expand_images(images), batch_size=batch_size):
+    found = ImageFiles(images)
+    for result in score_all(quality_model, iter(found), batch_size):
         scored += result.error is None
         failed += result.error is not None
         value = None if result.score is None else round(result.score, 6)
@@ -68,8 +86,9 @@ def score(
             sys.stdout.write(f"{result.path}\t{value:.4f}\n" if result.error is None
                              else f"{result.path}\terror: {result.error}\n")
         sys.stdout.flush()
-    if failed or not scored:
-        typer.secho(f"{scored} scored, {failed} unreadable", err=True, fg="yellow")
+    ignored = f", {found.ignored} other files ignored (no image suffix)" if found.ignored else ""
+    typer.secho(f"{scored} scored, {failed} unreadable{ignored}", err=True,
+                fg="yellow" if failed or not scored else None)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,8 @@ Training reads `cache.images[i]` (uint8 [S, S, 3], CLIP-preprocessed, not normal
 normalization happens later on the training device. The cache is keyed by the index (image paths, file
 sizes and mtimes) and the PreprocessSpec, so a changed file list, a touched file or a different
 preprocessing builds a new one. It is built in a temporary folder and renamed into place only when
-complete (meta.json is written last), so a crash mid-build never leaves a cache that looks complete.
+complete (meta.json is written last), so a crash mid-build never leaves a cache that looks complete, and
+the next build removes what a killed build left (`io.sweep_temporaries`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from kdiqa_edge import paths
 from kdiqa_edge.data._lock import file_lock
 from kdiqa_edge.data._progress import Progress
 from kdiqa_edge.data.records import Dataset, Skip, require_usable
-from kdiqa_edge.io import atomic_path, read_json, write_json
+from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json
 from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed
 
-FORMAT = "kdiqa-edge/image-cache/1"
+FORMAT = "kdiqa-edge/image-cache/2"  # 2: the window resize of issue 13 (within a grey level of 1)
 IMAGES_FILE = "images.u8"
 META_FILE = "meta.json"
 POOL_MIN_IMAGES = 64  # below this, a process pool costs more than it saves
@@ -64,6 +65,7 @@ class ImageCache:
             with file_lock(folder.parent / f".{folder.name}.lock"):
                 meta = _complete_meta(folder, key, spec)  # another process may have built it meanwhile
                 if meta is None:
+                    sweep_temporaries(folder.parent)  # half-built caches of killed builds (not live ones)
                     _build(folder, dataset, spec, key, workers, progress)
                     meta = _complete_meta(folder, key, spec)
                     _remove_stale(folder, dataset, spec)

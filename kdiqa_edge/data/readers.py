@@ -8,6 +8,7 @@ Layouts, ranges and directions: shared/datasets.md.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +53,11 @@ def score_file(path: Path, what: str) -> Path:
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of a CSV (comma, semicolon or tab; UTF-8 with or without BOM)."""
+    """Header and rows of a CSV (comma, semicolon or tab; UTF-8 with or without BOM, else Latin-1).
+
+    European CSVs (`;` or tab between fields, a comma as the decimal mark) parse: in a file not delimited
+    by commas, a cell that is a number with one decimal comma (`3,5`) reads as `3.5`.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -61,14 +66,34 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DataError(f"cannot read score file {path}: {exc}") from None
     if not text.strip():
         raise DataError(f"score file is empty: {path}")
-    try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.DictReader(text.splitlines(), dialect=dialect)
+    delimiter = _delimiter(text)
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
-    return header, list(reader)
+    rows = list(reader)
+    if delimiter != ",":
+        rows = [{k: _decimal_point(v) for k, v in row.items()} for row in rows]
+    return header, rows
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter the header line uses (names hold no decimal commas), else csv.Sniffer's guess."""
+    header = next(line for line in text.splitlines() if line.strip())
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    most = max(counts.values())
+    if most and list(counts.values()).count(most) == 1:
+        return max(counts, key=counts.get)
+    try:
+        return csv.Sniffer().sniff(text[:4096], delimiters=",;\t").delimiter
+    except csv.Error:
+        return ","
+
+
+_DECIMAL_COMMA = re.compile(r"^\s*[+-]?\d+,\d+\s*$")
+
+
+def _decimal_point(value):
+    return value.replace(",", ".") if isinstance(value, str) and _DECIMAL_COMMA.match(value) else value
 
 
 def _need_columns(path: Path, header: list[str], *columns: str) -> None:

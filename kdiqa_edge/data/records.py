@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 from kdiqa_edge.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,28 +115,32 @@ def inside(root: Path, relative: str) -> str | None:
 def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[float, float],
                   lower_better: bool = False, hard_range: bool = True, dropped: int = 0,
                   check_files: bool = True, range_hint: str = "") -> Dataset:
-    """Validate rows into records: bad score, duplicate, escaping path, missing or empty file -> skipped.
+    """Validate rows into records: bad score, duplicate, conflict, escaping path, missing or empty file ->
+    skipped, each with its reason. Scores are never clipped: one outside the range is skipped and says so.
 
+    An image listed twice with the same score keeps its first row (the other is a duplicate); listed with
+    different scores, none of its rows is used (which one is right is unknown) and each is a conflict.
     `hard_range=False` widens the nominal range to cover scores a little outside it instead of skipping
-    them (LIVE's DMOS runs a little past its nominal 0..100; dropping those would lose real images).
+    them (LIVE's DMOS runs a little past its nominal 0..100; dropping those would lose real images), and
+    logs that it did.
     """
     rows = list(rows)
     scores = [parse_score(row.raw) for row in rows]
+    images = [inside(root, row.image) for row in rows]
     lo, hi = raw_range
     if not hard_range:  # widen by at most a quarter of the range; farther out is still an error
-        slack = 0.25 * (hi - lo)
-        near = [s for s in scores if s is not None and lo - slack <= s <= hi + slack]
-        if near:
-            lo, hi = min(lo, min(near)), max(hi, max(near))
+        lo, hi = _widened(name, scores, lo, hi)
+    conflicts = _conflicts(images, scores)
     records: list[Record] = []
     skipped: list[Skip] = []
-    seen: set[str] = set()
-    for row, score in zip(rows, scores):
-        image = inside(root, row.image)
+    kept: set[str] = set()
+    for row, image, score in zip(rows, images, scores):
         if image is None:
             skipped.append(Skip(row.image, "path escapes the dataset root"))
-        elif image in seen:
-            skipped.append(Skip(row.image, "duplicate row (image already listed)"))
+        elif image in conflicts:
+            skipped.append(Skip(row.image, conflicts[image]))
+        elif image in kept:
+            skipped.append(Skip(row.image, "duplicate row (image already listed with this score)"))
         elif score is None:
             skipped.append(Skip(row.image, f"score is empty or not a number ({row.raw!r})"))
         elif not lo <= score <= hi:
@@ -144,10 +151,33 @@ def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[f
             records.append(Record(image=image, mos=to_mos(score, (lo, hi), lower_better), raw=score,
                                   ref=row.ref, distortion=row.distortion, level=row.level,
                                   official=row.official))
-        if image is not None:
-            seen.add(image)
+            kept.add(image)
     return Dataset(name=name, root=root, records=records, skipped=skipped, raw_range=(lo, hi),
                    lower_better=lower_better, dropped=dropped)
+
+
+def _conflicts(images: list[str | None], scores: list[float | None]) -> dict[str, str]:
+    """{image: reason} for the images listed with two or more different scores."""
+    seen: dict[str, list[float]] = {}
+    for image, score in zip(images, scores):
+        if image is not None and score is not None:
+            seen.setdefault(image, []).append(score)
+    return {image: (f"conflicting scores: listed {len(values)} times, with "
+                    f"{', '.join(f'{v:g}' for v in values)} (none used: which is right is unknown)")
+            for image, values in seen.items() if len(set(values)) > 1}
+
+
+def _widened(name: str, scores: list[float | None], lo: float, hi: float) -> tuple[float, float]:
+    """The nominal range widened to the scores within a quarter of it beyond either end (said in the log)."""
+    slack = 0.25 * (hi - lo)
+    near = [s for s in scores if s is not None and lo - slack <= s <= hi + slack]
+    if not near or (min(near) >= lo and max(near) <= hi):
+        return lo, hi
+    outside = sum(not lo <= s <= hi for s in near)
+    wide = min(lo, min(near)), max(hi, max(near))
+    log.warning("%s: %d scores lie a little outside the nominal range [%g, %g]: the 1..5 mapping uses [%g, %g] "
+                "(not clipped)", name, outside, lo, hi, *wide)
+    return wide
 
 
 def _file_problem(path: Path) -> str | None:

@@ -25,7 +25,7 @@ from kdiqa_edge import paths
 from kdiqa_edge.data._lock import file_lock
 from kdiqa_edge.data._progress import Progress
 from kdiqa_edge.errors import ConfigError
-from kdiqa_edge.io import atomic_path
+from kdiqa_edge.io import atomic_path, sweep_temporaries
 
 VERSION = 1  # bump when the generator changes: the cached default set is keyed on it
 DEFAULT_REFS = 12
@@ -77,6 +77,7 @@ def generate(out: str | Path, refs: int = DEFAULT_REFS, seed: int = DEFAULT_SEED
     rng = np.random.default_rng(seed)
     references = _references(refs, rng, (int(size[0]), int(size[1])))
     total = refs * len(DISTORTIONS) * LEVELS
+    sweep_temporaries(out.parent, out.name)  # a set a killed run left half-written (the folder is the user's)
     with atomic_path(out) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "refs").mkdir()

@@ -193,6 +193,31 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
     return mlmodel
 
 
+def canonical_mlpackage(path: Path) -> Path:
+    """Make a saved .mlpackage a function of its content (coremltools 9 writes the same model in new bytes
+    each time): the spec re-serialized deterministically (protobuf maps, e.g. the metadata and MIL
+    attributes, come out in an order of the process), and Manifest.json's item identifiers derived from the
+    items' paths instead of fresh uuid4s."""
+    import json
+    import uuid
+
+    from coremltools.proto import Model_pb2
+
+    manifest_file = path / "Manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    identifiers = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, f"kdiqa-edge:mlpackage/{item['path']}"))
+                   for old, item in manifest["itemInfoEntries"].items()}
+    root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+    spec_file = path / "Data" / root["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest["itemInfoEntries"] = {identifiers[old]: item for old, item in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = identifiers[manifest["rootModelIdentifier"]]
+    manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+    return path
+
+
 def describe(path: Path) -> dict[str, Any]:
     """Inputs, outputs and metadata of a saved .mlpackage (works on Linux: reads the spec only)."""
     import coremltools as ct
@@ -223,6 +248,7 @@ class CoreMLTarget:
         path = out / f"model.{cfg.precision}.mlpackage"
         mlmodel = convert(model, cfg, meta, calib=examples.calib)
         mlmodel.save(str(path))
+        canonical_mlpackage(path)  # two exports of one checkpoint: the same bytes
         info = describe(path)
         if info["program"] != "mlProgram" or info["outputs"][0] != "score" or info["inputs"].get("image") != "imageType":
             raise ExportError(f"{path.name}: unexpected CoreML interface {info['inputs']} -> {info['outputs']}")

@@ -6,7 +6,8 @@ only when all targets of the run succeeded, so a failure leaves no artifact, par
 failed target's log, below).
 `OUT/manifest.json` lists every file with its sha256, plus target, precision, input spec, preprocessing,
 parity, drift and versions. A re-run with the same checkpoint, options and data skips the exports whose
-files are intact.
+files are intact, and first removes the staging folders of a killed run (`io.sweep_temporaries`: only those
+no live process holds).
 
 The converters' own output (coremltools, torch.onnx, torch.export, onnxruntime.quantization: their prints,
 warnings and progress bars, C++ included) goes to `OUT/<target>-<precision>/export.log`, not the terminal;
@@ -223,7 +224,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
     """
     from kdiqa_edge.bench.environment import cpu_info
     from kdiqa_edge.export import auto
-    from kdiqa_edge.io import atomic_path, write_json
+    from kdiqa_edge.io import atomic_path, sweep_temporaries, temporaries_in, write_json
     from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
 
     cfg = cfg.validate()
@@ -240,6 +241,8 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
         data = _run_dataset(checkpoint, checkpoint_dir) or DatasetSpec()
     model_hash = model.meta.get("content_hash", "")
     out = Path(out)
+    # staging folders and manifests a killed export left (never a live one's; OUT may hold the user's files too)
+    sweep_temporaries(out, unclaimed=[f"{name}-" for name in TARGETS.names()] + [MANIFEST])
     manifest = read_manifest(out)
     exports: dict[str, Any] = {name: entry for name, entry in manifest.get("exports", {}).items()
                                if _intact(entry, out)}
@@ -254,13 +257,11 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
             log(f"{label}: up to date ({out / label})")
 
     if todo:
-        for label, _ in todo.values():  # staging folders a killed run left behind
-            for stale in out.glob(f".{label}.*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
         examples = load_examples(data, model.preprocess, cfg, _saved_split(checkpoint, checkpoint_dir), progress, log)
         meta = artifact_meta(model)
         staged_results = []
         with contextlib.ExitStack() as stack:  # every folder is renamed in only if all targets succeed
+            stack.enter_context(temporaries_in(out))  # libraries' scratch files: swept after a kill, not /tmp
             for name, (label, key) in todo.items():
                 staged = stack.enter_context(atomic_path(out / label))
                 staged.mkdir()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kdiqa_edge.errors import CheckpointError
-from kdiqa_edge.io import atomic_path, read_json, write_json
+from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json
 from kdiqa_edge.registry import Registry
 
 FORMAT = "kdiqa-edge/1"
@@ -61,22 +62,62 @@ def model_meta(model) -> dict:
     }
 
 
-def save_checkpoint(model, directory: str | Path, extra_meta: dict | None = None) -> Path:
+def save_checkpoint(model, directory: str | Path, extra_meta: dict | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write `directory/{model.safetensors, model.json}` atomically; returns the directory.
 
     The model provides `kind`, `checkpoint_meta()` (arch, embed_dim, pretrained, how to rebuild it),
-    `head` and `preprocess`. `extra_meta` (epoch, metrics, dataset...) is stored alongside.
+    `head` and `preprocess`. `extra_meta` (epoch, metrics, dataset...) is stored alongside, and
+    `extra_files` (name -> bytes, e.g. the trainer's resume state) in the same directory, so that all of
+    it appears at once. The same weights and metadata give the same bytes.
     """
-    from safetensors.torch import save_file
-
     weights = _weights(model)
     meta = {**model_meta(model), **(extra_meta or {}), "content_hash": content_hash(weights)}
     directory = Path(directory)
+    sweep_temporaries(directory.parent)  # what a write killed mid-way left (never a live writer's)
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "kind": meta["kind"]})
+        save_safetensors(weights, tmp / WEIGHTS_FILE, {"format": FORMAT, "kind": meta["kind"]})
         write_json(tmp / META_FILE, meta)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return directory
+
+
+def save_safetensors(weights: dict, path: Path, metadata: dict[str, str]) -> Path:
+    """safetensors' save_file, then its metadata sorted (`sort_safetensors_metadata`)."""
+    from safetensors.torch import save_file
+
+    save_file(weights, str(path), metadata=metadata)
+    return sort_safetensors_metadata(path)
+
+
+def sort_safetensors_metadata(path: Path) -> Path:
+    """Rewrite a .safetensors header in place with its metadata in sorted key order.
+
+    safetensors (0.8) keeps the metadata in a Rust HashMap, whose order is seeded per process: the same
+    tensors and metadata came out in different bytes from two processes (a killed-and-resumed run and an
+    uninterrupted one). The tensors' entries are already in a fixed order; the sorted header has the same
+    length, so the file becomes a function of its content.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        metadata = dict(sorted(header.pop("__metadata__", {}).items()))
+        canonical = json.dumps({"__metadata__": metadata, **header} if metadata else header,
+                               separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > length:  # safetensors writes compact JSON: a reorder never grows it
+            raise CheckpointError(f"{path}: unexpected safetensors header ({len(canonical)} > {length} bytes)")
+        handle.seek(8)
+        handle.write(canonical.ljust(length, b" "))  # the format pads its header with spaces
+    return path
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a .safetensors file (its header is JSON; no framework needed)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(length)).get("__metadata__", {})
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

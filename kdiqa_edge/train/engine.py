@@ -41,13 +41,16 @@ from torch import nn
 
 from kdiqa_edge.config import to_dict
 from kdiqa_edge.errors import CheckpointError, ConfigError, KdiqaError
-from kdiqa_edge.io import atomic_path, read_json, write_json, write_text
+from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json, write_text
 from kdiqa_edge.metrics import IQAMetrics, evaluate
 
 LossFn = Callable[[nn.Module, dict, int, int], Mapping[str, torch.Tensor]]
 ScalarsFn = Callable[[int, int], Mapping[str, float]]
 
 TRAIN_STATE = "train_state.pt"
+# Measurements of the machine, not of the model: metrics.csv and summary.json keep them, checkpoints do not
+# (the same training gives the same checkpoint bytes, resumed or not).
+WALL_CLOCK = ("train_seconds", "images_per_s")
 METRIC_NAMES = ("plcc", "plcc_fit", "srcc", "krcc", "rmse")
 
 
@@ -451,6 +454,9 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         last = self.run_dir / "checkpoints" / "last"
+        if self.ctx.is_main:  # what a run killed mid-write left behind (never a live process's)
+            for folder in (self.run_dir, self.run_dir / "checkpoints", last, self.run_dir / "plots"):
+                sweep_temporaries(folder)
         if self.resume:
             if not (last / TRAIN_STATE).is_file():
                 raise CheckpointError(f"nothing to resume: {last / TRAIN_STATE} not found")
@@ -632,12 +638,14 @@ class Trainer:
         if self.ctx.is_main:
             from kdiqa_edge.models.checkpoint import save_checkpoint
 
-            meta = {**self.extra_meta, "epoch": self.epoch, "step": self.step, "metrics": self.history[-1]}
-            last = save_checkpoint(self.model, self.run_dir / "checkpoints" / "last", meta)
+            metrics = {k: v for k, v in self.history[-1].items() if k not in WALL_CLOCK}
+            meta = {**self.extra_meta, "epoch": self.epoch, "step": self.step, "metrics": metrics}
             buffer = io.BytesIO()
             torch.save(self._train_state(), buffer)
-            with atomic_path(last / TRAIN_STATE) as tmp:
-                tmp.write_bytes(buffer.getvalue())
+            # the resume state goes in with the weights: a kill between two writes cannot leave weights
+            # without the state that resumes from them
+            last = save_checkpoint(self.model, self.run_dir / "checkpoints" / "last", meta,
+                                   extra_files={TRAIN_STATE: buffer.getvalue()})
             if best:
                 _link_checkpoint(last, self.run_dir / "checkpoints" / "best")
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
@@ -691,6 +699,22 @@ class Trainer:
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best = list(state["history"]), dict(state["best"])
+        if self.ctx.is_main:
+            self._complete_saved_epoch(last)
+
+    def _complete_saved_epoch(self, last: Path) -> None:
+        """Finish the save a kill interrupted after `last` was in place: `best` and metrics.csv."""
+        from kdiqa_edge.models.checkpoint import read_meta
+
+        best_dir = self.run_dir / "checkpoints" / "best"
+        if self.best.get("epoch") == self.epoch:
+            try:
+                linked = read_meta(best_dir).get("epoch")
+            except CheckpointError:
+                linked = None
+            if linked != self.epoch:
+                _link_checkpoint(last, best_dir)
+        write_metrics_csv(self.run_dir / "metrics.csv", self.history)
 
     # -- end of run -------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

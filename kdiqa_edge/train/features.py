@@ -14,7 +14,7 @@ import numpy as np
 
 from kdiqa_edge import paths
 from kdiqa_edge.errors import CheckpointError
-from kdiqa_edge.io import atomic_path, read_json, write_json
+from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json
 
 FORMAT = "kdiqa-edge/teacher-features/1"
 FEATURES_FILE = "features.f16"
@@ -79,6 +79,7 @@ def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batc
     batches = [np.arange(i, min(i + batch_size, shape[0])) for i in range(0, shape[0], batch_size)]
     from kdiqa_edge.console import Progress
 
+    sweep_temporaries(folder.parent)  # feature caches a killed run left half-written
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         features = np.memmap(tmp / FEATURES_FILE, dtype=np.float16, mode="w+", shape=shape)

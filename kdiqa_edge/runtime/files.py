@@ -1,0 +1,92 @@
+"""The image files under paths and folders, and everything that could not be looked at, each with a reason.
+
+Nothing is dropped without a word: a dangling symlink, a folder that cannot be listed, a symlink loop, a FIFO
+named like an image, an entry whose stat fails: each comes out as (path, reason), for a row in the results.
+Files without an image suffix inside folders are counted, not listed (a folder of photos holds sidecars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
+
+
+@dataclasses.dataclass
+class ImageFiles:
+    """Iterate (path, None) for each image file to score and (path, reason) for each entry that cannot be.
+
+    A path given directly is always tried (the decoder reports it if it is no image); folders are walked
+    depth first in name order, following symlinked folders once each. `ignored` counts the files without an
+    image suffix met in folders (complete once the iteration is)."""
+
+    inputs: Sequence[str | os.PathLike]
+    suffixes: frozenset[str] = IMAGE_SUFFIXES
+    ignored: int = 0
+
+    def __iter__(self) -> Iterator[tuple[Path, str | None]]:
+        self.ignored = 0
+        for item in map(Path, self.inputs):
+            if item.is_dir():
+                yield from self._walk(item, set())
+            else:
+                yield item, None
+
+    def _walk(self, folder: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
+        try:
+            info = folder.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                yield folder, "already scanned (a symlink to a folder met before: a loop or a second way in)"
+                return
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            yield folder, f"cannot list the folder: {reason(exc)}"
+            return
+        for entry in entries:
+            yield from self._entry(Path(entry.path), entry, seen)
+
+    def _entry(self, path: Path, entry: os.DirEntry, seen) -> Iterator[tuple[Path, str | None]]:
+        try:
+            if entry.is_dir():  # follows a symlink: a linked folder of photos is scanned (once)
+                yield from self._walk(path, seen)
+                return
+            image = path.suffix.lower() in self.suffixes
+            if entry.is_file():
+                if image:
+                    yield path, None
+                else:
+                    self.ignored += 1
+            elif entry.is_symlink():  # its target is missing (or cannot be reached)
+                target = os.readlink(path)
+                if image or Path(target).suffix.lower() in self.suffixes:
+                    yield path, f"dangling symlink (to {target}: {reason(_stat_error(path))})"
+                else:
+                    self.ignored += 1
+            elif image:  # a FIFO, socket or device named like an image: opening it could block forever
+                yield path, "not a regular file"
+            else:
+                self.ignored += 1
+        except OSError as exc:  # ELOOP, EACCES on a symlinked folder...
+            yield path, reason(exc)
+
+
+def reason(exc: OSError) -> str:
+    """A one-line reason from an OSError, without the path (the row already names it)."""
+    names = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ENOENT: "not found",
+             errno.ELOOP: "symlink loop (too many levels of symbolic links)", errno.EIO: "I/O error",
+             errno.ENAMETOOLONG: "name too long"}
+    return names.get(exc.errno, exc.strerror or type(exc).__name__)
+
+
+def _stat_error(path: Path) -> OSError:
+    try:
+        path.stat()
+    except OSError as exc:
+        return exc
+    return FileNotFoundError(errno.ENOENT, "not found")
