@@ -17,7 +17,8 @@ Provider = Annotated[
     typer.Option("--provider", help="onnxruntime execution provider (cpu, cuda, tensorrt, coreml; default the "
                                     "best available), cpu/cuda for a checkpoint, cpu/gpu/ane for CoreML."),
 ]
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for inference.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for inference (ONNX Runtime, "
+                                                                         "ExecuTorch's pool, torch).")]
 
 
 def expand_images(inputs: list[Path]) -> Iterator[Path]:
@@ -30,7 +31,7 @@ def expand_images(inputs: list[Path]) -> Iterator[Path]:
 
 
 def score(
-    model: Annotated[Path, typer.Argument(help=".onnx, .engine/.plan, .mlpackage, checkpoint dir or run dir.")],
+    model: Annotated[Path, typer.Argument(help=".onnx, .engine/.plan, .mlpackage, .pte, checkpoint dir or run dir.")],
     images: Annotated[list[Path], typer.Argument(help="Image files and/or directories (searched recursively).")],
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per inference call.")] = 16,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output: image,score,error.")] = False,

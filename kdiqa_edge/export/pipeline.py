@@ -27,7 +27,7 @@ from kdiqa_edge.export.base import TARGETS, Examples, ExportConfig, ExportResult
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kdiqa-edge-export/1"
 VERSION_PACKAGES = ("kdiqa-edge", "torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "onnxslim",
-                    "coremltools", "tensorrt", "numpy")
+                    "coremltools", "tensorrt", "executorch", "numpy")
 
 
 def versions() -> dict[str, str]:
@@ -168,6 +168,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
     for name in cfg.targets():
         if cfg.precision not in TARGETS.get(name).supports.precisions:
             raise ConfigError(f"target {name} does not support {cfg.precision}")
+        getattr(TARGETS.get(name), "preflight", lambda cfg: None)(cfg)  # a missing runtime fails before any work
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
