@@ -144,6 +144,20 @@ def test_int8_keeps_head_input_norm_projection_and_stem_in_float(checkpoints):
     assert len(stem) == 1 and et._is_compute(nodes[stem[0]])  # the first conv, nothing else of the encoder
     assert stem[0] not in et.float_nodes(graph, stem=False)
 
+    # after PT2E: the stem conv and the projection's weights are float, the next conv is int8 (its weight
+    # and input arrive through dequantize nodes), the head's matmul is float
+    calib = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    converted, _ = et.quantize(scored, calib, stem="float")
+    compute = [n for n in converted.graph.nodes if et._is_compute(n)]
+
+    def dequantized(node) -> list[bool]:
+        return [et._op_name(arg).startswith("dequantize") if hasattr(arg, "op") else False for arg in node.args[:2]]
+
+    assert dequantized(compute[0]) == [False, False] and dequantized(compute[1]) == [True, True]
+    projection = next(n for n in compute if et._op_name(n) == "linear")
+    assert dequantized(projection)[1] is False
+    assert dequantized(next(n for n in compute if et._op_name(n) == "matmul")) == [False, False]
+
 
 def test_all_means_every_target_that_makes_the_precision():
     assert "executorch" in ExportConfig(target="all", precision="int8").targets()
