@@ -155,6 +155,7 @@ def main(argv=None) -> int:
                                cfg=BenchConfig(batch_sizes=(1,), threads=args.threads, warmup=3, runs=10,
                                                max_images=args.max_images))
             entry["bench"] = [r.to_dict() for r in report.results]
+            entry["bench_notes"] = report.notes
             entry["facts"] = manifest_facts(exports)
             log(f"{name}: alternated latency, {args.rounds} rounds x {args.runs} runs")
             entry["latency_rounds_ms"] = alternated_latency(artifacts, args.threads, args.rounds, args.runs)
@@ -255,6 +256,7 @@ def document(results: dict) -> str:
         details += [f"- **{label} failed**: {reason}" for label, reason in entry.get("failures", {}).items()]
         if entry.get("bench"):
             details += ["", *_bench_rows(entry["bench"]), ""]
+            details += [f"- bench: {note}" for note in entry.get("bench_notes", [])]
         for label, fact in (entry.get("facts") or {}).items():
             details += _fact_lines(label, fact)
         if rounds:

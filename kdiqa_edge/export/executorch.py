@@ -9,7 +9,7 @@ weights) -> to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()]) -> t
 - The kdiqa_edge.* metadata travels INSIDE the program, as a constant method `kdiqa_edge_meta` that returns
   the JSON of the same string dict ONNX metadata_props carry, as a uint8 tensor. One file to copy; any
   ExecuTorch runtime reads it (`Module.execute("kdiqa_edge_meta")` on Android); `forward` is untouched.
-- Operators XNNPACK does not take run on ExecuTorch's portable kernels (slow, single-threaded): the lowered
+- Operators XNNPACK does not take run on ExecuTorch's portable kernels (plain C++ loops): the lowered
   program's count of them goes in the manifest and the notes, with a warning beyond UNDELEGATED_WARN.
 - INT8 keeps in float what the ONNX target keeps in float: the folded head, the input normalization, the
   projection feeding the head, and (`--int8-stem float`) the stem.
