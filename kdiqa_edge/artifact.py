@@ -25,10 +25,12 @@ KEYS = {
     "outputs": 'JSON list of output names, "score" first',
     "score_range": "JSON [1, 5]",
     "prompts": "JSON list of the prompts the anchors were built from",
-    "source": 'JSON {"kind": "teacher"|"student", "arch", "checkpoint_hash", "pretrained", "variant"}',
+    "source": 'JSON {"kind": "teacher"|"student", "arch", "checkpoint_hash", "pretrained", "variant"} (+ "params", '
+              '"macs" where the runtime cannot count them: .pte)',
     "precision": "fp32 | fp16 | int8",
     "target": "onnx | tensorrt | coreml | executorch",
     "versions": "JSON {package: version} of the exporting environment",
+    "batch": "the one batch size a static-shape artifact takes (ExecuTorch programs: 1); absent: dynamic",
 }
 
 

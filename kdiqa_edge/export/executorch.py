@@ -292,7 +292,7 @@ class Program:
 def program_meta(model, scored, meta: dict[str, Any], precision: str) -> dict[str, Any]:
     source = {**(meta.get("source") or {}), **model_facts(model)}
     return {**meta, "target": "executorch", "precision": precision, "input": scored.input_spec(),
-            "outputs": scored.output_names, "source": source, "runtime": "executorch-xnnpack", "batch": 1}
+            "outputs": scored.output_names, "source": source, "batch": 1}
 
 
 def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, meta: dict[str, Any],
@@ -300,6 +300,7 @@ def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, me
     """Write `folder/model.<precision>.pte` for (precision, stem), then measure it through the runtime backend:
     parity vs torch on the parity images (ExportError beyond `tolerance`), batch-1 latency at cfg.threads, and
     scores on the test images. The building block of the target, and a candidate for `--precision auto`."""
+    from kdiqa_edge.export import evaluate
     from kdiqa_edge.export.onnx import score_model, torch_reference
     from kdiqa_edge.io import write_bytes
 
@@ -326,8 +327,6 @@ def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, me
 
     quality_model = load_program(path, cfg.threads)
     reference = torch_reference(model, examples.parity)
-    from kdiqa_edge.export import evaluate
-
     parity = evaluate.parity(reference, quality_model.predict(examples.parity).astype(np.float64), tolerance)
     if parity.get("passed") is False:
         raise ExportError(f"{path.name}: parity check failed, max |score - torch score| = "
