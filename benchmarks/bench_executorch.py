@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="Alternated latency rounds.")
     parser.add_argument("--runs", type=int, default=20, help="Timed runs per format per round.")
     parser.add_argument("--max-images", type=int, default=60, help="Eval images for the bench's drift.")
+    parser.add_argument("--extra-threads", type=int, nargs="*", default=[],
+                        help="More thread counts for the alternated rounds (e.g. 1: no thread-pool sync, which "
+                             "other jobs on a shared machine disturb most).")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -159,8 +162,13 @@ def main(argv=None) -> int:
             entry["facts"] = manifest_facts(exports)
             log(f"{name}: alternated latency, {args.rounds} rounds x {args.runs} runs")
             entry["latency_rounds_ms"] = alternated_latency(artifacts, args.threads, args.rounds, args.runs)
-            for label, rounds in entry["latency_rounds_ms"].items():
-                log(f"  {label}: median {statistics.median(rounds):.2f} ms  rounds {[round(r, 2) for r in rounds]}")
+            entry["extra_threads_rounds_ms"] = {str(t): alternated_latency(artifacts, t, args.rounds, args.runs)
+                                                for t in args.extra_threads}
+            by_threads = {str(args.threads): entry["latency_rounds_ms"], **entry["extra_threads_rounds_ms"]}
+            for threads, table in by_threads.items():
+                for label, rounds in table.items():
+                    log(f"  {threads} thread(s) {label}: median {statistics.median(rounds):.2f} ms  "
+                        f"rounds {[round(r, 2) for r in rounds]}")
         results["models"][name] = entry
         results["environment"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         results["wall_min"] = round((time.perf_counter() - started) / 60, 1)
@@ -184,11 +192,26 @@ def _pair_ratio(rounds: dict[str, list[float]], a: str, b: str) -> tuple[float, 
     return _ratio(rounds[a], rounds[b]) if a in rounds and b in rounds else None
 
 
+_TABLE_HEAD = (("| student | ET FP32 ms | ORT FP32 ms | FP32 ratio | ET INT8 ms | ORT INT8 ms | INT8 ratio (range) | "
+                "faster in INT8 | ET INT8/FP32 | ORT INT8/FP32 |"), "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _faster(ratio: tuple[float, float, float] | None) -> str:
+    """Who won every round: the whole range of per-round ratios on one side of 1, else a draw."""
+    if ratio is None:
+        return "—"
+    if ratio[2] < 1:
+        return "ExecuTorch (every round)"
+    if ratio[1] > 1:
+        return "ONNX Runtime (every round)"
+    return f"{'ExecuTorch' if ratio[0] < 1 else 'ONNX Runtime'} (not every round)"
+
+
 def _summary_row(name: str, rounds: dict[str, list[float]]) -> str:
     medians = {label: statistics.median(v) for label, v in rounds.items()}
     fp32 = _pair_ratio(rounds, "executorch-fp32", "onnx-fp32")
     int8 = _pair_ratio(rounds, "executorch-int8", "onnx-int8")
-    faster = "—" if int8 is None else ("ExecuTorch" if int8[0] < 1 else "ONNX Runtime")
+    faster = _faster(int8)
     own = [_pair_ratio(rounds, f"{target}-int8", f"{target}-fp32") for target in ("executorch", "onnx")]
     cells = [name, _ms(medians, "executorch-fp32"), _ms(medians, "onnx-fp32"),
              "—" if fp32 is None else f"{fp32[0]:.2f}", _ms(medians, "executorch-int8"), _ms(medians, "onnx-int8"),
@@ -244,14 +267,18 @@ def document(results: dict) -> str:
         f"- Wall time: {results.get('wall_min')} min", "",
         ("## Head to head (batch 1, median of per-round medians; ratio = ExecuTorch / ONNX Runtime in the same "
          "round, median and range; < 1: ExecuTorch faster)"), "",
-        ("| student | ET FP32 ms | ORT FP32 ms | FP32 ratio | ET INT8 ms | ORT INT8 ms | INT8 ratio (range) | "
-         "faster in INT8 | ET INT8/FP32 | ORT INT8/FP32 |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *_TABLE_HEAD,
     ]
     details = []
     for name, entry in results["models"].items():
+        lines.append(_summary_row(name, entry.get("latency_rounds_ms") or {}))
+    extra = sorted({t for entry in results["models"].values() for t in entry.get("extra_threads_rounds_ms") or {}})
+    for threads in extra:
+        lines += ["", f"At {threads} thread(s), same rounds scheme:", "", *_TABLE_HEAD]
+        lines += [_summary_row(name, (entry.get("extra_threads_rounds_ms") or {}).get(threads) or {})
+                  for name, entry in results["models"].items()]
+    for name, entry in results["models"].items():
         rounds = entry.get("latency_rounds_ms") or {}
-        lines.append(_summary_row(name, rounds))
         details.append(f"\n### {name}\n")
         details += [f"- **{label} failed**: {reason}" for label, reason in entry.get("failures", {}).items()]
         if entry.get("bench"):
@@ -259,9 +286,11 @@ def document(results: dict) -> str:
             details += [f"- bench: {note}" for note in entry.get("bench_notes", [])]
         for label, fact in (entry.get("facts") or {}).items():
             details += _fact_lines(label, fact)
-        if rounds:
-            details.append("- per-round medians (ms): " + "; ".join(
-                f"{label} {[round(x, 2) for x in v]}" for label, v in rounds.items()))
+        by_threads = {results["environment"]["threads"]: rounds, **(entry.get("extra_threads_rounds_ms") or {})}
+        for threads, table in by_threads.items():
+            if table:
+                details.append(f"- per-round medians at {threads} thread(s), ms: " + "; ".join(
+                    f"{label} {[round(x, 2) for x in v]}" for label, v in table.items()))
     return "\n".join(lines + [""] + details + [""])
 
 
