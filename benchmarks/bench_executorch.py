@@ -102,6 +102,18 @@ def alternated_latency(paths: dict[str, Path], threads: int, rounds: int, runs: 
     return medians
 
 
+def score_images(paths: dict[str, Path], data, threads: int, count: int = 4) -> dict[str, dict[str, float]]:
+    """Each artifact scores the same few image files through QualityModel.score (what `kdiqa-edge score` runs)."""
+    from kdiqa_edge.data import load_dataset
+    from kdiqa_edge.runtime import QualityModel
+
+    dataset = load_dataset(data)
+    files = [dataset.root / record.image for record in dataset.records[:count]]
+    return {label: {file.name: round(float(score), 4)
+                    for file, score in zip(files, QualityModel.load(path, threads=threads).score(files))}
+            for label, path in paths.items()}
+
+
 def manifest_facts(out: Path) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     facts = {}
@@ -159,6 +171,8 @@ def main(argv=None) -> int:
                                                max_images=args.max_images))
             entry["bench"] = [r.to_dict() for r in report.results]
             entry["bench_notes"] = report.notes
+            entry["scores"] = score_images(artifacts, data, args.threads)
+            log(f"{name}: scores of {len(next(iter(entry['scores'].values())))} images: {entry['scores']}")
             entry["facts"] = manifest_facts(exports)
             log(f"{name}: alternated latency, {args.rounds} rounds x {args.runs} runs")
             entry["latency_rounds_ms"] = alternated_latency(artifacts, args.threads, args.rounds, args.runs)
@@ -284,6 +298,8 @@ def document(results: dict) -> str:
         if entry.get("bench"):
             details += ["", *_bench_rows(entry["bench"]), ""]
             details += [f"- bench: {note}" for note in entry.get("bench_notes", [])]
+        for label, scores in (entry.get("scores") or {}).items():
+            details.append(f"- {label} scores: " + ", ".join(f"{file} {score:.4f}" for file, score in scores.items()))
         for label, fact in (entry.get("facts") or {}).items():
             details += _fact_lines(label, fact)
         by_threads = {results["environment"]["threads"]: rounds, **(entry.get("extra_threads_rounds_ms") or {})}
