@@ -40,6 +40,8 @@ def default_formats() -> list[tuple[str, str]]:
         formats.append(("onnx", "fp16"))
     if importlib.util.find_spec("tensorrt") is not None:
         formats += [("tensorrt", "fp16"), ("tensorrt", "int8")]
+    if importlib.util.find_spec("executorch") is not None:  # runs here too (XNNPACK has x86 kernels)
+        formats += [("executorch", "fp32"), ("executorch", "int8")]
     return formats + [("coreml", "fp16")]
 
 
@@ -103,7 +105,7 @@ def export_all(run: Path, out: Path, data, formats, log) -> tuple[list[Path], li
             log(traceback.format_exc())
             continue
         folder = out / label
-        found = sorted(p for p in folder.iterdir() if p.suffix in (".engine", ".mlpackage")) if folder.is_dir() else []
+        found = sorted(p for p in folder.iterdir() if p.suffix in (".engine", ".mlpackage", ".pte")) if folder.is_dir() else []
         if target == "onnx" or (not found and target != "tensorrt"):
             found += sorted(folder.glob("*.onnx"))
         artifacts += found

@@ -1,7 +1,8 @@
 """The contract between exporters and the torch-free runtime: metadata keys and the engine file format.
 
-Every artifact (ONNX metadata_props, CoreML user_defined_metadata, the TensorRT engine header) carries
-the same string-valued keys, so the runtime needs nothing but the artifact itself.
+Every artifact (ONNX metadata_props, CoreML user_defined_metadata, the TensorRT engine header, the
+ExecuTorch program's `kdiqa_edge_meta` constant method) carries the same string-valued keys, so the runtime
+needs nothing but the artifact itself.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ KEYS = {
     "outputs": 'JSON list of output names, "score" first',
     "score_range": "JSON [1, 5]",
     "prompts": "JSON list of the prompts the anchors were built from",
-    "source": 'JSON {"kind": "teacher"|"student", "arch", "checkpoint_hash", "pretrained", "variant"}',
+    "source": 'JSON {"kind": "teacher"|"student", "arch", "checkpoint_hash", "pretrained", "variant"} (+ "params", '
+              '"macs" where the runtime cannot count them: .pte)',
     "precision": "fp32 | fp16 | int8",
-    "target": "onnx | tensorrt | coreml",
+    "target": "onnx | tensorrt | coreml | executorch",
     "versions": "JSON {package: version} of the exporting environment",
+    "batch": "the one batch size a static-shape artifact takes (ExecuTorch programs: 1); absent: dynamic",
 }
 
 
@@ -47,6 +50,12 @@ def decode(props: dict[str, str]) -> dict[str, Any]:
         except (TypeError, ValueError):
             out[key[len(PREFIX):]] = value
     return out
+
+
+# --- ExecuTorch program: a constant method returning json.dumps(encode(meta)) as a uint8 tensor ----------
+# (.pte files carry no free-form metadata; a constant method travels inside the program, readable by any
+# ExecuTorch runtime, and leaves `forward` alone)
+PTE_META_METHOD = "kdiqa_edge_meta"
 
 
 # --- TensorRT engine file: magic, header length, JSON header, serialized engine -------------------------

@@ -79,3 +79,17 @@ def test_iphone_example_converts_to_coreml(run_dir, small_synthetic, tmp_path):
     assert (out / "coreml-fp16" / "model.fp16.mlpackage").is_dir()
     if sys.platform != "darwin":
         assert "not macOS" in done.stdout
+
+
+def test_android_example_exports_executorch_int8_scores_and_benches(run_dir, small_synthetic, tmp_path):
+    pytest.importorskip("executorch")
+    out = tmp_path / "android"
+    images = small_synthetic.root / "images"
+    done = _run(["bash", "examples/android.sh", str(run_dir)], OUT=str(out), IMAGES=str(images),
+                EXTRA=_csv_options(small_synthetic), EXPORT_EXTRA="--calib 32")
+    assert (out / "executorch-int8" / "model.int8.pte").is_file()
+    assert "executor_runner --model_path=/data/local/tmp/kdiqa/model.int8.pte" in done.stdout
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == len(list(images.iterdir())) and all(1.0 <= float(r["score"]) <= 5.0 for r in rows)
+    bench = (out / "bench.md").read_text()
+    assert "| ok |" in bench and "ExecuTorch" in bench

@@ -217,10 +217,11 @@ def test_profiles_are_valid_configs(profile):
 def test_targets_declare_support_and_tolerance():
     from kdiqa_edge.export import PRECISIONS, TARGETS
 
-    assert TARGETS.names() == ["coreml", "onnx", "tensorrt"]
+    assert TARGETS.names() == ["coreml", "executorch", "onnx", "tensorrt"]
     for name in TARGETS:
         supports = TARGETS.get(name).supports
-        assert set(supports.precisions) <= set(PRECISIONS) and supports.dynamic_batch
+        # ExecuTorch programs are batch 1: a dynamic batch keeps shape ops outside the XNNPACK delegate
+        assert set(supports.precisions) <= set(PRECISIONS) and supports.dynamic_batch == (name != "executorch")
         assert supports.tolerance["fp32"] <= 1e-3
     assert TARGETS.get("onnx").supports.tolerance["fp32"] == 1e-4
 
@@ -367,7 +368,7 @@ def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
         assert code == 0
     assert "trtexec --onnx=model.int8.onnx --saveEngine=model.int8.engine --stronglyTyped" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["exports"]) == ["coreml-int8", "onnx-int8", "tensorrt-int8"]
+    assert sorted(manifest["exports"]) == ["coreml-int8", "executorch-int8", "onnx-int8", "tensorrt-int8"]
     assert manifest["checkpoint"]["path"] == str(tiny_run / "checkpoints" / "best")
     assert manifest["data"]["root"] == str(data.root)
 
@@ -429,23 +430,7 @@ def test_coreml_int8_quantizes_activations_on_macos(tmp_path, checkpoints, data)
 # --- INT8 drift of a student that learned ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def learned_run(tmp_path_factory) -> Path:
-    """A test_resnet that learned the synthetic task: the set generated at the tiny teacher's own 64 px (at
-    320x240 the downscale hides most noise and JPEG), 24 references (150 test images), 20 epochs of the
-    `hard` variant. Measured over split/init seeds 0-4: test SRCC 0.58-0.83."""
-    from kdiqa_edge.cli import main
-
-    root = tmp_path_factory.mktemp("learned")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["data", "synth", str(root / "set"), "--refs", "24", "--size", "86x64"])
-    assert exit_info.value.code == 0
-    with pytest.raises(SystemExit) as exit_info:
-        main(["distill", "--dataset", "synthetic", "--root", str(root / "set"), "--teacher", "tiny",
-              "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
-              "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(root / "run")])
-    assert exit_info.value.code == 0
-    return root / "run"
+# learned_run: a session fixture in conftest.py (the ExecuTorch tests use the same run)
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ from kdiqa_edge.bench.latency import LatencyStats, PreprocessStats, time_inferen
 from kdiqa_edge.errors import KdiqaError
 from kdiqa_edge.metrics import IQAMetrics
 
-FORMAT_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT", "coreml": "CoreML", "torch": "PyTorch"}
+FORMAT_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT", "coreml": "CoreML", "executorch": "ExecuTorch",
+                "torch": "PyTorch"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +45,13 @@ class BenchConfig:
 class BenchResult:
     model: str  # the path as given
     name: str  # the file name, the row label
-    format: str  # ONNX, TensorRT, CoreML, PyTorch
+    format: str  # ONNX, TensorRT, CoreML, ExecuTorch, PyTorch
     precision: str  # fp32 | fp16 | int8 | ?
     status: str = "ok"  # ok | failed
     stage: Optional[str] = None  # where it failed: load, latency, accuracy
     reason: Optional[str] = None  # one line
     reference: bool = False
-    backend: Optional[str] = None  # onnxruntime, tensorrt, coreml, torch
+    backend: Optional[str] = None  # onnxruntime, tensorrt, coreml, executorch, torch
     device: Optional[str] = None
     input: Optional[str] = None  # e.g. "uint8 NHWC 224"
     size_mb: Optional[float] = None
@@ -126,9 +127,10 @@ def _model_facts(result: BenchResult, model) -> None:
         result.macs = facts.onnx_macs(path)
     elif model.backend.name == "torch":
         result.params, result.macs = _torch_facts(model)
-    else:
+    else:  # the exporter records them where the artifact cannot be read without its runtime (.pte)
         source = model.info.meta.get("source") or {}
         result.params = source.get("params") if isinstance(source, dict) else None
+        result.macs = source.get("macs") if isinstance(source, dict) else None
 
 
 def _torch_facts(model) -> tuple[Optional[int], Optional[int]]:

@@ -25,7 +25,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 @dataset_options
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="Artifacts to compare (.onnx, .engine, .mlpackage, "
+    models: Annotated[list[Path], typer.Argument(help="Artifacts to compare (.onnx, .engine, .mlpackage, .pte, "
                                                       "checkpoint or run dir).")],
     data,
     reference: Annotated[Optional[Path], typer.Option(
@@ -53,6 +53,8 @@ def bench(
       kdiqa-edge bench out/student.onnx out/student.int8.onnx --reference runs/distill-resnet18
 
       kdiqa-edge bench model.engine --dataset koniq --root ~/data/koniq --batch-sizes 1,16 --json bench.json
+
+      kdiqa-edge bench exports/android/*/model.*.pte --reference runs/distill --threads 2 --batch-sizes 1
     """
     from kdiqa_edge.bench import BenchConfig, run_bench
     from kdiqa_edge.bench.report import print_table, write_markdown, write_plot, write_report_json

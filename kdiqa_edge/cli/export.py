@@ -1,4 +1,5 @@
-"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|all --precision fp32|fp16|int8|auto --out DIR`."""
+"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|executorch|all
+--precision fp32|fp16|int8|auto --out DIR`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def export_command(
     data: DatasetSpec,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per target-precision, "
                                                           "manifest.json).")] = Path("exports"),
-    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml or all "
+    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml, executorch or all "
                                                   "[default: onnx]", rich_help_panel=EXPORT_PANEL)] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", "-p", help="fp32, fp16, int8, or auto: build every candidate (FP32, each INT8 recipe the "
@@ -58,6 +59,9 @@ def export_command(
     tensorrt_version: Annotated[str | None, typer.Option(
         "--tensorrt-version", help="TensorRT the op check targets [default: 10.3, JetPack 6]",
         rich_help_panel=EXPORT_PANEL)] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the parity, drift and "
+                                                "latency checks here [default: 2]",
+                                                rich_help_panel=EXPORT_PANEL)] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="A target profile (export/<name>.yaml); "
                                                     "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-export even when the manifest says up to date.")] = False,
@@ -76,6 +80,8 @@ def export_command(
       kdiqa-edge export runs/distill --profile export/jetson-orin-tensorrt-int8.yaml --out exports/
 
       kdiqa-edge export runs/distill --target all --precision fp16 --input uint8 --out exports/
+
+      kdiqa-edge export runs/distill --profile export/android-executorch-int8.yaml --out exports/android
     """
     from kdiqa_edge.config import resolve
     from kdiqa_edge.errors import TensorRTUnavailable
@@ -84,7 +90,7 @@ def export_command(
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
                   with_probs=probs, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
                   int8_recipe=int8_recipe, max_drift=max_drift, candidates=candidates,
-                  max_batch=max_batch, opset=opset,
+                  max_batch=max_batch, opset=opset, threads=threads,
                   tensorrt_version=tensorrt_version)
     try:
         manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log, verbose=verbose)

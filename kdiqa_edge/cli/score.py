@@ -21,7 +21,8 @@ Provider = Annotated[
     typer.Option("--provider", help="onnxruntime execution provider (cpu, cuda, tensorrt, coreml; default the "
                                     "best available), cpu/cuda for a checkpoint, cpu/gpu/ane for CoreML."),
 ]
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for inference.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for inference (ONNX Runtime, "
+                                                                         "ExecuTorch's pool, torch).")]
 
 
 def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_size: int) -> Iterator[ScoreResult]:
@@ -43,7 +44,7 @@ def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_siz
 
 
 def score(
-    model: Annotated[Path, typer.Argument(help=".onnx, .engine/.plan, .mlpackage, checkpoint dir or run dir.")],
+    model: Annotated[Path, typer.Argument(help=".onnx, .engine/.plan, .mlpackage, .pte, checkpoint dir or run dir.")],
     images: Annotated[list[Path], typer.Argument(help="Image files and/or directories (searched recursively).")],
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per inference call.")] = 16,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV output: image,score,error.")] = False,

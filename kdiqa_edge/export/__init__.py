@@ -1,13 +1,13 @@
-"""Exporters: one module per target (onnx, tensorrt, coreml) behind one small protocol, plus the pipeline.
+"""Exporters: one module per target (onnx, tensorrt, coreml, executorch) behind one small protocol, plus the pipeline.
 
     from kdiqa_edge.export import ExportConfig, export_checkpoint
     manifest = export_checkpoint("runs/distill", ExportConfig(target="all", precision="int8"), out="exports/")
 
-Importing this package is light: the target modules import torch, onnx, coremltools and tensorrt inside
-their functions.
+Importing this package is light: the target modules import torch, onnx, coremltools, tensorrt and
+executorch inside their functions.
 """
 
-from kdiqa_edge.export import coreml, onnx, tensorrt  # noqa: F401  (each registers its target)
+from kdiqa_edge.export import coreml, executorch, onnx, tensorrt  # noqa: F401  (each registers its target)
 from kdiqa_edge.export.base import (
     PRECISIONS,
     TARGETS,

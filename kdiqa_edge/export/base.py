@@ -22,7 +22,7 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    target: str = "onnx"  # onnx | tensorrt | coreml | all
+    target: str = "onnx"  # onnx | tensorrt | coreml | executorch | all
     precision: str = "fp32"  # fp32 | fp16 | int8 | auto
     input: str = "float"  # float (normalized NCHW float32) | uint8 (raw pixels, normalization in the graph)
     layout: str = "NCHW"  # NCHW | NHWC (uint8 input only)
@@ -39,7 +39,7 @@ class ExportConfig:
     parity_images: int = 32  # real test-split images for the parity check vs PyTorch
     eval_images: int = 512  # at most this many test-split images for the INT8/FP16 drift report
     latency_runs: int = 30  # timed ONNX Runtime runs (batch 1, after warm-up) per model
-    threads: int = 2  # ONNX Runtime intra-op threads for parity, drift and latency
+    threads: int = 2  # CPU threads (ONNX Runtime intra-op, ExecuTorch's pool) for parity, drift and latency
     tensorrt_version: str = "10.3"  # TensorRT the engine/ONNX targets (JetPack 6 ships 10.3)
     workspace_mib: int = 1024  # TensorRT builder workspace limit
     timing_cache: str | None = None  # TensorRT timing cache file (default: in the kdiqa-edge cache dir)
@@ -77,7 +77,10 @@ class ExportConfig:
         return self
 
     def targets(self) -> list[str]:
-        return TARGETS.names() if self.target == "all" else [self.target]
+        """The named target, or for `all` every target that makes this precision (executorch has no fp16)."""
+        if self.target != "all":
+            return [self.target]
+        return [name for name in TARGETS.names() if self.precision in TARGETS.get(name).supports.precisions]
 
 
 @dataclasses.dataclass
@@ -113,6 +116,7 @@ class ExportResult:
 class Target(Protocol):
     name: str
     supports: Supports
+    # optional: `preflight(cfg)` raises before any export work (a missing runtime, say)
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         """Write the artifact(s) for `model` (an IQA model) into the directory `out`."""

@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 EXPORT_LOG = "export.log"
 MANIFEST_FORMAT = "kdiqa-edge-export/1"
 VERSION_PACKAGES = ("kdiqa-edge", "torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "onnxslim",
-                    "coremltools", "tensorrt", "numpy")
+                    "coremltools", "tensorrt", "executorch", "numpy")
 
 
 def versions() -> dict[str, str]:
@@ -234,6 +234,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
             raise ConfigError(f"target {name} has no --precision auto (it offers no candidates to measure)")
         if cfg.precision not in target.supports.precisions:
             raise ConfigError(f"target {name} does not support {cfg.precision}")
+        getattr(TARGETS.get(name), "preflight", lambda cfg: None)(cfg)  # a missing runtime fails before any work
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)

@@ -46,10 +46,11 @@ class QualityModel:
 
     @classmethod
     def load(cls, path: str | Path, provider: Optional[str] = None, threads: Optional[int] = None) -> "QualityModel":
-        """Open an .onnx, .engine/.plan, .mlpackage, checkpoint dir or run dir.
+        """Open an .onnx, .engine/.plan, .mlpackage, .pte (ExecuTorch), checkpoint dir or run dir.
 
         provider: onnxruntime execution provider (cpu, cuda, tensorrt, coreml, or a full name; default the
         best available), "cuda"/"cpu" for a checkpoint, compute units (cpu, gpu, ane) for CoreML.
+        threads: CPU threads (ONNX Runtime intra-op, ExecuTorch's process-wide pool, torch).
         """
         return cls(load_backend(path, provider=provider, threads=threads))
 
