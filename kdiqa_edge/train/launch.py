@@ -21,7 +21,9 @@ is the same for both executors; --max-parallel applies to SLURM arrays only (loc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -73,15 +75,18 @@ def parse_extra(items: list[str]) -> dict[str, str]:
 
 
 def time_minutes(text: str) -> int:
-    """sbatch's time formats (MM, HH:MM:SS, D-HH:MM[:SS]) in minutes, for submitit's timeout accounting."""
+    """sbatch's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not match:
         raise ConfigError(f"--time must be minutes, HH:MM:SS or D-HH:MM:SS, got {text!r}")
-    days, a, b, c = (int(g) if g else None for g in match.groups())
-    if days is None and b is None:
-        return a  # plain minutes
-    hours, minutes, seconds = (a, b or 0, c or 0) if days is not None or c is not None else (a, b, 0)
-    return max(1, (days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0))
+    days, a, b, c = (int(g) if g else 0 for g in match.groups())
+    if match.group(1) is not None:  # D-H[:M[:S]]
+        seconds = days * 86400 + a * 3600 + b * 60 + c
+    elif match.group(4) is not None:  # H:M:S
+        seconds = a * 3600 + b * 60 + c
+    else:  # M[:S]
+        seconds = a * 60 + b
+    return max(1, -(-seconds // 60))
 
 
 def sbatch_parameters(opts: SlurmOptions, name: str, dependency: str | None = None) -> dict[str, Any]:
@@ -233,6 +238,13 @@ def run_states(out: Path, runs: list) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- submission
 
+def _check_slurm() -> None:
+    for tool in ("sbatch", "srun"):  # submitit's SlurmExecutor needs srun on PATH too
+        if shutil.which(tool) is None:
+            raise LaunchError(f"--launcher slurm needs {tool} on PATH (not found): run on the cluster's login "
+                              "node, or use --launcher local")
+
+
 def _executor(launcher: str, out: Path, opts: SlurmOptions, name: str, dependency: str | None = None):
     submitit = require("submitit", "cluster")
     folder = _job_folder(out)
@@ -240,10 +252,6 @@ def _executor(launcher: str, out: Path, opts: SlurmOptions, name: str, dependenc
         executor = submitit.LocalExecutor(folder)
         executor.update_parameters(timeout_min=time_minutes(opts.time), gpus_per_node=opts.gpus_per_job)
         return executor
-    for tool in ("sbatch", "srun"):
-        if shutil.which(tool) is None:
-            raise LaunchError(f"--launcher slurm needs {tool} on PATH (not found): run on the cluster's login "
-                              "node, or use --launcher local")
     executor = submitit.SlurmExecutor(folder)
     executor.update_parameters(**sbatch_parameters(opts, name, dependency))
     return executor
@@ -253,12 +261,13 @@ def _submit(executor, jobs_fn: list[RunJob]) -> list:
     """One job, or one array (SLURM: --array=0-N%max_parallel) for several; sbatch's refusal is one line."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
+    echoed = io.StringIO()  # submitit prints sbatch's stderr on a failure; it goes into our one line instead
     try:
-        with executor.batch():
+        with contextlib.redirect_stderr(echoed), executor.batch():
             jobs = [executor.submit(fn) for fn in jobs_fn]
     except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as exc:
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        raise LaunchError(f"sbatch refused the job: {lines[-1] if lines else exc}") from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise LaunchError(f"sbatch refused the job: {' / '.join(lines) or exc}") from None
     return jobs
 
 
@@ -269,6 +278,8 @@ def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions,
 
     if launcher not in LAUNCHERS[1:]:
         raise ConfigError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
+    if launcher == "slurm":
+        _check_slurm()
     out = Path(out)
     runs = plan(cfg, out)
     record_plan(cfg, data, out)
