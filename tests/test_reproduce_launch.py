@@ -59,18 +59,20 @@ def local_sweep(small_synthetic, tmp_path_factory):
     os.kill(int(killed_job), signal.SIGINT)  # the job's controller: it kills its task, as scancel would
     stdout, stderr = first.communicate(timeout=400)
     jobs_after_first = _jobs(out)
+    left_by_first = {"killed_run_done": (out / KILLED / "summary.json").is_file(),
+                     "tables": (out / "table1.md").is_file()}
     second = _cli(args)
     third = _cli(args)
     return {"out": out, "first": (first.returncode, stdout, stderr), "second": second, "third": third,
-            "killed_job": killed_job, "jobs_after_first": jobs_after_first}
+            "killed_job": killed_job, "jobs_after_first": jobs_after_first,
+            "left_by_first": left_by_first}
 
 
 def test_local_sweep_killed_job_fails_the_first_call(local_sweep):
     code, stdout, stderr = local_sweep["first"]
     assert code == 2, stderr
     assert f"1 run(s) failed ({KILLED}" in stderr and "re-run the same reproduce command" in stderr
-    out = local_sweep["out"]
-    assert not (out / KILLED / "summary.json").is_file() and not (out / "table1.md").is_file()
+    assert local_sweep["left_by_first"] == {"killed_run_done": False, "tables": False}
     assert "5 done, 1 failed" in stdout
     # one teacher job per split, one job per distillation, each in its own job folder
     assert len(local_sweep["jobs_after_first"]) == 6
@@ -220,3 +222,18 @@ def test_slurm_option_parsing():
     assert parse_extra(["constraint=a100", "--exclusive=user"]) == {"constraint": "a100", "exclusive": "user"}
     with pytest.raises(Exception, match="KEY=VALUE"):
         parse_extra(["constraint"])
+
+
+def test_slurm_example_parses_and_its_dry_run_prints_the_job_graph(small_synthetic, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm_reproduce.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DRY_RUN": "1", "DATASET": "synthetic", "SEEDS": "2", "MAX_PARALLEL": "3", "OUT": str(tmp_path / "o"),
+           "EXTRA": "--students test_efficientnet --teacher tiny --no-pretrained --epochs 1 --batch-size 8"}
+    done = subprocess.run(["bash", str(script), str(small_synthetic.root)], capture_output=True, text=True,
+                          check=False, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "seed1-students: 4 run(s)" in done.stdout and "after seed1-teacher (afterok)" in done.stdout
+    assert "--array=0-3%3" in done.stdout and "--partition=gpu" in done.stdout and "--time=720" in done.stdout
+    assert "10 of 10 runs to do" in done.stdout
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
