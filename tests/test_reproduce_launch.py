@@ -86,6 +86,7 @@ def test_local_sweep_resubmits_only_the_killed_run_which_resumes(local_sweep):
     assert changed == [KILLED]
     log = Path(after[KILLED]["folder"]) / f"{after[KILLED]['job_id']}_0_log.out"
     assert f"{KILLED}: resuming" in log.read_text()
+    assert "all 6 runs done: tables written" in log.read_text()  # the last job to finish collects
     epochs = [line.split(",")[0] for line in (out / KILLED / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]  # epoch 1 came from the killed job, epoch 2 from the resumed one
     results = json.loads((out / "results.json").read_text())
