@@ -10,13 +10,18 @@ import typer
 from kdiqa_edge.cli.options import dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
 
+SLURM = "Scheduler (SLURM through submitit)"
+
 
 def register(app: typer.Typer) -> None:
     app.command(
         "reproduce",
         epilog="Example: kdiqa-edge reproduce --dataset koniq --root /data/koniq10k --seeds 5 --out runs/koniq\n\n"
         "Smoke test: kdiqa-edge reproduce --students test_efficientnet --seeds 2 --epochs 1 --teacher tiny "
-        "--no-pretrained --out runs/repro",
+        "--no-pretrained --out runs/repro\n\n"
+        "On SLURM: kdiqa-edge reproduce --dataset koniq --root /data/koniq10k --seeds 10 --launcher slurm "
+        "--partition gpu --gpus-per-job 1 --time 12:00:00 --max-parallel 8 --out runs/koniq; then "
+        "kdiqa-edge reproduce --out runs/koniq --status",
     )(reproduce_command)
 
 
@@ -46,6 +51,36 @@ def reproduce_command(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its cost estimate; run nothing.")]
     = False,
+    launcher: Annotated[str, typer.Option(
+        "--launcher", help="local (this process, in sequence), slurm (job arrays through submitit), or "
+        "submitit-local (the same jobs as local processes, waited for: a rehearsal).", rich_help_panel=SLURM)]
+    = "local",
+    status: Annotated[bool, typer.Option(
+        "--status", help="Show every run's state and log, and the table so far; submit nothing.")] = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="slurm: wait for the submitted jobs, then write the tables.", rich_help_panel=SLURM)]
+    = False,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="sbatch --partition.",
+                                                     rich_help_panel=SLURM)] = None,
+    gpus_per_job: Annotated[Optional[int], typer.Option(
+        "--gpus-per-job", min=0, help="GPUs per job (1); more run the training under torchrun.",
+        rich_help_panel=SLURM)] = None,
+    cpus_per_job: Annotated[Optional[int], typer.Option(
+        "--cpus-per-job", min=1, help="sbatch --cpus-per-task.", rich_help_panel=SLURM)] = None,
+    mem: Annotated[Optional[str], typer.Option("--mem", help="sbatch --mem, e.g. 64G.", rich_help_panel=SLURM)]
+    = None,
+    time_limit: Annotated[Optional[str], typer.Option(
+        "--time", help="Wall time per job: minutes, HH:MM:SS, D-HH:MM:SS (24:00:00).", rich_help_panel=SLURM)]
+    = None,
+    max_parallel: Annotated[Optional[int], typer.Option(
+        "--max-parallel", min=1, help="Distillations of one split running at once (array throttle, 16).",
+        rich_help_panel=SLURM)] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="sbatch --account.", rich_help_panel=SLURM)]
+    = None,
+    qos: Annotated[Optional[str], typer.Option("--qos", help="sbatch --qos.", rich_help_panel=SLURM)] = None,
+    slurm_extra: Annotated[Optional[list[str]], typer.Option(
+        "--slurm-extra", help="Any other sbatch option as KEY=VALUE (repeatable), e.g. constraint=a100.",
+        rich_help_panel=SLURM)] = None,
 ) -> None:
     """Run the paper's protocol: N seeded 80/20 splits (by reference for synthetic-distortion sets), a
     teacher fine-tune and the distillations per split, median PLCC/SRCC per student and variant. Re-running
@@ -56,11 +91,21 @@ def reproduce_command(
     from kdiqa_edge.config import override
     from kdiqa_edge.train.reproduce import ReproduceConfig, run_reproduce
 
+    if status:
+        _status(out)
+        return
     cfg = override(ReproduceConfig(), students=_csv_list(students), variants=_csv_list(variants), seeds=seeds,
                    epochs=epochs, teacher_epochs=teacher_epochs, teacher=teacher,
                    teacher_weights=str(teacher_weights) if teacher_weights else None,
                    pretrained=False if no_pretrained else None, batch_size=batch_size, device=device)
     console = Console(stderr=True)
+    if launcher != "local":
+        from kdiqa_edge.train.launch import SlurmOptions, parse_extra
+
+        opts = override(SlurmOptions(), partition=partition, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                        mem=mem, time=time_limit, max_parallel=max_parallel, account=account, qos=qos,
+                        extra=parse_extra(slurm_extra or []))
+        return _launch(cfg, data, out, launcher, opts, dry_run, wait, console)
     result = run_reproduce(cfg, data, out, dry_run=dry_run, log=console.print)
     if dry_run:
         table = Table(title=f"reproduce plan: {data.name}, {cfg.seeds} seeds")
@@ -69,14 +114,85 @@ def reproduce_command(
         for row in result["plan"]:
             table.add_row(str(row["seed"]), row["run"], row["status"], row["dir"])
         Console().print(table)
-        est = result["estimate"]
-        rates = ", ".join(f"{k} {v:.0f}/s" if v else f"{k} ?" for k, v in est["images_per_s"].items())
-        typer.echo(f"{est['runs_todo']} of {est['runs_total']} runs to do on {est['device']}, "
-                   f"{est['train_images']} training images each; train-step throughput: {rates or '-'}")
-        hours = est["estimated_seconds"] / 3600
-        typer.echo(f"estimated training time: {hours:.2f} h (excluding evaluation and data caching)"
-                   + (f"; not estimated: {', '.join(est['unestimated'])}" if est["unestimated"] else ""))
+        _echo_estimate(result["estimate"])
         return
+    _echo_tables(out)
+
+
+def _echo_estimate(est: dict) -> None:
+    rates = ", ".join(f"{k} {v:.0f}/s" if v else f"{k} ?" for k, v in est["images_per_s"].items())
+    typer.echo(f"{est['runs_todo']} of {est['runs_total']} runs to do on {est['device']}, "
+               f"{est['train_images']} training images each; train-step throughput: {rates or '-'}")
+    hours = est["estimated_seconds"] / 3600
+    typer.echo(f"estimated training time: {hours:.2f} h (excluding evaluation and data caching)"
+               + (f"; not estimated: {', '.join(est['unestimated'])}" if est["unestimated"] else ""))
+
+
+def _echo_tables(out: Path) -> None:
     typer.echo((Path(out) / "table1.md").read_text())
     typer.echo((Path(out) / "table2.md").read_text())
     typer.echo(f"results: {Path(out) / 'results.json'}")
+
+
+def _launch(cfg, data: DatasetSpec, out: Path, launcher: str, opts, dry_run: bool, wait: bool, console) -> None:
+    """Submit the plan's missing runs as jobs; submitit-local (and slurm with --wait) waits for them."""
+    from kdiqa_edge.train import launch
+    from kdiqa_edge.train.reproduce import estimate, plan
+
+    if dry_run:
+        for job in launch.job_graph(cfg, out, opts):
+            after = f"  after {job['after']} (afterok)" if job["after"] else ""
+            typer.echo(f"{job['job']}: {len(job['runs'])} run(s) {', '.join(job['runs'])}{after}")
+            typer.echo("  sbatch " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in job["sbatch"].items()
+                                              if k not in ("additional_parameters", "array_parallelism"))
+                       + "".join(f" --{k}={v}" for k, v in job["sbatch"]["additional_parameters"].items()))
+        _echo_estimate(estimate(cfg, data, plan(cfg, out)))
+        return
+    jobs = launch.submit_plan(cfg, data, out, launcher, opts, log=console.print)
+    if launcher == "submitit-local" or wait:
+        from kdiqa_edge.train.launch import LaunchError
+
+        for job in jobs:
+            job.wait()
+        failed = [r for r in _status(out) if r["state"] == "failed"]
+        if failed:
+            raise LaunchError(f"{len(failed)} run(s) failed ({', '.join(r['run'] for r in failed)}; first log: "
+                              f"{failed[0]['log']}): re-run the same reproduce command to resubmit them")
+
+
+def _status(out: Path) -> list[dict]:
+    """Every run's state and log; the tables so far (written to --out once every run is done)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdiqa_edge.train.launch import run_states
+    from kdiqa_edge.train.reproduce import (
+        collect,
+        load_plan,
+        plan,
+        table_i_markdown,
+        table_ii_markdown,
+        write_tables,
+    )
+
+    cfg, data = load_plan(out)
+    runs = plan(cfg, out)
+    rows = run_states(out, runs)
+    table = Table(title=f"reproduce {out}: {data.name}, {cfg.seeds} seeds")
+    for column in ("run", "state", "job", "log"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["run"], row["state"], row["job_id"] or "-", row["log"] or "-")
+    Console().print(table)
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "queued", "running", "failed",
+                                                                           "todo")}
+    typer.echo(", ".join(f"{n} {state}" for state, n in counts.items() if n))
+    if counts["done"] == len(rows):
+        write_tables(runs, data, out)
+        _echo_tables(out)
+        return rows
+    results = collect(runs, data.name)
+    typer.echo("tables so far (finished runs only):\n")
+    typer.echo(table_i_markdown(results))
+    typer.echo(table_ii_markdown(results))
+    return rows

@@ -193,34 +193,71 @@ def _measure(arch: str, stage: str, device: str, size: int, batch: int = 8) -> f
     return batch / min(times)
 
 
+PLAN_FILE = "reproduce.json"
+# Fields that do not change what a run computes, so they may differ between calls on one --out.
+_NOT_PLAN = ("device", "progress")
+
+
+def record_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> None:
+    """Write reproduce.json, refusing an --out that holds another plan (its runs would be mixed with ours)."""
+    path = out / PLAN_FILE
+    ours = {"config": dataclasses.asdict(cfg), "dataset": data.to_dict()}
+    if path.is_file():
+        theirs = read_json(path)
+        differ = [k for k in ours["config"] if k not in _NOT_PLAN
+                  and theirs.get("config", {}).get(k) != ours["config"][k]]
+        differ += ["dataset"] if theirs.get("dataset") != ours["dataset"] else []
+        if differ:
+            raise ConfigError(f"{out} was written by another plan (it differs in {', '.join(differ)}): "
+                              "use the same options or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, ours)
+
+
+def load_plan(out: Path) -> tuple[ReproduceConfig, DatasetSpec]:
+    """The config and dataset an --out was planned with (for jobs, --status and collection)."""
+    path = Path(out) / PLAN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no reproduce plan ({PLAN_FILE} not found)")
+    saved = read_json(path)
+    return ReproduceConfig(**saved["config"]), DatasetSpec.from_dict(saved["dataset"])
+
+
+def run_one(cfg: ReproduceConfig, data: DatasetSpec, out: Path, run: PlannedRun) -> dict[str, Any]:
+    """Train one planned run in its run dir, resuming it when a train state is there."""
+    from kdiqa_edge.train.distill import run_distill
+    from kdiqa_edge.train.finetune import run_finetune
+
+    if run.stage == "teacher":
+        return run_finetune(_finetune_config(cfg, run.seed), data, run.run_dir, resume=run.interrupted)
+    teacher_dir = out / f"seed{run.seed}" / "teacher" if parse_variant(run.variant).uses_teacher_head else None
+    return run_distill(_distill_config(cfg, run, teacher_dir), data, run.run_dir, resume=run.interrupted)
+
+
+def write_tables(runs: list[PlannedRun], data: DatasetSpec, out: Path) -> dict[str, Any]:
+    results = collect(runs, data.name)
+    write_json(out / "results.json", results)
+    write_text(out / "table1.md", table_i_markdown(results))
+    write_text(out / "table2.md", table_ii_markdown(results))
+    return results
+
+
 def run_reproduce(cfg: ReproduceConfig, data: DatasetSpec, out: str | Path, dry_run: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or, with dry_run, only plan) the protocol; returns results.json's content."""
+    """Run (or, with dry_run, only plan) the protocol in this process; returns results.json's content."""
     out = Path(out)
     runs = plan(cfg, out)
     if dry_run:
         return {"plan": [_row(r) for r in runs], "estimate": estimate(cfg, data, runs)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "reproduce.json", {"config": dataclasses.asdict(cfg), "dataset": data.to_dict()})
-    from kdiqa_edge.train.distill import run_distill
-    from kdiqa_edge.train.finetune import run_finetune
-
+    record_plan(cfg, data, out)
     for index, run in enumerate(runs, 1):
         head = f"[{index}/{len(runs)}] seed {run.seed} {run.name}"
         if run.done:
             log(f"{head}: done, skipped")
             continue
         log(f"{head}: {'resuming' if run.interrupted else 'starting'} -> {run.run_dir}")
-        if run.stage == "teacher":
-            run_finetune(_finetune_config(cfg, run.seed), data, run.run_dir, resume=run.interrupted)
-        else:
-            teacher_dir = out / f"seed{run.seed}" / "teacher" if parse_variant(run.variant).uses_teacher_head else None
-            run_distill(_distill_config(cfg, run, teacher_dir), data, run.run_dir, resume=run.interrupted)
-    results = collect(runs, data.name)
-    write_json(out / "results.json", results)
-    write_text(out / "table1.md", table_i_markdown(results))
-    write_text(out / "table2.md", table_ii_markdown(results))
-    return results
+        run_one(cfg, data, out, run)
+    return write_tables(runs, data, out)
 
 
 def _row(run: PlannedRun) -> dict[str, Any]:

@@ -1,0 +1,349 @@
+"""`reproduce` on a scheduler: the plan's runs as submitit jobs (SLURM, or local processes for a rehearsal).
+
+Job graph, per split (seed):
+    seed<k> teacher       one job (the teacher fine-tune of split k)
+    seed<k> students      one job array, one task per distillation, throttled by --max-parallel;
+                          it starts after the teacher job succeeded (sbatch --dependency=afterok:<teacher>)
+
+Every job trains in the same run dir as `--launcher local`, so a finished run is skipped and an interrupted
+one resumes from its last epoch checkpoint. Jobs are submitit Checkpointables: a preempted or timed-out SLURM
+job is requeued by submitit and resumes the same way.
+
+The job ids go in OUT/jobs.json (written atomically), the logs in OUT/jobs/<job id>/. A re-run asks the
+scheduler (through submitit) for the state of each recorded job and submits only the runs that are neither
+done nor queued nor running.
+
+submitit's LocalExecutor (`--launcher submitit-local`) has no dependencies, so there a student job itself
+waits for its teacher: it polls the teacher's run dir and the teacher job's process, and fails if the teacher
+job ended without finishing its run (afterok, done by the job instead of the scheduler). The submission code
+is the same for both executors; --max-parallel applies to SLURM arrays only (local jobs all start at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdiqa_edge.errors import ConfigError, KdiqaError, require
+from kdiqa_edge.io import read_json, write_json
+from kdiqa_edge.train.engine import run_finished
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+JOBS_FILE = "jobs.json"
+JOBS_DIR = "jobs"
+# sacct states of a job that will still run (queued) or runs now; every other state has ended
+QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD",
+          "UNKNOWN", "READY"}  # UNKNOWN: sacct lags right after a submission
+RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "RESIZING", "SIGNALING"}
+
+
+class LaunchError(KdiqaError):
+    """The scheduler is missing, refused a job, or a submitted run failed."""
+
+
+@dataclasses.dataclass
+class SlurmOptions:
+    partition: str | None = None  # sbatch --partition
+    gpus_per_job: int = 1  # GPUs of one job; more than one runs the training under torchrun (DDP)
+    cpus_per_job: int | None = None  # sbatch --cpus-per-task (data loading workers live here)
+    mem: str | None = None  # sbatch --mem, e.g. 64G
+    time: str = "24:00:00"  # wall time of one job: minutes, HH:MM:SS or D-HH:MM:SS
+    max_parallel: int = 16  # array throttle: distillations of one split running at once (sbatch --array=...%N)
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    extra: dict = dataclasses.field(default_factory=dict)  # any other sbatch option, KEY -> VALUE
+
+
+def parse_extra(items: list[str]) -> dict[str, str]:
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--slurm-extra takes KEY=VALUE (an sbatch option without --), got {item!r}")
+        extra[key.strip().lstrip("-")] = value.strip()
+    return extra
+
+
+def time_minutes(text: str) -> int:
+    """sbatch's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise ConfigError(f"--time must be minutes, HH:MM:SS or D-HH:MM:SS, got {text!r}")
+    days, a, b, c = (int(g) if g else 0 for g in match.groups())
+    if match.group(1) is not None:  # D-H[:M[:S]]
+        seconds = days * 86400 + a * 3600 + b * 60 + c
+    elif match.group(4) is not None:  # H:M:S
+        seconds = a * 3600 + b * 60 + c
+    else:  # M[:S]
+        seconds = a * 60 + b
+    return max(1, -(-seconds // 60))
+
+
+def sbatch_parameters(opts: SlurmOptions, name: str, dependency: str | None = None) -> dict[str, Any]:
+    """SlurmExecutor.update_parameters() keyword arguments for one job (or array) of the graph."""
+    if opts.max_parallel < 1 or opts.gpus_per_job < 0:
+        raise ConfigError("--max-parallel must be at least 1 and --gpus-per-job at least 0")
+    params: dict[str, Any] = {
+        "job_name": name, "time": time_minutes(opts.time), "partition": opts.partition,
+        "gpus_per_node": opts.gpus_per_job or None, "cpus_per_task": opts.cpus_per_job, "mem": opts.mem,
+        "account": opts.account, "qos": opts.qos, "array_parallelism": opts.max_parallel,
+        "dependency": dependency,
+        # a student whose teacher failed is cancelled (then resubmitted by the next call), not left pending
+        "additional_parameters": {"kill-on-invalid-dep": "yes", **opts.extra},
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+# ---------------------------------------------------------------- the job itself
+
+@dataclasses.dataclass
+class RunJob:
+    """One planned run, as a submitit job. Picklable: the job reads the plan back from OUT/reproduce.json.
+
+    submitit treats any callable with a `checkpoint` method as a Checkpointable: on preemption or timeout it
+    pickles the DelayedSubmission returned here and requeues the job, which then resumes from the run dir.
+    """
+
+    out: str
+    key: str  # the run dir relative to out, e.g. seed0/resnet18-full
+    gpus: int = 1  # more than one: the training runs under torchrun, one process per GPU
+    after: dict | None = None  # submitit-local only: the teacher job to wait for {job_id, folder, run_dir}
+
+    def __call__(self) -> str:
+        if self.after:
+            _wait_for_teacher(self.after)
+        if self.gpus > 1:
+            _torchrun(self.out, self.key, self.gpus)
+        else:
+            run_planned(self.out, self.key)
+        return self.key
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def run_planned(out: str | Path, key: str, log: Callable[[str], None] = print) -> None:
+    """Run (or resume, or skip) one run of the plan recorded in `out`; the last run to finish writes the tables."""
+    from kdiqa_edge.train.reproduce import load_plan, plan, run_one, write_tables
+
+    out = Path(out)
+    cfg, data = load_plan(out)
+    runs = plan(cfg, out)
+    run = next((r for r in runs if _key(out, r) == key), None)
+    if run is None:
+        raise LaunchError(f"{key} is not a run of the plan in {out}")
+    if run.done:
+        log(f"{key}: done, skipped")
+    else:
+        log(f"{key}: {'resuming' if run.interrupted else 'starting'} -> {run.run_dir}")
+        run_one(cfg, data, out, run)
+    if int(os.environ.get("RANK", "0")) == 0 and all(r.done for r in runs):
+        write_tables(runs, data, out)
+        log(f"all {len(runs)} runs done: tables written to {out}")
+
+
+def _torchrun(out: str, key: str, gpus: int) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+               "-m", "kdiqa_edge.train.launch", out, key]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def _wait_for_teacher(after: dict, poll_s: float = 1.0) -> None:
+    while not run_finished(Path(after["run_dir"])):
+        if _local_state(after["job_id"], Path(after["folder"])) != "RUNNING":
+            if run_finished(Path(after["run_dir"])):
+                return
+            raise LaunchError(f"teacher job {after['job_id']} ended without finishing {after['run_dir']}")
+        time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------- job records and states
+
+def _key(out: Path, run) -> str:
+    return run.run_dir.relative_to(out).as_posix()
+
+
+def _job_folder(out: Path, job_id: str = "%j") -> Path:
+    return out / JOBS_DIR / job_id
+
+
+def read_jobs(out: Path) -> dict[str, dict]:
+    path = out / JOBS_FILE
+    return read_json(path).get("runs", {}) if path.is_file() else {}
+
+
+def _write_jobs(out: Path, jobs: dict[str, dict]) -> None:
+    write_json(out / JOBS_FILE, {"runs": jobs})
+
+
+def _local_state(job_id: str, folder: Path) -> str:
+    """A LocalExecutor job seen from any process: its id is the controller's pid."""
+    from submitit.core.utils import JobPaths
+
+    if JobPaths(folder, job_id).result_pickle.exists():
+        return "FINISHED"
+    try:
+        with open(f"/proc/{int(job_id)}/stat") as handle:  # a zombie has exited
+            return "ENDED" if handle.read().rsplit(")", 1)[1].split()[0] == "Z" else "RUNNING"
+    except (FileNotFoundError, ValueError):
+        pass
+    try:
+        os.kill(int(job_id), 0)
+    except (ProcessLookupError, ValueError):
+        return "ENDED"
+    except PermissionError:
+        pass
+    return "RUNNING"
+
+
+def run_states(out: Path, runs: list) -> list[dict[str, Any]]:
+    """done / queued / running / failed / todo for every planned run, with its job id and log path."""
+    jobs = read_jobs(out)
+    slurm_jobs = {}
+    if any(j["launcher"] == "slurm" for j in jobs.values()):
+        submitit = require("submitit", "cluster")
+        slurm_jobs = {k: submitit.SlurmJob(folder=j["folder"], job_id=j["job_id"])  # registers: one sacct
+                      for k, j in jobs.items() if j["launcher"] == "slurm"}
+    rows = []
+    for run in runs:
+        key = _key(out, run)
+        job = jobs.get(key)
+        row = {"run": key, "seed": run.seed, "name": run.name, "job_id": job and job["job_id"],
+               "log": str(Path(job["folder"]) / f"{job['job_id']}_0_log.out") if job else None}
+        if run.done:
+            row["state"] = "done"
+        elif job is None:
+            row["state"] = "todo"
+        else:
+            raw = (slurm_jobs[key].state.split()[0].upper() if key in slurm_jobs
+                   else _local_state(job["job_id"], Path(job["folder"])))
+            row["scheduler_state"] = raw
+            row["state"] = "queued" if raw in QUEUED else "running" if raw in RUNNING else "failed"
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- submission
+
+def _check_slurm() -> None:
+    for tool in ("sbatch", "srun"):  # submitit's SlurmExecutor needs srun on PATH too
+        if shutil.which(tool) is None:
+            raise LaunchError(f"--launcher slurm needs {tool} on PATH (not found): run on the cluster's login "
+                              "node, or use --launcher local")
+
+
+def _executor(launcher: str, out: Path, opts: SlurmOptions, name: str, dependency: str | None = None):
+    submitit = require("submitit", "cluster")
+    folder = _job_folder(out)
+    if launcher == "submitit-local":
+        executor = submitit.LocalExecutor(folder)
+        executor.update_parameters(timeout_min=time_minutes(opts.time), gpus_per_node=opts.gpus_per_job)
+        return executor
+    executor = submitit.SlurmExecutor(folder)
+    executor.update_parameters(**sbatch_parameters(opts, name, dependency))
+    return executor
+
+
+def _submit(executor, jobs_fn: list[RunJob]) -> list:
+    """One job, or one array (SLURM: --array=0-N%max_parallel) for several; sbatch's refusal is one line."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    echoed = io.StringIO()  # submitit prints sbatch's stderr on a failure; it goes into our one line instead
+    try:
+        with contextlib.redirect_stderr(echoed), executor.batch():
+            jobs = [executor.submit(fn) for fn in jobs_fn]
+    except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise LaunchError(f"sbatch refused the job: {' / '.join(lines) or exc}") from None
+    return jobs
+
+
+def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions,
+                log: Callable[[str], None] = print) -> list:
+    """Submit every run that is neither done nor queued nor running; returns the submitted jobs."""
+    from kdiqa_edge.train.reproduce import plan, record_plan
+
+    if launcher not in LAUNCHERS[1:]:
+        raise ConfigError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
+    if launcher == "slurm":
+        _check_slurm()
+    out = Path(out)
+    runs = plan(cfg, out)
+    record_plan(cfg, data, out)
+    states = {row["run"]: row for row in run_states(out, runs)}
+    records = read_jobs(out)
+    submitted = []
+    for seed in sorted({r.seed for r in runs}):
+        teacher = next((r for r in runs if r.seed == seed and r.stage == "teacher"), None)
+        students = [r for r in runs if r.seed == seed and r.stage == "distill"]
+        teacher_job = None
+        if teacher is not None and states[_key(out, teacher)]["state"] in ("todo", "failed"):
+            executor = _executor(launcher, out, opts, f"kdiqa-seed{seed}-teacher")
+            [teacher_job] = _submit(executor, [RunJob(str(out), _key(out, teacher), opts.gpus_per_job)])
+            records[_key(out, teacher)] = _record(launcher, out, teacher_job.job_id)
+            _write_jobs(out, records)
+            submitted.append(teacher_job)
+            log(f"seed {seed} teacher: submitted job {teacher_job.job_id}")
+        todo = [r for r in students if states[_key(out, r)]["state"] in ("todo", "failed")]
+        if not todo:
+            continue
+        waits_on = teacher_job.job_id if teacher_job else (
+            states[_key(out, teacher)]["job_id"] if teacher and not teacher.done else None)
+        dependency = f"afterok:{waits_on}" if waits_on and launcher == "slurm" else None
+        after = ({"job_id": waits_on, "folder": str(_job_folder(out, waits_on)), "run_dir": str(teacher.run_dir)}
+                 if waits_on and launcher == "submitit-local" else None)
+        executor = _executor(launcher, out, opts, f"kdiqa-seed{seed}-students", dependency)
+        jobs = _submit(executor, [RunJob(str(out), _key(out, r), opts.gpus_per_job, after) for r in todo])
+        for run, job in zip(todo, jobs):
+            records[_key(out, run)] = _record(launcher, out, job.job_id)
+        _write_jobs(out, records)
+        submitted.extend(jobs)
+        log(f"seed {seed} students: submitted {len(jobs)} run(s) as job(s) {', '.join(j.job_id for j in jobs)}"
+            + (f", after {waits_on}" if waits_on else ""))
+    if not submitted:
+        log("nothing to submit: every run is done, queued or running")
+    return submitted
+
+
+def _record(launcher: str, out: Path, job_id: str) -> dict[str, str]:
+    return {"launcher": launcher, "job_id": str(job_id), "folder": str(_job_folder(out, str(job_id))),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def job_graph(cfg, out: Path, opts: SlurmOptions) -> list[dict[str, Any]]:
+    """What submit_plan would submit now, for --dry-run: one entry per sbatch call with its parameters."""
+    from kdiqa_edge.train.reproduce import plan
+
+    runs = [r for r in plan(cfg, Path(out)) if not r.done]
+    graph = []
+    for seed in sorted({r.seed for r in runs}):
+        teacher = next((r for r in runs if r.seed == seed and r.stage == "teacher"), None)
+        students = [r.name for r in runs if r.seed == seed and r.stage == "distill"]
+        if teacher:
+            graph.append({"job": f"seed{seed}-teacher", "runs": ["teacher"], "after": None,
+                          "sbatch": sbatch_parameters(opts, f"kdiqa-seed{seed}-teacher")})
+        if students:
+            params = sbatch_parameters(opts, f"kdiqa-seed{seed}-students",
+                                       f"afterok:<seed{seed}-teacher>" if teacher else None)
+            if len(students) > 1:
+                params["array"] = f"0-{len(students) - 1}%{min(len(students), opts.max_parallel)}"
+            graph.append({"job": f"seed{seed}-students", "runs": students,
+                          "after": f"seed{seed}-teacher" if teacher else None, "sbatch": params})
+    return graph
+
+
+if __name__ == "__main__":  # one run under torchrun: python -m kdiqa_edge.train.launch OUT KEY
+    run_planned(sys.argv[1], sys.argv[2])

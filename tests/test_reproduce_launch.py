@@ -1,0 +1,240 @@
+"""`reproduce --launcher`: the sweep as submitit jobs.
+
+The LocalExecutor tests run the real submission code and real job processes (pickling, job states, the
+waiting student jobs); a fake `sbatch` on PATH checks what goes to SLURM: the dependency chain, the array
+throttle and the resources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("timm")
+submitit = pytest.importorskip("submitit")
+
+from kdiqa_edge.cli import app
+from kdiqa_edge.train.launch import LaunchError, parse_extra, time_minutes
+
+KILLED = "seed0/test_efficientnet-full"
+
+
+def _args(data, out, *extra):
+    return ["reproduce", "--dataset", "synthetic", "--root", str(data.root), "--students", "test_efficientnet",
+            "--variants", "full,soft", "--seeds", "2", "--epochs", "2", "--teacher-epochs", "1", "--teacher",
+            "tiny", "--no-pretrained", "--batch-size", "32", "--out", str(out), *extra]
+
+
+def _cli(args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdiqa_edge", *args], capture_output=True, text=True,
+                          check=False, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def _jobs(out: Path) -> dict:
+    path = out / "jobs.json"
+    return json.loads(path.read_text())["runs"] if path.is_file() else {}
+
+
+@pytest.fixture(scope="module")
+def local_sweep(small_synthetic, tmp_path_factory):
+    """2 splits x 2 variants through LocalExecutor; one student job is killed after its first epoch."""
+    out = tmp_path_factory.mktemp("launch") / "repro"
+    args = _args(small_synthetic, out, "--launcher", "submitit-local")
+    first = subprocess.Popen([sys.executable, "-m", "kdiqa_edge", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = out / KILLED / "checkpoints" / "last" / "train_state.pt"
+    deadline = time.monotonic() + 400
+    while not state.is_file() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    killed_job = _jobs(out)[KILLED]["job_id"]
+    os.kill(int(killed_job), signal.SIGINT)  # the job's controller: it kills its task, as scancel would
+    stdout, stderr = first.communicate(timeout=400)
+    jobs_after_first = _jobs(out)
+    left_by_first = {"killed_run_done": (out / KILLED / "summary.json").is_file(),
+                     "tables": (out / "table1.md").is_file()}
+    second = _cli(args)
+    third = _cli(args)
+    return {"out": out, "first": (first.returncode, stdout, stderr), "second": second, "third": third,
+            "killed_job": killed_job, "jobs_after_first": jobs_after_first,
+            "left_by_first": left_by_first}
+
+
+def test_local_sweep_killed_job_fails_the_first_call(local_sweep):
+    code, stdout, stderr = local_sweep["first"]
+    assert code == 2, stderr
+    assert f"1 run(s) failed ({KILLED}" in stderr and "re-run the same reproduce command" in stderr
+    assert local_sweep["left_by_first"] == {"killed_run_done": False, "tables": False}
+    assert "5 done, 1 failed" in stdout
+    # one teacher job per split, one job per distillation, each in its own job folder
+    assert len(local_sweep["jobs_after_first"]) == 6
+
+
+def test_local_sweep_resubmits_only_the_killed_run_which_resumes(local_sweep):
+    second, out = local_sweep["second"], local_sweep["out"]
+    assert second.returncode == 0, second.stderr
+    before, after = local_sweep["jobs_after_first"], _jobs(out)
+    changed = [key for key in after if after[key]["job_id"] != before[key]["job_id"]]
+    assert changed == [KILLED]
+    log = Path(after[KILLED]["folder"]) / f"{after[KILLED]['job_id']}_0_log.out"
+    assert f"{KILLED}: resuming" in log.read_text()
+    assert "all 6 runs done: tables written" in log.read_text()  # the last job to finish collects
+    epochs = [line.split(",")[0] for line in (out / KILLED / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]  # epoch 1 came from the killed job, epoch 2 from the resumed one
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["run"]: row for row in results["rows"]}
+    assert {name: row["n"] for name, row in rows.items()} == {
+        "teacher": 2, "test_efficientnet-full": 2, "test_efficientnet-soft": 2}
+    assert "| test_efficientnet | 2 |" in (out / "table1.md").read_text()
+    assert "| test_efficientnet | soft | 2 |" in (out / "table2.md").read_text()
+
+
+def test_local_sweep_third_call_submits_nothing(local_sweep):
+    third, out = local_sweep["third"], local_sweep["out"]
+    assert third.returncode == 0, third.stderr
+    assert "nothing to submit" in third.stderr
+    assert "6 done" in third.stdout and "| test_efficientnet | full | 2 |" in third.stdout
+    status = _cli(["reproduce", "--out", str(out), "--status"])
+    assert status.returncode == 0, status.stderr
+    assert "6 done" in status.stdout and "seed1/test_efficientnet-soft" in status.stdout
+
+
+# ---------------------------------------------------------------- a fake SLURM
+
+FAKE_SBATCH = """#!/bin/bash
+# records the submission script, refuses an unknown partition as sbatch does, prints a job id
+dir=$(dirname "$0")
+if grep -q -- '--partition=nope' "$1"; then
+  echo "sbatch: error: invalid partition specified: nope" >&2
+  echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+  exit 1
+fi
+n=$(( $(cat "$dir/count" 2>/dev/null || echo 0) + 1 ))
+echo $n > "$dir/count"
+cp "$1" "$dir/sbatch.$n"
+echo "Submitted batch job $n"
+"""
+FAKE_SACCT = """#!/bin/bash
+echo "JobID|State|NodeList"
+cat "$(dirname "$0")/states" 2>/dev/null
+"""
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"sbatch": FAKE_SBATCH, "sacct": FAKE_SACCT, "srun": "#!/bin/bash\nexit 0\n"}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return bin_dir
+
+
+def _sbatch_flags(path: Path) -> dict[str, str]:
+    flags = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            flags[key] = value
+    return flags
+
+
+SLURM_OPTIONS = ["--launcher", "slurm", "--partition", "gpu", "--gpus-per-job", "2", "--cpus-per-job", "8",
+                 "--mem", "32G", "--time", "2:00:00", "--max-parallel", "1", "--account", "lab", "--qos", "high",
+                 "--slurm-extra", "constraint=a100"]
+
+
+def test_slurm_submission_dependency_chain_throttle_and_resources(fake_slurm, small_synthetic, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "repro"
+    result = runner.invoke(app, _args(small_synthetic, out, *SLURM_OPTIONS))
+    assert result.exit_code == 0, result.output
+    scripts = {n: _sbatch_flags(fake_slurm / f"sbatch.{n}") for n in range(1, 5)}
+    assert not (fake_slurm / "sbatch.5").exists()  # 2 teachers + 2 arrays
+    teacher0, students0, teacher1, students1 = (scripts[n] for n in range(1, 5))
+    assert not {"dependency", "array"} & (set(teacher0) | set(teacher1))
+    assert students0["dependency"] == "afterok:1" and students1["dependency"] == "afterok:3"
+    assert students0["array"] == "0-1%1"  # 2 distillations, --max-parallel 1
+    for flags in scripts.values():
+        assert (flags["partition"], flags["gpus-per-node"], flags["cpus-per-task"], flags["mem"], flags["time"],
+                flags["account"], flags["qos"], flags["constraint"], flags["kill-on-invalid-dep"]) == (
+            "gpu", "2", "8", "32G", "120", "lab", "high", "a100", "yes")
+    jobs = _jobs(out)
+    assert {k: v["job_id"] for k, v in jobs.items()} == {
+        "seed0/teacher": "1", "seed0/test_efficientnet-full": "2_0", "seed0/test_efficientnet-soft": "2_1",
+        "seed1/teacher": "3", "seed1/test_efficientnet-full": "4_0", "seed1/test_efficientnet-soft": "4_1"}
+    # what runs on the node: the run, its --out, 2 GPUs -> torchrun
+    pickled = submitit.core.utils.DelayedSubmission.load(
+        Path(jobs["seed0/test_efficientnet-soft"]["folder"]) / "2_1_submitted.pkl")
+    assert (pickled.function.key, pickled.function.out, pickled.function.gpus) == (
+        "seed0/test_efficientnet-soft", str(out), 2)
+    assert hasattr(pickled.function, "checkpoint")  # submitit requeues it on preemption
+
+    # queued and running jobs are never submitted again
+    (fake_slurm / "states").write_text("1|RUNNING|n1\n2_[0-1]|PENDING|\n3|RUNNING|n2\n4_0|RUNNING|n3\n"
+                                       "4_1|PENDING|\n")
+    again = runner.invoke(app, _args(small_synthetic, out, *SLURM_OPTIONS))
+    assert again.exit_code == 0, again.output
+    assert "nothing to submit" in again.output and not (fake_slurm / "sbatch.5").exists()
+
+    # a failed teacher: SLURM cancels its students (kill-on-invalid-dep); the next call resubmits that split
+    (fake_slurm / "states").write_text("1|RUNNING|n1\n2_[0-1]|PENDING|\n3|FAILED|n2\n4_0|CANCELLED by 0|\n"
+                                       "4_1|CANCELLED by 0|\n")
+    status = runner.invoke(app, ["reproduce", "--out", str(out), "--status"])
+    assert status.exit_code == 0, status.output
+    assert "2 queued, 1 running, 3 failed" in status.output
+    resubmit = runner.invoke(app, _args(small_synthetic, out, *SLURM_OPTIONS))
+    assert resubmit.exit_code == 0, resubmit.output
+    assert _sbatch_flags(fake_slurm / "sbatch.6")["dependency"] == "afterok:5"
+    assert not (fake_slurm / "sbatch.7").exists()
+    jobs = _jobs(out)
+    assert [jobs[k]["job_id"] for k in sorted(jobs)] == ["1", "2_0", "2_1", "5", "6_0", "6_1"]
+
+
+def test_slurm_bad_input_is_one_line(fake_slurm, small_synthetic, tmp_path, monkeypatch):
+    out = tmp_path / "repro"
+    refused = _cli(_args(small_synthetic, out, *SLURM_OPTIONS[:-2], "--partition", "nope"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [(
+        "error: sbatch refused the job: sbatch: error: invalid partition specified: nope / "
+        "sbatch: error: Batch job submission failed: Invalid partition name specified")]
+    runner = CliRunner()
+    other = runner.invoke(app, _args(small_synthetic, out, *SLURM_OPTIONS[:-2]) + ["--epochs", "3"])
+    assert isinstance(other.exception, Exception) and "written by another plan" in str(other.exception)
+    assert "epochs" in str(other.exception)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    missing = runner.invoke(app, _args(small_synthetic, tmp_path / "fresh", *SLURM_OPTIONS))
+    assert isinstance(missing.exception, LaunchError)
+    assert "--launcher slurm needs sbatch on PATH" in str(missing.exception)
+
+
+def test_slurm_option_parsing():
+    assert [time_minutes(t) for t in ("90", "90:30", "2:00:00", "1-00:00", "1-2")] == [
+        90, 91, 120, 1440, 1560]
+    assert parse_extra(["constraint=a100", "--exclusive=user"]) == {"constraint": "a100", "exclusive": "user"}
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        parse_extra(["constraint"])
+
+
+def test_slurm_example_parses_and_its_dry_run_prints_the_job_graph(small_synthetic, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm_reproduce.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DRY_RUN": "1", "DATASET": "synthetic", "SEEDS": "2", "MAX_PARALLEL": "3", "OUT": str(tmp_path / "o"),
+           "EXTRA": "--students test_efficientnet --teacher tiny --no-pretrained --epochs 1 --batch-size 8"}
+    done = subprocess.run(["bash", str(script), str(small_synthetic.root)], capture_output=True, text=True,
+                          check=False, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "seed1-students: 4 run(s)" in done.stdout and "after seed1-teacher (afterok)" in done.stdout
+    assert "--array=0-3%3" in done.stdout and "--partition=gpu" in done.stdout and "--time=720" in done.stdout
+    assert "10 of 10 runs to do" in done.stdout
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
