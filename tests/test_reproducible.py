@@ -68,7 +68,6 @@ from kdiqa_edge.export.onnx import OnnxTarget
 export = OnnxTarget.export
 def export_then_die(self, *args, **kwargs):  # the model is staged; its folder is not yet renamed in
     export(self, *args, **kwargs)
-    print("staged", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 OnnxTarget.export = export_then_die
 sys.argv = ["kdiqa-edge", "export", *sys.argv[1:]]
@@ -91,7 +90,7 @@ def test_a_killed_export_reruns_clean_and_exports_are_the_same_bytes(student, sm
     killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(student), "--target", "onnx", "--precision",
                              "fp32", "--dataset", "synthetic", "--root", str(small_synthetic.root), "--out", str(out)],
                             capture_output=True, text=True, timeout=600, check=False)
-    assert killed.returncode == -signal.SIGKILL and "staged" in killed.stdout, killed.stderr[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     left = [p for p in out.iterdir() if is_temporary(p.name)]
     assert {p.name.split(".")[1] for p in left} == {"onnx-fp32", "scratch"}  # staging, library scratch, claims
     assert not (out / "manifest.json").exists()
@@ -101,8 +100,10 @@ def test_a_killed_export_reruns_clean_and_exports_are_the_same_bytes(student, sm
     export_checkpoint(student, ExportConfig(target="onnx", precision="fp32"), out, data=small_synthetic,
                       progress=False, log=lambda _: None)
     assert not [p for p in out.rglob("*") if is_temporary(p.name)]
-    before = _files(tmp_path / "from-the-killed-process")
-    assert list(before) == ["model.fp32.onnx"] and _files(out / "onnx-fp32") == before
+    models = {name: digest for name, digest in _files(tmp_path / "from-the-killed-process").items()
+              if name.endswith(".onnx")}  # (a log of the export, if one is written, holds timings)
+    assert list(models) == ["model.fp32.onnx"]
+    assert {name: digest for name, digest in _files(out / "onnx-fp32").items() if name in models} == models
     manifest = json.loads((out / "manifest.json").read_text())
     assert [f["path"] for f in manifest["exports"]["onnx-fp32"]["files"]] == ["onnx-fp32/model.fp32.onnx"]
 
