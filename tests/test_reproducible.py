@@ -63,14 +63,13 @@ def student(tmp_path_factory) -> Path:
 KILLED_EXPORT = """
 import os, signal, sys
 from kdiqa_edge.cli import main
-from kdiqa_edge.export.coreml import CoreMLTarget
+from kdiqa_edge.export.onnx import OnnxTarget
 
-export = CoreMLTarget.export
-def export_then_die(self, *args, **kwargs):  # the .mlpackage is staged; the folder is not yet renamed in
-    result = export(self, *args, **kwargs)
-    print("staged", flush=True)
+export = OnnxTarget.export
+def export_then_die(self, *args, **kwargs):  # the model is staged; its folder is not yet renamed in
+    export(self, *args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-CoreMLTarget.export = export_then_die
+OnnxTarget.export = export_then_die
 sys.argv = ["kdiqa-edge", "export", *sys.argv[1:]]
 main()
 """
@@ -81,30 +80,55 @@ def _files(out: Path) -> dict[str, str]:
 
 
 def test_a_killed_export_reruns_clean_and_exports_are_the_same_bytes(student, small_synthetic, tmp_path):
-    """A CoreML export SIGKILLed with its .mlpackage staged; the re-run (in this process) leaves no temporary,
-    and its files have the killed process's sha256 (coremltools alone writes new bytes each time: protobuf
-    map order, uuid4 manifest identifiers)."""
-    pytest.importorskip("coremltools")
+    """An export SIGKILLed with its model staged: the re-run (in this process) leaves no temporary, and its
+    files have the killed process's sha256."""
     import shutil
 
     from kdiqa_edge.export import ExportConfig, export_checkpoint
 
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(student), "--target", "coreml", "--precision",
-                             "fp16", "--dataset", "synthetic", "--root", str(small_synthetic.root), "--out", str(out)],
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(student), "--target", "onnx", "--precision",
+                             "fp32", "--dataset", "synthetic", "--root", str(small_synthetic.root), "--out", str(out)],
                             capture_output=True, text=True, timeout=600, check=False)
-    assert killed.returncode == -signal.SIGKILL and "staged" in killed.stdout, killed.stderr[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     left = [p for p in out.iterdir() if is_temporary(p.name)]
-    assert {p.name.split(".")[1] for p in left} == {"coreml-fp16", "scratch"}  # staging, library scratch, claims
+    assert {p.name.split(".")[1] for p in left} == {"onnx-fp32", "scratch"}  # staging, library scratch, claims
     assert not (out / "manifest.json").exists()
-    staged = next(p for p in left if p.name.startswith(".coreml-fp16.") and p.suffix == ".tmp")
+    staged = next(p for p in left if p.name.startswith(".onnx-fp32.") and p.suffix == ".tmp")
     shutil.copytree(staged, tmp_path / "from-the-killed-process")
 
-    export_checkpoint(student, ExportConfig(target="coreml", precision="fp16"), out, data=small_synthetic,
+    export_checkpoint(student, ExportConfig(target="onnx", precision="fp32"), out, data=small_synthetic,
                       progress=False, log=lambda _: None)
     assert not [p for p in out.rglob("*") if is_temporary(p.name)]
-    before = _files(tmp_path / "from-the-killed-process")
-    assert any(k.endswith("Manifest.json") for k in before) and any(k.endswith("model.mlmodel") for k in before)
-    assert _files(out / "coreml-fp16") == before
+    models = {name: digest for name, digest in _files(tmp_path / "from-the-killed-process").items()
+              if name.endswith(".onnx")}  # (a log of the export, if one is written, holds timings)
+    assert list(models) == ["model.fp32.onnx"]
+    assert {name: digest for name, digest in _files(out / "onnx-fp32").items() if name in models} == models
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [f["path"] for f in manifest["exports"]["coreml-fp16"]["files"]] == ["coreml-fp16/model.fp16.mlpackage"]
+    assert [f["path"] for f in manifest["exports"]["onnx-fp32"]["files"]] == ["onnx-fp32/model.fp32.onnx"]
+
+
+def test_coreml_packages_are_canonical(student, tmp_path):
+    """coremltools writes the same model in new bytes each time: uuid4 identifiers in Manifest.json, and
+    protobuf maps (metadata, MIL attributes) in an order of the process. Canonical: path-derived ids and
+    protobuf's deterministic serialization (maps sorted), so any two processes write the same bytes."""
+    pytest.importorskip("coremltools")
+    from coremltools.proto import Model_pb2
+
+    from kdiqa_edge.export import ExportConfig, coreml
+    from kdiqa_edge.export.pipeline import artifact_meta
+    from kdiqa_edge.models import load_checkpoint
+
+    model = load_checkpoint(student)
+    cfg = ExportConfig(target="coreml", precision="fp16")
+    packages = []
+    for run in range(2):
+        path = tmp_path / f"{run}.mlpackage"
+        coreml.convert(model, cfg, artifact_meta(model)).save(str(path))
+        packages.append(coreml.canonical_mlpackage(path))
+    assert _files(packages[0]) == _files(packages[1])
+    spec_file = next(packages[0].rglob("model.mlmodel"))
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    assert spec_file.read_bytes() == spec.SerializeToString(deterministic=True)
+    assert coreml.describe(packages[0])["outputs"] == ["score"]  # coremltools still reads it
