@@ -74,7 +74,7 @@ class BareStep:
     def __init__(self, student, cfg, device):
         import torch
 
-        from kdiqa_edge.train.engine import autocast_for, build_optimizer
+        from kdiqa_edge.train.step import autocast_for, build_optimizer
 
         self.model = student
         self.device = device
@@ -89,7 +89,7 @@ class BareStep:
     def prepare(self, cache, batches) -> list[dict]:
         import torch
 
-        from kdiqa_edge.train.engine import DeviceTransform
+        from kdiqa_edge.train.loader import DeviceTransform
 
         transform = DeviceTransform(self.model.preprocess, self.device, channels_last=self.channels_last)
         prepared = []
@@ -142,8 +142,10 @@ def run(args) -> dict:
     from kdiqa_edge.models.checkpoint import save_checkpoint
     from kdiqa_edge.models.student import create_student
     from kdiqa_edge.models.teacher import load_teacher
-    from kdiqa_edge.train.engine import TrainConfig, Trainer, epoch_order, resolve_device
+    from kdiqa_edge.train.distributed import resolve_device
     from kdiqa_edge.train.features import teacher_features
+    from kdiqa_edge.train.loader import epoch_order
+    from kdiqa_edge.train.loop import TrainConfig, Trainer
     from kdiqa_edge.train.losses import DistillLoss
     from kdiqa_edge.train.schedules import parse_variant
 

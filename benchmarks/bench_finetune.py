@@ -5,7 +5,7 @@
 
 1. Bare train step: one normalized batch already on the device, forward + MSE + backward + AdamW step in a
    loop (what the image tower can do at best; H200 reference for ViT-B/32: 3118 images/s at batch 64).
-2. Engine: the same model through `kdiqa_edge.train.engine.Trainer` for one epoch over a uint8 image
+2. Engine: the same model through `kdiqa_edge.train.loop.Trainer` for one epoch over a uint8 image
    cache of `steps x batch` random images: batch gathering from the memmap, host->device copy, on-device
    normalization and flips, AMP, scheduler, logging. Reported: train-phase images/s, the share of time
    outside forward/backward/step (1 - engine / bare), and the per-epoch cost of evaluation + checkpoints.
@@ -58,8 +58,9 @@ def bare_step_throughput(model, device, batch_size: int, steps: int, warmup: int
     """images/s of forward + loss + backward + optimizer step on a resident, normalized batch."""
     import torch
 
-    from kdiqa_edge.train.engine import TrainConfig, _LossStep, autocast_for, build_optimizer
     from kdiqa_edge.train.finetune import finetune_loss, freeze_all_but_image_encoder
+    from kdiqa_edge.train.loop import TrainConfig
+    from kdiqa_edge.train.step import LossStep, autocast_for, build_optimizer
 
     model = copy.deepcopy(model).to(device)
     freeze_all_but_image_encoder(model)
@@ -75,7 +76,7 @@ def bare_step_throughput(model, device, batch_size: int, steps: int, warmup: int
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, TrainConfig(lr=5e-6), fused=cuda)
     autocast, _ = autocast_for(device, amp)
-    step_module = _LossStep(model, finetune_loss)
+    step_module = LossStep(model, finetune_loss)
     step_module = torch.compile(step_module) if compile_ else step_module
     model.train()
 
@@ -110,8 +111,8 @@ def engine_throughput(model, device, batch_size: int, steps: int, warmup: int, a
                       workdir: Path) -> dict:
     """Train-phase images/s of one engine epoch (after a warm-up epoch), and the epoch's other costs."""
     from kdiqa_edge.data import Split
-    from kdiqa_edge.train.engine import TrainConfig, Trainer
     from kdiqa_edge.train.finetune import finetune_loss, freeze_all_but_image_encoder
+    from kdiqa_edge.train.loop import TrainConfig, Trainer
 
     size = model.preprocess.size
     rng = np.random.default_rng(0)
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from kdiqa_edge.train.engine import resolve_device
+    from kdiqa_edge.train.distributed import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -99,8 +99,8 @@ def available_exports(requests) -> list[tuple[str, str]]:
 def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """Run every stage (skipping finished ones); returns the path of report.md."""
     from kdiqa_edge.train.distill import DistillConfig, run_distill
-    from kdiqa_edge.train.engine import run_finished, run_interrupted
     from kdiqa_edge.train.finetune import FinetuneConfig, run_finetune
+    from kdiqa_edge.train.state import run_finished, run_interrupted
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

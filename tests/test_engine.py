@@ -19,7 +19,9 @@ from kdiqa_edge.errors import CheckpointError, ConfigError
 from kdiqa_edge.models import load_checkpoint
 from kdiqa_edge.models.checkpoint import content_hash
 from kdiqa_edge.models.teacher import load_teacher
-from kdiqa_edge.train.engine import TrainConfig, Trainer, cosine_factor, epoch_order
+from kdiqa_edge.train.loader import epoch_order
+from kdiqa_edge.train.loop import TrainConfig, Trainer
+from kdiqa_edge.train.step import cosine_factor
 
 SMALL_REFS = 4  # 4 references x 6 distortions x 5 levels = 120 images
 

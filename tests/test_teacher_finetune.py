@@ -12,9 +12,9 @@ import torch
 
 from kdiqa_edge.models import load_checkpoint
 from kdiqa_edge.models.teacher import create_clip, load_teacher, teacher_from_clip
-from kdiqa_edge.train.engine import TrainConfig, Trainer
 from kdiqa_edge.train.features import feature_cache_path, teacher_features
 from kdiqa_edge.train.finetune import finetune_loss, freeze_all_but_image_encoder, zero_shot
+from kdiqa_edge.train.loop import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
     L = lambda(t) * (1 - cos(u, v)) + (1 - lambda(t)) * MSE(score, mos)
     lambda(t) = 0.5 * (1 + cos(pi t / T)), t the optimizer step, T all steps of the run
 
-The recipe is the shared engine (kdiqa_edge.train.engine) with the distillation loss plugged in; the
+The recipe is the shared engine (kdiqa_edge.train.loop.Trainer) with the distillation loss plugged in; the
 teacher never runs per epoch: its features come from the feature cache (keyed by the teacher
 checkpoint's content hash and the image cache, rebuilt when either changes). Without a teacher
 checkpoint, the teacher is fine-tuned first, once per (dataset, split, teacher config): a later distill
@@ -115,8 +115,8 @@ def teacher_run_dir(finetune_cfg, data: DatasetSpec, root: Path | None = None) -
 
 def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Path:
     """The fine-tuned teacher's checkpoint dir: reused if done, resumed if interrupted, else trained now."""
-    from kdiqa_edge.train.engine import TRAIN_STATE
     from kdiqa_edge.train.finetune import run_finetune
+    from kdiqa_edge.train.state import TRAIN_STATE
 
     finetune_cfg = teacher_finetune_config(cfg, data)
     run_dir = teacher_run_dir(finetune_cfg, data)
@@ -279,9 +279,10 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     from kdiqa_edge.data import prepare
     from kdiqa_edge.models.checkpoint import load_checkpoint
     from kdiqa_edge.models.student import check_student, create_student
-    from kdiqa_edge.train.engine import TrainConfig, Trainer, init_distributed
+    from kdiqa_edge.train.distributed import init_distributed
     from kdiqa_edge.train.features import feature_cache_path, teacher_features
     from kdiqa_edge.train.finetune import dataset_spec
+    from kdiqa_edge.train.loop import TrainConfig, Trainer
     from kdiqa_edge.train.losses import DistillLoss
 
     variant: Variant = parse_variant(cfg.variant)

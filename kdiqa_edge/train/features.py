@@ -67,7 +67,9 @@ def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batc
     import torch
 
     from kdiqa_edge.models.checkpoint import load_checkpoint
-    from kdiqa_edge.train.engine import BatchLoader, DeviceTransform, autocast_for, resolve_device
+    from kdiqa_edge.train.distributed import resolve_device
+    from kdiqa_edge.train.loader import BatchLoader, DeviceTransform
+    from kdiqa_edge.train.step import autocast_for
 
     device = resolve_device(device)
     model = load_checkpoint(checkpoint, device=str(device)) if isinstance(checkpoint, (str, Path)) else checkpoint

@@ -83,7 +83,8 @@ def zero_shot(model, cache, indices, device: str = "auto", batch_size: int = 128
     """Metrics of the model's scores on `cache.images[indices]` (no training)."""
     import numpy as np
 
-    from kdiqa_edge.train.engine import predict, resolve_device
+    from kdiqa_edge.train.distributed import resolve_device
+    from kdiqa_edge.train.predict import predict
 
     device = resolve_device(device)
     model.to(device)
@@ -96,7 +97,8 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
     """Fine-tune the teacher's image encoder; returns summary.json's content. The run dir layout is in
     docs/ARCHITECTURE.md."""
     from kdiqa_edge.models.teacher import load_teacher
-    from kdiqa_edge.train.engine import TrainConfig, Trainer, init_distributed, main_process_first
+    from kdiqa_edge.train.distributed import init_distributed, main_process_first
+    from kdiqa_edge.train.loop import TrainConfig, Trainer
 
     train_cfg = TrainConfig.from_any(cfg).check()
     data = dataset_spec(cfg, data)
@@ -159,7 +161,7 @@ def zero_shot_before(trainer, cache, split, train_cfg) -> IQAMetrics | None:
     """The teacher's zero-shot test metrics before any training (what fine-tuning must beat)."""
     import numpy as np
 
-    from kdiqa_edge.train.engine import predict
+    from kdiqa_edge.train.predict import predict
 
     test = np.asarray(split.test, dtype=np.int64)
     if len(test) < 3:

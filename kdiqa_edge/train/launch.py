@@ -36,7 +36,7 @@ from typing import Any
 
 from kdiqa_edge.errors import ConfigError, KdiqaError, require
 from kdiqa_edge.io import read_json, write_json
-from kdiqa_edge.train.engine import run_finished
+from kdiqa_edge.train.state import run_finished
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 JOBS_FILE = "jobs.json"

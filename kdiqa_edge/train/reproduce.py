@@ -21,8 +21,8 @@ from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json, write_text
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
-from kdiqa_edge.train.engine import run_finished, run_interrupted
 from kdiqa_edge.train.schedules import parse_variant
+from kdiqa_edge.train.state import run_finished, run_interrupted
 
 # Reference train-step throughput (images/s, batch 64) from the design card: H200, bf16, channels_last.
 GPU_IMAGES_PER_S = {"ViT-B-32": 3118, "resnet18": 6511, "efficientnet_b0": 1896, "mobilevit_s": 1622,

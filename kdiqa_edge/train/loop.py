@@ -2,36 +2,33 @@
 
 Shape: `Trainer.setup()` / `train()` / `save_checkpoint()` / `cleanup()` (torchtune's recipe interface),
 with the model-specific part a pluggable `loss_fn(model, batch, step, total_steps) -> {name: term}`
-whose sum is the loss. Everything else is here, once:
+whose sum is the loss. The rooms it draws on, each readable alone:
 
-- batches of uint8 pixels from the ImageCache, gathered in a background thread (pinned on CUDA), moved to
-  the device, normalized and augmented THERE; extra per-image arrays (cached teacher features) ride along,
-  looked up by image index;
-- AdamW, cosine decay of the learning rate per optimizer step to `min_lr_ratio` x lr, gradient accumulation;
-- CUDA: bf16 autocast where supported (fp16 + GradScaler otherwise), channels_last, optional torch.compile
+- `train/loader.py`: batches of uint8 pixels from the ImageCache, gathered in a background thread (pinned on
+  CUDA), moved to the device, normalized and augmented THERE; extra per-image arrays (cached teacher
+  features) ride along, looked up by image index; the per-epoch permutation;
+- `train/step.py`: the model + loss as one module, AdamW, cosine decay of the learning rate per optimizer
+  step to `min_lr_ratio` x lr, bf16 autocast where supported (fp16 + GradScaler otherwise), torch.compile
   of the image encoder;
-- torch DDP when launched by torchrun (gloo on CPU, nccl on CUDA): each process trains on its shard of a
-  shared per-epoch permutation; rank 0 writes; losses and predictions are gathered before metrics;
-- evaluation every epoch (kdiqa_edge.metrics.evaluate), checkpoints `last` and `best`, metrics.csv;
-- `--resume`: model, optimizer, scheduler, grad scaler, RNG, step and history restored from `last`. The data
-  order and the augmentation of epoch e depend only on (seed, e), so a resumed run replays exactly the
-  batches the uninterrupted run would have seen.
+- `train/distributed.py`: torch DDP when launched by torchrun (gloo on CPU, nccl on CUDA): each process
+  trains on its shard of a shared per-epoch permutation; rank 0 writes; losses and predictions are
+  gathered before metrics;
+- `train/predict.py`: scores for evaluation every epoch (kdiqa_edge.metrics.evaluate);
+- `train/state.py`: checkpoints `last` and `best`, metrics.csv, steps.csv, and `--resume`: model,
+  optimizer, scheduler, grad scaler, RNG, step and history restored from `last`. The data order and the
+  augmentation of epoch e depend only on (seed, e), so a resumed run replays exactly the batches the
+  uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
-import io
 import math
-import os
-import queue
 import random
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +38,39 @@ from torch import nn
 
 from kdiqa_edge.config import to_dict
 from kdiqa_edge.errors import CheckpointError, ConfigError, KdiqaError
-from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json, write_text
+from kdiqa_edge.io import read_json, sweep_temporaries, write_json
 from kdiqa_edge.metrics import IQAMetrics, evaluate
+from kdiqa_edge.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    destroy_process_group,
+    init_distributed,
+    process_group_exists,
+)
+from kdiqa_edge.train.loader import BatchLoader, DeviceTransform, epoch_order
+from kdiqa_edge.train.predict import predict
+from kdiqa_edge.train.state import (
+    TRAIN_STATE,
+    WALL_CLOCK,
+    complete_saved_epoch,
+    load_train_state,
+    rng_state,
+    save_last,
+    set_rng_state,
+    write_metrics_csv,
+    write_step_log,
+)
+from kdiqa_edge.train.step import (
+    LossFn,
+    LossStep,
+    ScalarsFn,
+    autocast_for,
+    build_optimizer,
+    compile_encoder,
+    cosine_factor,
+)
 
-LossFn = Callable[[nn.Module, dict, int, int], Mapping[str, torch.Tensor]]
-ScalarsFn = Callable[[int, int], Mapping[str, float]]
-
-TRAIN_STATE = "train_state.pt"
-# Measurements of the machine, not of the model: metrics.csv and summary.json keep them, checkpoints do not
-# (the same training gives the same checkpoint bytes, resumed or not).
-WALL_CLOCK = ("train_seconds", "images_per_s")
 METRIC_NAMES = ("plcc", "plcc_fit", "srcc", "krcc", "rmse")
-
-
-def run_finished(run_dir: Path) -> bool:
-    """A run dir whose training completed (summary.json is written last)."""
-    return (Path(run_dir) / "summary.json").is_file()
-
-
-def run_interrupted(run_dir: Path) -> bool:
-    """A run dir that `resume=True` can continue: a saved train state, no summary yet."""
-    return (Path(run_dir) / "checkpoints" / "last" / TRAIN_STATE).is_file() and not run_finished(run_dir)
 
 
 class TrainingError(KdiqaError):
@@ -104,265 +113,6 @@ class TrainConfig:
             raise ConfigError(f"select must be plcc+srcc, srcc or plcc, got {self.select!r}")
         return self
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Devices and processes
-
-
-@dataclasses.dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.device]:
-    """Join the process group torchrun set up (WORLD_SIZE > 1); otherwise a single process."""
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
-    if world_size <= 1:
-        return DistContext(), device
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank), device
-
-
-@contextlib.contextmanager
-def main_process_first(ctx: DistContext):
-    """Rank 0 runs the block first (building a cache); the others run it after (opening what rank 0 built)."""
-    if ctx.enabled and not ctx.is_main:
-        _barrier(ctx)
-    yield
-    if ctx.enabled and ctx.is_main:
-        _barrier(ctx)
-
-
-def _barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _all_gather_object(ctx: DistContext, obj):
-    if not ctx.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedule and optimizer
-
-
-def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:
-    """lr multiplier: 1 at step 0, cosine down to min_ratio at the last step."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, fused: bool = False):
-    """AdamW; 1-D tensors (biases, norm gains, logit scales, class/position embeddings' scales) get no decay."""
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: uint8 batches from the image cache, normalized and augmented on the device
-
-
-def epoch_order(indices: Sequence[int], seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """This process's share of epoch `epoch`'s permutation (DistributedSampler's padding and striding)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    order = indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
-    total = math.ceil(len(order) / world_size) * world_size
-    if total > len(order):  # pad by wrapping so every process runs the same number of steps
-        order = np.concatenate([order, order[: total - len(order)]])
-    return order[rank:total:world_size]
-
-
-class BatchLoader:
-    """Gathers batches (uint8 images, mos, index, extras) from memory-mapped arrays in a background thread.
-
-    `images` may be a np.memmap: each batch is one fancy-indexed copy, so the GPU never waits on Python.
-    """
-
-    def __init__(self, images: np.ndarray, mos: np.ndarray, extras: Mapping[str, np.ndarray] | None = None,
-                 pin_memory: bool = False, prefetch: int = 3):
-        self.images = images
-        self.mos = np.asarray(mos, dtype=np.float32)
-        self.extras = dict(extras or {})
-        for name, array in self.extras.items():
-            if len(array) != len(images):
-                raise ConfigError(f"extra array {name!r} has {len(array)} rows for {len(images)} images")
-        self.pin_memory = pin_memory
-        self.prefetch = prefetch
-
-    def gather(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = {"image": self._take(self.images, idx), "mos": self._take(self.mos, idx),
-                 "index": torch.from_numpy(np.asarray(idx, dtype=np.int64))}
-        for name, array in self.extras.items():
-            batch[name] = self._take(array, idx)
-        return batch
-
-    def _take(self, array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-        if not self.pin_memory:
-            return torch.from_numpy(np.ascontiguousarray(array[idx]))
-        # Gather straight into page-locked memory (one copy, not two); torch's caching host allocator
-        # keeps the buffer alive until the asynchronous host->device copy has used it.
-        out = torch.empty((len(idx), *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
-        np.take(array, idx, axis=0, out=out.numpy(), mode="clip")  # "raise" would buffer `out`
-        return out
-
-    def __call__(self, batches: Sequence[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        if len(batches) <= 1 or self.prefetch <= 0:
-            yield from (self.gather(idx) for idx in batches)
-            return
-        slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce():
-            try:
-                for idx in batches:
-                    if stop.is_set():
-                        return
-                    slots.put(self.gather(idx))
-                slots.put(None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
-                slots.put(exc)
-
-        worker = threading.Thread(target=produce, daemon=True, name="kdiqa-batches")
-        worker.start()
-        try:
-            while (item := slots.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                with contextlib.suppress(queue.Empty):
-                    slots.get_nowait()
-                worker.join(timeout=0.05)
-
-
-class DeviceTransform:
-    """uint8 NHWC on the host -> normalized float NCHW on the device (+ train-time horizontal flips)."""
-
-    def __init__(self, preprocess, device: torch.device, channels_last: bool = False):
-        self.device = device
-        self.channels_last = channels_last
-        self.mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(preprocess.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-
-    def __call__(self, batch: Mapping[str, torch.Tensor], flip_generator: torch.Generator | None = None) -> dict:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        # NHWC uint8 permuted to NCHW is already channels_last in memory; .contiguous() makes it NCHW.
-        x = out["image"].permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        if flip_generator is not None:
-            flip = torch.rand(x.shape[0], device=self.device, generator=flip_generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        out["image"] = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        for name, value in out.items():
-            if name not in ("image", "index") and value.is_floating_point():
-                out[name] = value.float()
-        return out
-
-
-def autocast_for(device: torch.device, amp: bool):
-    """(autocast context factory, dtype or None). Mixed precision only on CUDA."""
-    if not (amp and device.type == "cuda"):
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return functools.partial(torch.autocast, device_type="cuda", dtype=dtype), dtype
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, indices: Sequence[int], preprocess=None,
-            device: torch.device | str = "cpu", batch_size: int = 128, amp: bool = True,
-            ctx: DistContext = DistContext()) -> np.ndarray:
-    """Scores of `images[indices]` (float64, in index order). Under DDP each process scores a share."""
-    device = torch.device(device)
-    indices = np.asarray(indices, dtype=np.int64)
-    mine = np.arange(len(indices))[ctx.rank::ctx.world_size]
-    transform = DeviceTransform(preprocess or model.preprocess, device, channels_last=device.type == "cuda")
-    autocast, _ = autocast_for(device, amp)
-    loader = BatchLoader(images, np.zeros(len(images), np.float32), pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
-    scores = []
-    for batch in loader([indices[mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]):
-        with autocast():
-            scores.append(model(transform(batch)["image"]).float().cpu())
-    model.train(was_training)
-    local = (mine, torch.cat(scores).double().numpy() if scores else np.zeros(0))
-    result = np.empty(len(indices), dtype=np.float64)
-    for positions, values in _all_gather_object(ctx, local):
-        result[positions] = values
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The recipe
-
-
-def compile_encoder(model: nn.Module) -> nn.Module:
-    """torch.compile the image encoder in place (state_dict keys unchanged).
-
-    Not the whole train step: the loss takes the step number, and dynamo would recompile for every new
-    Python int. The encoder is where the time goes; the head is a few tiny ops.
-    """
-    for name in ("visual", "encoder", "backbone"):
-        child = getattr(model, name, None)
-        if isinstance(child, nn.Module):
-            child.compile()
-            return model
-    model.compile()
-    return model
-
-
-class _LossStep(nn.Module):
-    """The model and its loss as one module, so DDP (and torch.compile) see the whole train forward."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: dict, step: int, total_steps: int) -> dict[str, torch.Tensor]:
-        return dict(self.loss_fn(self.model, batch, step, total_steps))
 
 
 @dataclasses.dataclass
@@ -410,7 +160,7 @@ class Trainer:
         cfg = self.cfg
         # A process group that already exists (a pipeline running several stages, e.g. distill's teacher
         # fine-tune) belongs to the caller: cleanup() leaves it alone.
-        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self._owns_process_group = not process_group_exists()
         self.ctx, self.device = init_distributed(cfg.device)
         if not self.split.train:
             raise ConfigError("the training split is empty")
@@ -439,7 +189,7 @@ class Trainer:
         self.transform = DeviceTransform(self.model.preprocess, self.device, channels_last=cuda and cfg.channels_last)
         self.loader = BatchLoader(self.cache.images, self.cache.mos, self.extras, pin_memory=cuda)
 
-        step_module: nn.Module = _LossStep(self.model, self.loss_fn)
+        step_module: nn.Module = LossStep(self.model, self.loss_fn)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -473,7 +223,7 @@ class Trainer:
                     raise ConfigError(f"{split_path} differs from this run's split: resume with the same dataset and seed")
             else:
                 self.split.save(split_path)
-        _barrier(self.ctx)
+        barrier(self.ctx)
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -575,23 +325,8 @@ class Trainer:
         return EpochResult(row, metrics)
 
     def _write_step_log(self, step_log) -> None:
-        """steps.csv: lr, the scalars (e.g. lambda) and this process's loss terms at every optimizer step.
-
-        The tensors are read once per epoch (one device sync, not one per step). Rows of steps at or past
-        this epoch's first step are replaced, so a resumed run never duplicates them.
-        """
-        if not self.ctx.is_main or not step_log:
-            return
-        names = list(step_log[0][1])
-        values = torch.stack([torch.stack([terms[n] for n in names]) for _, terms in step_log]).cpu().tolist()
-        rows = [{**info, **dict(zip(names, row))} for (info, _), row in zip(step_log, values)]
-        path = self.run_dir / "steps.csv"
-        first = rows[0]["step"]
-        kept = []
-        if path.is_file():
-            with open(path, newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if int(row["step"]) < first]
-        write_metrics_csv(path, kept + rows)
+        if self.ctx.is_main:
+            write_step_log(self.run_dir / "steps.csv", step_log)
 
     def _tick(self, phase: str) -> None:
         """With `profile_steps` set, charge the time since the last tick to `phase` (device synchronized)."""
@@ -617,11 +352,7 @@ class Trainer:
     def _reduce_means(self, sums: dict[str, torch.Tensor], images: int) -> dict[str, float]:
         names = sorted(sums)
         packed = torch.stack([sums[n] for n in names] + [torch.tensor(float(images), device=self.device)])
-        if self.ctx.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(packed)
-        values = packed.cpu().tolist()
+        values = all_reduce_sum(self.ctx, packed).cpu().tolist()
         means = {name: values[i] / values[-1] for i, name in enumerate(names)}
         if not math.isfinite(means["loss"]):
             raise TrainingError(f"the training loss is {means['loss']} at epoch {self.epoch}: lower --lr, or check the data")
@@ -636,35 +367,20 @@ class Trainer:
     def save_checkpoint(self, best: bool = False) -> None:
         """`last` (weights + train_state for --resume) every epoch, `best` when the eval metric improved."""
         if self.ctx.is_main:
-            from kdiqa_edge.models.checkpoint import save_checkpoint
-
             metrics = {k: v for k, v in self.history[-1].items() if k not in WALL_CLOCK}
             meta = {**self.extra_meta, "epoch": self.epoch, "step": self.step, "metrics": metrics}
-            buffer = io.BytesIO()
-            torch.save(self._train_state(), buffer)
-            # the resume state goes in with the weights: a kill between two writes cannot leave weights
-            # without the state that resumes from them
-            last = save_checkpoint(self.model, self.run_dir / "checkpoints" / "last", meta,
-                                   extra_files={TRAIN_STATE: buffer.getvalue()})
-            if best:
-                _link_checkpoint(last, self.run_dir / "checkpoints" / "best")
+            save_last(self.model, self.run_dir, meta, self._train_state(), best)
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
-        _barrier(self.ctx)
+        barrier(self.ctx)
 
     def _train_state(self) -> dict:
-        np_state = np.random.get_state()
         return {
             "epoch": self.epoch,
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            },
+            "rng": rng_state(),
             "history": self.history,
             "best": self.best,
             "config": to_dict(self.cfg),
@@ -672,56 +388,25 @@ class Trainer:
         }
 
     def _load_state(self, last: Path) -> None:
-        from kdiqa_edge.models.checkpoint import load_state_dict, read_meta
+        from kdiqa_edge.models.checkpoint import load_state_dict
 
-        state = torch.load(last / TRAIN_STATE, map_location="cpu", weights_only=True)
-        meta = read_meta(last)
-        if meta.get("step") != state["step"]:
-            raise CheckpointError(f"{last}: weights (step {meta.get('step')}) and {TRAIN_STATE} (step "
-                                  f"{state['step']}) disagree; the run was interrupted while saving")
-        volatile = {"progress", "compile", "device", "eval_batch_size"}
-        saved = {k: v for k, v in state["config"].items() if k not in volatile}
-        current = {k: v for k, v in to_dict(self.cfg).items() if k not in volatile}
-        if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise ConfigError(f"cannot resume with a different training config (changed: {', '.join(changed)})")
-        if state.get("world_size", 1) != self.ctx.world_size:
-            raise ConfigError(f"the run was trained with {state.get('world_size')} processes; resume with the same number")
+        state = load_train_state(last, to_dict(self.cfg), self.ctx.world_size)
         self.model.load_state_dict({k: v.to(self.device) for k, v in load_state_dict(last).items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(_as_tuple(rng["python"]))
-        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+        set_rng_state(state["rng"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best = list(state["history"]), dict(state["best"])
         if self.ctx.is_main:
-            self._complete_saved_epoch(last)
-
-    def _complete_saved_epoch(self, last: Path) -> None:
-        """Finish the save a kill interrupted after `last` was in place: `best` and metrics.csv."""
-        from kdiqa_edge.models.checkpoint import read_meta
-
-        best_dir = self.run_dir / "checkpoints" / "best"
-        if self.best.get("epoch") == self.epoch:
-            try:
-                linked = read_meta(best_dir).get("epoch")
-            except CheckpointError:
-                linked = None
-            if linked != self.epoch:
-                _link_checkpoint(last, best_dir)
-        write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            complete_saved_epoch(self.run_dir, last, self.best.get("epoch"), self.epoch, self.history)
 
     # -- end of run -------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         """Best weights -> test metrics, predictions, plots and summary.json."""
         from kdiqa_edge.models.checkpoint import load_state_dict
 
-        _barrier(self.ctx)
+        barrier(self.ctx)
         best_dir = self.run_dir / "checkpoints" / "best"
         if best_dir.is_dir():
             self.model.load_state_dict({k: v.to(self.device) for k, v in load_state_dict(best_dir).items()})
@@ -751,15 +436,12 @@ class Trainer:
                             title=str(self.extra_meta.get("label", "")))
             except ImportError as exc:  # matplotlib is part of [train]; say so rather than fail a finished run
                 summary["plots"] = f"skipped: {exc}"
-        _barrier(self.ctx)
+        barrier(self.ctx)
         return summary
 
     def cleanup(self) -> None:
         if self.ctx.enabled and getattr(self, "_owns_process_group", True):
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            destroy_process_group()
 
     def fit(self) -> dict[str, Any]:
         self.setup()
@@ -768,40 +450,4 @@ class Trainer:
         finally:
             self.cleanup()
 
-
-def _link_checkpoint(source: Path, target: Path) -> Path:
-    """`target` = the checkpoint files of `source` (not its train_state), hard-linked where possible.
-
-    Saving never rewrites a file in place (a checkpoint dir is replaced as a whole), so a link stays the
-    content it was made with; for ViT-B/32 this saves serializing and hashing 350 MB once more per epoch.
-    """
-    import os
-    import shutil
-
-    from kdiqa_edge.models.checkpoint import META_FILE, WEIGHTS_FILE
-
-    with atomic_path(target) as tmp:
-        tmp.mkdir(parents=True)
-        for name in (WEIGHTS_FILE, META_FILE):
-            try:
-                os.link(source / name, tmp / name)
-            except OSError:  # a filesystem without hard links
-                shutil.copy2(source / name, tmp / name)
-    return target
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def write_metrics_csv(path: Path, history: list[dict]) -> Path:
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return write_text(path, buffer.getvalue())
 

@@ -1,0 +1,175 @@
+"""A training run on disk: checkpoints `last` and `best`, the resume state, RNG state, metrics.csv, steps.csv.
+
+`last` holds the weights and `train_state.pt` (optimizer, scheduler, grad scaler, RNG, step, history) in one
+checkpoint dir, replaced as a whole; `best` is a hard-linked copy of the weights of the best `last`.
+Reproducible bytes: checkpoints carry no wall-clock figures (WALL_CLOCK: in metrics.csv and summary.json
+only), so a killed-and-resumed run writes the uninterrupted run's model.safetensors and model.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdiqa_edge.errors import CheckpointError, ConfigError
+from kdiqa_edge.io import atomic_path, write_text
+
+TRAIN_STATE = "train_state.pt"
+# Measurements of the machine, not of the model: metrics.csv and summary.json keep them, checkpoints do not
+# (the same training gives the same checkpoint bytes, resumed or not).
+WALL_CLOCK = ("train_seconds", "images_per_s")
+# Config fields a resumed run may change: they do not change what is trained.
+RESUMABLE_CHANGES = frozenset({"progress", "compile", "device", "eval_batch_size"})
+
+
+def run_finished(run_dir: Path) -> bool:
+    """A run dir whose training completed (summary.json is written last)."""
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def run_interrupted(run_dir: Path) -> bool:
+    """A run dir that `resume=True` can continue: a saved train state, no summary yet."""
+    return (Path(run_dir) / "checkpoints" / "last" / TRAIN_STATE).is_file() and not run_finished(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, Python and NumPy generator states, as tensors and lists torch.load(weights_only) reads."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(_as_tuple(rng["python"]))
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_last(model: nn.Module, run_dir: Path, meta: dict, train_state: dict, best: bool) -> Path:
+    """Write checkpoints/last (weights + train_state) and, if `best`, link checkpoints/best to it."""
+    from kdiqa_edge.models.checkpoint import save_checkpoint
+
+    buffer = io.BytesIO()
+    torch.save(train_state, buffer)
+    # the resume state goes in with the weights: a kill between two writes cannot leave weights
+    # without the state that resumes from them
+    last = save_checkpoint(model, run_dir / "checkpoints" / "last", meta,
+                           extra_files={TRAIN_STATE: buffer.getvalue()})
+    if best:
+        link_checkpoint(last, run_dir / "checkpoints" / "best")
+    return last
+
+
+def load_train_state(last: Path, config: dict, world_size: int) -> dict:
+    """The train state in `last`, checked against its weights and against this run's config and processes."""
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    state = torch.load(last / TRAIN_STATE, map_location="cpu", weights_only=True)
+    meta = read_meta(last)
+    if meta.get("step") != state["step"]:
+        raise CheckpointError(f"{last}: weights (step {meta.get('step')}) and {TRAIN_STATE} (step "
+                              f"{state['step']}) disagree; the run was interrupted while saving")
+    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+    current = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise ConfigError(f"cannot resume with a different training config (changed: {', '.join(changed)})")
+    if state.get("world_size", 1) != world_size:
+        raise ConfigError(f"the run was trained with {state.get('world_size')} processes; resume with the same number")
+    return state
+
+
+def complete_saved_epoch(run_dir: Path, last: Path, best_epoch: int | None, epoch: int,
+                         history: list[dict]) -> None:
+    """Finish the save a kill interrupted after `last` was in place: `best` and metrics.csv."""
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    best_dir = run_dir / "checkpoints" / "best"
+    if best_epoch == epoch:
+        try:
+            linked = read_meta(best_dir).get("epoch")
+        except CheckpointError:
+            linked = None
+        if linked != epoch:
+            link_checkpoint(last, best_dir)
+    write_metrics_csv(run_dir / "metrics.csv", history)
+
+
+def link_checkpoint(source: Path, target: Path) -> Path:
+    """`target` = the checkpoint files of `source` (not its train_state), hard-linked where possible.
+
+    Saving never rewrites a file in place (a checkpoint dir is replaced as a whole), so a link stays the
+    content it was made with; for ViT-B/32 this saves serializing and hashing 350 MB once more per epoch.
+    """
+    from kdiqa_edge.models.checkpoint import META_FILE, WEIGHTS_FILE
+
+    with atomic_path(target) as tmp:
+        tmp.mkdir(parents=True)
+        for name in (WEIGHTS_FILE, META_FILE):
+            try:
+                os.link(source / name, tmp / name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(source / name, tmp / name)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logs
+
+
+def write_step_log(path: Path, step_log: list[tuple[dict, dict[str, torch.Tensor]]]) -> None:
+    """steps.csv: lr, the scalars (e.g. lambda) and this process's loss terms at every optimizer step.
+
+    The tensors are read once per epoch (one device sync, not one per step). Rows of steps at or past
+    this epoch's first step are replaced, so a resumed run never duplicates them.
+    """
+    if not step_log:
+        return
+    names = list(step_log[0][1])
+    values = torch.stack([torch.stack([terms[n] for n in names]) for _, terms in step_log]).cpu().tolist()
+    rows = [{**info, **dict(zip(names, row))} for (info, _), row in zip(step_log, values)]
+    first = rows[0]["step"]
+    kept = []
+    if path.is_file():
+        with open(path, newline="") as handle:
+            kept = [row for row in csv.DictReader(handle) if int(row["step"]) < first]
+    write_metrics_csv(path, kept + rows)
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> Path:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return write_text(path, buffer.getvalue())
