@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kdiqa_edge tests
+	$(VENV)/bin/ruff check kdiqa_edge tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

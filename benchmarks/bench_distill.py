@@ -202,7 +202,7 @@ def run(args) -> dict:
         order = epoch_order(split.train, cfg.seed, epoch)
         prepared = bare.prepare(cache, [order[i:i + args.batch_size]
                                         for i in range(0, len(order), args.batch_size)])
-        def run_bare():
+        def run_bare(prepared=prepared):
             cpu = time.process_time()
             return bare.epoch(prepared), time.process_time() - cpu
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdiqa_edge.preprocess import PreprocessSpec, load_preprocessed  # noqa: E402
+from kdiqa_edge.preprocess import PreprocessSpec, load_preprocessed
 
 
 def export_student(arch: str, out: Path, size: int = 224) -> Path:

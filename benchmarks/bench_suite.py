@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     from kdiqa_edge.data.spec import DatasetSpec
     from kdiqa_edge.io import write_text
 
-    log = lambda message: print(message, flush=True)  # noqa: E731
+    log = lambda message: print(message, flush=True)
     work = args.work or paths.cache_dir() / "bench-suite"
     data = DatasetSpec.from_cli(dataset=args.dataset, root=args.root)
     formats = [tuple(f.split(":")) for f in args.formats] if args.formats else default_formats()

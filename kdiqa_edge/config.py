@@ -63,8 +63,8 @@ def resolve(cls: type[C], config_file: str | Path | None = None, **overrides: An
 
 
 def save(cfg, path: str | Path) -> Path:
-    from kdiqa_edge.io import write_text
-
     import yaml
+
+    from kdiqa_edge.io import write_text
 
     return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

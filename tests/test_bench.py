@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from test_runtime_helpers import SIZE, export_tiny_onnx, quantize_dynamic_int8, tiny_score_model
 
 from kdiqa_edge import artifact
 from kdiqa_edge.bench import BenchConfig, LatencyStats, run_bench, time_inference
@@ -14,11 +15,10 @@ from kdiqa_edge.bench.report import markdown, write_markdown, write_plot, write_
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.preprocess import PreprocessSpec
 from kdiqa_edge.runtime import QualityModel
-from test_runtime_helpers import SIZE, export_tiny_onnx, quantize_dynamic_int8, tiny_score_model
 
 torch = pytest.importorskip("torch")
 
-FAST = dict(batch_sizes=(1, 4), warmup=1, runs=3)
+FAST = {"batch_sizes": (1, 4), "warmup": 1, "runs": 3}
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kdiqa_edge.data.spec import DatasetSpec  # noqa: E402
-from kdiqa_edge.preprocess import PreprocessSpec  # noqa: E402
-from kdiqa_edge.runtime import QualityModel  # noqa: E402
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.preprocess import PreprocessSpec
+from kdiqa_edge.runtime import QualityModel
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def exported(tmp_path_factory):
     student = create_student("test_resnet", head, PreprocessSpec(size=64), pretrained=False).eval()
     run = folder / "distill-test_resnet"
     save_checkpoint(student, run / "checkpoints" / "best")
-    common = dict(calib=16, parity_images=4, eval_images=16, latency_runs=2, threads=1)
+    common = {"calib": 16, "parity_images": 4, "eval_images": 16, "latency_runs": 2, "threads": 1}
     files = {}
     for label, cfg in (("fp32", ExportConfig(precision="fp32", **common)),
                        ("int8", ExportConfig(precision="int8", **common)),

@@ -14,16 +14,16 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("open_clip")
 
-from ddp_helpers import become_rank, free_port  # noqa: E402
+from ddp_helpers import become_rank, free_port
 
-from kdiqa_edge import paths  # noqa: E402
-from kdiqa_edge.data import DatasetSpec  # noqa: E402
-from kdiqa_edge.models import load_checkpoint  # noqa: E402
-from kdiqa_edge.models.head import QualityHead  # noqa: E402
-from kdiqa_edge.models.student import RegressionHead, Student, create_student  # noqa: E402
-from kdiqa_edge.train.distill import DistillConfig, ensure_teacher, run_distill  # noqa: E402
-from kdiqa_edge.train.distributed import DistContext  # noqa: E402
-from kdiqa_edge.train.schedules import parse_variant  # noqa: E402
+from kdiqa_edge import paths
+from kdiqa_edge.data import DatasetSpec
+from kdiqa_edge.models import load_checkpoint
+from kdiqa_edge.models.head import QualityHead
+from kdiqa_edge.models.student import RegressionHead, Student, create_student
+from kdiqa_edge.train.distill import DistillConfig, ensure_teacher, run_distill
+from kdiqa_edge.train.distributed import DistContext
+from kdiqa_edge.train.schedules import parse_variant
 
 REFS = 4  # 4 references x 6 distortions x 5 levels = 120 images; split by reference: 90 train, 30 test
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_helpers import become_rank, free_port
 
-from ddp_helpers import become_rank, free_port  # noqa: E402
 from kdiqa_edge import paths
 from kdiqa_edge.data import DatasetSpec, prepare
 from kdiqa_edge.errors import CheckpointError, ConfigError

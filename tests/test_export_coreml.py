@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 ct = pytest.importorskip("coremltools")
 
-from kdiqa_edge.errors import ExportError  # noqa: E402
-from kdiqa_edge.export import coreml  # noqa: E402
-from kdiqa_edge.export.base import ExportConfig  # noqa: E402
-from kdiqa_edge.models.student import create_student  # noqa: E402
-from kdiqa_edge.models.teacher import load_teacher  # noqa: E402
+from kdiqa_edge.errors import ExportError
+from kdiqa_edge.export import coreml
+from kdiqa_edge.export.base import ExportConfig
+from kdiqa_edge.models.student import create_student
+from kdiqa_edge.models.teacher import load_teacher
 
 
 @pytest.fixture(scope="module")

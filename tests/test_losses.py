@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from kdiqa_edge.errors import ConfigError  # noqa: E402
-from kdiqa_edge.train.losses import DistillLoss, distill_loss, hard_loss, soft_loss  # noqa: E402
-from kdiqa_edge.train.schedules import cosine_lambda, parse_variant  # noqa: E402
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.train.losses import DistillLoss, distill_loss, hard_loss, soft_loss
+from kdiqa_edge.train.schedules import cosine_lambda, parse_variant
 
 
 def test_lambda_at_start_middle_end():
@@ -20,7 +21,7 @@ def test_lambda_at_start_middle_end():
     assert cosine_lambda(total, total) == pytest.approx(0.0, abs=1e-12)
     assert cosine_lambda(total // 4, total) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     values = [cosine_lambda(t, total) for t in range(total + 1)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone from teacher to labels
+    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone from teacher to labels
 
 
 @pytest.mark.parametrize("spec, at0, at_half, at_end", [

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_runtime_helpers import export_tiny_onnx, quantize_dynamic_int8, real_photos
 
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 pytest.importorskip("timm")
 
-from kdiqa_edge.cli import app  # noqa: E402
-from kdiqa_edge.paper import table_i, table_ii  # noqa: E402
-from kdiqa_edge.train.reproduce import ReproduceConfig, plan  # noqa: E402
+from kdiqa_edge.cli import app
+from kdiqa_edge.paper import table_i, table_ii
+from kdiqa_edge.train.reproduce import ReproduceConfig, plan
 
 
 def _args(data, out):

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_runtime_helpers import SIZE, export_tiny_onnx, real_photos, tiny_score_model
 
 from kdiqa_edge import artifact
 from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency
 from kdiqa_edge.preprocess import PreprocessSpec, load_preprocessed, normalize
 from kdiqa_edge.runtime import QualityModel, backend_kind
 from kdiqa_edge.runtime.backends import check_engine_header, engine_meta, resolve_providers
-from test_runtime_helpers import SIZE, export_tiny_onnx, real_photos, tiny_score_model
 
 
 @pytest.fixture(scope="module")

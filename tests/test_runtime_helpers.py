@@ -76,8 +76,8 @@ def export_tiny_onnx(path: Path, seed: int = 0, uint8_nhwc: bool = False, precis
 
 
 def quantize_dynamic_int8(src: Path, dst: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     proto = onnx.load(str(dst))

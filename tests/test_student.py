@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from kdiqa_edge.errors import ConfigError, WeightsUnavailable  # noqa: E402
-from kdiqa_edge.models import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
-from kdiqa_edge.models.head import QualityHead  # noqa: E402
-from kdiqa_edge.models.student import RegressionHead, Student, create_student  # noqa: E402
+from kdiqa_edge.errors import ConfigError, WeightsUnavailable
+from kdiqa_edge.models import load_checkpoint, read_meta, save_checkpoint
+from kdiqa_edge.models.head import QualityHead
+from kdiqa_edge.models.student import RegressionHead, Student, create_student
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -27,7 +26,7 @@ class EvalSet:
 class EvalData:
     """Prepares the eval split once per preprocessing spec (models may differ in input size)."""
 
-    def __init__(self, spec, seed: int = 0, max_images: Optional[int] = None, progress: bool = True):
+    def __init__(self, spec, seed: int = 0, max_images: int | None = None, progress: bool = True):
         self.spec, self.seed, self.max_images, self.progress = spec, seed, max_images, progress
         self._sets: dict[str, EvalSet] = {}
 

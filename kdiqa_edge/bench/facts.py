@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 # ONNX TensorProto.DataType values that hold weights (float, uint8, int8, float16, double, bfloat16, fp8s,
 # int4/uint4); int64/int32 initializers are shapes and indices, not parameters.
@@ -106,7 +106,7 @@ def _constant_node_params(buf: memoryview, start: int, end: int) -> int:
     return total
 
 
-def onnx_macs(path: str | Path) -> Optional[int]:
+def onnx_macs(path: str | Path) -> int | None:
     """Multiply-accumulates of one image through Conv/ConvTranspose/MatMul/Gemm (and their quantized forms).
 
     Needs the `onnx` package for shape inference; None when it is not installed or shapes stay unknown.
@@ -122,7 +122,7 @@ def onnx_macs(path: str | Path) -> Optional[int]:
         return None
     graph = model.graph
 
-    def dims(info) -> Optional[list[int]]:
+    def dims(info) -> list[int] | None:
         shape = info.type.tensor_type.shape
         if not info.type.tensor_type.HasField("shape"):
             return None
@@ -146,9 +146,7 @@ def onnx_macs(path: str | Path) -> Optional[int]:
                 out = shapes.get(node.input[0])
             total += _prod(out) * per_output
         elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
-            a_index = 0
-            b_index = 3 if op == "QLinearMatMul" else 1
-            out, a = shapes.get(node.output[0]), shapes.get(node.input[a_index])
+            out, a = shapes.get(node.output[0]), shapes.get(node.input[0])
             if not out or not a:
                 return None
             transposed = op == "Gemm" and any(att.name == "transA" and att.i for att in node.attribute)
@@ -172,7 +170,7 @@ def size_bytes(path: str | Path) -> int:
     return path.stat().st_size
 
 
-def current_rss_mb() -> Optional[float]:
+def current_rss_mb() -> float | None:
     """Resident memory now (Linux /proc), None elsewhere."""
     try:
         with open("/proc/self/statm") as handle:
@@ -182,7 +180,7 @@ def current_rss_mb() -> Optional[float]:
         return None
 
 
-def peak_rss_mb() -> Optional[float]:
+def peak_rss_mb() -> float | None:
     """The process's high-water resident memory so far."""
     try:
         import resource

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class LatencyStats:
     images_per_s: float  # batch_size / mean
 
     @classmethod
-    def from_times(cls, batch_size: int, seconds: Sequence[float]) -> "LatencyStats":
+    def from_times(cls, batch_size: int, seconds: Sequence[float]) -> LatencyStats:
         ms = np.asarray(seconds, np.float64) * 1000.0
         mean = float(ms.mean())
         return cls(batch_size=batch_size, runs=len(ms), mean_ms=mean, p50_ms=float(np.percentile(ms, 50)),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -27,12 +27,12 @@ FORMAT_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT", "coreml": "CoreML", "exe
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # latency is measured at each
-    threads: Optional[int] = None  # CPU threads for inference (None: the runtime's default)
+    threads: int | None = None  # CPU threads for inference (None: the runtime's default)
     warmup: int = 10  # untimed runs before timing, per batch size
     runs: int = 50  # timed runs per batch size
-    provider: Optional[str] = None  # onnxruntime execution provider / torch device / CoreML compute units
+    provider: str | None = None  # onnxruntime execution provider / torch device / CoreML compute units
     seed: int = 0  # split seed: the eval split is the test part of this split
-    max_images: Optional[int] = None  # cap on eval images (None: the whole test split)
+    max_images: int | None = None  # cap on eval images (None: the whole test split)
     accuracy: bool = True  # score the eval split (off: latency and facts only)
     eval_batch_size: int = 32  # batch size for scoring the eval split
     preprocess_images: int = 32  # files timed for preprocessing (decode to model input)
@@ -48,28 +48,28 @@ class BenchResult:
     format: str  # ONNX, TensorRT, CoreML, ExecuTorch, PyTorch
     precision: str  # fp32 | fp16 | int8 | ?
     status: str = "ok"  # ok | failed
-    stage: Optional[str] = None  # where it failed: load, latency, accuracy
-    reason: Optional[str] = None  # one line
+    stage: str | None = None  # where it failed: load, latency, accuracy
+    reason: str | None = None  # one line
     reference: bool = False
-    backend: Optional[str] = None  # onnxruntime, tensorrt, coreml, executorch, torch
-    device: Optional[str] = None
-    input: Optional[str] = None  # e.g. "uint8 NHWC 224"
-    size_mb: Optional[float] = None
-    params: Optional[int] = None
-    macs: Optional[int] = None  # one image
-    load_s: Optional[float] = None
+    backend: str | None = None  # onnxruntime, tensorrt, coreml, executorch, torch
+    device: str | None = None
+    input: str | None = None  # e.g. "uint8 NHWC 224"
+    size_mb: float | None = None
+    params: int | None = None
+    macs: int | None = None  # one image
+    load_s: float | None = None
     latency: list[LatencyStats] = dataclasses.field(default_factory=list)
-    preprocessing: Optional[PreprocessStats] = None
-    metrics: Optional[IQAMetrics] = None
-    drift: Optional[Drift] = None
-    rss_delta_mb: Optional[float] = None  # resident memory added by loading and running this model
-    peak_rss_mb: Optional[float] = None  # the process's high-water mark after this model
+    preprocessing: PreprocessStats | None = None
+    metrics: IQAMetrics | None = None
+    drift: Drift | None = None
+    rss_delta_mb: float | None = None  # resident memory added by loading and running this model
+    peak_rss_mb: float | None = None  # the process's high-water mark after this model
 
-    def latency_at(self, batch_size: int) -> Optional[LatencyStats]:
+    def latency_at(self, batch_size: int) -> LatencyStats | None:
         return next((s for s in self.latency if s.batch_size == batch_size), None)
 
     @property
-    def best_throughput(self) -> Optional[LatencyStats]:
+    def best_throughput(self) -> LatencyStats | None:
         return max(self.latency, key=lambda s: s.images_per_s) if self.latency else None
 
     def to_dict(self) -> dict:
@@ -82,7 +82,7 @@ class BenchResult:
 class BenchReport:
     environment: dict
     config: BenchConfig
-    dataset: Optional[dict]  # name, split, n (None when accuracy is off or failed)
+    dataset: dict | None  # name, split, n (None when accuracy is off or failed)
     results: list[BenchResult]
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -133,7 +133,7 @@ def _model_facts(result: BenchResult, model) -> None:
         result.macs = source.get("macs") if isinstance(source, dict) else None
 
 
-def _torch_facts(model) -> tuple[Optional[int], Optional[int]]:
+def _torch_facts(model) -> tuple[int | None, int | None]:
     """Parameters (the usual count: nn.Parameters, frozen or not) and MACs via torch's flop counter.
 
     An ONNX graph's count differs slightly: batch norms are folded into convolutions there, and the
@@ -154,8 +154,8 @@ def _torch_facts(model) -> tuple[Optional[int], Optional[int]]:
         return int(params), None
 
 
-def bench_one(path: str, cfg: BenchConfig, eval_data: Optional[EvalData], progress=None,
-              reference: bool = False) -> tuple[BenchResult, Optional[np.ndarray], Optional[object]]:
+def bench_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
+              reference: bool = False) -> tuple[BenchResult, np.ndarray | None, object | None]:
     """One row; returns it with the eval scores and eval set (for drift). Never raises for a model's own fault."""
     import time
 
@@ -192,7 +192,7 @@ def bench_one(path: str, cfg: BenchConfig, eval_data: Optional[EvalData], progre
             stage = "preprocessing"
             result.preprocessing = time_preprocessing(eval_set.files[:cfg.preprocess_images], model.preprocess,
                                                       model)
-    except Exception as exc:  # noqa: BLE001 - a failing format is a row, not the end of the bench
+    except Exception as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         if stage == "data":
@@ -204,7 +204,7 @@ def bench_one(path: str, cfg: BenchConfig, eval_data: Optional[EvalData], progre
     return result, scores, eval_set
 
 
-def run_bench(models: Sequence[str | Path], reference: Optional[str | Path] = None, data=None,
+def run_bench(models: Sequence[str | Path], reference: str | Path | None = None, data=None,
               cfg: BenchConfig = BenchConfig(), progress: bool = True) -> BenchReport:
     """Bench every model (the reference first, as its own row); the FP32 reference anchors the drift."""
     from kdiqa_edge.data.spec import DatasetSpec
@@ -264,7 +264,7 @@ def _distinct_names(results: list[BenchResult]) -> None:
         result.name = name
 
 
-def _align(ref_names: list[str], ref_scores: np.ndarray, names: list[str]) -> Optional[np.ndarray]:
+def _align(ref_names: list[str], ref_scores: np.ndarray, names: list[str]) -> np.ndarray | None:
     if ref_names == names:
         return ref_scores
     lookup = dict(zip(ref_names, ref_scores))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,7 +28,7 @@ def bench(
     models: Annotated[list[Path], typer.Argument(help="Artifacts to compare (.onnx, .engine, .mlpackage, .pte, "
                                                       "checkpoint or run dir).")],
     data,
-    reference: Annotated[Optional[Path], typer.Option(
+    reference: Annotated[Path | None, typer.Option(
         "--reference", help="The FP32 model the drift is measured against (a run dir, checkpoint or artifact).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8,32.")] = "1,8,32",
     threads: Threads = None,
@@ -36,13 +36,13 @@ def bench(
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per batch size.")] = 50,
     provider: Provider = None,
     seed: Annotated[int, typer.Option("--seed", help="Split seed: the eval split is its test part.")] = 0,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", min=3,
+    max_images: Annotated[int | None, typer.Option("--max-images", min=3,
                                                       help="Score at most this many eval images.")] = None,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy",
                                            help="Score the eval split (off: latency and facts only).")] = True,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full results as JSON.")] = None,
-    markdown_path: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown report.")] = None,
-    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a latency-vs-SRCC PNG.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the full results as JSON.")] = None,
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown report.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a latency-vs-SRCC PNG.")] = None,
 ) -> None:
     """Benchmark artifacts of one model: latency per batch size, size, params, MACs, accuracy, drift.
 

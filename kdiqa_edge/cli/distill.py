@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,11 +23,11 @@ def register(app: typer.Typer) -> None:
 @dataset_options
 def distill_command(
     data: DatasetSpec,
-    student: Annotated[Optional[str], typer.Option(
+    student: Annotated[str | None, typer.Option(
         "--student", "-s", rich_help_panel=STUDENT_PANEL,
         help="timm model name (default resnet18; the paper's: swin_tiny_patch4_window7_224, resnet18, "
         "mobilevit_s, efficientnet_b0).")] = None,
-    variant: Annotated[Optional[str], typer.Option(
+    variant: Annotated[str | None, typer.Option(
         "--variant", rich_help_panel=STUDENT_PANEL,
         help="full (cosine-annealed soft+hard, default), soft (lambda=1), hard (lambda=0), fixed:X (constant "
         "lambda X), regression (plain regression head, no teacher).")] = None,
@@ -35,52 +35,52 @@ def distill_command(
         "--no-pretrained", rich_help_panel=STUDENT_PANEL,
         help="Random-init student encoder instead of timm's ImageNet weights (labelled 'not pretrained')."
     )] = False,
-    student_weights: Annotated[Optional[Path], typer.Option(
+    student_weights: Annotated[Path | None, typer.Option(
         "--student-weights", rich_help_panel=STUDENT_PANEL,
         help="Local ImageNet weights file for the student (offline machines).")] = None,
-    teacher_checkpoint: Annotated[Optional[Path], typer.Option(
+    teacher_checkpoint: Annotated[Path | None, typer.Option(
         "--teacher-checkpoint", rich_help_panel=TEACHER_PANEL,
         help="A fine-tuned teacher (checkpoint or run dir). Without it the teacher is fine-tuned first, once "
         "per dataset, split and teacher config, and reused by later runs.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(
+    teacher: Annotated[str | None, typer.Option(
         "--teacher", rich_help_panel=TEACHER_PANEL,
         help="Teacher to fine-tune: open_clip NAME:TAG (default ViT-B-32:openai), NAME:random (that model, random "
         "init, not pretrained) or 'tiny' (random init, 64 px, not pretrained: tests and quick demos).")] = None,
-    teacher_weights: Annotated[Optional[Path], typer.Option(
+    teacher_weights: Annotated[Path | None, typer.Option(
         "--teacher-weights", rich_help_panel=TEACHER_PANEL,
         help="Local open_clip weights file for --teacher's NAME (offline machines).")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(
+    teacher_epochs: Annotated[int | None, typer.Option(
         "--teacher-epochs", min=1, rich_help_panel=TEACHER_PANEL,
         help="Teacher fine-tune epochs (default: the same as --epochs).")] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Run dir (default runs/distill-<student>-<variant>-<dataset>-<time>).")] = None,
-    config: Annotated[Optional[Path], typer.Option(
+    config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML/JSON config; flags override it. A run's config.yaml works.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out.")] = False,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, rich_help_panel=TRAIN_PANEL,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, rich_help_panel=TRAIN_PANEL,
                                                   help="Epochs (100).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         "--batch-size", "-b", min=1, rich_help_panel=TRAIN_PANEL,
         help="Images per optimizer step (64).")] = None,
-    lr: Annotated[Optional[float], typer.Option(
+    lr: Annotated[float | None, typer.Option(
         "--lr", rich_help_panel=TRAIN_PANEL, help="Peak AdamW learning rate (1e-4), cosine to 0.1x.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(
+    weight_decay: Annotated[float | None, typer.Option(
         "--weight-decay", rich_help_panel=TRAIN_PANEL, help="AdamW weight decay (0.05).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Micro-batches per optimizer step.")] = None,
-    augment: Annotated[Optional[str], typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
+    augment: Annotated[str | None, typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
                                                    help="hflip (default) or none.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
+    seed: Annotated[int | None, typer.Option(
         "--seed", rich_help_panel=TRAIN_PANEL,
         help="Student init, data order and augmentation seed.")] = None,
-    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Train/test split seed.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(
+    split_seed: Annotated[int | None, typer.Option("--split-seed", help="Train/test split seed.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", help="Hold out a validation split for checkpoint selection (default 0: select on "
         "test, the paper's protocol).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
                                                 "supported).")] = None,
-    compile_model: Annotated[Optional[bool], typer.Option(
+    compile_model: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the train step (CUDA).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:

@@ -6,14 +6,14 @@ import functools
 import inspect
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 DATASET_PANEL = "Dataset"
 
 Dataset = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--dataset",
         help="Dataset reader: koniq, spaq, live, csiq, kadid, clive, tid2013, csv, synthetic (default).",
@@ -21,28 +21,28 @@ Dataset = Annotated[
     ),
 ]
 Root = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--root", help="The dataset's root folder, exactly as distributed.", rich_help_panel=DATASET_PANEL),
 ]
 CsvFile = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--csv", help="csv reader: the score file (default <root>/scores.csv).", rich_help_panel=DATASET_PANEL),
 ]
 ImageDir = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--image-dir", help="csv reader: images are relative to this folder (default the root).",
                  rich_help_panel=DATASET_PANEL),
 ]
 ImageCol = Annotated[
-    Optional[str], typer.Option("--image-col", help="csv reader: image column (default image).",
+    str | None, typer.Option("--image-col", help="csv reader: image column (default image).",
                                 rich_help_panel=DATASET_PANEL)
 ]
 MosCol = Annotated[
-    Optional[str], typer.Option("--mos-col", help="csv reader: score column (default mos).",
+    str | None, typer.Option("--mos-col", help="csv reader: score column (default mos).",
                                 rich_help_panel=DATASET_PANEL)
 ]
 MosRange = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--mos-range", help="csv reader: nominal score range LO,HI (default 1,5).",
                  rich_help_panel=DATASET_PANEL),
 ]
@@ -51,7 +51,7 @@ LowerBetter = Annotated[
                        rich_help_panel=DATASET_PANEL)
 ]
 RefCol = Annotated[
-    Optional[str], typer.Option("--ref-col", help="csv reader: reference (content) id column.",
+    str | None, typer.Option("--ref-col", help="csv reader: reference (content) id column.",
                                 rich_help_panel=DATASET_PANEL)
 ]
 Strict = Annotated[

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     )(reproduce_command)
 
 
-def _csv_list(text: Optional[str]) -> Optional[list[str]]:
+def _csv_list(text: str | None) -> list[str] | None:
     return [item.strip() for item in text.split(",") if item.strip()] if text else None
 
 
@@ -33,22 +33,22 @@ def _csv_list(text: Optional[str]) -> Optional[list[str]]:
 def reproduce_command(
     data: DatasetSpec,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the runs and the tables go.")],
-    students: Annotated[Optional[str], typer.Option(
+    students: Annotated[str | None, typer.Option(
         "--students", help="Comma-separated timm names (default the paper's four).")] = None,
-    variants: Annotated[Optional[str], typer.Option(
+    variants: Annotated[str | None, typer.Option(
         "--variants", help="Comma-separated: full, soft, hard, fixed:X, regression (default full).")] = None,
-    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of random splits (5).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Student epochs (100).")] = None,
-    teacher_epochs: Annotated[Optional[int], typer.Option(
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="Number of random splits (5).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Student epochs (100).")] = None,
+    teacher_epochs: Annotated[int | None, typer.Option(
         "--teacher-epochs", min=1, help="Teacher epochs (default --epochs).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(
+    teacher: Annotated[str | None, typer.Option(
         "--teacher", help="open_clip NAME:TAG (default ViT-B-32:openai) or tiny.")] = None,
-    teacher_weights: Annotated[Optional[Path], typer.Option(
+    teacher_weights: Annotated[Path | None, typer.Option(
         "--teacher-weights", help="Local open_clip weights file (offline machines).")] = None,
     no_pretrained: Annotated[bool, typer.Option(
         "--no-pretrained", help="Random-init students (labelled 'not pretrained').")] = False,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Batch size (64).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (64).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its cost estimate; run nothing.")]
     = False,
     launcher: Annotated[str, typer.Option(
@@ -60,25 +60,25 @@ def reproduce_command(
     wait: Annotated[bool, typer.Option(
         "--wait", help="slurm: wait for the submitted jobs, then write the tables.", rich_help_panel=SLURM)]
     = False,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="sbatch --partition.",
+    partition: Annotated[str | None, typer.Option("--partition", help="sbatch --partition.",
                                                      rich_help_panel=SLURM)] = None,
-    gpus_per_job: Annotated[Optional[int], typer.Option(
+    gpus_per_job: Annotated[int | None, typer.Option(
         "--gpus-per-job", min=0, help="GPUs per job (1); more run the training under torchrun.",
         rich_help_panel=SLURM)] = None,
-    cpus_per_job: Annotated[Optional[int], typer.Option(
+    cpus_per_job: Annotated[int | None, typer.Option(
         "--cpus-per-job", min=1, help="sbatch --cpus-per-task.", rich_help_panel=SLURM)] = None,
-    mem: Annotated[Optional[str], typer.Option("--mem", help="sbatch --mem, e.g. 64G.", rich_help_panel=SLURM)]
+    mem: Annotated[str | None, typer.Option("--mem", help="sbatch --mem, e.g. 64G.", rich_help_panel=SLURM)]
     = None,
-    time_limit: Annotated[Optional[str], typer.Option(
+    time_limit: Annotated[str | None, typer.Option(
         "--time", help="Wall time per job: minutes, HH:MM:SS, D-HH:MM:SS (24:00:00).", rich_help_panel=SLURM)]
     = None,
-    max_parallel: Annotated[Optional[int], typer.Option(
+    max_parallel: Annotated[int | None, typer.Option(
         "--max-parallel", min=1, help="Distillations of one split running at once (array throttle, 16).",
         rich_help_panel=SLURM)] = None,
-    account: Annotated[Optional[str], typer.Option("--account", help="sbatch --account.", rich_help_panel=SLURM)]
+    account: Annotated[str | None, typer.Option("--account", help="sbatch --account.", rich_help_panel=SLURM)]
     = None,
-    qos: Annotated[Optional[str], typer.Option("--qos", help="sbatch --qos.", rich_help_panel=SLURM)] = None,
-    slurm_extra: Annotated[Optional[list[str]], typer.Option(
+    qos: Annotated[str | None, typer.Option("--qos", help="sbatch --qos.", rich_help_panel=SLURM)] = None,
+    slurm_extra: Annotated[list[str] | None, typer.Option(
         "--slurm-extra", help="Any other sbatch option as KEY=VALUE (repeatable), e.g. constraint=a100.",
         rich_help_panel=SLURM)] = None,
 ) -> None:

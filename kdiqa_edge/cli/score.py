@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,11 +17,11 @@ if TYPE_CHECKING:
     from kdiqa_edge.runtime import ScoreResult
 
 Provider = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--provider", help="onnxruntime execution provider (cpu, cuda, tensorrt, coreml; default the "
                                     "best available), cpu/cuda for a checkpoint, cpu/gpu/ane for CoreML."),
 ]
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for inference (ONNX Runtime, "
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for inference (ONNX Runtime, "
                                                                          "ExecuTorch's pool, torch).")]
 
 

@@ -11,7 +11,6 @@ Torch-free.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from kdiqa_edge.data import official as _official  # noqa: F401 - registers the public datasets' readers
 from kdiqa_edge.data.cache import ImageCache, cache_key
@@ -31,7 +30,7 @@ __all__ = [
 
 def prepare(spec: DatasetSpec, preprocess_spec: PreprocessSpec = PreprocessSpec(), seed: int = 0,
             val_fraction: float = 0.0, test_fraction: float = 0.2, split_by: SplitBy = "auto",
-            progress: bool = True, workers: Optional[int] = None) -> tuple[ImageCache, Split]:
+            progress: bool = True, workers: int | None = None) -> tuple[ImageCache, Split]:
     """Read the dataset, decode it into the image cache (once), split what decoded.
 
     The split indexes `cache.dataset.records` / `cache.images`. Skipped files are logged as one summary

@@ -17,7 +17,6 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -55,8 +54,8 @@ class ImageCache:
         return self.dataset.skipped
 
     @classmethod
-    def build(cls, dataset: Dataset, spec: PreprocessSpec = PreprocessSpec(), cache_root: Optional[Path] = None,
-              workers: Optional[int] = None, progress: bool = True, strict: bool = False) -> "ImageCache":
+    def build(cls, dataset: Dataset, spec: PreprocessSpec = PreprocessSpec(), cache_root: Path | None = None,
+              workers: int | None = None, progress: bool = True, strict: bool = False) -> ImageCache:
         """Open the cache for (dataset, spec), decoding the images first if no complete cache exists."""
         key = cache_key(dataset, spec)
         folder = Path(cache_root or paths.cache_dir() / "images") / f"{dataset.name}-{key[:20]}"
@@ -74,7 +73,7 @@ class ImageCache:
 
     @classmethod
     def _open(cls, folder: Path, dataset: Dataset, spec: PreprocessSpec, key: str, meta: dict,
-              strict: bool) -> "ImageCache":
+              strict: bool) -> ImageCache:
         failed = {image: reason for image, reason in meta["skipped"]}
         keep = [i for i, record in enumerate(dataset.records) if record.image not in failed]
         decoded = dataclasses.replace(
@@ -117,7 +116,7 @@ def _complete_meta(folder: Path, key: str, spec: PreprocessSpec) -> dict | None:
     return meta
 
 
-def _build(folder: Path, dataset: Dataset, spec: PreprocessSpec, key: str, workers: Optional[int],
+def _build(folder: Path, dataset: Dataset, spec: PreprocessSpec, key: str, workers: int | None,
            progress: bool) -> None:
     count, size = len(dataset.records), spec.size
     files = [str(dataset.root / record.image) for record in dataset.records]
@@ -180,7 +179,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _decode_all(raw: Path, shape: tuple, files: list[str], spec: PreprocessSpec, workers: Optional[int],
+def _decode_all(raw: Path, shape: tuple, files: list[str], spec: PreprocessSpec, workers: int | None,
                 progress: bool) -> dict[int, str]:
     """Decode every file into row i of the raw uint8 file; returns {index: reason} for the failures."""
     workers = workers or default_workers()

@@ -170,7 +170,7 @@ def read_xlsx(path: Path, sheet: str | None = None, required: tuple[str, ...] = 
     openpyxl = require("openpyxl", "train")
     try:
         workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:  # openpyxl raises many types for a bad file
+    except Exception as exc:  # noqa: BLE001 - openpyxl raises many types for a bad file
         raise DataError(f"cannot read spreadsheet {path}: {exc}") from None
     try:
         if sheet is not None and sheet not in workbook.sheetnames:
@@ -194,7 +194,7 @@ def load_mat(path: Path) -> dict:
         return scipy_io.loadmat(path)
     except NotImplementedError:  # MATLAB v7.3 files are HDF5
         raise DataError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it with MATLAB's -v7 option") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - scipy raises many types for a corrupt .mat
         raise DataError(f"cannot read MATLAB file {path}: {exc}") from None
 
 

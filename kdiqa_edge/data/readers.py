@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from kdiqa_edge.data.records import Dataset, Row, build_dataset, require_usable
 from kdiqa_edge.data.spec import DatasetSpec

@@ -7,8 +7,8 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from kdiqa_edge.errors import DataError
 
@@ -20,10 +20,10 @@ class Record:
     image: str  # path relative to the dataset root, '/'-separated
     mos: float  # normalized to 1..5, higher = better
     raw: float  # the score as the dataset gives it
-    ref: Optional[str] = None  # reference (content) id; splits keep one content on one side
-    distortion: Optional[str] = None  # distortion type, where the dataset says
-    level: Optional[int] = None  # distortion level, where the dataset says
-    official: Optional[str] = None  # the dataset's own split (KonIQ: training / validation / test)
+    ref: str | None = None  # reference (content) id; splits keep one content on one side
+    distortion: str | None = None  # distortion type, where the dataset says
+    level: int | None = None  # distortion level, where the dataset says
+    official: str | None = None  # the dataset's own split (KonIQ: training / validation / test)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Dataset:
     def refs(self) -> list[str]:
         return sorted({r.ref for r in self.records if r.ref is not None})
 
-    def subset(self, indices: Iterable[int]) -> "Dataset":
+    def subset(self, indices: Iterable[int]) -> Dataset:
         return dataclasses.replace(self, records=[self.records[i] for i in indices])
 
     def path(self, record: Record | int) -> Path:
@@ -70,10 +70,10 @@ class Row:
 
     image: str  # as written in the score file, relative to the image root
     raw: object  # the score cell as read (may be empty, text, NaN)
-    ref: Optional[str] = None
-    distortion: Optional[str] = None
-    level: Optional[int] = None
-    official: Optional[str] = None
+    ref: str | None = None
+    distortion: str | None = None
+    level: int | None = None
+    official: str | None = None
 
 
 def to_mos(raw: float, raw_range: tuple[float, float], lower_better: bool) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kdiqa_edge.errors import ConfigError
 
@@ -12,19 +12,19 @@ from kdiqa_edge.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     name: str = "synthetic"  # reader name in the dataset registry
-    root: Optional[Path] = None  # dataset root as distributed; None = the built-in synthetic set
-    csv: Optional[Path] = None  # csv reader: score file (default <root>/scores.csv)
-    image_dir: Optional[Path] = None  # csv reader: images relative to this folder (default root)
+    root: Path | None = None  # dataset root as distributed; None = the built-in synthetic set
+    csv: Path | None = None  # csv reader: score file (default <root>/scores.csv)
+    image_dir: Path | None = None  # csv reader: images relative to this folder (default root)
     image_col: str = "image"  # csv reader: image column
     mos_col: str = "mos"  # csv reader: score column
-    mos_range: Optional[tuple[float, float]] = None  # csv reader: nominal range (default 1..5)
+    mos_range: tuple[float, float] | None = None  # csv reader: nominal range (default 1..5)
     lower_better: bool = False  # csv reader: DMOS-style scores
-    ref_col: Optional[str] = None  # csv reader: reference/content id column
+    ref_col: str | None = None  # csv reader: reference/content id column
     strict: bool = False  # any skipped file is an error
 
     @classmethod
     def from_cli(cls, dataset=None, root=None, csv=None, image_dir=None, image_col=None, mos_col=None,
-                 mos_range=None, lower_better=False, ref_col=None, strict=False) -> "DatasetSpec":
+                 mos_range=None, lower_better=False, ref_col=None, strict=False) -> DatasetSpec:
         values: dict[str, Any] = {
             "name": dataset, "root": Path(root) if root else None, "csv": Path(csv) if csv else None,
             "image_dir": Path(image_dir) if image_dir else None, "image_col": image_col, "mos_col": mos_col,
@@ -39,7 +39,7 @@ class DatasetSpec:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DatasetSpec":
+    def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
         data = dict(data)
         for key in ("root", "csv", "image_dir"):
             if data.get(key) is not None:

@@ -43,7 +43,7 @@ class Split:
                 names[i] = part
         return names
 
-    def check(self, dataset: Dataset) -> "Split":
+    def check(self, dataset: Dataset) -> Split:
         """Refuse a split made for another image list (a changed dataset, a different cache)."""
         if self.index and self.index != index_fingerprint(dataset):
             raise DataError("this split was made for a different image list; make a new split for this dataset")
@@ -53,7 +53,7 @@ class Split:
         return write_json(path, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Split":
+    def load(cls, path: str | Path) -> Split:
         try:
             data = read_json(path)
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})

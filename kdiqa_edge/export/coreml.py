@@ -43,7 +43,10 @@ def _register_missing_ops() -> None:
     Swin) is an identity."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import (
+        _TORCH_OPS_REGISTRY,
+        register_torch_op,
+    )
 
     if "alias" not in _TORCH_OPS_REGISTRY:
         @register_torch_op
@@ -176,7 +179,7 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
                 minimum_deployment_target=target,
             )
             break
-        except Exception as exc:  # coremltools raises many types for an op or shape it cannot convert
+        except Exception as exc:  # noqa: BLE001 - coremltools raises many types for an op or shape it cannot convert
             failures.append(f"{how}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
     else:
         arch = meta.get("source", {}).get("arch", "this model") if isinstance(meta.get("source"), dict) else "model"

@@ -5,5 +5,14 @@ from kdiqa_edge.runtime.backends import BACKENDS, PROVIDERS, Backend, backend_ki
 from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
 from kdiqa_edge.runtime.model import QualityModel, ScoreResult
 
-__all__ = ["ArtifactInfo", "BACKENDS", "Backend", "InputSpec", "PROVIDERS", "QualityModel", "ScoreResult",
-           "backend_kind", "load_backend"]
+__all__ = [
+           "BACKENDS",
+           "PROVIDERS",
+           "ArtifactInfo",
+           "Backend",
+           "InputSpec",
+           "QualityModel",
+           "ScoreResult",
+           "backend_kind",
+           "load_backend",
+]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,8 +27,8 @@ class Backend(Protocol):
     name: str  # onnxruntime | tensorrt | coreml | executorch | torch
     device: str  # cpu | cuda | ane/gpu (coreml)
     info: ArtifactInfo
-    fixed_batch: Optional[int]  # the only batch size the artifact accepts, None when dynamic
-    max_batch: Optional[int]  # the largest batch a dynamic artifact accepts (TensorRT profile), None: any
+    fixed_batch: int | None  # the only batch size the artifact accepts, None when dynamic
+    max_batch: int | None  # the largest batch a dynamic artifact accepts (TensorRT profile), None: any
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Model input [N, ...] -> scores float32 [N]."""
@@ -77,14 +78,14 @@ def backend_kind(path: str | Path) -> str:
         f"{path}: not a model (expected .onnx, .engine/.plan, .mlpackage, .pte, a checkpoint dir or a run dir)")
 
 
-def load_backend(path: str | Path, provider: Optional[str] = None, threads: Optional[int] = None) -> Backend:
+def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None) -> Backend:
     return BACKENDS.get(backend_kind(path))(Path(path), provider=provider, threads=threads)
 
 
 # --- ONNX Runtime --------------------------------------------------------------------------------------
 
 
-def resolve_providers(provider: Optional[str], available: list[str]) -> list[str]:
+def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
     """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
     if provider in (None, "", "auto"):
         return [p for p in _AUTO_ORDER if p in available] or available[:1]
@@ -101,7 +102,7 @@ def resolve_providers(provider: Optional[str], available: list[str]) -> list[str
 class OnnxBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -112,7 +113,7 @@ class OnnxBackend:
         providers = resolve_providers(provider, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
             raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
         if self.session.get_providers()[0] != providers[0]:
             raise ConfigError(f"{path}: {providers[0]} failed to initialise (running on "
@@ -148,7 +149,7 @@ def engine_meta(header: dict[str, Any]) -> dict[str, Any]:
     return artifact.decode(nested) if any(k.startswith(artifact.PREFIX) for k in nested) else dict(nested)
 
 
-def header_tensorrt_version(header: dict[str, Any]) -> Optional[str]:
+def header_tensorrt_version(header: dict[str, Any]) -> str | None:
     meta = engine_meta(header)
     for source in (header, header.get("versions") or {}, meta.get("versions") or {}):
         for key in ("tensorrt", "tensorrt_version", "trt_version"):
@@ -201,7 +202,7 @@ class TensorRTBackend:
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
         header, blob = artifact.read_engine_file(path)
         self.info = ArtifactInfo.from_meta(path, engine_meta(header), "tensorrt")
         try:
@@ -282,7 +283,7 @@ class CoreMLBackend:
     fixed_batch = None
     max_batch = None
 
-    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
         if sys.platform != "darwin":
             raise MissingDependency(f"{path}: CoreML models run on macOS only (this is {sys.platform}); "
                                     "bench the ONNX file here and the .mlpackage on a Mac")
@@ -291,7 +292,7 @@ class CoreMLBackend:
                  "ane": ct.ComputeUnit.CPU_AND_NE}.get((provider or "").lower(), ct.ComputeUnit.ALL)
         try:
             self.model = ct.models.MLModel(str(path), compute_units=units)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - coremltools raises many types for a bad package
             raise CheckpointError(f"{path}: coremltools cannot load it: {exc}") from None
         self.info = ArtifactInfo.from_meta(path, artifact.decode(dict(self.model.user_defined_metadata)), "coreml")
         description = self.model.get_spec().description
@@ -335,7 +336,7 @@ class TorchBackend:
     fixed_batch = None
     max_batch = None
 
-    def __init__(self, path: Path, provider: Optional[str] = None, threads: Optional[int] = None):
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
         meta = checkpoint_meta(path)
         torch = require("torch", "train")
         from kdiqa_edge.models import load_checkpoint

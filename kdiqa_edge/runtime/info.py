@@ -24,7 +24,7 @@ class InputSpec:
     normalized: bool = True  # float inputs are mean/std normalized by the caller
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -45,7 +45,7 @@ class ArtifactInfo:
         return str(self.source.get("arch", "?"))
 
     @classmethod
-    def from_meta(cls, path: str | Path, meta: dict[str, Any], target: str) -> "ArtifactInfo":
+    def from_meta(cls, path: str | Path, meta: dict[str, Any], target: str) -> ArtifactInfo:
         """Build from decoded `kdiqa_edge.*` metadata; refuse an artifact that carries none."""
         if not meta or "preprocess" not in meta:
             raise CheckpointError(

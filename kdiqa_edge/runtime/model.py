@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -23,14 +23,14 @@ from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preproces
 from kdiqa_edge.runtime.backends import Backend, load_backend
 from kdiqa_edge.runtime.info import ArtifactInfo
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+ImageLike = str | Path | Image.Image | np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
     path: str
-    score: Optional[float]  # None when the image could not be read
-    error: Optional[str] = None  # the one-line reason
+    score: float | None  # None when the image could not be read
+    error: str | None = None  # the one-line reason
 
 
 class QualityModel:
@@ -45,7 +45,7 @@ class QualityModel:
         self._input_dtype = np.float16 if self.info.input.dtype == "float16" else np.float32
 
     @classmethod
-    def load(cls, path: str | Path, provider: Optional[str] = None, threads: Optional[int] = None) -> "QualityModel":
+    def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None) -> QualityModel:
         """Open an .onnx, .engine/.plan, .mlpackage, .pte (ExecuTorch), checkpoint dir or run dir.
 
         provider: onnxruntime execution provider (cpu, cuda, tensorrt, coreml, or a full name; default the
@@ -115,7 +115,7 @@ class QualityModel:
             return preprocess_pil(Image.fromarray(array), self.preprocess)
         raise ConfigError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a numpy array")
 
-    def score(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32):
+    def score(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32):
         """A path, PIL image or HWC array -> float; a list of them or an NHWC array -> float32 [N].
 
         Raises ImageLoadError for an unreadable file; use `score_files` to carry on past bad files.

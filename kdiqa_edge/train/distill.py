@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kdiqa_edge import config as config_lib
 from kdiqa_edge import paths
@@ -37,11 +37,11 @@ class DistillConfig:
     student: str = "resnet18"  # timm model name (the paper's four: see models.student.PAPER_STUDENTS)
     variant: str = "full"  # full | soft | hard | fixed:X | regression (the rows of the paper's Table II)
     pretrained: bool = True  # ImageNet init through timm; False = random init, labelled "not pretrained"
-    student_weights: Optional[str] = None  # local weights file for the student encoder (offline machines)
-    teacher_checkpoint: Optional[str] = None  # fine-tuned teacher (checkpoint/run dir); None: fine-tune one
+    student_weights: str | None = None  # local weights file for the student encoder (offline machines)
+    teacher_checkpoint: str | None = None  # fine-tuned teacher (checkpoint/run dir); None: fine-tune one
     teacher: str = DEFAULT_TEACHER  # the teacher to fine-tune first: open_clip NAME:TAG, or tiny
-    teacher_weights: Optional[str] = None  # local open_clip weights file for `teacher` (offline machines)
-    teacher_epochs: Optional[int] = None  # teacher fine-tune epochs; None = the same as `epochs`
+    teacher_weights: str | None = None  # local open_clip weights file for `teacher` (offline machines)
+    teacher_epochs: int | None = None  # teacher fine-tune epochs; None = the same as `epochs`
     teacher_lr: float = 5e-6  # teacher fine-tune learning rate (the paper's)
     dataset: dict = dataclasses.field(default_factory=dict)  # DatasetSpec fields; CLI dataset options win
     split_seed: int = 0  # seed of the train/val/test split (the teacher's and the student's: the same split)
@@ -54,7 +54,7 @@ class DistillConfig:
     min_lr_ratio: float = 0.1  # cosine decay to 0.1x
     weight_decay: float = 0.05
     grad_accum: int = 1
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     augment: str = "hflip"  # hflip | none (on-device; the cached teacher features are of the unflipped image)
     seed: int = 0  # student init, data order and augmentation
     device: str = "auto"
@@ -179,7 +179,7 @@ def model_facts(model, preprocess: PreprocessSpec) -> dict[str, Any]:
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
-        flops: Optional[int] = int(counter.get_total_flops())
+        flops: int | None = int(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - FLOPs are informative; an op the counter cannot trace must not fail a run
         flops = None
     finally:
@@ -187,7 +187,7 @@ def model_facts(model, preprocess: PreprocessSpec) -> dict[str, Any]:
     return {"params": int(params), "flops": flops, "input": [1, 3, preprocess.size, preprocess.size]}
 
 
-def _ratio(a, b) -> Optional[float]:
+def _ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from kdiqa_edge import paper
 from kdiqa_edge.data.spec import DatasetSpec
@@ -35,10 +36,10 @@ class ReproduceConfig:
     variants: list = dataclasses.field(default_factory=lambda: ["full"])  # full, soft, hard, fixed:X, regression
     seeds: int = 5  # random 80/20 splits (seeds 0..N-1); the paper reports the median over several runs
     teacher: str = DEFAULT_TEACHER  # open_clip NAME:TAG, or tiny
-    teacher_weights: Optional[str] = None  # local open_clip weights file (offline machines)
+    teacher_weights: str | None = None  # local open_clip weights file (offline machines)
     pretrained: bool = True  # ImageNet-pretrained students (the paper); False = random init
     epochs: int = 100  # student epochs (the paper's)
-    teacher_epochs: Optional[int] = None  # None = the same as epochs
+    teacher_epochs: int | None = None  # None = the same as epochs
     batch_size: int = 64
     device: str = "auto"
     progress: bool = True
@@ -48,8 +49,8 @@ class ReproduceConfig:
 class PlannedRun:
     seed: int
     stage: str  # teacher | distill
-    student: Optional[str]
-    variant: Optional[str]
+    student: str | None
+    variant: str | None
     run_dir: Path
 
     @property
@@ -84,7 +85,7 @@ def plan(cfg: ReproduceConfig, out: Path) -> list[PlannedRun]:
     return runs
 
 
-def _distill_config(cfg: ReproduceConfig, run: PlannedRun, teacher_dir: Optional[Path]):
+def _distill_config(cfg: ReproduceConfig, run: PlannedRun, teacher_dir: Path | None):
     from kdiqa_edge.train.distill import DistillConfig
 
     return DistillConfig(student=run.student, variant=run.variant, pretrained=cfg.pretrained,
@@ -107,7 +108,7 @@ def estimate(cfg: ReproduceConfig, data: DatasetSpec, runs: list[PlannedRun]) ->
     from kdiqa_edge.data import load_dataset
 
     dataset = load_dataset(data)
-    n_train = int(round(len(dataset.records) * 0.8))
+    n_train = round(len(dataset.records) * 0.8)
     device = _device(cfg.device)
     size = teacher_image_size(cfg.teacher)  # the students take the teacher's preprocessing
     rates: dict[str, float | None] = {}
@@ -143,7 +144,7 @@ def _throughput(arch: str, stage: str, device: str, size: int) -> float | None:
         return float(GPU_IMAGES_PER_S[base])
     try:
         return _measure(arch, stage, device, size)
-    except Exception:  # an estimate must never stop a plan
+    except Exception:  # noqa: BLE001 - an estimate must never stop a plan
         return None
 
 
