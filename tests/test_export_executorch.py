@@ -165,6 +165,34 @@ def test_all_means_every_target_that_makes_the_precision():
     assert et.ExecuTorchTarget.supports.tolerance["fp32"] == 1e-4
 
 
+def test_auto_measures_the_programs_and_ships_the_faster(checkpoints, tmp_path):
+    """--target executorch --precision auto: FP32 and PT2E INT8 programs built, measured through the runtime
+    (latencies injected, so the choice must follow them), the pick written as model.pte."""
+    from kdiqa_edge.export import auto
+    from kdiqa_edge.export.base import TARGETS, Examples
+    from kdiqa_edge.export.onnx import torch_reference
+    from kdiqa_edge.export.pipeline import artifact_meta
+    from kdiqa_edge.models import load_checkpoint
+    from kdiqa_edge.runtime import QualityModel
+
+    model = load_checkpoint(checkpoints["student"])
+    images = np.random.default_rng(0).integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+    examples = Examples(parity=images[:4], calib=images[:8], test=images, test_mos=torch_reference(model, images))
+    target = TARGETS.get("executorch")
+    assert auto.supports_auto(target)
+    cfg = ExportConfig(target="executorch", precision="auto", max_drift=1.0, latency_runs=2, max_batch=1,
+                       candidates="int8:stem-float")
+    ms = {"fp32": 4.0, "int8:stem-float": 1.0}
+    result = auto.export_auto(target, model, examples, tmp_path, cfg, artifact_meta(model), log=_quiet,
+                              timer=lambda measured, _model, x: ms[measured.name] / 1e3 * len(x))
+    rows = {r["name"]: r for r in result.extra["auto"]["candidates"]}
+    assert set(rows) == {"fp32", "int8:stem-float"} and rows["int8:stem-float"]["recipe"]["stem"] == "float"
+    assert result.extra["auto"]["pick"] == "int8:stem-float" and result.precision == "int8"
+    assert rows["int8:stem-float"]["drift"]["srcc_vs_fp32"] > 0.5  # scored through the runtime, vs FP32
+    shipped = QualityModel.load(tmp_path / "model.pte")
+    assert shipped.info.precision == "int8" and shipped.info.target == "executorch"
+
+
 def test_device_commands():
     lines = et.device_commands("model.int8.pte", threads=4, runs=20)
     assert lines[1] == "adb push model.int8.pte /data/local/tmp/kdiqa/model.int8.pte"

@@ -295,13 +295,11 @@ def program_meta(model, scored, meta: dict[str, Any], precision: str) -> dict[st
             "outputs": scored.output_names, "source": source, "batch": 1}
 
 
-def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, meta: dict[str, Any],
-                  precision: str, stem: str | None = None, tolerance: float | None = None) -> Program:
-    """Write `folder/model.<precision>.pte` for (precision, stem), then measure it through the runtime backend:
-    parity vs torch on the parity images (ExportError beyond `tolerance`), batch-1 latency at cfg.threads, and
-    scores on the test images. The building block of the target, and a candidate for `--precision auto`."""
-    from kdiqa_edge.export import evaluate
-    from kdiqa_edge.export.onnx import score_model, torch_reference
+def write_program(model, examples: Examples, folder: Path, cfg: ExportConfig, meta: dict[str, Any],
+                  precision: str, stem: str | None = None) -> tuple[Path, Delegation, dict[str, Any], dict[str, Any]]:
+    """Write `folder/model.<precision>.pte` for (precision, stem): (path, delegation, int8 facts, metadata).
+    What a `--precision auto` candidate builds (auto measures it itself)."""
+    from kdiqa_edge.export.onnx import score_model
     from kdiqa_edge.io import write_bytes
 
     require_executorch()
@@ -323,8 +321,19 @@ def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, me
                 "activations": "int8 per-tensor affine (HistogramObserver)", "calibration_images": len(calib),
                 "head": "float", "input_norm": "float", "stem": stem, "float_nodes": len(kept)}
     program, report = lower(module, scored.example_input(1), full_meta, label)
-    path = write_bytes(Path(folder) / f"model.{precision}.pte", program)
+    return write_bytes(Path(folder) / f"model.{precision}.pte", program), report, int8, full_meta
 
+
+def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, meta: dict[str, Any],
+                  precision: str, stem: str | None = None, tolerance: float | None = None) -> Program:
+    """Write `folder/model.<precision>.pte` for (precision, stem), then measure it through the runtime backend:
+    parity vs torch on the parity images (ExportError beyond `tolerance`), batch-1 latency at cfg.threads, and
+    scores on the test images. The building block of the target."""
+    from kdiqa_edge.export import evaluate
+    from kdiqa_edge.export.onnx import torch_reference
+
+    stem = stem or cfg.int8_stem
+    path, report, int8, full_meta = write_program(model, examples, folder, cfg, meta, precision, stem)
     quality_model = load_program(path, cfg.threads)
     reference = torch_reference(model, examples.parity)
     parity = evaluate.parity(reference, quality_model.predict(examples.parity).astype(np.float64), tolerance)
@@ -412,7 +421,8 @@ class ExecuTorchTarget:
     """Android / ARM phones (and x86): ExecuTorch .pte with the XNNPACK delegate, FP32 or PT2E INT8."""
 
     name = "executorch"
-    supports = Supports(precisions=("fp32", "int8"), dynamic_batch=False, tolerance={"fp32": 1e-4})
+    supports = Supports(precisions=("fp32", "int8", "auto"), dynamic_batch=False, tolerance={"fp32": 1e-4})
+    auto_file = "model.pte"  # --precision auto: the pick, in OUT/executorch-auto/
 
     def preflight(self, cfg: ExportConfig) -> None:
         """Fail before any work when executorch is missing."""
@@ -447,4 +457,28 @@ class ExecuTorchTarget:
             result.notes.extend(drift_notes(result.drift, name, cfg.threads))
         result.notes.append(f"on the phone: {' && '.join(commands)}")
         return result
+
+    def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:
+        """--precision auto: the FP32 program (the reference) and PT2E INT8 with the stem in float and in int8,
+        each measured on this CPU through the runtime (XNNPACK), at cfg.threads."""
+        from kdiqa_edge.export.auto import Candidate
+        from kdiqa_edge.export.onnx import score_model
+
+        require_executorch()
+        scored = score_model(model, cfg)
+        extra = {"input": scored.input_spec(), "outputs": scored.output_names, "runtime": "executorch",
+                 "delegate": "XNNPACK", "batch": 1}
+        meta = {**meta, "target": self.name}
+
+        def build(precision: str, stem: str):
+            return lambda folder: write_program(model, examples, folder, cfg, meta, precision, stem)[0]
+
+        int8 = {"quantizer": "XNNPACKQuantizer", "weights": "int8 symmetric per-channel", "head": "float",
+                "input_norm": "float"}
+        return [Candidate("fp32", "fp32", build("fp32", "float"), reference=True,
+                          tolerance=self.supports.tolerance["fp32"], recipe={"name": "fp32"}, extra=extra),
+                *[Candidate(f"int8:stem-{stem}", "int8", build("int8", stem),
+                            recipe={"name": f"xnnpack-int8+stem-{stem}", "stem": stem, **int8},
+                            extra={**extra, "int8": {**int8, "stem": stem}})
+                  for stem in ("float", "int8")]]
 
