@@ -299,7 +299,6 @@ def table(items: list[Measured], pick: Measured | None = None) -> list[str]:
 def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: ExportConfig,
                 meta: dict[str, Any], timer: Timer = wall_clock, log: Callable[[str], None] = print) -> ExportResult:
     """Candidates -> built, measured, the pick copied to `out/<target.auto_file>`, checked against torch."""
-    from kdiqa_edge.bench.environment import cpu_info, cpu_line
     from kdiqa_edge.export import evaluate
     from kdiqa_edge.export.onnx import torch_reference
 
@@ -307,14 +306,7 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
         raise ConfigError(f"target {target.name} has no --precision auto (it offers no candidates)")
     with tempfile.TemporaryDirectory(prefix=f"kdiqa-auto-{target.name}-") as scratch:
         work = Path(scratch)
-        candidates = target.candidates(model, examples, cfg, meta, work / "shared")
-        allowed = [c.strip() for c in cfg.candidates.split(",")] if cfg.candidates else None
-        if allowed:
-            unknown = sorted(set(allowed) - {c.name for c in candidates})
-            if unknown:
-                raise ConfigError(f"unknown candidate(s) {', '.join(unknown)} for this {target.name} model; "
-                                  f"choose from: {', '.join(c.name for c in candidates)}")
-            candidates = [c for c in candidates if c.reference or c.name in allowed]
+        candidates = selected(target.candidates(model, examples, cfg, meta, work / "shared"), cfg, target.name)
         log(f"{target.name}-auto: {len(candidates)} candidates: {', '.join(c.name for c in candidates)}")
         items = build_all(candidates, work, log)
         models = load_models(items, cfg.threads)
@@ -323,31 +315,44 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
         choice = choose(items, cfg.max_drift, batch=cfg.opt_batch)
         pick = choice.pick
         final = out / target.auto_file
-        if pick.path.is_dir():
-            shutil.copytree(pick.path, final)
-        else:
-            shutil.copyfile(pick.path, final)
-        reference_scores = torch_reference(model, examples.parity)
-        parity = evaluate.parity(reference_scores, models[pick.name].predict(examples.parity, batch_size=16),
-                                 pick.candidate.tolerance)
+        (shutil.copytree if pick.path.is_dir() else shutil.copyfile)(pick.path, final)
+        parity = evaluate.parity(torch_reference(model, examples.parity),
+                                 models[pick.name].predict(examples.parity, batch_size=16), pick.candidate.tolerance)
         models.clear()
     if parity.get("passed") is False:
         raise ExportError(f"{final.name} ({pick.name}): parity check failed, max |score - torch score| = "
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
-    machine = cpu_info()
-    lines = table(items, pick)
+    return _result(target.name, items, choice, final, parity, len(examples.test), cfg)
+
+
+def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> list[Candidate]:
+    """The candidates `--candidates` names (every one without it); the reference is always kept."""
+    if not cfg.candidates:
+        return candidates
+    wanted = {name.strip() for name in cfg.candidates.split(",")}
+    unknown = sorted(wanted - {c.name for c in candidates})
+    if unknown:
+        raise ConfigError(f"unknown candidate(s) {', '.join(unknown)} for this {target} model; "
+                          f"choose from: {', '.join(c.name for c in candidates)}")
+    return [c for c in candidates if c.reference or c.name in wanted]
+
+
+def _result(target: str, items: list[Measured], choice: Choice, final: Path, parity: dict[str, Any], images: int,
+            cfg: ExportConfig) -> ExportResult:
+    """The pick as an export: the table and why in the notes, every candidate's row in the details."""
+    from kdiqa_edge.bench.environment import cpu_info, cpu_line
+
+    pick, machine = choice.pick, cpu_info()
     reference = next(i for i in items if i.candidate.reference)
-    summary = (f"{target.name}-auto: {len(items)} candidates measured on {cpu_line(machine)}, {cfg.threads} threads "
-               f"(median of {ROUNDS} alternated rounds); drift on {len(examples.test)} test images vs {reference.name}")
-    notes = [summary, *lines, choice.why]
+    summary = (f"{target}-auto: {len(items)} candidates measured on {cpu_line(machine)}, {cfg.threads} threads "
+               f"(median of {ROUNDS} alternated rounds); drift on {images} test images vs {reference.name}")
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
                                        "threads": cfg.threads, "provider": pick.candidate.provider}}
-    extra = {**pick.candidate.extra, "auto": {
-        "pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "ranked_at_batch": choice.batch,
-        "tie": TIE, "rounds": ROUNDS, "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items]},
-        "recipe": pick.candidate.recipe}
-    return ExportResult(target=target.name, precision=pick.candidate.precision, files=[final], parity=parity,
-                        drift=drift, notes=notes, extra=extra)
+    auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "ranked_at_batch": choice.batch,
+            "tie": TIE, "rounds": ROUNDS, "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items]}
+    return ExportResult(target=target, precision=pick.candidate.precision, files=[final], parity=parity, drift=drift,
+                        notes=[summary, *table(items, pick), choice.why],
+                        extra={**pick.candidate.extra, "auto": auto, "recipe": pick.candidate.recipe})
 
 
 class Auto:
