@@ -352,8 +352,8 @@ def load_program(path: Path, threads: int | None):
 
     try:
         return QualityModel.load(path, threads=threads)
-    except CheckpointError as exc:
-        raise ExportError(f"{path.name} does not run here: {exc}") from None
+    except CheckpointError as exc:  # its message starts with the (staging) path: the name says enough
+        raise ExportError(f"{path.name} does not run here: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 def latency_ms(quality_model, runs: int = 30, warmup: int = 5) -> dict[str, Any]:

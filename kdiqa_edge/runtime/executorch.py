@@ -58,13 +58,13 @@ def _native_stderr():
 
 
 def _native_reason(lines: list[str], exc: BaseException) -> str:
-    """The C++ runtime's own last line ("[program.cpp:168] Program identifier ..." -> "Program identifier ..."),
-    else the exception's first line."""
+    """What the C++ runtime said, in one line ("[XNNCompiler.cpp:1262] Failed to create ...; [method.cpp:128]
+    Init failed ..." -> "Failed to create ...; Init failed ..."), else the exception's first line."""
     import re
 
-    for line in reversed(lines):
-        if line.strip():
-            return re.sub(r"^\[[\w./-]+:\d+\]\s*", "", line.strip())
+    said = [re.sub(r"^\[[\w./-]+:\d+\]\s*", "", line.strip()) for line in lines if line.strip()]
+    if said:
+        return "; ".join(said)[:500]
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
