@@ -2,7 +2,8 @@
 
 - `Progress`: the one progress display of every long stage (training, cache builds, calibration, bench).
   In a terminal it is a rich bar; in a log file, a pipe or CI it is a plain line at most every few seconds
-  (stage, step/total, images/s, ETA), because a live bar written to a file comes out as truncated junk.
+  (stage, step/total, images/s, ETA), from the first step done to the last, because a live bar written to a
+  file comes out as truncated junk.
 - `capture_output(log)`: everything written to file descriptors 1 and 2 while a block runs goes to `log`:
   C/C++ libraries and tqdm write to the descriptors directly, so swapping `sys.stdout` alone would miss them.
   Python warnings and `print` go there too. Our own output keeps the terminal: `stream()` and `Progress`
@@ -78,7 +79,7 @@ class Progress:
         self._images = 0
         self._counts_images = unit == "images"  # the rate is images/s (else units/s)
         self._bar = self._task = self._file = None
-        self._started = self._last_line = 0.0
+        self._started, self._last_line = 0.0, -float("inf")  # the first step done prints at once
 
     # -- context ------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -97,15 +98,13 @@ class Progress:
                                     transient=self.transient)
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total, completed=self.completed, info="")
-        else:
-            self._line()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self.enabled and exc_type is None:
-            self._line(final=True)
+        elif self.enabled and exc_type is None and self.completed > self._start_completed:
+            self._line(final=True)  # a stage that had nothing to do (a calibration cache hit) says nothing
 
     # -- updates ------------------------------------------------------------------------------------------
     def __call__(self, n: int = 1) -> None:
