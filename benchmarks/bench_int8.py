@@ -123,9 +123,8 @@ def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple
     items = auto.build_all(candidates, work, log=lambda m: log(f"{name}: {m.strip()}"))
     models = auto.load_models(items, cfg.threads)
     auto.measure_drift(items, models, examples)
-    auto.measure_latency(items, models, examples.test, cfg)
+    choice = auto.rank(items, models, examples.test, cfg, max_drift, log=lambda m: log(f"{name}: {m.strip()}"))
     models.clear()
-    choice = auto.choose(items, max_drift)
     for item in items:  # which would pass the issue's bound (drift of random weights: informative only)
         item.within_issue_bound = item.candidate.reference or (
             item.status == "ok" and abs(item.drift.get("delta_srcc", np.nan)) <= BOUND)
@@ -291,7 +290,8 @@ def model_section(model: str, rows: list[Row], pick: dict, eager: Row | None) ->
                      f"{d.get('mean_abs_diff_vs_fp32', float('nan')):.4f} | {d.get('max_abs_diff_vs_fp32', float('nan')):.4f} | "
                      f"{within} |" if d else f"| {label} | {_ms(r.p50)} | {fp32.p50 / r.p50:.2f}x | — | "
                      f"{r.bytes / 1e6:.1f} | | | | |")
-    lines += ["", f"Auto (its own measurement, batch 1 and 8, {auto.ROUNDS} alternated rounds): {pick['why']}", "", "```",
+    lines += ["", f"Auto (its own measurement, batch 1 and 8, {auto.ROUNDS} alternated rounds, then the close ones "
+              f"head to head in {auto.RUNOFF_ROUNDS} rotated rounds): {pick['why']}", "", "```",
               *pick["table"], "```", ""]
     profiled = [r for r in mine if r.profile]
     if profiled:

@@ -26,6 +26,7 @@ from kdiqa_edge.cli import app
 from kdiqa_edge.train.launch import LaunchError, parse_extra, time_minutes
 
 KILLED = "seed0/test_efficientnet-full"
+PREEMPTED = "seed1/test_efficientnet-soft"
 
 
 def _args(data, out, *extra):
@@ -44,38 +45,79 @@ def _jobs(out: Path) -> dict:
     return json.loads(path.read_text())["runs"] if path.is_file() else {}
 
 
+def _task_pid(controller: int) -> int | None:
+    """The job's task: the process LocalExecutor's controller (the job id's pid) started."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == controller:
+            return int(stat.parent.name)
+    return None
+
+
+def _last_state(out: Path, key: str) -> Path:
+    return out / key / "checkpoints" / "last" / "train_state.pt"
+
+
 @pytest.fixture(scope="module")
 def local_sweep(small_synthetic, tmp_path_factory):
-    """2 splits x 2 variants through LocalExecutor; one student job is killed after its first epoch."""
+    """2 splits x 2 variants through LocalExecutor; after its first epoch one student job is killed (as scancel
+    would) and another is preempted (SIGUSR2 to its task, the signal SLURM sends before preempting)."""
     out = tmp_path_factory.mktemp("launch") / "repro"
     args = _args(small_synthetic, out, "--launcher", "submitit-local")
     first = subprocess.Popen([sys.executable, "-m", "kdiqa_edge", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    state = out / KILLED / "checkpoints" / "last" / "train_state.pt"
+    todo = {KILLED, PREEMPTED}
     deadline = time.monotonic() + 400
-    while not state.is_file() and time.monotonic() < deadline and first.poll() is None:
+    while todo and time.monotonic() < deadline and first.poll() is None:
+        for key in sorted(todo):
+            if not _last_state(out, key).is_file():
+                continue
+            controller = int(_jobs(out)[key]["job_id"])
+            if key == KILLED:
+                os.kill(controller, signal.SIGINT)  # the job's controller: it kills its task, as scancel would
+            else:
+                task = _task_pid(controller)
+                if task is None:
+                    continue
+                os.kill(task, signal.SIGUSR2)  # submitit's handler: checkpoint(), then requeue
+            todo.discard(key)
         time.sleep(0.05)
-    killed_job = _jobs(out)[KILLED]["job_id"]
-    os.kill(int(killed_job), signal.SIGINT)  # the job's controller: it kills its task, as scancel would
     stdout, stderr = first.communicate(timeout=400)
     jobs_after_first = _jobs(out)
     left_by_first = {"killed_run_done": (out / KILLED / "summary.json").is_file(),
+                     "preempted_run_done": (out / PREEMPTED / "summary.json").is_file(),
                      "tables": (out / "table1.md").is_file()}
     second = _cli(args)
     third = _cli(args)
     return {"out": out, "first": (first.returncode, stdout, stderr), "second": second, "third": third,
-            "killed_job": killed_job, "jobs_after_first": jobs_after_first,
-            "left_by_first": left_by_first}
+            "jobs_after_first": jobs_after_first, "left_by_first": left_by_first, "signalled": not todo}
 
 
 def test_local_sweep_killed_job_fails_the_first_call(local_sweep):
     code, stdout, stderr = local_sweep["first"]
     assert code == 2, stderr
     assert f"1 run(s) failed ({KILLED}" in stderr and "re-run the same reproduce command" in stderr
-    assert local_sweep["left_by_first"] == {"killed_run_done": False, "tables": False}
+    assert local_sweep["signalled"]
+    assert local_sweep["left_by_first"] == {"killed_run_done": False, "preempted_run_done": True, "tables": False}
     assert "5 done, 1 failed" in stdout
     # one teacher job per split, one job per distillation, each in its own job folder
     assert len(local_sweep["jobs_after_first"]) == 6
+
+
+def test_local_sweep_preempted_job_is_requeued_by_submitit_and_resumes(local_sweep):
+    out, jobs = local_sweep["out"], local_sweep["jobs_after_first"]
+    job = jobs[PREEMPTED]
+    log = (Path(job["folder"]) / f"{job['job_id']}_0_log.out").read_text()
+    errors = (Path(job["folder"]) / f"{job['job_id']}_0_log.err").read_text()
+    assert "Caught signal SIGUSR2" in errors and "this job is preempted" in errors
+    assert f"Requeued job {job['job_id']}" in errors  # the same job, requeued: not a new submission
+    assert f"{PREEMPTED}: starting" in log and f"{PREEMPTED}: resuming" in log
+    epochs = [line.split(",")[0] for line in (out / PREEMPTED / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]  # epoch 1 before the signal, epoch 2 after the requeue
+    assert _jobs(out)[PREEMPTED]["job_id"] == job["job_id"]  # later calls did not resubmit it
 
 
 def test_local_sweep_resubmits_only_the_killed_run_which_resumes(local_sweep):
@@ -105,6 +147,24 @@ def test_local_sweep_third_call_submits_nothing(local_sweep):
     status = _cli(["reproduce", "--out", str(out), "--status"])
     assert status.returncode == 0, status.stderr
     assert "6 done" in status.stdout and "seed1/test_efficientnet-soft" in status.stdout
+
+
+def test_local_job_with_two_gpus_runs_under_torchrun(small_synthetic, tmp_path):
+    """--gpus-per-job 2: the job runs its training under torch.distributed.run, two processes (gloo on a CPU)."""
+    out = tmp_path / "repro"
+    args = ["reproduce", "--dataset", "synthetic", "--root", str(small_synthetic.root), "--students",
+            "test_efficientnet", "--variants", "full", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1",
+            "--teacher", "tiny", "--no-pretrained", "--batch-size", "32", "--out", str(out),
+            "--launcher", "submitit-local", "--gpus-per-job", "2"]
+    done = _cli(args)
+    assert done.returncode == 0, done.stderr
+    assert "2 done" in done.stdout
+    for key in ("seed0/teacher", "seed0/test_efficientnet-full"):
+        job = _jobs(out)[key]
+        log = (Path(job["folder"]) / f"{job['job_id']}_0_log.out").read_text()
+        assert "-m torch.distributed.run --standalone --nproc-per-node=2" in log
+        assert json.loads((out / key / "summary.json").read_text())["world_size"] == 2
+    assert (out / "table1.md").is_file()
 
 
 # ---------------------------------------------------------------- a fake SLURM

@@ -10,8 +10,12 @@ Each candidate says how to build one artifact into a folder; the artifact loads 
   machine load, median per candidate; the timer is injectable (`timer(measured, model, x) -> seconds`);
 - drift on the test split against the reference (FP32) candidate: |ΔSRCC|, mean and max |Δscore|.
 
-The fastest candidate within `max_drift` (|ΔSRCC|) ships; candidates within `TIE` of it are a tie, which the
-smaller file wins. The table of every candidate goes into the manifest and the export notes.
+The candidates within `RUNOFF` of the fastest (at the ranked batch, within the bound) are then re-timed head to
+head: short turns of `RUNOFF_RUNS` runs after one untimed run, the order rotated every round, so a load that
+drifts while the round-robin runs, and the cost of switching from one session to another, hit every contender
+alike. Their runoff medians rank them. The fastest candidate within `max_drift` (|ΔSRCC|) ships; candidates
+within `TIE` of it are a tie, which the smaller file wins. The table of every candidate goes into the manifest
+and the export notes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ TIE = 0.03  # candidates within 3 % of the fastest are a tie: the smaller file w
 ROUNDS = 7  # latency rounds; every candidate runs in every round, the order reversed every other round
 WARMUP = 3  # untimed runs per candidate and batch size before timing
 LATENCY_BATCHES = (1, 8)
+RUNOFF = 0.30  # candidates within 30 % of the fastest after the round-robin are re-timed head to head
+RUNOFF_ROUNDS = 15  # runoff rounds; each contender runs one untimed run, then RUNOFF_RUNS timed ones, per round
+RUNOFF_RUNS = 3
 
 
 @dataclasses.dataclass
@@ -76,6 +83,7 @@ class Measured:
     reason: str | None = None  # one line
     bytes: int = 0
     latency: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # batch -> p50_ms, images_per_s
+    runoff: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # batch -> p50_ms, runs (re-timed)
     drift: dict[str, float] = dataclasses.field(default_factory=dict)
     scores: np.ndarray | None = None
     within: bool | None = None  # within the drift bound
@@ -90,12 +98,14 @@ class Measured:
         self.reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
     def p50(self, batch: int) -> float:
-        return self.latency.get(batch, {}).get("p50_ms", math.inf)
+        """The figure it is ranked by: the runoff's median where it ran one, else the round-robin's."""
+        return self.runoff.get(batch, self.latency.get(batch, {})).get("p50_ms", math.inf)
 
     def row(self) -> dict[str, Any]:
         return {"name": self.name, "precision": self.candidate.precision, "provider": self.candidate.provider,
                 "status": self.status, "stage": self.stage, "reason": self.reason, "bytes": self.bytes,
-                "latency": {str(b): v for b, v in sorted(self.latency.items())}, "drift": self.drift,
+                "latency": {str(b): v for b, v in sorted(self.latency.items())},
+                "runoff": {str(b): v for b, v in sorted(self.runoff.items())}, "drift": self.drift,
                 "within_bound": self.within, "reference": self.candidate.reference, "recipe": self.candidate.recipe}
 
 
@@ -233,18 +243,66 @@ class Choice:
     batch: int  # the batch size the latencies were ranked at
 
 
-def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float = TIE) -> Choice:
-    """The fastest candidate within |ΔSRCC| <= max_drift at `batch`; a tie (within `tie`) goes to the smaller file.
-
-    The reference is always within the bound; a candidate whose drift could not be measured never is.
-    """
+def mark_within(items: list[Measured], max_drift: float) -> None:
+    """`within` for every row: the reference always is; a candidate whose drift could not be measured never is."""
     for item in items:
         delta = item.drift.get("delta_srcc")
         item.within = item.status == "ok" and (item.candidate.reference or (
             delta is not None and not math.isnan(delta) and abs(delta) <= max_drift))
+
+
+def contenders(items: list[Measured], max_drift: float, batch: int = 1, margin: float = RUNOFF) -> list[Measured]:
+    """The candidates within the bound whose round-robin latency is within `margin` of the fastest one's."""
+    mark_within(items, max_drift)
+    ok = [i for i in items if i.within and batch in i.latency]
+    if not ok:
+        return []
+    best = min(i.latency[batch]["p50_ms"] for i in ok)
+    return [i for i in ok if i.latency[batch]["p50_ms"] <= best * (1 + margin)]
+
+
+def measure_runoff(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, batch: int,
+                   timer: Timer = wall_clock, rounds: int = RUNOFF_ROUNDS, runs: int = RUNOFF_RUNS) -> None:
+    """Re-time close contenders head to head at `batch`: per round each runs once untimed (the switch from the
+    previous session) and `runs` times timed, the order rotated every round; the median goes into `runoff`."""
+    inputs = {item.name: latency_inputs(models[item.name], pixels, batch) for item in items}
+    times: dict[str, list[float]] = {item.name: [] for item in items}
+    for round_index in range(rounds):
+        shift = round_index % len(items)
+        for item in items[shift:] + items[:shift]:
+            models[item.name].run(inputs[item.name])
+            for _ in range(runs):
+                times[item.name].append(timer(item, models[item.name], inputs[item.name]))
+    for item in items:
+        item.runoff[batch] = {"p50_ms": round(float(np.median(times[item.name])) * 1e3, 3),
+                              "runs": len(times[item.name])}
+
+
+def rank(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg: ExportConfig, max_drift: float,
+         timer: Timer = wall_clock, log: Callable[[str], None] = print) -> Choice:
+    """Round-robin latency of every candidate, the runoff of the close ones, then the choice."""
+    measure_latency(items, models, pixels, cfg, timer)
+    close = contenders(items, max_drift, cfg.opt_batch)
+    if len(close) > 1:
+        log(f"  runoff at batch {cfg.opt_batch}: {', '.join(i.name for i in close)} "
+            f"(within {RUNOFF:.0%} of the fastest)")
+        measure_runoff(close, models, pixels, cfg.opt_batch, timer)
+    return choose(items, max_drift, batch=cfg.opt_batch)
+
+
+def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float = TIE) -> Choice:
+    """The fastest candidate within |ΔSRCC| <= max_drift at `batch`; a tie (within `tie`) goes to the smaller file.
+
+    The reference is always within the bound; a candidate whose drift could not be measured never is. Where a
+    runoff ran, its contenders are ranked by its medians (`Measured.p50`).
+    """
+    mark_within(items, max_drift)
     ok = [i for i in items if i.within and batch in i.latency]
     if not ok:
         raise ExportError("no candidate could be measured (not even the reference)")
+    ran_off = [i for i in ok if batch in i.runoff]
+    if ran_off:  # the runoff's contenders were the close ones: the winner is one of them
+        ok = ran_off
     fastest = min(ok, key=lambda i: i.p50(batch))
     tied = [i for i in ok if i.p50(batch) <= fastest.p50(batch) * (1 + tie)]
     pick = min(tied, key=lambda i: (i.bytes, i.p50(batch)))
@@ -311,8 +369,7 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
         items = build_all(candidates, work, log)
         models = load_models(items, cfg.threads)
         measure_drift(items, models, examples)
-        measure_latency(items, models, examples.test, cfg, timer)
-        choice = choose(items, cfg.max_drift, batch=cfg.opt_batch)
+        choice = rank(items, models, examples.test, cfg, cfg.max_drift, timer, log)
         pick = choice.pick
         final = out / target.auto_file
         (shutil.copytree if pick.path.is_dir() else shutil.copyfile)(pick.path, final)
@@ -344,12 +401,17 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
 
     pick, machine = choice.pick, cpu_info()
     reference = next(i for i in items if i.candidate.reference)
+    ran_off = [i.name for i in items if choice.batch in i.runoff]
     summary = (f"{target}-auto: {len(items)} candidates measured on {cpu_line(machine)}, {cfg.threads} threads "
-               f"(median of {ROUNDS} alternated rounds); drift on {images} test images vs {reference.name}")
+               f"(median of {ROUNDS} alternated rounds"
+               + (f"; {', '.join(ran_off)} re-timed head to head, {RUNOFF_ROUNDS} rotated rounds" if ran_off else "")
+               + f"); drift on {images} test images vs {reference.name}")
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
                                        "threads": cfg.threads, "provider": pick.candidate.provider}}
     auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "ranked_at_batch": choice.batch,
-            "tie": TIE, "rounds": ROUNDS, "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items]}
+            "tie": TIE, "rounds": ROUNDS,
+            "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
+            "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items]}
     return ExportResult(target=target, precision=pick.candidate.precision, files=[final], parity=parity, drift=drift,
                         notes=[summary, *table(items, pick), choice.why],
                         extra={**pick.candidate.extra, "auto": auto, "recipe": pick.candidate.recipe})

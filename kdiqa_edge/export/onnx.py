@@ -246,6 +246,7 @@ def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examp
     models = auto.load_models(items, cfg.threads)
     auto.measure_drift(items, models, examples)
     auto.measure_latency(items, models, examples.test, cfg, batches=(1,))
+    auto.measure_runoff(items[1:], models, examples.test, 1)  # the two INT8 stems head to head
     models.clear()
     _, shipped, alt = items
     speed = shipped.p50(1) / alt.p50(1)
@@ -257,7 +258,8 @@ def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examp
             f"mean |Δscore| {alt.drift['mean_abs_diff_vs_fp32']:.4f} vs {shipped.drift['mean_abs_diff_vs_fp32']:.4f} "
             f"here ({cpu_line()}); {how} ships it")
     return {"recipe": other.name, "note": note, "speed_vs_shipped": round(speed, 3),
-            "latency": {i.name: i.latency.get(1) for i in items}, "drift": alt.drift, "shipped_drift": shipped.drift}
+            "latency": {i.name: i.latency.get(1) for i in items},
+            "runoff": {i.name: i.runoff.get(1) for i in items[1:]}, "drift": alt.drift, "shipped_drift": shipped.drift}
 
 
 def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: ExportConfig) -> dict[str, Any]:

@@ -158,7 +158,28 @@ def _torchrun(out: str, key: str, gpus: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
                "-m", "kdiqa_edge.train.launch", out, key]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    agent = subprocess.Popen(command)
+    try:
+        code = agent.wait()
+    except BaseException:  # preempted (submitit's checkpoint handler exits) or cancelled: stop the workers first
+        _stop(agent)
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
+
+
+def _stop(agent: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM to torchrun, which passes it to its workers and waits for them; SIGKILL after `grace_s`.
+
+    A requeued job must not start while the old workers still write the run dir's checkpoints."""
+    if agent.poll() is not None:
+        return
+    agent.terminate()
+    try:
+        agent.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
 
 
 def _wait_for_teacher(after: dict, poll_s: float = 1.0) -> None:
