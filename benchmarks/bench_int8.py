@@ -125,6 +125,11 @@ def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple
     auto.measure_drift(items, models, examples)
     choice = auto.rank(items, models, examples.test, cfg, max_drift, log=lambda m: log(f"{name}: {m.strip()}"))
     models.clear()
+    shipped = work / "pick" / "model.onnx"  # what export ships: the pick, with its spin-waiting measured
+    shipped.parent.mkdir()
+    shutil.copyfile(choice.pick.path, shipped)
+    tuned = target.tune(choice.pick, shipped, examples.test, cfg, auto.wall_clock,
+                        log=lambda m: log(f"{name}: {m.strip()}"))
     for item in items:  # which would pass the issue's bound (drift of random weights: informative only)
         item.within_issue_bound = item.candidate.reference or (
             item.status == "ok" and abs(item.drift.get("delta_srcc", np.nan)) <= BOUND)
@@ -132,7 +137,7 @@ def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple
                 {str(b): v for b, v in item.latency.items()}, item.status, item.reason) for item in items]
     return rows, {"pick": choice.pick.name, "why": choice.why, "table": auto.table(items, choice.pick),
                   "within_0.01": [i.name for i in items if i.within_issue_bound],
-                  "recipes": {i.name: i.candidate.recipe for i in items}}
+                  "recipes": {i.name: i.candidate.recipe for i in items}, "tuned": tuned}
 
 
 def sessions(rows: list[Row], threads: int) -> dict[int, object]:
@@ -145,6 +150,9 @@ def sessions(rows: list[Row], threads: int) -> dict[int, object]:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.log_severity_level = 3
+        # spin-waiting off for every session (ours and plain alike): with ~50 sessions in one process, the
+        # idle ones' spinning workers would take the cores between turns (auto measures the same way)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             found[index] = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - a row that cannot load is reported, the others still run
@@ -255,7 +263,8 @@ def environment_lines(args, loads_before, loads) -> list[str]:
         (f"- ISA flags that decide INT8 speed: **{' '.join(cpu['isa']) or 'unknown'}** "
         f"(no {', '.join(f for f in ('avx_vnni', 'avx_vnni_int8', 'amx_int8') if f not in cpu['isa'])})"),
         f"- all SIMD flags: {' '.join(isa_all)}",
-        f"- Threads: {args.threads} intra-op (ONNX Runtime), torch.set_num_threads({args.threads}); batch 1, 224 px",
+        f"- Threads: {args.threads} intra-op (ONNX Runtime, spin-waiting off in every session), "
+        f"torch.set_num_threads({args.threads}); batch 1, 224 px",
         f"- Versions: python {platform.python_version()}, "
         + ", ".join(f"{k} {v}" for k, v in versions().items() if k in wanted),
         (f"- Load average (1 min): {loads_before:.2f} at the start, {min(loads):.2f}-{max(loads):.2f} over the timed "
@@ -293,6 +302,11 @@ def model_section(model: str, rows: list[Row], pick: dict, eager: Row | None) ->
     lines += ["", f"Auto (its own measurement, batch 1 and 8, {auto.ROUNDS} alternated rounds, then the close ones "
               f"head to head in {auto.RUNOFF_ROUNDS} rotated rounds): {pick['why']}", "", "```",
               *pick["table"], "```", ""]
+    if pick.get("tuned"):
+        t = pick["tuned"]
+        lines += [f"Spin-waiting for the pick as shipped (the same file, two sessions, {t['runs']} runs each, "
+                  f"alternated): off {t['p50_ms']['off']:.2f} ms, on {t['p50_ms']['on']:.2f} ms at batch {t['batch']} "
+                  f"-> recorded `ort_spinning={t['value']}`.", ""]
     profiled = [r for r in mine if r.profile]
     if profiled:
         from kdiqa_edge.export.evaluate import profile_line

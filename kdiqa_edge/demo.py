@@ -46,7 +46,7 @@ class DemoConfig:
     epochs: int = 1  # student epochs (mobilevit_s trains at about 4 images/s on 2 CPU cores)
     batch_size: int = 16  # small batches: more steps for the few hundred synthetic images
     random_teacher_lr: float = 3e-4  # a random-init teacher learns nothing at the paper's 5e-6 in a few epochs
-    refs: int | None = None  # synthetic set size in reference images (None: the built-in default)
+    refs: int | None = 8  # synthetic set size in reference images, 30 images each (None: the built-in 12)
     calib: int = 32  # INT8 calibration images (train split)
     bench_runs: int = 10  # timed runs per batch size
     batch_sizes: tuple = (1, 8)
@@ -57,7 +57,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """The tiny path: the 64 px random-init `tiny` CLIP (0.15M parameters), a few minutes on a CPU."""
-        return cls(teacher=TINY_TEACHER, teacher_epochs=8, epochs=5, calib=64, bench_runs=20)
+        return cls(teacher=TINY_TEACHER, teacher_epochs=8, epochs=5, refs=None, calib=64, bench_runs=20)
 
 
 def teacher_weights_on_disk(name: str = PRETRAINED_TEACHER) -> bool:

@@ -91,6 +91,38 @@ def test_time_inference_runs_warmup_and_timed_runs(tmp_path):
     assert 0 < stats.p50_ms <= stats.p99_ms and stats.images_per_s > 0
 
 
+class _Timed:
+    """A loaded model that records when it runs; `breaks_after` runs, it raises."""
+
+    def __init__(self, name, calls, breaks_after=None):
+        self.name, self.calls, self.breaks_after = name, calls, breaks_after
+        self.backend = type("Backend", (), {"synchronize": staticmethod(lambda: None)})()
+
+    def run(self, x):
+        self.calls.append((self.name, len(x)))
+        if self.breaks_after is not None and sum(n == self.name for n, _ in self.calls) > self.breaks_after:
+            raise RuntimeError("device lost")
+
+
+def test_models_are_timed_side_by_side_in_rotated_rounds():
+    from kdiqa_edge.bench.runner import BenchResult, Loaded, time_side_by_side
+
+    calls = []
+    items = [Loaded(BenchResult(model=n, name=n, format="ONNX", precision="fp32"), _Timed(n, calls, breaks))
+             for n, breaks in (("a", None), ("b", None), ("c", 9))]
+    for item in items:
+        item.inputs = {1: np.zeros((1, 3)), 4: np.zeros((4, 3))}
+    time_side_by_side(items, BenchConfig(batch_sizes=(1, 4), runs=6, rounds=3))
+    # batch 1: 3 rounds; each turn 1 untimed + 2 timed runs; the order rotated every round
+    first = [name for name, batch in calls if batch == 1][::3]
+    assert first == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    a, b, c = (item.result for item in items)
+    assert [s.batch_size for s in a.latency] == [1, 4] and a.latency[0].runs == 6 and b.latency[1].runs == 6
+    # c broke at batch 4 (its 10th run): a row with the reason, the others still timed
+    assert c.status == "failed" and c.stage == "latency" and "device lost" in c.reason
+    assert [s.batch_size for s in c.latency] == [1] and items[2].model is None
+
+
 def test_fp32_onnx_has_no_drift_vs_its_reference_run_and_broken_formats_get_rows(student_run, synthetic, tmp_path):
     run_dir, fp32 = student_run
     int8 = quantize_dynamic_int8(fp32, tmp_path / "student.int8.onnx")

@@ -35,26 +35,32 @@ class LatencyStats:
         return dataclasses.asdict(self)
 
 
+def latency_input(model, batch_size: int, seed: int = 0):
+    """A prepared random batch in the artifact's input format (the model alone is timed, not preprocessing)."""
+    size = model.preprocess.size
+    pixels = np.random.default_rng(seed).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    return model.prepare(pixels)
+
+
+def timed_run(model, x) -> float:
+    """Seconds for one `model.run(x)`, the backend's synchronize() inside (queued GPU work is counted)."""
+    start = time.perf_counter()
+    model.run(x)
+    model.backend.synchronize()
+    return time.perf_counter() - start
+
+
 def time_inference(model, batch_size: int, warmup: int = 10, runs: int = 50, seed: int = 0) -> LatencyStats:
     """Time `model.run` on a prepared random batch: the model alone, preprocessing excluded.
 
     `model` is a runtime QualityModel; its backend's synchronize() runs inside the timed region so queued
     GPU work is counted.
     """
-    size = model.preprocess.size
-    pixels = np.random.default_rng(seed).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-    x = model.prepare(pixels)
-    sync = model.backend.synchronize
+    x = latency_input(model, batch_size, seed)
     for _ in range(max(warmup, 0)):
         model.run(x)
-    sync()
-    times = []
-    for _ in range(max(runs, 1)):
-        start = time.perf_counter()
-        model.run(x)
-        sync()
-        times.append(time.perf_counter() - start)
-    return LatencyStats.from_times(batch_size, times)
+    model.backend.synchronize()
+    return LatencyStats.from_times(batch_size, [timed_run(model, x) for _ in range(max(runs, 1))])
 
 
 @dataclasses.dataclass(frozen=True)

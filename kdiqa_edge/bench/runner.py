@@ -1,11 +1,17 @@
 """Benchmark several artifacts of one model: latency, facts, accuracy and drift vs a reference (torch-free).
 
+Every model is loaded first (facts, warm-up, accuracy, one at a time), then timed side by side: `rounds`
+rounds, each model's turn one untimed run (the switch from the previous model) and runs/rounds timed ones,
+the order rotated every round, so a load that drifts while the bench runs hits every model alike and their
+ratios hold on a shared machine. All the models are in memory together while they are timed.
+
 A model that fails to load or run gets a row with its status and reason; the others still run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -16,7 +22,13 @@ import numpy as np
 from kdiqa_edge.bench import facts
 from kdiqa_edge.bench.accuracy import Drift, EvalData, drift, score_eval_set
 from kdiqa_edge.bench.environment import environment
-from kdiqa_edge.bench.latency import LatencyStats, PreprocessStats, time_inference, time_preprocessing
+from kdiqa_edge.bench.latency import (
+    LatencyStats,
+    PreprocessStats,
+    latency_input,
+    time_preprocessing,
+    timed_run,
+)
 from kdiqa_edge.errors import KdiqaError
 from kdiqa_edge.metrics import IQAMetrics
 
@@ -30,6 +42,7 @@ class BenchConfig:
     threads: int | None = None  # CPU threads for inference (None: the runtime's default)
     warmup: int = 10  # untimed runs before timing, per batch size
     runs: int = 50  # timed runs per batch size
+    rounds: int = 5  # the runs are spread over this many rounds, every model timed in each (side by side)
     provider: str | None = None  # onnxruntime execution provider / torch device / CoreML compute units
     seed: int = 0  # split seed: the eval split is the test part of this split
     max_images: int | None = None  # cap on eval images (None: the whole test split)
@@ -62,7 +75,7 @@ class BenchResult:
     preprocessing: PreprocessStats | None = None
     metrics: IQAMetrics | None = None
     drift: Drift | None = None
-    rss_delta_mb: float | None = None  # resident memory added by loading and running this model
+    rss_delta_mb: float | None = None  # resident memory added by loading it, warming up and scoring the eval split
     peak_rss_mb: float | None = None  # the process's high-water mark after this model
 
     def latency_at(self, batch_size: int) -> LatencyStats | None:
@@ -154,21 +167,33 @@ def _torch_facts(model) -> tuple[int | None, int | None]:
         return int(params), None
 
 
-def bench_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
-              reference: bool = False) -> tuple[BenchResult, np.ndarray | None, object | None]:
-    """One row; returns it with the eval scores and eval set (for drift). Never raises for a model's own fault."""
+@dataclasses.dataclass
+class Loaded:
+    """A model between the two phases: loaded (facts, warm-up and accuracy done), waiting to be timed."""
+
+    result: BenchResult
+    model: object | None
+    scores: np.ndarray | None = None
+    eval_set: object | None = None
+    inputs: dict[int, object] = dataclasses.field(default_factory=dict)  # batch size -> prepared batch
+    times: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+
+
+def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
+             reference: bool = False) -> Loaded:
+    """Load, facts, warm-up at every batch size, accuracy. Never raises for a model's own fault."""
     import time
 
     from kdiqa_edge.runtime import QualityModel
 
     result = BenchResult(model=str(path), name=Path(path).name, format=_format_of(path),
                          precision=guess_precision(path), reference=reference)
+    loaded = Loaded(result, None)
     rss_before = facts.current_rss_mb()
     stage = "load"
-    scores = eval_set = None
     try:
         start = time.perf_counter()
-        model = QualityModel.load(path, provider=cfg.provider, threads=cfg.threads)
+        model = loaded.model = QualityModel.load(path, provider=cfg.provider, threads=cfg.threads)
         result.load_s = time.perf_counter() - start
         info = model.info
         result.precision, result.backend, result.device = info.precision, model.backend.name, model.backend.device
@@ -180,28 +205,77 @@ def bench_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=
         stage = "latency"
         for batch_size in cfg.batch_sizes:
             if progress:
-                progress(f"{result.name}: latency @ batch {batch_size}")
-            result.latency.append(time_inference(model, batch_size, cfg.warmup, cfg.runs))
+                progress(f"{result.name}: warm-up @ batch {batch_size}")
+            x = loaded.inputs[batch_size] = latency_input(model, batch_size, cfg.seed)
+            for _ in range(cfg.warmup):
+                model.run(x)
+            model.backend.synchronize()
         if eval_data is not None:
             stage = "data"
             if progress:
                 progress(f"{result.name}: accuracy")
-            eval_set = eval_data.get(model.preprocess)
+            loaded.eval_set = eval_data.get(model.preprocess)
             stage = "accuracy"
-            scores, result.metrics = score_eval_set(model, eval_set, cfg.eval_batch_size)
+            loaded.scores, result.metrics = score_eval_set(model, loaded.eval_set, cfg.eval_batch_size)
             stage = "preprocessing"
-            result.preprocessing = time_preprocessing(eval_set.files[:cfg.preprocess_images], model.preprocess,
-                                                      model)
+            result.preprocessing = time_preprocessing(loaded.eval_set.files[:cfg.preprocess_images],
+                                                      model.preprocess, model)
     except Exception as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         if stage == "data":
             raise  # the dataset is unusable for every model: say so once
-        result.status, result.stage, result.reason = "failed", stage, _reason(exc, str(path))
+        _fail(loaded, stage, exc)
     rss_after = facts.current_rss_mb()
     result.rss_delta_mb = rss_after - rss_before if rss_after is not None and rss_before is not None else None
     result.peak_rss_mb = facts.peak_rss_mb()
-    return result, scores, eval_set
+    return loaded
+
+
+def _fail(loaded: Loaded, stage: str, exc: BaseException) -> None:
+    result = loaded.result
+    result.status, result.stage, result.reason = "failed", stage, _reason(exc, result.model)
+    loaded.model = None  # frees it; a failed model is not timed
+
+
+def time_side_by_side(items: list[Loaded], cfg: BenchConfig, bar=None) -> None:
+    """Latency of every loaded model at each batch size, in rounds: each turn one untimed run and
+    ceil(runs / rounds) timed ones, the order rotated every round (a model that fails is dropped).
+    `bar`: a console.Progress advanced once per round."""
+    rounds = max(1, min(cfg.rounds, cfg.runs))
+    per_turn = math.ceil(cfg.runs / rounds)
+    for batch_size in cfg.batch_sizes:
+        live = [item for item in items if item.model is not None]
+        for item in live:
+            item.times[batch_size] = []
+        for round_index in range(rounds):
+            if bar is not None:
+                bar.update(f"batch {batch_size}, round {round_index + 1}/{rounds}")
+            shift = round_index % max(len(live), 1)
+            for item in live[shift:] + live[:shift]:
+                if item.model is None:
+                    continue
+                x = item.inputs[batch_size]
+                try:
+                    item.model.run(x)
+                    item.times[batch_size] += [timed_run(item.model, x) for _ in range(per_turn)]
+                except Exception as exc:
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+                    _fail(item, "latency", exc)
+            if bar is not None:
+                bar.advance()
+        for item in live:
+            if item.model is not None:
+                item.result.latency.append(LatencyStats.from_times(batch_size, item.times[batch_size]))
+
+
+def bench_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
+              reference: bool = False) -> tuple[BenchResult, np.ndarray | None, object | None]:
+    """One model alone: its row, with the eval scores and eval set (for drift)."""
+    loaded = load_one(path, cfg, eval_data, progress, reference)
+    time_side_by_side([loaded], cfg)
+    return loaded.result, loaded.scores, loaded.eval_set
 
 
 def run_bench(models: Sequence[str | Path], reference: str | Path | None = None, data=None,
@@ -217,10 +291,13 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     ref_scores = ref_set = None
     from kdiqa_edge.console import Progress
 
+    loaded: list[Loaded] = []
     with Progress("bench", len(paths), unit="models", enabled=progress, transient=True) as bar:
         for path, is_reference in paths:
             bar.update(f"{Path(path).name}: load")
-            result, scores, eval_set = bench_one(path, cfg, eval_data, progress=bar.update, reference=is_reference)
+            item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference)
+            loaded.append(item)
+            result, scores, eval_set = item.result, item.scores, item.eval_set
             if is_reference:
                 ref_scores, ref_set = scores, eval_set
                 if result.status != "ok":
@@ -238,6 +315,10 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
                     result.drift = drift(result.metrics, scores, ref_metrics, aligned)
             results.append(result)
             bar.advance()
+    rounds = max(1, min(cfg.rounds, cfg.runs))
+    with Progress("latency", rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
+        time_side_by_side(loaded, cfg, bar)
+    loaded.clear()
     _distinct_names(results)
     dataset = None
     if eval_data is not None and eval_data._sets:

@@ -34,6 +34,9 @@ def bench(
     threads: Threads = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per batch size.")] = 10,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per batch size.")] = 50,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help=(
+        "Spread the runs over this many rounds, every model timed in each, the order rotated: models compared "
+        "side by side see the same machine load."))] = 5,
     provider: Provider = None,
     seed: Annotated[int, typer.Option("--seed", help="Split seed: the eval split is its test part.")] = 0,
     max_images: Annotated[int | None, typer.Option("--max-images", min=3,
@@ -60,7 +63,7 @@ def bench(
     from kdiqa_edge.bench.report import print_table, write_markdown, write_plot, write_report_json
 
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
-                      provider=provider, seed=seed, max_images=max_images, accuracy=accuracy)
+                      rounds=rounds, provider=provider, seed=seed, max_images=max_images, accuracy=accuracy)
     report = run_bench(models, reference=reference, data=data, cfg=cfg)
     print_table(report)
     for path, writer in ((json_path, write_report_json), (markdown_path, write_markdown), (plot_path, write_plot)):

@@ -55,6 +55,7 @@ class Candidate:
     reference: bool = False  # the FP32 candidate every other one's drift is measured against (exactly one)
     tolerance: float | None = None  # max |score - torch score| when shipped (None: reported only)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # target facts for the manifest (input spec)
+    load: dict[str, Any] = dataclasses.field(default_factory=dict)  # QualityModel.load options while measured
 
 
 class AutoTarget(Protocol):
@@ -64,6 +65,9 @@ class AutoTarget(Protocol):
     def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
                    work: Path) -> list[Candidate]:
         """Every candidate for `model` on this machine; the reference first. May write into `work`."""
+
+    # optional: tune(pick: Measured, final: Path, pixels, cfg, timer, log) -> dict | None, after the pick is
+    # copied to `final`: a runtime setting measured for the pick and recorded in the file (onnx: spin-waiting)
 
 
 def supports_auto(target) -> bool:
@@ -158,7 +162,8 @@ def load_models(items: list[Measured], threads: int) -> dict[str, Any]:
         if item.status != "ok":
             continue
         try:
-            models[item.name] = QualityModel.load(item.path, provider=item.candidate.provider, threads=threads)
+            models[item.name] = QualityModel.load(item.path, provider=item.candidate.provider, threads=threads,
+                                                  **item.candidate.load)
         except Exception as exc:
             if item.candidate.reference:
                 raise
@@ -373,13 +378,15 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
         pick = choice.pick
         final = out / target.auto_file
         (shutil.copytree if pick.path.is_dir() else shutil.copyfile)(pick.path, final)
+        tune = getattr(target, "tune", None)
+        tuned = tune(pick, final, examples.test, cfg, timer, log) if callable(tune) else None
         parity = evaluate.parity(torch_reference(model, examples.parity),
                                  models[pick.name].predict(examples.parity, batch_size=16), pick.candidate.tolerance)
         models.clear()
     if parity.get("passed") is False:
         raise ExportError(f"{final.name} ({pick.name}): parity check failed, max |score - torch score| = "
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
-    return _result(target.name, items, choice, final, parity, len(examples.test), cfg)
+    return _result(target.name, items, choice, final, parity, len(examples.test), cfg, tuned)
 
 
 def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> list[Candidate]:
@@ -395,7 +402,7 @@ def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> lis
 
 
 def _result(target: str, items: list[Measured], choice: Choice, final: Path, parity: dict[str, Any], images: int,
-            cfg: ExportConfig) -> ExportResult:
+            cfg: ExportConfig, tuned: dict[str, Any] | None = None) -> ExportResult:
     """The pick as an export: the table and why in the notes, every candidate's row in the details."""
     from kdiqa_edge.bench.environment import cpu_info, cpu_line
 
@@ -411,9 +418,10 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
     auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "ranked_at_batch": choice.batch,
             "tie": TIE, "rounds": ROUNDS,
             "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
-            "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items]}
+            "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items],
+            **({"tuned": tuned} if tuned else {})}
     return ExportResult(target=target, precision=pick.candidate.precision, files=[final], parity=parity, drift=drift,
-                        notes=[summary, *table(items, pick), choice.why],
+                        notes=[summary, *table(items, pick), choice.why, *([tuned["note"]] if tuned else [])],
                         extra={**pick.candidate.extra, "auto": auto, "recipe": pick.candidate.recipe})
 
 

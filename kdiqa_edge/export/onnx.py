@@ -313,6 +313,42 @@ def accelerator_providers(available: list[str] | None = None) -> list[str]:
     return [short for short, full in ACCELERATORS.items() if full in available]
 
 
+def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:
+    """ONNX Runtime's intra-op spin-waiting on and off for the pick alone, head to head on this machine (on a
+    small VM, spinning workers can cost more than they save). Off is recorded in the shipped file only when it
+    is more than auto.TIE faster; `ort_spinning` in its metadata is what the runtime then applies."""
+    import onnx
+
+    from kdiqa_edge import artifact
+    from kdiqa_edge.bench.environment import cpu_line
+    from kdiqa_edge.export import auto
+    from kdiqa_edge.runtime import QualityModel
+
+    if pick.candidate.provider != "cpu":
+        return None
+    states = {"on": True, "off": False}
+    loaded = {state: QualityModel.load(final, threads=cfg.threads, spinning=spin) for state, spin in states.items()}
+    batch = cfg.opt_batch
+    inputs = {state: auto.latency_inputs(model, pixels, batch) for state, model in loaded.items()}
+    times: dict[str, list[float]] = {state: [] for state in states}
+    for round_index in range(auto.RUNOFF_ROUNDS):
+        for state in list(states) if round_index % 2 == 0 else list(states)[::-1]:
+            loaded[state].run(inputs[state])  # untimed: the switch from the other session
+            times[state] += [timer(pick, loaded[state], inputs[state]) for _ in range(auto.RUNOFF_RUNS)]
+    loaded.clear()
+    p50 = {state: float(np.median(t)) * 1e3 for state, t in times.items()}
+    choice = "off" if p50["on"] > p50["off"] * (1 + auto.TIE) else "on"
+    meta = artifact.decode({p.key: p.value for p in onnx.load(str(final), load_external_data=False).metadata_props})
+    set_metadata(final, {**meta, "ort_spinning": choice})
+    speed = p50["on"] / p50["off"] if p50["off"] else 1.0
+    note = (f"{final.name}: ONNX Runtime spin-waiting {choice} (recorded in the file; the runtime applies it): "
+            f"off {p50['off']:.2f} vs on {p50['on']:.2f} ms at batch {batch} here, {speed:.2f}x "
+            f"({cpu_line()}, {cfg.threads} threads)")
+    log(f"  {note}")
+    return {"setting": "ort_spinning", "value": choice, "p50_ms": {k: round(v, 3) for k, v in p50.items()},
+            "batch": batch, "runs": len(times["on"]), "note": note}
+
+
 def candidates(model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path,
                tolerance: dict[str, float]) -> list:
     """The `onnx` target's candidates for --precision auto: FP32 (the reference), every INT8 recipe the graph
@@ -338,14 +374,18 @@ def candidates(model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any
     def copy(path: Path) -> Path:
         return Path(shutil.copyfile(fp32, path))
 
+    # measured with ONNX Runtime's spin-waiting off: the other candidates' sessions in this process would
+    # otherwise spin between their turns and take the cores; tune_spinning sets it for the pick alone
+    quiet = {"spinning": False}
     found = [Candidate("fp32", "fp32", artifact("fp32", copy), reference=True, tolerance=tolerance["fp32"],
-                       recipe={"name": "fp32"}, extra=extra)]
+                       recipe={"name": "fp32"}, extra=extra, load=quiet)]
     for recipe in recipes.applicable(graph.facts, recipes.Isa.here()):
         found.append(Candidate(
             f"int8:{recipe.name}", "int8", artifact("int8", functools.partial(graph.build, recipe), recipe.name),
             recipe=recipe.to_dict(), extra={**extra, "int8": {"form": "u8s8", "calibration_images": len(graph.calib),
                                                                "calibration_method": cfg.calib_method, "head": "float",
-                                                               "stem": recipe.stem, "graph": graph.facts.summary()}}))
+                                                               "stem": recipe.stem, "graph": graph.facts.summary()}},
+            load=quiet))
     for provider in accelerator_providers():
         found.append(Candidate(f"fp16:{provider}", "fp16", artifact("fp16", functools.partial(to_fp16, fp32)),
                                provider=provider, tolerance=tolerance["fp16"], recipe={"name": "fp16"}, extra=extra))
@@ -369,3 +409,6 @@ class OnnxTarget:
 
     def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:
         return candidates(model, examples, cfg, {**meta, "target": self.name}, work, self.supports.tolerance)
+
+    def tune(self, pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:
+        return tune_spinning(pick, final, pixels, cfg, timer, log)

@@ -78,8 +78,11 @@ def backend_kind(path: str | Path) -> str:
         f"{path}: not a model (expected .onnx, .engine/.plan, .mlpackage, .pte, a checkpoint dir or a run dir)")
 
 
-def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None) -> Backend:
-    return BACKENDS.get(backend_kind(path))(Path(path), provider=provider, threads=threads)
+def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None,
+                 spinning: bool | None = None) -> Backend:
+    kind = backend_kind(path)
+    options = {"spinning": spinning} if kind == "onnx" and spinning is not None else {}
+    return BACKENDS.get(kind)(Path(path), provider=provider, threads=threads, **options)
 
 
 # --- ONNX Runtime --------------------------------------------------------------------------------------
@@ -102,23 +105,20 @@ def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
 class OnnxBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
+    def __init__(self, path: Path, provider: str | None = None, threads: int | None = None,
+                 spinning: bool | None = None):
+        """spinning: ONNX Runtime's intra-op spin-waiting (`session.intra_op.allow_spinning`). None: what the
+        artifact records (`ort_spinning`, which `--precision auto` measures on the machine), else ORT's default
+        (on)."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # provider fallbacks are reported below, not as log spam
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         providers = resolve_providers(provider, ort.get_available_providers())
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-            raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
-        if self.session.get_providers()[0] != providers[0]:
-            raise ConfigError(f"{path}: {providers[0]} failed to initialise (running on "
-                              f"{self.session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
+        self.session = self._session(path, providers, threads, spinning)
         meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)
+        recorded = {"on": True, "off": False}.get(str(meta.get("ort_spinning")))
+        if spinning is None and recorded is False:  # the session options are fixed at creation: open it again
+            self.session = self._session(path, providers, threads, False)
+        self.spinning = spinning if spinning is not None else recorded is not False
         self.info = ArtifactInfo.from_meta(path, meta, "onnx")
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
@@ -130,6 +130,26 @@ class OnnxBackend:
         self.provider = providers[0]
         self.device = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
                        "CoreMLExecutionProvider": "coreml"}.get(self.provider, "cpu")
+
+    @staticmethod
+    def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # provider fallbacks are reported below, not as log spam
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+            raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
+        if session.get_providers()[0] != providers[0]:
+            raise ConfigError(f"{path}: {providers[0]} failed to initialise (running on "
+                              f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
+        return session
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)

@@ -45,14 +45,16 @@ class QualityModel:
         self._input_dtype = np.float16 if self.info.input.dtype == "float16" else np.float32
 
     @classmethod
-    def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None) -> QualityModel:
+    def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
+             spinning: bool | None = None) -> QualityModel:
         """Open an .onnx, .engine/.plan, .mlpackage, .pte (ExecuTorch), checkpoint dir or run dir.
 
         provider: onnxruntime execution provider (cpu, cuda, tensorrt, coreml, or a full name; default the
         best available), "cuda"/"cpu" for a checkpoint, compute units (cpu, gpu, ane) for CoreML.
         threads: CPU threads (ONNX Runtime intra-op, ExecuTorch's process-wide pool, torch).
+        spinning: ONNX Runtime's intra-op spin-waiting; None: as the artifact records (auto measures it), else on.
         """
-        return cls(load_backend(path, provider=provider, threads=threads))
+        return cls(load_backend(path, provider=provider, threads=threads, spinning=spinning))
 
     def __repr__(self) -> str:
         return (f"QualityModel({self.info.path.name}, {self.backend.name}/{self.backend.device}, "
