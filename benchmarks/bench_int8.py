@@ -250,6 +250,36 @@ def profile(rows: list[Row], inputs: dict[str, np.ndarray], threads: int) -> Non
             row.profile = kernel_profile(row.path, inputs[model], threads=threads, runs=5)
 
 
+def _families(profile: dict) -> dict[str, dict]:
+    """Kernel time by operator family: QLinearConv, FusedConv and Conv are all Conv (the quantized kernel
+    replaces the float one); Quantize/DequantizeLinear stay themselves (pure INT8 overhead)."""
+    found: dict[str, dict] = {}
+    for op in profile["ops"]:
+        name = op["op"]
+        for prefix in ("QLinear", "DynamicQuantize", "Fused", "Nhwc"):
+            if name.startswith(prefix) and name not in ("QuantizeLinear", "DequantizeLinear"):
+                name = name[len(prefix):]
+        entry = found.setdefault(name, {"ms": 0.0, "count": 0})
+        entry["ms"] += op["ms"]
+        entry["count"] += op["count"]
+    return found
+
+
+def why_not_faster(mine: list[Row], fp32: Row) -> list[str]:
+    """Where no INT8 recipe reaches SPEEDUP: the kernels the fastest INT8 spends more time in than FP32 does."""
+    int8 = [r for r in mine if r.precision == "int8" and r.kind == "ours" and r.profile]
+    best = min(int8, key=lambda r: r.p50, default=None)
+    if best is None or fp32.profile is None or fp32.p50 / best.p50 >= SPEEDUP:
+        return []
+    before, after = _families(fp32.profile), _families(best.profile)
+    grown = sorted(((after[op]["ms"] - before.get(op, {}).get("ms", 0.0), op) for op in after), reverse=True)
+    parts = [f"{op} {before.get(op, {}).get('ms', 0.0):.2f} -> {after[op]['ms']:.2f} ms "
+             f"({before.get(op, {}).get('count', 0)} -> {after[op]['count']} nodes)" for gain, op in grown[:4] if gain > 0]
+    return [f"Why INT8 stops at {fp32.p50 / best.p50:.2f}x here ({best.name} vs fp32, kernel time per run): "
+            f"{fp32.profile['total_ms']:.2f} -> {best.profile['total_ms']:.2f} ms in all; the kernels that cost "
+            f"more in INT8: {'; '.join(parts)}.", ""]
+
+
 def environment_lines(args, loads_before, loads) -> list[str]:
     import platform
 
@@ -314,6 +344,7 @@ def model_section(model: str, rows: list[Row], pick: dict, eager: Row | None) ->
         lines += ["Kernels that ran (ONNX Runtime profiler, time share and node count, top 6):", ""]
         lines += [f"- {r.name}: {r.profile['total_ms']:.2f} ms of kernels: {profile_line(r.profile, 6)}" for r in profiled]
         lines.append("")
+        lines += why_not_faster(mine, fp32)
     if eager is not None:
         lines += [(f"The teacher tower in torch eager: {eager.p50:.2f} ms at batch 1 ({eager.p50 / fp32.p50:.2f}x our "
                   "FP32 ONNX)."), ""]

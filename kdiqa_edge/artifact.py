@@ -31,6 +31,9 @@ KEYS = {
     "target": "onnx | tensorrt | coreml | executorch",
     "versions": "JSON {package: version} of the exporting environment",
     "batch": "the one batch size a static-shape artifact takes (ExecuTorch programs: 1); absent: dynamic",
+    "recipe": "the INT8 recipe's name (export/recipes.py), INT8 ONNX only",
+    "ort_spinning": "on | off: ONNX Runtime intra-op spin-waiting, measured for the pick by --precision auto; "
+                    "the runtime applies it (absent: ORT's default, on)",
 }
 
 

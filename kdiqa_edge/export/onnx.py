@@ -314,9 +314,11 @@ def accelerator_providers(available: list[str] | None = None) -> list[str]:
 
 
 def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:
-    """ONNX Runtime's intra-op spin-waiting on and off for the pick alone, head to head on this machine (on a
-    small VM, spinning workers can cost more than they save). Off is recorded in the shipped file only when it
-    is more than auto.TIE faster; `ort_spinning` in its metadata is what the runtime then applies."""
+    """ONNX Runtime's intra-op spin-waiting on and off for the pick alone, head to head on this machine (where
+    other processes compete for the cores, spinning workers can cost more than they save). Off is recorded in
+    the shipped file only when it is more than auto.TIE faster; `ort_spinning` in its metadata is what the
+    runtime then applies. The comparison leans towards on (ORT's default): the on-session's workers spin on into
+    the off-session's turn, so off wins only where it clearly pays."""
     import onnx
 
     from kdiqa_edge import artifact
