@@ -105,6 +105,8 @@ def reproduce_command(
         opts = override(SlurmOptions(), partition=partition, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
                         mem=mem, time=time_limit, max_parallel=max_parallel, account=account, qos=qos,
                         extra=parse_extra(slurm_extra or []))
+        if launcher == "submitit-local" and max_parallel is not None:
+            console.print("note: --max-parallel throttles SLURM job arrays; submitit-local starts every job at once")
         return _launch(cfg, data, out, launcher, opts, dry_run, wait, console)
     result = run_reproduce(cfg, data, out, dry_run=dry_run, log=console.print)
     if dry_run:
