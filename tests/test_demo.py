@@ -66,4 +66,4 @@ def test_demo_stages_follow_the_registered_targets_and_precisions(monkeypatch):
     monkeypatch.setattr(base, "PRECISIONS", (*base.PRECISIONS, "auto"))
     monkeypatch.setitem(base.TARGETS._entries, "executorch", base.TARGETS.get("onnx"))
     with_both = available_exports(STUDENT_EXPORTS)
-    assert ("onnx", "auto") in with_both and ("executorch", "fp32") in with_both and ("executorch", "int8") in with_both
+    assert ("onnx", "auto") in with_both and ("executorch", "int8") in with_both

@@ -28,7 +28,7 @@ def demo_command(
     teacher_epochs: Annotated[int | None, typer.Option("--teacher-epochs", min=1,
                                                           help="Teacher epochs (1; --quick 8).")] = None,
     refs: Annotated[int | None, typer.Option(
-        "--refs", min=1, help="Size of the synthetic set in reference images, 30 images each (8, within the "
+        "--refs", min=1, help="Size of the synthetic set in reference images, 30 images each (6, within the "
                               "demo's 12 minutes; --quick: the built-in 12).")] = None,
     no_pretrained: Annotated[bool, typer.Option(
         "--no-pretrained", help="Random-init students even where ImageNet weights are on disk.")] = False,

@@ -240,9 +240,10 @@ def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examp
     set_metadata(path, {**meta, "recipe": other.name})
     # the scratch FP32 graph gets its metadata too, so the runtime can load it
     set_metadata(fp32, {**{k: v for k, v in meta.items() if k != "recipe"}, "precision": "fp32"})
-    items = [auto.Measured(auto.Candidate("fp32", "fp32", build=None, reference=True), path=fp32),
-             auto.Measured(auto.Candidate(recipe.name, "int8", build=None), path=final),
-             auto.Measured(auto.Candidate(other.name, "int8", build=None), path=path)]
+    quiet = {"spinning": False}  # three sessions in one process: see candidates()
+    items = [auto.Measured(auto.Candidate("fp32", "fp32", build=None, reference=True, load=quiet), path=fp32),
+             auto.Measured(auto.Candidate(recipe.name, "int8", build=None, load=quiet), path=final),
+             auto.Measured(auto.Candidate(other.name, "int8", build=None, load=quiet), path=path)]
     models = auto.load_models(items, cfg.threads)
     auto.measure_drift(items, models, examples)
     auto.measure_latency(items, models, examples.test, cfg, batches=(1,))
