@@ -180,8 +180,9 @@ class Loaded:
 
 
 def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
-             reference: bool = False) -> Loaded:
-    """Load, facts, warm-up at every batch size, accuracy. Never raises for a model's own fault."""
+             reference: bool = False, spinning: bool | None = None) -> Loaded:
+    """Load, facts, warm-up at every batch size, accuracy. Never raises for a model's own fault.
+    spinning: ONNX Runtime's spin-waiting (None: what the file records, else ORT's default)."""
     import time
 
     from kdiqa_edge.runtime import QualityModel
@@ -193,7 +194,8 @@ def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=N
     stage = "load"
     try:
         start = time.perf_counter()
-        model = loaded.model = QualityModel.load(path, provider=cfg.provider, threads=cfg.threads)
+        model = loaded.model = QualityModel.load(path, provider=cfg.provider, threads=cfg.threads,
+                                                 spinning=spinning)
         result.load_s = time.perf_counter() - start
         info = model.info
         result.precision, result.backend, result.device = info.precision, model.backend.name, model.backend.device
@@ -292,10 +294,13 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     from kdiqa_edge.console import Progress
 
     loaded: list[Loaded] = []
+    # side by side, ONNX Runtime sessions wait without spinning: an idle session's workers would otherwise spin
+    # into the next model's turn and take the cores (on a 2-vCPU VM that doubled INT8 latencies)
+    spinning = False if len(paths) > 1 else None
     with Progress("bench", len(paths), unit="models", enabled=progress, transient=True) as bar:
         for path, is_reference in paths:
             bar.update(f"{Path(path).name}: load")
-            item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference)
+            item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference, spinning=spinning)
             loaded.append(item)
             result, scores, eval_set = item.result, item.scores, item.eval_set
             if is_reference:
@@ -315,6 +320,11 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
                     result.drift = drift(result.metrics, scores, ref_metrics, aligned)
             results.append(result)
             bar.advance()
+    sessions = sum(1 for item in loaded if item.model is not None and item.result.backend == "onnxruntime")
+    if spinning is False and sessions:
+        notes.append(f"ONNX Runtime spin-waiting was off for the {sessions} ONNX session(s) timed side by side (idle "
+                     "sessions' spinning workers would take the cores between turns); one served session runs with "
+                     "ORT's default, spinning on, unless its file records otherwise (`--precision auto` measures it)")
     rounds = max(1, min(cfg.rounds, cfg.runs))
     with Progress("latency", rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
         time_side_by_side(loaded, cfg, bar)
