@@ -167,6 +167,28 @@ def test_local_job_with_two_gpus_runs_under_torchrun(small_synthetic, tmp_path):
     assert (out / "table1.md").is_file()
 
 
+def test_a_stopped_torchrun_gets_sigterm_first_then_sigkill_after_the_grace(tmp_path):
+    """What a preempted job does to its torchrun before the requeue: SIGTERM (torchrun stops its workers on it)
+    and a wait; SIGKILL only when it does not exit within the grace."""
+    from kdiqa_edge.train.launch import _stop
+
+    marker = tmp_path / "terminated"
+    polite = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).write_text('1'), sys.exit(3)))\n"
+        "print('ready', flush=True)\ntime.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert polite.stdout.readline().strip() == "ready"
+    _stop(polite, grace_s=30)
+    assert polite.returncode == 3 and marker.read_text() == "1"  # it handled SIGTERM and exited by itself
+    stubborn = subprocess.Popen([sys.executable, "-c", (
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    _stop(stubborn, grace_s=0.5)
+    assert stubborn.returncode == -signal.SIGKILL and time.monotonic() - start < 10
+
+
 # ---------------------------------------------------------------- a fake SLURM
 
 FAKE_SBATCH = """#!/bin/bash
