@@ -149,21 +149,40 @@ def test_local_sweep_third_call_submits_nothing(local_sweep):
     assert "6 done" in status.stdout and "seed1/test_efficientnet-soft" in status.stdout
 
 
-def test_local_job_with_two_gpus_runs_under_torchrun(small_synthetic, tmp_path):
-    """--gpus-per-job 2: the job runs its training under torch.distributed.run, two processes (gloo on a CPU)."""
+def test_local_job_with_two_gpus_runs_under_torchrun_and_survives_preemption(small_synthetic, tmp_path):
+    """--gpus-per-job 2: the job trains under torch.distributed.run, two processes (gloo on a CPU). Preempted
+    after its first epoch, it stops torchrun, is requeued by submitit and resumes under torchrun again."""
     out = tmp_path / "repro"
+    student = "seed0/test_efficientnet-full"
     args = ["reproduce", "--dataset", "synthetic", "--root", str(small_synthetic.root), "--students",
-            "test_efficientnet", "--variants", "full", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1",
+            "test_efficientnet", "--variants", "full", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1",
             "--teacher", "tiny", "--no-pretrained", "--batch-size", "32", "--out", str(out),
             "--launcher", "submitit-local", "--gpus-per-job", "2"]
-    done = _cli(args)
-    assert done.returncode == 0, done.stderr
-    assert "2 done" in done.stdout
-    for key in ("seed0/teacher", "seed0/test_efficientnet-full"):
+    run = subprocess.Popen([sys.executable, "-m", "kdiqa_edge", *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline, signalled = time.monotonic() + 400, False
+    while not signalled and time.monotonic() < deadline and run.poll() is None:
+        if _last_state(out, student).is_file():
+            task = _task_pid(int(_jobs(out)[student]["job_id"]))
+            if task is not None:
+                os.kill(task, signal.SIGUSR2)
+                signalled = True
+        time.sleep(0.05)
+    stdout, stderr = run.communicate(timeout=400)
+    assert run.returncode == 0, stderr
+    assert signalled and "2 done" in stdout
+    for key in ("seed0/teacher", student):
         job = _jobs(out)[key]
         log = (Path(job["folder"]) / f"{job['job_id']}_0_log.out").read_text()
         assert "-m torch.distributed.run --standalone --nproc-per-node=2" in log
         assert json.loads((out / key / "summary.json").read_text())["world_size"] == 2
+    job = _jobs(out)[student]
+    log = (Path(job["folder"]) / f"{job['job_id']}_0_log.out").read_text()
+    assert "this job is preempted" in (Path(job["folder"]) / f"{job['job_id']}_0_log.err").read_text()
+    assert "stopping torchrun" in log and "SIGTERM" in log  # its workers stopped before the requeue
+    assert log.count("-m torch.distributed.run") == 2 and f"{student}: resuming" in log  # requeued, resumed
+    epochs = [line.split(",")[0] for line in (out / student / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]
     assert (out / "table1.md").is_file()
 
 

@@ -174,6 +174,7 @@ def _stop(agent: subprocess.Popen, grace_s: float = 60.0) -> None:
     A requeued job must not start while the old workers still write the run dir's checkpoints."""
     if agent.poll() is not None:
         return
+    print(f"stopping torchrun (pid {agent.pid}): SIGTERM, then up to {grace_s:.0f} s for its workers", flush=True)
     agent.terminate()
     try:
         agent.wait(timeout=grace_s)
