@@ -50,6 +50,11 @@ class BenchConfig:
     eval_batch_size: int = 32  # batch size for scoring the eval split
     preprocess_images: int = 32  # files timed for preprocessing (decode to model input)
 
+    @property
+    def timing_rounds(self) -> int:
+        """The rounds the runs are spread over (at least one run per round)."""
+        return max(1, min(self.rounds, self.runs))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -244,7 +249,7 @@ def time_side_by_side(items: list[Loaded], cfg: BenchConfig, bar=None) -> None:
     """Latency of every loaded model at each batch size, in rounds: each turn one untimed run and
     ceil(runs / rounds) timed ones, the order rotated every round (a model that fails is dropped).
     `bar`: a console.Progress advanced once per round."""
-    rounds = max(1, min(cfg.rounds, cfg.runs))
+    rounds = cfg.timing_rounds
     per_turn = math.ceil(cfg.runs / rounds)
     for batch_size in cfg.batch_sizes:
         live = [item for item in items if item.model is not None]
@@ -325,8 +330,7 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
         notes.append(f"ONNX Runtime spin-waiting was off for the {sessions} ONNX session(s) timed side by side (idle "
                      "sessions' spinning workers would take the cores between turns); one served session runs with "
                      "ORT's default, spinning on, unless its file records otherwise (`--precision auto` measures it)")
-    rounds = max(1, min(cfg.rounds, cfg.runs))
-    with Progress("latency", rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
+    with Progress("latency", cfg.timing_rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
         time_side_by_side(loaded, cfg, bar)
     loaded.clear()
     _distinct_names(results)

@@ -117,11 +117,10 @@ Timer = Callable[[Measured, Any, np.ndarray], float]
 
 
 def wall_clock(measured: Measured, model, x: np.ndarray) -> float:
-    """Seconds for one `model.run(x)`, device work included."""
-    start = time.perf_counter()
-    model.run(x)
-    model.backend.synchronize()
-    return time.perf_counter() - start
+    """Seconds for one `model.run(x)`, device work included (the bench's `timed_run`)."""
+    from kdiqa_edge.bench.latency import timed_run
+
+    return timed_run(model, x)
 
 
 def _size(path: Path) -> int:
@@ -266,21 +265,29 @@ def contenders(items: list[Measured], max_drift: float, batch: int = 1, margin: 
     return [i for i in ok if i.latency[batch]["p50_ms"] <= best * (1 + margin)]
 
 
+def head_to_head(pairs: list[tuple[Measured, Any]], pixels: np.ndarray, batch: int, timer: Timer = wall_clock,
+                 rounds: int = RUNOFF_ROUNDS, runs: int = RUNOFF_RUNS) -> list[list[float]]:
+    """Time (candidate, loaded model) pairs against each other at `batch`: per round each runs once untimed
+    (the switch from the previous session) and `runs` times timed, the order rotated every round. The seconds,
+    per pair. Two pairs may share a candidate (the same file loaded two ways)."""
+    inputs = [latency_inputs(model, pixels, batch) for _, model in pairs]
+    times: list[list[float]] = [[] for _ in pairs]
+    order = list(range(len(pairs)))
+    for round_index in range(rounds):
+        shift = round_index % len(order)
+        for index in order[shift:] + order[:shift]:
+            item, model = pairs[index]
+            model.run(inputs[index])
+            times[index] += [timer(item, model, inputs[index]) for _ in range(runs)]
+    return times
+
+
 def measure_runoff(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, batch: int,
                    timer: Timer = wall_clock, rounds: int = RUNOFF_ROUNDS, runs: int = RUNOFF_RUNS) -> None:
-    """Re-time close contenders head to head at `batch`: per round each runs once untimed (the switch from the
-    previous session) and `runs` times timed, the order rotated every round; the median goes into `runoff`."""
-    inputs = {item.name: latency_inputs(models[item.name], pixels, batch) for item in items}
-    times: dict[str, list[float]] = {item.name: [] for item in items}
-    for round_index in range(rounds):
-        shift = round_index % len(items)
-        for item in items[shift:] + items[:shift]:
-            models[item.name].run(inputs[item.name])
-            for _ in range(runs):
-                times[item.name].append(timer(item, models[item.name], inputs[item.name]))
-    for item in items:
-        item.runoff[batch] = {"p50_ms": round(float(np.median(times[item.name])) * 1e3, 3),
-                              "runs": len(times[item.name])}
+    """Re-time close contenders head to head at `batch` (`head_to_head`); the median goes into `runoff`."""
+    times = head_to_head([(item, models[item.name]) for item in items], pixels, batch, timer, rounds, runs)
+    for item, seconds in zip(items, times):
+        item.runoff[batch] = {"p50_ms": round(float(np.median(seconds)) * 1e3, 3), "runs": len(seconds)}
 
 
 def rank(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg: ExportConfig, max_drift: float,

@@ -330,15 +330,10 @@ def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, time
     if pick.candidate.provider != "cpu":
         return None
     states = {"on": True, "off": False}
-    loaded = {state: QualityModel.load(final, threads=cfg.threads, spinning=spin) for state, spin in states.items()}
     batch = cfg.opt_batch
-    inputs = {state: auto.latency_inputs(model, pixels, batch) for state, model in loaded.items()}
-    times: dict[str, list[float]] = {state: [] for state in states}
-    for round_index in range(auto.RUNOFF_ROUNDS):
-        for state in list(states) if round_index % 2 == 0 else list(states)[::-1]:
-            loaded[state].run(inputs[state])  # untimed: the switch from the other session
-            times[state] += [timer(pick, loaded[state], inputs[state]) for _ in range(auto.RUNOFF_RUNS)]
-    loaded.clear()
+    pairs = [(pick, QualityModel.load(final, threads=cfg.threads, spinning=spin)) for spin in states.values()]
+    times = dict(zip(states, auto.head_to_head(pairs, pixels, batch, timer)))
+    pairs.clear()
     p50 = {state: float(np.median(t)) * 1e3 for state, t in times.items()}
     choice = "off" if p50["on"] > p50["off"] * (1 + auto.TIE) else "on"
     meta = artifact.decode({p.key: p.value for p in onnx.load(str(final), load_external_data=False).metadata_props})
