@@ -195,9 +195,10 @@ def float_nodes(graph_module, stem: bool) -> set[str]:
 def _export(module, example):
     import torch
 
+    from kdiqa_edge.export.layouts import channels_last_patches
     from kdiqa_edge.models.score import plain_attention
 
-    with torch.no_grad(), plain_attention(), quiet():
+    with torch.no_grad(), plain_attention(), channels_last_patches(), quiet():
         return torch.export.export(module, (example,))
 
 
@@ -211,11 +212,12 @@ def quantize(scored, calib: np.ndarray, stem: str, batch: int = 8):
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from kdiqa_edge.export.layouts import channels_last_patches
     from kdiqa_edge.models.score import plain_attention
 
     # a dynamic batch axis for calibration only: the observers see `batch` images per call
     dims = ({0: torch.export.Dim("batch", min=1, max=batch)},)
-    with torch.no_grad(), plain_attention(), quiet():
+    with torch.no_grad(), plain_attention(), channels_last_patches(), quiet():
         graph = torch.export.export(scored, (scored.example_input(2),), dynamic_shapes=dims).module()
         keep = float_nodes(graph, stem=stem == "float")
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
