@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 onnx = pytest.importorskip("onnx")
 
-from kdiqa_edge.export.layouts import channels_last_patches  # noqa: E402
+from kdiqa_edge.export.layouts import channels_last_patches
 
 
 def _blocks(model):
