@@ -213,8 +213,8 @@ def paired_ratio(call_a, call_b, rounds: int = 30, runs: int = 3) -> float:
 
 
 def confirm(rows: list[Row], calls: dict[int, object], picks: dict[str, dict]) -> dict[str, dict]:
-    """The issue's two 1.05x figures, each re-timed as a pair: auto's pick against the fastest candidate (by the
-    round-robin) and against the faster of the two plain exports."""
+    """The issue's figures, each re-timed as a pair: auto's pick against the fastest candidate (by the
+    round-robin) and against the faster of the two plain exports, and our FP32 against the fastest INT8."""
     index = {(r.model, r.name): i for i, r in enumerate(rows)}
     found = {}
     for model, pick in picks.items():
@@ -224,14 +224,20 @@ def confirm(rows: list[Row], calls: dict[int, object], picks: dict[str, dict]) -
         shipped = index[(model, pick["pick"])]
         fastest = min(ours, key=lambda i: rows[i].p50)
         faster_plain = min(plain, key=lambda i: rows[i].p50) if plain else None
+        int8 = [i for i in ours if rows[i].precision == "int8"]
+        best = min(int8, key=lambda i: rows[i].p50) if int8 else None
+        fp32 = index[(model, "fp32")]
         found[model] = {
+            "best_int8": rows[best].name if best is not None else None,
+            "best_int8_speedup": paired_ratio(calls[fp32], calls[best]) if best is not None else None,
             "fastest": rows[fastest].name,
             "pick_vs_fastest": 1.0 if fastest == shipped else paired_ratio(calls[shipped], calls[fastest]),
             "faster_plain": rows[faster_plain].name if faster_plain is not None else None,
             "pick_vs_faster_plain": paired_ratio(calls[shipped], calls[faster_plain])
             if faster_plain is not None else None}
         log(f"{model}: paired pick/fastest {found[model]['pick_vs_fastest']:.3f}, pick/faster plain "
-            f"{found[model]['pick_vs_faster_plain'] or float('nan'):.3f}")
+            f"{found[model]['pick_vs_faster_plain'] or float('nan'):.3f}, FP32/best INT8 "
+            f"{found[model]['best_int8_speedup'] or float('nan'):.2f}x")
     return found
 
 
@@ -374,7 +380,8 @@ def summary(rows: list[Row], picks: dict[str, dict], eager: Row | None) -> tuple
         checks[model] = {"pick_vs_fastest": shipped.p50 / fastest.p50,
                          "pick_vs_faster_plain": shipped.p50 / faster_plain.p50 if faster_plain else None,
                          "best_int8_speedup": fp32.p50 / best.p50 if best else None,
-                         "best_int8": best.name if best else None, "pick": shipped.name}
+                         "best_int8": best.name if best else None, "pick": shipped.name,
+                         "declined": "--min-speedup" in pick["why"]}
         lines.append(f"| {model} | {_ms(fp32.p50)} | {_ms(best.p50) if best else '—'} ({best.name if best else '—'}) | "
                      f"{fp32.p50 / best.p50:.2f}x | {shipped.name} {_ms(shipped.p50)} | "
                      f"{checks[model]['pick_vs_fastest']:.3f} | {_ms(plain_fp32.p50) if plain_fp32 else '—'} | "
@@ -386,18 +393,22 @@ def summary(rows: list[Row], picks: dict[str, dict], eager: Row | None) -> tuple
 def done_when(checks: dict[str, dict], isa: str) -> list[str]:
     """The issue's "Done when" figures on this run; the two 1.05x ratios from the paired re-timing."""
     lines = [f"## The issue's checks on this CPU ({isa})", "",
-             ("The 1.05x ratios below are re-timed as pairs (30 rounds x 3 runs, the two alternated), which resolves "
-             "two close artifacts where the round-robin over all of them cannot on a loaded machine."), ""]
+             ("The ratios below are re-timed as pairs (30 rounds x 3 runs, the two alternated), which resolves "
+             "two close artifacts where the round-robin over all of them cannot on a loaded machine; the INT8 "
+             "speed-up pairs our FP32 with the INT8 the round-robin found fastest."), ""]
     for model, c in checks.items():
         fastest, plain = c["paired_pick_vs_fastest"], c["paired_pick_vs_faster_plain"]
-        parts = [(f"pick / fastest candidate ({c['paired_fastest']}) {fastest:.3f} "
+        parts = [(f"auto ships {c['pick']}: the fastest candidate ({c['paired_fastest']}) is under --min-speedup, "
+                  f"as the issue asks where no INT8 reaches {SPEEDUP}x" if c["declined"] else
+                  f"pick / fastest candidate ({c['paired_fastest']}) {fastest:.3f} "
                   f"({'met' if fastest <= 1.05 else 'NOT met'}, <= 1.05)"),
                  (f"pick / faster plain export ({c['paired_faster_plain']}) {plain:.3f} "
                   f"({'met' if plain <= 1.05 else 'NOT met'}, <= 1.05)") if plain else "no plain export"]
-        if model != TEACHER and c["best_int8_speedup"]:
-            ok = c["best_int8_speedup"] >= SPEEDUP
-            parts.append(f"best INT8 {c['best_int8']} {c['best_int8_speedup']:.2f}x FP32 "
-                         f"({'met' if ok else 'NOT met: see its kernels above'}, >= {SPEEDUP}x)")
+        if model != TEACHER and c["paired_best_int8_speedup"]:
+            speedup = c["paired_best_int8_speedup"]
+            parts.append(f"best INT8 {c['paired_best_int8']} {speedup:.2f}x FP32 (round-robin "
+                         f"{c['best_int8_speedup']:.2f}x; {'met' if speedup >= SPEEDUP else 'NOT met: see its kernels below'}"
+                         f", >= {SPEEDUP}x)")
         lines.append(f"- {model}: " + "; ".join(parts))
     return [*lines, ""]
 
@@ -408,6 +419,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=6, help="timed batch-1 runs per artifact per round")
+    parser.add_argument("--min-speedup", type=float, default=SPEEDUP,
+                        help="auto's --min-speedup: an INT8 pick must be this many times as fast as FP32")
     parser.add_argument("--max-drift", type=float, default=1.0,
                         help="auto's bound on |ΔSRCC| (default 1.0: off, random-init drift means nothing)")
     parser.add_argument("--calib", type=int, default=32)
@@ -437,7 +450,7 @@ def main(argv=None) -> int:
         generate(work / "synthetic", refs=4)
     data = DatasetSpec(name="synthetic", root=work / "synthetic")
     cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, threads=args.threads,
-                       max_drift=args.max_drift)  # auto's own timing: its defaults (30 runs at batch 1, 7 rounds)
+                       max_drift=args.max_drift, min_speedup=args.min_speedup)  # auto's own timing: its defaults (30 runs at batch 1, 7 rounds)
     teacher = build_teacher(False)
     rows, picks, inputs, torch_models = [], {}, {}, {}
     for name in args.models:

@@ -48,9 +48,25 @@ def test_choose_the_fastest_within_the_bound():
 
 def test_a_tie_goes_to_the_smaller_file():
     rows = [_row("fp32", 5.0, mb=40, reference=True), _row("int8", 5.1, mb=10), _row("slow", 9.0, mb=5)]
-    choice = choose(rows, max_drift=0.01)
+    choice = choose(rows, max_drift=0.01, min_speedup=1.0)
     assert choice.pick.name == "int8" and "a tie" in choice.why  # within 3 %: the 4x smaller file
-    assert choose(rows, max_drift=0.01, tie=0.0).pick.name == "fp32"
+    assert choose(rows, max_drift=0.01, tie=0.0, min_speedup=1.0).pick.name == "fp32"
+    rows = [_row("fp32", 9.0, reference=True), _row("int8:a", 4.0, mb=12), _row("int8:b", 4.1, mb=10)]
+    assert choose(rows, max_drift=0.01).pick.name == "int8:b"  # two INT8 in a tie: the smaller
+
+
+def test_int8_ships_only_where_it_buys_min_speedup():
+    rows = [_row("fp32", 10.0, reference=True), _row("int8", 8.5, delta=-0.002)]
+    choice = choose(rows, max_drift=0.01)  # 1.18x: under the default 1.25x
+    assert choice.pick.name == "fp32"
+    assert "int8, is 1.18x the speed of fp32" in choice.why and "--min-speedup 1.25" in choice.why
+    assert choose(rows, max_drift=0.01, min_speedup=1.0).pick.name == "int8"
+    assert choose([_row("fp32", 10.0, reference=True), _row("int8", 7.9)], max_drift=0.01).pick.name == "int8"
+    # the reference joins the runoff when the ratio is in doubt (within 30 % of 1.25x the fastest), not beyond
+    assert [r.name for r in auto.contenders(rows, max_drift=0.01)] == ["fp32", "int8"]
+    far = [_row("fp32", 30.0, reference=True), _row("int8", 8.0), _row("int8:b", 9.0)]
+    assert [r.name for r in auto.contenders(far, max_drift=0.01)] == ["int8", "int8:b"]
+    assert [r.name for r in auto.contenders(far, max_drift=0.01, min_speedup=3.0)] == ["fp32", "int8", "int8:b"]
 
 
 class _Loaded:
@@ -296,21 +312,22 @@ def test_auto_request_key_follows_the_machine(monkeypatch, data):
     monkeypatch.setattr(environment, "cpu_isa", lambda: ["avx2"])
     assert request_key("h", auto_cfg, data, "onnx") != keys[0]  # another CPU: auto measures again
     assert request_key("h", int8_cfg, data, "onnx") == keys[1]  # an explicit precision does not
-    assert request_key("h", ExportConfig(precision="int8", max_drift=0.5), data, "onnx") == keys[1]
+    assert request_key("h", ExportConfig(precision="int8", max_drift=0.5, min_speedup=2), data, "onnx") == keys[1]
 
 
-@pytest.mark.parametrize("case", ["coreml", "recipe", "drift", "candidate"])
+@pytest.mark.parametrize("case", ["coreml", "recipe", "drift", "speedup", "candidate"])
 def test_bad_auto_options_are_one_line(case, checkpoint, data, tmp_path, capsys):
     args = {"coreml": ["--precision", "auto", "--target", "coreml"],
             "recipe": ["--precision", "int8", "--int8-recipe", "int4"],
             "drift": ["--precision", "auto", "--max-drift", "3"],
+            "speedup": ["--precision", "auto", "--min-speedup", "0.8"],
             "candidate": ["--precision", "auto", "--candidates", "int8:nope", "--calib", "8"]}[case]
     code, _, err = _cli(["export", str(checkpoint), "--dataset", "synthetic", "--root", str(data.root), *args,
                          "--out", str(tmp_path / "out")], capsys)
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert {"coreml": "has no --precision auto", "recipe": "unknown --int8-recipe", "drift": "--max-drift",
-            "candidate": "unknown candidate"}[case] in lines[0]
+            "speedup": "--min-speedup", "candidate": "unknown candidate"}[case] in lines[0]
     assert not any((tmp_path / "out").glob("*/model.onnx"))
 
 

@@ -29,6 +29,10 @@ def export_command(
     max_drift: Annotated[float | None, typer.Option(
         "--max-drift", min=0.0, help="auto: the largest |ΔSRCC| vs FP32 on the test split the shipped candidate "
                                      "may have [default: 0.01]", rich_help_panel=EXPORT_PANEL)] = None,
+    min_speedup: Annotated[float | None, typer.Option(
+        "--min-speedup", help="auto: an INT8/FP16 pick must be at least this many times as fast as FP32, else FP32 "
+                              "ships (1: the fastest within the bound ships) [default: 1.25]",
+        rich_help_panel=EXPORT_PANEL)] = None,
     candidates: Annotated[str | None, typer.Option(
         "--candidates", help="auto: only these candidates, comma-separated (e.g. int8:qdq-all+stem-int8); FP32 is "
                              "always measured [default: all]", rich_help_panel=EXPORT_PANEL)] = None,
@@ -89,7 +93,7 @@ def export_command(
 
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
                   with_probs=probs, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
-                  int8_recipe=int8_recipe, max_drift=max_drift, candidates=candidates,
+                  int8_recipe=int8_recipe, max_drift=max_drift, min_speedup=min_speedup, candidates=candidates,
                   max_batch=max_batch, opset=opset, threads=threads,
                   tensorrt_version=tensorrt_version)
     try:

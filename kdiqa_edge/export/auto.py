@@ -14,8 +14,11 @@ The candidates within `RUNOFF` of the fastest (at the ranked batch, within the b
 head: short turns of `RUNOFF_RUNS` runs after one untimed run, the order rotated every round, so a load that
 drifts while the round-robin runs, and the cost of switching from one session to another, hit every contender
 alike. Their runoff medians rank them. The fastest candidate within `max_drift` (|ΔSRCC|) ships; candidates
-within `TIE` of it are a tie, which the smaller file wins. The table of every candidate goes into the manifest
-and the export notes.
+within `TIE` of it are a tie, which the smaller file wins. A reduced-precision pick must also be at least
+`min_speedup` (default `MIN_SPEEDUP`) times as fast as the reference: INT8 that buys less speed than that is
+not worth its drift, so the reference ships and the reason says so. (The reference joins the runoff when it is
+close enough for that ratio to be in doubt.) The table of every candidate goes into the manifest and the
+export notes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ LATENCY_BATCHES = (1, 8)
 RUNOFF = 0.30  # candidates within 30 % of the fastest after the round-robin are re-timed head to head
 RUNOFF_ROUNDS = 15  # runoff rounds; each contender runs one untimed run, then RUNOFF_RUNS timed ones, per round
 RUNOFF_RUNS = 3
+MIN_SPEEDUP = 1.25  # a pick other than the reference must be at least this many times as fast as the reference
 
 
 @dataclasses.dataclass
@@ -255,14 +259,17 @@ def mark_within(items: list[Measured], max_drift: float) -> None:
             delta is not None and not math.isnan(delta) and abs(delta) <= max_drift))
 
 
-def contenders(items: list[Measured], max_drift: float, batch: int = 1, margin: float = RUNOFF) -> list[Measured]:
-    """The candidates within the bound whose round-robin latency is within `margin` of the fastest one's."""
+def contenders(items: list[Measured], max_drift: float, batch: int = 1, margin: float = RUNOFF,
+               min_speedup: float = MIN_SPEEDUP) -> list[Measured]:
+    """The candidates within the bound whose round-robin latency is within `margin` of the fastest one's, and
+    the reference where it is within `margin` of `min_speedup` times the fastest (the ratio the choice tests)."""
     mark_within(items, max_drift)
     ok = [i for i in items if i.within and batch in i.latency]
     if not ok:
         return []
     best = min(i.latency[batch]["p50_ms"] for i in ok)
-    return [i for i in ok if i.latency[batch]["p50_ms"] <= best * (1 + margin)]
+    return [i for i in ok if i.latency[batch]["p50_ms"] <= best * (1 + margin)
+            or (i.candidate.reference and i.latency[batch]["p50_ms"] <= best * max(min_speedup, 1) * (1 + margin))]
 
 
 def head_to_head(pairs: list[tuple[Measured, Any]], pixels: np.ndarray, batch: int, timer: Timer = wall_clock,
@@ -294,16 +301,18 @@ def rank(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg:
          timer: Timer = wall_clock, log: Callable[[str], None] = print) -> Choice:
     """Round-robin latency of every candidate, the runoff of the close ones, then the choice."""
     measure_latency(items, models, pixels, cfg, timer)
-    close = contenders(items, max_drift, cfg.opt_batch)
+    close = contenders(items, max_drift, cfg.opt_batch, min_speedup=cfg.min_speedup)
     if len(close) > 1:
         log(f"  runoff at batch {cfg.opt_batch}: {', '.join(i.name for i in close)} "
             f"(within {RUNOFF:.0%} of the fastest)")
         measure_runoff(close, models, pixels, cfg.opt_batch, timer)
-    return choose(items, max_drift, batch=cfg.opt_batch)
+    return choose(items, max_drift, batch=cfg.opt_batch, min_speedup=cfg.min_speedup)
 
 
-def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float = TIE) -> Choice:
-    """The fastest candidate within |ΔSRCC| <= max_drift at `batch`; a tie (within `tie`) goes to the smaller file.
+def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float = TIE,
+           min_speedup: float = MIN_SPEEDUP) -> Choice:
+    """The fastest candidate within |ΔSRCC| <= max_drift at `batch`; a tie (within `tie`) goes to the smaller file;
+    a pick other than the reference that is not `min_speedup` times as fast as the reference gives way to it.
 
     The reference is always within the bound; a candidate whose drift could not be measured never is. Where a
     runoff ran, its contenders are ranked by its medians (`Measured.p50`).
@@ -318,7 +327,19 @@ def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float =
     fastest = min(ok, key=lambda i: i.p50(batch))
     tied = [i for i in ok if i.p50(batch) <= fastest.p50(batch) * (1 + tie)]
     pick = min(tied, key=lambda i: (i.bytes, i.p50(batch)))
+    reference = next((i for i in items if i.candidate.reference and i.within and batch in i.latency), None)
+    if (min_speedup > 1 and reference is not None and pick is not reference
+            and reference.p50(batch) < pick.p50(batch) * min_speedup):
+        return Choice(reference, _declined(reference, pick, batch, min_speedup), batch)
     return Choice(pick, _why(pick, fastest, items, max_drift, batch, tie), batch)
+
+
+def _declined(reference: Measured, declined: Measured, batch: int, min_speedup: float) -> str:
+    speed = reference.p50(batch) / declined.p50(batch)
+    return (f"{reference.name} ships: the fastest candidate within the bound, {declined.name}, is {speed:.2f}x "
+            f"the speed of {reference.name} at batch {batch} ({declined.p50(batch):.2f} vs "
+            f"{reference.p50(batch):.2f} ms), under --min-speedup {min_speedup:g}: too little speed for its drift "
+            f"(ΔSRCC {declined.drift.get('delta_srcc', 0):+.4f}); --min-speedup 1 would ship it")
 
 
 def _why(pick: Measured, fastest: Measured, items: list[Measured], max_drift: float, batch: int, tie: float) -> str:
@@ -422,8 +443,8 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
                + f"); drift on {images} test images vs {reference.name}")
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
                                        "threads": cfg.threads, "provider": pick.candidate.provider}}
-    auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "ranked_at_batch": choice.batch,
-            "tie": TIE, "rounds": ROUNDS,
+    auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "min_speedup": cfg.min_speedup,
+            "ranked_at_batch": choice.batch, "tie": TIE, "rounds": ROUNDS,
             "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
             "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items],
             **({"tuned": tuned} if tuned else {})}

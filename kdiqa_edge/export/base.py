@@ -35,6 +35,7 @@ class ExportConfig:
     int8_stem: str = "float"  # float | int8: the first conv/patch embedding in INT8 models (float: pixel-exact input)
     int8_recipe: str = "qdq-all"  # the ONNX Runtime INT8 recipe (export/recipes.py) for --precision int8
     max_drift: float = 0.01  # auto: the largest |ΔSRCC| vs FP32 on the test split a shipped candidate may have
+    min_speedup: float = 1.25  # auto: a reduced-precision pick must be this many times as fast as FP32, else FP32
     candidates: str | None = None  # auto: comma-separated candidate names to try (None: every applicable one)
     parity_images: int = 32  # real test-split images for the parity check vs PyTorch
     eval_images: int = 512  # at most this many test-split images for the INT8/FP16 drift report
@@ -74,6 +75,9 @@ class ExportConfig:
             raise ConfigError(f"unknown --int8-recipe {self.int8_recipe!r}; choose one of: {', '.join(RECIPES)}")
         if not 0 <= self.max_drift <= 2:
             raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
+        if not self.min_speedup >= 1:
+            raise ConfigError(f"--min-speedup is a speed ratio to FP32, at least 1 (1: the fastest ships); "
+                              f"got {self.min_speedup}")
         return self
 
     def targets(self) -> list[str]:

@@ -131,7 +131,7 @@ def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: s
 
         fields["machine"] = cpu_info()
     else:  # options only auto reads do not change other exports
-        for key in ("max_drift", "candidates"):
+        for key in ("max_drift", "min_speedup", "candidates"):
             fields.pop(key)
     if cfg.precision != "int8":
         fields.pop("int8_recipe")
