@@ -449,8 +449,9 @@ def main(argv=None) -> int:
     if not (work / "synthetic" / "scores.csv").is_file():
         generate(work / "synthetic", refs=4)
     data = DatasetSpec(name="synthetic", root=work / "synthetic")
+    # auto's own timing: its defaults (30 runs at batch 1, 7 rounds)
     cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, threads=args.threads,
-                       max_drift=args.max_drift, min_speedup=args.min_speedup)  # auto's own timing: its defaults (30 runs at batch 1, 7 rounds)
+                       max_drift=args.max_drift, min_speedup=args.min_speedup)
     teacher = build_teacher(False)
     rows, picks, inputs, torch_models = [], {}, {}, {}
     for name in args.models:

@@ -44,7 +44,7 @@ LATENCY_BATCHES = (1, 8)
 RUNOFF = 0.30  # candidates within 30 % of the fastest after the round-robin are re-timed head to head
 RUNOFF_ROUNDS = 15  # runoff rounds; each contender runs one untimed run, then RUNOFF_RUNS timed ones, per round
 RUNOFF_RUNS = 3
-MIN_SPEEDUP = 1.25  # a pick other than the reference must be at least this many times as fast as the reference
+MIN_SPEEDUP = ExportConfig.min_speedup  # a pick other than the reference must be this many times as fast as it
 
 
 @dataclasses.dataclass
