@@ -67,8 +67,15 @@ def local_sweep(small_synthetic, tmp_path_factory):
     would) and another is preempted (SIGUSR2 to its task, the signal SLURM sends before preempting)."""
     out = tmp_path_factory.mktemp("launch") / "repro"
     args = _args(small_synthetic, out, "--launcher", "submitit-local")
-    first = subprocess.Popen([sys.executable, "-m", "kdiqa_edge", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # SIGINT handled here, so the sweep's processes start with it at its default: a shell that starts pytest in
+    # the background (`cmd &` without job control) passes SIGINT down ignored, and the job's controller would
+    # then ignore the kill below (an ignored signal stays ignored across exec; a handled one does not)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "kdiqa_edge", *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     todo = {KILLED, PREEMPTED}
     deadline = time.monotonic() + 400
     while todo and time.monotonic() < deadline and first.poll() is None:
