@@ -195,10 +195,9 @@ def float_nodes(graph_module, stem: bool) -> set[str]:
 def _export(module, example):
     import torch
 
-    from kdiqa_edge.export.layouts import channels_last_patches
-    from kdiqa_edge.models.score import plain_attention
+    from kdiqa_edge.export.layouts import traced
 
-    with torch.no_grad(), plain_attention(), channels_last_patches(), quiet():
+    with torch.no_grad(), traced(), quiet():
         return torch.export.export(module, (example,))
 
 
@@ -212,12 +211,11 @@ def quantize(scored, calib: np.ndarray, stem: str, batch: int = 8):
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from kdiqa_edge.export.layouts import channels_last_patches
-    from kdiqa_edge.models.score import plain_attention
+    from kdiqa_edge.export.layouts import traced
 
     # a dynamic batch axis for calibration only: the observers see `batch` images per call
     dims = ({0: torch.export.Dim("batch", min=1, max=batch)},)
-    with torch.no_grad(), plain_attention(), channels_last_patches(), quiet():
+    with torch.no_grad(), traced(), quiet():
         graph = torch.export.export(scored, (scored.example_input(2),), dynamic_shapes=dims).module()
         keep = float_nodes(graph, stem=stem == "float")
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))

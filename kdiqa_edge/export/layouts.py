@@ -64,3 +64,14 @@ def channels_last_patches():
         yield
     finally:
         mobilevit.MobileVitBlock.forward = saved
+
+
+@contextlib.contextmanager
+def traced():
+    """What the ONNX and ExecuTorch traces run under: nn.MultiheadAttention as plain ops (its fused kernel
+    exports to neither) and MobileViT's patches channels-last. Core ML traces with rank-5 rearrangements
+    instead (export/coreml.py)."""
+    from kdiqa_edge.models.score import plain_attention
+
+    with plain_attention(), channels_last_patches():
+        yield

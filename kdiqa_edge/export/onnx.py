@@ -48,12 +48,11 @@ def export_fp32(scored, path: Path, opset: int) -> Path:
     names = scored.output_names
     dynamic = {name: {0: "batch"} for name in ["image", *names]}
     raw = path.with_suffix(".raw.onnx")
-    from kdiqa_edge.export.layouts import channels_last_patches
-    from kdiqa_edge.models.score import plain_attention
+    from kdiqa_edge.export.layouts import traced
 
-    # channels_last_patches: MobileViT's unfold as one transpose of whole channel rows, which ONNX Runtime
+    # traced(): among others MobileViT's unfold as one transpose of whole channel rows, which ONNX Runtime
     # runs fast in uint8 as well (mobilevit_s INT8 1.16x -> 1.31x FP32 here; see export/layouts.py)
-    with warnings.catch_warnings(), torch.no_grad(), plain_attention(), channels_last_patches():
+    with warnings.catch_warnings(), torch.no_grad(), traced():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: deterministic, fast, and it names nodes by module scope (/head/...),
         # which is how the head is kept in float when quantizing.
