@@ -135,7 +135,8 @@ def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple
             item.status == "ok" and abs(item.drift.get("delta_srcc", np.nan)) <= BOUND)
     rows = [Row(name, item.name, "ours", item.path, item.candidate.precision, item.bytes, item.drift,
                 {str(b): v for b, v in item.latency.items()}, item.status, item.reason) for item in items]
-    return rows, {"pick": choice.pick.name, "why": choice.why, "table": auto.table(items, choice.pick),
+    return rows, {"pick": choice.pick.name, "why": choice.why, "declined": choice.declined,
+                  "table": auto.table(items, choice.pick),
                   "within_0.01": [i.name for i in items if i.within_issue_bound],
                   "recipes": {i.name: i.candidate.recipe for i in items}, "tuned": tuned}
 
@@ -381,7 +382,7 @@ def summary(rows: list[Row], picks: dict[str, dict], eager: Row | None) -> tuple
                          "pick_vs_faster_plain": shipped.p50 / faster_plain.p50 if faster_plain else None,
                          "best_int8_speedup": fp32.p50 / best.p50 if best else None,
                          "best_int8": best.name if best else None, "pick": shipped.name,
-                         "declined": "--min-speedup" in pick["why"]}
+                         "declined": pick["declined"] is not None}
         lines.append(f"| {model} | {_ms(fp32.p50)} | {_ms(best.p50) if best else '—'} ({best.name if best else '—'}) | "
                      f"{fp32.p50 / best.p50:.2f}x | {shipped.name} {_ms(shipped.p50)} | "
                      f"{checks[model]['pick_vs_fastest']:.3f} | {_ms(plain_fp32.p50) if plain_fp32 else '—'} | "

@@ -58,9 +58,10 @@ def test_a_tie_goes_to_the_smaller_file():
 def test_int8_ships_only_where_it_buys_min_speedup():
     rows = [_row("fp32", 10.0, reference=True), _row("int8", 8.5, delta=-0.002)]
     choice = choose(rows, max_drift=0.01)  # 1.18x: under the default 1.25x
-    assert choice.pick.name == "fp32"
+    assert choice.pick.name == "fp32" and choice.declined == "int8"
     assert "int8, is 1.18x the speed of fp32" in choice.why and "--min-speedup 1.25" in choice.why
     assert choose(rows, max_drift=0.01, min_speedup=1.0).pick.name == "int8"
+    assert choose(rows, max_drift=0.01, min_speedup=1.0).declined is None
     assert choose([_row("fp32", 10.0, reference=True), _row("int8", 7.9)], max_drift=0.01).pick.name == "int8"
     # the reference joins the runoff when the ratio is in doubt (within 30 % of 1.25x the fastest), not beyond
     assert [r.name for r in auto.contenders(rows, max_drift=0.01)] == ["fp32", "int8"]
@@ -185,6 +186,7 @@ def test_auto_picks_the_faster_and_never_one_over_the_bound(student, examples, t
     result, out = _auto(student, examples, tmp_path, {"fp32": 5.0, QDQ: 2.0, "fp32:reversed": 0.5})
     rows = {r["name"]: r for r in result.extra["auto"]["candidates"]}
     assert result.extra["auto"]["pick"] == QDQ and result.precision == "int8"
+    assert result.extra["auto"]["declined"] is None and result.extra["auto"]["min_speedup"] == 1.25
     assert rows["fp32:reversed"]["drift"]["delta_srcc"] < -1.9 and rows["fp32:reversed"]["within_bound"] is False
     assert rows[QDQ]["within_bound"] and rows[QDQ]["latency"]["1"]["p50_ms"] == pytest.approx(2.0)
     assert rows[QDQ]["recipe"]["name"] == "qdq-all+stem-int8" and rows[QDQ]["recipe"]["stem"] == "int8"

@@ -249,6 +249,7 @@ class Choice:
     pick: Measured
     why: str
     batch: int  # the batch size the latencies were ranked at
+    declined: str | None = None  # the faster candidate that gave way to the reference under min_speedup
 
 
 def mark_within(items: list[Measured], max_drift: float) -> None:
@@ -330,7 +331,7 @@ def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float =
     reference = next((i for i in items if i.candidate.reference and i.within and batch in i.latency), None)
     if (min_speedup > 1 and reference is not None and pick is not reference
             and reference.p50(batch) < pick.p50(batch) * min_speedup):
-        return Choice(reference, _declined(reference, pick, batch, min_speedup), batch)
+        return Choice(reference, _declined(reference, pick, batch, min_speedup), batch, declined=pick.name)
     return Choice(pick, _why(pick, fastest, items, max_drift, batch, tie), batch)
 
 
@@ -444,6 +445,7 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
                                        "threads": cfg.threads, "provider": pick.candidate.provider}}
     auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "min_speedup": cfg.min_speedup,
+            "declined": choice.declined,
             "ranked_at_batch": choice.batch, "tie": TIE, "rounds": ROUNDS,
             "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
             "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items],
