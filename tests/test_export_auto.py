@@ -238,20 +238,54 @@ def test_candidates_are_measured_without_spin_waiting_and_the_pick_ships_the_fas
 def test_accelerator_fp16_candidate_only_with_an_accelerator_provider(student, examples, tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    from kdiqa_edge.export.onnx import accelerator_providers
+    from kdiqa_edge.export import onnx as onnx_target
+    from kdiqa_edge.export.onnx import accelerator_providers, provider_starts
 
-    assert accelerator_providers(["CPUExecutionProvider"]) == []
-    assert accelerator_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["cuda"]
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert accelerator_providers(["CPUExecutionProvider"], starts=lambda _: True) == []
+    assert accelerator_providers(listed, starts=lambda _: True) == ["cuda"]
+    assert accelerator_providers(listed, starts=lambda _: False) == []  # listed, but it does not start here
+    assert provider_starts("CPUExecutionProvider")  # the probe graph itself runs
     cfg = ExportConfig(precision="auto")
     names = [c.name for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "cpu")]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert not provider_starts("CUDAExecutionProvider")
         assert not any(n.startswith("fp16") for n in names)
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    if not provider_starts("CUDAExecutionProvider"):  # onnxruntime-gpu on a machine where CUDA does not start
+        stays = [c.name for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "no-gpu")]
+        assert stays == names
+    monkeypatch.setattr(onnx_target, "provider_starts", lambda _: True)
     found = {c.name: c for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "gpu")}
     assert found["fp16:cuda"].provider == "cuda" and found["fp16:cuda"].precision == "fp16"
     assert found["fp16:cuda"].tolerance == 5e-2 and found["fp32:cuda"].provider == "cuda"
     assert found["fp32"].reference and found["fp32"].provider == "cpu"
     assert sum(c.reference for c in found.values()) == 1 and set(names) < set(found)
+
+
+def test_an_accelerator_candidate_that_cannot_run_is_listed_and_never_shipped(student, examples, tmp_path,
+                                                                                monkeypatch):
+    """A provider that passed the start probe but fails on the model (say its libraries break at load): its
+    candidates are rows marked failed, the pick comes from the rest, and the GPU list is recorded."""
+    import onnxruntime as ort
+
+    from kdiqa_edge.export import onnx as onnx_target
+    from kdiqa_edge.export.pipeline import artifact_meta
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_target, "provider_starts", lambda _: True)
+    cfg = ExportConfig(precision="auto", max_drift=1.0, latency_runs=5, candidates=f"{QDQ},fp16:cuda,fp32:cuda")
+    result = auto.export_auto(TARGETS.get("onnx"), student, examples, tmp_path, cfg, artifact_meta(student),
+                              timer=_timer({"fp32": 5.0, QDQ: 3.0, "fp16:cuda": 0.1, "fp32:cuda": 0.2}),
+                              log=lambda _: None)
+    rows = {r["name"]: r for r in result.extra["auto"]["candidates"]}
+    assert list(rows) == ["fp32", QDQ, "fp16:cuda", "fp32:cuda"]
+    for name in ("fp16:cuda", "fp32:cuda"):  # on this CPU build of onnxruntime the CUDA session cannot start
+        assert rows[name]["status"] == "failed" and rows[name]["stage"] == "load", rows[name]
+        assert "CUDAExecutionProvider failed to initialise" in rows[name]["reason"]
+        assert rows[name]["provider"] == "cuda"
+    assert result.extra["auto"]["pick"] == QDQ and "gpus" in result.extra["auto"]
+    assert "(cuda)" in result.notes[0] or not result.extra["auto"]["gpus"]  # the GPU named where nvidia-smi is
 
 
 # --- through the pipeline and the CLI ------------------------------------------------------------------

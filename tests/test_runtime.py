@@ -153,6 +153,46 @@ def test_unavailable_provider_is_a_clear_error(onnx_dir):
         QualityModel.load(onnx_dir / "float.onnx", provider="cuda")
 
 
+def test_a_listed_provider_that_does_not_start(onnx_dir, monkeypatch, capsys):
+    """onnxruntime-gpu lists CUDA on machines with no GPU or no CUDA libraries (the CPU build here, told
+    it has CUDA, behaves the same: the session starts on the CPU)."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    model = QualityModel.load(onnx_dir / "float.onnx")  # the best available: the next one runs, and says so
+    assert model.backend.provider == "CPUExecutionProvider" and model.backend.device == "cpu"
+    assert model.notes == ["float.onnx: CUDAExecutionProvider did not start here; running on CPUExecutionProvider"]
+    assert model.predict(np.zeros((2, SIZE, SIZE, 3), np.uint8)).shape == (2,)
+    assert QualityModel.load(onnx_dir / "float.onnx", provider="cpu").notes == []
+    with pytest.raises(ConfigError, match="CUDAExecutionProvider failed to initialise"):
+        QualityModel.load(onnx_dir / "float.onnx", provider="cuda")  # asked for by name: an error
+
+
+def test_cuda_libraries_preloaded_once_and_quietly(monkeypatch, capsys):
+    import sys
+
+    import onnxruntime as ort
+
+    from kdiqa_edge.runtime import backends
+
+    calls = []
+
+    def preload_dlls():
+        calls.append(1)
+        print("Failed to load libcudnn.so.9: cannot open shared object file")  # what onnxruntime-gpu prints
+
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
+    monkeypatch.setattr(backends, "_preloaded", False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    backends.preload_cuda_libraries()
+    backends.preload_cuda_libraries()
+    assert calls == [1] and capsys.readouterr().out == ""
+    monkeypatch.setattr(backends, "_preloaded", False)
+    monkeypatch.setitem(sys.modules, "torch", object())  # torch imported: its CUDA libraries are loaded
+    backends.preload_cuda_libraries()
+    assert calls == [1]
+
+
 def _engine_header(**extra):
     meta = artifact.encode({"format": "1", "preprocess": PreprocessSpec().to_dict(), "precision": "fp16",
                             "target": "tensorrt"})

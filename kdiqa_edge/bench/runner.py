@@ -307,6 +307,7 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
             bar.update(f"{Path(path).name}: load")
             item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference, spinning=spinning)
             loaded.append(item)
+            notes.extend(item.model.notes if item.model is not None else ())
             result, scores, eval_set = item.result, item.scores, item.eval_set
             if is_reference:
                 ref_scores, ref_set = scores, eval_set

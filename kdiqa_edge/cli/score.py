@@ -70,6 +70,8 @@ def score(
     if as_csv and as_json:
         raise ConfigError("--csv and --json are exclusive: pick one output format")
     quality_model = QualityModel.load(model, provider=provider, threads=threads)
+    for note in quality_model.notes:
+        typer.secho(note, err=True, fg="yellow")
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer:
         writer.writerow(["image", "score", "error"])

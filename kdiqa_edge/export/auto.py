@@ -433,12 +433,15 @@ def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> lis
 def _result(target: str, items: list[Measured], choice: Choice, final: Path, parity: dict[str, Any], images: int,
             cfg: ExportConfig, tuned: dict[str, Any] | None = None) -> ExportResult:
     """The pick as an export: the table and why in the notes, every candidate's row in the details."""
-    from kdiqa_edge.bench.environment import cpu_info, cpu_line
+    from kdiqa_edge.bench.environment import cpu_info, cpu_line, gpus
 
     pick, machine = choice.pick, cpu_info()
     reference = next(i for i in items if i.candidate.reference)
     ran_off = [i.name for i in items if choice.batch in i.runoff]
-    summary = (f"{target}-auto: {len(items)} candidates measured on {cpu_line(machine)}, {cfg.threads} threads "
+    accelerators = sorted({i.candidate.provider for i in items} - {"cpu"})
+    gpu = gpus() if accelerators else []  # nvidia-smi's "name, driver, memory" lines
+    on_gpu = f" and {gpu[0].split(',')[0]} ({', '.join(accelerators)})" if gpu else ""
+    summary = (f"{target}-auto: {len(items)} candidates measured on {cpu_line(machine)}{on_gpu}, {cfg.threads} threads "
                f"(median of {ROUNDS} alternated rounds"
                + (f"; {', '.join(ran_off)} re-timed head to head, {RUNOFF_ROUNDS} rotated rounds" if ran_off else "")
                + f"); drift on {images} test images vs {reference.name}")
@@ -448,7 +451,8 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
             "declined": choice.declined,
             "ranked_at_batch": choice.batch, "tie": TIE, "rounds": ROUNDS,
             "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
-            "threads": cfg.threads, "cpu": machine, "candidates": [i.row() for i in items],
+            "threads": cfg.threads, "cpu": machine, **({"gpus": gpu} if accelerators else {}),
+            "candidates": [i.row() for i in items],
             **({"tuned": tuned} if tuned else {})}
     return ExportResult(target=target, precision=pick.candidate.precision, files=[final], parity=parity, drift=drift,
                         notes=[summary, *table(items, pick), choice.why, *([tuned["note"]] if tuned else [])],

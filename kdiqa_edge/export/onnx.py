@@ -12,6 +12,7 @@ import functools
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -307,13 +308,42 @@ def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) ->
 ACCELERATORS = {"cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider"}
 
 
-def accelerator_providers(available: list[str] | None = None) -> list[str]:
-    """The accelerator providers this onnxruntime offers, by short name (cuda, rocm, dml)."""
+def accelerator_providers(available: list[str] | None = None, starts: Callable[[str], bool] | None = None) -> list[str]:
+    """The accelerator providers this onnxruntime offers and that start on this machine, by short name (cuda,
+    rocm, dml). onnxruntime-gpu lists CUDA on machines with no GPU, or without the CUDA libraries, too."""
     if available is None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-    return [short for short, full in ACCELERATORS.items() if full in available]
+    starts = starts or provider_starts
+    return [short for short, full in ACCELERATORS.items() if full in available and starts(full)]
+
+
+@functools.cache
+def provider_starts(provider: str) -> bool:
+    """Whether an onnxruntime session on `provider` (a full name) starts here: a one-node graph opened on it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from kdiqa_edge.runtime.backends import preload_cuda_libraries
+
+    if provider == "CUDAExecutionProvider":
+        preload_cuda_libraries()
+    tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", tensor[:1], tensor[1:])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=MAX_IR_VERSION)
+    onnx.checker.check_model(probe)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    fallback = ["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else []
+    try:
+        with warnings.catch_warnings():  # onnxruntime's own line about a provider it lacks: the answer is False
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=[provider, *fallback])
+    except Exception:  # noqa: BLE001 - any failure to start means: not a candidate here
+        return False
+    return session.get_providers()[0] == provider
 
 
 def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:

@@ -88,6 +88,29 @@ def load_backend(path: str | Path, provider: str | None = None, threads: int | N
 # --- ONNX Runtime --------------------------------------------------------------------------------------
 
 
+# Providers that load the CUDA libraries (cuBLAS, cuDNN, ...) when a session starts.
+_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_preloaded = False
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* wheels before a CUDA session starts, as
+    `onnxruntime.preload_dlls()` does (onnxruntime-gpu >= 1.21): without it the CUDA provider finds them
+    only on LD_LIBRARY_PATH, or when torch was imported first. Once per process; what it prints about a
+    library it cannot find is held back (a provider that then fails to start is reported on its own)."""
+    global _preloaded
+    import onnxruntime as ort
+
+    if _preloaded or "torch" in sys.modules or not hasattr(ort, "preload_dlls"):
+        return  # importing torch has loaded its CUDA libraries already
+    _preloaded = True
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        ort.preload_dlls()
+
+
 def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
     """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
     if provider in (None, "", "auto"):
@@ -113,11 +136,19 @@ class OnnxBackend:
         import onnxruntime as ort
 
         providers = resolve_providers(provider, ort.get_available_providers())
-        self.session = self._session(path, providers, threads, spinning)
+        if providers[0] in _CUDA_PROVIDERS:
+            preload_cuda_libraries()
+        # asked for by name: a provider that fails to start is an error; picked as the best available
+        # (onnxruntime-gpu lists CUDA on machines without a working GPU too): the next one runs, and says so
+        strict = provider not in (None, "", "auto")
+        self.session = self._session(path, providers, threads, spinning, strict)
+        started = self.session.get_providers()
+        self.notes = [] if started[0] == providers[0] else [
+            f"{path.name}: {providers[0]} did not start here; running on {started[0]}"]
         meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)
         recorded = {"on": True, "off": False}.get(str(meta.get("ort_spinning")))
         if spinning is None and recorded is False:  # the session options are fixed at creation: open it again
-            self.session = self._session(path, providers, threads, False)
+            self.session = self._session(path, started, threads, False, strict)
         self.spinning = spinning if spinning is not None else recorded is not False
         self.info = ArtifactInfo.from_meta(path, meta, "onnx")
         graph_input = self.session.get_inputs()[0]
@@ -127,12 +158,12 @@ class OnnxBackend:
         self.max_batch = None
         names = [o.name for o in self.session.get_outputs()]
         self.output_names = ["score" if "score" in names else names[0]]
-        self.provider = providers[0]
+        self.provider = started[0]
         self.device = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
                        "CoreMLExecutionProvider": "coreml"}.get(self.provider, "cpu")
 
     @staticmethod
-    def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None):
+    def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None, strict: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -146,7 +177,7 @@ class OnnxBackend:
             session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
             raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
-        if session.get_providers()[0] != providers[0]:
+        if strict and session.get_providers()[0] != providers[0]:
             raise ConfigError(f"{path}: {providers[0]} failed to initialise (running on "
                               f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
         return session
