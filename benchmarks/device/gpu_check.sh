@@ -47,21 +47,43 @@ RESULTS=()
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
-step() {  # NAME SECONDS COMMAND...: run it under a time limit, log it, record how it ended
+BUDGET=${KDIQA_CHECK_BUDGET:-480}  # seconds for all the checks: the call's own limit (540 s) must not cut the summary
+DEADLINE=$((SECONDS + BUDGET))
+
+step() {  # NAME SECONDS COMMAND...: run it under its limit (and the budget left), log it, record how it ended
   local name=$1 seconds=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ $left -lt 15 ]; then
+    skip "$name" "no time left of the ${BUDGET} s budget"
+    return 1
+  fi
+  [ $seconds -gt $left ] && seconds=$left
   say "== $name (limit ${seconds} s): $*"
   local start=$SECONDS
-  timeout --signal=INT --kill-after=15 "$seconds" "$@" >> "$LOG" 2>&1
+  timeout --signal=INT --kill-after=10 "$seconds" "$@" >> "$LOG" 2>&1
   local rc=$? took=$((SECONDS - start))
   local status=ok
   [ $rc -eq 124 ] && status="FAILED (over ${seconds} s)"
   [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="FAILED (exit $rc)"
   RESULTS+=("| $name | $status | ${took} s |")
   say "   $name: $status in ${took} s"
+  summary
   return $rc
 }
 
-skip() { RESULTS+=("| $1 | skipped: $2 | |"); say "   $1: skipped: $2"; }
+summary() {  # written after every step, so a call cut short still brings back what ran
+  {
+    echo "# GPU check: $(date -u +%Y-%m-%dT%H:%MZ), device $DEVICE"
+    echo
+    echo "onnxruntime-gpu installed: $ORT_GPU; CUDA execution provider starts: ${CUDA_EP:-not asked yet}"
+    echo
+    echo "| check | result | time |"
+    echo "|---|---|---|"
+    printf '%s\n' "${RESULTS[@]}"
+  } > "$OUT/summary.md"
+}
+
+skip() { RESULTS+=("| $1 | skipped: $2 | |"); say "   $1: skipped: $2"; summary; }
 
 # --- install what the machine lacks (benchmarks/device/wheels.sh made these) ------------------------------
 SITE=/tmp/kdiqa-site
@@ -147,13 +169,5 @@ EOF
   fi
 fi
 
-{
-  echo "# GPU check: $(date -u +%Y-%m-%dT%H:%MZ), device $DEVICE"
-  echo
-  echo "onnxruntime-gpu installed: $ORT_GPU; CUDA execution provider starts: ${CUDA_EP:-unknown}"
-  echo
-  echo "| check | result | time |"
-  echo "|---|---|---|"
-  printf '%s\n' "${RESULTS[@]}"
-} > "$OUT/summary.md"
+summary
 cat "$OUT/summary.md"
