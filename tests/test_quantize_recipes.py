@@ -133,6 +133,14 @@ def test_recipe_knobs_are_explicit():
     assert dw.name == "dw-float+stem-float" and dw.stem == "float" and dw.mode == "static"
     assert set(dw.nodes_to_exclude(facts)) == {"stem", "dw", *facts.se_gates}
     assert "AVX-512" in dw.why and "1 squeeze-excite" in dw.why
+    # its 8 channels are no multiple of 16: ONNX Runtime's generic (AVX2-only) INT8 depthwise kernel runs it
+    assert facts.depthwise_channels == (8,) and facts.depthwise_unaligned == ("dw",)
+    assert "1 of them have channels not a multiple of 16" in dw.why
+    assert facts.summary()["depthwise_not_16_aligned"] == 1
+    aligned = graph_facts(_model([helper.make_node("Conv", ["x", "w"], ["y"], name="dw16", group=16)],
+                                 [_weight("w", 16, 1, 3, 3)], shape=(1, 16, 8, 8)))
+    assert aligned.depthwise == ("dw16",) and aligned.depthwise_unaligned == ()
+    assert "not a multiple" not in recipes.named("dw-float", aligned, VNNI).why
     saved = dw.to_dict()  # what the manifest records
     assert saved["float_groups"] == ["depthwise", "se", "stem"] and saved["per_channel"] is True
     compute = recipes.named("compute-only", graph_facts(_attention_block()), VNNI)

@@ -10,8 +10,11 @@ static (calibrated Q/DQ) or dynamic quantization, and whether ONNX Runtime's tra
 first. `Recipe.to_dict()` is what the manifest records; `quantize.int8_recipe` applies one.
 
 Why these recipes, from ONNX Runtime's MLAS kernels and QDQ transformer (see shared/DESIGN.md):
-- the INT8 depthwise-conv kernel is AVX2-only while FP32 depthwise has AVX-512, so on an AVX-512 CPU a
-  network of depthwise convs can be slower in INT8 than in FP32;
+- INT8 depthwise convs gain nothing over FP32's AVX-512 depthwise kernel: with int8 weights of zero point 0
+  and channels in multiples of 16, MLAS runs them on its ConvSym kernel (AVX-512 VNNI where the CPU has it),
+  and that only matches FP32; any other channel count takes MLAS's generic INT8 depthwise kernel, which is
+  AVX2-only and about 1.3x slower than FP32 on an AVX-512 CPU (a 3x3 depthwise conv at 56x56, one thread,
+  measured: 88 or 104 channels 1.28-1.31x FP32's time, 96 or 112 channels 1.01-1.03x);
 - QDQ fusion covers Conv, MatMul, Gemm, Add, Mul, Sigmoid, Softmax, (Global)AveragePool, LeakyRelu,
   Concat, Where, Split; any other op wrapped in Q/DQ (LayerNormalization, an Erf GELU) runs in float between
   a DequantizeLinear and a QuantizeLinear, which is pure overhead;
@@ -37,6 +40,8 @@ UNFUSED_OPS = ("LayerNormalization", "InstanceNormalization", "BatchNormalizatio
 _SE_BRANCH_OPS = {"Conv", "Gemm", "MatMul", "Relu", "Sigmoid", "HardSigmoid", "Mul", "Add", "Clip", "Div",
                   "HardSwish", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # plus the pooling itself
 _SE_MAX_NODES = 12
+# ONNX Runtime's x86 ConvSym depthwise kernels (AVX2, AVX-512, VNNI) take channel counts in multiples of this
+DEPTHWISE_ALIGN = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class GraphFacts:
     weight_matmuls: tuple[str, ...]  # MatMul/Gemm with a constant B (linear layers)
     convs: int  # Conv nodes, depthwise included
     spatial_means: tuple[str, ...] = ()  # ReduceMean over H, W (keepdims): a GlobalAveragePool in other words
+    depthwise_channels: tuple[int, ...] = ()  # channels of each depthwise conv, in the order of `depthwise`
 
     @property
     def transformer(self) -> bool:
@@ -70,7 +76,14 @@ class GraphFacts:
         return {"stem": self.stem, "depthwise_convs": len(self.depthwise), "se_blocks": self.se_blocks,
                 "norms": len(self.norms), "gelus": len(self.gelus), "softmaxes": len(self.softmaxes),
                 "attention_matmuls": len(self.attention_matmuls), "weight_matmuls": len(self.weight_matmuls),
-                "convs": self.convs, "spatial_means": len(self.spatial_means), "ops": dict(sorted(self.ops.items()))}
+                "depthwise_not_16_aligned": len(self.depthwise_unaligned), "convs": self.convs,
+                "spatial_means": len(self.spatial_means), "ops": dict(sorted(self.ops.items()))}
+
+    @property
+    def depthwise_unaligned(self) -> tuple[str, ...]:
+        """Depthwise convs whose channel count is not a multiple of 16: ONNX Runtime's x86 symmetric (ConvSym)
+        INT8 depthwise kernel needs one, so these run on its generic, AVX2-only INT8 depthwise kernel."""
+        return tuple(n for n, c in zip(self.depthwise, self.depthwise_channels) if c % DEPTHWISE_ALIGN)
 
 
 def graph_constants(graph) -> dict[str, Any]:
@@ -155,7 +168,7 @@ def graph_facts(model, ignore: Iterable[str] = ()) -> GraphFacts:
     for node in nodes:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     compute = [n for n in nodes if n.op_type in COMPUTE_OPS]
-    depthwise = [n.name for n in nodes if n.op_type == "Conv" and _is_depthwise(n, constants)]
+    depthwise = [n for n in nodes if n.op_type == "Conv" and _is_depthwise(n, constants)]
     se: list[str] = []
     blocks = 0
     for node in nodes:
@@ -167,7 +180,8 @@ def graph_facts(model, ignore: Iterable[str] = ()) -> GraphFacts:
     matmuls = [n for n in nodes if n.op_type in ("MatMul", "Gemm")]
     attention = [n.name for n in matmuls if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
     return GraphFacts(
-        ops=ops, stem=compute[0].name if compute else None, depthwise=tuple(depthwise), se_gates=tuple(se),
+        ops=ops, stem=compute[0].name if compute else None, depthwise=tuple(n.name for n in depthwise),
+        depthwise_channels=tuple(int(constants[n.input[1]].shape[0]) for n in depthwise), se_gates=tuple(se),
         se_blocks=blocks,
         norms=tuple(n.name for n in nodes if n.op_type in ("LayerNormalization", "InstanceNormalization",
                                                             "BatchNormalization")),
@@ -278,8 +292,12 @@ def _qdq_all(facts: GraphFacts, isa: Isa) -> Recipe:
 def _depthwise_float(facts: GraphFacts, isa: Isa) -> Recipe | None:
     if not facts.depthwise:
         return None
-    kernel = ("the INT8 depthwise kernel is AVX2-only, FP32 depthwise uses AVX-512 here" if isa.avx512 else
+    kernel = ("INT8 depthwise gains nothing over FP32's AVX-512 depthwise kernel here" if isa.avx512 else
               "INT8 depthwise convs gain little over FP32 ones")
+    unaligned = len(facts.depthwise_unaligned)
+    if isa.x86 and unaligned:
+        kernel += (f"; {unaligned} of them have channels not a multiple of {DEPTHWISE_ALIGN} and run on ONNX "
+                   "Runtime's AVX2-only INT8 depthwise kernel")
     se = f" and {facts.se_blocks} squeeze-excite gates ({len(facts.se_gates)} nodes)" if facts.se_gates else ""
     return Recipe("dw-float", f"{len(facts.depthwise)} depthwise convs{se} kept in float: {kernel}",
                   float_groups=("depthwise", "se") if facts.se_gates else ("depthwise",),
