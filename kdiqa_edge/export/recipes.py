@@ -10,11 +10,11 @@ static (calibrated Q/DQ) or dynamic quantization, and whether ONNX Runtime's tra
 first. `Recipe.to_dict()` is what the manifest records; `quantize.int8_recipe` applies one.
 
 Why these recipes, from ONNX Runtime's MLAS kernels and QDQ transformer (see shared/DESIGN.md):
-- INT8 depthwise convs gain nothing over FP32's AVX-512 depthwise kernel: with int8 weights of zero point 0
-  and channels in multiples of 16, MLAS runs them on its ConvSym kernel (AVX-512 VNNI where the CPU has it),
-  and that only matches FP32; any other channel count takes MLAS's generic INT8 depthwise kernel, which is
-  AVX2-only and about 1.3x slower than FP32 on an AVX-512 CPU (a 3x3 depthwise conv at 56x56, one thread,
-  measured: 88 or 104 channels 1.28-1.31x FP32's time, 96 or 112 channels 1.01-1.03x);
+- INT8 depthwise convs are slower than FP32's AVX-512 (NCHWc) ones. With int8 weights of zero point 0 and
+  channels in multiples of 16, MLAS runs them on its ConvSym kernel (AVX-512 VNNI where the CPU has it); any
+  other channel count takes its generic INT8 depthwise kernel, which is AVX2-only. Measured on an AVX-512
+  VNNI EPYC (benchmarks/bench_depthwise.py, 3x3 at 56x56): INT8 takes 1.2-1.6x FP32's time at 96 or 112
+  channels, 2.1-2.9x at 88 or 104;
 - QDQ fusion covers Conv, MatMul, Gemm, Add, Mul, Sigmoid, Softmax, (Global)AveragePool, LeakyRelu,
   Concat, Where, Split; any other op wrapped in Q/DQ (LayerNormalization, an Erf GELU) runs in float between
   a DequantizeLinear and a QuantizeLinear, which is pure overhead;
@@ -292,7 +292,7 @@ def _qdq_all(facts: GraphFacts, isa: Isa) -> Recipe:
 def _depthwise_float(facts: GraphFacts, isa: Isa) -> Recipe | None:
     if not facts.depthwise:
         return None
-    kernel = ("INT8 depthwise gains nothing over FP32's AVX-512 depthwise kernel here" if isa.avx512 else
+    kernel = ("INT8 depthwise is slower than FP32's AVX-512 depthwise kernel here" if isa.avx512 else
               "INT8 depthwise convs gain little over FP32 ones")
     unaligned = len(facts.depthwise_unaligned)
     if isa.x86 and unaligned:
