@@ -255,6 +255,16 @@ def test_accelerator_fp16_candidate_only_with_an_accelerator_provider(student, e
     if not provider_starts("CUDAExecutionProvider"):  # onnxruntime-gpu on a machine where CUDA does not start
         stays = [c.name for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "no-gpu")]
         assert stays == names
+        (line,) = TARGETS.get("onnx").left_out()  # and auto says why there is no GPU candidate
+        assert line.startswith("CUDAExecutionProvider is in this onnxruntime but does not start here")
+        from kdiqa_edge.export.pipeline import artifact_meta
+
+        (tmp_path / "out").mkdir()
+        result = auto.export_auto(TARGETS.get("onnx"), student, examples, tmp_path / "out",
+                                  ExportConfig(precision="auto", max_drift=1.0, latency_runs=5, candidates=QDQ),
+                                  artifact_meta(student), timer=_timer({"fp32": 5.0, QDQ: 3.0}), log=lambda _: None)
+        assert line in result.notes and result.extra["auto"]["left_out"] == [line]
+    assert onnx_target.accelerators_left_out(["CPUExecutionProvider"]) == []
     monkeypatch.setattr(onnx_target, "provider_starts", lambda _: True)
     found = {c.name: c for c in TARGETS.get("onnx").candidates(student, examples, cfg, {}, tmp_path / "gpu")}
     assert found["fp16:cuda"].provider == "cuda" and found["fp16:cuda"].precision == "fp16"

@@ -72,6 +72,8 @@ class AutoTarget(Protocol):
 
     # optional: tune(pick: Measured, final: Path, pixels, cfg, timer, log) -> dict | None, after the pick is
     # copied to `final`: a runtime setting measured for the pick and recorded in the file (onnx: spin-waiting)
+    # optional: left_out() -> list[str]: candidates this machine cannot offer and why, one line each (onnx: an
+    # accelerator provider onnxruntime lists that does not start), logged and kept in the notes
 
 
 def supports_auto(target) -> bool:
@@ -400,6 +402,9 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
         work = Path(scratch)
         candidates = selected(target.candidates(model, examples, cfg, meta, work / "shared"), cfg, target.name)
         log(f"{target.name}-auto: {len(candidates)} candidates: {', '.join(c.name for c in candidates)}")
+        left_out = target.left_out() if callable(getattr(target, "left_out", None)) else []
+        for line in left_out:
+            log(f"  {line}")
         items = build_all(candidates, work, log)
         models = load_models(items, cfg.threads)
         measure_drift(items, models, examples)
@@ -415,7 +420,7 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
     if parity.get("passed") is False:
         raise ExportError(f"{final.name} ({pick.name}): parity check failed, max |score - torch score| = "
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
-    return _result(target.name, items, choice, final, parity, len(examples.test), cfg, tuned)
+    return _result(target.name, items, choice, final, parity, len(examples.test), cfg, tuned, left_out)
 
 
 def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> list[Candidate]:
@@ -431,7 +436,7 @@ def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> lis
 
 
 def _result(target: str, items: list[Measured], choice: Choice, final: Path, parity: dict[str, Any], images: int,
-            cfg: ExportConfig, tuned: dict[str, Any] | None = None) -> ExportResult:
+            cfg: ExportConfig, tuned: dict[str, Any] | None = None, left_out: list[str] = ()) -> ExportResult:
     """The pick as an export: the table and why in the notes, every candidate's row in the details."""
     from kdiqa_edge.bench.environment import cpu_info, cpu_line, gpus
 
@@ -452,10 +457,11 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
             "ranked_at_batch": choice.batch, "tie": TIE, "rounds": ROUNDS,
             "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
             "threads": cfg.threads, "cpu": machine, **({"gpus": gpu} if accelerators else {}),
-            "candidates": [i.row() for i in items],
+            "candidates": [i.row() for i in items], **({"left_out": list(left_out)} if left_out else {}),
             **({"tuned": tuned} if tuned else {})}
     return ExportResult(target=target, precision=pick.candidate.precision, files=[final], parity=parity, drift=drift,
-                        notes=[summary, *table(items, pick), choice.why, *([tuned["note"]] if tuned else [])],
+                        notes=[summary, *table(items, pick), choice.why, *left_out,
+                               *([tuned["note"]] if tuned else [])],
                         extra={**pick.candidate.extra, "auto": auto, "recipe": pick.candidate.recipe})
 
 

@@ -319,6 +319,17 @@ def accelerator_providers(available: list[str] | None = None, starts: Callable[[
     return [short for short, full in ACCELERATORS.items() if full in available and starts(full)]
 
 
+def accelerators_left_out(available: list[str] | None = None) -> list[str]:
+    """One line per accelerator provider onnxruntime lists that does not start here (so it has no candidates)."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    return [f"{full} is in this onnxruntime but does not start here (no GPU, or its libraries are missing): "
+            f"no fp16:{short} / fp32:{short} candidates"
+            for short, full in ACCELERATORS.items() if full in available and not provider_starts(full)]
+
+
 @functools.cache
 def provider_starts(provider: str) -> bool:
     """Whether an onnxruntime session on `provider` (a full name) starts here: a one-node graph opened on it."""
@@ -442,3 +453,6 @@ class OnnxTarget:
 
     def tune(self, pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:
         return tune_spinning(pick, final, pixels, cfg, timer, log)
+
+    def left_out(self) -> list[str]:
+        return accelerators_left_out()
