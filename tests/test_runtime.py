@@ -184,12 +184,14 @@ def test_cuda_libraries_preloaded_once_and_quietly(monkeypatch, capsys):
     monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
     monkeypatch.setattr(backends, "_preloaded", False)
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    backends.preload_cuda_libraries()
-    backends.preload_cuda_libraries()
+    backends.preload_cuda_libraries("CPUExecutionProvider")  # no CUDA session: nothing to load
+    assert calls == []
+    backends.preload_cuda_libraries("CUDAExecutionProvider")
+    backends.preload_cuda_libraries("CUDAExecutionProvider")
     assert calls == [1] and capsys.readouterr().out == ""
     monkeypatch.setattr(backends, "_preloaded", False)
     monkeypatch.setitem(sys.modules, "torch", object())  # torch imported: its CUDA libraries are loaded
-    backends.preload_cuda_libraries()
+    backends.preload_cuda_libraries("CUDAExecutionProvider")
     assert calls == [1]
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -20,27 +18,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    import numpy
     import onnxruntime as ort
     import torch
 
-    from kdiqa_edge.bench.environment import cpu_line, gpus
+    from kdiqa_edge.bench.environment import environment
     from kdiqa_edge.export.onnx import provider_starts
 
     cuda = torch.cuda.is_available()
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cuda_available": cuda, "bf16": cuda and torch.cuda.is_bf16_supported(),
+    info = {**environment(),  # the machine, CPU, package versions, onnxruntime's providers, nvidia-smi's GPUs
+            "torch_cuda": torch.version.cuda, "cuda_available": cuda, "bf16": cuda and torch.cuda.is_bf16_supported(),
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
-            "nvidia_smi": gpus(), "cpu": cpu_line(), "cores": os.cpu_count(), "numpy": numpy.__version__,
-            "onnxruntime": ort.__version__, "onnxruntime_from": str(Path(ort.__file__).parent),
-            "providers": ort.get_available_providers(),
+            # two onnxruntime builds may be installed (the image's CPU one, the carried GPU one): the one imported
+            "onnxruntime_imported": f"{ort.__version__} from {Path(ort.__file__).parent}",
             "cuda_provider_starts": provider_starts("CUDAExecutionProvider")}
-    for name in ("timm", "open_clip", "onnx", "onnxslim"):
+    for name in ("timm", "open_clip", "onnx", "onnxslim"):  # likewise: what imports, the carried wheel or not
         try:
-            info[name] = __import__(name).__version__
+            info[f"{name}_imported"] = __import__(name).__version__
         except Exception as exc:  # noqa: BLE001 - a missing package is what this reports
-            info[name] = f"missing ({type(exc).__name__}: {exc})"
+            info[f"{name}_imported"] = f"missing ({type(exc).__name__}: {exc})"
     print(json.dumps(info, indent=1))
     if args.json:
         args.json.write_text(json.dumps(info, indent=1) + "\n")

@@ -308,26 +308,28 @@ def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) ->
 ACCELERATORS = {"cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider", "dml": "DmlExecutionProvider"}
 
 
-def accelerator_providers(available: list[str] | None = None, starts: Callable[[str], bool] | None = None) -> list[str]:
-    """The accelerator providers this onnxruntime offers and that start on this machine, by short name (cuda,
-    rocm, dml). onnxruntime-gpu lists CUDA on machines with no GPU, or without the CUDA libraries, too."""
+def _listed_accelerators(available: list[str] | None) -> dict[str, str]:
+    """short name -> full name of the accelerator providers this onnxruntime lists (started or not)."""
     if available is None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
+    return {short: full for short, full in ACCELERATORS.items() if full in available}
+
+
+def accelerator_providers(available: list[str] | None = None, starts: Callable[[str], bool] | None = None) -> list[str]:
+    """The accelerator providers this onnxruntime offers and that start on this machine, by short name (cuda,
+    rocm, dml). onnxruntime-gpu lists CUDA on machines with no GPU, or without the CUDA libraries, too."""
     starts = starts or provider_starts
-    return [short for short, full in ACCELERATORS.items() if full in available and starts(full)]
+    return [short for short, full in _listed_accelerators(available).items() if starts(full)]
 
 
 def accelerators_left_out(available: list[str] | None = None) -> list[str]:
     """One line per accelerator provider onnxruntime lists that does not start here (so it has no candidates)."""
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
+    started = accelerator_providers(available)
     return [f"{full} is in this onnxruntime but does not start here (no GPU, or its libraries are missing): "
             f"no fp16:{short} / fp32:{short} candidates"
-            for short, full in ACCELERATORS.items() if full in available and not provider_starts(full)]
+            for short, full in _listed_accelerators(available).items() if short not in started]
 
 
 @functools.cache
@@ -339,8 +341,7 @@ def provider_starts(provider: str) -> bool:
 
     from kdiqa_edge.runtime.backends import preload_cuda_libraries
 
-    if provider == "CUDAExecutionProvider":
-        preload_cuda_libraries()
+    preload_cuda_libraries(provider)
     tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", tensor[:1], tensor[1:])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=MAX_IR_VERSION)

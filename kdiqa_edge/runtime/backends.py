@@ -52,6 +52,7 @@ PROVIDERS = {
 # "Best available" never picks the TensorRT provider on its own: it builds an engine on first run
 # (minutes on a Jetson), which a user must ask for.
 _AUTO_ORDER = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
+_BEST_AVAILABLE = (None, "", "auto")  # --provider values that ask for the best available one
 
 
 def backend_kind(path: str | Path) -> str:
@@ -93,16 +94,19 @@ _CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _preloaded = False
 
 
-def preload_cuda_libraries() -> None:
-    """Load the CUDA and cuDNN libraries of pip's nvidia-* wheels before a CUDA session starts, as
-    `onnxruntime.preload_dlls()` does (onnxruntime-gpu >= 1.21): without it the CUDA provider finds them
-    only on LD_LIBRARY_PATH, or when torch was imported first. Once per process; what it prints about a
-    library it cannot find is held back (a provider that then fails to start is reported on its own)."""
+def preload_cuda_libraries(provider: str) -> None:
+    """Before a session on `provider` (a full name) that needs CUDA, load the CUDA and cuDNN libraries of pip's
+    nvidia-* wheels, as `onnxruntime.preload_dlls()` does (onnxruntime-gpu >= 1.21): without it the CUDA
+    provider finds them only on LD_LIBRARY_PATH, or when torch was imported first. Once per process; what it
+    prints about a library it cannot find is held back (a provider that then fails to start is reported on
+    its own)."""
     global _preloaded
+    if provider not in _CUDA_PROVIDERS or _preloaded or "torch" in sys.modules:
+        return  # no CUDA session, done already, or importing torch has loaded its CUDA libraries
     import onnxruntime as ort
 
-    if _preloaded or "torch" in sys.modules or not hasattr(ort, "preload_dlls"):
-        return  # importing torch has loaded its CUDA libraries already
+    if not hasattr(ort, "preload_dlls"):  # onnxruntime before 1.21
+        return
     _preloaded = True
     import contextlib
     import io
@@ -113,7 +117,7 @@ def preload_cuda_libraries() -> None:
 
 def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
     """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
-    if provider in (None, "", "auto"):
+    if provider in _BEST_AVAILABLE:
         return [p for p in _AUTO_ORDER if p in available] or available[:1]
     full = PROVIDERS.get(provider.lower(), provider)
     if full not in available:
@@ -136,11 +140,10 @@ class OnnxBackend:
         import onnxruntime as ort
 
         providers = resolve_providers(provider, ort.get_available_providers())
-        if providers[0] in _CUDA_PROVIDERS:
-            preload_cuda_libraries()
+        preload_cuda_libraries(providers[0])
         # asked for by name: a provider that fails to start is an error; picked as the best available
         # (onnxruntime-gpu lists CUDA on machines without a working GPU too): the next one runs, and says so
-        strict = provider not in (None, "", "auto")
+        strict = provider not in _BEST_AVAILABLE
         self.session = self._session(path, providers, threads, spinning, strict)
         started = self.session.get_providers()
         self.notes = [] if started[0] == providers[0] else [
