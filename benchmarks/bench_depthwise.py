@@ -61,17 +61,6 @@ def build(channels: int, folder: Path) -> tuple[Path, Path]:
     return fp32, int8
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # many sessions side by side
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, nargs="+", default=[88, 96, 104, 112])
@@ -86,6 +75,7 @@ def main(argv=None) -> dict:
     import onnxruntime as ort
 
     from kdiqa_edge.bench.environment import cpu_line, machine_slug
+    from kdiqa_edge.export import evaluate
 
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice to pre-process
     load = [os.getloadavg()[0]]
@@ -94,7 +84,9 @@ def main(argv=None) -> dict:
         for c in args.channels:
             fp32, int8 = build(c, Path(scratch))
             for n in args.threads:
-                models[(c, n, "fp32")], models[(c, n, "int8")] = session(fp32, n), session(int8, n)
+                # spin-waiting off: many sessions side by side
+                models[(c, n, "fp32")] = evaluate.session(fp32, n, spinning=False)
+                models[(c, n, "int8")] = evaluate.session(int8, n, spinning=False)
         inputs = {c: np.random.default_rng(1).random((1, c, SIZE, SIZE), np.float32) for c in args.channels}
         times: dict = {key: [] for key in models}
         order = list(models)

@@ -142,20 +142,16 @@ def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple
 
 
 def sessions(rows: list[Row], threads: int) -> dict[int, object]:
-    import onnxruntime as ort
+    from kdiqa_edge.export import evaluate
 
     found = {}
     for index, row in enumerate(rows):
         if row.status != "ok" or row.kind == "torch":
             continue
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        # spin-waiting off for every session (ours and plain alike): with ~50 sessions in one process, the
-        # idle ones' spinning workers would take the cores between turns (auto measures the same way)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            found[index] = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
+            # spin-waiting off for every session (ours and plain alike): with ~50 sessions in one process, the
+            # idle ones' spinning workers would take the cores between turns (auto measures the same way)
+            found[index] = evaluate.session(row.path, threads, spinning=False)
         except Exception as exc:  # noqa: BLE001 - a row that cannot load is reported, the others still run
             row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     return found

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 
-def session(path: str | Path, threads: int = 2, fp16: bool = False):
+def session(path: str | Path, threads: int = 2, fp16: bool = False, spinning: bool | None = None):
     """A CPU session. FP16 graphs get the EXTENDED optimization level: ORT 1.32's full level (layout
-    transforms) segfaults on FP16 transformer graphs here."""
+    transforms) segfaults on FP16 transformer graphs here. spinning: intra-op spin-waiting (None: ORT's
+    default, on; off where many sessions are timed side by side in one process)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -22,6 +23,8 @@ def session(path: str | Path, threads: int = 2, fp16: bool = False):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
