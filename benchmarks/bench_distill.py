@@ -309,7 +309,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.repeats < 2 or args.repeats % 2:
         parser.error("--repeats must be even (and at least 2): each order of the pair runs equally often")
-    if args.teacher != "tiny" and not args.teacher.endswith(":random"):
+    from kdiqa_edge.models.teacher import RANDOM_TAG
+
+    if args.teacher != "tiny" and not args.teacher.endswith(f":{RANDOM_TAG}"):
         parser.error("the teacher is random init, built without a download: tiny (64 px) or NAME:random "
                      "(an open_clip architecture, e.g. ViT-B-32:random at 224 px)")
     result = run(args)
