@@ -181,6 +181,41 @@ def test_fp16_onnx_has_fp32_io_and_float_head(tmp_path, checkpoints, data):
     assert weights[head_matmul.input[1]] == onnx.TensorProto.FLOAT  # W = logit_scale * anchors stays FP32
 
 
+def test_fp16_twin_casts_of_onnxruntime_before_1_32_are_merged():
+    """onnxruntime-gpu 1.31's FP16 converter writes one Cast back to float per float consumer of an FP16
+    tensor, all with one output name: the graph below is what it makes of a projection feeding two float ops."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from kdiqa_edge.export.onnx import drop_twin_nodes
+
+    def cast():
+        return helper.make_node("Cast", ["h"], ["h_cast_to_fp32"], to=TensorProto.FLOAT, name="h_cast_to_fp32_node")
+
+    half = helper.make_tensor_value_info("h", TensorProto.FLOAT16, [1, 4])
+    info = helper.make_tensor_value_info("h_cast_to_fp32", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16, name="to_half"), cast(), cast(),
+             helper.make_node("Relu", ["h_cast_to_fp32"], ["a"], name="a"),
+             helper.make_node("Neg", ["h_cast_to_fp32"], ["b"], name="b")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "a", "b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], value_info=[half, info, info]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    with pytest.raises(onnx.checker.ValidationError, match="single static assignment"):
+        onnx.checker.check_model(model)
+    drop_twin_nodes(model.graph)
+    onnx.checker.check_model(model)
+    assert [n.name for n in model.graph.node] == ["to_half", "h_cast_to_fp32_node", "a", "b"]
+    assert [v.name for v in model.graph.value_info] == ["h", "h_cast_to_fp32"]
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    a, b = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(a, np.maximum(x, 0)) and np.array_equal(b, -x)
+    different = model.graph.node[1]  # a node writing the same name differently is not a twin: left to the checker
+    clash = helper.make_node("Cast", ["x"], ["h_cast_to_fp32"], to=TensorProto.FLOAT, name="other")
+    model.graph.node.insert(2, clash)
+    drop_twin_nodes(model.graph)
+    assert clash in model.graph.node and different in model.graph.node
+
+
 def test_rerun_is_idempotent(fp32_exports, checkpoints, data):
     folder = fp32_exports["student"]
     onnx_file = folder / "onnx-fp32" / "model.fp32.onnx"

@@ -161,11 +161,115 @@ def test_a_listed_provider_that_does_not_start(onnx_dir, monkeypatch, capsys):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     model = QualityModel.load(onnx_dir / "float.onnx")  # the best available: the next one runs, and says so
     assert model.backend.provider == "CPUExecutionProvider" and model.backend.device == "cpu"
-    assert model.notes == ["float.onnx: CUDAExecutionProvider did not start here; running on CPUExecutionProvider"]
+    (note,) = model.notes  # with onnxruntime's reason (the CPU build: its warning that it has no CUDA)
+    assert note.startswith("float.onnx: CUDAExecutionProvider did not start here (") and "()" not in note
+    assert note.endswith("); running on CPUExecutionProvider")
     assert model.predict(np.zeros((2, SIZE, SIZE, 3), np.uint8)).shape == (2,)
     assert QualityModel.load(onnx_dir / "float.onnx", provider="cpu").notes == []
     with pytest.raises(ConfigError, match="CUDAExecutionProvider failed to initialise"):
         QualityModel.load(onnx_dir / "float.onnx", provider="cuda")  # asked for by name: an error
+
+
+# What onnxruntime-gpu 1.31 printed to fd 2 here (no NVIDIA driver) when a session asked for CUDA: colour-coded
+# default-logger lines, the reset code on a line of its own
+_ORT_NO_DRIVER = (
+    "\x1b[1;31m2026-12-01 18:14:29.319335616 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+    "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 onnxruntime::Provider& "
+    "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
+    "/venv/lib/python3.12/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so with error: "
+    "libcuda.so.1: cannot open shared object file: No such file or directory\n\x1b[m\n"
+    "\x1b[0;93m2026-12-01 18:14:29.319381795 [W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 "
+    "CreateExecutionProviderFactoryInstance] Failed to create CUDAExecutionProvider. Require cuDNN 9.* and "
+    "CUDA 13.*.\x1b[m\n")
+_NO_DRIVER_REASON = ("Failed to load library libonnxruntime_providers_cuda.so with error: libcuda.so.1: cannot "
+                     "open shared object file: No such file or directory")
+
+
+def test_provider_reason_is_onnxruntimes_error_in_one_line():
+    from kdiqa_edge.runtime.backends import _split_ort_log, provider_reason
+
+    logged, other = _split_ort_log([*_ORT_NO_DRIVER.splitlines(keepends=True), "a line of someone else's\n"])
+    assert [level for level, _ in logged] == ["E", "W"] and other == ["a line of someone else's\n"]
+    assert provider_reason(logged, [], None) == _NO_DRIVER_REASON  # the error first, paths cut to file names
+    assert provider_reason(logged[1:], [], None).startswith("Failed to create CUDAExecutionProvider")
+    device = [("E", "CUDA failure 100: no CUDA-capable device is detected ; GPU=-1 ; hostname=x ; "
+                    "file=/onnxruntime_src/cuda_call.cc ; line=118 ; expr=cudaGetDeviceCount(&num_devices);")]
+    assert provider_reason(device, [], None) == "CUDA failure 100: no CUDA-capable device is detected"
+    assert provider_reason([], ["Specified provider 'X' is not in available provider names."], None) == \
+        "Specified provider 'X' is not in available provider names."
+    assert provider_reason([], [], RuntimeError("/src/pybind_state.cc:729 Please install TensorRT")) == \
+        "pybind_state.cc:729 Please install TensorRT"
+    assert provider_reason([], [], None) is None
+
+
+def test_a_provider_that_cannot_start_prints_nothing_of_onnxruntimes(onnx_dir, monkeypatch, capfd):
+    """onnxruntime-gpu without a working GPU: its log lines on fd 2 and its fallback banner on stdout (which
+    would land in `score --csv` output) are held back; our note carries the reason. Where opening raises (the
+    TensorRT provider without TensorRT), the providers after it are tried here, not by onnxruntime."""
+    import os
+
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+    seen = []
+
+    def noisy(model, options, providers, **kwargs):
+        seen.append((list(providers), kwargs.get("enable_fallback")))
+        os.write(2, _ORT_NO_DRIVER.encode())
+        if providers[0] == "TensorrtExecutionProvider":
+            raise RuntimeError("/onnxruntime_src/pybind_state.cc:729 Please install TensorRT libraries")
+        return real(model, options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", noisy)
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    model = QualityModel.load(onnx_dir / "float.onnx")
+    assert model.notes == [f"float.onnx: CUDAExecutionProvider did not start here ({_NO_DRIVER_REASON}); "
+                           "running on CPUExecutionProvider"]
+    assert model.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8)).shape == (1,)
+    with pytest.raises(ConfigError, match=r"TensorrtExecutionProvider failed to initialise \(Failed to load"):
+        QualityModel.load(onnx_dir / "float.onnx", provider="tensorrt")
+    assert seen[-2:] == [(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], 0),
+                         (["CUDAExecutionProvider", "CPUExecutionProvider"], 0)]  # onnxruntime's fallback off
+    out, err = capfd.readouterr()
+    assert "onnxruntime" not in out + err and "EP Error" not in out
+
+
+def test_an_accelerator_that_fails_while_running_falls_back_with_a_note(onnx_dir, caplog):
+    """onnxruntime's own run-time fallback (off: it prints to stdout) done here: the session goes on with the
+    providers after the one that failed, and says so."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+    model = QualityModel.load(onnx_dir / "uint8.onnx", provider="cpu")  # its input: uint8 NHWC, as below
+    backend, session = model.backend, model.backend.session
+
+    class FailsOnce:  # a session started on CUDA whose engine build fails on the first run
+        def __init__(self):
+            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_providers(self):
+            return self.providers
+
+        def set_providers(self, providers):
+            self.providers = providers
+
+        def run(self, names, feed):
+            if self.providers[0] != "CPUExecutionProvider":
+                raise EPFail("CUDA error cudaErrorNoKernelImageForDevice: no kernel image is available")
+            return session.run(names, feed)
+
+    backend.session, backend.provider, backend.device = FailsOnce(), "CUDAExecutionProvider", "cuda"
+    x = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+    assert np.allclose(backend.run(x), session.run(backend.output_names, {backend.input_name: x})[0].reshape(-1))
+    assert backend.provider == "CPUExecutionProvider" and backend.device == "cpu"
+    assert backend.notes == ["uint8.onnx: CUDAExecutionProvider failed while running (CUDA error "
+                             "cudaErrorNoKernelImageForDevice: no kernel image is available); running on "
+                             "CPUExecutionProvider from here"]
+    assert backend.notes[0] in caplog.text
+    backend.session.providers = ["CPUExecutionProvider"]
+    backend.session.run = lambda *_: (_ for _ in ()).throw(EPFail("cpu"))
+    with pytest.raises(EPFail):  # nothing left to fall back to
+        backend.run(x)
 
 
 def test_cuda_libraries_preloaded_once_and_quietly(monkeypatch, capsys):

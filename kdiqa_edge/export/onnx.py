@@ -115,11 +115,37 @@ def to_fp16(src: Path, dst: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     graph = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=float_nodes(src))
+    drop_twin_nodes(graph.graph)
     toposort(graph.graph)  # the converter appends its input casts at the end of the node list
     graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(dst))
     return dst
+
+
+def drop_twin_nodes(graph) -> None:
+    """Keep one of identical nodes that write the same output. onnxruntime's FP16 converter before 1.32 (the
+    onnxruntime-gpu on PyPI is 1.31) adds a Cast back to float per float consumer of an FP16 tensor, all with
+    one output name, when that tensor feeds two of them (the head's projection output does): the graph is
+    then not in SSA form and fails onnx's checker."""
+    produced: dict[str, bytes] = {}
+    kept = []
+    for node in graph.node:
+        blob = node.SerializeToString()
+        if node.output and all(produced.get(name) == blob for name in node.output):
+            continue
+        kept.append(node)
+        produced.update({name: blob for name in node.output})
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+        infos = {}  # the converter's value_info for each twin: one per name
+        for info in graph.value_info:
+            if info.name not in infos:
+                infos[info.name] = type(info)()
+                infos[info.name].CopyFrom(info)
+        del graph.value_info[:]
+        graph.value_info.extend(infos.values())
 
 
 def toposort(graph) -> None:
@@ -325,21 +351,28 @@ def accelerator_providers(available: list[str] | None = None, starts: Callable[[
 
 
 def accelerators_left_out(available: list[str] | None = None) -> list[str]:
-    """One line per accelerator provider onnxruntime lists that does not start here (so it has no candidates)."""
+    """One line per accelerator provider onnxruntime lists that does not start here (so it has no candidates),
+    with onnxruntime's reason."""
     started = accelerator_providers(available)
-    return [f"{full} is in this onnxruntime but does not start here (no GPU, or its libraries are missing): "
+    return [f"{full} is in this onnxruntime but does not start here ({provider_problem(full)}): "
             f"no fp16:{short} / fp32:{short} candidates"
             for short, full in _listed_accelerators(available).items() if short not in started]
 
 
-@functools.cache
 def provider_starts(provider: str) -> bool:
-    """Whether an onnxruntime session on `provider` (a full name) starts here: a one-node graph opened on it."""
+    """Whether an onnxruntime session on `provider` (a full name) starts here."""
+    return provider_problem(provider) is None
+
+
+@functools.cache
+def provider_problem(provider: str) -> str | None:
+    """Why an onnxruntime session on `provider` (a full name) does not start here, None when it does: a
+    one-node graph opened on it, once per process."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from kdiqa_edge.runtime.backends import preload_cuda_libraries
+    from kdiqa_edge.runtime.backends import open_session, preload_cuda_libraries
 
     preload_cuda_libraries(provider)
     tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("x", "y")]
@@ -350,12 +383,10 @@ def provider_starts(provider: str) -> bool:
     options.log_severity_level = 3
     fallback = ["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else []
     try:
-        with warnings.catch_warnings():  # onnxruntime's own line about a provider it lacks: the answer is False
-            warnings.simplefilter("ignore")
-            session = ort.InferenceSession(probe.SerializeToString(), options, providers=[provider, *fallback])
-    except Exception:  # noqa: BLE001 - any failure to start means: not a candidate here
-        return False
-    return session.get_providers()[0] == provider
+        _, reason = open_session(probe.SerializeToString(), options, [provider, *fallback])
+    except Exception as exc:  # noqa: BLE001 - any failure to start means: not a candidate here
+        return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return reason
 
 
 def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ imports anywhere numpy does.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,9 @@ from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, T
 from kdiqa_edge.preprocess import PreprocessSpec
 from kdiqa_edge.registry import Registry
 from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
+from kdiqa_edge.runtime.native import captured_stderr
+
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -115,6 +120,72 @@ def preload_cuda_libraries(provider: str) -> None:
         ort.preload_dlls()
 
 
+# A line of onnxruntime's default logger, colour codes removed: "2026-12-01 18:14:29.31 [E:onnxruntime:Default,
+# provider_bridge_ort.cc:2458 operator()] message"
+_ORT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \[([VIWEF]):onnxruntime:[^\]]*\] ?(.*)$")
+_ANSI = re.compile(r"\x1b\[[\d;]*m")
+
+
+def _split_ort_log(lines: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(level, message) of onnxruntime's log lines, and every other line as it was."""
+    logged, other = [], []
+    for line in lines:
+        plain = _ANSI.sub("", line).strip()
+        found = _ORT_LOG_LINE.match(plain)
+        if found:
+            logged.append((found.group(1), found.group(2)))
+        elif plain:
+            other.append(line)
+    return logged, other
+
+
+def provider_reason(logged: list[tuple[str, str]], warned: list[str], error: BaseException | None) -> str | None:
+    """Why a provider did not start, in one line, from what onnxruntime logged ("Failed to load library
+    libonnxruntime_providers_cuda.so with error: libcuda.so.1: cannot open shared object file: ..."), warned or
+    raised; None when it said nothing."""
+    said = [m for level, m in logged if level in "EF"] or [m for _, m in logged] or warned
+    if not said and error is not None:
+        said = [str(error)]
+    if not said or not said[0].strip():
+        return None
+    text = said[0].strip().splitlines()[0].split("[ONNXRuntimeError] : ")[-1]
+    text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text)  # onnxruntime's status code and name
+    text = re.sub(r"(?:/[^\s/:]+)+/([^\s/:]+)", r"\1", text)  # paths to file names
+    return text.split(" ; ")[0].strip()[:240]
+
+
+def open_session(model, options, providers: list[str]):
+    """An onnxruntime InferenceSession on `providers`, best first (CPU last), and why the first did not start
+    (None when it did): `(session, reason)`. An accelerator provider that cannot start makes onnxruntime print
+    its own lines, colour-coded to stderr, and with its fallback on also to stdout (into `score --csv`
+    output); they are held back here and the reason taken from them. onnxruntime's fallback is off: where
+    opening on `providers` raises, this opens on the ones after the first itself."""
+    import warnings
+
+    import onnxruntime as ort
+
+    if providers[0] == "CPUExecutionProvider":
+        return ort.InferenceSession(model, options, providers=providers, enable_fallback=0), None
+    attempts = [providers, providers[1:]] if len(providers) > 1 else [providers]
+    session, error = None, None
+    with captured_stderr() as lines, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for attempt in attempts:
+            try:
+                session = ort.InferenceSession(model, options, providers=attempt, enable_fallback=0)
+                break
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError, Fail, InvalidGraph...
+                error = exc
+    logged, other = _split_ort_log(lines)
+    if other:  # not onnxruntime's: someone else's output, passed on
+        sys.stderr.write("".join(other))
+    if session is None:
+        raise error
+    if session.get_providers()[0] == providers[0]:
+        return session, None
+    return session, provider_reason(logged, [str(w.message) for w in warned], error) or "no reason given"
+
+
 def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
     """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
     if provider in _BEST_AVAILABLE:
@@ -126,6 +197,10 @@ def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
     # TensorRT falls back per node to CUDA where CUDA is there, then to the CPU
     fallback = [p for p in ("CUDAExecutionProvider",) if full == "TensorrtExecutionProvider" and p in available]
     return [full, *fallback] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
+
+
+_PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
+                     "CoreMLExecutionProvider": "coreml"}
 
 
 @BACKENDS.register("onnx")
@@ -144,14 +219,15 @@ class OnnxBackend:
         # asked for by name: a provider that fails to start is an error; picked as the best available
         # (onnxruntime-gpu lists CUDA on machines without a working GPU too): the next one runs, and says so
         strict = provider not in _BEST_AVAILABLE
-        self.session = self._session(path, providers, threads, spinning, strict)
+        self.path = path
+        self.session, reason = self._session(path, providers, threads, spinning, strict)
         started = self.session.get_providers()
-        self.notes = [] if started[0] == providers[0] else [
-            f"{path.name}: {providers[0]} did not start here; running on {started[0]}"]
+        self.notes = [] if reason is None else [
+            f"{path.name}: {providers[0]} did not start here ({reason}); running on {started[0]}"]
         meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)
         recorded = {"on": True, "off": False}.get(str(meta.get("ort_spinning")))
         if spinning is None and recorded is False:  # the session options are fixed at creation: open it again
-            self.session = self._session(path, started, threads, False, strict)
+            self.session, _ = self._session(path, started, threads, False, strict)
         self.spinning = spinning if spinning is not None else recorded is not False
         self.info = ArtifactInfo.from_meta(path, meta, "onnx")
         graph_input = self.session.get_inputs()[0]
@@ -162,8 +238,7 @@ class OnnxBackend:
         names = [o.name for o in self.session.get_outputs()]
         self.output_names = ["score" if "score" in names else names[0]]
         self.provider = started[0]
-        self.device = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
-                       "CoreMLExecutionProvider": "coreml"}.get(self.provider, "cpu")
+        self.device = _PROVIDER_DEVICES.get(self.provider, "cpu")
 
     @staticmethod
     def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None, strict: bool = True):
@@ -177,16 +252,31 @@ class OnnxBackend:
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
+            session, reason = open_session(str(path), options, providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
             raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
-        if strict and session.get_providers()[0] != providers[0]:
-            raise ConfigError(f"{path}: {providers[0]} failed to initialise (running on "
-                              f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
-        return session
+        if strict and reason is not None:
+            raise ConfigError(f"{path}: {providers[0]} failed to initialise ({reason}); it would run on "
+                              f"{session.get_providers()[0]}: check the CUDA/cuDNN/TensorRT libraries")
+        return session, reason
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)
+        from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+        try:
+            return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)
+        except EPFail as exc:  # the accelerator failed on a run (a TensorRT engine build, say): as onnxruntime's
+            rest = self.session.get_providers()[1:]  # own fallback would, go on with the providers after it
+            if not rest:
+                raise
+            note = (f"{self.path.name}: {self.provider} failed while running "
+                    f"({provider_reason([], [], exc)}); running on {rest[0]} from here")
+            self.notes.append(note)
+            log.warning(note)
+            self.session.set_providers(rest)
+            self.provider = rest[0]
+            self.device = _PROVIDER_DEVICES.get(self.provider, "cpu")
+            return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)
 
     def synchronize(self) -> None:
         pass  # session.run returns host arrays: the device work is done

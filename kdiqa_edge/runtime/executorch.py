@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,7 @@ from kdiqa_edge import artifact
 from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency
 from kdiqa_edge.runtime.backends import BACKENDS
 from kdiqa_edge.runtime.info import ArtifactInfo
-
-# What ExecuTorch's C++ runtime prints to stderr on its own (CPU probing, thread pool resets).
+from kdiqa_edge.runtime.native import captured_stderr
 
 # What ExecuTorch's C++ runtime prints to stderr on its own (CPU probing, thread pool resets).
 _NATIVE_NOISE = ("[cpuinfo_utils.cpp", "[threadpool.cpp")
@@ -32,29 +29,20 @@ def _native_stderr():
     """Capture ExecuTorch's runtime log for the block into the yielded list, minus its chatter. Its C++ code
     logs to file descriptor 2 and, through the pybindings, to sys.stderr: both are captured. The lines are
     passed on when the block succeeds and left to the caller (its reason for a failure) when it raises."""
-    import io
-
-    lines: list[str] = []
+    kept: list[str] = []
     failed = False
-    python_side = io.StringIO()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            with contextlib.redirect_stderr(python_side):
-                yield lines
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode(errors="replace") + python_side.getvalue()
-            lines.extend(line for line in text.splitlines(keepends=True) if not line.startswith(_NATIVE_NOISE))
-            if lines and not failed:
-                sys.stderr.write("".join(lines))
+    lines: list[str] = []
+    try:
+        with captured_stderr() as lines:
+            try:
+                yield kept
+            except BaseException:
+                failed = True
+                raise
+    finally:
+        kept.extend(line for line in lines if not line.startswith(_NATIVE_NOISE))
+        if kept and not failed:
+            sys.stderr.write("".join(kept))
 
 
 def _native_reason(lines: list[str], exc: BaseException) -> str:
