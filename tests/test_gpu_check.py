@@ -33,6 +33,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert len(rows) == 6 and set(rows.values()) == {"ok"}, summary  # environment ... export --precision auto
     info = json.loads((out / "env.json").read_text())
     assert info["cuda_provider_starts"] is False and "CPUExecutionProvider" in info["onnxruntime_providers"]
+    assert info["cuda_provider_problem"]  # why not, in onnxruntime's words
     manifest = json.loads((out / "manifest.json").read_text())
     names = [row["name"] for row in manifest["exports"]["onnx-auto"]["details"]["auto"]["candidates"]]
     assert names == ["fp32", "int8:qdq-all+stem-int8"]

@@ -149,8 +149,13 @@ def test_execution_providers_explicit_or_best_available():
 
 
 def test_unavailable_provider_is_a_clear_error(onnx_dir):
-    with pytest.raises(ConfigError, match="not available"):
-        QualityModel.load(onnx_dir / "float.onnx", provider="cuda")
+    import onnxruntime as ort
+
+    from kdiqa_edge.runtime.backends import PROVIDERS
+
+    missing = next(short for short, full in PROVIDERS.items() if full not in ort.get_available_providers())
+    with pytest.raises(ConfigError, match="not available"):  # cuda on the CPU build, rocm on onnxruntime-gpu
+        QualityModel.load(onnx_dir / "float.onnx", provider=missing)
 
 
 def test_a_listed_provider_that_does_not_start(onnx_dir, monkeypatch, capsys):

@@ -22,7 +22,7 @@ def main(argv=None) -> dict:
     import torch
 
     from kdiqa_edge.bench.environment import environment
-    from kdiqa_edge.export.onnx import provider_starts
+    from kdiqa_edge.export.onnx import provider_problem
 
     cuda = torch.cuda.is_available()
     info = {**environment(),  # the machine, CPU, package versions, onnxruntime's providers, nvidia-smi's GPUs
@@ -31,7 +31,8 @@ def main(argv=None) -> dict:
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
             # two onnxruntime builds may be installed (the image's CPU one, the carried GPU one): the one imported
             "onnxruntime_imported": f"{ort.__version__} from {Path(ort.__file__).parent}",
-            "cuda_provider_starts": provider_starts("CUDAExecutionProvider")}
+            "cuda_provider_starts": provider_problem("CUDAExecutionProvider") is None,
+            "cuda_provider_problem": provider_problem("CUDAExecutionProvider")}  # onnxruntime's reason, if any
     for name in ("timm", "open_clip", "onnx", "onnxslim"):  # likewise: what imports, the carried wheel or not
         try:
             info[f"{name}_imported"] = __import__(name).__version__

@@ -213,7 +213,9 @@ class OnnxBackend:
         artifact records (`ort_spinning`, which `--precision auto` measures on the machine), else ORT's default
         (on)."""
         import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
+        self._ep_fail = EPFail  # what a provider raises when it fails on a run
         providers = resolve_providers(provider, ort.get_available_providers())
         preload_cuda_libraries(providers[0])
         # asked for by name: a provider that fails to start is an error; picked as the best available
@@ -261,12 +263,12 @@ class OnnxBackend:
         return session, reason
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
-
         try:
             return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)
-        except EPFail as exc:  # the accelerator failed on a run (a TensorRT engine build, say): as onnxruntime's
-            rest = self.session.get_providers()[1:]  # own fallback would, go on with the providers after it
+        except self._ep_fail as exc:
+            # the accelerator failed on a run (a TensorRT engine build, say): as onnxruntime's own fallback
+            # would, go on with the providers after it
+            rest = self.session.get_providers()[1:]
             if not rest:
                 raise
             note = (f"{self.path.name}: {self.provider} failed while running "
