@@ -19,15 +19,20 @@ def captured_stderr():
     python_side = io.StringIO()
     with contextlib.suppress(Exception):
         sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a GUI or service process): nothing native reaches a terminal anyway
+        saved = None
     with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
+        if saved is not None:
+            os.dup2(capture.fileno(), 2)
         try:
             with contextlib.redirect_stderr(python_side):
                 yield lines
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
             capture.seek(0)
             text = capture.read().decode(errors="replace") + python_side.getvalue()
             lines.extend(text.splitlines(keepends=True))
