@@ -121,6 +121,7 @@ KDIQA=(python3 -m kdiqa_edge)
 # --- 1. environment ----------------------------------------------------------------------------------------
 step environment 120 python3 benchmarks/device/environment.py --json "$OUT/env.json"
 CUDA_EP=$(python3 -c "import json, sys; print('yes' if json.load(open(sys.argv[1]))['cuda_provider_starts'] else 'no')" "$OUT/env.json" 2>/dev/null || echo no)
+CUDA_WHY=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['cuda_provider_problem'] or '')" "$OUT/env.json" 2>/dev/null | tr '|' '/')
 
 # --- 2. teacher fine-tune step: AMP bf16 + channels_last, then --compile --------------------------------------
 step "fine-tune step ($ARCH, batch $BATCH)" 150 python3 benchmarks/bench_finetune.py --device "$DEVICE" \
@@ -148,7 +149,7 @@ if [ -d "$RUN" ]; then
     CANDIDATES=int8:qdq-all+stem-int8,fp16:cuda,fp32:cuda
   else
     CANDIDATES=int8:qdq-all+stem-int8
-    skip "ORT CUDA execution provider" "it does not start here (onnxruntime-gpu installed: $ORT_GPU); auto runs CPU candidates only"
+    skip "ORT CUDA execution provider" "it does not start here (onnxruntime-gpu installed: $ORT_GPU${CUDA_WHY:+; $CUDA_WHY}); auto runs CPU candidates only"
   fi
   step "export --precision auto ($CANDIDATES)" 300 "${KDIQA[@]}" export "$RUN" --dataset synthetic --root "$SET" \
     --target onnx --precision auto --max-drift 1 --candidates "$CANDIDATES" --calib 16 --out "$EXPORTS"
