@@ -212,6 +212,7 @@ def test_a_provider_that_cannot_start_prints_nothing_of_onnxruntimes(onnx_dir, m
     would land in `score --csv` output) are held back; our note carries the reason. Where opening raises (the
     TensorRT provider without TensorRT), the providers after it are tried here, not by onnxruntime."""
     import os
+    import warnings
 
     import onnxruntime as ort
 
@@ -221,6 +222,7 @@ def test_a_provider_that_cannot_start_prints_nothing_of_onnxruntimes(onnx_dir, m
     def noisy(model, options, providers, **kwargs):
         seen.append((list(providers), kwargs.get("enable_fallback")))
         os.write(2, _ORT_NO_DRIVER.encode())
+        warnings.warn("a warning about something else", UserWarning, stacklevel=1)  # passed on, not swallowed
         if providers[0] == "TensorrtExecutionProvider":
             raise RuntimeError("/onnxruntime_src/pybind_state.cc:729 Please install TensorRT libraries")
         return real(model, options, providers=["CPUExecutionProvider"], **kwargs)
@@ -228,11 +230,13 @@ def test_a_provider_that_cannot_start_prints_nothing_of_onnxruntimes(onnx_dir, m
     monkeypatch.setattr(ort, "InferenceSession", noisy)
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    model = QualityModel.load(onnx_dir / "float.onnx")
+    with pytest.warns(UserWarning, match="something else"):
+        model = QualityModel.load(onnx_dir / "float.onnx")
     assert model.notes == [f"float.onnx: CUDAExecutionProvider did not start here ({_NO_DRIVER_REASON}); "
                            "running on CPUExecutionProvider"]
     assert model.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8)).shape == (1,)
-    with pytest.raises(ConfigError, match=r"TensorrtExecutionProvider failed to initialise \(Failed to load"):
+    with pytest.raises(ConfigError, match=r"TensorrtExecutionProvider failed to initialise \(Failed to load"), \
+            pytest.warns(UserWarning):
         QualityModel.load(onnx_dir / "float.onnx", provider="tensorrt")
     assert seen[-2:] == [(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], 0),
                          (["CUDAExecutionProvider", "CPUExecutionProvider"], 0)]  # onnxruntime's fallback off

@@ -179,11 +179,15 @@ def open_session(model, options, providers: list[str]):
     logged, other = _split_ort_log(lines)
     if other:  # not onnxruntime's: someone else's output, passed on
         sys.stderr.write("".join(other))
+    about = [str(w.message) for w in warned if providers[0] in str(w.message)]  # "Specified provider 'X' is not..."
+    for w in warned:
+        if providers[0] not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if session is None:
         raise error
     if session.get_providers()[0] == providers[0]:
         return session, None
-    return session, provider_reason(logged, [str(w.message) for w in warned], error) or "no reason given"
+    return session, provider_reason(logged, about, error) or "no reason given"
 
 
 def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
