@@ -158,6 +158,30 @@ def test_unavailable_provider_is_a_clear_error(onnx_dir):
         QualityModel.load(onnx_dir / "float.onnx", provider=missing)
 
 
+def test_two_onnxruntime_builds_installed_are_named_as_the_cause(onnx_dir, monkeypatch):
+    """onnxruntime and onnxruntime-gpu installed together share one package: whichever was installed last
+    wins its files, and CUDA vanishes when that was the CPU build. The error, or the note when the best
+    available provider was asked for, says so and how to fix it."""
+    import onnxruntime as ort
+
+    from kdiqa_edge.runtime import backends
+
+    assert {"onnxruntime", "onnxruntime-gpu"} & set(backends.onnxruntime_builds())
+    monkeypatch.setattr(backends, "onnxruntime_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # the CPU build's files won
+        with pytest.raises(ConfigError, match="onnxruntime-gpu is installed, but so is onnxruntime") as err:
+            QualityModel.load(onnx_dir / "float.onnx", provider="cuda")
+        assert fix in str(err.value)
+        (note,) = QualityModel.load(onnx_dir / "float.onnx").notes
+        assert note.startswith("float.onnx: running on CPUExecutionProvider, not CUDA") and fix in note
+    with pytest.raises(ConfigError) as err:  # a provider no such build has: no hint
+        QualityModel.load(onnx_dir / "float.onnx", provider="coreml")
+    assert "onnxruntime-gpu" not in str(err.value)
+    monkeypatch.setattr(backends, "onnxruntime_builds", lambda: ["onnxruntime"])
+    assert backends.build_clash("CUDAExecutionProvider") is None
+
+
 def test_a_listed_provider_that_does_not_start(onnx_dir, monkeypatch, capsys):
     """onnxruntime-gpu lists CUDA on machines with no GPU or no CUDA libraries (the CPU build here, told
     it has CUDA, behaves the same: the session starts on the CPU)."""

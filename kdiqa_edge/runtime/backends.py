@@ -190,14 +190,48 @@ def open_session(model, options, providers: list[str]):
     return session, provider_reason(logged, about, error) or "no reason given"
 
 
+# The onnxruntime builds on PyPI: each installs the same `onnxruntime` package, so two of them overwrite
+# each other's files (the CUDA provider vanishes when the CPU build is installed, or upgraded, after the GPU one)
+_PROVIDER_BUILDS = {"CUDAExecutionProvider": "onnxruntime-gpu", "TensorrtExecutionProvider": "onnxruntime-gpu",
+                    "DmlExecutionProvider": "onnxruntime-directml", "OpenVINOExecutionProvider": "onnxruntime-openvino",
+                    "ROCMExecutionProvider": "onnxruntime-rocm"}
+_ORT_BUILDS = ("onnxruntime", *dict.fromkeys(_PROVIDER_BUILDS.values()))
+
+
+def onnxruntime_builds() -> list[str]:
+    """The onnxruntime distributions installed (more than one is a clash)."""
+    from importlib import metadata
+
+    found = []
+    for name in _ORT_BUILDS:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def build_clash(provider: str) -> str | None:
+    """Why `provider` (a full name, missing from the onnxruntime imported) may be missing: the build that has
+    it is installed beside another, and the other's files won. None when that is not the case."""
+    builds, build = onnxruntime_builds(), _PROVIDER_BUILDS.get(provider)
+    if build not in builds or len(builds) < 2:
+        return None
+    others = " and ".join(b for b in builds if b != build)
+    return (f"{build} is installed, but so is {others}, and they share one Python package whose files are now "
+            f"the other build's: keep one (pip uninstall -y {' '.join(builds)} && pip install {build})")
+
+
 def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
     """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
     if provider in _BEST_AVAILABLE:
         return [p for p in _AUTO_ORDER if p in available] or available[:1]
     full = PROVIDERS.get(provider.lower(), provider)
     if full not in available:
+        clash = build_clash(full)
         raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime "
-                          f"(available: {', '.join(available)})")
+                          f"(available: {', '.join(available)})" + (f"; {clash}" if clash else ""))
     # TensorRT falls back per node to CUDA where CUDA is there, then to the CPU
     fallback = [p for p in ("CUDAExecutionProvider",) if full == "TensorrtExecutionProvider" and p in available]
     return [full, *fallback] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
@@ -230,6 +264,9 @@ class OnnxBackend:
         started = self.session.get_providers()
         self.notes = [] if reason is None else [
             f"{path.name}: {providers[0]} did not start here ({reason}); running on {started[0]}"]
+        if not strict and "CUDAExecutionProvider" not in ort.get_available_providers() and \
+                (clash := build_clash("CUDAExecutionProvider")):  # onnxruntime-gpu installed, yet no CUDA
+            self.notes.append(f"{path.name}: running on {started[0]}, not CUDA: {clash}")
         meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)
         recorded = {"on": True, "off": False}.get(str(meta.get("ort_spinning")))
         if spinning is None and recorded is False:  # the session options are fixed at creation: open it again
