@@ -298,7 +298,7 @@ def test_an_accelerator_that_fails_while_running_falls_back_with_a_note(onnx_dir
     assert backend.notes == ["uint8.onnx: CUDAExecutionProvider failed while running (CUDA error "
                              "cudaErrorNoKernelImageForDevice: no kernel image is available); running on "
                              "CPUExecutionProvider from here"]
-    assert backend.notes[0] in caplog.text
+    assert backend.notes[0] in caplog.text and model.notes == backend.notes  # score/bench read the model's
     backend.session.providers = ["CPUExecutionProvider"]
     backend.session.run = lambda *_: (_ for _ in ()).throw(EPFail("cpu"))
     with pytest.raises(EPFail):  # nothing left to fall back to

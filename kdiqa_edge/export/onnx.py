@@ -372,7 +372,7 @@ def provider_problem(provider: str) -> str | None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from kdiqa_edge.runtime.backends import open_session, preload_cuda_libraries
+    from kdiqa_edge.runtime.backends import open_session, preload_cuda_libraries, provider_reason
 
     preload_cuda_libraries(provider)
     tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("x", "y")]
@@ -385,7 +385,7 @@ def provider_problem(provider: str) -> str | None:
     try:
         _, reason = open_session(probe.SerializeToString(), options, [provider, *fallback])
     except Exception as exc:  # noqa: BLE001 - any failure to start means: not a candidate here
-        return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return provider_reason([], [], exc) or type(exc).__name__
     return reason
 
 

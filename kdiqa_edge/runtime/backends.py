@@ -179,9 +179,11 @@ def open_session(model, options, providers: list[str]):
     logged, other = _split_ort_log(lines)
     if other:  # not onnxruntime's: someone else's output, passed on
         sys.stderr.write("".join(other))
-    about = [str(w.message) for w in warned if providers[0] in str(w.message)]  # "Specified provider 'X' is not..."
+    about = []  # onnxruntime's warnings about the provider ("Specified provider 'X' is not..."); others passed on
     for w in warned:
-        if providers[0] not in str(w.message):
+        if providers[0] in str(w.message):
+            about.append(str(w.message))
+        else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if session is None:
         raise error
@@ -254,7 +256,8 @@ class OnnxBackend:
         from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
         self._ep_fail = EPFail  # what a provider raises when it fails on a run
-        providers = resolve_providers(provider, ort.get_available_providers())
+        available = ort.get_available_providers()
+        providers = resolve_providers(provider, available)
         preload_cuda_libraries(providers[0])
         # asked for by name: a provider that fails to start is an error; picked as the best available
         # (onnxruntime-gpu lists CUDA on machines without a working GPU too): the next one runs, and says so
@@ -264,7 +267,7 @@ class OnnxBackend:
         started = self.session.get_providers()
         self.notes = [] if reason is None else [
             f"{path.name}: {providers[0]} did not start here ({reason}); running on {started[0]}"]
-        if not strict and "CUDAExecutionProvider" not in ort.get_available_providers() and \
+        if not strict and "CUDAExecutionProvider" not in available and \
                 (clash := build_clash("CUDAExecutionProvider")):  # onnxruntime-gpu installed, yet no CUDA
             self.notes.append(f"{path.name}: running on {started[0]}, not CUDA: {clash}")
         meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)

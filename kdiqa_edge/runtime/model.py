@@ -43,8 +43,12 @@ class QualityModel:
         self._float_input = self.info.input.dtype.startswith("float")
         self._nchw = self.info.input.layout.upper() == "NCHW"
         self._input_dtype = np.float16 if self.info.input.dtype == "float16" else np.float32
-        # what the backend had to settle for, one line each (a provider that did not start, say)
-        self.notes: list[str] = list(getattr(backend, "notes", ()))
+
+    @property
+    def notes(self) -> list[str]:
+        """What the backend had to settle for, one line each: a provider that did not start at load, or one
+        that failed on a run since."""
+        return list(getattr(self.backend, "notes", ()))
 
     @classmethod
     def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
