@@ -15,7 +15,8 @@ from kdiqa_edge import artifact
 from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency
 from kdiqa_edge.preprocess import PreprocessSpec, load_preprocessed, normalize
 from kdiqa_edge.runtime import QualityModel, backend_kind
-from kdiqa_edge.runtime.backends import check_engine_header, engine_meta, resolve_providers
+from kdiqa_edge.runtime.backends import check_engine_header, engine_meta
+from kdiqa_edge.runtime.providers import resolve_providers
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_execution_providers_explicit_or_best_available():
 def test_unavailable_provider_is_a_clear_error(onnx_dir):
     import onnxruntime as ort
 
-    from kdiqa_edge.runtime.backends import PROVIDERS
+    from kdiqa_edge.runtime.providers import PROVIDERS
 
     missing = next(short for short, full in PROVIDERS.items() if full not in ort.get_available_providers())
     with pytest.raises(ConfigError, match="not available"):  # cuda on the CPU build, rocm on onnxruntime-gpu
@@ -164,10 +165,10 @@ def test_two_onnxruntime_builds_installed_are_named_as_the_cause(onnx_dir, monke
     available provider was asked for, says so and how to fix it."""
     import onnxruntime as ort
 
-    from kdiqa_edge.runtime import backends
+    from kdiqa_edge.runtime import providers
 
-    assert {"onnxruntime", "onnxruntime-gpu"} & set(backends.onnxruntime_builds())
-    monkeypatch.setattr(backends, "onnxruntime_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    assert {"onnxruntime", "onnxruntime-gpu"} & set(providers.onnxruntime_builds())
+    monkeypatch.setattr(providers, "onnxruntime_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
     fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
     if "CUDAExecutionProvider" not in ort.get_available_providers():  # the CPU build's files won
         with pytest.raises(ConfigError, match="onnxruntime-gpu is installed, but so is onnxruntime") as err:
@@ -178,8 +179,8 @@ def test_two_onnxruntime_builds_installed_are_named_as_the_cause(onnx_dir, monke
     with pytest.raises(ConfigError) as err:  # a provider no such build has: no hint
         QualityModel.load(onnx_dir / "float.onnx", provider="coreml")
     assert "onnxruntime-gpu" not in str(err.value)
-    monkeypatch.setattr(backends, "onnxruntime_builds", lambda: ["onnxruntime"])
-    assert backends.build_clash("CUDAExecutionProvider") is None
+    monkeypatch.setattr(providers, "onnxruntime_builds", lambda: ["onnxruntime"])
+    assert providers.build_clash("CUDAExecutionProvider") is None
 
 
 def test_a_listed_provider_that_does_not_start(onnx_dir, monkeypatch, capsys):
@@ -215,7 +216,7 @@ _NO_DRIVER_REASON = ("Failed to load library libonnxruntime_providers_cuda.so wi
 
 
 def test_provider_reason_is_onnxruntimes_error_in_one_line():
-    from kdiqa_edge.runtime.backends import _split_ort_log, provider_reason
+    from kdiqa_edge.runtime.providers import _split_ort_log, provider_reason
 
     logged, other = _split_ort_log([*_ORT_NO_DRIVER.splitlines(keepends=True), "a line of someone else's\n"])
     assert [level for level, _ in logged] == ["E", "W"] and other == ["a line of someone else's\n"]
@@ -310,7 +311,7 @@ def test_cuda_libraries_preloaded_once_and_quietly(monkeypatch, capsys):
 
     import onnxruntime as ort
 
-    from kdiqa_edge.runtime import backends
+    from kdiqa_edge.runtime import providers
 
     calls = []
 
@@ -319,16 +320,16 @@ def test_cuda_libraries_preloaded_once_and_quietly(monkeypatch, capsys):
         print("Failed to load libcudnn.so.9: cannot open shared object file")  # what onnxruntime-gpu prints
 
     monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
-    monkeypatch.setattr(backends, "_preloaded", False)
+    monkeypatch.setattr(providers, "_preloaded", False)
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    backends.preload_cuda_libraries("CPUExecutionProvider")  # no CUDA session: nothing to load
+    providers.preload_cuda_libraries("CPUExecutionProvider")  # no CUDA session: nothing to load
     assert calls == []
-    backends.preload_cuda_libraries("CUDAExecutionProvider")
-    backends.preload_cuda_libraries("CUDAExecutionProvider")
+    providers.preload_cuda_libraries("CUDAExecutionProvider")
+    providers.preload_cuda_libraries("CUDAExecutionProvider")
     assert calls == [1] and capsys.readouterr().out == ""
-    monkeypatch.setattr(backends, "_preloaded", False)
+    monkeypatch.setattr(providers, "_preloaded", False)
     monkeypatch.setitem(sys.modules, "torch", object())  # torch imported: its CUDA libraries are loaded
-    backends.preload_cuda_libraries("CUDAExecutionProvider")
+    providers.preload_cuda_libraries("CUDAExecutionProvider")
     assert calls == [1]
 
 

@@ -372,7 +372,7 @@ def provider_problem(provider: str) -> str | None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from kdiqa_edge.runtime.backends import open_session, preload_cuda_libraries, provider_reason
+    from kdiqa_edge.runtime.providers import open_session, preload_cuda_libraries, provider_reason
 
     preload_cuda_libraries(provider)
     tensor = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("x", "y")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,15 @@ from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, T
 from kdiqa_edge.preprocess import PreprocessSpec
 from kdiqa_edge.registry import Registry
 from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
-from kdiqa_edge.runtime.native import captured_stderr
+from kdiqa_edge.runtime.providers import (
+    BEST_AVAILABLE,
+    PROVIDER_DEVICES,
+    build_clash,
+    open_session,
+    preload_cuda_libraries,
+    provider_reason,
+    resolve_providers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +50,6 @@ class Backend(Protocol):
 
 
 BACKENDS: Registry[Callable[..., Backend]] = Registry("runtime backend")
-
-# Short names the CLI accepts for onnxruntime execution providers.
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-}
-# "Best available" never picks the TensorRT provider on its own: it builds an engine on first run
-# (minutes on a Jetson), which a user must ask for.
-_AUTO_ORDER = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
-_BEST_AVAILABLE = (None, "", "auto")  # --provider values that ask for the best available one
-
 
 def backend_kind(path: str | Path) -> str:
     """Which backend reads this path: by suffix for files, by content for directories."""
@@ -94,155 +85,6 @@ def load_backend(path: str | Path, provider: str | None = None, threads: int | N
 # --- ONNX Runtime --------------------------------------------------------------------------------------
 
 
-# Providers that load the CUDA libraries (cuBLAS, cuDNN, ...) when a session starts.
-_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-_preloaded = False
-
-
-def preload_cuda_libraries(provider: str) -> None:
-    """Before a session on `provider` (a full name) that needs CUDA, load the CUDA and cuDNN libraries of pip's
-    nvidia-* wheels, as `onnxruntime.preload_dlls()` does (onnxruntime-gpu >= 1.21): without it the CUDA
-    provider finds them only on LD_LIBRARY_PATH, or when torch was imported first. Once per process; what it
-    prints about a library it cannot find is held back (a provider that then fails to start is reported on
-    its own)."""
-    global _preloaded
-    if provider not in _CUDA_PROVIDERS or _preloaded or "torch" in sys.modules:
-        return  # no CUDA session, done already, or importing torch has loaded its CUDA libraries
-    import onnxruntime as ort
-
-    if not hasattr(ort, "preload_dlls"):  # onnxruntime before 1.21
-        return
-    _preloaded = True
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
-        ort.preload_dlls()
-
-
-# A line of onnxruntime's default logger, colour codes removed: "2026-12-01 18:14:29.31 [E:onnxruntime:Default,
-# provider_bridge_ort.cc:2458 operator()] message"
-_ORT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \[([VIWEF]):onnxruntime:[^\]]*\] ?(.*)$")
-_ANSI = re.compile(r"\x1b\[[\d;]*m")
-
-
-def _split_ort_log(lines: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """(level, message) of onnxruntime's log lines, and every other line as it was."""
-    logged, other = [], []
-    for line in lines:
-        plain = _ANSI.sub("", line).strip()
-        found = _ORT_LOG_LINE.match(plain)
-        if found:
-            logged.append((found.group(1), found.group(2)))
-        elif plain:
-            other.append(line)
-    return logged, other
-
-
-def provider_reason(logged: list[tuple[str, str]], warned: list[str], error: BaseException | None) -> str | None:
-    """Why a provider did not start, in one line, from what onnxruntime logged ("Failed to load library
-    libonnxruntime_providers_cuda.so with error: libcuda.so.1: cannot open shared object file: ..."), warned or
-    raised; None when it said nothing."""
-    said = [m for level, m in logged if level in "EF"] or [m for _, m in logged] or warned
-    if not said and error is not None:
-        said = [str(error)]
-    if not said or not said[0].strip():
-        return None
-    text = said[0].strip().splitlines()[0].split("[ONNXRuntimeError] : ")[-1]
-    text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text)  # onnxruntime's status code and name
-    text = re.sub(r"(?:/[^\s/:]+)+/([^\s/:]+)", r"\1", text)  # paths to file names
-    return text.split(" ; ")[0].strip()[:240]
-
-
-def open_session(model, options, providers: list[str]):
-    """An onnxruntime InferenceSession on `providers`, best first (CPU last), and why the first did not start
-    (None when it did): `(session, reason)`. An accelerator provider that cannot start makes onnxruntime print
-    its own lines, colour-coded to stderr, and with its fallback on also to stdout (into `score --csv`
-    output); they are held back here and the reason taken from them. onnxruntime's fallback is off: where
-    opening on `providers` raises, this opens on the ones after the first itself."""
-    import warnings
-
-    import onnxruntime as ort
-
-    if providers[0] == "CPUExecutionProvider":
-        return ort.InferenceSession(model, options, providers=providers, enable_fallback=0), None
-    attempts = [providers, providers[1:]] if len(providers) > 1 else [providers]
-    session, error = None, None
-    with captured_stderr() as lines, warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        for attempt in attempts:
-            try:
-                session = ort.InferenceSession(model, options, providers=attempt, enable_fallback=0)
-                break
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError, Fail, InvalidGraph...
-                error = exc
-    logged, other = _split_ort_log(lines)
-    if other:  # not onnxruntime's: someone else's output, passed on
-        sys.stderr.write("".join(other))
-    about = []  # onnxruntime's warnings about the provider ("Specified provider 'X' is not..."); others passed on
-    for w in warned:
-        if providers[0] in str(w.message):
-            about.append(str(w.message))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if session is None:
-        raise error
-    if session.get_providers()[0] == providers[0]:
-        return session, None
-    return session, provider_reason(logged, about, error) or "no reason given"
-
-
-# The onnxruntime builds on PyPI: each installs the same `onnxruntime` package, so two of them overwrite
-# each other's files (the CUDA provider vanishes when the CPU build is installed, or upgraded, after the GPU one)
-_PROVIDER_BUILDS = {"CUDAExecutionProvider": "onnxruntime-gpu", "TensorrtExecutionProvider": "onnxruntime-gpu",
-                    "DmlExecutionProvider": "onnxruntime-directml", "OpenVINOExecutionProvider": "onnxruntime-openvino",
-                    "ROCMExecutionProvider": "onnxruntime-rocm"}
-_ORT_BUILDS = ("onnxruntime", *dict.fromkeys(_PROVIDER_BUILDS.values()))
-
-
-def onnxruntime_builds() -> list[str]:
-    """The onnxruntime distributions installed (more than one is a clash)."""
-    from importlib import metadata
-
-    found = []
-    for name in _ORT_BUILDS:
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-        found.append(name)
-    return found
-
-
-def build_clash(provider: str) -> str | None:
-    """Why `provider` (a full name, missing from the onnxruntime imported) may be missing: the build that has
-    it is installed beside another, and the other's files won. None when that is not the case."""
-    builds, build = onnxruntime_builds(), _PROVIDER_BUILDS.get(provider)
-    if build not in builds or len(builds) < 2:
-        return None
-    others = " and ".join(b for b in builds if b != build)
-    return (f"{build} is installed, but so is {others}, and they share one Python package whose files are now "
-            f"the other build's: keep one (pip uninstall -y {' '.join(builds)} && pip install {build})")
-
-
-def resolve_providers(provider: str | None, available: list[str]) -> list[str]:
-    """Explicit provider (short or full name) first with CPU as the fallback, else the best available."""
-    if provider in _BEST_AVAILABLE:
-        return [p for p in _AUTO_ORDER if p in available] or available[:1]
-    full = PROVIDERS.get(provider.lower(), provider)
-    if full not in available:
-        clash = build_clash(full)
-        raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime "
-                          f"(available: {', '.join(available)})" + (f"; {clash}" if clash else ""))
-    # TensorRT falls back per node to CUDA where CUDA is there, then to the CPU
-    fallback = [p for p in ("CUDAExecutionProvider",) if full == "TensorrtExecutionProvider" and p in available]
-    return [full, *fallback] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
-
-
-_PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda",
-                     "CoreMLExecutionProvider": "coreml"}
-
-
 @BACKENDS.register("onnx")
 class OnnxBackend:
     name = "onnxruntime"
@@ -261,7 +103,7 @@ class OnnxBackend:
         preload_cuda_libraries(providers[0])
         # asked for by name: a provider that fails to start is an error; picked as the best available
         # (onnxruntime-gpu lists CUDA on machines without a working GPU too): the next one runs, and says so
-        strict = provider not in _BEST_AVAILABLE
+        strict = provider not in BEST_AVAILABLE
         self.path = path
         self.session, reason = self._session(path, providers, threads, spinning, strict)
         started = self.session.get_providers()
@@ -284,7 +126,7 @@ class OnnxBackend:
         names = [o.name for o in self.session.get_outputs()]
         self.output_names = ["score" if "score" in names else names[0]]
         self.provider = started[0]
-        self.device = _PROVIDER_DEVICES.get(self.provider, "cpu")
+        self.device = PROVIDER_DEVICES.get(self.provider, "cpu")
 
     @staticmethod
     def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None, strict: bool = True):
@@ -321,7 +163,7 @@ class OnnxBackend:
             log.warning(note)
             self.session.set_providers(rest)
             self.provider = rest[0]
-            self.device = _PROVIDER_DEVICES.get(self.provider, "cpu")
+            self.device = PROVIDER_DEVICES.get(self.provider, "cpu")
             return self.session.run(self.output_names, {self.input_name: x})[0].reshape(-1)
 
     def synchronize(self) -> None:
