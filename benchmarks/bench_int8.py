@@ -142,6 +142,7 @@ def ours(name: str, model, examples, cfg, work: Path, max_drift: float) -> tuple
 
 
 def sessions(rows: list[Row], threads: int) -> dict[int, object]:
+    from kdiqa_edge.errors import first_line
     from kdiqa_edge.export import evaluate
 
     found = {}
@@ -153,7 +154,7 @@ def sessions(rows: list[Row], threads: int) -> dict[int, object]:
             # idle ones' spinning workers would take the cores between turns (auto measures the same way)
             found[index] = evaluate.session(row.path, threads, spinning=False)
         except Exception as exc:  # noqa: BLE001 - a row that cannot load is reported, the others still run
-            row.status, row.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            row.status, row.reason = "failed", first_line(exc, limit=500, typed=True)
     return found
 
 

@@ -84,7 +84,7 @@ def save_models(work: Path, names: list[str], pretrained: bool) -> dict[str, Pat
 
 def export_all(run: Path, out: Path, data, formats, log) -> tuple[list[Path], list[str]]:
     """Every (target, precision) this machine can export; returns the artifacts and what could not be done."""
-    from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable
+    from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable, first_line
     from kdiqa_edge.export import ExportConfig, export_checkpoint
 
     artifacts, notes = [], []
@@ -101,7 +101,7 @@ def export_all(run: Path, out: Path, data, formats, log) -> tuple[list[Path], li
             notes.append(f"{label}: export failed: {exc}")
             continue
         except Exception as exc:  # noqa: BLE001 - one failing export must not end the suite
-            notes.append(f"{label}: export crashed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            notes.append(f"{label}: export crashed: {first_line(exc, limit=500, typed=True)}")
             log(traceback.format_exc())
             continue
         folder = out / label

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdiqa_edge.data.spec import DatasetSpec
-from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable
+from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable, first_line
 from kdiqa_edge.io import read_json, write_json, write_text
 
 PRETRAINED_TEACHER = "ViT-B-32:openai"
@@ -229,9 +229,8 @@ def _export_all(name: str, run_dir: Path, out: Path, requests, cfg: DemoConfig, 
         except Exception as exc:  # one failing format must not sink the demo: the report says why
             if not isinstance(exc, KdiqaError) and os.environ.get("KDIQA_DEBUG"):
                 raise
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log(f"{name}: {label} export failed: {reason}")
-            failed[label] = f"{type(exc).__name__}: {reason}"
+            log(f"{name}: {label} export failed: {first_line(exc, limit=500)}")
+            failed[label] = first_line(exc, limit=500, typed=True)
             continue
         finally:
             timings.add(f"export {name} {label}", time.perf_counter() - started, time.process_time() - started_cpu)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kdiqa_edge import config, io
-from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.errors import ConfigError, first_line
 from kdiqa_edge.registry import Registry
 
 
@@ -57,3 +57,11 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("crash")
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_first_line_of_an_exception_is_one_line_even_when_it_says_nothing():
+    assert first_line(RuntimeError("\n  bad shape [1, 3]\ntraceback detail\n")) == "bad shape [1, 3]"
+    assert first_line(OSError("x" * 300), limit=10) == "x" * 10
+    assert first_line(ValueError("no"), typed=True) == "ValueError: no"
+    # an empty message (an IndexError before, inside the error handler) gives the exception's type
+    assert first_line(RuntimeError("")) == first_line(RuntimeError("  \n"), typed=True) == "RuntimeError"

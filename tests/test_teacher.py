@@ -150,7 +150,7 @@ def test_random_tag_is_the_architecture_with_random_weights_labelled_not_pretrai
         create_clip("ViT-B-32")
 
 
-def test_teacher_names_and_offline_error(monkeypatch):
+def test_teacher_names_and_offline_error(monkeypatch, tmp_path):
     import open_clip
 
     assert parse_teacher("ViT-B-32:openai") == ("ViT-B-32", "openai")
@@ -170,3 +170,12 @@ def test_teacher_names_and_offline_error(monkeypatch):
     assert "--teacher-weights PATH" in message and "--teacher tiny" in message and "\n" not in message
     with pytest.raises(WeightsUnavailable, match="not found"):
         create_clip("ViT-B-32:openai", weights="/nonexistent/w.safetensors")
+
+    def silent(*args, **kwargs):  # a loader error with no message still makes a one-line CheckpointError
+        raise RuntimeError()
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not weights")
+    monkeypatch.setattr(open_clip, "create_model", silent)
+    with pytest.raises(CheckpointError, match=r"as ViT-B-32 weights: RuntimeError$"):
+        create_clip("ViT-B-32", weights=weights)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kdiqa_edge.errors import ConfigError, ExportError
+from kdiqa_edge.errors import ConfigError, ExportError, first_line
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult
 
 TIE = 0.03  # candidates within 3 % of the fastest are a tie: the smaller file wins
@@ -103,9 +103,7 @@ class Measured:
         return self.candidate.name
 
     def fail(self, stage: str, exc: BaseException) -> None:
-        lines = str(exc).strip().splitlines()
-        self.status, self.stage = "failed", stage
-        self.reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        self.status, self.stage, self.reason = "failed", stage, first_line(exc, limit=500, typed=True)
 
     def p50(self, batch: int) -> float:
         """The figure it is ranked by: the runoff's median where it ran one, else the round-robin's."""

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kdiqa_edge.errors import ConfigError, ExportError
+from kdiqa_edge.errors import ConfigError, ExportError, first_line
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Supports, register_target
 
 
@@ -180,7 +180,7 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
             )
             break
         except Exception as exc:  # noqa: BLE001 - coremltools raises many types for an op or shape it cannot convert
-            failures.append(f"{how}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
+            failures.append(f"{how}: {first_line(exc, typed=True)}")
     else:
         arch = meta.get("source", {}).get("arch", "this model") if isinstance(meta.get("source"), dict) else "model"
         raise ExportError(f"coremltools cannot convert {arch} ({'; '.join(failures)})")

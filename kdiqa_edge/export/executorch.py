@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kdiqa_edge.errors import CheckpointError, ExportError, MissingDependency
+from kdiqa_edge.errors import CheckpointError, ExportError, MissingDependency, first_line
 from kdiqa_edge.export.base import (
     Examples,
     ExportConfig,
@@ -247,16 +247,11 @@ def lower(module, example, meta: dict[str, Any], label: str) -> tuple[bytes, Del
             stage = "to_executorch"
             program = edge.to_executorch()
     except Exception as exc:  # noqa: BLE001 - torch.export and exir raise many types for an op or shape
-        raise ExportError(f"ExecuTorch cannot lower {label} ({stage}): {_first_line(exc)}") from None
+        raise ExportError(f"ExecuTorch cannot lower {label} ({stage}): {first_line(exc, limit=300, typed=True)}") from None
     if report.subgraphs == 0:
         raise ExportError(f"XNNPACK delegated none of {label}'s {report.outside} operators: every one would run "
                           "on ExecuTorch's portable kernels")
     return bytes(program.buffer), report
-
-
-def _first_line(exc: BaseException) -> str:
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def model_facts(model) -> dict[str, Any]:
@@ -316,7 +311,7 @@ def write_program(model, examples: Examples, folder: Path, cfg: ExportConfig, me
         try:
             module, kept = quantize(scored, calib, stem)
         except Exception as exc:  # noqa: BLE001 - PT2E raises many types for a graph it cannot annotate
-            raise ExportError(f"PT2E quantization of {label} failed: {_first_line(exc)}") from None
+            raise ExportError(f"PT2E quantization of {label} failed: {first_line(exc, limit=300, typed=True)}") from None
         int8 = {"quantizer": "XNNPACKQuantizer", "weights": "int8 symmetric per-channel",
                 "activations": "int8 per-tensor affine (HistogramObserver)", "calibration_images": len(calib),
                 "head": "float", "input_norm": "float", "stem": stem, "float_nodes": len(kept)}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdiqa_edge.errors import CheckpointError, ConfigError, WeightsUnavailable
+from kdiqa_edge.errors import CheckpointError, ConfigError, WeightsUnavailable, first_line
 from kdiqa_edge.models.checkpoint import register_checkpoint_kind
 from kdiqa_edge.models.head import QualityHead
 from kdiqa_edge.preprocess import PreprocessSpec
@@ -128,7 +128,7 @@ def create_student(arch: str, head: QualityHead | None, preprocess: PreprocessSp
     except (RuntimeError, OSError, ValueError) as exc:
         if not load_kwargs:
             raise
-        raise WeightsUnavailable(f"cannot load the {arch} weights from {source}: {_first_line(exc)}") \
+        raise WeightsUnavailable(f"cannot load the {arch} weights from {source}: {first_line(exc)}") \
             from None
     build = StudentBuild(arch, "quality" if head is not None else "regression", bool(load_kwargs), source,
                          timm_kwargs)
@@ -225,11 +225,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 @register_checkpoint_kind("student")
 def _student_from_checkpoint(meta: dict, state_dict: dict) -> Student:
     import timm
@@ -248,5 +243,5 @@ def _student_from_checkpoint(meta: dict, state_dict: dict) -> Student:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"student checkpoint does not match its {build.arch} architecture: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
     return model

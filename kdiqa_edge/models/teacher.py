@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdiqa_edge.errors import CheckpointError, ConfigError, WeightsUnavailable
+from kdiqa_edge.errors import CheckpointError, ConfigError, WeightsUnavailable, first_line
 from kdiqa_edge.models.checkpoint import register_checkpoint_kind
 from kdiqa_edge.models.head import DEFAULT_TEMPLATES, LEVEL_NAMES, QualityHead, build_anchors
 from kdiqa_edge.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessSpec
@@ -167,7 +167,7 @@ def _create_pretrained(arch: str, tag: str, quick_gelu: bool):
             return open_clip.create_model(arch, pretrained=tag, force_quick_gelu=quick_gelu)
     except (RuntimeError, OSError) as exc:
         reason = "not in the local cache and the download failed" if "download" in str(exc).lower() \
-            else str(exc).splitlines()[0][:160]
+            else first_line(exc, limit=160)
         raise WeightsUnavailable(
             f"cannot get the pretrained weights {arch}:{tag} ({reason}). Offline, pass a local weights file "
             f"with --teacher-weights PATH, or use --teacher tiny (random init, {NOT_PRETRAINED}) for a demo"
@@ -193,7 +193,7 @@ def _create_from_file(arch: str, path: Path, quick_gelu: bool):
     try:
         return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a wrong or foreign file
-        raise CheckpointError(f"cannot load {path} as {arch} weights: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"cannot load {path} as {arch} weights: {first_line(exc)}") from None
 
 
 def preprocess_of(clip_model) -> PreprocessSpec:
@@ -251,7 +251,7 @@ def _teacher_from_checkpoint(meta: dict, state_dict: dict) -> CLIPTeacher:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"teacher checkpoint does not match its {meta['arch']} config: "
-                              f"{str(exc).splitlines()[0]}") from None
+                              f"{first_line(exc, limit=500)}") from None
     return model
 
 

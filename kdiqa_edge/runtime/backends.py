@@ -18,7 +18,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from kdiqa_edge import artifact
-from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, TensorRTUnavailable, require
+from kdiqa_edge.errors import (
+    CheckpointError,
+    ConfigError,
+    MissingDependency,
+    TensorRTUnavailable,
+    first_line,
+    require,
+)
 from kdiqa_edge.preprocess import PreprocessSpec
 from kdiqa_edge.registry import Registry
 from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
@@ -142,7 +149,7 @@ class OnnxBackend:
         try:
             session, reason = open_session(str(path), options, providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-            raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(exc).splitlines()[0]}") from None
+            raise CheckpointError(f"{path}: onnxruntime cannot load it: {first_line(exc)}") from None
         if strict and reason is not None:
             raise ConfigError(f"{path}: {providers[0]} failed to initialise ({reason}); it would run on "
                               f"{session.get_providers()[0]}: check the CUDA/cuDNN/TensorRT libraries")

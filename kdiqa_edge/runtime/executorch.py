@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kdiqa_edge import artifact
-from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency
+from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, first_line
 from kdiqa_edge.runtime.backends import BACKENDS
 from kdiqa_edge.runtime.info import ArtifactInfo
 from kdiqa_edge.runtime.native import captured_stderr
@@ -53,8 +53,7 @@ def _native_reason(lines: list[str], exc: BaseException) -> str:
     said = [re.sub(r"^\[[\w./-]+:\d+\]\s*", "", line.strip()) for line in lines if line.strip()]
     if said:
         return "; ".join(said)[:500]
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return first_line(exc, limit=500, typed=True)
 
 
 def _executorch_runtime():
