@@ -25,7 +25,7 @@ test-onnxruntime-gpu: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .ort-gpu '$(ORT_GPU)'
 	PYTHONPATH=$(CURDIR)/.ort-gpu $(PY) -c "import onnxruntime as o, sys; \
 	  sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 'not the GPU build: ' + o.__file__)"
-	PYTHONPATH=$(CURDIR)/.ort-gpu $(PY) -m pytest -q tests/test_runtime.py tests/test_export.py \
+	PYTHONPATH=$(CURDIR)/.ort-gpu $(PY) -m pytest -q tests/test_runtime.py tests/test_providers.py tests/test_export.py \
 	  tests/test_export_auto.py -k "provider or fp16 or twin or accelerator or running or reason or builds"
 
 lint: $(STAMP)
