@@ -123,8 +123,9 @@ def test_recipes_follow_the_graph_not_the_name():
     assert "dynamic-matmul" not in conv
     # attention: compute-only (LayerNorm/Softmax and q @ k^T float) and the dynamic transformer recipe
     attention = _names(graph_facts(_attention_block()))
-    assert {"dynamic-matmul", "compute-only+stem-int8", "qdq-all+stem-float"} <= attention
+    assert {"dynamic-matmul", "compute-only+stem-int8", "qdq-all+stem-float", "attn-float+stem-int8"} <= attention
     assert not any(name.startswith("dw-float") for name in attention)
+    assert not any(name.startswith("attn-float") for name in conv)  # no activation x activation MatMul there
 
 
 def test_recipe_knobs_are_explicit():
@@ -145,6 +146,10 @@ def test_recipe_knobs_are_explicit():
     assert saved["float_groups"] == ["depthwise", "se", "stem"] and saved["per_channel"] is True
     compute = recipes.named("compute-only", graph_facts(_attention_block()), VNNI)
     assert compute.op_types == ("Conv", "MatMul", "Gemm") and compute.matmul_const_b_only
+    attention = recipes.named("attn-float", graph_facts(_attention_block()), AVX2)
+    # q @ k^T, the softmax and p @ v stay float; the projections (constant B) are quantized as in qdq-all
+    assert set(attention.nodes_to_exclude(graph_facts(_attention_block()))) == {"attn/qk", "attn/softmax", "attn/pv"}
+    assert attention.op_types == () and attention.reduce_range and "2 activation x activation" in attention.why
     dynamic = recipes.named("dynamic-matmul", graph_facts(_attention_block()), VNNI)
     assert dynamic.mode == "dynamic" and dynamic.optimizer == "vit"
     with pytest.raises(ConfigError, match="does not apply"):
@@ -249,12 +254,30 @@ def test_recipes_quantize_what_they_say(tmp_path):
         assert not any(any(v) for n, v in nodes.items() if n.startswith("/head/")), name
 
 
-def test_dynamic_recipe_on_a_transformer(tmp_path):
+def test_transformer_recipes_attention_float_and_dynamic(tmp_path):
+    from kdiqa_edge.export.evaluate import kernel_profile
     from kdiqa_edge.export.onnx import Int8Graph
 
     fp32 = _fp32("test_vit", tmp_path)
     graph = Int8Graph(fp32, np.zeros((0, 3, 64, 64), np.float32), "minmax", tmp_path)
     assert graph.facts.transformer and len(graph.facts.attention_matmuls) >= 2
+    calib = np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    attention = Int8Graph(fp32, calib, "minmax", tmp_path).build(recipes.named("attn-float", graph.facts, VNNI),
+                                                                tmp_path / "attn.onnx")
+    qdq_all = Int8Graph(fp32, calib, "minmax", tmp_path).build(recipes.named("qdq-all", graph.facts, VNNI),
+                                                              tmp_path / "qdq.onnx")
+    ran = {name: {r["op"]: r["count"] for r in kernel_profile(path, calib[:1], runs=1)["ops"]}
+           for name, path in (("attn", attention), ("all", qdq_all))}
+    # what ran, from ONNX Runtime's profiler: in attn-float, attention's softmaxes as float kernels and its
+    # MatMuls with float outputs (MatMul, or MatMulIntegerToFloat where both inputs come dequantized), the
+    # linear layers as integer kernels in both
+    attention_matmuls, softmaxes = len(graph.facts.attention_matmuls), len(graph.facts.softmaxes)
+    assert ran["all"].get("QLinearSoftmax", 0) >= softmaxes and not ran["attn"].get("QLinearSoftmax")
+    assert ran["attn"].get("Softmax", 0) >= softmaxes
+    assert ran["all"]["QLinearMatMul"] - ran["attn"]["QLinearMatMul"] == attention_matmuls
+    float_out = {name: ops.get("MatMul", 0) + ops.get("MatMulIntegerToFloat", 0) for name, ops in ran.items()}
+    assert float_out["attn"] - float_out["all"] == attention_matmuls
+    assert ran["attn"]["QLinearMatMul"] >= len(graph.facts.weight_matmuls) // 2
     path = graph.build(recipes.named("dynamic-matmul", graph.facts, VNNI), tmp_path / "dynamic.onnx")
     model = onnx.load(str(path))
     ops = {n.op_type for n in model.graph.node}

@@ -20,6 +20,8 @@ Why these recipes, from ONNX Runtime's MLAS kernels and QDQ transformer (see sha
   a DequantizeLinear and a QuantizeLinear, which is pure overhead;
 - VNNI speeds up only U8S8 GEMM and ConvSym; CPUs without it saturate 16-bit sums, which `reduce_range`
   (7-bit weights) avoids.
+- Attention's activation x activation MatMuls quantize to U8U8 GEMMs (both inputs uint8 activations) and its
+  softmax to QLinearSoftmax; on an AVX2 CPU both cost more than the float ops (`attn-float` keeps them float).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class GraphFacts:
     def groups(self) -> dict[str, tuple[str, ...]]:
         """Node groups a recipe may keep in float, by name."""
         return {"stem": (self.stem,) if self.stem else (), "depthwise": self.depthwise, "se": self.se_gates,
-                "attention": self.attention_matmuls}
+                "attention": self.attention_matmuls + self.softmaxes}
 
     def summary(self) -> dict[str, Any]:
         return {"stem": self.stem, "depthwise_convs": len(self.depthwise), "se_blocks": self.se_blocks,
@@ -201,7 +203,8 @@ class Recipe:
     why: str  # what in the graph (and CPU) made this recipe a candidate, one line
     mode: str = "static"  # static: calibrated Q/DQ (quantize_static) | dynamic: quantize_dynamic
     op_types: tuple[str, ...] = ()  # op types to quantize; empty: every type ONNX Runtime's quantizer knows
-    float_groups: tuple[str, ...] = ()  # node groups kept in float besides the head: stem, depthwise, se, attention
+    # node groups kept in float besides the head: stem, depthwise, se, attention (its MatMuls and softmaxes)
+    float_groups: tuple[str, ...] = ()
     per_channel: bool = True  # per-output-channel weight scales (False: one scale per tensor)
     reduce_range: bool = False  # 7-bit weights: avoids 16-bit saturation on x86 CPUs without VNNI
     activation_symmetric: bool = False  # symmetric activation ranges (uint8 zero point 128)
@@ -285,6 +288,21 @@ def register_recipe(name: str):
 @register_recipe("qdq-all")
 def _qdq_all(facts: GraphFacts, isa: Isa) -> Recipe:
     return Recipe("qdq-all", "every op ONNX Runtime's QDQ quantizer knows (the plain quantize_static form)",
+                  reduce_range=isa.reduce_range)
+
+
+@register_recipe("attn-float")
+def _attention_float(facts: GraphFacts, isa: Isa) -> Recipe | None:
+    if not facts.attention_matmuls:
+        return None
+    # Measured on a 2-core AVX2 EPYC (benchmarks/results/int8-amd-epyc-2c-avx2-without-vnni.md): mobilevit_s 1.18x -> 1.30x
+    # FP32 with the attention core float, swin_tiny 1.30x -> 1.36x, ViT-B/32 1.77x -> 1.81x; a float Softmax
+    # alone gains nothing (its DQ/Q cost what QLinearSoftmax does).
+    return Recipe("attn-float", f"{len(facts.attention_matmuls)} activation x activation MatMuls and "
+                  f"{len(facts.softmaxes)} softmaxes between them left out of Q/DQ (every other op as qdq-all): "
+                  "quantized, both MatMul inputs are uint8 activations (U8U8, off the U8S8 kernels' fast path) and "
+                  "QLinearSoftmax costs more than a float Softmax; ONNX Runtime runs them as float MatMuls, or as "
+                  "MatMulIntegerToFloat where both inputs arrive dequantized (no re-quantized scores)", float_groups=("attention",),
                   reduce_range=isa.reduce_range)
 
 
