@@ -53,6 +53,8 @@ def test_a_tie_goes_to_the_smaller_file():
     assert choose(rows, max_drift=0.01, tie=0.0, min_speedup=1.0).pick.name == "fp32"
     rows = [_row("fp32", 9.0, reference=True), _row("int8:a", 4.0, mb=12), _row("int8:b", 4.1, mb=10)]
     assert choose(rows, max_drift=0.01).pick.name == "int8:b"  # two INT8 in a tie: the smaller
+    rows = [_row("fp32", 9.0, reference=True), _row("int8:a", 4.0, mb=7.02), _row("int8:b", 4.1, mb=6.98)]
+    assert "(6,980 vs 7,020 kB)" in choose(rows, max_drift=0.01).why  # alike in MB: the sizes in kB
 
 
 def test_int8_ships_only_where_it_buys_min_speedup():

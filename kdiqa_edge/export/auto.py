@@ -298,6 +298,13 @@ def measure_runoff(items: list[Measured], models: dict[str, Any], pixels: np.nda
         item.runoff[batch] = {"p50_ms": round(float(np.median(seconds)) * 1e3, 3), "runs": len(seconds)}
 
 
+def _sizes(a: int, b: int) -> str:
+    """'7.0 vs 7.4 MB', in kB where MB would print the two alike."""
+    if f"{a / 1e6:.1f}" != f"{b / 1e6:.1f}":
+        return f"{a / 1e6:.1f} vs {b / 1e6:.1f} MB"
+    return f"{a / 1e3:,.0f} vs {b / 1e3:,.0f} kB"
+
+
 def rank(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg: ExportConfig, max_drift: float,
          timer: Timer = wall_clock, log: Callable[[str], None] = print) -> Choice:
     """Round-robin latency of every candidate, the runoff of the close ones, then the choice."""
@@ -356,7 +363,7 @@ def _why(pick: Measured, fastest: Measured, items: list[Measured], max_drift: fl
                      f"{pick.drift.get('delta_srcc', 0):+.4f} within {max_drift:g}")
     if fastest is not pick:
         lines.append(f"{fastest.name} is {fastest.p50(batch):.2f} ms, within {tie:.0%}: a tie, and "
-                     f"{pick.name} is the smaller file ({pick.bytes / 1e6:.1f} vs {fastest.bytes / 1e6:.1f} MB)")
+                     f"{pick.name} is the smaller file ({_sizes(pick.bytes, fastest.bytes)})")
     over = sorted((i for i in items if i.status == "ok" and not i.within and i.p50(batch) < pick.p50(batch)),
                   key=lambda i: i.p50(batch))
     for item in over:
