@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -107,9 +108,15 @@ def plain_exports(name: str, model, calib: np.ndarray, work: Path) -> tuple[Path
         def get_next(self):
             return next(self.batches, None)
 
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization warns per LayerNorm weight on the root logger
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return fp32, int8
 
 
@@ -435,6 +442,7 @@ def main(argv=None) -> int:
     from kdiqa_edge.bench.environment import cpu_info, machine_slug
     from kdiqa_edge.data.spec import DatasetSpec
     from kdiqa_edge.data.synthetic import generate
+    from kdiqa_edge.errors import first_line
     from kdiqa_edge.export import ExportConfig
     from kdiqa_edge.export.base import model_input
     from kdiqa_edge.export.pipeline import load_examples
@@ -468,7 +476,8 @@ def main(argv=None) -> int:
             rows += [Row(name, f"plain {p}", "plain", path, p, path.stat().st_size)
                      for p, path in zip(("fp32", "int8"), plain)]
         except Exception as exc:  # noqa: BLE001 - a plain export that fails is a row, not the end of the bench
-            rows.append(Row(name, "plain", "plain", None, "?", status="failed", reason=f"{type(exc).__name__}: {exc}"))
+            rows.append(Row(name, "plain", "plain", None, "?", status="failed",
+                            reason=first_line(exc, limit=500, typed=True)))
         if name == TEACHER:
             torch_models[name] = model.visual.eval()
             rows.append(Row(name, "torch eager fp32 (tower)", "torch", None, "fp32"))
