@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import threading
@@ -41,6 +42,19 @@ def is_terminal(file: TextIO) -> bool:
     from rich.console import Console
 
     return Console(file=file).is_terminal
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None = None, level: int = logging.ERROR):
+    """Inside the block, logger `name` (the root logger by default) drops messages below `level`: a
+    library's chatter that a user cannot act on. Its own level comes back afterwards."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,8 @@ def require(module: str, extra: str):
 
 def first_line(exc: BaseException, limit: int = 200, typed: bool = False) -> str:
     """An exception as one line for a report: the first non-blank line of its message, cut at `limit`
-    characters, led by its type's name when `typed` ('OSError: ...'); its type's name alone when it says nothing."""
+    characters, led by its type's name when `typed` ('OSError: ...'); its type's name alone when it says
+    nothing."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ import warnings
 
 import pytest
 
-from kdiqa_edge.console import Progress, capture_output, stream
+from kdiqa_edge.console import Progress, capture_output, quiet_logger, stream
 
 BAR_GLYPHS = re.compile("[━─█▏▎▍▌▋▊▉…\r]")  # rich and tqdm bars, their ellipsis, carriage returns
 
@@ -165,3 +166,15 @@ def test_a_stream_taken_during_a_capture_still_works_after_it(tmp_path, capfd):
     _, err = capfd.readouterr()
     assert "after the capture" in err and "Logging error" not in err
     assert "during" in (tmp_path / "export.log").read_text()
+
+
+def test_quiet_logger_drops_a_libraries_chatter_and_restores_the_level(caplog):
+    chatty = logging.getLogger("kdiqa-test-chatty")
+    chatty.setLevel(logging.INFO)
+    with caplog.at_level(logging.INFO, logger="kdiqa-test-chatty"):
+        with quiet_logger("kdiqa-test-chatty"):
+            chatty.warning("per-tensor chatter")
+            chatty.error("a real failure")
+        chatty.warning("after the block")
+    assert [r.getMessage() for r in caplog.records] == ["a real failure", "after the block"]
+    assert chatty.level == logging.INFO

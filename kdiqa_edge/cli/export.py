@@ -38,8 +38,8 @@ def export_command(
                              "always measured [default: all]", rich_help_panel=EXPORT_PANEL)] = None,
     int8_recipe: Annotated[str | None, typer.Option(
         "--int8-recipe", help="int8: the ONNX Runtime INT8 recipe (qdq-all, attn-float, dw-float, "
-                              "compute-only, compute-only-dw-float, dynamic-matmul); auto measures every one that applies "
-                              "[default: qdq-all]", rich_help_panel=EXPORT_PANEL)] = None,
+                              "compute-only, compute-only-dw-float, dynamic-matmul); auto measures every one "
+                              "that applies [default: qdq-all]", rich_help_panel=EXPORT_PANEL)] = None,
     input_kind: Annotated[str | None, typer.Option(
         "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph "
                         "[default: float]", rich_help_panel=EXPORT_PANEL)] = None,

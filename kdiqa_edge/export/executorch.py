@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import shlex
 import tempfile
 import warnings
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from kdiqa_edge.console import quiet_logger
 from kdiqa_edge.errors import CheckpointError, ExportError, MissingDependency, first_line
 from kdiqa_edge.export.base import (
     Examples,
@@ -74,15 +74,9 @@ def require_executorch() -> None:
 def quiet():
     """executorch warns that its APIs are experimental and torch's pytree about enum registration on import
     and lowering: nothing a user can act on."""
-    pytree = logging.getLogger("torch.utils._pytree")
-    level = pytree.level
-    pytree.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        pytree.setLevel(level)
+    with quiet_logger("torch.utils._pytree"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 # --- the delegation report ---------------------------------------------------------------------------
@@ -247,7 +241,8 @@ def lower(module, example, meta: dict[str, Any], label: str) -> tuple[bytes, Del
             stage = "to_executorch"
             program = edge.to_executorch()
     except Exception as exc:  # noqa: BLE001 - torch.export and exir raise many types for an op or shape
-        raise ExportError(f"ExecuTorch cannot lower {label} ({stage}): {first_line(exc, limit=300, typed=True)}") from None
+        raise ExportError(f"ExecuTorch cannot lower {label} ({stage}): "
+                          f"{first_line(exc, limit=300, typed=True)}") from None
     if report.subgraphs == 0:
         raise ExportError(f"XNNPACK delegated none of {label}'s {report.outside} operators: every one would run "
                           "on ExecuTorch's portable kernels")
@@ -311,7 +306,8 @@ def write_program(model, examples: Examples, folder: Path, cfg: ExportConfig, me
         try:
             module, kept = quantize(scored, calib, stem)
         except Exception as exc:  # noqa: BLE001 - PT2E raises many types for a graph it cannot annotate
-            raise ExportError(f"PT2E quantization of {label} failed: {first_line(exc, limit=300, typed=True)}") from None
+            raise ExportError(f"PT2E quantization of {label} failed: "
+                              f"{first_line(exc, limit=300, typed=True)}") from None
         int8 = {"quantizer": "XNNPACKQuantizer", "weights": "int8 symmetric per-channel",
                 "activations": "int8 per-tensor affine (HistogramObserver)", "calibration_images": len(calib),
                 "head": "float", "input_norm": "float", "stem": stem, "float_nodes": len(kept)}

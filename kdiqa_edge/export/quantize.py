@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import tempfile
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
 
     # The histogram calibrators (entropy, percentile) stack every batch's activations into one array, so
     # a short last batch breaks them ("inhomogeneous shape"): feed them one image at a time.
-    from kdiqa_edge.console import Progress
+    from kdiqa_edge.console import Progress, quiet_logger
 
     progress = Progress("calibration", len(calib), unit="images", transient=True)
     reader = _reader(calib, batch=8 if method == "minmax" else 1, progress=progress)
@@ -118,35 +117,30 @@ def int8(src: Path, dst: Path, calib: np.ndarray, *, form: str, method: str = "m
              # TensorRT's DequantizeLinear takes int8 only: biases stay float there (it fuses them itself)
              "QuantizeBias": not symmetric, "MatMulConstBOnly": recipe.matmul_const_b_only,
              "QDQKeepRemovableActivations": recipe.keep_removable_activations}
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs per-tensor chatter on the root logger
-    # the entropy/percentile calibrators and the transformer optimizer print to stdout: keep it off the output
-    try:
-        with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, \
-                contextlib.redirect_stdout(io.StringIO()), _entropy_histogram(), progress:
-            source = optimize_transformer(src, Path(scratch) / "optimized.onnx", recipe.optimizer) \
-                if recipe.optimizer else src
-            if recipe.means_as_pools:
-                source = means_as_pools(source, Path(scratch) / "pools.onnx")
-            pre = Path(scratch) / "pre.onnx"
-            # shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
-            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
-            common = {"op_types_to_quantize": list(recipe.op_types) or None, "per_channel": recipe.per_channel,
-                      "reduce_range": recipe.reduce_range, "weight_type": QuantType.QInt8,
-                      "nodes_to_exclude": list(keep_float or [])}
-            if recipe.mode == "dynamic":
-                quantize_dynamic(str(pre), str(dst), **common,
-                                 extra_options={"MatMulConstBOnly": recipe.matmul_const_b_only})
-            else:
-                quantize_static(
-                    str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, **common,
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    calibrate_method=methods[method], calibration_providers=["CPUExecutionProvider"],
-                    extra_options=extra,
-                    calibration_cache_path=str(calibration_cache) if calibration_cache else None)
-    finally:
-        root.setLevel(level)
+    # onnxruntime.quantization logs per-tensor chatter on the root logger, and the entropy/percentile
+    # calibrators and the transformer optimizer print to stdout: keep both off the output
+    with tempfile.TemporaryDirectory(prefix="kdiqa-quant-") as scratch, quiet_logger(), \
+            contextlib.redirect_stdout(io.StringIO()), _entropy_histogram(), progress:
+        source = optimize_transformer(src, Path(scratch) / "optimized.onnx", recipe.optimizer) \
+            if recipe.optimizer else src
+        if recipe.means_as_pools:
+            source = means_as_pools(source, Path(scratch) / "pools.onnx")
+        pre = Path(scratch) / "pre.onnx"
+        # shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        common = {"op_types_to_quantize": list(recipe.op_types) or None, "per_channel": recipe.per_channel,
+                  "reduce_range": recipe.reduce_range, "weight_type": QuantType.QInt8,
+                  "nodes_to_exclude": list(keep_float or [])}
+        if recipe.mode == "dynamic":
+            quantize_dynamic(str(pre), str(dst), **common,
+                             extra_options={"MatMulConstBOnly": recipe.matmul_const_b_only})
+        else:
+            quantize_static(
+                str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, **common,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                calibrate_method=methods[method], calibration_providers=["CPUExecutionProvider"],
+                extra_options=extra,
+                calibration_cache_path=str(calibration_cache) if calibration_cache else None)
     _drop_unused_domains(dst)
     if symmetric:
         import onnx

@@ -298,12 +298,12 @@ def _attention_float(facts: GraphFacts, isa: Isa) -> Recipe | None:
     # Measured on a 2-core AVX2 EPYC (benchmarks/results/int8-amd-epyc-2c-avx2-without-vnni.md), qdq-all ->
     # attn-float: mobilevit_s 1.19x -> 1.31x FP32, swin_tiny 1.31x -> 1.36x, ViT-B/32 1.77x -> 1.81x; a float
     # Softmax alone gains nothing (its DQ/Q cost what QLinearSoftmax does).
-    return Recipe("attn-float", f"{len(facts.attention_matmuls)} activation x activation MatMuls and "
-                  f"{len(facts.softmaxes)} softmaxes between them left out of Q/DQ (every other op as qdq-all): "
-                  "quantized, both MatMul inputs are uint8 activations (U8U8, off the U8S8 kernels' fast path) and "
-                  "QLinearSoftmax costs more than a float Softmax; ONNX Runtime runs them as float MatMuls, or as "
-                  "MatMulIntegerToFloat where both inputs arrive dequantized (no re-quantized scores)", float_groups=("attention",),
-                  reduce_range=isa.reduce_range)
+    why = (f"{len(facts.attention_matmuls)} activation x activation MatMuls and {len(facts.softmaxes)} "
+           "softmaxes between them left out of Q/DQ (every other op as qdq-all): quantized, both MatMul inputs "
+           "are uint8 activations (U8U8, off the U8S8 kernels' fast path) and QLinearSoftmax costs more than a "
+           "float Softmax; ONNX Runtime runs them as float MatMuls, or as MatMulIntegerToFloat where both inputs "
+           "arrive dequantized (no re-quantized scores)")
+    return Recipe("attn-float", why, float_groups=("attention",), reduce_range=isa.reduce_range)
 
 
 @register_recipe("dw-float")

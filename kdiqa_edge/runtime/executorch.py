@@ -59,23 +59,20 @@ def _native_reason(lines: list[str], exc: BaseException) -> str:
 def _executorch_runtime():
     """executorch.runtime, torch and the thread pool controls. The pip wheel's runtime links libtorch (its
     pybindings import torch first), so running a .pte from Python needs torch; the phone's runtime does not."""
-    import logging
     import warnings
 
-    pytree = logging.getLogger("torch.utils._pytree")
-    level = pytree.level
-    pytree.setLevel(logging.ERROR)  # an enum-registration warning torch prints on executorch's import
+    from kdiqa_edge.console import quiet_logger
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "This API is experimental"
+        # an enum-registration warning torch's pytree logs on executorch's import; "This API is experimental"
+        with quiet_logger("torch.utils._pytree"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             import torch
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
     except ImportError as exc:
         raise MissingDependency(f"running a .pte here needs executorch's Python runtime, which needs torch ({exc}); "
                                 "install it with: pip install 'kdiqa-edge[android]'") from None
-    finally:
-        pytree.setLevel(level)
     return Runtime.get(), torch, portable_lib
 
 
