@@ -322,7 +322,7 @@ def _cli(args: list[str], capsys) -> tuple[int, str, str]:
     return exit_info.value.code or 0, captured.out, captured.err
 
 
-@pytest.mark.parametrize("case", ["missing", "foreign", "target", "precision", "calib"])
+@pytest.mark.parametrize("case", ["missing", "foreign", "target", "precision", "calib", "stem"])
 def test_bad_input_is_one_line(case, tmp_path, checkpoints, capsys):
     checkpoint = str(checkpoints["student"])
     args = {
@@ -331,6 +331,7 @@ def test_bad_input_is_one_line(case, tmp_path, checkpoints, capsys):
         "target": [checkpoint, "--target", "tflite"],
         "precision": [checkpoint, "--precision", "int4"],
         "calib": [checkpoint, "--precision", "int8", "--profile", str(tmp_path / "p.yaml")],
+        "stem": [checkpoint, "--target", "tensorrt", "--precision", "int8", "--int8-stem", "block"],
     }[case]
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "model.json").write_text('{"format": "someone-else/3"}')
@@ -340,7 +341,8 @@ def test_bad_input_is_one_line(case, tmp_path, checkpoints, capsys):
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err
     assert {"missing": "not found", "foreign": "not a kdiqa-edge checkpoint", "target": "unknown export target",
-            "precision": "unknown precision", "calib": "calibration"}[case] in lines[0]
+            "precision": "unknown precision", "calib": "calibration", "stem": "ONNX Runtime recipe choice"}[case] \
+        in lines[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -101,6 +101,65 @@ def test_attention_matmuls_and_layernorm_are_found():
     assert facts.stem == "attn/q" and facts.depthwise == ()
 
 
+def _stem_block_net():
+    """stem (16) -> SiLU -> depthwise (16) -> SE (4) -> pointwise 16 -> 8 -> conv 8 -> 32 -> strided 32 -> 4."""
+    def silu(x, y, name):
+        return [helper.make_node("Sigmoid", [x], [f"{y}s"], name=f"{name}/sigmoid"),
+                helper.make_node("Mul", [x, f"{y}s"], [y], name=f"{name}/mul")]
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="stem", pads=[1, 1, 1, 1]), *silu("a", "a1", "stem/act"),
+        helper.make_node("Conv", ["a1", "wdw"], ["b"], name="b0/dw", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["b"], ["s0"], name="b0/se/pool", axes=[2, 3], keepdims=1),
+        helper.make_node("Conv", ["s0", "wr"], ["s1"], name="b0/se/reduce"),  # 4 channels, but a 1x1 map
+        helper.make_node("Relu", ["s1"], ["s2"], name="b0/se/relu"),
+        helper.make_node("Conv", ["s2", "we"], ["s3"], name="b0/se/expand"),
+        helper.make_node("Sigmoid", ["s3"], ["s4"], name="b0/se/sigmoid"),
+        helper.make_node("Mul", ["b", "s4"], ["c"], name="b0/se/gate"),
+        helper.make_node("Conv", ["c", "wpw"], ["d"], name="b0/pw"),  # the narrowest at the stem's resolution
+        helper.make_node("Conv", ["d", "w1"], ["e"], name="b1/pw"), *silu("e", "e1", "b1/act"),
+        helper.make_node("Conv", ["e1", "w2"], ["f"], name="b1/dw", group=32, strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["f", "w3"], ["y"], name="b1/pwl"),  # narrower still, but past the stride
+    ]
+    inits = [_weight("w0", 16, 3, 3, 3), _weight("wdw", 16, 1, 3, 3), _weight("wr", 4, 16, 1, 1),
+             _weight("we", 16, 4, 1, 1), _weight("wpw", 8, 16, 1, 1), _weight("w1", 32, 8, 1, 1),
+             _weight("w2", 32, 1, 3, 3), _weight("w3", 4, 32, 1, 1)]
+    return _model(nodes, inits, shape=(1, 3, 16, 16))
+
+
+def test_stem_block_runs_through_the_narrowest_conv_at_the_stems_resolution():
+    facts = graph_facts(_stem_block_net())
+    names = [n.name for n in _stem_block_net().graph.node]
+    assert facts.stem_block == tuple(names[:names.index("b1/pw")])  # through b0/pw, the SE branch inside it
+    assert facts.summary()["stem_block_nodes"] == len(facts.stem_block)
+    # the stem the narrowest there (the test CNNs above, a ResNet's stem before its max-pool): no block
+    assert graph_facts(_conv_net()).stem_block == () and graph_facts(_attention_block()).stem_block == ()
+    pooled = _model([helper.make_node("Conv", ["x", "w0"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+                     helper.make_node("MaxPool", ["a"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+                     helper.make_node("Conv", ["p", "w1"], ["y"], name="narrow")],
+                    [_weight("w0", 16, 3, 3, 3), _weight("w1", 4, 16, 1, 1)], shape=(1, 3, 16, 16))
+    assert graph_facts(pooled).stem_block == ()  # narrower, but after the resolution drops
+
+
+def test_the_stem_block_is_a_third_stem_choice():
+    facts = graph_facts(_stem_block_net())
+    found = _names(facts, AVX2)
+    # the whole-graph integer pipeline gets it; recipes that leave convs or gates float hand over there anyway
+    assert {"qdq-all+stem-int8", "qdq-all+stem-float", "qdq-all+stem-block"} <= found
+    assert not any(n.endswith("+stem-block") for n in found - {"qdq-all+stem-block"})
+    block = recipes.named("qdq-all", facts, AVX2, stem="block")
+    assert block.name == "qdq-all+stem-block" and block.stem == "block"
+    assert set(block.nodes_to_exclude(facts)) == set(facts.stem_block)
+    assert block.to_dict()["float_groups"] == ["stem", "stem_block"] and block.to_dict()["stem"] == "block"
+    assert block.with_stem("float").nodes_to_exclude(facts) == ["stem"]  # back to the stem alone
+    # asked for by name, on any static recipe; refused in one line where the graph has no stem block
+    assert recipes.named("dw-float+stem-block", facts, AVX2).stem == "block"
+    with pytest.raises(ConfigError, match="stem block"):
+        recipes.named("qdq-all", graph_facts(_conv_net()), AVX2, stem="block")
+    with pytest.raises(ConfigError, match="unknown stem"):
+        block.with_stem("half")
+
+
 def test_ignored_nodes_are_not_counted():
     facts = graph_facts(_attention_block(), ignore=["norm", "attn/softmax"])
     assert facts.norms == () and facts.softmaxes == () and "LayerNormalization" not in facts.ops
@@ -225,13 +284,18 @@ def test_recipes_quantize_what_they_say(tmp_path):
     graph = Int8Graph(fp32, calib, "minmax", tmp_path)
     assert graph.facts.depthwise and graph.facts.se_blocks  # an EfficientNet has both, found from its graph
     built = {}
-    for name in ("qdq-all+stem-int8", "dw-float+stem-float", "compute-only+stem-int8"):
+    for name in ("qdq-all+stem-int8", "dw-float+stem-float", "compute-only+stem-int8", "qdq-all+stem-block"):
         built[name] = _dequantized_inputs(graph.build(recipes.named(name, graph.facts, VNNI), tmp_path / f"{name}.onnx"))
     dw, stem = graph.facts.depthwise[0], graph.facts.stem
     # a conv runs in INT8 when its weight (input 1) comes dequantized; a float one reads the float weight
     assert built["qdq-all+stem-int8"][dw][1] and built["qdq-all+stem-int8"][stem][1]
     assert not built["dw-float+stem-float"][dw][1] and not built["dw-float+stem-float"][stem][1]
     assert not built["dw-float+stem-float"][stem][0]  # the pixels are not re-rounded on the way in
+    # the stem block: its convs read float weights, every conv after it runs in INT8
+    block = set(graph.facts.stem_block)
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    assert block and all(not built["qdq-all+stem-block"][c][1] for c in convs if c in block)
+    assert all(built["qdq-all+stem-block"][c][1] for c in convs if c not in block)
     # what ran, from ONNX Runtime's profiler: the SiLU/gate Sigmoid and Mul run as integer kernels in
     # qdq-all only; depthwise and SE convs run as float convs in dw-float
     x = calib[:1]
@@ -248,7 +312,7 @@ def test_recipes_quantize_what_they_say(tmp_path):
     se_convs = sum(n.endswith("Conv") for n in graph.facts.se_gates)
     assert float_convs["dw-float+stem-float"] >= len(graph.facts.depthwise) + se_convs + 1
     assert float_convs["qdq-all+stem-int8"] == 0
-    # the calibration ran once per set of quantized op types: two caches for three recipes
+    # the calibration ran once per set of quantized op types: two caches for four recipes
     assert len(list(tmp_path.glob("calibration-*.json"))) == 2
     for name, nodes in built.items():  # the head stays float in every recipe
         assert not any(any(v) for n, v in nodes.items() if n.startswith("/head/")), name

@@ -32,7 +32,8 @@ class ExportConfig:
     opt_batch: int = 1  # TensorRT profile opt batch
     calib: int = 256  # INT8 calibration images from the TRAIN split
     calib_method: str = "minmax"  # minmax | entropy | percentile
-    int8_stem: str = "float"  # float | int8: the first conv/patch embedding in INT8 models (float: pixel-exact input)
+    int8_stem: str = "float"  # float | int8 | block: the first conv/patch embedding in INT8 models (float: pixel-exact
+    # input); block (ONNX Runtime only): the stem and the convs after it at its resolution, through the narrowest
     int8_recipe: str = "qdq-all"  # the ONNX Runtime INT8 recipe (export/recipes.py) for --precision int8
     max_drift: float = 0.01  # auto: the largest |ΔSRCC| vs FP32 on the test split a shipped candidate may have
     min_speedup: float = 1.25  # auto: a reduced-precision pick must be this many times as fast as FP32, else FP32
@@ -62,8 +63,11 @@ class ExportConfig:
             raise ConfigError(f"opset must be 17..20, got {self.opset}")
         if not 1 <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch})")
-        if self.int8_stem not in ("float", "int8"):
-            raise ConfigError(f"unknown --int8-stem {self.int8_stem!r}; choose float or int8")
+        if self.int8_stem not in ("float", "int8", "block"):
+            raise ConfigError(f"unknown --int8-stem {self.int8_stem!r}; choose float, int8 or block")
+        if self.int8_stem == "block" and self.target != "onnx":
+            raise ConfigError(f"--int8-stem block is an ONNX Runtime recipe choice (--target onnx); "
+                              f"--target {self.target} takes float or int8")
         if self.calib_method not in CALIB_METHODS:
             raise ConfigError(f"unknown calibration method {self.calib_method!r}; "
                               f"choose one of: {', '.join(CALIB_METHODS)}")

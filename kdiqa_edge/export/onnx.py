@@ -194,7 +194,7 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
             to_fp16(fp32, final)
         elif form == "u8s8":  # ONNX Runtime on CPUs: a recipe chosen by name, the stem per --int8-stem
             graph = int8_graph(fp32, scored, examples, cfg, Path(scratch))
-            recipe = recipes.named(cfg.int8_recipe, graph.facts).with_stem(cfg.int8_stem)
+            recipe = recipes.named(cfg.int8_recipe, graph.facts, stem=cfg.int8_stem)
             graph.build(recipe, final)
             meta["recipe"] = recipe.name
             result.extra["int8"] = {"form": form, "calibration_images": len(graph.calib),

@@ -5,9 +5,9 @@
         print(recipe.name, recipe.why)
 
 A recipe is a named, explicit choice: which op types are quantized, which groups of nodes stay in float
-(the stem, depthwise convs, squeeze-excite gates), per-channel or per-tensor weights, `reduce_range`,
-static (calibrated Q/DQ) or dynamic quantization, and whether ONNX Runtime's transformer optimizer runs
-first. `Recipe.to_dict()` is what the manifest records; `quantize.int8_recipe` applies one.
+(the stem or the stem block, depthwise convs, squeeze-excite gates, attention), per-channel or per-tensor
+weights, `reduce_range`, static (calibrated Q/DQ) or dynamic quantization, and whether ONNX Runtime's
+transformer optimizer runs first. `Recipe.to_dict()` is what the manifest records; `quantize.int8_recipe` applies one.
 
 Why these recipes, from ONNX Runtime's MLAS kernels and QDQ transformer (see shared/DESIGN.md):
 - INT8 depthwise convs are slower than FP32's AVX-512 (NCHWc) ones. With int8 weights of zero point 0 and
@@ -63,6 +63,9 @@ class GraphFacts:
     convs: int  # Conv nodes, depthwise included
     spatial_means: tuple[str, ...] = ()  # ReduceMean over H, W (keepdims): a GlobalAveragePool in other words
     depthwise_channels: tuple[int, ...] = ()  # channels of each depthwise conv, in the order of `depthwise`
+    # the stem and the convs after it at its resolution, through the narrowest one (see stem_block); () when
+    # the stem is the narrowest there
+    stem_block: tuple[str, ...] = ()
 
     @property
     def transformer(self) -> bool:
@@ -72,14 +75,15 @@ class GraphFacts:
     def groups(self) -> dict[str, tuple[str, ...]]:
         """Node groups a recipe may keep in float, by name."""
         return {"stem": (self.stem,) if self.stem else (), "depthwise": self.depthwise, "se": self.se_gates,
-                "attention": self.attention_matmuls + self.softmaxes}
+                "attention": self.attention_matmuls + self.softmaxes, "stem_block": self.stem_block}
 
     def summary(self) -> dict[str, Any]:
         return {"stem": self.stem, "depthwise_convs": len(self.depthwise), "se_blocks": self.se_blocks,
                 "norms": len(self.norms), "gelus": len(self.gelus), "softmaxes": len(self.softmaxes),
                 "attention_matmuls": len(self.attention_matmuls), "weight_matmuls": len(self.weight_matmuls),
                 "depthwise_not_16_aligned": len(self.depthwise_unaligned), "convs": self.convs,
-                "spatial_means": len(self.spatial_means), "ops": dict(sorted(self.ops.items()))}
+                "spatial_means": len(self.spatial_means), "stem_block_nodes": len(self.stem_block),
+                "ops": dict(sorted(self.ops.items()))}
 
     @property
     def depthwise_unaligned(self) -> tuple[str, ...]:
@@ -158,6 +162,49 @@ def _se_branch(gate, producers, constants) -> list | None:
     return None
 
 
+def _strided(node) -> bool:
+    return node.op_type in ("Conv", "MaxPool", "AveragePool") and any(s > 1 for s in _attr(node, "strides", ()))
+
+
+def stem_block(nodes, constants, se_gates: Iterable[str] = ()) -> tuple[str, ...]:
+    """The nodes from the start through the narrowest conv at the stem's output resolution, and what follows
+    it up to the next conv (its activation, a residual add): () when the stem itself is the narrowest there.
+
+    At the stem's resolution the feature maps are large and the channels few, so INT8 convs there are bound
+    by memory, not arithmetic, and their integer SiLUs cost more than float ones; the narrowest feature map
+    is where a float block's hand-over to the integer pipeline (one QuantizeLinear) costs least. Measured on a
+    2-core AVX2 EPYC: EfficientNet-B0's stem and first block in float, the rest as qdq-all, 1.20x FP32 at 2
+    threads and 1.28x at 1 (qdq-all 1.15x and 1.22x); the same cut one block later or at the stride was
+    slower than qdq-all. A squeeze-excite branch's convs (1x1 maps) do not count as feature maps."""
+    se_gates = set(se_gates)
+    compute = [i for i, n in enumerate(nodes) if n.op_type in COMPUTE_OPS and n.name not in se_gates]
+    if not compute or nodes[compute[0]].op_type != "Conv":
+        return ()
+
+    def width(node) -> int | None:
+        weight = constants.get(node.input[1]) if len(node.input) > 1 else None
+        return int(weight.shape[0]) if weight is not None and weight.ndim == 4 else None
+
+    start = compute[0]
+    narrowest, narrow = start, width(nodes[start])
+    for i in range(start + 1, len(nodes)):
+        node = nodes[i]
+        if node.name in se_gates:
+            continue
+        if _strided(node) or node.op_type in ("MatMul", "Gemm"):
+            break  # the resolution drops, or a linear layer: past the stem's block
+        if node.op_type == "Conv":
+            channels = width(node)
+            if narrow is None or channels is None:
+                return ()
+            if channels < narrow:
+                narrowest, narrow = i, channels
+    if narrowest == start:
+        return ()
+    end = next((i for i in compute if i > narrowest), len(nodes))
+    return tuple(n.name for n in nodes[:end])
+
+
 def graph_facts(model, ignore: Iterable[str] = ()) -> GraphFacts:
     """Facts of an ONNX ModelProto (FP32, topologically sorted, as `export_fp32` writes it); the nodes named
     in `ignore` (the head and input normalization, which stay float anyway) are not counted."""
@@ -192,7 +239,8 @@ def graph_facts(model, ignore: Iterable[str] = ()) -> GraphFacts:
         attention_matmuls=tuple(attention),
         weight_matmuls=tuple(n.name for n in matmuls if n.name not in attention),
         convs=ops.get("Conv", 0),
-        spatial_means=tuple(n.name for n in nodes if n.op_type == "ReduceMean" and is_spatial_pool(n, constants)))
+        spatial_means=tuple(n.name for n in nodes if n.op_type == "ReduceMean" and is_spatial_pool(n, constants)),
+        stem_block=stem_block(nodes, constants, se))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +251,8 @@ class Recipe:
     why: str  # what in the graph (and CPU) made this recipe a candidate, one line
     mode: str = "static"  # static: calibrated Q/DQ (quantize_static) | dynamic: quantize_dynamic
     op_types: tuple[str, ...] = ()  # op types to quantize; empty: every type ONNX Runtime's quantizer knows
-    # node groups kept in float besides the head: stem, depthwise, se, attention (its MatMuls and softmaxes)
+    # node groups kept in float besides the head: stem, stem_block, depthwise, se, attention (its MatMuls and
+    # softmaxes)
     float_groups: tuple[str, ...] = ()
     per_channel: bool = True  # per-output-channel weight scales (False: one scale per tensor)
     reduce_range: bool = False  # 7-bit weights: avoids 16-bit saturation on x86 CPUs without VNNI
@@ -215,13 +264,22 @@ class Recipe:
 
     @property
     def stem(self) -> str:
-        return "float" if "stem" in self.float_groups else "int8"
+        """int8, float (the stem conv) or block (the stem block: GraphFacts.stem_block) in float."""
+        return "block" if "stem_block" in self.float_groups else "float" if "stem" in self.float_groups else "int8"
+
+    @property
+    def integer_pipeline(self) -> bool:
+        """Static Q/DQ of every op type with nothing in float but the stem and attention: one integer pipeline,
+        which a float stem block hands over to once (recipes that leave convs or gates float hand over at
+        each of them already)."""
+        return self.mode == "static" and not self.op_types and set(self.float_groups) <= {"stem", "attention"}
 
     def with_stem(self, stem: str) -> Recipe:
-        """The same recipe with the stem in float or int8 (the name says which)."""
-        if stem not in ("float", "int8"):
-            raise ConfigError(f"unknown stem {stem!r}; choose float or int8")
-        groups = tuple(g for g in self.float_groups if g != "stem") + (("stem",) if stem == "float" else ())
+        """The same recipe with the stem in int8, in float, or the stem block in float (the name says which)."""
+        if stem not in STEMS:
+            raise ConfigError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        groups = tuple(g for g in self.float_groups if g not in ("stem", "stem_block"))
+        groups += {"int8": (), "float": ("stem",), "block": ("stem", "stem_block")}[stem]
         base = self.name.split("+stem-")[0]
         return dataclasses.replace(self, name=f"{base}+stem-{stem}", float_groups=groups)
 
@@ -358,7 +416,7 @@ def _dynamic_matmul(facts: GraphFacts, isa: Isa) -> Recipe | None:
                   reduce_range=isa.reduce_range, optimizer="vit")
 
 
-STATIC_STEMS = ("int8", "float")
+STEMS = ("int8", "float", "block")
 
 
 def _build(name: str, facts: GraphFacts, isa: Isa) -> Recipe | None:
@@ -372,8 +430,9 @@ def _build(name: str, facts: GraphFacts, isa: Isa) -> Recipe | None:
     return recipe
 
 
-def applicable(facts: GraphFacts, isa: Isa | None = None, stems: Iterable[str] = STATIC_STEMS) -> list[Recipe]:
-    """Every recipe the graph calls for; static recipes once per stem choice (dynamic ones leave convs float)."""
+def applicable(facts: GraphFacts, isa: Isa | None = None, stems: Iterable[str] = STEMS) -> list[Recipe]:
+    """Every recipe the graph calls for; static recipes once per stem choice (dynamic ones leave convs float),
+    the stem block in float only where the graph has one and the recipe is one integer pipeline."""
     isa = isa or Isa.here()
     found = []
     for name in RECIPES:
@@ -382,16 +441,23 @@ def applicable(facts: GraphFacts, isa: Isa | None = None, stems: Iterable[str] =
             continue
         if recipe.mode == "dynamic" or not facts.stem:
             found.append(recipe)
-        else:
-            found.extend(recipe.with_stem(stem) for stem in stems)
+            continue
+        for stem in stems:
+            if stem != "block" or (facts.stem_block and recipe.integer_pipeline):
+                found.append(recipe.with_stem(stem))
     return found
 
 
-def named(name: str, facts: GraphFacts, isa: Isa | None = None) -> Recipe:
-    """One recipe by name (`qdq-all`, `dw-float+stem-int8`, ...), refused when the graph does not call for it."""
-    base, _, stem = name.partition("+stem-")
+def named(name: str, facts: GraphFacts, isa: Isa | None = None, stem: str | None = None) -> Recipe:
+    """One recipe by name (`qdq-all`, `dw-float+stem-int8`, ...) with `stem` if given (else the name's),
+    refused when the graph does not call for it."""
+    base, _, named_stem = name.partition("+stem-")
     RECIPES.get(base)  # an unknown name: the registry's one-line error
     recipe = _build(base, facts, isa or Isa.here())
     if recipe is None:
         raise ConfigError(f"INT8 recipe {base!r} does not apply to this graph (it has none of what it is for)")
+    stem = stem or named_stem
+    if stem == "block" and not facts.stem_block:
+        raise ConfigError("stem block: no conv after this graph's stem is narrower at the stem's resolution, so "
+                          "the block would be the stem alone; choose the float stem")
     return recipe.with_stem(stem) if stem else recipe
