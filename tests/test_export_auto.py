@@ -364,19 +364,21 @@ def test_auto_request_key_follows_the_machine(monkeypatch, data):
     assert request_key("h", ExportConfig(precision="int8", max_drift=0.5, min_speedup=2), data, "onnx") == keys[1]
 
 
-@pytest.mark.parametrize("case", ["coreml", "recipe", "drift", "speedup", "candidate"])
+@pytest.mark.parametrize("case", ["coreml", "recipe", "drift", "speedup", "candidate", "block"])
 def test_bad_auto_options_are_one_line(case, checkpoint, data, tmp_path, capsys):
     args = {"coreml": ["--precision", "auto", "--target", "coreml"],
             "recipe": ["--precision", "int8", "--int8-recipe", "int4"],
             "drift": ["--precision", "auto", "--max-drift", "3"],
             "speedup": ["--precision", "auto", "--min-speedup", "0.8"],
-            "candidate": ["--precision", "auto", "--candidates", "int8:nope", "--calib", "8"]}[case]
+            "candidate": ["--precision", "auto", "--candidates", "int8:nope", "--calib", "8"],
+            # a ResNet: its stem is the narrowest conv at its resolution (the max-pool follows), no stem block
+            "block": ["--precision", "int8", "--int8-stem", "block", "--calib", "8"]}[case]
     code, _, err = _cli(["export", str(checkpoint), "--dataset", "synthetic", "--root", str(data.root), *args,
                          "--out", str(tmp_path / "out")], capsys)
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert {"coreml": "has no --precision auto", "recipe": "unknown --int8-recipe", "drift": "--max-drift",
-            "speedup": "--min-speedup", "candidate": "unknown candidate"}[case] in lines[0]
+            "speedup": "--min-speedup", "candidate": "unknown candidate", "block": "stem block"}[case] in lines[0]
     assert not any((tmp_path / "out").glob("*/model.onnx"))
 
 

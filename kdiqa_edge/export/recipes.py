@@ -459,5 +459,5 @@ def named(name: str, facts: GraphFacts, isa: Isa | None = None, stem: str | None
     stem = stem or named_stem
     if stem == "block" and not facts.stem_block:
         raise ConfigError("stem block: no conv after this graph's stem is narrower at the stem's resolution, so "
-                          "the block would be the stem alone; choose the float stem")
+                          "the block would be the stem alone: --int8-stem float keeps just the stem in float")
     return recipe.with_stem(stem) if stem else recipe
