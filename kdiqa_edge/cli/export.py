@@ -55,7 +55,8 @@ def export_command(
         "--int8-stem", help="float: keep the first conv/patch embedding of INT8 models in float, so the input "
                             "pixels are not re-rounded (IQA models measure exactly that noise); int8: quantize it "
                             "too (faster, more drift); block (--target onnx): the stem and the convs after it at "
-                            "its resolution, through the narrowest, in float [default: float]", rich_help_panel=EXPORT_PANEL)] = None,
+                            "its resolution, through the narrowest, in float [default: float]",
+        rich_help_panel=EXPORT_PANEL)] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Largest batch (TensorRT profile "
                                                      "max, CoreML range) [default: 8]",
                                                      rich_help_panel=EXPORT_PANEL)] = None,

@@ -32,8 +32,9 @@ class ExportConfig:
     opt_batch: int = 1  # TensorRT profile opt batch
     calib: int = 256  # INT8 calibration images from the TRAIN split
     calib_method: str = "minmax"  # minmax | entropy | percentile
-    int8_stem: str = "float"  # float | int8 | block: the first conv/patch embedding in INT8 models (float: pixel-exact
-    # input); block (ONNX Runtime only): the stem and the convs after it at its resolution, through the narrowest
+    # float | int8: the first conv/patch embedding in INT8 models (float: pixel-exact input); block (ONNX Runtime
+    # only): the stem and the convs after it at its resolution, through the narrowest, in float
+    int8_stem: str = "float"
     int8_recipe: str = "qdq-all"  # the ONNX Runtime INT8 recipe (export/recipes.py) for --precision int8
     max_drift: float = 0.01  # auto: the largest |ΔSRCC| vs FP32 on the test split a shipped candidate may have
     min_speedup: float = 1.25  # auto: a reduced-precision pick must be this many times as fast as FP32, else FP32

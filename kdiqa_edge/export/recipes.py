@@ -7,7 +7,8 @@
 A recipe is a named, explicit choice: which op types are quantized, which groups of nodes stay in float
 (the stem or the stem block, depthwise convs, squeeze-excite gates, attention), per-channel or per-tensor
 weights, `reduce_range`, static (calibrated Q/DQ) or dynamic quantization, and whether ONNX Runtime's
-transformer optimizer runs first. `Recipe.to_dict()` is what the manifest records; `quantize.int8_recipe` applies one.
+transformer optimizer runs first. `Recipe.to_dict()` is what the manifest records; `quantize.int8_recipe`
+applies one.
 
 Why these recipes, from ONNX Runtime's MLAS kernels and QDQ transformer (see shared/DESIGN.md):
 - INT8 depthwise convs are slower than FP32's AVX-512 (NCHWc) ones. With int8 weights of zero point 0 and
@@ -174,7 +175,7 @@ def stem_block(nodes, constants, se_gates: Iterable[str] = ()) -> tuple[str, ...
     by memory, not arithmetic, and their integer SiLUs cost more than float ones; the narrowest feature map
     is where a float block's hand-over to the integer pipeline (one QuantizeLinear) costs least. Measured on a
     2-core AVX2 EPYC: EfficientNet-B0's stem and first block in float, the rest as qdq-all, 1.20x FP32 at 2
-    threads and 1.28x at 1 (qdq-all 1.15x and 1.22x); the same cut one block later or at the stride was
+    threads and 1.28x at 1 (qdq-all 1.15x and 1.22-1.24x); the same cut one block later or at the stride was
     slower than qdq-all. A squeeze-excite branch's convs (1x1 maps) do not count as feature maps."""
     se_gates = set(se_gates)
     compute = [i for i, n in enumerate(nodes) if n.op_type in COMPUTE_OPS and n.name not in se_gates]
