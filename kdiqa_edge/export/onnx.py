@@ -425,8 +425,9 @@ def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, time
 def candidates(model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path,
                tolerance: dict[str, float]) -> list:
     """The `onnx` target's candidates for --precision auto: FP32 (the reference), every INT8 recipe the graph
-    calls for (each static one with the stem in int8 and in float), and FP16 and FP32 on each accelerator
-    execution provider onnxruntime offers here."""
+    calls for (each static one with the stem in int8 and in float, and the whole-graph integer ones with the
+    stem block in float where the graph has one), and FP16 and FP32 on each accelerator execution provider
+    onnxruntime offers here."""
     from kdiqa_edge.export import recipes
     from kdiqa_edge.export.auto import Candidate
 
