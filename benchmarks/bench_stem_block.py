@@ -1,0 +1,126 @@
+"""The stem block in float (`--int8-stem block`) vs qdq-all with the stem in int8 or float, per timm student.
+
+    python benchmarks/bench_stem_block.py [--models efficientnet_b0 mobilenetv2_100 ...] [--threads 2]
+                                          [--rounds 30] [--runs 3] [--out benchmarks/results/stem-block-<m>.md]
+
+For each student (random init, 224 px, our FP32 score model as `export` writes it), kdiqa_edge's graph facts
+say whether it has a stem block (recipes.stem_block: the stem and the convs after it at its resolution,
+through the narrowest); where it does, qdq-all is built with the stem in int8, in float and with the stem
+block in float. Every artifact of every student is timed in the same rounds (batch 1, spin-waiting off, the
+order reversed every other round); medians and the speed-up over FP32. Auto offers the stem block as one
+more candidate and measures it; this says on which architectures it is likely to win on this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = ("efficientnet_b0", "efficientnet_b1", "efficientnet_lite0", "mobilenetv2_100", "mobilenetv3_large_100")
+STEMS = ("int8", "float", "block")
+SIZE = 224
+
+
+def build(arch: str, folder: Path, calib: np.ndarray) -> tuple[int, dict[str, Path]]:
+    """(stem block nodes, artifact name -> path): FP32 and, where the graph has a stem block, the three stems."""
+    import torch
+
+    from kdiqa_edge.export import recipes
+    from kdiqa_edge.export.base import ExportConfig
+    from kdiqa_edge.export.onnx import Int8Graph, export_fp32, score_model
+    from kdiqa_edge.models import QualityHead
+    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    head = QualityHead(torch.nn.functional.normalize(torch.randn(5, 512), dim=-1), 14.3)
+    student = create_student(arch, head, PreprocessSpec(size=SIZE), pretrained=False).eval()
+    folder.mkdir(parents=True)
+    fp32 = export_fp32(score_model(student, ExportConfig()), folder / "model.fp32.onnx", 17)
+    graph = Int8Graph(fp32, calib, "minmax", folder)
+    paths = {"fp32": fp32}
+    if graph.facts.stem_block:
+        for stem in STEMS:
+            recipe = recipes.named("qdq-all", graph.facts, stem=stem)
+            paths[recipe.name] = graph.build(recipe, folder / f"{recipe.name}.onnx")
+    return len(graph.facts.stem_block), paths
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per artifact per round")
+    parser.add_argument("--calib", type=int, default=16, help="random calibration images")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from kdiqa_edge.bench.environment import cpu_line, machine_slug
+    from kdiqa_edge.console import quiet_logger
+    from kdiqa_edge.export import evaluate
+
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((args.calib, 3, SIZE, SIZE)).astype(np.float32)
+    x = calib[:1]
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="bench-stem-block-") as scratch, quiet_logger():
+        blocks, sessions = {}, {}
+        for arch in args.models:
+            blocks[arch], paths = build(arch, Path(scratch) / arch, calib)
+            for name, path in paths.items():
+                sessions[(arch, name)] = evaluate.session(path, args.threads, spinning=False)
+            print(f"{arch}: stem block of {blocks[arch]} nodes, {len(paths)} artifacts", flush=True)
+        order = list(sessions)
+        times: dict = {key: [] for key in order}
+        for key in order:  # warm-up
+            for _ in range(3):
+                sessions[key].run(None, {"image": x})
+        for r in range(args.rounds):
+            for key in (order if r % 2 == 0 else order[::-1]):
+                for _ in range(args.runs):
+                    start = time.perf_counter()
+                    sessions[key].run(None, {"image": x})
+                    times[key].append(time.perf_counter() - start)
+            load.append(os.getloadavg()[0])
+    p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
+    lines = [f"# The stem block in float vs qdq-all, per student ({machine_slug()})", "",
+             f"`python benchmarks/bench_stem_block.py --threads {args.threads} --rounds {args.rounds}`: random-init "
+             f"students, {SIZE} px, batch 1, {args.threads} ONNX Runtime threads (spin-waiting off), every artifact "
+             f"in each of {args.rounds} alternated rounds x {args.runs} runs; medians.", "",
+             f"{cpu_line()}; onnxruntime {ort.__version__}; load average {load[0]:.2f} before, "
+             f"{min(load[1:]):.2f}-{max(load[1:]):.2f} over the rounds.", "",
+             "| student | stem block nodes | FP32 ms | stem-int8 | stem-float | stem-block | block / best other |",
+             "|---|---|---|---|---|---|---|"]
+    for arch in args.models:
+        fp32 = p50[(arch, "fp32")]
+        if not blocks[arch]:
+            lines.append(f"| {arch} | none (not offered) | {fp32:.2f} | | | | |")
+            continue
+        ms = {stem: p50[(arch, f"qdq-all+stem-{stem}")] for stem in STEMS}
+        cells = [f"{ms[s]:.2f} ({fp32 / ms[s]:.2f}x)" for s in STEMS]
+        versus = min(ms["int8"], ms["float"]) / ms["block"]
+        lines.append(f"| {arch} | {blocks[arch]} | {fp32:.2f} | {' | '.join(cells)} | {versus:.2f}x |")
+    lines += ["", "Speed-ups are over our FP32; 'block / best other' above 1 means the stem block is the faster "
+              "qdq-all here. Auto measures the candidate on the deployment machine either way."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return p50
+
+
+if __name__ == "__main__":
+    main()
