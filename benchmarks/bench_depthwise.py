@@ -18,13 +18,15 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from side_by_side import alternated, emit  # benchmarks/ is on sys.path (above)
 
 SIZE = 56
 DEPTH = 8
@@ -88,18 +90,9 @@ def main(argv=None) -> dict:
                 models[(c, n, "fp32")] = evaluate.session(fp32, n, spinning=False)
                 models[(c, n, "int8")] = evaluate.session(int8, n, spinning=False)
         inputs = {c: np.random.default_rng(1).random((1, c, SIZE, SIZE), np.float32) for c in args.channels}
-        times: dict = {key: [] for key in models}
-        order = list(models)
-        for _ in range(3):  # warm-up
-            for key in order:
-                models[key].run(None, {"x": inputs[key[0]]})
-        for r in range(args.rounds):
-            for key in (order if r % 2 == 0 else order[::-1]):
-                for _ in range(args.runs):
-                    start = time.perf_counter()
-                    models[key].run(None, {"x": inputs[key[0]]})
-                    times[key].append(time.perf_counter() - start)
-        load.append(os.getloadavg()[0])
+        calls = {key: (lambda s=session, f={"x": inputs[key[0]]}: s.run(None, f)) for key, session in models.items()}
+        times, loads = alternated(calls, args.rounds, args.runs)
+        load.append(loads[-1])
     p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
     lines = [f"# INT8 vs FP32 depthwise convs on ONNX Runtime, by channel count ({machine_slug()})", "",
              f"`python benchmarks/bench_depthwise.py`: {DEPTH} depthwise 3x3 convs + ReLU "
@@ -114,11 +107,7 @@ def main(argv=None) -> dict:
             lines.append(f"| {n} | {c} | {'yes' if c % 16 == 0 else 'no'} | {f:.3f} | {q:.3f} | {q / f:.2f} |")
     lines += ["", "Multiples of 16 take MLAS's ConvSym depthwise kernel (AVX-512 VNNI where the CPU has it); "
               "other counts take the generic INT8 depthwise kernel, which is AVX2-only."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines) + "\n", args.out)
     return p50
 
 

@@ -49,6 +49,7 @@ from int8_report import (  # benchmarks/ is on sys.path (above)
     model_section,
     summary,
 )
+from side_by_side import alternated  # benchmarks/ is on sys.path (above)
 
 MODELS = ("resnet18", "efficientnet_b0", "mobilevit_s", "swin_tiny_patch4_window7_224", TEACHER)
 
@@ -168,19 +169,9 @@ def time_side_by_side(rows: list[Row], calls: dict[int, object], rounds: int, ru
     import torch
 
     with torch.inference_mode():
-        for call in calls.values():  # warm-up
-            for _ in range(3):
-                call()
-        loads = []
-        for round_index in range(rounds):
-            order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
-            for index in order:
-                for _ in range(runs):
-                    start = time.perf_counter()
-                    calls[index]()
-                    rows[index].times.append(time.perf_counter() - start)
-            loads.append(os.getloadavg()[0])
-            log(f"round {round_index + 1}/{rounds} done")
+        times, loads = alternated(calls, rounds, runs, after_round=lambda i: log(f"round {i + 1}/{rounds} done"))
+    for index, seconds in times.items():
+        rows[index].times.extend(seconds)
     return loads
 
 

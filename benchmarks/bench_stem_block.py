@@ -17,13 +17,15 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from side_by_side import alternated, emit  # benchmarks/ is on sys.path (above)
 
 MODELS = ("efficientnet_b0", "efficientnet_b1", "efficientnet_lite0", "mobilenetv2_100", "mobilenetv3_large_100")
 STEMS = ("int8", "float", "block")
@@ -82,18 +84,9 @@ def main(argv=None) -> dict:
             for name, path in paths.items():
                 sessions[(arch, name)] = evaluate.session(path, args.threads, spinning=False)
             print(f"{arch}: stem block of {blocks[arch]} nodes, {len(paths)} artifacts", flush=True)
-        order = list(sessions)
-        times: dict = {key: [] for key in order}
-        for key in order:  # warm-up
-            for _ in range(3):
-                sessions[key].run(None, {"image": x})
-        for r in range(args.rounds):
-            for key in (order if r % 2 == 0 else order[::-1]):
-                for _ in range(args.runs):
-                    start = time.perf_counter()
-                    sessions[key].run(None, {"image": x})
-                    times[key].append(time.perf_counter() - start)
-            load.append(os.getloadavg()[0])
+        calls = {key: (lambda s=session: s.run(None, {"image": x})) for key, session in sessions.items()}
+        times, loads = alternated(calls, args.rounds, args.runs)
+        load += loads
     p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
     lines = [f"# The stem block in float vs qdq-all, per student ({machine_slug()})", "",
              f"`python benchmarks/bench_stem_block.py --threads {args.threads} --rounds {args.rounds}`: random-init "
@@ -114,11 +107,7 @@ def main(argv=None) -> dict:
         lines.append(f"| {arch} | {blocks[arch]} | {fp32:.2f} | {' | '.join(cells)} | {versus:.2f}x |")
     lines += ["", "Speed-ups are over our FP32; 'block / best other' above 1 means the stem block is the faster "
               "qdq-all here. Auto measures the candidate on the deployment machine either way."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit("\n".join(lines) + "\n", args.out)
     return p50
 
 
