@@ -20,18 +20,15 @@ executorch is imported inside functions only; without it the target fails before
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shlex
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdiqa_edge.console import quiet_logger
 from kdiqa_edge.errors import CheckpointError, ExportError, MissingDependency, first_line
 from kdiqa_edge.export.base import (
     Examples,
@@ -41,6 +38,7 @@ from kdiqa_edge.export.base import (
     model_input,
     register_target,
 )
+from kdiqa_edge.runtime.executorch import quiet  # executorch's and torch's chatter, held back here too
 
 EXTRA = "android"
 # Beyond this fraction of the program's operators outside the XNNPACK delegate, the notes warn.
@@ -68,15 +66,6 @@ def require_executorch() -> None:
     if missing is not None:
         raise MissingDependency(f"the executorch target needs executorch ({missing}); install it with: "
                                 f"pip install 'kdiqa-edge[{EXTRA}]'")
-
-
-@contextlib.contextmanager
-def quiet():
-    """executorch warns that its APIs are experimental and torch's pytree about enum registration on import
-    and lowering: nothing a user can act on."""
-    with quiet_logger("torch.utils._pytree"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # --- the delegation report ---------------------------------------------------------------------------

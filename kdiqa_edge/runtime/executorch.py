@@ -56,17 +56,24 @@ def _native_reason(lines: list[str], exc: BaseException) -> str:
     return first_line(exc, limit=500, typed=True)
 
 
-def _executorch_runtime():
-    """executorch.runtime, torch and the thread pool controls. The pip wheel's runtime links libtorch (its
-    pybindings import torch first), so running a .pte from Python needs torch; the phone's runtime does not."""
+@contextlib.contextmanager
+def quiet():
+    """executorch warns that its APIs are experimental and torch's pytree logs about enum registration on
+    import and lowering: nothing a user can act on (the export side uses this too)."""
     import warnings
 
     from kdiqa_edge.console import quiet_logger
 
+    with quiet_logger("torch.utils._pytree"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _executorch_runtime():
+    """executorch.runtime, torch and the thread pool controls. The pip wheel's runtime links libtorch (its
+    pybindings import torch first), so running a .pte from Python needs torch; the phone's runtime does not."""
     try:
-        # an enum-registration warning torch's pytree logs on executorch's import; "This API is experimental"
-        with quiet_logger("torch.utils._pytree"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             import torch
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
