@@ -178,14 +178,8 @@ def time_side_by_side(rows: list[Row], calls: dict[int, object], rounds: int, ru
 def paired_ratio(call_a, call_b, rounds: int = 30, runs: int = 3) -> float:
     """median(a) / median(b), the two alternated every `runs` runs: a load that drifts over the minutes the
     round-robin takes hits both alike here, so the ratio of two close candidates is resolved."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for round_index in range(rounds):
-        for side in ((0, 1) if round_index % 2 == 0 else (1, 0)):
-            for _ in range(runs):
-                start = time.perf_counter()
-                (call_a, call_b)[side]()
-                times[side].append(time.perf_counter() - start)
-    return float(np.median(times[0]) / np.median(times[1]))
+    times, _ = alternated({"a": call_a, "b": call_b}, rounds, runs, warmup=0)
+    return float(np.median(times["a"]) / np.median(times["b"]))
 
 
 def confirm(rows: list[Row], calls: dict[int, object], picks: dict[str, dict]) -> dict[str, dict]:
