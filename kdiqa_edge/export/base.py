@@ -64,8 +64,10 @@ class ExportConfig:
             raise ConfigError(f"opset must be 17..20, got {self.opset}")
         if not 1 <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch})")
-        if self.int8_stem not in ("float", "int8", "block"):
-            raise ConfigError(f"unknown --int8-stem {self.int8_stem!r}; choose float, int8 or block")
+        from kdiqa_edge.export.recipes import RECIPES, STEMS
+
+        if self.int8_stem not in STEMS:
+            raise ConfigError(f"unknown --int8-stem {self.int8_stem!r}; choose one of: {', '.join(STEMS)}")
         if self.int8_stem == "block" and self.target != "onnx":
             raise ConfigError(f"--int8-stem block is an ONNX Runtime recipe choice (--target onnx); "
                               f"--target {self.target} takes float or int8")
@@ -74,8 +76,6 @@ class ExportConfig:
                               f"choose one of: {', '.join(CALIB_METHODS)}")
         if self.precision in ("int8", "auto") and self.calib < 1:
             raise ConfigError(f"{self.precision} needs calibration images: --calib must be at least 1")
-        from kdiqa_edge.export.recipes import RECIPES
-
         if self.int8_recipe not in RECIPES:
             raise ConfigError(f"unknown --int8-recipe {self.int8_recipe!r}; choose one of: {', '.join(RECIPES)}")
         if not 0 <= self.max_drift <= 2:
