@@ -86,9 +86,9 @@ def main(argv=None) -> dict:
         for c in args.channels:
             fp32, int8 = build(c, Path(scratch))
             for n in args.threads:
-                # spin-waiting off: many sessions side by side
-                models[(c, n, "fp32")] = evaluate.session(fp32, n, spinning=False)
-                models[(c, n, "int8")] = evaluate.session(int8, n, spinning=False)
+                # spin-waiting stopped when each run returns: many sessions side by side
+                models[(c, n, "fp32")] = evaluate.session(fp32, n, stop_spinning=True)
+                models[(c, n, "int8")] = evaluate.session(int8, n, stop_spinning=True)
         inputs = {c: np.random.default_rng(1).random((1, c, SIZE, SIZE), np.float32) for c in args.channels}
         calls = {key: (lambda s=session, f={"x": inputs[key[0]]}: s.run(None, f)) for key, session in models.items()}
         times, loads = alternated(calls, args.rounds, args.runs)

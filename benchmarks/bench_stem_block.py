@@ -6,9 +6,10 @@
 For each student (random init, 224 px, our FP32 score model as `export` writes it), kdiqa_edge's graph facts
 say whether it has a stem block (recipes.stem_block: the stem and the convs after it at its resolution,
 through the narrowest); where it does, qdq-all is built with the stem in int8, in float and with the stem
-block in float. Every artifact of every student is timed in the same rounds (batch 1, spin-waiting off, the
-order reversed every other round); medians and the speed-up over FP32. Auto offers the stem block as one
-more candidate and measures it; this says on which architectures it is likely to win on this CPU.
+block in float. Every artifact of every student is timed in the same rounds (batch 1, spin-waiting stopped
+when each run returns, the order reversed every other round); medians and the speed-up over FP32. Auto offers
+the stem block as one more candidate and measures it; this says on which architectures it is likely to win on
+this CPU.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
         for arch in args.models:
             blocks[arch], paths = build(arch, Path(scratch) / arch, calib)
             for name, path in paths.items():
-                sessions[(arch, name)] = evaluate.session(path, args.threads, spinning=False)
+                sessions[(arch, name)] = evaluate.session(path, args.threads, stop_spinning=True)
             print(f"{arch}: stem block of {blocks[arch]} nodes, {len(paths)} artifacts", flush=True)
         calls = {key: (lambda s=session: s.run(None, {"image": x})) for key, session in sessions.items()}
         times, loads = alternated(calls, args.rounds, args.runs)
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
     lines = [f"# The stem block in float vs qdq-all, per student ({machine_slug()})", "",
              f"`python benchmarks/bench_stem_block.py --threads {args.threads} --rounds {args.rounds}`: random-init "
-             f"students, {SIZE} px, batch 1, {args.threads} ONNX Runtime threads (spin-waiting off), every artifact "
+             f"students, {SIZE} px, batch 1, {args.threads} ONNX Runtime threads (spin-waiting stopped when a run returns), every artifact "
              f"in each of {args.rounds} alternated rounds x {args.runs} runs; medians.", "",
              f"{cpu_line()}; onnxruntime {ort.__version__}; load average {load[0]:.2f} before, "
              f"{min(load[1:]):.2f}-{max(load[1:]):.2f} over the rounds.", "",

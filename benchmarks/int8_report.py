@@ -78,14 +78,14 @@ def environment_lines(args, loads_before, loads) -> list[str]:
         (f"- ISA flags that decide INT8 speed: **{' '.join(cpu['isa']) or 'unknown'}** "
         f"(no {', '.join(f for f in ('avx_vnni', 'avx_vnni_int8', 'amx_int8') if f not in cpu['isa'])})"),
         f"- all SIMD flags: {' '.join(isa_all)}",
-        f"- Threads: {args.threads} intra-op (ONNX Runtime, spin-waiting off in every session), "
-        f"torch.set_num_threads({args.threads}); batch 1, 224 px",
+        (f"- Threads: {args.threads} intra-op (ONNX Runtime; spin-waiting on, stopped when each run returns, in "
+         f"every session), torch.set_num_threads({args.threads}); batch 1, 224 px"),
         f"- Versions: python {platform.python_version()}, "
         + ", ".join(f"{k} {v}" for k, v in versions().items() if k in wanted),
         (f"- Load average (1 min): {loads_before:.2f} at the start, {min(loads):.2f}-{max(loads):.2f} over the timed "
         f"rounds (2 cores shared with other jobs: read the ratios, not the milliseconds)"),
-        (f"- Timing: {args.rounds} rounds x {args.runs} runs per artifact, all artifacts of all models in each round, "
-        "order reversed every other round; p50 of all runs"),
+        (f"- Timing: {args.rounds} rounds x {args.runs} runs per artifact (after one untimed run per turn), all "
+        "artifacts of all models in each round, order reversed every other round; p50 of all runs"),
     ]
 
 

@@ -149,7 +149,7 @@ def test_fp32_onnx_has_no_drift_vs_its_reference_run_and_broken_formats_get_rows
     assert rows["student.fp16.onnx"].status == "failed" and rows["student.fp16.onnx"].stage == "load"
     assert "onnxruntime cannot load" in rows["student.fp16.onnx"].reason
     assert rows["student.fp16.engine"].status == "failed" and "tensorrt" in rows["student.fp16.engine"].reason.lower()
-    assert any("spin-waiting was off for the 2 ONNX session(s) timed side by side" in n for n in report.notes)
+    assert any("2 ONNX Runtime session(s) timed side by side stopped spinning" in n for n in report.notes)
     assert report.dataset["n"] == onnx_row.metrics.n and report.environment["cpu"]
 
     write_report_json(report, tmp_path / "r.json")

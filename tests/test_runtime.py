@@ -127,6 +127,27 @@ def test_artifact_without_metadata_is_refused(onnx_dir):
         QualityModel.load(onnx_dir / "foreign.onnx")
 
 
+def test_onnx_session_spinning_options_reach_onnxruntime(onnx_dir):
+    def entries(model):  # the config entries the session was opened with (an unset key raises)
+        options, found = model.backend.session.get_session_options(), {}
+        for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+            try:
+                found[key] = options.get_session_config_entry(key)
+            except RuntimeError:
+                pass
+        return found
+
+    served = QualityModel.load(onnx_dir / "float.onnx", threads=2)
+    assert served.backend.spinning is True and served.backend.stop_spinning is False
+    assert entries(served) == {}  # ORT's defaults: spinning, and spinning on between runs
+    timed = QualityModel.load(onnx_dir / "float.onnx", threads=2, stop_spinning=True)
+    assert entries(timed) == {"session.force_spinning_stop": "1"} and timed.backend.stop_spinning is True
+    off = QualityModel.load(onnx_dir / "float.onnx", threads=2, spinning=False, stop_spinning=True)
+    assert entries(off) == {"session.intra_op.allow_spinning": "0", "session.force_spinning_stop": "1"}
+    x = timed.prepare(np.zeros((1, timed.preprocess.size, timed.preprocess.size, 3), np.uint8))
+    assert np.allclose(timed.run(x), served.run(x), atol=1e-6)
+
+
 def test_backend_chosen_by_artifact_kind(tmp_path, onnx_dir):
     assert backend_kind(onnx_dir / "float.onnx") == "onnx"
     assert backend_kind(tmp_path / "m.engine") == "tensorrt" and backend_kind(tmp_path / "m.plan") == "tensorrt"

@@ -185,9 +185,10 @@ class Loaded:
 
 
 def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
-             reference: bool = False, spinning: bool | None = None) -> Loaded:
+             reference: bool = False, stop_spinning: bool = False) -> Loaded:
     """Load, facts, warm-up at every batch size, accuracy. Never raises for a model's own fault.
-    spinning: ONNX Runtime's spin-waiting (None: what the file records, else ORT's default)."""
+    stop_spinning: ONNX Runtime's workers stop spinning when each run returns (models timed side by side);
+    spin-waiting itself is what the file records, else ORT's default (on)."""
     import time
 
     from kdiqa_edge.runtime import QualityModel
@@ -200,7 +201,7 @@ def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=N
     try:
         start = time.perf_counter()
         model = loaded.model = QualityModel.load(path, provider=cfg.provider, threads=cfg.threads,
-                                                 spinning=spinning)
+                                                 stop_spinning=stop_spinning)
         result.load_s = time.perf_counter() - start
         info = model.info
         result.precision, result.backend, result.device = info.precision, model.backend.name, model.backend.device
@@ -299,13 +300,14 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     from kdiqa_edge.console import Progress
 
     loaded: list[Loaded] = []
-    # side by side, ONNX Runtime sessions wait without spinning: an idle session's workers would otherwise spin
-    # into the next model's turn and take the cores (on a 2-vCPU VM that doubled INT8 latencies)
-    spinning = False if len(paths) > 1 else None
+    # side by side, ONNX Runtime's workers stop spinning when a run returns: an idle session's workers would
+    # otherwise spin on into the next model's turn and take the cores (on a 2-vCPU VM that doubled latencies)
+    side_by_side = len(paths) > 1
     with Progress("bench", len(paths), unit="models", enabled=progress, transient=True) as bar:
         for path, is_reference in paths:
             bar.update(f"{Path(path).name}: load")
-            item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference, spinning=spinning)
+            item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference,
+                            stop_spinning=side_by_side)
             loaded.append(item)
             notes.extend(item.model.notes if item.model is not None else ())
             result, scores, eval_set = item.result, item.scores, item.eval_set
@@ -327,10 +329,10 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
             results.append(result)
             bar.advance()
     sessions = sum(1 for item in loaded if item.model is not None and item.result.backend == "onnxruntime")
-    if spinning is False and sessions:
-        notes.append(f"ONNX Runtime spin-waiting was off for the {sessions} ONNX session(s) timed side by side (idle "
-                     "sessions' spinning workers would take the cores between turns); one served session runs with "
-                     "ORT's default, spinning on, unless its file records otherwise (`--precision auto` measures it)")
+    if side_by_side and sessions:
+        notes.append(f"the {sessions} ONNX Runtime session(s) timed side by side stopped spinning when each run returned "
+                     "(session.force_spinning_stop; idle sessions' spinning workers would take the cores between "
+                     "turns); spin-waiting within a run was as each file records, else ORT's default (on)")
     with Progress("latency", cfg.timing_rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
         time_side_by_side(loaded, cfg, bar)
     loaded.clear()

@@ -214,7 +214,9 @@ def measure_latency(items: list[Measured], models: dict[str, Any], pixels: np.nd
     """Median latency per candidate and batch size, rounds alternated so every candidate sees the same load.
 
     `cfg.latency_runs` runs at batch 1 and as many images at larger batches (latency_runs / batch runs), spread
-    over the rounds: a shared machine's load drifts over minutes, and every candidate sees each stretch of it."""
+    over the rounds: a shared machine's load drifts over minutes, and every candidate sees each stretch of it.
+    Each turn starts with one untimed run per batch size: the switch from the previous session (its workers
+    woken, its caches refilled) is not timed."""
     batches = batches or latency_batches(cfg)
     runs = {b: max(1, math.ceil(cfg.latency_runs / b / rounds)) for b in batches}
     live = [i for i in items if i.name in models]
@@ -235,6 +237,7 @@ def measure_latency(items: list[Measured], models: dict[str, Any], pixels: np.nd
         order = live if round_index % 2 == 0 else live[::-1]
         for item in order:
             for b in batches:
+                models[item.name].run(inputs[item.name][b])
                 for _ in range(runs[b]):
                     times[item.name][b].append(timer(item, models[item.name], inputs[item.name][b]))
     for item in live:

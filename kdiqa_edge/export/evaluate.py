@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 
 
-def session(path: str | Path, threads: int = 2, fp16: bool = False, spinning: bool | None = None):
+def session(path: str | Path, threads: int = 2, fp16: bool = False, spinning: bool | None = None,
+            stop_spinning: bool = False):
     """A CPU session. FP16 graphs get the EXTENDED optimization level: ORT 1.32's full level (layout
     transforms) segfaults on FP16 transformer graphs here. spinning: intra-op spin-waiting (None: ORT's
-    default, on; off where many sessions are timed side by side in one process)."""
+    default, on). stop_spinning: the workers stop spinning when a run returns (`session.force_spinning_stop`),
+    for sessions timed side by side in one process."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -25,6 +27,8 @@ def session(path: str | Path, threads: int = 2, fp16: bool = False, spinning: bo
     options.log_severity_level = 3
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -269,7 +269,7 @@ def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examp
     set_metadata(path, {**meta, "recipe": other.name})
     # the scratch FP32 graph gets its metadata too, so the runtime can load it
     set_metadata(fp32, {**{k: v for k, v in meta.items() if k != "recipe"}, "precision": "fp32"})
-    quiet = {"spinning": False}  # three sessions in one process: see candidates()
+    quiet = {"stop_spinning": True}  # three sessions in one process: see candidates()
     items = [auto.Measured(auto.Candidate("fp32", "fp32", build=None, reference=True, load=quiet), path=fp32),
              auto.Measured(auto.Candidate(recipe.name, "int8", build=None, load=quiet), path=final),
              auto.Measured(auto.Candidate(other.name, "int8", build=None, load=quiet), path=path)]
@@ -393,8 +393,8 @@ def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, time
     """ONNX Runtime's intra-op spin-waiting on and off for the pick alone, head to head on this machine (where
     other processes compete for the cores, spinning workers can cost more than they save). Off is recorded in
     the shipped file only when it is more than auto.TIE faster; `ort_spinning` in its metadata is what the
-    runtime then applies. The comparison leans towards on (ORT's default): the on-session's workers spin on into
-    the off-session's turn, so off wins only where it clearly pays."""
+    runtime then applies. The on-session stops spinning when each run returns (as the candidates were timed),
+    so it does not spin into the off-session's turn; within a run it spins as a served session does."""
     import onnx
 
     from kdiqa_edge import artifact
@@ -406,7 +406,8 @@ def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, time
         return None
     states = {"on": True, "off": False}
     batch = cfg.opt_batch
-    pairs = [(pick, QualityModel.load(final, threads=cfg.threads, spinning=spin)) for spin in states.values()]
+    pairs = [(pick, QualityModel.load(final, threads=cfg.threads, spinning=spin, stop_spinning=spin))
+             for spin in states.values()]
     times = dict(zip(states, auto.head_to_head(pairs, pixels, batch, timer)))
     pairs.clear()
     p50 = {state: float(np.median(t)) * 1e3 for state, t in times.items()}
@@ -448,9 +449,10 @@ def candidates(model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any
     def copy(path: Path) -> Path:
         return Path(shutil.copyfile(fp32, path))
 
-    # measured with ONNX Runtime's spin-waiting off: the other candidates' sessions in this process would
-    # otherwise spin between their turns and take the cores; tune_spinning sets it for the pick alone
-    quiet = {"spinning": False}
+    # measured with ONNX Runtime's spin-waiting on (its default, what ships) but stopped when each run returns:
+    # an idle session's workers would otherwise spin on into the next candidate's turn and take the cores
+    # (benchmarks/results/spinning-*.md); tune_spinning then measures spinning off for the pick
+    quiet = {"stop_spinning": True}
     found = [Candidate("fp32", "fp32", artifact("fp32", copy), reference=True, tolerance=tolerance["fp32"],
                        recipe={"name": "fp32"}, extra=extra, load=quiet)]
     for recipe in recipes.applicable(graph.facts, recipes.Isa.here()):

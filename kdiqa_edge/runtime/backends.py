@@ -83,9 +83,9 @@ def backend_kind(path: str | Path) -> str:
 
 
 def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None,
-                 spinning: bool | None = None) -> Backend:
+                 spinning: bool | None = None, stop_spinning: bool = False) -> Backend:
     kind = backend_kind(path)
-    options = {"spinning": spinning} if kind == "onnx" and spinning is not None else {}
+    options = {"spinning": spinning, "stop_spinning": stop_spinning} if kind == "onnx" else {}
     return BACKENDS.get(kind)(Path(path), provider=provider, threads=threads, **options)
 
 
@@ -97,10 +97,12 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path: Path, provider: str | None = None, threads: int | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, stop_spinning: bool = False):
         """spinning: ONNX Runtime's intra-op spin-waiting (`session.intra_op.allow_spinning`). None: what the
         artifact records (`ort_spinning`, which `--precision auto` measures on the machine), else ORT's default
-        (on)."""
+        (on). stop_spinning: the workers stop spinning when each run returns (`session.force_spinning_stop`;
+        they still spin between the ops of a run): for sessions timed side by side in one process, where an
+        idle session's workers would otherwise spin on (tens of ms) into the next session's turn."""
         import onnxruntime as ort
         from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
@@ -112,7 +114,8 @@ class OnnxBackend:
         # (onnxruntime-gpu lists CUDA on machines without a working GPU too): the next one runs, and says so
         strict = provider not in BEST_AVAILABLE
         self.path = path
-        self.session, reason = self._session(path, providers, threads, spinning, strict)
+        self.stop_spinning = bool(stop_spinning)
+        self.session, reason = self._session(path, providers, threads, spinning, strict, self.stop_spinning)
         started = self.session.get_providers()
         self.notes = [] if reason is None else [
             f"{path.name}: {providers[0]} did not start here ({reason}); running on {started[0]}"]
@@ -122,7 +125,7 @@ class OnnxBackend:
         meta = artifact.decode(self.session.get_modelmeta().custom_metadata_map)
         recorded = {"on": True, "off": False}.get(str(meta.get("ort_spinning")))
         if spinning is None and recorded is False:  # the session options are fixed at creation: open it again
-            self.session, _ = self._session(path, started, threads, False, strict)
+            self.session, _ = self._session(path, started, threads, False, strict, self.stop_spinning)
         self.spinning = spinning if spinning is not None else recorded is not False
         self.info = ArtifactInfo.from_meta(path, meta, "onnx")
         graph_input = self.session.get_inputs()[0]
@@ -136,7 +139,8 @@ class OnnxBackend:
         self.device = PROVIDER_DEVICES.get(self.provider, "cpu")
 
     @staticmethod
-    def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None, strict: bool = True):
+    def _session(path: Path, providers: list[str], threads: int | None, spinning: bool | None, strict: bool = True,
+                 stop_spinning: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -146,6 +150,8 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if stop_spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             session, reason = open_session(str(path), options, providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types

@@ -52,15 +52,18 @@ class QualityModel:
 
     @classmethod
     def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
-             spinning: bool | None = None) -> QualityModel:
+             spinning: bool | None = None, stop_spinning: bool = False) -> QualityModel:
         """Open an .onnx, .engine/.plan, .mlpackage, .pte (ExecuTorch), checkpoint dir or run dir.
 
         provider: onnxruntime execution provider (cpu, cuda, tensorrt, coreml, or a full name; default the
         best available), "cuda"/"cpu" for a checkpoint, compute units (cpu, gpu, ane) for CoreML.
         threads: CPU threads (ONNX Runtime intra-op, ExecuTorch's process-wide pool, torch).
         spinning: ONNX Runtime's intra-op spin-waiting; None: as the artifact records (auto measures it), else on.
+        stop_spinning: ONNX Runtime's workers stop spinning when each run returns (for timing several models
+        side by side in one process; a served model keeps ORT's default, which spins on between runs).
         """
-        return cls(load_backend(path, provider=provider, threads=threads, spinning=spinning))
+        return cls(load_backend(path, provider=provider, threads=threads, spinning=spinning,
+                                stop_spinning=stop_spinning))
 
     def __repr__(self) -> str:
         return (f"QualityModel({self.info.path.name}, {self.backend.name}/{self.backend.device}, "
