@@ -175,8 +175,8 @@ def stem_block(nodes, constants, se_gates: Iterable[str] = ()) -> tuple[str, ...
     by memory, not arithmetic, and their integer SiLUs cost more than float ones; the narrowest feature map
     is where a float block's hand-over to the integer pipeline (one QuantizeLinear) costs least. Measured on a
     2-core AVX2 EPYC: EfficientNet-B0's stem and first block in float, the rest as qdq-all, 1.20x FP32 at 2
-    threads and 1.28x at 1 (qdq-all 1.15x and 1.22-1.24x); the same cut one block later or at the stride was
-    slower than qdq-all. A squeeze-excite branch's convs (1x1 maps) do not count as feature maps."""
+    threads (timed with spinning off; 1.16x spinning within runs) and 1.28x at 1 (qdq-all 1.15x and
+    1.22-1.24x); the same cut one block later or at the stride was slower than qdq-all. A squeeze-excite branch's convs (1x1 maps) do not count as feature maps."""
     se_gates = set(se_gates)
     compute = [i for i, n in enumerate(nodes) if n.op_type in COMPUTE_OPS and n.name not in se_gates]
     if not compute or nodes[compute[0]].op_type != "Conv":
