@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from side_by_side import alternated, emit  # benchmarks/ is on sys.path (above)
+from students import int8_graph
 
 # the INT8 recipe auto ships for each on a 2-vCPU AVX2 EPYC (results/int8-amd-epyc-2c-avx2-without-vnni.md)
 RECIPES = {"resnet18": ("qdq-all", "int8"), "efficientnet_b0": ("qdq-all", "block"),
@@ -41,23 +42,12 @@ SIZE = 224
 
 
 def build(arch: str, folder: Path, calib: np.ndarray) -> dict[str, Path]:
-    import torch
-
+    """Our FP32 score model and the INT8 recipe of RECIPES, built the way export builds them."""
     from kdiqa_edge.export import recipes
-    from kdiqa_edge.export.base import ExportConfig
-    from kdiqa_edge.export.onnx import Int8Graph, export_fp32, score_model
-    from kdiqa_edge.models import QualityHead
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.preprocess import PreprocessSpec
 
-    torch.manual_seed(0)
-    head = QualityHead(torch.nn.functional.normalize(torch.randn(5, 512), dim=-1), 14.3)
-    student = create_student(arch, head, PreprocessSpec(size=SIZE), pretrained=False).eval()
-    folder.mkdir(parents=True)
-    fp32 = export_fp32(score_model(student, ExportConfig()), folder / "fp32.onnx", 17)
-    graph = Int8Graph(fp32, calib, "minmax", folder)
+    graph = int8_graph(arch, folder, calib, SIZE)
     name, stem = RECIPES[arch]
-    return {"fp32": fp32, "int8": graph.build(recipes.named(name, graph.facts, stem=stem), folder / "int8.onnx")}
+    return {"fp32": graph.fp32, "int8": graph.build(recipes.named(name, graph.facts, stem=stem), folder / "int8.onnx")}
 
 
 def time_alone(path: Path, spinning: bool, threads: int, seconds: float) -> float:

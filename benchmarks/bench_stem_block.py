@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from side_by_side import alternated, emit  # benchmarks/ is on sys.path (above)
+from students import int8_graph
 
 MODELS = ("efficientnet_b0", "efficientnet_b1", "efficientnet_lite0", "mobilenetv2_100", "mobilenetv3_large_100")
 STEMS = ("int8", "float", "block")
@@ -35,22 +36,10 @@ SIZE = 224
 
 def build(arch: str, folder: Path, calib: np.ndarray) -> tuple[int, dict[str, Path]]:
     """(stem block nodes, artifact name -> path): FP32 and, where the graph has a stem block, the three stems."""
-    import torch
-
     from kdiqa_edge.export import recipes
-    from kdiqa_edge.export.base import ExportConfig
-    from kdiqa_edge.export.onnx import Int8Graph, export_fp32, score_model
-    from kdiqa_edge.models import QualityHead
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.preprocess import PreprocessSpec
 
-    torch.manual_seed(0)
-    head = QualityHead(torch.nn.functional.normalize(torch.randn(5, 512), dim=-1), 14.3)
-    student = create_student(arch, head, PreprocessSpec(size=SIZE), pretrained=False).eval()
-    folder.mkdir(parents=True)
-    fp32 = export_fp32(score_model(student, ExportConfig()), folder / "model.fp32.onnx", 17)
-    graph = Int8Graph(fp32, calib, "minmax", folder)
-    paths = {"fp32": fp32}
+    graph = int8_graph(arch, folder, calib, SIZE)
+    paths = {"fp32": graph.fp32}
     if graph.facts.stem_block:
         for stem in STEMS:
             recipe = recipes.named("qdq-all", graph.facts, stem=stem)
