@@ -80,8 +80,8 @@ def main(argv=None) -> dict:
     p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
     lines = [f"# The stem block in float vs qdq-all, per student ({machine_slug()})", "",
              f"`python benchmarks/bench_stem_block.py --threads {args.threads} --rounds {args.rounds}`: random-init "
-             f"students, {SIZE} px, batch 1, {args.threads} ONNX Runtime threads (spin-waiting stopped when a run returns), every artifact "
-             f"in each of {args.rounds} alternated rounds x {args.runs} runs; medians.", "",
+             f"students, {SIZE} px, batch 1, {args.threads} ONNX Runtime threads (spin-waiting stopped when a run "
+             f"returns), every artifact in each of {args.rounds} alternated rounds x {args.runs} runs; medians.", "",
              f"{cpu_line()}; onnxruntime {ort.__version__}; load average {load[0]:.2f} before, "
              f"{min(load[1:]):.2f}-{max(load[1:]):.2f} over the rounds.", "",
              "| student | stem block nodes | FP32 ms | stem-int8 | stem-float | stem-block | block / best other |",

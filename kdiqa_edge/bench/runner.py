@@ -330,9 +330,9 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
             bar.advance()
     sessions = sum(1 for item in loaded if item.model is not None and item.result.backend == "onnxruntime")
     if side_by_side and sessions:
-        notes.append(f"the {sessions} ONNX Runtime session(s) timed side by side stopped spinning when each run returned "
-                     "(session.force_spinning_stop; idle sessions' spinning workers would take the cores between "
-                     "turns); spin-waiting within a run was as each file records, else ORT's default (on)")
+        notes.append(f"the {sessions} ONNX Runtime session(s) timed side by side stopped spinning when each run "
+                     "returned (session.force_spinning_stop; idle sessions' spinning workers would take the cores "
+                     "between turns); spin-waiting within a run was as each file records, else ORT's default (on)")
     with Progress("latency", cfg.timing_rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
         time_side_by_side(loaded, cfg, bar)
     loaded.clear()

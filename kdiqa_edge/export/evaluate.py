@@ -19,16 +19,15 @@ def session(path: str | Path, threads: int = 2, fp16: bool = False, spinning: bo
     for sessions timed side by side in one process."""
     import onnxruntime as ort
 
+    from kdiqa_edge.runtime.backends import spin_options
+
     options = ort.SessionOptions()
     if fp16:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if spinning is not None:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if stop_spinning:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+    spin_options(options, spinning, stop_spinning)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

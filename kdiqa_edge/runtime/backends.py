@@ -92,6 +92,15 @@ def load_backend(path: str | Path, provider: str | None = None, threads: int | N
 # --- ONNX Runtime --------------------------------------------------------------------------------------
 
 
+def spin_options(options, spinning: bool | None, stop_spinning: bool = False) -> None:
+    """ONNX Runtime SessionOptions' intra-op spin-waiting: `spinning` None leaves ORT's default (on);
+    `stop_spinning` stops the workers' spin when each run returns (`session.force_spinning_stop`)."""
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+
+
 @BACKENDS.register("onnx")
 class OnnxBackend:
     name = "onnxruntime"
@@ -148,10 +157,7 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        if spinning is not None:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if stop_spinning:
-            options.add_session_config_entry("session.force_spinning_stop", "1")
+        spin_options(options, spinning, stop_spinning)
         try:
             session, reason = open_session(str(path), options, providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
