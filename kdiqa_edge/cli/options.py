@@ -102,3 +102,19 @@ def dataset_options(fn):
         **{name: annotation for name, (annotation, _) in _DATASET_PARAMS.items()},
     }
     return wrapper
+
+
+# One name, one meaning, in every command. `--split-seed` is the seed of the train/test split everywhere
+# (`--seed` is a generator's seed: the student's init in distill, the crops in data synth).
+SplitSeed = Annotated[int, typer.Option("--split-seed", help="Train/test split seed.")]
+OldSeed = Annotated[int | None, typer.Option("--seed", hidden=True, help="Deprecated: --split-seed.")]
+
+
+def renamed(old_flag: str, new_flag: str, old_value, new_value, why: str = ""):
+    """The value of an option that was renamed: the new spelling's, unless the old (hidden) one was given,
+    which still works with one deprecation line on stderr."""
+    if old_value is None or old_value is False:
+        return new_value
+    reason = f" ({why})" if why else ""
+    typer.secho(f"warning: {old_flag} is deprecated here, use {new_flag}{reason}", err=True, fg="yellow")
+    return old_value
