@@ -382,19 +382,8 @@ def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, 
     for name, run_dir in [("teacher", teacher_dir), *student_dirs.items()]:
         for plot in sorted((run_dir / "plots").glob("*.png")):
             lines.append(f"![{name} {plot.stem}]({os.path.relpath(plot, out)})")
-    lines += ["", "## Exports", ""]
-    for name, manifest in exports.items():
-        for label, entry in manifest.get("exports", {}).items():
-            note = "; ".join(entry.get("notes") or [])
-            lines.append(f"- {name} {label}: " + ", ".join(f"`{f['path']}` ({f['bytes'] / 1e6:.2f} MB)"
-                                                           for f in entry.get("files", []))
-                         + (f" — {note}" if note else ""))
-        for label, reason in manifest.get("failed", {}).items():
-            lines.append(f"- {name} {label}: FAILED — {reason}")
-    lines += ["", "## Time", "", "Load average (1 min) when each stage ended: other jobs on the machine slow every stage.",
-              "", "| stage | seconds | CPU seconds | load |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {_num(v.get('load_1min'))} |"
-              for k, v in timings.stages.items()]
+    lines += ["", "## Exports", ""] + exports_section(exports)
+    lines += ["", "## Time", ""] + time_section(timings)
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
@@ -442,8 +431,97 @@ def summary_lines(report, exports, student_dirs, teacher_dir, teacher_name: str 
             parts.append(text)
         drift = (exports.get(student, {}).get("exports", {}).get("onnx-int8") or {}).get("drift") or {}
         if drift:
-            parts.append("INT8 vs FP32 on the test split: " + ", ".join(
-                f"{k} {v:+.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in drift.items()
-                if isinstance(v, (int, float, str)) and not isinstance(v, bool)))
+            parts.append(int8_drift_text(drift))
         lines.append("; ".join(parts))
     return lines
+
+
+def int8_drift_text(drift: dict[str, Any]) -> str:
+    """An INT8 export's drift against its FP32 model in words, not the manifest's keys."""
+    figures = [(label, drift.get(key), fmt) for label, key, fmt in (
+        ("ΔSRCC", "delta_srcc", "+.4f"), ("ΔPLCC", "delta_plcc", "+.4f"),
+        ("mean |Δscore|", "mean_abs_diff_vs_fp32", ".4f"), ("max |Δscore|", "max_abs_diff_vs_fp32", ".4f"),
+        ("rank agreement with FP32 (SRCC)", "srcc_vs_fp32", ".3f"))]
+    images = drift.get("images")
+    return (f"INT8 vs FP32 on {images} test images: " if images else "INT8 vs FP32 on the test split: ") + ", ".join(
+        f"{label} {value:{fmt}}" for label, value, fmt in figures if isinstance(value, (int, float)))
+
+
+def exports_section(exports: dict[str, dict[str, Any]]) -> list[str]:
+    """Per model, one bullet per export with its files and notes; auto's candidates as a table."""
+    lines: list[str] = []
+    for name, manifest in exports.items():
+        lines += [f"### {name}", ""]
+        tables: list[str] = []
+        for label, entry in manifest.get("exports", {}).items():
+            auto = (entry.get("details") or {}).get("auto")
+            lines.append(f"- **{label}**: " + ", ".join(f"`{f['path']}` ({f['bytes'] / 1e6:.2f} MB)"
+                                                        for f in entry.get("files", [])))
+            for note in entry.get("notes") or []:
+                if auto and _in_auto_table(note, auto):
+                    continue  # the console's text table and its verdict: the table below has them
+                lines.append(f"  - {' '.join(note.split())}")
+            if auto:
+                tables += auto_table(f"{name} {label}", auto)
+        for label, reason in manifest.get("failed", {}).items():
+            lines.append(f"- **{label}**: FAILED — {reason}")
+        lines += ["", *tables]
+    return lines
+
+
+def _in_auto_table(note: str, auto: dict[str, Any]) -> bool:
+    """Is this note a line of auto's text table (its header, a candidate's row) or its verdict?"""
+    words = note.lstrip("* ").split()
+    names = {row.get("name") for row in auto.get("candidates", [])} | {"candidate"}
+    return bool(words) and words[0] in names or note.strip() == (auto.get("why") or "").strip()
+
+
+def auto_table(title: str, auto: dict[str, Any]) -> list[str]:
+    """`--precision auto`'s candidates as a markdown table: what was measured, and which one shipped."""
+    batches = sorted({int(b) for row in auto.get("candidates", []) for b in (row.get("latency") or {})})
+    header = (["candidate", "precision", *[f"p50 ms @{b}" for b in batches], "MB", "ΔSRCC", "mean \\|Δscore\\|",
+               "max \\|Δscore\\|", "within bound", "status"])
+    rows = []
+    for row in auto.get("candidates", []):
+        latency, drift = row.get("latency") or {}, row.get("drift") or {}
+        name = f"**{row['name']}** (shipped)" if row["name"] == auto.get("pick") else row["name"]
+        rows.append([name, row.get("precision", ""),
+                     *[_cell((latency.get(str(b)) or {}).get("p50_ms"), ".3f") for b in batches],
+                     _cell(row["bytes"] / 1e6 if row.get("bytes") else None, ".2f"),
+                     "ref" if row.get("reference") else _cell(drift.get("delta_srcc"), "+.4f"),
+                     _cell(drift.get("mean_abs_diff_vs_fp32"), ".4f"), _cell(drift.get("max_abs_diff_vs_fp32"), ".4f"),
+                     "yes" if row.get("within_bound") else "no",
+                     row.get("status", "") + (f": {row['reason']}" if row.get("reason") else "")])
+    cpu = auto.get("cpu") or {}
+    where = ", ".join(str(x) for x in (cpu.get("model"), " ".join(cpu.get("isa") or []) or None,
+                                        f"{auto.get('threads')} threads" if auto.get("threads") else None) if x)
+    lines = [f"#### {title}: the candidates" + (f" ({where})" if where else ""), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines + ["", f"Why: {auto['why']}" if auto.get("why") else "", ""]
+
+
+def time_section(timings: _Timings) -> list[str]:
+    """The stages in the order they ran and their total; each export's own time in a second table (the
+    export stages above include them)."""
+    stages = {k: v for k, v in timings.stages.items() if k != "total"}
+    per_export = {k: v for k, v in stages.items() if k.startswith("export ") and len(k.split()) == 3}
+    top = {k: v for k, v in stages.items() if k not in per_export}
+    lines = ["Load average (1 min) when each stage ended: other jobs on the machine slow every stage.", "",
+             "| stage | seconds | CPU seconds | load |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {_num(v.get('load_1min'))} |"
+              for k, v in top.items()]
+    total = timings.stages.get("total")
+    if total:
+        lines.append(f"| **total** | **{total['seconds']:.1f}** | **{total['cpu_seconds']:.1f}** | "
+                     f"{_num(total.get('load_1min'))} |")
+    if per_export:
+        lines += ["", "Each export (part of its model's export stage above):", "",
+                  "| model | export | seconds | CPU seconds |", "|---|---|---|---|"]
+        lines += [f"| {k.split()[1]} | {k.split()[2]} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} |"
+                  for k, v in per_export.items()]
+    return lines
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else f"{value:{fmt}}"

@@ -47,6 +47,22 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     assert (out / "bench" / "latency_vs_srcc.png").stat().st_size > 0
     for plot in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (out / plot).is_file(), plot
+    # auto's candidates as a markdown table with the shipped one marked, not semicolon-joined text
+    for student in ("test_resnet", "test_efficientnet"):
+        table = report.split(f"#### {student} onnx-auto: the candidates")[1].split("\n\n")[1]
+        assert table.startswith("| candidate | precision | p50 ms @1 |"), table
+        assert len(re.findall(r"^\| \*\*[^|]+\*\* \(shipped\) \|", table, re.MULTILINE)) == 1, table
+        assert re.search(r"^\| fp32 .*\| ref \|", table, re.MULTILINE) or "**fp32** (shipped)" in table, table
+    exports_part = report.split("## Exports")[1].split("## Time")[0]
+    assert "candidate prec" not in exports_part and "int8:qdq-all+stem-float int8" not in exports_part
+    # the INT8 summary in words, not the manifest's keys
+    assert "max_abs_diff_vs_fp32" not in report and "delta_srcc" not in report
+    assert re.search(r"INT8 vs FP32 on \d+ test images: ΔSRCC [+-]\d\.\d{4}, ΔPLCC", report)
+    # the time table: stages and their total, the exports' own times apart
+    stage_table = report.split("| stage | seconds | CPU seconds | load |")[1].split("\n\n")[0]
+    assert "onnx-int8" not in stage_table and "| export test_resnet |" in stage_table
+    assert re.search(r"^\| \*\*total\*\* \| \*\*\d+\.\d\*\* \|", stage_table, re.MULTILINE), stage_table
+    assert re.search(r"^\| test_resnet \| onnx-int8 \| \d+\.\d \| \d+\.\d \|$", report, re.MULTILINE)
 
     # a second run skips every finished stage
     again = CliRunner().invoke(app, args)
