@@ -61,7 +61,16 @@ class PreprocessSpec:
 
 
 class ImageLoadError(Exception):
-    """An image that cannot be used; the message is the reason shown in skip reports."""
+    """An image that cannot be used. The message names the file ('photos/a.jpg: file not found'); `reason`
+    is the one-line why alone, for rows and skip reports that name the file themselves."""
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None):
+        super().__init__(reason, path)  # both in args: the error pickles (cache builds decode in workers)
+        self.reason = reason
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return self.reason if self.path is None else f"{self.path}: {self.reason}"
 
 
 def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
@@ -69,7 +78,13 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
 
     Raises ImageLoadError with a one-line reason for missing, empty, truncated, non-image, or bomb files.
     """
-    path = Path(path)
+    try:
+        return _open_image(Path(path), draft_size)
+    except ImageLoadError as exc:
+        raise ImageLoadError(exc.reason, path) from None
+
+
+def _open_image(path: Path, draft_size: int | None) -> Image.Image:
     try:
         size = path.stat().st_size
     except OSError as exc:

@@ -67,10 +67,10 @@ def test_bench_cli_on_exports_against_the_run_dir(exported, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "kdiqa_edge", "bench", str(files["fp32"]), str(files["int8"]), "--reference", str(run),
          "--dataset", "synthetic", "--root", str(data.root), "--batch-sizes", "1,4", "--warmup", "1", "--runs", "3",
-         "--threads", "1", "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md"),
+         "--threads", "1", "--json-out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md"),
          "--plot", str(tmp_path / "b.png")], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert "kdiqa-edge bench" in out.stdout and "model.int8.onnx" in out.stdout
+    assert "kdiqa-edge bench" in out.stdout and "onnx-int8" in out.stdout  # rows named by export folder
     report = json.loads((tmp_path / "b.json").read_text())
     rows = report["results"]
     assert [r["format"] for r in rows] == ["PyTorch", "ONNX", "ONNX"] and rows[0]["reference"]
@@ -78,5 +78,5 @@ def test_bench_cli_on_exports_against_the_run_dir(exported, tmp_path):
     assert fp32["status"] == "ok" and abs(fp32["drift"]["delta_srcc"]) <= 1e-4
     assert fp32["drift"]["max_abs_diff"] <= 1e-4
     assert rows[2]["precision"] == "int8" and rows[2]["size_mb"] < fp32["size_mb"]
-    assert (tmp_path / "b.md").read_text().count("model.fp32.onnx") >= 3
+    assert (tmp_path / "b.md").read_text().count("| onnx-fp32 |") >= 3
     assert (tmp_path / "b.png").stat().st_size > 1000

@@ -55,7 +55,7 @@ def test_score_without_torch(artifacts, no_torch_env, tmp_path):
     fp32, _, photos = artifacts
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8 truncated jpeg")
-    out = _cli(["score", fp32, photos[0], photos[1].parent, bad, "--csv", "--batch-size", "4"], no_torch_env)
+    out = _cli(["score", fp32, photos[0], photos[1].parent, bad, "--format", "csv", "--batch-size", "4"], no_torch_env)
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert len(rows) == 2 + len(photos)  # photos[0] twice (file and directory), plus the corrupt file
@@ -86,7 +86,7 @@ def test_bench_without_torch(artifacts, no_torch_env, tmp_path):
     root = generate(tmp_path / "synthetic", refs=3, seed=1)
     out = _cli(["bench", int8, tmp_path / "absent.mlpackage", "--reference", fp32, "--dataset", "synthetic",
                 "--root", root, "--batch-sizes", "1,4", "--warmup", "1", "--runs", "3",
-                "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md", "--plot", tmp_path / "b.png"],
+                "--json-out", tmp_path / "b.json", "--markdown", tmp_path / "b.md", "--plot", tmp_path / "b.png"],
                no_torch_env)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "b.json").read_text())

@@ -191,6 +191,7 @@ def test_engine_file_refused_cleanly_where_tensorrt_is_missing(tmp_path):
 
 @pytest.mark.skipif(__import__("sys").platform == "darwin", reason="CoreML runs on macOS: this checks the refusal")
 def test_coreml_refused_off_macos(tmp_path):
+    (tmp_path / "model.fp16.mlpackage").mkdir()  # a package is a folder; a missing one is "no such file"
     with pytest.raises(MissingDependency, match="macOS"):
         QualityModel.load(tmp_path / "model.fp16.mlpackage")
 
@@ -252,7 +253,7 @@ def _folder_of_every_kind(photos, root):
 @pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="symlinks and FIFOs: POSIX")
 def test_score_on_a_folder_gives_every_file_a_row_and_a_summary(photos, onnx_dir, tmp_path):
     folder, expected = _folder_of_every_kind(photos, tmp_path)
-    result = _score_cli([onnx_dir / "float.onnx", folder, "--csv"])
+    result = _score_cli([onnx_dir / "float.onnx", folder, "--format", "csv"])
     assert result.exit_code == 0 and "Traceback" not in result.output
     rows = list(csv.DictReader(result.stdout.splitlines()))
     got = {str(Path(r["image"]).relative_to(folder)): r for r in rows}
@@ -263,7 +264,8 @@ def test_score_on_a_folder_gives_every_file_a_row_and_a_summary(photos, onnx_dir
         else:
             assert error in got[name]["error"] and got[name]["score"] == "", (name, got[name]["error"])
     failed = sum(e is not None for e in expected.values())
-    assert f"2 scored, {failed} unreadable, 1 other files ignored (no image suffix)" in result.stderr
+    assert f"2 scored, {failed} unreadable in " in result.stderr
+    assert "images/s; 1 other files ignored (no image suffix)" in result.stderr
 
     lines = [json.loads(line) for line in _score_cli([onnx_dir / "float.onnx", folder, "--json"]).stdout.splitlines()]
     assert sorted(line["image"] for line in lines) == sorted(r["image"] for r in rows)
@@ -296,7 +298,7 @@ def test_permission_errors_get_rows_even_as_root(photos, onnx_dir, tmp_path, mon
 
     monkeypatch.setattr(os, "scandir", scandir_denied)
     monkeypatch.setattr(PILImage, "open", open_denied)
-    result = _score_cli([onnx_dir / "float.onnx", folder, "--csv"])
+    result = _score_cli([onnx_dir / "float.onnx", folder, "--format", "csv"])
     assert result.exit_code == 0
     errors = {Path(r["image"]).name: r["error"] for r in csv.DictReader(result.stdout.splitlines())}
     assert errors == {"a.jpg": "", "denied.jpg": "permission denied",
@@ -335,7 +337,7 @@ def test_chmod_000_files_and_folders_get_rows(photos, onnx_dir, tmp_path):
     os.chmod(folder / "secret.jpg", 0)
     os.chmod(folder / "locked", 0)
     try:
-        result = _score_cli([onnx_dir / "float.onnx", folder, "--csv"])
+        result = _score_cli([onnx_dir / "float.onnx", folder, "--format", "csv"])
     finally:
         os.chmod(folder / "locked", 0o755)
     errors = {Path(r["image"]).name: r["error"] for r in csv.DictReader(result.stdout.splitlines())}

@@ -3,12 +3,90 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import DataError
 from kdiqa_edge.metrics import IQAMetrics, evaluate
 from kdiqa_edge.preprocess import PreprocessSpec
+
+# where the eval images come from (EvalSource.origin)
+FROM_RUN = "run"  # the reference run's dataset, and the test part of its own split.json
+FROM_OPTIONS = "options"  # the dataset options given to bench
+SYNTHETIC = "synthetic"  # the built-in synthetic set: no run and no options named a dataset
+NOT_YOUR_DATA = "accuracy on the built-in synthetic set, NOT your data"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSource:
+    """Which images bench scores for accuracy, the split whose test part they are, and why these."""
+
+    dataset: DatasetSpec
+    origin: str  # FROM_RUN | FROM_OPTIONS | SYNTHETIC
+    split_seed: int = 0  # the seed of a fresh split (where no split file applies)
+    split_file: Path | None = None  # the run's split.json: its test part holds the images the run never saw
+    val_fraction: float = 0.0
+    test_fraction: float = 0.2
+    split_by: str = "auto"
+    run_dir: Path | None = None  # the run whose data this is, or whose data the options overrode
+    reason: str = ""  # why SYNTHETIC: what named no dataset
+    notes: tuple[str, ...] = ()
+
+    @property
+    def headline(self) -> str | None:
+        """The line bench prints first, before anything else, when its accuracy is not on the user's data."""
+        if self.origin != SYNTHETIC:
+            return None
+        return (f"{NOT_YOUR_DATA}: {self.reason}; pass --reference RUN_DIR (its dataset and split) or the "
+                "dataset options (--dataset ...)")
+
+    def describe(self) -> str:
+        """'csv (the data runs/x trained on)': the dataset and where bench got it, for the report."""
+        where = {FROM_RUN: f"the data {self.run_dir} trained on", FROM_OPTIONS: "from the dataset options",
+                 SYNTHETIC: "the built-in set, NOT your data"}[self.origin]
+        return f"{self.dataset.name} ({where})"
+
+
+def eval_source(reference: str | Path | None, data: DatasetSpec | None = None, split_seed: int | None = None,
+                models: Sequence[str | Path] = ()) -> EvalSource:
+    """Where bench measures accuracy. Dataset options given explicitly win over the run's (with a note);
+    without them, the run of `reference` (else of the first model that is a run dir or a checkpoint in
+    one) gives the dataset and its saved split; without a run, the built-in synthetic set, and a headline
+    that says so. `split_seed` None: the run's own split (its split.json), else seed 0."""
+    from kdiqa_edge.data.runs import absolute_paths, run_data
+
+    data = data or DatasetSpec()
+    given = dataclasses.replace(data, strict=False) != DatasetSpec()  # --strict alone names no dataset
+    candidates = [reference] if reference is not None else list(models)
+    run = next((found for path in candidates if (found := run_data(path)) is not None), None)
+    same = run is not None and (dataclasses.replace(absolute_paths(data), strict=False)
+                                == dataclasses.replace(absolute_paths(run.dataset), strict=False))
+    if run is not None and (not given or same):
+        dataset = dataclasses.replace(run.dataset, strict=data.strict or run.dataset.strict)
+        split = {"val_fraction": run.val_fraction, "test_fraction": run.test_fraction, "split_by": run.split_by}
+        if split_seed is None or split_seed == run.split_seed:
+            return EvalSource(dataset, FROM_RUN, run.split_seed, run.split_file, run_dir=run.run_dir, **split,
+                              notes=() if run.split_file else (
+                                  f"{run.run_dir} has no split.json: its dataset split again with its seed "
+                                  f"{run.split_seed}",))
+        return EvalSource(dataset, FROM_RUN, split_seed, None, run_dir=run.run_dir, **split, notes=(
+            f"--split-seed {split_seed}: a fresh split of the dataset of {run.run_dir}, not its own split (seed "
+            f"{run.split_seed}): some test images may be ones the run trained on",))
+    seed = 0 if split_seed is None else split_seed
+    if given:
+        notes = () if run is None else (
+            f"the dataset options given here win over the dataset of {run.run_dir} ({run.dataset.name}"
+            f"{f' at {run.dataset.root}' if run.dataset.root else ''}); its split.json does not apply: split with "
+            f"seed {seed}",)
+        return EvalSource(data, FROM_OPTIONS, seed, run_dir=run.run_dir if run else None, notes=notes)
+    if reference is not None:
+        reason = f"the reference {reference} is not a run dir (no config.yaml with a dataset beside it)"
+    else:
+        reason = "no --reference run and no dataset options"
+    return EvalSource(data, SYNTHETIC, seed, reason=reason)
 
 
 @dataclasses.dataclass
@@ -26,9 +104,14 @@ class EvalSet:
 class EvalData:
     """Prepares the eval split once per preprocessing spec (models may differ in input size)."""
 
-    def __init__(self, spec, seed: int = 0, max_images: int | None = None, progress: bool = True):
-        self.spec, self.seed, self.max_images, self.progress = spec, seed, max_images, progress
+    def __init__(self, source: EvalSource, max_images: int | None = None, progress: bool = True):
+        self.source, self.max_images, self.progress = source, max_images, progress
+        self.notes: list[str] = []  # what happened to the split (a saved one that no longer fits)
         self._sets: dict[str, EvalSet] = {}
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return self.source.dataset
 
     def get(self, preprocess: PreprocessSpec) -> EvalSet:
         if preprocess.key not in self._sets:
@@ -36,9 +119,19 @@ class EvalData:
         return self._sets[preprocess.key]
 
     def _build(self, preprocess: PreprocessSpec) -> EvalSet:
-        from kdiqa_edge.data import prepare
+        from kdiqa_edge.data import Split, prepare
 
-        cache, split = prepare(self.spec, preprocess, seed=self.seed, progress=self.progress)
+        source = self.source
+        cache, split = prepare(source.dataset, preprocess, seed=source.split_seed, val_fraction=source.val_fraction,
+                               test_fraction=source.test_fraction, split_by=source.split_by, progress=self.progress)
+        if source.split_file is not None:
+            try:
+                split = Split.load(source.split_file).check(cache.dataset)
+            except DataError as exc:
+                note = (f"not using {source.split_file} ({exc}): the run's dataset split again with its seed "
+                        f"{source.split_seed}")
+                if note not in self.notes:
+                    self.notes.append(note)
         indices, which = (list(split.test), "test") if len(split.test) >= 3 else (list(range(len(cache))), "all")
         if self.max_images:
             indices = indices[:self.max_images]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdiqa_edge.bench.accuracy import NOT_YOUR_DATA
 from kdiqa_edge.bench.runner import BenchReport, BenchResult
 from kdiqa_edge.io import atomic_path, write_json, write_text
 
@@ -56,8 +57,16 @@ def environment_lines(report: BenchReport) -> list[str]:
                  f"{cfg.runs} timed runs each; inference only (preprocessing timed separately)")
     if report.dataset:
         d = report.dataset
-        lines.append(f"Accuracy: {d['name']}, {d['split']} split (seed {d['seed']}), {d['n']} images")
+        split = (f"{d['split']} split of {d['split_file']}" if d.get("split_file")
+                 else f"{d['split']} split (seed {d.get('split_seed')})")
+        lines.append(f"Accuracy: {d.get('source', d['name'])}, {split}, {d['n']} images")
     return lines
+
+
+def table_title(report: BenchReport) -> str:
+    """The table's first line says it where the accuracy is not on the user's data (the built-in synthetic
+    set), so no reader of the table misses it."""
+    return f"kdiqa-edge bench ({NOT_YOUR_DATA})" if report.headline else "kdiqa-edge bench"
 
 
 def print_table(report: BenchReport, console=None) -> None:
@@ -68,7 +77,7 @@ def print_table(report: BenchReport, console=None) -> None:
         console = Console()
         if not console.is_terminal:  # piped into a file or CI log: do not fold the table at 80 columns
             console = Console(width=200)
-    table = Table(title="kdiqa-edge bench", caption="\n".join(environment_lines(report)), caption_justify="left")
+    table = Table(title=table_title(report), caption="\n".join(environment_lines(report)), caption_justify="left")
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("Model", "Format", "Status") else "right",
                          overflow="fold")
@@ -83,6 +92,10 @@ def print_table(report: BenchReport, console=None) -> None:
         console.print(f"note: {note}", style="yellow")
 
 
+def _pretrained(value: bool | None) -> str:
+    return "—" if value is None else ("yes" if value else "NO (random init)")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     escape = lambda cell: str(cell).replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -93,7 +106,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environment: bool = True) -> str:
     """The full report; `environment=False` leaves the environment lines out (a suite prints them once)."""
     header = [*[f"- {line}" for line in environment_lines(report)], ""] if environment else []
-    parts = [f"# {title}", "", *header,
+    parts = [f"# {title}", "", *([f"**{report.headline[0].upper()}{report.headline[1:]}.**", ""]
+                                 if report.headline else []), *header,
              _md_table(list(COLUMNS), [summary_row(r) for r in report.results]), ""]
     latency = [[r.name, r.format, r.precision, str(s.batch_size), f"{s.mean_ms:.3f}", f"{s.p50_ms:.3f}",
                 f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.std_ms:.3f}", f"{s.images_per_s:.1f}"]
@@ -112,13 +126,13 @@ def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environme
         parts += ["## Accuracy and drift vs the reference", "",
                   _md_table(["Model", "Precision", "PLCC", "PLCC (fitted)", "SRCC", "KRCC", "RMSE", "ΔPLCC", "ΔSRCC",
                              "mean \\|Δscore\\|", "max \\|Δscore\\|"], accuracy), ""]
-    model_facts = [[r.name, r.backend or "—", r.device or "—", r.input or "—", _num(r.size_mb, ".2f"),
-                    _count(r.params), _count(r.macs), _num(r.load_s, ".2f"), _num(r.rss_delta_mb, ".0f"),
-                    _num(r.peak_rss_mb, ".0f")] for r in report.results if r.status == "ok"]
+    model_facts = [[r.name, r.backend or "—", r.device or "—", r.input or "—", _pretrained(r.pretrained),
+                    _num(r.size_mb, ".2f"), _count(r.params), _count(r.macs), _num(r.load_s, ".2f"),
+                    _num(r.rss_delta_mb, ".0f"), _num(r.peak_rss_mb, ".0f")] for r in report.results if r.status == "ok"]
     if model_facts:
         parts += ["## Model facts", "",
-                  _md_table(["Model", "Backend", "Device", "Input", "Size (MB)", "Params", "MACs", "Load (s)",
-                             "RSS added (MB)", "Peak RSS (MB)"], model_facts), ""]
+                  _md_table(["Model", "Backend", "Device", "Input", "Pretrained", "Size (MB)", "Params", "MACs",
+                             "Load (s)", "RSS added (MB)", "Peak RSS (MB)"], model_facts), ""]
     prep = [[r.name, "on" if r.preprocessing.draft else "off", str(r.preprocessing.images),
              f"{r.preprocessing.mean_ms:.2f}", f"{r.preprocessing.p50_ms:.2f}", f"{r.preprocessing.images_per_s:.1f}"]
             for r in report.results if r.preprocessing]

@@ -11,16 +11,17 @@ A model that fails to load or run gets a row with its status and reason; the oth
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from kdiqa_edge.bench import facts
-from kdiqa_edge.bench.accuracy import Drift, EvalData, drift, score_eval_set
+from kdiqa_edge.bench.accuracy import Drift, EvalData, drift, eval_source, score_eval_set
 from kdiqa_edge.bench.environment import environment
 from kdiqa_edge.bench.latency import (
     LatencyStats,
@@ -44,7 +45,8 @@ class BenchConfig:
     runs: int = 50  # timed runs per batch size
     rounds: int = 5  # the runs are spread over this many rounds, every model timed in each (side by side)
     provider: str | None = None  # onnxruntime execution provider / torch device / CoreML compute units
-    seed: int = 0  # split seed: the eval split is the test part of this split
+    split_seed: int | None = None  # the eval split is the test part of this split; None: the reference run's
+    # own split (its split.json), else seed 0
     max_images: int | None = None  # cap on eval images (None: the whole test split)
     accuracy: bool = True  # score the eval split (off: latency and facts only)
     eval_batch_size: int = 32  # batch size for scoring the eval split
@@ -62,13 +64,14 @@ class BenchConfig:
 @dataclasses.dataclass
 class BenchResult:
     model: str  # the path as given
-    name: str  # the file name, the row label
+    name: str  # the row label: the export folder (onnx-int8), else the file name; parents added where they clash
     format: str  # ONNX, TensorRT, CoreML, ExecuTorch, PyTorch
     precision: str  # fp32 | fp16 | int8 | ?
     status: str = "ok"  # ok | failed
     stage: str | None = None  # where it failed: load, latency, accuracy
     reason: str | None = None  # one line
     reference: bool = False
+    pretrained: bool | None = None  # as the artifact records; False: random init, its accuracy a smoke test
     backend: str | None = None  # onnxruntime, tensorrt, coreml, executorch, torch
     device: str | None = None
     input: str | None = None  # e.g. "uint8 NHWC 224"
@@ -100,13 +103,14 @@ class BenchResult:
 class BenchReport:
     environment: dict
     config: BenchConfig
-    dataset: dict | None  # name, split, n (None when accuracy is off or failed)
+    dataset: dict | None  # name, origin, split, n, split_seed, split_file (None when accuracy is off or failed)
     results: list[BenchResult]
     notes: list[str] = dataclasses.field(default_factory=list)
+    headline: str | None = None  # said before anything else: accuracy on the built-in set, not the user's data
 
     def to_dict(self) -> dict:
-        return {"environment": self.environment, "config": self.config.to_dict(), "dataset": self.dataset,
-                "results": [r.to_dict() for r in self.results], "notes": self.notes}
+        return {"headline": self.headline, "environment": self.environment, "config": self.config.to_dict(),
+                "dataset": self.dataset, "results": [r.to_dict() for r in self.results], "notes": self.notes}
 
 
 def guess_precision(path: str | Path) -> str:
@@ -205,6 +209,7 @@ def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=N
         result.load_s = time.perf_counter() - start
         info = model.info
         result.precision, result.backend, result.device = info.precision, model.backend.name, model.backend.device
+        result.pretrained = info.pretrained
         result.format = FORMAT_NAMES.get(model.backend.name if model.backend.name != "onnxruntime" else "onnx",
                                          result.format)
         result.input = f"{info.input.dtype} {info.input.layout} {info.input.size}"
@@ -214,7 +219,7 @@ def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=N
         for batch_size in cfg.batch_sizes:
             if progress:
                 progress(f"{result.name}: warm-up @ batch {batch_size}")
-            x = loaded.inputs[batch_size] = latency_input(model, batch_size, cfg.seed)
+            x = loaded.inputs[batch_size] = latency_input(model, batch_size)
             for _ in range(cfg.warmup):
                 model.run(x)
             model.backend.synchronize()
@@ -287,17 +292,24 @@ def bench_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=
 
 
 def run_bench(models: Sequence[str | Path], reference: str | Path | None = None, data=None,
-              cfg: BenchConfig = BenchConfig(), progress: bool = True) -> BenchReport:
-    """Bench every model (the reference first, as its own row); the FP32 reference anchors the drift."""
-    from kdiqa_edge.data.spec import DatasetSpec
+              cfg: BenchConfig = BenchConfig(), progress: bool = True,
+              log: Callable[[str], None] | None = None) -> BenchReport:
+    """Bench every model (the reference first, as its own row); the FP32 reference anchors the drift.
 
-    eval_data = EvalData(data or DatasetSpec(), seed=cfg.seed, max_images=cfg.max_images,
-                         progress=progress) if cfg.accuracy else None
+    Accuracy is measured on the reference run's dataset and split unless dataset options (`data`) are
+    given (accuracy.eval_source); `log` gets, before any work, the line saying where the accuracy comes from
+    when it is the built-in synthetic set, and the notes about the data and split."""
+    from kdiqa_edge.console import Progress
+
+    source = eval_source(reference, data, cfg.split_seed, models) if cfg.accuracy else None
+    if log is not None and source is not None:
+        for line in ([source.headline] if source.headline else []) + list(source.notes):
+            log(line)
+    eval_data = EvalData(source, max_images=cfg.max_images, progress=progress) if source is not None else None
     paths = ([(str(reference), True)] if reference else []) + [(str(m), False) for m in models]
     results: list[BenchResult] = []
-    notes: list[str] = []
+    notes: list[str] = list(source.notes) if source is not None else []
     ref_scores = ref_set = None
-    from kdiqa_edge.console import Progress
 
     loaded: list[Loaded] = []
     # side by side, ONNX Runtime's workers stop spinning when a run returns: an idle session's workers would
@@ -337,27 +349,59 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
         time_side_by_side(loaded, cfg, bar)
     loaded.clear()
     _distinct_names(results)
+    untrained = list(dict.fromkeys(r.name for r in results if r.pretrained is False))
+    if untrained:  # first among the notes: it says what every accuracy figure in the table is worth
+        one = len(untrained) == 1
+        notes.insert(0, f"{', '.join(untrained)} {'is' if one else 'are'} not pretrained (random init): "
+                        f"{'its' if one else 'their'} SRCC, PLCC and drift are a smoke test of the pipeline, "
+                        "not image quality")
     dataset = None
     if eval_data is not None and eval_data._sets:
+        notes.extend(eval_data.notes)
         first = next(iter(eval_data._sets.values()))
-        dataset = {"name": first.dataset, "split": first.split, "n": len(first.names), "seed": cfg.seed,
-                   "spec": eval_data.spec.to_dict() if hasattr(eval_data.spec, "to_dict") else str(eval_data.spec)}
+        dataset = {"name": first.dataset, "origin": source.origin, "source": source.describe(),
+                   "split": first.split, "n": len(first.names), "split_seed": source.split_seed,
+                   "split_file": None if eval_data.notes or source.split_file is None else str(source.split_file),
+                   "spec": source.dataset.to_dict()}
     return BenchReport(environment=environment(cfg.threads), config=cfg, dataset=dataset, results=results,
-                       notes=notes)
+                       notes=notes, headline=source.headline if source is not None else None)
+
+
+def export_folder(path: str | Path) -> str | None:
+    """The folder an export wrote this file into (onnx-auto, onnx-int8: OUT/<target>-<precision>/FILE, with
+    OUT/manifest.json listing it), else None. The file name alone cannot tell auto's pick from the rest."""
+    folder = Path(os.path.abspath(path)).parent  # abspath: a symlink keeps its own place
+    manifest = folder.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        exports = json.loads(manifest.read_text(encoding="utf-8")).get("exports")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder.name if isinstance(exports, dict) and folder.name in exports else None
 
 
 def _distinct_names(results: list[BenchResult]) -> None:
-    """Rows are named by file name; same-named files (every export is model.<precision>.onnx) get as many
-    parent folders as it takes to tell them apart."""
-    parts = [Path(os.path.abspath(r.model)).parts for r in results]  # abspath: a symlink keeps its own name
-    depth = [1] * len(results)
+    """Rows are named by their export folder (onnx-auto, onnx-int8) where an export wrote them, else by file
+    name; two files in one export folder add their file name (model.onnx and its .engine), and names that
+    still clash (every run's exports have an onnx-fp32) get as many parent folders as it takes to tell them
+    apart. The same path given twice keeps one name."""
+    paths = [os.path.abspath(r.model) for r in results]  # abspath: a symlink keeps its own name
+    folders = [export_folder(r.model) for r in results]
+    chains: list[tuple[str, ...]] = []
+    for path, folder in zip(paths, folders):
+        parts = Path(path).parts
+        shared = folder is not None and any(Path(p).parent == Path(path).parent for p in paths if p != path)
+        chains.append(parts[:-1] + ((parts[-1],) if shared else ()) if folder else parts)
+    tail = [2 if folders[i] and chains[i][-1] != folders[i] else 1 for i in range(len(results))]
     while True:
-        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
-        clash = [i for i, name in enumerate(names) if names.count(name) > 1 and depth[i] < len(parts[i])]
+        names = ["/".join(chain[-d:]) for chain, d in zip(chains, tail)]
+        clash = [i for i, name in enumerate(names)
+                 if any(n == name and paths[j] != paths[i] for j, n in enumerate(names)) and tail[i] < len(chains[i])]
         if not clash:
             break
         for i in clash:
-            depth[i] += 1
+            tail[i] += 1
     for result, name in zip(results, names):
         result.name = name
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.options import OldSeed, SplitSeed, dataset_options
 from kdiqa_edge.cli.score import Provider, Threads
 
 
@@ -29,7 +29,8 @@ def bench(
                                                       "checkpoint or run dir).")],
     data,
     reference: Annotated[Path | None, typer.Option(
-        "--reference", help="The FP32 model the drift is measured against (a run dir, checkpoint or artifact).")] = None,
+        "--reference", help="The FP32 model the drift is measured against (a run dir, checkpoint or artifact). "
+                            "A run's dataset and split are the eval data, unless dataset options are given.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Latency batch sizes, e.g. 1,8,32.")] = "1,8,32",
     threads: Threads = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per batch size.")] = 10,
@@ -38,33 +39,47 @@ def bench(
         "Spread the runs over this many rounds, every model timed in each, the order rotated: models compared "
         "side by side see the same machine load."))] = 5,
     provider: Provider = None,
-    seed: Annotated[int, typer.Option("--seed", help="Split seed: the eval split is its test part.")] = 0,
+    split_seed: SplitSeed = None,
+    old_seed: OldSeed = None,
     max_images: Annotated[int | None, typer.Option("--max-images", min=3,
                                                       help="Score at most this many eval images.")] = None,
     accuracy: Annotated[bool, typer.Option("--accuracy/--no-accuracy",
                                            help="Score the eval split (off: latency and facts only).")] = True,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the full results as JSON.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json-out", help="Write the full results as JSON.")] = None,
+    old_json_path: Annotated[Path | None, typer.Option("--json", hidden=True, help="Deprecated: --json-out.")] = None,
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown report.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a latency-vs-SRCC PNG.")] = None,
 ) -> None:
     """Benchmark artifacts of one model: latency per batch size, size, params, MACs, accuracy, drift.
 
-    A format that fails to load or run gets a row with the reason; the others still run.
+    A format that fails to load or run gets a row with the reason; the others still run. Rows are named by
+    their export folder (onnx-auto, onnx-int8).
+
+    Accuracy is measured on the test part of the reference run's own split (its config.yaml and split.json),
+    as export does; dataset options given here win over the run's (a note says so), and --split-seed makes
+    a fresh split. With neither a run nor dataset options, it is the built-in synthetic set, and the first
+    line of the output says so.
 
     Examples:
 
       kdiqa-edge bench out/student.onnx out/student.int8.onnx --reference runs/distill-resnet18
 
-      kdiqa-edge bench model.engine --dataset koniq --root ~/data/koniq --batch-sizes 1,16 --json bench.json
+      kdiqa-edge bench model.engine --dataset koniq --root ~/data/koniq --batch-sizes 1,16 --json-out bench.json
 
       kdiqa-edge bench exports/android/*/model.*.pte --reference runs/distill --threads 2 --batch-sizes 1
     """
     from kdiqa_edge.bench import BenchConfig, run_bench
     from kdiqa_edge.bench.report import print_table, write_markdown, write_plot, write_report_json
+    from kdiqa_edge.cli.options import renamed
 
+    split_seed = renamed("--seed", "--split-seed", old_seed, split_seed)
+    json_path = renamed("--json PATH", "--json-out PATH", old_json_path, json_path,
+                        "--json is an on/off switch in the other commands")
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
-                      rounds=rounds, provider=provider, seed=seed, max_images=max_images, accuracy=accuracy)
-    report = run_bench(models, reference=reference, data=data, cfg=cfg)
+                      rounds=rounds, provider=provider, split_seed=split_seed, max_images=max_images,
+                      accuracy=accuracy)
+    report = run_bench(models, reference=reference, data=data, cfg=cfg,
+                       log=lambda line: typer.secho(f"note: {line}", err=True, fg="yellow"))
     print_table(report)
     for path, writer in ((json_path, write_report_json), (markdown_path, write_markdown), (plot_path, write_plot)):
         if path is not None:

@@ -84,6 +84,8 @@ def backend_kind(path: str | Path) -> str:
 
 def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None,
                  spinning: bool | None = None, stop_spinning: bool = False) -> Backend:
+    if not Path(path).exists():  # before any runtime sees it: theirs say "[ONNXRuntimeError] : 3 : NO_SUCHFILE"
+        raise CheckpointError(f"no such file: {path}")
     kind = backend_kind(path)
     options = {"spinning": spinning, "stop_spinning": stop_spinning} if kind == "onnx" else {}
     return BACKENDS.get(kind)(Path(path), provider=provider, threads=threads, **options)

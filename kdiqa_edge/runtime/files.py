@@ -20,21 +20,31 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 class ImageFiles:
     """Iterate (path, None) for each image file to score and (path, reason) for each entry that cannot be.
 
-    A path given directly is always tried (the decoder reports it if it is no image); folders are walked
-    depth first in name order, following symlinked folders once each. `ignored` counts the files without an
-    image suffix met in folders (complete once the iteration is)."""
+    A path given directly is always tried (the decoder reports it if it is no image), unless it does not
+    exist: then it gets a row and is listed in `missing`. Folders are walked depth first in name order,
+    following symlinked folders once each. `ignored` counts the files without an image suffix met in
+    folders. Both are complete once the iteration is."""
 
     inputs: Sequence[str | os.PathLike]
     suffixes: frozenset[str] = IMAGE_SUFFIXES
     ignored: int = 0
+    missing: list[Path] = dataclasses.field(default_factory=list)  # named paths that do not exist
 
     def __iter__(self) -> Iterator[tuple[Path, str | None]]:
-        self.ignored = 0
+        self.ignored, self.missing = 0, []
         for item in map(Path, self.inputs):
             if item.is_dir():
                 yield from self._walk(item, set())
-            else:
-                yield item, None
+                continue
+            try:
+                item.stat()
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # a typo, not an unreadable image
+                    self.missing.append(item)
+                    yield item, (f"dangling symlink (to {os.readlink(item)})" if item.is_symlink()
+                                 else "no such file or directory")
+                    continue
+            yield item, None  # anything else (permission denied, a loop) is the decoder's to report
 
     def _walk(self, folder: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
         try:

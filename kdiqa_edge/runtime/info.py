@@ -44,6 +44,21 @@ class ArtifactInfo:
     def arch(self) -> str:
         return str(self.source.get("arch", "?"))
 
+    @property
+    def pretrained(self) -> bool | None:
+        """Whether the model started from pretrained weights, as its checkpoint recorded (`source.pretrained`);
+        False: random init, so its scores are a smoke test, not image quality; None: not recorded."""
+        value = self.source.get("pretrained")
+        return None if value is None else bool(value)
+
+    def not_pretrained_note(self, name: str | None = None) -> str | None:
+        """The line every output that scores with a random-init model carries (`name`: how the output names
+        the model, default the file's name); None for any other model."""
+        if self.pretrained is not False:
+            return None
+        return (f"{name or self.path.name} is not pretrained (random init): its scores are a smoke test, "
+                "not image quality")
+
     @classmethod
     def from_meta(cls, path: str | Path, meta: dict[str, Any], target: str) -> ArtifactInfo:
         """Build from decoded `kdiqa_edge.*` metadata; refuse an artifact that carries none."""

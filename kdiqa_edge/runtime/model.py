@@ -66,8 +66,10 @@ class QualityModel:
                                 stop_spinning=stop_spinning))
 
     def __repr__(self) -> str:
+        untrained = ", not pretrained (random init)" if self.info.pretrained is False else ""
         return (f"QualityModel({self.info.path.name}, {self.backend.name}/{self.backend.device}, "
-                f"{self.info.precision}, input {self.info.input.dtype} {self.info.input.layout} {self.info.input.size})")
+                f"{self.info.precision}, input {self.info.input.dtype} {self.info.input.layout} {self.info.input.size}"
+                f"{untrained})")
 
     # --- arrays ------------------------------------------------------------------------------------
 
@@ -149,7 +151,7 @@ class QualityModel:
             except ImageLoadError as exc:
                 yield from self._flush(pending)
                 pending = []
-                yield ScoreResult(str(path), None, str(exc))
+                yield ScoreResult(str(path), None, exc.reason)
                 continue
             if len(pending) == batch_size:
                 yield from self._flush(pending)
