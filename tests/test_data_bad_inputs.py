@@ -25,7 +25,8 @@ def _write_scores(path: Path, rows: list[list], header=("image", "mos")) -> None
 
 @pytest.fixture
 def messy(tmp_path) -> Path:
-    """A csv dataset with every kind of bad entry beside good ones in every pixel format."""
+    """A csv dataset with every kind of bad entry beside good ones in every pixel format. Its scores out of
+    range are bad rows of a 1..5 set, so its users pass --mos-range 1,5 (without it they are an error)."""
     root = tmp_path / "messy"
     (root / "img").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -87,7 +88,7 @@ GOOD = ["img/good.jpg", "img/gray.png", "img/alpha.png", "img/la.png", "img/pale
 
 
 def test_bad_entries_are_skipped_with_their_reasons(messy, tmp_path):
-    dataset = load_dataset(DatasetSpec(name="csv", root=messy))
+    dataset = load_dataset(DatasetSpec(name="csv", root=messy, mos_range=(1.0, 5.0)))
     reasons = {}
     for skip in dataset.skipped:
         reasons.setdefault(skip.image, skip.reason)
@@ -114,7 +115,7 @@ def test_bad_entries_are_skipped_with_their_reasons(messy, tmp_path):
 def test_data_index_writes_skipped_csv_and_a_summary_line(messy, tmp_path, capsys):
     out = tmp_path / "out" / "index.csv"
     with pytest.raises(SystemExit) as exit_info:
-        main(["data", "index", "--dataset", "csv", "--root", str(messy), "--out", str(out), "--decode"])
+        main(["data", "index", "--dataset", "csv", "--root", str(messy), "--mos-range", "1,5", "--out", str(out), "--decode"])
     assert exit_info.value.code in (0, None)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 2  # + the absolute-path row, + twice.jpg's 2nd row
@@ -127,7 +128,7 @@ def test_data_index_writes_skipped_csv_and_a_summary_line(messy, tmp_path, capsy
 
 def test_strict_turns_any_skip_into_a_one_line_error(messy, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["data", "index", "--dataset", "csv", "--root", str(messy), "--out", str(tmp_path / "i.csv"),
+        main(["data", "index", "--dataset", "csv", "--root", str(messy), "--mos-range", "1,5", "--out", str(tmp_path / "i.csv"),
               "--strict"])
     assert exit_info.value.code == DataError.exit_code
     err = capsys.readouterr().err.strip()
@@ -213,7 +214,7 @@ def test_prepare_logs_one_summary_line_and_lists_the_skips(messy, caplog):
     from kdiqa_edge.data import prepare
 
     with caplog.at_level(logging.WARNING, logger="kdiqa_edge.data"):
-        cache, split = prepare(DatasetSpec(name="csv", root=messy), progress=False, workers=1)
+        cache, split = prepare(DatasetSpec(name="csv", root=messy, mos_range=(1.0, 5.0)), progress=False, workers=1)
     total = len(INDEX_TIME_SKIPS) + len(DECODE_SKIPS) + 2  # + the absolute-path row, + twice.jpg's 2nd row
     [record] = [r for r in caplog.records if r.name == "kdiqa_edge.data"]
     assert f"{total} skipped" in record.getMessage() and "skipped.csv" in record.getMessage()

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.options import OldSeed, SplitSeed, dataset_options, renamed
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import DataError
 
@@ -19,7 +19,6 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 
-Seed = Annotated[int, typer.Option("--seed", help="Split seed.")]
 ValFraction = Annotated[float, typer.Option("--val-fraction", help="Share of images held out for validation.")]
 TestFraction = Annotated[float, typer.Option("--test-fraction", help="Share of images held out for testing.")]
 SplitBy = Annotated[
@@ -41,7 +40,8 @@ def register(app: typer.Typer) -> None:
 def index_command(
     data: DatasetSpec,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the index CSV.")] = Path("index.csv"),
-    seed: Seed = 0,
+    split_seed: SplitSeed = 0,
+    old_seed: OldSeed = None,
     val_fraction: ValFraction = 0.0,
     test_fraction: TestFraction = 0.2,
     split_by: SplitBy = "auto",
@@ -55,6 +55,7 @@ def index_command(
     """
     from kdiqa_edge.data import write_skipped
 
+    seed = renamed("--seed", "--split-seed", old_seed, split_seed)
     dataset, split = _load(data, seed, val_fraction, test_fraction, split_by, decode)
     parts = split.assignment(len(dataset.records))
     _write_index(out, dataset, parts)
@@ -70,7 +71,8 @@ def index_command(
 def info_command(
     data: DatasetSpec,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
-    seed: Seed = 0,
+    split_seed: SplitSeed = 0,
+    old_seed: OldSeed = None,
     val_fraction: ValFraction = 0.0,
     test_fraction: TestFraction = 0.2,
     split_by: SplitBy = "auto",
@@ -80,6 +82,7 @@ def info_command(
 
     Example: kdiqa-edge data info --dataset live --root ~/data/databaserelease2 --json
     """
+    seed = renamed("--seed", "--split-seed", old_seed, split_seed)
     try:
         dataset, split = _load(data, seed, val_fraction, test_fraction, split_by, decode)
         split_problem = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -103,6 +104,7 @@ def distill_command(
     """
     from kdiqa_edge.errors import ConfigError
     from kdiqa_edge.train.distill import load_config, run_distill
+    from kdiqa_edge.train.state import RunInterrupted
 
     if resume and out is None:
         raise ConfigError("--resume needs --out: the run dir to continue")
@@ -117,9 +119,17 @@ def distill_command(
         augment=augment, seed=seed, split_seed=split_seed, val_fraction=val_fraction, device=device, amp=amp,
         compile=compile_model, progress=False if quiet else None,
     )
-    summary = run_distill(cfg, data, out, resume=resume, log=typer.echo)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report
+    try:
+        summary = run_distill(cfg, data, out, resume=resume, log=typer.echo)
+    except RunInterrupted as stop:  # Ctrl-C: every completed epoch is saved in the run dir
+        if main_process:
+            typer.echo(f"{stop}; resume with: kdiqa-edge distill --out {shlex.quote(str(stop.run_dir))} --resume",
+                       err=True)
+        raise typer.Exit(130) from None
+    if main_process:
         _report(summary)
+        typer.echo(f"next: kdiqa-edge export {shlex.quote(summary['run_dir'])} --precision auto")
 
 
 def _report(summary: dict) -> None:
@@ -135,6 +145,11 @@ def _report(summary: dict) -> None:
         line += (f"  |  teacher {_millions(teacher.get('params'))} params, "
                  f"{_giga(teacher.get('flops'))} FLOPs  (per image at the input size)")
     typer.echo(line)
+    ratio = (summary.get("compression") or {}).get("teacher_over_student", {}).get("params")
+    if ratio:
+        typer.echo(f"  the student is {ratio:.1f}x smaller than the teacher (params)" if ratio >= 1 else
+                   f"  the student is {1 / ratio:.1f}x LARGER than this teacher (params): a tiny or small "
+                   f"teacher, not a compression")
 
 
 def _millions(value) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.options import OldSeed, SplitSeed, dataset_options, renamed
 from kdiqa_edge.data.spec import DatasetSpec
 
 teacher_app = typer.Typer(help="The CLIP quality teacher: zero-shot evaluation and image-encoder fine-tuning.",
@@ -30,7 +31,6 @@ Template = Annotated[list[str] | None, typer.Option(
     "quality').", rich_help_panel=TEACHER_PANEL)]
 Device = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Split seed.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +48,8 @@ def eval_command(
         rich_help_panel=TEACHER_PANEL)] = None,
     template: Template = None,
     split: Annotated[str, typer.Option("--split", help="test, train, val or all.")] = "test",
-    seed: Seed = None,
+    split_seed: SplitSeed = 0,
+    old_seed: OldSeed = None,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share held out for testing.")] = 0.2,
     batch_size: BatchSize = None,
     device: Device = None,
@@ -74,7 +75,9 @@ def eval_command(
     if split not in ("test", "train", "val", "all"):
         raise ConfigError(f"--split must be test, train, val or all, got {split!r}")
     result = evaluate_teacher(data, teacher=teacher, weights=teacher_weights, checkpoint=checkpoint,
-                              templates=template, split=split, seed=seed or 0, test_fraction=test_fraction,
+                              templates=template, split=split,
+                              seed=renamed("--seed", "--split-seed", old_seed, split_seed),
+                              test_fraction=test_fraction,
                               batch_size=batch_size or 128, device=device or "auto", progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -136,6 +139,7 @@ def finetune_command(
       torchrun --nproc-per-node 4 -m kdiqa_edge teacher finetune --dataset koniq --root ... --out ...
     """
     from kdiqa_edge.train.finetune import load_config, run_finetune
+    from kdiqa_edge.train.state import RunInterrupted
 
     if resume and config is None and out is not None and (out / "config.yaml").is_file():
         config = out / "config.yaml"  # resume with the run's own resolved config
@@ -146,8 +150,15 @@ def finetune_command(
         val_fraction=val_fraction, device=device, amp=amp, compile=compile_model, features=features,
         progress=False if quiet else None,
     )
-    summary = run_finetune(cfg, data, out, resume=resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
+    try:
+        summary = run_finetune(cfg, data, out, resume=resume)
+    except RunInterrupted as stop:  # Ctrl-C: every completed epoch is saved in the run dir
+        if main_process:
+            typer.echo(f"{stop}; resume with: kdiqa-edge teacher finetune --out {shlex.quote(str(stop.run_dir))} "
+                       "--resume", err=True)
+        raise typer.Exit(130) from None
+    if not main_process:
         return
     test = summary.get("test") or {}
     zero = summary.get("zero_shot_test")

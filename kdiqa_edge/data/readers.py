@@ -8,17 +8,19 @@ Layouts, ranges and directions: shared/datasets.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kdiqa_edge.data.records import Dataset, Row, build_dataset, require_usable
+from kdiqa_edge.data.records import Dataset, Row, build_dataset, parse_score, require_usable
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError, DataError
 from kdiqa_edge.registry import Registry
 
 Reader = Callable[[DatasetSpec, Path], Dataset]
 DATASETS: Registry[Reader] = Registry("dataset")
+CSV_DEFAULT_RANGE = (1.0, 5.0)  # the csv reader's nominal range when --mos-range is not given
 
 
 def load_dataset(spec: DatasetSpec) -> Dataset:
@@ -126,8 +128,22 @@ def read_csv(spec: DatasetSpec, root: Path) -> Dataset:
             level=_int_or_none(row.get("level")) if "level" in has else None)
         for row in table
     ]
-    return build_dataset("csv", image_root, rows, spec.mos_range or (1.0, 5.0), spec.lower_better,
-                         range_hint="" if spec.mos_range else " (the default; --mos-range LO,HI sets it)")
+    if spec.mos_range is None:
+        _check_default_range(path, spec.mos_col, rows)
+    return build_dataset("csv", image_root, rows, spec.mos_range or CSV_DEFAULT_RANGE, spec.lower_better)
+
+
+def _check_default_range(path: Path, column: str, rows: list[Row]) -> None:
+    """Ratings outside the default 1..5 are another scale, not bad rows: without an explicit --mos-range
+    they are an error, never skipped (skipping would drop the lowest- or highest-quality images, silently).
+    With --mos-range, a score outside it is a bad row, skipped and reported."""
+    scores = [score for score in (parse_score(row.raw) for row in rows) if score is not None]
+    lo, hi = CSV_DEFAULT_RANGE
+    outside = sum(not lo <= score <= hi for score in scores)
+    if outside:
+        raise DataError(f"{path}: {column} holds ratings {min(scores):g}..{max(scores):g}, outside the default "
+                        f"range {lo:g}..{hi:g} ({outside} of {len(scores)} rows): pass --mos-range LO,HI with "
+                        f"the scale of your ratings")
 
 
 def _beside(root: Path, path: Path) -> Path:
@@ -136,6 +152,32 @@ def _beside(root: Path, path: Path) -> Path:
     if path.is_absolute() or path.exists() or not (root / path).exists():
         return path
     return root / path
+
+
+def absolute_spec(spec: DatasetSpec, bases: Sequence[Path] = ()) -> DatasetSpec:
+    """The spec with its paths absolute and resolved, each where the readers would find it, as a run records
+    it (valid from any folder; `data.runs.absolute_paths` with the csv reader's rule below).
+
+    Relative paths are taken from the first of `bases`, then the current folder, that holds the root (or
+    the score file, for a csv set without a root): a resumed run's recorded folder first. There, a score
+    file or image folder that is not under that folder but under the root is the root's, as `_beside`
+    reads `--csv labels.csv` beside `--root set`.
+    """
+    fields = {"root": spec.root, "csv": spec.csv, "image_dir": spec.image_dir}
+    paths = {name: Path(value).expanduser() for name, value in fields.items() if value is not None}
+    if all(path.is_absolute() for path in paths.values()):
+        return dataclasses.replace(spec, **{name: path.resolve() for name, path in paths.items()})
+    anchor = paths.get("root") or paths.get("csv") or paths.get("image_dir")
+    base = Path(next((b for b in [*bases, Path.cwd()] if (Path(b) / anchor).exists()), Path.cwd()))
+    root = (base / paths["root"]).resolve() if "root" in paths else None
+
+    def place(path: Path) -> Path:
+        if path.is_absolute() or (base / path).exists() or root is None or not (root / path).exists():
+            return (base / path).resolve()
+        return (root / path).resolve()
+
+    return dataclasses.replace(spec, **{name: place(path) if name != "root" else root
+                                        for name, path in paths.items()})
 
 
 @DATASETS.register("synthetic")

@@ -114,7 +114,7 @@ def inside(root: Path, relative: str) -> str | None:
 
 def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[float, float],
                   lower_better: bool = False, hard_range: bool = True, dropped: int = 0,
-                  check_files: bool = True, range_hint: str = "") -> Dataset:
+                  check_files: bool = True) -> Dataset:
     """Validate rows into records: bad score, duplicate, conflict, escaping path, missing or empty file ->
     skipped, each with its reason. Scores are never clipped: one outside the range is skipped and says so.
 
@@ -144,7 +144,7 @@ def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[f
         elif score is None:
             skipped.append(Skip(row.image, f"score is empty or not a number ({row.raw!r})"))
         elif not lo <= score <= hi:
-            skipped.append(Skip(row.image, f"outside the nominal range [{lo:g}, {hi:g}]{range_hint}: score {score:g}"))
+            skipped.append(Skip(row.image, f"outside the nominal range [{lo:g}, {hi:g}]: score {score:g}"))
         elif check_files and (reason := _file_problem(root / image)):
             skipped.append(Skip(row.image, reason))
         else:

@@ -64,10 +64,12 @@ class DistillConfig:
     eval_batch_size: int = 128
     select: str = "plcc+srcc"
     progress: bool = True
+    workdir: str | None = None  # the folder the command ran in (set by run_distill; how, not what, is trained)
 
 
-# Fields that may change between an interrupted run and its --resume (how, not what, is trained).
-VOLATILE = ("progress", "device", "compile", "eval_batch_size")
+# Fields that may change between an interrupted run and its --resume (how, not what, is trained). `workdir`
+# is where the command ran: a run resumed from another folder trains the same thing.
+VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir")
 
 
 def load_config(config_file: str | Path | None = None, **overrides) -> DistillConfig:
@@ -96,7 +98,7 @@ def teacher_finetune_config(cfg: DistillConfig, data: DatasetSpec):
         grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, augment=cfg.augment, seed=cfg.seed,
         device=cfg.device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, eval_batch_size=cfg.eval_batch_size,
-        select=cfg.select, progress=cfg.progress, features=True,
+        select=cfg.select, progress=cfg.progress, features=True, workdir=cfg.workdir,
     )
 
 
@@ -115,9 +117,11 @@ def teacher_run_dir(finetune_cfg, data: DatasetSpec, root: Path | None = None) -
 
 def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Path:
     """The fine-tuned teacher's checkpoint dir: reused if done, resumed if interrupted, else trained now."""
+    from kdiqa_edge.data.readers import absolute_spec
     from kdiqa_edge.train.finetune import run_finetune
     from kdiqa_edge.train.state import TRAIN_STATE
 
+    data = absolute_spec(data)  # the teacher run is keyed by the files, not by how a path was spelt
     finetune_cfg = teacher_finetune_config(cfg, data)
     run_dir = teacher_run_dir(finetune_cfg, data)
     done = (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "best").is_dir()
@@ -126,7 +130,7 @@ def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Pat
     if done:
         log(f"teacher: reusing the fine-tuned {finetune_cfg.teacher} in {run_dir}")
     else:
-        log(f"teacher: fine-tuning {finetune_cfg.teacher} for {finetune_cfg.epochs} epochs -> {run_dir}"
+        log(f"teacher: fine-tuning {finetune_cfg.teacher} for {plural(finetune_cfg.epochs, 'epoch')} -> {run_dir}"
             + (" (resuming)" if interrupted else ""))
         run_finetune(finetune_cfg, data, run_dir, resume=interrupted)
         _barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
@@ -191,40 +195,54 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def write_distill_plots(run_dir: Path, history: list[dict], variant: Variant, total_steps: int,
-                        steps_per_epoch: int, title: str = "") -> list[Path]:
-    """plots/distill.png: the loss and its weighted terms per epoch, lambda per optimizer step, PLCC/SRCC.
+def distill_figure(history: list[dict], variant: Variant, total_steps: int, steps_per_epoch: int,
+                   title: str = ""):
+    """The loss and its weighted terms per epoch, lambda per optimizer step, PLCC/SRCC (a matplotlib Figure).
 
-    (The engine writes plots/curves.png and the test scatter plots/scatter_test.png beside it.)
+    One x axis for the three panels: epoch e at x = e, where metrics.csv's row of epoch e was measured (its
+    end); lambda's optimizer step s is at x = s / steps_per_epoch, so its epoch means sit at the epoch ends.
     """
-    if not history:
-        return []
-    from kdiqa_edge.train.plots import _pyplot, _save, correlation_panel
+    from kdiqa_edge.train.plots import _pyplot, correlation_panel, epoch_axis
 
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
+    last = max(epochs, default=1)
     fig, (ax_loss, ax_lambda, ax_corr) = plt.subplots(1, 3, figsize=(15, 4))
     for name in ("loss", "soft", "hard"):
         if name in history[0]:
             ax_loss.plot(epochs, [row[name] for row in history], marker=".", label=name,
                          linewidth=2 if name == "loss" else 1)
-    ax_loss.set_xlabel("epoch")
+    epoch_axis(ax_loss, last)
     ax_loss.set_title("training loss (weighted terms)")
     ax_loss.legend()
     steps = list(range(total_steps + 1))
     ax_lambda.plot([s / steps_per_epoch for s in steps], [variant.lam(s, total_steps) for s in steps],
                    label="lambda(t) per step")
-    ax_lambda.plot([e - 0.5 for e in epochs], [row.get("lambda", float("nan")) for row in history], "o",
+    ax_lambda.plot(epochs, [row.get("lambda", float("nan")) for row in history], "o",
                    label="epoch mean (metrics.csv)")
-    ax_lambda.set_xlabel("epoch")
+    epoch_axis(ax_lambda, last)
     ax_lambda.set_ylim(-0.05, 1.05)
     ax_lambda.set_title(f"lambda: soft weight ({variant.spec})")
     ax_lambda.legend()
     correlation_panel(ax_corr, history)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def write_distill_plots(run_dir: Path, history: list[dict], variant: Variant, total_steps: int,
+                        steps_per_epoch: int, title: str = "") -> list[Path]:
+    """plots/distill.png: `distill_figure`, written.
+
+    (The engine writes plots/curves.png and the test scatter plots/scatter_test.png beside it.)
+    """
+    if not history:
+        return []
+    from kdiqa_edge.train.plots import _pyplot, _save
+
+    fig = distill_figure(history, variant, total_steps, steps_per_epoch, title)
     path = _save(fig, Path(run_dir) / "plots" / "distill.png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return [path]
 
 
@@ -260,107 +278,120 @@ def _same_on_all_ranks(ctx, value):
     return holder[0]
 
 
-def _check_resume(run_dir: Path, cfg: DistillConfig) -> None:
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _plain(value):
+    """A config value as YAML/JSON reads it back (tuples are lists): a saved and a live config compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
+    """Refuse to resume `run_dir` with anything that changes what is trained (VOLATILE fields may change).
+
+    Both sides are compared as saved: `cfg` through a JSON round trip, the saved dataset with its paths
+    resolved as a resumed run resolves them (an older run's relative paths included) and made absolute.
+    """
+    from kdiqa_edge.data.readers import absolute_spec
+    from kdiqa_edge.train.finetune import run_bases
+
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
-    saved = config_lib.load_file(saved_path)
-    current = config_lib.to_dict(cfg)
-    changed = sorted(k for k in current if k not in VOLATILE and k in saved and saved[k] != current[k])
+    saved = _plain(config_lib.load_file(saved_path))
+    current = _plain(config_lib.to_dict(cfg))
+    changed = [k for k in current if k not in VOLATILE + ("dataset",) and k in saved and saved[k] != current[k]]
+    if saved.get("dataset"):
+        spec = absolute_spec(DatasetSpec.from_dict(saved["dataset"]), run_bases(run_dir, saved.get("workdir")))
+        before, after = spec.to_dict(), data.to_dict()
+        fields = [f"{k}: {before[k]} -> {after[k]}" for k in after if before.get(k) != after[k]]
+        if fields:
+            changed.append(f"dataset ({'; '.join(fields)})")
     if changed:
-        raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(changed)})")
+        raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(sorted(changed))})")
+
+
+def _resumed_teacher(run_dir: Path) -> Path | None:
+    """The teacher checkpoint an interrupted student trained with (its `last` records it), if still there:
+    the resumed run goes on with those features, whatever the teacher-run cache would pick today."""
+    from kdiqa_edge.errors import CheckpointError
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    try:
+        meta = read_meta(run_dir / "checkpoints" / "last")
+    except CheckpointError:
+        return None
+    recorded = meta.get("teacher_checkpoint")
+    if not recorded or not Path(recorded).is_dir():
+        return None
+    try:
+        same = read_meta(recorded).get("content_hash") == meta.get("teacher_content_hash")
+    except CheckpointError:
+        return None
+    return Path(recorded) if same else None
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    if (run_dir / "checkpoints" / "last").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
 def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | Path | None = None,
                 resume: bool = False, log=None) -> dict[str, Any]:
-    """Distil a student (fine-tuning the teacher first if needed); returns summary.json's content."""
+    """Distil a student (fine-tuning the teacher first if needed); returns summary.json's content.
+
+    `resume`: continue the run in `out` wherever it stopped (the teacher's fine-tune, or the student's
+    epochs); a finished run is reported as it is. Ctrl-C raises `train.state.RunInterrupted` naming the run.
+    """
     import torch
 
-    from kdiqa_edge.data import prepare
-    from kdiqa_edge.models.checkpoint import load_checkpoint
-    from kdiqa_edge.models.student import check_student, create_student
+    from kdiqa_edge.data import load_dataset
+    from kdiqa_edge.models.student import check_student
     from kdiqa_edge.train.distributed import init_distributed
-    from kdiqa_edge.train.features import feature_cache_path, teacher_features
     from kdiqa_edge.train.finetune import dataset_spec
-    from kdiqa_edge.train.loop import TrainConfig, Trainer
-    from kdiqa_edge.train.losses import DistillLoss
+    from kdiqa_edge.train.loop import TrainConfig
+    from kdiqa_edge.train.state import RunInterrupted, run_finished
 
     variant: Variant = parse_variant(cfg.variant)
     check_student(cfg.student, cfg.pretrained, cfg.student_weights)  # fail before any teacher work
     cfg = dataclasses.replace(cfg, variant=variant.spec)
     train_cfg = TrainConfig.from_any(cfg).check()
-    data = dataset_spec(cfg, data)
-    cfg = dataclasses.replace(cfg, dataset=data.to_dict())
     if resume and out is None:
         raise ConfigError("--resume needs --out: the run dir to continue")
+    data = dataset_spec(cfg, data, Path(out) if resume else None)
+    cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=str(Path.cwd()))
     if resume:
-        _check_resume(Path(out), cfg)
+        _check_resume(Path(out), cfg, data)
+        if run_finished(Path(out)):
+            (log or print)(f"{out} is finished: nothing to resume (its summary follows)")
+            return {**read_json(Path(out) / "summary.json"), "run_dir": str(out), "already_finished": True}
+    else:
+        if out is not None:
+            _refuse_existing_run(Path(out))
+        load_dataset(data)  # a dataset that cannot be read fails here, leaving no run dir behind
 
     # One process group for both stages (the engine leaves a group it did not create alone).
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx, device = init_distributed(cfg.device)
     run_dir = Path(out) if out else _same_on_all_ranks(ctx, default_run_dir(cfg, data))
     say = (log or print) if ctx.is_main else (lambda *_: None)
+    if not resume and ctx.is_main:  # first: an interrupt in the teacher stage leaves a run --resume continues
+        config_lib.save(cfg, run_dir / "config.yaml")
+    stage = "before the student's first epoch"
     try:
-        # -- setup: teacher, data, teacher features, student
-        teacher = teacher_dir = None
+        teacher, teacher_dir = None, None
         if variant.uses_teacher_head:
-            teacher_dir = (Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint
-                           else ensure_teacher(cfg, data, ctx, say))
-            teacher = load_checkpoint(teacher_dir)
-            if teacher.kind != "teacher":
-                raise ConfigError(f"--teacher-checkpoint {teacher_dir} holds a {teacher.kind}, not a teacher")
-            teacher_dir = teacher.checkpoint_dir
-        preprocess = student_preprocess(cfg, teacher)
-        with _main_first(ctx):
-            cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                                   test_fraction=cfg.test_fraction, split_by=cfg.split_by,
-                                   progress=cfg.progress and ctx.is_main)
-        if teacher_dir is not None:
-            check_teacher_split(teacher_dir, split)
-        extras = {}
-        if variant.uses_teacher_features:
-            with _main_first(ctx):
-                extras["teacher_features"] = teacher_features(
-                    teacher_dir, cache, device=str(device), batch_size=cfg.eval_batch_size,
-                    progress=cfg.progress and ctx.is_main)
-        torch.manual_seed(cfg.seed)  # the student's random init (projection, or the whole encoder)
-        student = create_student(cfg.student, teacher.head if teacher is not None else None, preprocess,
-                                 pretrained=cfg.pretrained, weights=cfg.student_weights)
-        meta = {
-            "stage": "distill", "label": f"{student.label} <- {teacher.label if teacher else 'no teacher'} "
-            f"({variant.spec})", "student": student.label, "variant": variant.spec,
-            "teacher": teacher.label if teacher is not None else None,
-            "teacher_checkpoint": str(teacher_dir) if teacher_dir else None,
-            "teacher_content_hash": teacher.meta["content_hash"] if teacher is not None else None,
-            "dataset": data.to_dict(), "image_cache": cache.key,
-        }
-        trainer = Trainer(student, DistillLoss(variant), cache, split, train_cfg, run_dir, extras=extras,
-                          scalars_fn=lambda step, total: {"lambda": variant.lam(step, total)},
-                          extra_meta=meta, resume=resume)
-        trainer.setup()
-        if ctx.is_main and not resume:
-            config_lib.save(cfg, run_dir / "config.yaml")
-
-        # -- train
-        started = time.perf_counter()
-        summary = trainer.train()
-        summary["wall_seconds"] = time.perf_counter() - started
-
-        # -- save: model facts, plots, summary
-        if ctx.is_main:
-            summary.update(_facts(student, teacher, preprocess))
-            if "teacher_features" in extras:
-                summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
-            summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
-            summary["run_dir"] = str(run_dir)
-            plots = write_distill_plots(run_dir, trainer.history, variant, trainer.total_steps,
-                                        trainer.steps_per_epoch, meta["label"])
-            summary["plots"] = [str(p) for p in plots]
-            write_json(run_dir / "summary.json", summary)
-        _barrier(ctx)
-        summary["run_dir"] = str(run_dir)
-        return summary
+            stage = "while fine-tuning the teacher"
+            teacher, teacher_dir = _teacher(cfg, data, ctx, say, run_dir if resume else None)
+        stage = "before the student's first epoch"
+        return _distill(cfg, data, variant, train_cfg, teacher, teacher_dir, run_dir, ctx, device, say, resume)
+    except RunInterrupted as exc:
+        if exc.run_dir == run_dir:
+            raise
+        raise RunInterrupted(run_dir, f"{stage} ({exc.where})") from exc
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(run_dir, stage) from exc
     finally:
         if ctx.enabled and owns_group:
             import torch.distributed as dist
@@ -369,12 +400,99 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
                 dist.destroy_process_group()
 
 
+def _teacher(cfg: DistillConfig, data: DatasetSpec, ctx, say, resumed: Path | None):
+    """The teacher model and its checkpoint dir: --teacher-checkpoint, the one a resumed run trained with,
+    or the cached fine-tune (trained now if needed)."""
+    from kdiqa_edge.models.checkpoint import load_checkpoint
+
+    teacher_dir = Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
+    if teacher_dir is None and resumed is not None:
+        teacher_dir = _resumed_teacher(resumed)
+        if teacher_dir is not None:
+            say(f"teacher: the one this run trained with, {teacher_dir}")
+    if teacher_dir is None:
+        teacher_dir = ensure_teacher(cfg, data, ctx, say)
+    teacher = load_checkpoint(teacher_dir)
+    if teacher.kind != "teacher":
+        raise ConfigError(f"--teacher-checkpoint {teacher_dir} holds a {teacher.kind}, not a teacher")
+    return teacher, teacher.checkpoint_dir
+
+
+def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg, teacher, teacher_dir,
+             run_dir: Path, ctx, device, say, resume: bool) -> dict[str, Any]:
+    """The student stage: data, teacher features, student, the engine, then summary and plots."""
+    import torch
+
+    from kdiqa_edge.data import prepare
+    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.train.features import feature_cache_path, teacher_features
+    from kdiqa_edge.train.loop import Trainer
+    from kdiqa_edge.train.losses import DistillLoss
+    from kdiqa_edge.train.state import TRAIN_STATE
+
+    # -- setup: data, teacher features, student
+    preprocess = student_preprocess(cfg, teacher)
+    say(f"student: {cfg.student} at {preprocess.size} px (the teacher's preprocessing), "
+        f"{plural(cfg.epochs, 'epoch')} -> {run_dir}")
+    with _main_first(ctx):
+        cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                               test_fraction=cfg.test_fraction, split_by=cfg.split_by,
+                               progress=cfg.progress and ctx.is_main)
+    if teacher_dir is not None:
+        check_teacher_split(teacher_dir, split)
+    extras = {}
+    if variant.uses_teacher_features:
+        with _main_first(ctx):
+            extras["teacher_features"] = teacher_features(
+                teacher_dir, cache, device=str(device), batch_size=cfg.eval_batch_size,
+                progress=cfg.progress and ctx.is_main)
+    torch.manual_seed(cfg.seed)  # the student's random init (projection, or the whole encoder)
+    student = create_student(cfg.student, teacher.head if teacher is not None else None, preprocess,
+                             pretrained=cfg.pretrained, weights=cfg.student_weights)
+    meta = {
+        "stage": "distill", "label": f"{student.label} <- {teacher.label if teacher else 'no teacher'} "
+        f"({variant.spec})", "student": student.label, "variant": variant.spec,
+        "teacher": teacher.label if teacher is not None else None,
+        "teacher_checkpoint": str(teacher_dir) if teacher_dir else None,
+        "teacher_content_hash": teacher.meta["content_hash"] if teacher is not None else None,
+        "dataset": data.to_dict(), "image_cache": cache.key,
+    }
+    # a run interrupted before the student's first saved epoch starts the student afresh
+    student_resume = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
+    trainer = Trainer(student, DistillLoss(variant), cache, split, train_cfg, run_dir, extras=extras,
+                      scalars_fn=lambda step, total: {"lambda": variant.lam(step, total)},
+                      extra_meta=meta, resume=student_resume, label="student train")
+    trainer.setup()
+
+    # -- train
+    started = time.perf_counter()
+    summary = trainer.train()
+    summary["wall_seconds"] = time.perf_counter() - started
+
+    # -- save: model facts, plots, summary
+    if ctx.is_main:
+        summary.update(_facts(student, teacher, preprocess))
+        if "teacher_features" in extras:
+            summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
+        summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
+        summary["run_dir"] = str(run_dir)
+        plots = write_distill_plots(run_dir, trainer.history, variant, trainer.total_steps,
+                                    trainer.steps_per_epoch, meta["label"])
+        summary["plots"] = [str(p) for p in plots]
+        write_json(run_dir / "summary.json", summary)
+    _barrier(ctx)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
 def _facts(student, teacher, preprocess: PreprocessSpec) -> dict[str, Any]:
     facts = {"student_facts": model_facts(student, preprocess)}
     if teacher is not None:
         facts["teacher_facts"] = model_facts(teacher, teacher.preprocess)
-        facts["compression"] = {
+        # teacher / student: above 1 the student is that many times smaller; below 1 it is the larger one
+        # (a tiny teacher, a large student)
+        facts["compression"] = {"teacher_over_student": {
             "params": _ratio(facts["teacher_facts"]["params"], facts["student_facts"]["params"]),
             "flops": _ratio(facts["teacher_facts"]["flops"], facts["student_facts"]["flops"]),
-        }
+        }}
     return facts

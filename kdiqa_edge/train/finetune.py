@@ -9,6 +9,7 @@ predicted score (1..5) and the MOS. Paper defaults: AdamW lr 5e-6, cosine to 0.1
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class FinetuneConfig:
     select: str = "plcc+srcc"
     progress: bool = True
     features: bool = True  # write the teacher feature cache for distillation after training
+    workdir: str | None = None  # the folder the command ran in (set by run_finetune; how, not what, is trained)
 
 
 def finetune_loss(model, batch, step: int, total_steps: int) -> dict[str, torch.Tensor]:
@@ -65,11 +67,28 @@ def freeze_all_but_image_encoder(teacher) -> list[str]:
     return [name for name, p in teacher.named_parameters() if p.requires_grad]
 
 
-def dataset_spec(cfg: FinetuneConfig, cli_data: DatasetSpec | None) -> DatasetSpec:
-    """The CLI's dataset options when given, else the config file's `dataset`, else the synthetic set."""
+def dataset_spec(cfg, cli_data: DatasetSpec | None, resumed: Path | None = None) -> DatasetSpec:
+    """The CLI's dataset options when given, else the config's `dataset`, else the synthetic set; with its
+    paths absolute, as a run records them (a run dir is then usable from any folder).
+
+    `resumed`: the run dir being resumed. Its config may be an older run's, with paths relative to where
+    that command ran: they resolve as `data.runs.run_data` resolves them (the recorded `workdir`, the
+    folders above the run dir, then the current folder).
+    """
+    from kdiqa_edge.data.readers import absolute_spec
+
     if cli_data is not None and cli_data != DatasetSpec():
-        return cli_data
-    return DatasetSpec.from_dict(cfg.dataset) if cfg.dataset else DatasetSpec()
+        return absolute_spec(cli_data)
+    if not cfg.dataset:
+        return DatasetSpec()
+    spec = DatasetSpec.from_dict(cfg.dataset)
+    return absolute_spec(spec, run_bases(Path(resumed), cfg.workdir) if resumed is not None else ())
+
+
+def run_bases(run_dir: Path, workdir: str | None) -> list[Path]:
+    """Where a run's relative dataset paths may be relative to, in the order `data.runs.run_data` tries."""
+    bases = [Path(workdir)] if workdir else []
+    return bases + list(Path(run_dir).resolve().parents) + [Path.cwd()]
 
 
 def prepare_teacher_data(cfg: FinetuneConfig, data: DatasetSpec, preprocess, progress: bool = True):
@@ -99,12 +118,17 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
     from kdiqa_edge.models.teacher import load_teacher
     from kdiqa_edge.train.distributed import init_distributed, main_process_first
     from kdiqa_edge.train.loop import TrainConfig, Trainer
+    from kdiqa_edge.train.state import TRAIN_STATE
 
     train_cfg = TrainConfig.from_any(cfg).check()
-    data = dataset_spec(cfg, data)
-    run_dir = Path(out) if out else default_run_dir(cfg, data)
+    run_dir = Path(out) if out else None
+    if resume and run_dir is None:
+        raise ConfigError("--resume needs --out: the run dir to continue")
     if resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+    data = dataset_spec(cfg, data, run_dir if resume else None)
+    cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=os.getcwd())
+    run_dir = run_dir or default_run_dir(cfg, data)
 
     import torch.distributed as dist
 
@@ -122,16 +146,14 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         freeze_all_but_image_encoder(teacher)
         meta = {"label": teacher.label, "dataset": data.to_dict(), "image_cache": cache.key,
                 "stage": "teacher-finetune"}
-        trainer = Trainer(teacher, finetune_loss, cache, split, train_cfg, run_dir, extra_meta=meta, resume=resume)
+        # a run interrupted before its first saved epoch starts afresh
+        resume_state = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
+        trainer = Trainer(teacher, finetune_loss, cache, split, train_cfg, run_dir, extra_meta=meta,
+                          resume=resume_state, label="teacher train")
         trainer.setup()
         if trainer.ctx.is_main and not resume:
-            saved = {**config_lib.to_dict(cfg), "dataset": data.to_dict()}
-            import yaml
-
-            from kdiqa_edge.io import write_text
-
-            write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-        zero = zero_shot_before(trainer, cache, split, train_cfg) if not resume else None
+            config_lib.save(cfg, run_dir / "config.yaml")
+        zero = zero_shot_before(trainer, cache, split, train_cfg) if not resume_state else None
         started = time.perf_counter()
         summary = trainer.train()
         summary["wall_seconds"] = time.perf_counter() - started
@@ -150,6 +172,13 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
             write_json(run_dir / "summary.json", summary)
         summary["run_dir"] = str(run_dir)
         return summary
+    except KeyboardInterrupt as exc:
+        from kdiqa_edge.train.state import RunInterrupted
+
+        if isinstance(exc, RunInterrupted):
+            raise
+        raise RunInterrupted(run_dir, "before the first epoch" if trainer is None or not trainer.epoch
+                             else "after training") from exc
     finally:
         if trainer is not None:
             trainer.cleanup()

@@ -52,6 +52,7 @@ from kdiqa_edge.train.predict import predict
 from kdiqa_edge.train.state import (
     TRAIN_STATE,
     WALL_CLOCK,
+    RunInterrupted,
     complete_saved_epoch,
     load_train_state,
     rng_state,
@@ -129,11 +130,13 @@ class Trainer:
       batch = {"image": float NCHW normalized, "mos": [B], "index": [B], **extras rows}.
     scalars_fn(step, total_steps) -> {name: float}: logged per epoch (mean), e.g. the distillation lambda.
     extra_meta: stored in every checkpoint's model.json and in summary.json (dataset, teacher, config...).
+    label: what the progress lines are called (`teacher train`, `student train`: distill runs two stages).
+    Ctrl-C during `train()` raises `RunInterrupted` (a KeyboardInterrupt) naming the run dir and the epoch.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, cache, split, cfg: TrainConfig, run_dir: str | Path,
                  *, extras: Mapping[str, np.ndarray] | None = None, scalars_fn: ScalarsFn | None = None,
-                 extra_meta: dict | None = None, resume: bool = False):
+                 extra_meta: dict | None = None, resume: bool = False, label: str = "train"):
         self.model = model
         self.loss_fn = loss_fn
         self.cache = cache
@@ -144,6 +147,8 @@ class Trainer:
         self.scalars_fn = scalars_fn
         self.extra_meta = dict(extra_meta or {})
         self.resume = resume
+        self.label = label
+        self.scalar_names: set[str] = set()  # scalars_fn's names (the lambda schedule): not loss terms
         self.history: list[dict] = []
         self.best: dict[str, Any] = {"epoch": None, "value": -math.inf}
         self.epoch = 0  # epochs completed
@@ -173,6 +178,8 @@ class Trainer:
         shard = math.ceil(len(self.split.train) / self.ctx.world_size)
         self.steps_per_epoch = math.ceil(shard / (per_process * cfg.grad_accum))
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if self.scalars_fn is not None:
+            self.scalar_names = set(self.scalars_fn(0, self.total_steps))
 
         cuda = self.device.type == "cuda"
         self.model.to(self.device)
@@ -227,10 +234,19 @@ class Trainer:
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        try:
+            self._train_epochs()
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt as exc:  # Ctrl-C: `last` holds every completed epoch
+            raise RunInterrupted(self.run_dir, f"at epoch {self.epoch + 1}/{self.cfg.epochs}") from exc
+        return self.finish()
+
+    def _train_epochs(self) -> None:
         from kdiqa_edge.console import Progress
 
         # on stdout, with the epoch lines: `distill > log` keeps the training's story in one file
-        with Progress("train", self.total_steps, unit="steps", stream="stdout", completed=self.step,
+        with Progress(self.label, self.total_steps, unit="steps", stream="stdout", completed=self.step,
                       enabled=self.cfg.progress and self.ctx.is_main) as progress:
             while self.epoch < self.cfg.epochs:
                 result = self._train_epoch(progress)
@@ -239,12 +255,11 @@ class Trainer:
                 if improved:
                     self.best = {"epoch": self.epoch, "value": self._score(result.metrics)}
                 self.save_checkpoint(best=improved)
-                info = (f"epoch {self.epoch}/{self.cfg.epochs} loss {result.row['loss']:.4f} "
-                        f"{self.eval_split} PLCC {result.metrics.plcc:.4f} SRCC {result.metrics.srcc:.4f}"
-                        + (" (best)" if improved else ""))
-                progress.update(info=info)
-                progress.print(info)
-        return self.finish()
+                # printed once, as an event line (not also as the bar's trailing info, which a log
+                # file's final progress line would repeat)
+                progress.print(f"{self.label}: epoch {self.epoch}/{self.cfg.epochs} loss {result.row['loss']:.4f} "
+                               f"{self.eval_split} PLCC {result.metrics.plcc:.4f} SRCC {result.metrics.srcc:.4f}"
+                               + (" (best)" if improved else ""))
 
     def _score(self, m: IQAMetrics) -> float:
         return {"plcc+srcc": m.plcc + m.srcc, "srcc": m.srcc, "plcc": m.plcc}[self.cfg.select]
@@ -433,7 +448,7 @@ class Trainer:
                 from kdiqa_edge.train.plots import write_plots
 
                 write_plots(self.run_dir, self.history, pred, self.cache.mos[test],
-                            title=str(self.extra_meta.get("label", "")))
+                            title=str(self.extra_meta.get("label", "")), scalars=self.scalar_names)
             except ImportError as exc:  # matplotlib is part of [train]; say so rather than fail a finished run
                 summary["plots"] = f"skipped: {exc}"
         barrier(self.ctx)

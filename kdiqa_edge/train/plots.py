@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,41 +25,64 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def epoch_axis(ax, epochs: int) -> None:
+    """x from epoch 0 to `epochs`, whole-epoch ticks: every panel of a run puts epoch e at x = e (the end of
+    epoch e, where its metrics were measured), whatever the number of epochs (one epoch included)."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = max(int(epochs), 1)
+    ax.set_xlim(0, epochs + max(0.25, 0.03 * epochs))  # room for the last epoch's marker
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
 def correlation_panel(ax, history: Sequence[dict]) -> None:
     """Eval PLCC and SRCC per epoch on `ax`, titled with the split they were measured on."""
     epochs = [row["epoch"] for row in history]
     split = history[0].get("eval_split", "eval") if history else "eval"
     for name in ("plcc", "srcc"):
         ax.plot(epochs, [row[name] for row in history], marker=".", label=name.upper())
-    ax.set_xlabel("epoch")
+    epoch_axis(ax, max(epochs, default=1))
     ax.set_title(f"{split} correlation")
     ax.legend()
     ax.grid(alpha=0.3)
 
 
-def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Train loss (and its named terms) and eval PLCC/SRCC per epoch, side by side."""
-    plt = _pyplot()
-    epochs = [row["epoch"] for row in history]
-    skip = {"epoch", "step", "lr", "eval_split", "train_seconds", "images_per_s", "plcc", "plcc_fit", "srcc",
+NOT_LOSS = {"epoch", "step", "lr", "eval_split", "train_seconds", "images_per_s", "plcc", "plcc_fit", "srcc",
             "krcc", "rmse"}
+
+
+def loss_terms(history: Sequence[dict], scalars: Iterable[str] = ()) -> list[str]:
+    """The columns of metrics.csv the loss panel draws: the loss and its named terms, not the scalars a
+    recipe logs beside them (distillation's lambda is a weight in 0..1, not a loss)."""
+    skip = NOT_LOSS | set(scalars)
     terms = [k for k in history[0] if k not in skip and isinstance(history[0][k], (int, float))] if history else []
     if len(terms) == 2 and "loss" in terms:  # a single named term is the loss itself: draw it once
         terms = ["loss"]
+    return terms
+
+
+def curves_figure(history: Sequence[dict], title: str = "", scalars: Iterable[str] = ()):
+    """Train loss (and its named terms) and eval PLCC/SRCC per epoch, side by side (a matplotlib Figure)."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_corr) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in terms:
+    for name in loss_terms(history, scalars):
         ax_loss.plot(epochs, [row.get(name, np.nan) for row in history], marker=".",
                      label=name, linewidth=2 if name == "loss" else 1)
-    ax_loss.set_xlabel("epoch")
+    epoch_axis(ax_loss, max(epochs, default=1))
     ax_loss.set_title("training loss")
     ax_loss.legend()
     correlation_panel(ax_corr, history)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_loss, ax_corr):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_curves(history: Sequence[dict], path: Path, title: str = "", scalars: Iterable[str] = ()) -> Path:
+    """plots/curves.png: `curves_figure`, written."""
+    plt = _pyplot()
+    fig = curves_figure(history, title, scalars)
     path = _save(fig, path)
     plt.close(fig)
     return path
@@ -81,11 +104,11 @@ def plot_scatter(pred: np.ndarray, mos: np.ndarray, path: Path, title: str = "")
 
 
 def write_plots(run_dir: Path, history: Sequence[dict], pred: np.ndarray, mos: np.ndarray,
-                title: str = "") -> list[Path]:
+                title: str = "", scalars: Iterable[str] = ()) -> list[Path]:
     plots = Path(run_dir) / "plots"
     written = []
     if history:
-        written.append(plot_curves(history, plots / "curves.png", title))
+        written.append(plot_curves(history, plots / "curves.png", title, scalars))
     if len(pred):
         written.append(plot_scatter(np.asarray(pred), np.asarray(mos), plots / "scatter_test.png",
                                     f"{title} — test split".strip(" —")))

@@ -11,6 +11,7 @@ done. Medians follow the paper; means are reported beside them (LIQE and pyiqa r
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -200,19 +201,33 @@ _NOT_PLAN = ("device", "progress")
 
 
 def record_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> None:
-    """Write reproduce.json, refusing an --out that holds another plan (its runs would be mixed with ours)."""
+    """Write reproduce.json, refusing an --out that holds another plan (its runs would be mixed with ours).
+
+    The dataset is recorded with absolute paths (the plan's jobs may run from any folder); both sides are
+    compared as JSON reads them back (a range is a list), an older plan's relative paths resolved."""
+    from kdiqa_edge.data.readers import absolute_spec
+
     path = out / PLAN_FILE
-    ours = {"config": dataclasses.asdict(cfg), "dataset": data.to_dict()}
+    ours = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "dataset": absolute_spec(data).to_dict()}))
     if path.is_file():
         theirs = read_json(path)
         differ = [k for k in ours["config"] if k not in _NOT_PLAN
                   and theirs.get("config", {}).get(k) != ours["config"][k]]
-        differ += ["dataset"] if theirs.get("dataset") != ours["dataset"] else []
+        differ += ["dataset"] if _plan_dataset(theirs, out).to_dict() != ours["dataset"] else []
         if differ:
             raise ConfigError(f"{out} was written by another plan (it differs in {', '.join(differ)}): "
                               "use the same options or another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, ours)
+
+
+def _plan_dataset(saved: dict, out: Path) -> DatasetSpec:
+    """A plan's dataset with absolute paths (a plan written before paths were recorded absolute holds them
+    relative to where it ran: tried against the folders above --out, then the current folder)."""
+    from kdiqa_edge.data.readers import absolute_spec
+
+    spec = DatasetSpec.from_dict(saved.get("dataset") or {})
+    return absolute_spec(spec, list(Path(out).resolve().parents))
 
 
 def load_plan(out: Path) -> tuple[ReproduceConfig, DatasetSpec]:
@@ -221,7 +236,7 @@ def load_plan(out: Path) -> tuple[ReproduceConfig, DatasetSpec]:
     if not path.is_file():
         raise ConfigError(f"{out} holds no reproduce plan ({PLAN_FILE} not found)")
     saved = read_json(path)
-    return ReproduceConfig(**saved["config"]), DatasetSpec.from_dict(saved["dataset"])
+    return ReproduceConfig(**saved["config"]), _plan_dataset(saved, out)
 
 
 def run_one(cfg: ReproduceConfig, data: DatasetSpec, out: Path, run: PlannedRun) -> dict[str, Any]:

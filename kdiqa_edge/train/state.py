@@ -31,6 +31,17 @@ WALL_CLOCK = ("train_seconds", "images_per_s")
 RESUMABLE_CHANGES = frozenset({"progress", "compile", "device", "eval_batch_size"})
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a training run: where, so that the command can say how to resume it.
+
+    A KeyboardInterrupt still (whatever catches those still does); `str()` is "interrupted at epoch 3/6".
+    """
+
+    def __init__(self, run_dir: Path, where: str):
+        super().__init__(f"interrupted {where}")
+        self.run_dir, self.where = Path(run_dir), where
+
+
 def run_finished(run_dir: Path) -> bool:
     """A run dir whose training completed (summary.json is written last)."""
     return (Path(run_dir) / "summary.json").is_file()
