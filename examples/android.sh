@@ -13,7 +13,7 @@ RUN=${1:?usage: android.sh RUN_DIR}
 OUT=${OUT:-exports/android}
 PROFILE=${PROFILE:-export/android-executorch-int8.yaml}
 THREADS=${THREADS:-2}   # CPU threads here (and in the printed phone command)
-EXTRA=${EXTRA:-}   # dataset options for calibration and drift, e.g. "--dataset koniq --root /data/koniq10k"
+EXTRA=${EXTRA:-}   # dataset options over the run's own (its config.yaml), e.g. "--dataset koniq --root /data/koniq10k"
 EXPORT_EXTRA=${EXPORT_EXTRA:-}   # export options over the profile's, e.g. "--calib 64 --int8-stem int8"
 
 # shellcheck disable=SC2086
@@ -25,14 +25,14 @@ echo "  its preprocessing is inside it: the kdiqa_edge_meta method)"
 # Score a few images with the .pte (the Python runtime of executorch, here on the host CPU)
 IMAGES=${IMAGES:-}   # a folder or file of images to score
 if [ -n "$IMAGES" ]; then
-  kdiqa-edge score "$MODEL" "$IMAGES" --threads "$THREADS" --csv > "$OUT/scores.csv"
+  kdiqa-edge score "$MODEL" "$IMAGES" --threads "$THREADS" --format csv > "$OUT/scores.csv"
   echo "scores: $OUT/scores.csv"
 fi
 
 # Latency, size, parameters and drift against the FP32 reference (the run dir)
 # shellcheck disable=SC2086
 kdiqa-edge bench "$MODEL" --reference "$RUN" --threads "$THREADS" --batch-sizes 1 --markdown "$OUT/bench.md" \
-  --json "$OUT/bench.json" $EXTRA
+  --json-out "$OUT/bench.json" $EXTRA
 
 echo "on the phone (adb): sh $OUT/executorch-int8/benchmark_on_device.sh"
 grep -v '^#' "$OUT"/executorch-*/benchmark_on_device.sh | grep adb

@@ -9,7 +9,7 @@ set -euo pipefail
 RUN=${1:?usage: iphone.sh RUN_DIR}
 OUT=${OUT:-exports/iphone}
 PROFILE=${PROFILE:-export/iphone-coreml-fp16.yaml}
-EXTRA=${EXTRA:-}   # dataset options for the parity images, e.g. "--dataset koniq --root /data/koniq10k"
+EXTRA=${EXTRA:-}   # dataset options over the run's own (its config.yaml), e.g. "--dataset koniq --root /data/koniq10k"
 
 # shellcheck disable=SC2086
 kdiqa-edge export "$RUN" --profile "$PROFILE" --out "$OUT" $EXTRA

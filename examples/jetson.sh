@@ -10,7 +10,7 @@ set -euo pipefail
 RUN=${1:?usage: jetson.sh RUN_DIR}
 OUT=${OUT:-exports/jetson}
 PROFILE=${PROFILE:-export/jetson-orin-tensorrt-int8.yaml}
-EXTRA=${EXTRA:-}   # dataset options for calibration, e.g. "--dataset koniq --root /data/koniq10k"
+EXTRA=${EXTRA:-}   # dataset options over the run's own (its config.yaml), e.g. "--dataset koniq --root /data/koniq10k"
 
 # shellcheck disable=SC2086
 if kdiqa-edge export "$RUN" --profile "$PROFILE" --out "$OUT" $EXTRA; then
@@ -23,5 +23,5 @@ else
 fi
 # Bench needs no torch: on the Jetson, `pip install kdiqa-edge` plus JetPack's tensorrt is enough.
 # shellcheck disable=SC2086
-kdiqa-edge bench "$MODEL" --reference "$RUN" --batch-sizes 1,8 --markdown "$OUT/bench.md" --json "$OUT/bench.json" \
-  --plot "$OUT/bench.png" $EXTRA
+kdiqa-edge bench "$MODEL" --reference "$RUN" --batch-sizes 1,8 --markdown "$OUT/bench.md" \
+  --json-out "$OUT/bench.json" --plot "$OUT/bench.png" $EXTRA

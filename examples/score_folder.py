@@ -2,7 +2,8 @@
 
     python examples/score_folder.py exports/mvit/onnx-int8/model.int8.onnx photos/ --out scores.csv
 
-Prints the best and worst images; unreadable files are listed with their reason, never fatal.
+Prints the best and worst images; unreadable files are listed with their reason, never fatal (the exit
+status is 1 only when no image was scored).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerow(["image", "score", "error"])
             for r in results:
                 writer.writerow([r.path, "" if r.score is None else f"{r.score:.6f}", r.error or ""])
-    return 0
+    return 0 if scored else 1  # as `kdiqa-edge score`: nothing scored is a failure
 
 
 if __name__ == "__main__":
