@@ -343,12 +343,19 @@ def test_cli_auto_writes_the_pick_and_reruns_idempotently(checkpoint, data, tmp_
     pick = entry["details"]["auto"]["pick"]
     assert entry["precision"] == next(r["precision"] for r in table if r["name"] == pick)
     assert entry["details"]["auto"]["cpu"]["isa"] == entry["drift"]["latency"]["cpu"]["isa"]
-    assert f"* {pick}" in stdout and " ships: " in stdout and "ISA" in stdout  # the table and the why
+    assert f"* {pick}" in stdout and " ships: " in stdout  # the table and the why
+    # the output says each thing once: the machine (one line), the spin-waiting setting of the pick
+    assert (stdout + err).count("ISA") == 1 and stdout.startswith("machine: ")
+    assert (stdout + err).count("spin-waiting") == 1
+    assert stdout.splitlines()[-1] == f"next: kdiqa-edge bench {out / 'onnx-auto' / 'model.onnx'} --reference {checkpoint}"
     # a re-run with the same options is a no-op: the manifest's request key, nothing re-measured
     onnx_file = out / "onnx-auto" / "model.onnx"
     before = (onnx_file.stat().st_mtime_ns, entry)
-    code, _, err = _cli(args, capsys)
-    assert code == 0 and "onnx-auto: up to date" in err
+    code, stdout, err = _cli(args, capsys)
+    assert code == 0 and "onnx-auto: exporting" not in err
+    assert [line for line in stdout.splitlines() if line.startswith("onnx-auto:")] == [
+        f"onnx-auto: {onnx_file} (reused: up to date for this checkpoint, these options and data; "
+        "--force rebuilds it)"]
     after = json.loads((out / "manifest.json").read_text())["exports"]["onnx-auto"]
     assert (onnx_file.stat().st_mtime_ns, after) == before
 
@@ -395,5 +402,10 @@ def test_explicit_int8_notes_say_what_the_other_stem_costs(checkpoint, data, tmp
     assert alternative["recipe"] == "qdq-all+stem-int8" and alternative["speed_vs_shipped"] > 0
     assert math.isfinite(alternative["drift"]["delta_srcc"])
     note = next(n for n in entry["notes"] if "the alternative" in n)
-    assert "stem in int8" in note and "ΔSRCC" in note and "--int8-stem int8 ships it" in note and "ISA" in note
-    assert entry["drift"]["latency"]["cpu"]["isa"]  # the CPU of every measurement
+    assert "stem in int8" in note and "ΔSRCC" in note and "pass --int8-stem int8 to ship it instead" in note
+    assert entry["drift"]["latency"]["cpu"]["isa"]  # the CPU of every measurement (in the manifest, not the notes)
+    assert not any("ISA" in n for n in entry["notes"])  # the CLI prints the machine once
+    # one latency per artifact: the drift report's FP32 and INT8 figures are the head-to-head ones the note uses
+    latency = entry["drift"]["latency"]
+    assert "latency" not in alternative and latency["alternative"]["p50_ms"] > 0
+    assert f"vs {latency['int8']['p50_ms']:.2f} ms at batch 1" in note

@@ -106,8 +106,9 @@ def test_verbose_streams_the_converters_output_too(student, small_synthetic, tmp
     assert quiet.exit_code == 0 and verbose.exit_code == 0, quiet.output + verbose.output
     assert not any(line in quiet.output for line in NOISE)
     assert all(line in verbose.output for line in NOISE)
-    for result in (quiet, verbose):  # one line per artifact either way
-        assert [line.split()[0] for line in result.output.splitlines() if "model.fp32.onnx" in line] == ["onnx-fp32"]
+    for result in (quiet, verbose):  # one line per artifact either way (then the `next:` line that benches it)
+        assert [line.split()[0] for line in result.output.splitlines()
+                if "model.fp32.onnx" in line] == ["onnx-fp32:", "next:"]
     assert all(line in (tmp_path / "verbose" / "onnx-fp32" / "export.log").read_text() for line in NOISE)
 
 

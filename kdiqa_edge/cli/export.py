@@ -4,86 +4,108 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from kdiqa_edge.cli.options import dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.export.base import ExportConfig
 
 EXPORT_PANEL = "Export"
+DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
+RUNNABLE = (".onnx", ".mlpackage", ".engine", ".plan", ".pte")  # what `kdiqa-edge bench` takes
+
+
+def _default(field: str) -> str:
+    """ExportConfig's default, as `--help` shows it (typer's own [default: ...]: the options default to None
+    so that a --profile's value is not overridden)."""
+    return str(getattr(ExportConfig, field))
 
 
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint dir (model.json + model.safetensors) or run dir.")],
     data: DatasetSpec,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per target-precision, "
-                                                          "manifest.json).")] = Path("exports"),
-    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml, executorch or all "
-                                                  "[default: onnx]", rich_help_panel=EXPORT_PANEL)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=DEFAULT_OUT,
+        help="Output folder (one sub-folder per target-precision, manifest.json). It holds one checkpoint's "
+             "exports: an OUT holding another checkpoint's is refused, unless --force.")] = None,
+    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml, executorch or all",
+                                                  show_default=_default("target"),
+                                                  rich_help_panel=EXPORT_PANEL)] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", "-p", help="fp32, fp16, int8, or auto: build every candidate (FP32, each INT8 recipe the "
                                   "graph calls for, FP16 on an accelerator), measure them here, ship the fastest "
-                                  "within --max-drift to OUT/<target>-auto/ [default: fp32]",
-        rich_help_panel=EXPORT_PANEL)] = None,
+                                  "within --max-drift to OUT/<target>-auto/",
+        show_default=_default("precision"), rich_help_panel=EXPORT_PANEL)] = None,
     max_drift: Annotated[float | None, typer.Option(
-        "--max-drift", min=0.0, help="auto: the largest |ΔSRCC| vs FP32 on the test split the shipped candidate "
-                                     "may have [default: 0.01]", rich_help_panel=EXPORT_PANEL)] = None,
+        "--max-drift", min=0.0, help="The largest |ΔSRCC| vs FP32 on the test split: auto ships no candidate "
+                                     "beyond it; an int8/fp16 export's drift check is judged against it",
+        show_default=_default("max_drift"), rich_help_panel=EXPORT_PANEL)] = None,
     min_speedup: Annotated[float | None, typer.Option(
         "--min-speedup", help="auto: an INT8/FP16 pick must be at least this many times as fast as FP32, else FP32 "
-                              "ships (1: the fastest within the bound ships) [default: 1.25]",
-        rich_help_panel=EXPORT_PANEL)] = None,
+                              "ships (1: the fastest within the bound ships)",
+        show_default=_default("min_speedup"), rich_help_panel=EXPORT_PANEL)] = None,
     candidates: Annotated[str | None, typer.Option(
         "--candidates", help="auto: only these candidates, comma-separated (e.g. int8:qdq-all+stem-int8); FP32 is "
-                             "always measured [default: all]", rich_help_panel=EXPORT_PANEL)] = None,
+                             "always measured", show_default="all", rich_help_panel=EXPORT_PANEL)] = None,
     int8_recipe: Annotated[str | None, typer.Option(
         "--int8-recipe", help="int8: the ONNX Runtime INT8 recipe (qdq-all, attn-float, dw-float, "
                               "compute-only, compute-only-dw-float, dynamic-matmul); auto measures every one "
-                              "that applies [default: qdq-all]", rich_help_panel=EXPORT_PANEL)] = None,
+                              "that applies", show_default=_default("int8_recipe"),
+        rich_help_panel=EXPORT_PANEL)] = None,
     input_kind: Annotated[str | None, typer.Option(
-        "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph "
-                        "[default: float]", rich_help_panel=EXPORT_PANEL)] = None,
-    layout: Annotated[str | None, typer.Option("--layout", help="NCHW or NHWC (uint8 input only) "
-                                                  "[default: NCHW]", rich_help_panel=EXPORT_PANEL)] = None,
+        "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph",
+        show_default=_default("input"), rich_help_panel=EXPORT_PANEL)] = None,
+    layout: Annotated[str | None, typer.Option("--layout", help="NCHW or NHWC (uint8 input only)",
+                                                  show_default=_default("layout"),
+                                                  rich_help_panel=EXPORT_PANEL)] = None,
     probs: Annotated[bool | None, typer.Option("--probs/--no-probs", help="Add the `probs` [N, 5] output.",
                                                   rich_help_panel=EXPORT_PANEL)] = None,
-    calib: Annotated[int | None, typer.Option("--calib", min=1, help="INT8 calibration images from the TRAIN "
-                                                 "split [default: 256]", rich_help_panel=EXPORT_PANEL)] = None,
-    calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile "
-                                                        "[default: minmax]", rich_help_panel=EXPORT_PANEL)] = None,
+    calib: Annotated[int | None, typer.Option("--calib", min=1, help="INT8 calibration images from the TRAIN split",
+                                                 show_default=_default("calib"),
+                                                 rich_help_panel=EXPORT_PANEL)] = None,
+    calib_method: Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile",
+                                                        show_default=_default("calib_method"),
+                                                        rich_help_panel=EXPORT_PANEL)] = None,
     int8_stem: Annotated[str | None, typer.Option(
         "--int8-stem", help="float: keep the first conv/patch embedding of INT8 models in float, so the input "
                             "pixels are not re-rounded (IQA models measure exactly that noise); int8: quantize it "
                             "too (faster, more drift); block (--target onnx): the stem and the convs after it at "
-                            "its resolution, through the narrowest, in float [default: float]",
-        rich_help_panel=EXPORT_PANEL)] = None,
+                            "its resolution, through the narrowest, in float",
+        show_default=_default("int8_stem"), rich_help_panel=EXPORT_PANEL)] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, help="Largest batch (TensorRT profile "
-                                                     "max, CoreML range) [default: 8]",
+                                                     "max, CoreML range)", show_default=_default("max_batch"),
                                                      rich_help_panel=EXPORT_PANEL)] = None,
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, 17..20 [default: 17]",
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, 17..20", show_default=_default("opset"),
                                                  rich_help_panel=EXPORT_PANEL)] = None,
     tensorrt_version: Annotated[str | None, typer.Option(
-        "--tensorrt-version", help="TensorRT the op check targets [default: 10.3, JetPack 6]",
-        rich_help_panel=EXPORT_PANEL)] = None,
+        "--tensorrt-version", help="TensorRT the op check targets",
+        show_default=f"{_default('tensorrt_version')}, JetPack 6", rich_help_panel=EXPORT_PANEL)] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the parity, drift and "
-                                                "latency checks here [default: 2]",
+                                                "latency checks here", show_default=_default("threads"),
                                                 rich_help_panel=EXPORT_PANEL)] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="A target profile (export/<name>.yaml); "
                                                     "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Re-export even when the manifest says up to date.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-export even when the manifest says up to date; into an OUT holding another "
+                        "checkpoint's exports, replace them.")] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Stream the converters' own output (coremltools, torch.onnx, onnxruntime...) "
                                 "too; it always goes to each export's export.log.")] = False,
 ) -> None:
     """Export a checkpoint's score model (folded text anchors, no text tower) with parity and drift checks.
 
+    Without --out, a run's exports go to exports/<run name>, one folder per run, as a trainer's exporter
+    writes beside its weights. An OUT holding another checkpoint's exports is refused (--force replaces them).
+
     Examples:
 
-      kdiqa-edge export runs/distill --target onnx --precision int8 --out exports/
+      kdiqa-edge export runs/distill --target onnx --precision int8        # -> exports/distill/onnx-int8/
 
       kdiqa-edge export runs/distill --precision auto --max-drift 0.01 --out exports/   # -> exports/onnx-auto/model.onnx
 
-      kdiqa-edge export runs/distill --profile export/jetson-orin-tensorrt-int8.yaml --out exports/
+      kdiqa-edge export runs/distill --profile export/jetson-orin-tensorrt-int8.yaml --out exports/jetson
 
       kdiqa-edge export runs/distill --target all --precision fp16 --input uint8 --out exports/
 
@@ -91,19 +113,22 @@ def export_command(
     """
     from kdiqa_edge.config import resolve
     from kdiqa_edge.errors import TensorRTUnavailable
-    from kdiqa_edge.export import ExportConfig, export_checkpoint
+    from kdiqa_edge.export import export_checkpoint
+    from kdiqa_edge.export.pipeline import default_out
 
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
                   with_probs=probs, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
                   int8_recipe=int8_recipe, max_drift=max_drift, min_speedup=min_speedup, candidates=candidates,
                   max_batch=max_batch, opset=opset, threads=threads,
                   tensorrt_version=tensorrt_version)
+    out = out if out is not None else default_out(checkpoint)
+    requested = [f"{name}-{cfg.precision}" for name in cfg.validate().targets()]
     try:
         manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log, verbose=verbose)
     except TensorRTUnavailable:
-        _summary(out)
+        _summary(out, checkpoint, requested)
         raise
-    _summary(out, manifest)
+    _summary(out, checkpoint, requested, manifest)
 
 
 def _log(message: str) -> None:
@@ -112,22 +137,58 @@ def _log(message: str) -> None:
     typer.secho(message, file=stream("stderr"))  # the user's stderr, also while converter output is captured
 
 
-def _summary(out: Path, manifest: dict | None = None) -> None:
-    """One line per export of this run's manifest, then its notes (drift, latency, slower INT8, trtexec)."""
+def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict | None = None) -> None:
+    """The machine once, then a block per export this run asked for (its files, whether it was reused, the
+    parity check's verdict, its notes: drift, latency, the other INT8 stem, trtexec), the manifest and what to
+    run next."""
+    from kdiqa_edge.bench.environment import cpu_line
     from kdiqa_edge.export.pipeline import read_manifest
 
     manifest = manifest or read_manifest(out)
-    for label, entry in manifest.get("exports", {}).items():
-        parity = entry.get("parity") or {}
-        check = ("parity skipped" if parity.get("skipped") else
-                 f"max |diff| vs torch {parity['max_abs_diff']:.1e}" if "max_abs_diff" in parity else "")
-        files = ", ".join(f["path"] for f in entry["files"])
-        typer.echo(f"{label:16s} {check:32s} {files}")
+    exports, reused = manifest.get("exports", {}), (manifest.get("run") or {}).get("reused", [])
+    machine = manifest.get("machine")
+    if machine:
+        threads = (manifest.get("config") or {}).get("threads")
+        typer.echo(f"machine: {cpu_line(machine)}" + (f"; checks and latencies at {threads} threads" if threads else ""))
+    for label in [label for label in requested if label in exports]:
+        entry = exports[label]
+        files = ", ".join(str(out / f["path"]) for f in entry["files"])
+        typer.echo(f"{label}: {files}" + (" (reused: up to date for this checkpoint, these options and data; "
+                                          "--force rebuilds it)" if label in reused else ""))
+        typer.echo(f"  {_parity_line(entry)}")
+        measured_on = ((entry.get("drift") or {}).get("latency") or {}).get("cpu")
+        if machine and measured_on and measured_on != machine:
+            typer.echo(f"  measured on another machine: {cpu_line(measured_on)}")
+        skipped = (entry.get("parity") or {}).get("skipped")
         for note in entry.get("notes", []):
-            typer.echo(f"  {note}")
+            if not (skipped and note.endswith(skipped)):  # said on the parity line
+                typer.echo(f"  {note}")
         if entry.get("unavailable"):
             typer.secho(f"  {entry['unavailable']}", fg="yellow")
-    typer.echo(f"manifest: {out / 'manifest.json'}")
+    others = sorted(set(exports) - set(requested))
+    typer.echo(f"manifest: {out / 'manifest.json'}" + (f" (also lists {', '.join(others)})" if others else ""))
+    artifacts = [str(out / f["path"]) for label in requested for f in (exports.get(label) or {}).get("files", [])
+                 if Path(f["path"]).suffix in RUNNABLE]
+    if artifacts:
+        typer.echo(f"next: kdiqa-edge bench {' '.join(artifacts)} --reference {checkpoint}")
+
+
+def _parity_line(entry: dict[str, Any]) -> str:
+    """The parity check against torch with its verdict: within the target's declared tolerance (ok), over it
+    (FAILED), skipped (why), or reported only where the target declares none for the precision (INT8: its
+    drift check judges it)."""
+    parity = entry.get("parity") or {}
+    if parity.get("skipped"):
+        return f"parity vs torch: skipped ({parity['skipped']})"
+    if "max_abs_diff" not in parity:
+        return "parity vs torch: not checked"
+    line = f"parity vs torch: max |diff| {parity['max_abs_diff']:.1e} on {parity.get('images', '?')} images"
+    tolerance = parity.get("tolerance")
+    if tolerance is None:
+        judged = ", its drift check judges it" if (entry.get("drift") or {}).get("delta_srcc") is not None else ""
+        return f"{line}, no tolerance for {entry.get('precision', '?').upper()} (reported only{judged})"
+    verdict = "within" if parity.get("passed") else "over"
+    return f"{line}, {verdict} the {tolerance:.0e} tolerance: {'ok' if parity.get('passed') else 'FAILED'}"
 
 
 def register(app: typer.Typer) -> None:

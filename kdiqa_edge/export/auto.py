@@ -446,7 +446,7 @@ def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> lis
 def _result(target: str, items: list[Measured], choice: Choice, final: Path, parity: dict[str, Any], images: int,
             cfg: ExportConfig, tuned: dict[str, Any] | None = None, left_out: list[str] = ()) -> ExportResult:
     """The pick as an export: the table and why in the notes, every candidate's row in the details."""
-    from kdiqa_edge.bench.environment import cpu_info, cpu_line, gpus
+    from kdiqa_edge.bench.environment import cpu_info, gpus
 
     pick, machine = choice.pick, cpu_info()
     reference = next(i for i in items if i.candidate.reference)
@@ -454,8 +454,8 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
     accelerators = sorted({i.candidate.provider for i in items} - {"cpu"})
     gpu = gpus() if accelerators else []  # nvidia-smi's "name, driver, memory" lines
     on_gpu = f" and {gpu[0].split(',')[0]} ({', '.join(accelerators)})" if gpu else ""
-    summary = (f"{target}-auto: {len(items)} candidates measured on {cpu_line(machine)}{on_gpu}, {cfg.threads} threads "
-               f"(median of {ROUNDS} alternated rounds"
+    # "here": the CPU and threads are the export's one environment line (and details.auto.cpu)
+    summary = (f"{target}-auto: {len(items)} candidates measured here{on_gpu} (median of {ROUNDS} alternated rounds"
                + (f"; {', '.join(ran_off)} re-timed head to head, {RUNOFF_ROUNDS} rotated rounds" if ran_off else "")
                + f"); drift on {images} test images vs {reference.name}")
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,

@@ -16,7 +16,7 @@ import numpy as np
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.registry import Registry
 
-PRECISIONS = ("fp32", "fp16", "int8", "auto")  # auto: every candidate measured here, the fastest within bound
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")  # auto: every candidate measured here, the fastest within bound
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -50,8 +50,9 @@ class ExportConfig:
     seed: int = 0  # split seed when the checkpoint has no saved split
 
     def validate(self) -> ExportConfig:
-        if self.target != "all":
-            TARGETS.get(self.target)
+        if self.target != "all" and self.target not in TARGETS:
+            raise ConfigError(f"unknown export target {self.target!r}; choose one of: "
+                              f"{', '.join([*TARGETS.names(), 'all'])}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.input not in ("float", "uint8"):

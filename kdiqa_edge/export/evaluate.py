@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -84,6 +85,15 @@ def drift(reference: np.ndarray, scores: np.ndarray, mos: np.ndarray) -> dict[st
         "max_abs_diff_vs_fp32": float(np.max(np.abs(np.asarray(reference) - np.asarray(scores)))),
         "mean_abs_diff_vs_fp32": float(np.mean(np.abs(np.asarray(reference) - np.asarray(scores)))),
     }
+
+
+def drift_verdict(delta_srcc: float, max_drift: float) -> str:
+    """The drift check's verdict: |ΔSRCC| against the --max-drift bound."""
+    if math.isnan(delta_srcc):  # the scores are constant
+        return "not measurable (constant scores)"
+    if abs(delta_srcc) <= max_drift:
+        return f"within the {max_drift:g} bound (--max-drift): ok"
+    return f"over the {max_drift:g} bound (--max-drift): check it on your own images before shipping"
 
 
 def kernel_profile(path: str | Path, x: np.ndarray, threads: int = 2, runs: int = 10,

@@ -384,12 +384,16 @@ def write_device_script(out: Path, pte_name: str, threads: int) -> Path:
 # --- the target ----------------------------------------------------------------------------------------
 
 
-def drift_notes(report: dict[str, Any], name: str, threads: int) -> list[str]:
+def drift_notes(report: dict[str, Any], name: str, threads: int, max_drift: float) -> list[str]:
+    """The drift check with its verdict, and both latencies (the CPU is the export's one environment line)."""
+    from kdiqa_edge.export.evaluate import drift_verdict
+
     fp32_ms, int8_ms = report["latency"]["fp32"]["p50_ms"], report["latency"]["int8"]["p50_ms"]
-    notes = [(f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
-              f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on {report['images']} "
-              f"test images; ExecuTorch XNNPACK on this CPU, batch 1, {threads} threads: INT8 {int8_ms:.2f} ms, "
-              f"FP32 {fp32_ms:.2f} ms")]
+    notes = [f"{name}: drift vs FP32: SRCC {report['reduced']['srcc']:.4f} vs {report['fp32']['srcc']:.4f} "
+             f"(ΔSRCC {report['delta_srcc']:+.4f}, ΔPLCC {report['delta_plcc']:+.4f}) on {report['images']} test "
+             f"images, {drift_verdict(report['delta_srcc'], max_drift)}",
+             f"{name}: latency at batch 1, ExecuTorch XNNPACK on this CPU, {threads} threads: INT8 {int8_ms:.2f} ms, "
+             f"FP32 {fp32_ms:.2f} ms"]
     if int8_ms > fp32_ms:
         notes.append(f"{name}: INT8 is SLOWER than FP32 on this machine ({int8_ms:.2f} ms vs {fp32_ms:.2f} ms); "
                      "time both on the phone (benchmark_on_device.sh) before shipping")
@@ -434,7 +438,7 @@ class ExecuTorchTarget:
             result.drift = evaluate.drift(reference.test_scores, program.test_scores, examples.test_mos)
             result.drift["latency"] = {"fp32": reference.latency, "int8": program.latency,
                                        "runtime": "executorch xnnpack", "threads": cfg.threads}
-            result.notes.extend(drift_notes(result.drift, name, cfg.threads))
+            result.notes.extend(drift_notes(result.drift, name, cfg.threads, cfg.max_drift))
         result.notes.append(f"on the phone: {' && '.join(commands)}")
         return result
 

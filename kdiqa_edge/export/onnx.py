@@ -218,13 +218,18 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
         if result.parity.get("passed") is False:
             raise ExportError(f"{final.name}: parity check failed, max |score - torch score| = "
                               f"{result.parity['max_abs_diff']:.2e} > {tolerance[cfg.precision]:.0e}")
+        # a static ONNX Runtime INT8 is timed once, head to head with FP32 and the other stem choice (below)
+        alternative = cfg.precision == "int8" and form == "u8s8" and recipe.mode == "static"
         if cfg.precision != "fp32":
-            result.drift = drift_report(fp32, final, examples, scored, cfg)
-            result.notes.extend(drift_notes(result.drift, cfg.precision, final.name, form))
-        if cfg.precision == "int8" and form == "u8s8" and recipe.mode == "static":  # dynamic: convs stay float
-            alternative = measure_alternative(graph, recipe, fp32, final, examples, cfg, meta, Path(scratch))
-            result.extra["int8"]["alternative"] = alternative
-            result.notes.append(alternative["note"])
+            result.drift = drift_report(fp32, final, examples, scored, cfg, timed=not alternative)
+        if alternative:
+            measured = measure_alternative(graph, recipe, fp32, final, examples, cfg, meta, Path(scratch))
+            result.drift["latency"] = {**measured.pop("latency"), **result.drift["latency"]}
+            result.extra["int8"]["alternative"] = measured
+        if cfg.precision != "fp32":
+            result.notes.extend(drift_notes(result.drift, cfg.precision, final.name, form, cfg.max_drift))
+        if alternative:
+            result.notes.append(measured["note"])
     return result
 
 
@@ -257,9 +262,9 @@ def int8_graph(fp32: Path, scored, examples: Examples, cfg: ExportConfig, work: 
 
 def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examples: Examples, cfg: ExportConfig,
                         meta: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The same recipe with the other stem choice, measured beside FP32 and the shipped INT8 (alternated
-    rounds, same test images), so the note can say what the other choice would cost or gain here."""
-    from kdiqa_edge.bench.environment import cpu_line
+    """The same recipe with the other stem choice, timed head to head with FP32 and the shipped INT8 (rotated
+    rounds, same test images; these are the export's latency figures for FP32 and the shipped INT8 too: one
+    measurement per artifact), so the note can say what the other choice would cost or gain here."""
     from kdiqa_edge.export import auto
 
     other = recipe.with_stem("int8" if recipe.stem == "float" else "float")
@@ -275,26 +280,27 @@ def measure_alternative(graph: Int8Graph, recipe, fp32: Path, final: Path, examp
              auto.Measured(auto.Candidate(other.name, "int8", build=None, load=quiet), path=path)]
     models = auto.load_models(items, cfg.threads)
     auto.measure_drift(items, models, examples)
-    auto.measure_latency(items, models, examples.test, cfg, batches=(1,))
-    auto.measure_runoff(items[1:], models, examples.test, 1)  # the two INT8 stems head to head
+    auto.measure_runoff(items, models, examples.test, 1)
     models.clear()
-    _, shipped, alt = items
+    reference, shipped, alt = items
     speed = shipped.p50(1) / alt.p50(1)
     change = "faster" if speed >= 1 else "slower"
-    how = f"--int8-stem {other.stem}"
-    note = (f"{final.name}: stem in {other.stem} (the alternative) would be {max(speed, 1 / speed):.2f}x {change} "
-            f"than this stem-{recipe.stem} INT8 ({alt.p50(1):.2f} vs {shipped.p50(1):.2f} ms at batch 1, FP32 "
-            f"{items[0].p50(1):.2f} ms), ΔSRCC {alt.drift['delta_srcc']:+.4f} vs {shipped.drift['delta_srcc']:+.4f}, "
-            f"mean |Δscore| {alt.drift['mean_abs_diff_vs_fp32']:.4f} vs {shipped.drift['mean_abs_diff_vs_fp32']:.4f} "
-            f"here ({cpu_line()}); {how} ships it")
+    note = (f"{final.name}: with the stem in {other.stem} instead (the alternative) it would be "
+            f"{max(speed, 1 / speed):.2f}x {change} ({alt.p50(1):.2f} vs {shipped.p50(1):.2f} ms at batch 1) at "
+            f"ΔSRCC {alt.drift['delta_srcc']:+.4f} (this export {shipped.drift['delta_srcc']:+.4f}), mean |Δscore| "
+            f"{alt.drift['mean_abs_diff_vs_fp32']:.4f} (this export {shipped.drift['mean_abs_diff_vs_fp32']:.4f}); "
+            f"pass --int8-stem {other.stem} to ship it instead")
+    timed = {"runs": auto.RUNOFF_ROUNDS * auto.RUNOFF_RUNS, "batch": 1, "protocol": "head to head, rotated rounds"}
     return {"recipe": other.name, "note": note, "speed_vs_shipped": round(speed, 3),
-            "latency": {i.name: i.latency.get(1) for i in items},
-            "runoff": {i.name: i.runoff.get(1) for i in items[1:]}, "drift": alt.drift, "shipped_drift": shipped.drift}
+            "latency": {"fp32": {"p50_ms": reference.p50(1), **timed}, "int8": {"p50_ms": shipped.p50(1), **timed},
+                        "alternative": {"p50_ms": alt.p50(1), **timed}},
+            "drift": alt.drift, "shipped_drift": shipped.drift}
 
 
-def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: ExportConfig) -> dict[str, Any]:
-    """SRCC/PLCC of the reduced-precision model vs the FP32 one on the test split, and both latencies here
-    (with the CPU they ran on: INT8 speed depends on its instruction set)."""
+def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: ExportConfig,
+                 timed: bool = True) -> dict[str, Any]:
+    """SRCC/PLCC of the reduced-precision model vs the FP32 one on the test split, and (`timed`) both
+    latencies here (with the CPU they ran on: INT8 speed depends on its instruction set)."""
     from kdiqa_edge.bench.environment import cpu_info
     from kdiqa_edge.export import evaluate
 
@@ -303,23 +309,23 @@ def drift_report(fp32: Path, reduced: Path, examples: Examples, scored, cfg: Exp
     low_session = evaluate.session(reduced, cfg.threads, fp16=cfg.precision == "fp16")
     report = evaluate.drift(evaluate.predict(ref_session, inputs), evaluate.predict(low_session, inputs),
                             examples.test_mos)
-    report["latency"] = {
-        "fp32": evaluate.latency_ms(ref_session, inputs, cfg.latency_runs),
-        cfg.precision: evaluate.latency_ms(low_session, inputs, cfg.latency_runs),
-        "runtime": "onnxruntime CPUExecutionProvider", "threads": cfg.threads, "cpu": cpu_info(),
-    }
+    report["latency"] = {"runtime": "onnxruntime CPUExecutionProvider", "threads": cfg.threads, "cpu": cpu_info()}
+    if timed:
+        report["latency"].update({"fp32": evaluate.latency_ms(ref_session, inputs, cfg.latency_runs),
+                                  cfg.precision: evaluate.latency_ms(low_session, inputs, cfg.latency_runs)})
     return report
 
 
-def drift_notes(report: dict[str, Any], precision: str, name: str, form: str) -> list[str]:
+def drift_notes(report: dict[str, Any], precision: str, name: str, form: str, max_drift: float) -> list[str]:
+    """The drift check with its verdict, and both latencies (the CPU is the export's one environment line)."""
+    from kdiqa_edge.export import evaluate
+
     fp32_ms = report["latency"]["fp32"]["p50_ms"]
     low_ms = report["latency"][precision]["p50_ms"]
-    cpu = report["latency"].get("cpu")
-    where = f" ({cpu['model']}, ISA {' '.join(cpu['isa']) or 'unknown'})" if cpu else ""
-    notes = [(f"{name}: SRCC {report['reduced']['srcc']:.4f} vs FP32 {report['fp32']['srcc']:.4f} "
-              f"(delta {report['delta_srcc']:+.4f}), PLCC delta {report['delta_plcc']:+.4f} on "
-              f"{report['images']} test images; ONNX Runtime CPU{where} batch 1: {precision.upper()} "
-              f"{low_ms:.2f} ms, FP32 {fp32_ms:.2f} ms")]
+    notes = [f"{name}: drift vs FP32: SRCC {report['reduced']['srcc']:.4f} vs {report['fp32']['srcc']:.4f} "
+             f"(ΔSRCC {report['delta_srcc']:+.4f}, ΔPLCC {report['delta_plcc']:+.4f}) on {report['images']} test "
+             f"images, {evaluate.drift_verdict(report['delta_srcc'], max_drift)}",
+             f"{name}: latency at batch 1, ONNX Runtime CPU: {precision.upper()} {low_ms:.2f} ms, FP32 {fp32_ms:.2f} ms"]
     if form == "s8s8" and precision == "int8":
         notes.append(f"{name}: these latencies are the TensorRT Q/DQ form under ONNX Runtime on this CPU, "
                      "not the engine's speed: bench the engine on the device")
@@ -398,7 +404,6 @@ def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, time
     import onnx
 
     from kdiqa_edge import artifact
-    from kdiqa_edge.bench.environment import cpu_line
     from kdiqa_edge.export import auto
     from kdiqa_edge.runtime import QualityModel
 
@@ -414,11 +419,11 @@ def tune_spinning(pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, time
     choice = "off" if p50["on"] > p50["off"] * (1 + auto.TIE) else "on"
     meta = artifact.decode({p.key: p.value for p in onnx.load(str(final), load_external_data=False).metadata_props})
     set_metadata(final, {**meta, "ort_spinning": choice})
-    speed = p50["on"] / p50["off"] if p50["off"] else 1.0
+    other = "on" if choice == "off" else "off"
+    ratio = p50[other] / p50[choice] if p50[choice] else 1.0
+    # a ratio, not a second latency figure for the pick (the table has its one)
     note = (f"{final.name}: ONNX Runtime spin-waiting {choice} (recorded in the file; the runtime applies it): "
-            f"off {p50['off']:.2f} vs on {p50['on']:.2f} ms at batch {batch} here, {speed:.2f}x "
-            f"({cpu_line()}, {cfg.threads} threads)")
-    log(f"  {note}")
+            f"with it {other} the pick took {ratio:.2f}x as long at batch {batch} here")
     return {"setting": "ort_spinning", "value": choice, "p50_ms": {k: round(v, 3) for k, v in p50.items()},
             "batch": batch, "runs": len(times["on"]), "note": note}
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from kdiqa_edge.data.runs import RunData, run_data
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError, DataError, KdiqaError, TensorRTUnavailable
 from kdiqa_edge.export.base import TARGETS, Examples, ExportConfig, ExportResult
@@ -67,43 +68,24 @@ def artifact_meta(model) -> dict[str, Any]:
     }
 
 
-def _saved_split(checkpoint: Path, checkpoint_dir: Path) -> Path | None:
-    """The split.json of the run the checkpoint came from, if any."""
-    for run_dir in (checkpoint, checkpoint_dir.parent.parent):
-        if (run_dir / "split.json").is_file():
-            return run_dir / "split.json"
-    return None
-
-
-def _run_dataset(checkpoint: Path, checkpoint_dir: Path) -> DatasetSpec | None:
-    """The dataset the run was trained on (its config.yaml), so calibration and test images match it."""
-    from kdiqa_edge.config import load_file
-
-    for run_dir in (checkpoint, checkpoint_dir.parent.parent):
-        if (run_dir / "config.yaml").is_file():
-            dataset = load_file(run_dir / "config.yaml").get("dataset")
-            if isinstance(dataset, dict):
-                try:
-                    return DatasetSpec.from_dict(dataset)
-                except TypeError:
-                    return None
-    return None
-
-
-def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, split_file: Path | None = None,
+def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, run: RunData | None = None,
                   progress: bool = True, log: Callable[[str], None] = print) -> Examples:
     """Calibration images from the TRAIN split, parity and drift images from the TEST split.
 
-    The run's own split is used when it matches the dataset, so the test images are ones the model never saw.
+    The run's own split (its split.json) is used when it matches the dataset, so the test images are ones the
+    model never saw; where it does not, the dataset is split as the run split it (its seed and fractions),
+    else with `cfg.seed`.
     """
     from kdiqa_edge.data import Split, prepare
 
-    cache, split = prepare(data, preprocess, seed=cfg.seed, progress=progress)
-    if split_file is not None:
+    how = ({"seed": run.split_seed, "val_fraction": run.val_fraction, "test_fraction": run.test_fraction,
+            "split_by": run.split_by} if run is not None else {"seed": cfg.seed})
+    cache, split = prepare(data, preprocess, progress=progress, **how)
+    if run is not None and run.split_file is not None:
         try:
-            split = Split.load(split_file).check(cache.dataset)
+            split = Split.load(run.split_file).check(cache.dataset)
         except DataError as exc:
-            log(f"note: not using {split_file} ({exc}); split with seed {cfg.seed} instead")
+            log(f"note: not using {run.split_file} ({exc}); split with seed {how['seed']} instead")
     rng = np.random.default_rng(cfg.seed)
     train = np.sort(rng.permutation(np.asarray(split.train, dtype=np.int64))[:cfg.calib])
     test = np.asarray(split.test, dtype=np.int64)
@@ -137,6 +119,15 @@ def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: s
         fields.pop("int8_recipe")
     blob = json.dumps({"model": model_hash, "cfg": fields, "data": data.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_out(checkpoint: str | Path) -> Path:
+    """`exports/<run name>`: where `export` writes without --out, one folder per run (so two runs' exports
+    never meet); a checkpoint outside a run is named by its own folder."""
+    from kdiqa_edge.data.runs import find_run_dir
+
+    path = Path(checkpoint)
+    return Path("exports") / (find_run_dir(path) or path).resolve().name
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
@@ -214,12 +205,15 @@ def _naming_log(exc: Exception, note: str) -> Exception:
 def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path,
                       data: DatasetSpec | None = None, force: bool = False, progress: bool = True,
                       log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
-    """Export `checkpoint` (checkpoint dir or run dir) per `cfg` into `out`; returns the manifest.
+    """Export `checkpoint` (checkpoint dir or run dir) per `cfg` into `out`; returns the manifest, with
+    `run` added (not written): this run's `requested` labels and the ones `reused` as they were.
 
     Calibration, parity and drift images come from `data`; without one, from the dataset in the run's
     config.yaml (and its split.json), else from the synthetic set. The converters' output goes to each
     export's export.log; `verbose` streams it to stderr too.
 
+    One OUT holds one checkpoint's exports: an OUT whose manifest names another checkpoint (another content
+    hash) is refused, unless `force`, which replaces that checkpoint's exports there.
     Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
     """
     from kdiqa_edge.bench.environment import cpu_info
@@ -238,27 +232,29 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    run = run_data(checkpoint)  # the run's dataset (its paths resolved from here) and split, if it was a run
     if data is None or data == DatasetSpec():  # no dataset named: the run's own, else the synthetic set
-        data = _run_dataset(checkpoint, checkpoint_dir) or DatasetSpec()
+        data = run.dataset if run is not None else DatasetSpec()
     model_hash = model.meta.get("content_hash", "")
     out = Path(out)
+    manifest = read_manifest(out)
+    replaced = other_checkpoint(manifest, model_hash, checkpoint_dir, out, force)
     # staging folders and manifests a killed export left (never a live one's; OUT may hold the user's files too)
     sweep_temporaries(out, unclaimed=[f"{name}-" for name in TARGETS.names()] + [MANIFEST])
-    manifest = read_manifest(out)
-    exports: dict[str, Any] = {name: entry for name, entry in manifest.get("exports", {}).items()
-                               if _intact(entry, out)}
+    exports: dict[str, Any] = {} if replaced else {name: entry for name, entry in manifest.get("exports", {}).items()
+                                                   if _intact(entry, out)}
 
-    todo = {}
+    todo, reused = {}, []
     for name in cfg.targets():
         label, key = f"{name}-{cfg.precision}", request_key(model_hash, cfg, data, name)
         entry = exports.get(label)
         if force or entry is None or entry.get("request_key") != key or entry.get("unavailable"):
             todo[name] = (label, key)
         else:
-            log(f"{label}: up to date ({out / label})")
+            reused.append(label)
 
     if todo:
-        examples = load_examples(data, model.preprocess, cfg, _saved_split(checkpoint, checkpoint_dir), progress, log)
+        examples = load_examples(data, model.preprocess, cfg, run, progress, log)
         meta = artifact_meta(model)
         staged_results = []
         with contextlib.ExitStack() as stack:  # every folder is renamed in only if all targets succeed
@@ -273,6 +269,8 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
             entries = {label: _entry(result, staged, out / label, out, key)
                        for label, key, staged, result in staged_results}
         exports.update(entries)
+    if replaced:
+        _remove_replaced(replaced, exports, out, log)
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -286,8 +284,37 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
         "exports": dict(sorted(exports.items())),
     }
     write_json(out / MANIFEST, manifest)
-    requested = {f"{name}-{cfg.precision}" for name in cfg.targets()}
+    requested = [f"{name}-{cfg.precision}" for name in cfg.targets()]
     unavailable = [exports[label]["unavailable"] for label in sorted(requested) if exports[label].get("unavailable")]
     if unavailable:
         raise TensorRTUnavailable(unavailable[0])
-    return manifest
+    return {**manifest, "run": {"requested": requested, "reused": reused}}
+
+
+def other_checkpoint(manifest: dict[str, Any], model_hash: str, checkpoint_dir: Path, out: Path,
+                     force: bool) -> dict[str, Any] | None:
+    """The manifest's checkpoint where OUT holds another checkpoint's exports (another content hash); that is
+    refused in one line unless `force`. None where OUT is new, or holds this checkpoint's exports."""
+    held = manifest.get("checkpoint") or {}
+    other_hash = held.get("content_hash")
+    if not manifest.get("exports") or not other_hash or not model_hash or other_hash == model_hash:
+        return None
+    if force:
+        return {**held, "exports": sorted(manifest["exports"])}
+    path = held.get("path") or "?"
+    same_path = Path(path).resolve() == checkpoint_dir.resolve()
+    which = f"an earlier checkpoint of {path}" if same_path else f"another checkpoint, {path}"
+    raise ConfigError(f"{out} holds the exports of {which} (content hash {other_hash[:12]}, this one "
+                      f"{model_hash[:12]}); export to another folder with --out DIR, or replace them with --force")
+
+
+def _remove_replaced(replaced: dict[str, Any], exports: dict[str, Any], out: Path,
+                     log: Callable[[str], None]) -> None:
+    """--force over another checkpoint's OUT: its export folders this run did not rewrite go (OUT holds one
+    checkpoint's exports, and its manifest names that one)."""
+    gone = [label for label in replaced["exports"] if label not in exports]
+    for label in gone:
+        if (out / label).is_dir():
+            shutil.rmtree(out / label)
+    log(f"{out}: replaced the exports of {replaced.get('path')} (--force)"
+        + (f"; removed its {', '.join(gone)}" if gone else ""))
