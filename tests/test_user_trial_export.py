@@ -188,4 +188,7 @@ def test_unknown_target_lists_all_too(project, tmp_path, capsys):
     code, _, err = _cli(["export", project / "runs" / "a", "--target", "nope", "--out", tmp_path / "out"], capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1
-    assert errors[0] == "error: unknown export target 'nope'; choose one of: coreml, executorch, onnx, tensorrt, all"
+    from kdiqa_edge.export import TARGETS
+
+    assert errors[0] == f"error: unknown export target 'nope'; choose one of: {', '.join(TARGETS.names())}, all"
+    assert "onnx, " in errors[0]
