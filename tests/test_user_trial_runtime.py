@@ -108,6 +108,14 @@ def test_bench_on_the_exports_of_a_csv_run_uses_its_data_and_names_rows_by_expor
         assert f"│ {name}" in result.stdout and f"| {name} |" in (tmp_path / "b.md").read_text()
 
 
+def test_bench_of_a_run_dir_without_a_reference_uses_that_runs_data(csv_run, tmp_path):
+    result = _cli(["bench", csv_run, *FAST, "--json-out", tmp_path / "b.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["dataset"]["origin"] == "run" and report["headline"] is None
+    assert report["results"][0]["metrics"]["srcc"] == pytest.approx(_test_srcc(csv_run)[0], abs=1e-4)
+
+
 def test_export_folder_names_tell_auto_from_int8_and_clashing_runs_apart(tmp_path):
     from kdiqa_edge.bench.runner import BenchResult, _distinct_names
 
