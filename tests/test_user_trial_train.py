@@ -28,7 +28,6 @@ from typer.testing import CliRunner
 
 from kdiqa_edge.cli import app, main
 from kdiqa_edge.data import DatasetSpec, load_dataset
-from kdiqa_edge.data.readers import absolute_spec
 from kdiqa_edge.data.runs import run_data
 
 # The user's flags, relative to their folder (the module's `workdir`), as typed.
@@ -88,7 +87,7 @@ from kdiqa_edge.train.loop import Trainer
 optimizer_step = Trainer._optimizer_step
 def pressing_ctrl_c(self):  # the user's Ctrl-C (a real SIGINT) in the middle of the student's 2nd epoch
     optimizer_step(self)
-    if self.label == "student train" and self.step == self.steps_per_epoch + 1:
+    if self.extra_meta.get("stage") == "distill" and self.step == self.steps_per_epoch + 1:
         os.kill(os.getpid(), signal.SIGINT)
 Trainer._optimizer_step = pressing_ctrl_c
 main(sys.argv[1:])
@@ -134,7 +133,7 @@ def test_an_older_run_with_relative_paths_resumes_from_another_folder(workdir, f
 
     def interrupted(self):
         optimizer_step(self)
-        if self.label == "student train" and self.step == self.steps_per_epoch + 1:
+        if self.extra_meta.get("stage") == "distill" and self.step == self.steps_per_epoch + 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "_optimizer_step", interrupted)
@@ -159,6 +158,8 @@ def test_an_older_run_with_relative_paths_resumes_from_another_folder(workdir, f
 
 
 def test_a_score_file_named_relative_to_the_root_stays_the_roots(workdir, monkeypatch):
+    from kdiqa_edge.data.readers import absolute_spec
+
     monkeypatch.chdir(workdir)
     spec = absolute_spec(DatasetSpec(name="csv", root=Path("set"), csv=Path("labels.csv"), image_col="name",
                                      mos_col="mos_quality", mos_range=(0.0, 5.0)))
@@ -194,6 +195,35 @@ def test_teacher_finetune_says_how_to_resume_and_resumes(workdir, tmp_path, monk
     saved = yaml.safe_load((workdir / "runs" / "teacher" / "config.yaml").read_text())
     assert saved["dataset"]["root"] == str((workdir / "set").resolve()) and saved["workdir"] == str(workdir)
     assert json.loads((workdir / "runs" / "teacher" / "summary.json").read_text())["epochs"] == 1
+
+
+def test_reproduce_of_a_csv_set_with_mos_range_resumes(workdir, monkeypatch, capsys):
+    """Ctrl-C in a reproduce sweep, then the same command again: its plan (reproduce.json) is the same plan."""
+    from kdiqa_edge.train.loop import Trainer
+
+    optimizer_step = Trainer._optimizer_step
+
+    def interrupted(self):
+        optimizer_step(self)
+        if self.extra_meta.get("stage") == "distill":
+            raise KeyboardInterrupt
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(Trainer, "_optimizer_step", interrupted)
+    command = ["reproduce", *DATA_FLAGS, *RANGE, "--students", "test_resnet", "--seeds", "1", "--epochs", "1",
+               "--teacher", "tiny", "--no-pretrained", "--batch-size", "32", "--out", "runs/repro"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 130
+    assert "interrupted at epoch 1/1 in runs/repro/seed0/test_resnet-full; run the same command again to resume" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_optimizer_step", optimizer_step)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    assert (workdir / "runs" / "repro" / "seed0" / "test_resnet-full" / "summary.json").is_file()
+    plan = json.loads((workdir / "runs" / "repro" / "reproduce.json").read_text())
+    assert plan["dataset"]["root"] == str((workdir / "set").resolve()) and plan["dataset"]["mos_range"] == [0, 5]
 
 
 # -- defect 3: ratings outside 1..5 without --mos-range

@@ -108,7 +108,13 @@ def reproduce_command(
         if launcher == "submitit-local" and max_parallel is not None:
             console.print("note: --max-parallel throttles SLURM job arrays; submitit-local starts every job at once")
         return _launch(cfg, data, out, launcher, opts, dry_run, wait, console)
-    result = run_reproduce(cfg, data, out, dry_run=dry_run, log=console.print)
+    from kdiqa_edge.train.state import RunInterrupted
+
+    try:
+        result = run_reproduce(cfg, data, out, dry_run=dry_run, log=console.print)
+    except RunInterrupted as stop:  # Ctrl-C: finished runs are kept, the interrupted one resumes
+        typer.echo(f"{stop} in {stop.run_dir}; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     if dry_run:
         table = Table(title=f"reproduce plan: {data.name}, {cfg.seeds} seeds")
         for column in ("seed", "run", "status", "dir"):
