@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from kdiqa_edge.export.base import ExportConfig
 
 EXPORT_PANEL = "Export"
 DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
-RUNNABLE = (".onnx", ".mlpackage", ".engine", ".plan", ".pte")  # what `kdiqa-edge bench` takes
+RUNNABLE = (".onnx", ".mlpackage", ".engine", ".plan", ".pte", ".xml")  # what `kdiqa-edge bench` takes
 
 
 def _default(field: str) -> str:
@@ -167,8 +168,9 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
             typer.secho(f"  {entry['unavailable']}", fg="yellow")
     others = sorted(set(exports) - set(requested))
     typer.echo(f"manifest: {out / 'manifest.json'}" + (f" (also lists {', '.join(others)})" if others else ""))
+    runnable = RUNNABLE if sys.platform == "darwin" else tuple(suffix for suffix in RUNNABLE if suffix != ".mlpackage")
     artifacts = [str(out / f["path"]) for label in requested for f in (exports.get(label) or {}).get("files", [])
-                 if Path(f["path"]).suffix in RUNNABLE]
+                 if Path(f["path"]).suffix in runnable]  # what bench can run here (CoreML: macOS)
     if artifacts:
         typer.echo(f"next: kdiqa-edge bench {' '.join(artifacts)} --reference {checkpoint}")
 
