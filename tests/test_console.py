@@ -97,10 +97,10 @@ def test_distill_redirected_to_a_file_logs_plain_progress_lines(tmp_path):
     text = log.read_text()
     assert result.returncode == 0, text
     assert not BAR_GLYPHS.search(text), text
-    for stage in ("decoding images", "train", "teacher features"):
+    for stage in ("decoding images", "teacher train", "student train", "teacher features"):
         assert re.search(rf"^{stage}: \d+/\d+ (images|steps) \(100%\), [\d.]+ images/s, done in \d:\d\d:\d\d",
                          text, re.MULTILINE), (stage, text)
-    assert re.search(r"^epoch 1/1 loss [\d.]+ test PLCC", text, re.MULTILINE), text
+    assert re.search(r"^student train: epoch 1/1 loss [\d.]+ test PLCC", text, re.MULTILINE), text
 
 
 def test_disabled_progress_and_a_stage_with_nothing_done_print_nothing(capsys):

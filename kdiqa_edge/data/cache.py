@@ -219,7 +219,7 @@ def _decode_chunk(job) -> dict[int, str]:
             try:
                 pixels = load_preprocessed(file, spec)
             except ImageLoadError as exc:
-                failures[start + offset] = str(exc)
+                failures[start + offset] = exc.reason  # the file is its row's
                 continue
             os.pwrite(fd, np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), (start + offset) * row_bytes)
     finally:

@@ -156,7 +156,7 @@ def _beside(root: Path, path: Path) -> Path:
 
 def absolute_spec(spec: DatasetSpec, bases: Sequence[Path] = ()) -> DatasetSpec:
     """The spec with its paths absolute and resolved, each where the readers would find it, as a run records
-    it (valid from any folder; `data.runs.absolute_paths` with the csv reader's rule below).
+    it (valid from any folder), with the csv reader's rule below.
 
     Relative paths are taken from the first of `bases`, then the current folder, that holds the root (or
     the score file, for a csv set without a root): a resumed run's recorded folder first. There, a score

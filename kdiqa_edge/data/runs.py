@@ -13,8 +13,6 @@ from pathlib import Path
 
 from kdiqa_edge.data.spec import DatasetSpec
 
-PATH_FIELDS = ("root", "csv", "image_dir")
-
 
 @dataclasses.dataclass(frozen=True)
 class RunData:
@@ -37,24 +35,17 @@ def find_run_dir(path: str | Path) -> Path | None:
 
 
 def absolute_paths(spec: DatasetSpec) -> DatasetSpec:
-    """The spec with its paths absolute and resolved, as a run records it (valid from any folder)."""
-    changes = {name: Path(getattr(spec, name)).expanduser().resolve() for name in PATH_FIELDS
-               if getattr(spec, name) is not None}
-    return dataclasses.replace(spec, **changes)
+    """The spec with its paths absolute and resolved, as a run records it (valid from any folder), each where
+    the reader would find it (a `--csv labels.csv` beside `--root set` is the root's)."""
+    from kdiqa_edge.data.readers import absolute_spec
+
+    return absolute_spec(spec)
 
 
-def resolve_paths(spec: DatasetSpec, bases: list[Path]) -> DatasetSpec:
-    """Relative paths of an older run, tried against each base in turn; the first base under which the
-    root (or the score file, for a csv set without a root) exists wins for every path."""
-    relative = [name for name in PATH_FIELDS
-                if getattr(spec, name) is not None and not Path(getattr(spec, name)).expanduser().is_absolute()]
-    if not relative:
-        return spec
-    anchor = spec.root if spec.root is not None else (spec.csv if spec.csv is not None else spec.image_dir)
-    for base in bases:
-        if (base / anchor).exists():
-            return dataclasses.replace(spec, **{name: (base / getattr(spec, name)).resolve() for name in relative})
-    return spec  # not found anywhere: the reader's own error names the path
+def run_bases(run_dir: str | Path, workdir: str | None) -> list[Path]:
+    """Where an older run's relative dataset paths may be relative to, in order: the folder it ran in, the
+    folders above the run dir, the current folder."""
+    return ([Path(workdir)] if workdir else []) + list(Path(run_dir).resolve().parents) + [Path.cwd()]
 
 
 def run_data(path: str | Path) -> RunData | None:
@@ -71,10 +62,10 @@ def run_data(path: str | Path) -> RunData | None:
         spec = DatasetSpec.from_dict(dataset) if isinstance(dataset, dict) and dataset else DatasetSpec()
     except TypeError:
         return None
-    bases = [Path(saved["workdir"])] if saved.get("workdir") else []
-    bases += [parent for parent in run_dir.resolve().parents] + [Path.cwd()]
+    from kdiqa_edge.data.readers import absolute_spec
+
     split_file = run_dir / "split.json"
-    return RunData(run_dir=run_dir, dataset=resolve_paths(spec, bases),
+    return RunData(run_dir=run_dir, dataset=absolute_spec(spec, run_bases(run_dir, saved.get("workdir"))),
                    split_file=split_file if split_file.is_file() else None,
                    split_seed=int(saved.get("split_seed", 0) or 0),
                    val_fraction=float(saved.get("val_fraction", 0.0) or 0.0),

@@ -294,7 +294,7 @@ def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
     resolved as a resumed run resolves them (an older run's relative paths included) and made absolute.
     """
     from kdiqa_edge.data.readers import absolute_spec
-    from kdiqa_edge.train.finetune import run_bases
+    from kdiqa_edge.data.runs import run_bases
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():

@@ -76,6 +76,7 @@ def dataset_spec(cfg, cli_data: DatasetSpec | None, resumed: Path | None = None)
     folders above the run dir, then the current folder).
     """
     from kdiqa_edge.data.readers import absolute_spec
+    from kdiqa_edge.data.runs import run_bases
 
     if cli_data is not None and cli_data != DatasetSpec():
         return absolute_spec(cli_data)
@@ -83,12 +84,6 @@ def dataset_spec(cfg, cli_data: DatasetSpec | None, resumed: Path | None = None)
         return DatasetSpec()
     spec = DatasetSpec.from_dict(cfg.dataset)
     return absolute_spec(spec, run_bases(Path(resumed), cfg.workdir) if resumed is not None else ())
-
-
-def run_bases(run_dir: Path, workdir: str | None) -> list[Path]:
-    """Where a run's relative dataset paths may be relative to, in the order `data.runs.run_data` tries."""
-    bases = [Path(workdir)] if workdir else []
-    return bases + list(Path(run_dir).resolve().parents) + [Path.cwd()]
 
 
 def prepare_teacher_data(cfg: FinetuneConfig, data: DatasetSpec, preprocess, progress: bool = True):
