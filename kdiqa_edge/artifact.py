@@ -1,8 +1,8 @@
 """The contract between exporters and the torch-free runtime: metadata keys and the engine file format.
 
 Every artifact (ONNX metadata_props, CoreML user_defined_metadata, the TensorRT engine header, the
-ExecuTorch program's `kdiqa_edge_meta` constant method) carries the same string-valued keys, so the runtime
-needs nothing but the artifact itself.
+ExecuTorch program's `kdiqa_edge_meta` constant method, the OpenVINO IR's rt_info) carries the same
+string-valued keys, so the runtime needs nothing but the artifact itself.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ KEYS = {
     "prompts": "JSON list of the prompts the anchors were built from",
     "source": 'JSON {"kind": "teacher"|"student", "arch", "checkpoint_hash", "pretrained", "variant"} (+ "params", '
               '"macs" where the runtime cannot count them: .pte)',
-    "precision": "fp32 | fp16 | int8",
-    "target": "onnx | tensorrt | coreml | executorch",
+    "precision": "fp32 | bf16 | fp16 | int8",
+    "target": "onnx | tensorrt | coreml | executorch | openvino",
     "versions": "JSON {package: version} of the exporting environment",
     "batch": "the one batch size a static-shape artifact takes (ExecuTorch programs: 1); absent: dynamic",
     "recipe": "the INT8 recipe's name (export/recipes.py), INT8 ONNX only",
+    "inference_precision": "f32 | bf16 | f16: OpenVINO's INFERENCE_PRECISION_HINT, which the runtime applies "
+                           "(OpenVINO IR only; bf16/fp16 exports are the f32 graph run at that precision)",
     "ort_spinning": "on | off: ONNX Runtime intra-op spin-waiting, measured for the pick by --precision auto; "
                     "the runtime applies it (absent: ORT's default, on)",
 }

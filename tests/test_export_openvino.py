@@ -301,11 +301,14 @@ def test_score_and_bench_on_xml_without_torch(exports, small_synthetic, tmp_path
     report = tmp_path / "bench.json"
     out = _run(["bench", exports["uint8"], "--reference", exports["float"], "--dataset", "synthetic", "--root",
                 small_synthetic.root, "--batch-sizes", "1,4", "--warmup", "1", "--runs", "3", "--threads", "1",
-                "--max-images", "20", "--json", report], env)
+                "--max-images", "20", "--json-out", report], env)
     assert out.returncode == 0, out.stderr
     rows = {r["model"]: r for r in json.loads(report.read_text())["results"]}
     row = rows[str(exports["uint8"])]
     assert row["status"] == "ok" and row["precision"] == "fp32" and row["params"] > 0
+    assert row["format"] == "OpenVINO"  # the IR's size is its .xml and its weights' .bin
+    xml = Path(exports["uint8"])
+    assert row["size_mb"] * 1e6 == pytest.approx(xml.stat().st_size + xml.with_suffix(".bin").stat().st_size, rel=1e-3)
     assert [s["batch_size"] for s in row["latency"]] == [1, 4] and row["latency"][0]["p50_ms"] > 0
     assert row["drift"] is not None and row["drift"]["max_abs_diff"] <= 1e-3  # the same model, two inputs
     assert rows[str(exports["float"])]["reference"]

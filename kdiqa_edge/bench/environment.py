@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-_PACKAGES = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "coremltools", "executorch", "torch",
-             "onnx")
+_PACKAGES = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "coremltools", "executorch",
+             "torch", "onnx")
 
 
 def _read(path: str) -> str | None:

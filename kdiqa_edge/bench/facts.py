@@ -163,11 +163,13 @@ def _prod(values) -> int:
 
 
 def size_bytes(path: str | Path) -> int:
-    """A file's size, or the total of a directory's files (an .mlpackage, a checkpoint dir)."""
+    """A file's size, or the total of a directory's files (an .mlpackage, a checkpoint dir); an OpenVINO IR
+    is its .xml and the .bin of its weights beside it."""
     path = Path(path)
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (weights.stat().st_size if weights is not None and weights.is_file() else 0)
 
 
 def current_rss_mb() -> float | None:

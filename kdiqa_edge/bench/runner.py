@@ -34,7 +34,7 @@ from kdiqa_edge.errors import KdiqaError
 from kdiqa_edge.metrics import IQAMetrics
 
 FORMAT_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT", "coreml": "CoreML", "executorch": "ExecuTorch",
-                "torch": "PyTorch"}
+                "openvino": "OpenVINO", "torch": "PyTorch"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ class BenchReport:
 
 def guess_precision(path: str | Path) -> str:
     """From the file name when the artifact cannot be opened: student.int8.onnx -> int8."""
-    match = re.search(r"(fp32|fp16|int8|float32|float16)", Path(path).name.lower())
+    match = re.search(r"(fp32|bf16|fp16|int8|float32|float16)", Path(path).name.lower())
     return {"float32": "fp32", "float16": "fp16"}.get(match.group(1), match.group(1)) if match else "?"
 
 

@@ -1,4 +1,4 @@
-"""Exporters: one module per target (onnx, tensorrt, coreml, executorch) behind one small protocol, plus the pipeline.
+"""Exporters: one module per target (onnx, tensorrt, coreml, executorch, openvino) behind one small protocol, plus the pipeline.
 
     from kdiqa_edge.export import ExportConfig, export_checkpoint
     manifest = export_checkpoint("runs/distill", ExportConfig(target="all", precision="int8"), out="exports/")
@@ -7,7 +7,8 @@ Importing this package is light: the target modules import torch, onnx, coremlto
 executorch inside their functions.
 """
 
-from kdiqa_edge.export import coreml, executorch, onnx, tensorrt  # noqa: F401  (each registers its target)
+# each target module registers its target
+from kdiqa_edge.export import coreml, executorch, onnx, openvino, tensorrt  # noqa: F401
 from kdiqa_edge.export.base import (
     PRECISIONS,
     TARGETS,

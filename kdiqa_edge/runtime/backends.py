@@ -70,16 +70,19 @@ def backend_kind(path: str | Path) -> str:
         return "coreml"
     if suffix == ".pte":
         return "executorch"
+    if suffix == ".xml":
+        return "openvino"
     if path.is_dir():
         if (path / "model.json").is_file() or (path / "checkpoints").is_dir():
             return "torch"
         if (path / "manifest.json").is_file():
-            files = sorted(p.name for p in path.iterdir() if p.suffix in (".onnx", ".engine", ".mlpackage", ".pte"))
+            files = sorted(p.name for p in path.iterdir()
+                           if p.suffix in (".onnx", ".engine", ".mlpackage", ".pte", ".xml"))
             raise ConfigError(f"{path} is an export directory; pass one of its artifacts: {', '.join(files)}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     raise CheckpointError(
-        f"{path}: not a model (expected .onnx, .engine/.plan, .mlpackage, .pte, a checkpoint dir or a run dir)")
+        f"{path}: not a model (expected .onnx, .engine/.plan, .mlpackage, .pte, .xml, a checkpoint dir or a run dir)")
 
 
 def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None,
@@ -422,3 +425,4 @@ class TorchBackend:
 
 # Backends in modules of their own register themselves in BACKENDS when imported.
 from kdiqa_edge.runtime.executorch import ExecuTorchBackend  # noqa: F401
+from kdiqa_edge.runtime.openvino import OpenVinoBackend  # noqa: F401
