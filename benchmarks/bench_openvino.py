@@ -1,0 +1,567 @@
+"""OpenVINO against ONNX Runtime on this CPU, ours and the plain way, each artifact alone in a fresh process.
+
+    python benchmarks/bench_openvino.py [--models resnet18 ...] [--threads 2] [--rounds 5] [--seconds 3]
+                                        [--work DIR] [--reuse] [--out FILE.md]
+
+For the paper's four students and the CLIP ViT-B/32 teacher's image tower (random init: no pretrained weights on
+this offline machine; the synthetic set for calibration), 224 px, batch 1, `--threads` threads:
+- ONNX Runtime, ours: FP32, and the best INT8 recipe of the ones our export makes (the fastest INT8 candidate
+  in `--target onnx --precision auto`'s own measurement, rebuilt by the onnx target's `candidates`);
+- OpenVINO, ours (kdiqa_edge.export.openvino.write_ir, what `--target openvino` writes): f32, bf16, and INT8
+  with the stem in float (the default) and in int8;
+- the plain way beside them: `ov.convert_model(our FP32 ONNX)` compiled with defaults + INFERENCE_NUM_THREADS
+  and PERFORMANCE_HINT LATENCY (bf16 on CPUs with AVX512-BF16 or AMX: the worker records what it ran in), the
+  same after `nncf.quantize` with defaults on 64 random inputs, and ONNX Runtime's `quantize_static` with
+  defaults (QDQ, int8 activations and weights, per tensor, MinMax) on the same 64 inputs;
+- auto's pick: `--target onnx --precision auto`, and `--target cpu --precision auto` (across runtimes) where
+  the export registry has a `cpu` target.
+
+Each artifact is timed alone in a fresh process (this script's worker mode: load, warm up, time back to back for
+`--seconds`, print JSON), in `--rounds` rounds over every artifact of every model, the order rotated and
+reversed each round; the median of the rounds' p50s per artifact. Ratios to our ORT FP32 are the figures to
+read: other jobs share this machine (the load average is printed per round and written with the results).
+
+Drift of random-init weights says nothing about a trained model, so auto ranks with the bound off
+(`--max-drift 1.0`, as bench_int8.py); the shipped pick still needs `--min-speedup` over FP32.
+
+Writes benchmarks/results/openvino-<machine>-<isa>.md and .json, after every round (a cut run keeps its rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TEACHER = "ViT-B-32"
+MODELS = ("resnet18", "efficientnet_b0", "mobilevit_s", "swin_tiny_patch4_window7_224", TEACHER)
+# the instruction sets OpenVINO's and ONNX Runtime's CPU kernels dispatch on, shown present or absent
+ISA_SHOWN = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
+PACKAGES = ("onnxruntime", "openvino", "nncf", "torch", "onnx", "numpy")
+PLAIN_CALIB = 64  # random calibration inputs of the plain nncf.quantize / quantize_static
+PLAIN_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}  # + INFERENCE_NUM_THREADS: the plain compile_model config
+SIZE = 224
+RUNTIMES = {".onnx": "ORT", ".xml": "OV", ".pte": "ExecuTorch"}  # by the artifact's suffix (auto's pick may be any)
+
+
+@dataclasses.dataclass
+class Artifact:
+    """One file to time and how to open it: `kdiqa` through QualityModel.load (what a user of ours gets), `ov`
+    and `ort` the plain way (compile_model / InferenceSession with defaults and the threads)."""
+
+    model: str
+    name: str  # the row: "ORT FP32", "OV bf16", "plain OV default", ...
+    group: str  # ort | ov | plain-ov | plain-ort | auto
+    precision: str  # fp32 | bf16 | int8 | default (the plain compile: the CPU plugin's choice)
+    path: str
+    open_with: str  # kdiqa | ov | ort
+    detail: str = ""  # the recipe, the NNCF settings
+    bytes: int = 0
+    rounds: list[float] = dataclasses.field(default_factory=list)  # p50 ms per round
+    runs: list[int] = dataclasses.field(default_factory=list)
+    runs_in: str | None = None  # OpenVINO's inference precision as compiled here
+    load_s: list[float] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def runtime(self) -> str:
+        return RUNTIMES.get(Path(self.path).suffix, Path(self.path).suffix)
+
+    @property
+    def p50(self) -> float:
+        return float(np.median(self.rounds)) if self.rounds else float("nan")
+
+    @property
+    def spread(self) -> float:
+        """max / min of the rounds' p50s: how much the machine moved this artifact's figure."""
+        return max(self.rounds) / min(self.rounds) if len(self.rounds) > 1 else float("nan")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", flush=True)
+
+
+# --- the worker: one artifact alone in this process ----------------------------------------------------
+
+
+def open_call(path: str, open_with: str, threads: int, x: np.ndarray):
+    """(one batch-1 call, the inference precision OpenVINO compiled it for or None)."""
+    if open_with == "kdiqa":
+        from kdiqa_edge.runtime import QualityModel
+
+        model = QualityModel.load(path, threads=threads)
+        return (lambda: model.run(x)), getattr(model.backend, "inference_precision", None)
+    if open_with == "ov":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, **PLAIN_CONFIG})
+        request = compiled.create_infer_request()
+        return (lambda: request.infer({0: x})), compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    return (lambda: session.run(None, feed)), None
+
+
+def worker(path: str, open_with: str, inputs: str, threads: int, seconds: float, warmup: float) -> None:
+    """Load, warm up (at least 5 runs and `warmup` seconds), time back to back for `seconds`; one JSON line."""
+    x = np.load(inputs)
+    start = time.perf_counter()
+    call, runs_in = open_call(path, open_with, threads, x)
+    call()
+    load_s = time.perf_counter() - start
+    end, done = time.perf_counter() + warmup, 0
+    while done < 5 or time.perf_counter() < end:
+        call()
+        done += 1
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 10:
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    ms = np.asarray(times) * 1e3
+    print(json.dumps({"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": len(ms),
+                      "load_s": round(load_s, 3), "runs_in": runs_in}))
+
+
+def time_alone(artifact: Artifact, inputs: Path, args) -> None:
+    """One turn: the artifact in a fresh process of this script; its p50 appended (or its one-line error)."""
+    command = [sys.executable, __file__, "--worker", artifact.path, "--open-with", artifact.open_with,
+               "--inputs", str(inputs), "--threads", str(args.threads), "--seconds", str(args.seconds),
+               "--warmup", str(args.warmup)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        artifact.error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]
+        return
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    artifact.rounds.append(found["p50_ms"])
+    artifact.runs.append(found["runs"])
+    artifact.load_s.append(found["load_s"])
+    artifact.runs_in = found["runs_in"]
+
+
+# --- building: ours through kdiqa_edge's export code, the plain way beside it ---------------------------
+
+
+def build_model(name: str, teacher):
+    import torch
+
+    from kdiqa_edge.models.student import create_student
+
+    if name == TEACHER:
+        return teacher
+    torch.manual_seed(0)
+    return create_student(name, teacher.head, teacher.preprocess, pretrained=False).eval()
+
+
+def run_auto(target_name: str, model, examples, cfg, meta: dict, out: Path):
+    """`--target <name> --precision auto` as the export pipeline runs it (export_checkpoint's dispatch): the
+    ExportResult, its pick in `out`."""
+    from kdiqa_edge.export import TARGETS, auto
+
+    target = TARGETS.get(target_name)
+    cfg = dataclasses.replace(cfg, target=target_name, precision="auto")
+    runner = auto.Auto(target, log=lambda m: log(f"  {m.strip()}")) if auto.supports_auto(target) else target
+    out.mkdir(parents=True)
+    return runner.export(model, examples, out, cfg, meta)
+
+
+def ranked_p50(row: dict) -> float:
+    """A candidate's batch-1 figure as auto ranks it: the runoff's where it ran, else the round-robin's."""
+    found = (row.get("runoff") or {}).get("1") or (row.get("latency") or {}).get("1") or {}
+    return float(found.get("p50_ms", np.inf))
+
+
+def ort_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple[list[Artifact], dict]:
+    """ORT FP32, the best INT8 recipe (by onnx auto's measurement), and onnx auto's pick."""
+    from kdiqa_edge.export import TARGETS
+
+    result = run_auto("onnx", model, examples, cfg, meta, folder / "onnx-auto")
+    found = result.extra["auto"]
+    rows = found["candidates"]
+    int8 = [r for r in rows if r["precision"] == "int8" and r["status"] == "ok"]
+    best = min(int8, key=ranked_p50)["name"] if int8 else None
+    wanted = {"fp32", best} - {None}
+    built = {}
+    for candidate in TARGETS.get("onnx").candidates(model, examples, cfg, meta, folder / "ort-shared"):
+        if candidate.name in wanted:
+            target = folder / ("ort-" + candidate.name.replace(":", "-").replace("+", "-"))
+            target.mkdir()
+            built[candidate.name] = candidate.build(target)
+    artifacts = [Artifact(name, "ORT FP32", "ort", "fp32", str(built["fp32"]), "kdiqa", "ours: fp32")]
+    if best:
+        artifacts.append(Artifact(name, "ORT INT8 (best recipe)", "ort", "int8", str(built[best]), "kdiqa",
+                                  f"ours: {best}"))
+    artifacts.append(Artifact(name, "auto (--target onnx)", "auto", result.precision, str(result.files[0]),
+                              "kdiqa", f"pick: {found['pick']}"))
+    summary = {"pick": found["pick"], "why": found["why"], "declined": found.get("declined"), "best_int8": best,
+               "candidates": [{k: r.get(k) for k in ("name", "precision", "status", "reason")}
+                              | {"p50_ms": ranked_p50(r), "drift": r.get("drift")} for r in rows]}
+    return artifacts, summary
+
+
+def ov_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple[list[Artifact], Path, dict]:
+    """OpenVINO IRs as `--target openvino` writes them, from the target's own FP32 ONNX (returned: the plain
+    way converts the same file)."""
+    from kdiqa_edge.export import openvino
+
+    source = folder / "ov-source"
+    source.mkdir()
+    onnx_path = openvino.fp32_onnx(model, cfg, source)
+    ov_meta = {**meta, "target": "openvino"}
+    artifacts, settings = [], {}
+    for precision, stem, label in (("fp32", None, "OV f32"), ("bf16", None, "OV bf16"),
+                                   ("int8", "float", "OV INT8 (stem float)"), ("int8", "int8", "OV INT8 (stem int8)")):
+        out = folder / f"openvino-{precision}" if stem in (None, "float") else folder / "openvino-int8-stem-int8"
+        out.mkdir()
+        path, int8, _ = openvino.write_ir(model, onnx_path, examples, out, cfg, ov_meta, precision, stem=stem)
+        detail = "ours"
+        if int8:
+            settings[label] = {k: int8[k] for k in ("preset", "model_type", "stem", "activation_ranges",
+                                                    "calibration_images")} | {"ignored": len(int8["ignored_scope"])}
+            detail = f"ours: NNCF {int8['preset']}, model type {int8['model_type']}, stem {stem}"
+        artifacts.append(Artifact(name, label, "ov", precision, str(path), "kdiqa", detail))
+    return artifacts, onnx_path, settings
+
+
+def plain(name: str, onnx_path: Path, folder: Path) -> list[Artifact]:
+    """ov.convert_model of our FP32 ONNX as it is, the same through nncf.quantize with defaults, and
+    quantize_static with defaults; 64 random NCHW inputs calibrate both."""
+    import nncf
+    import openvino as ov
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from kdiqa_edge.console import quiet_logger
+    from kdiqa_edge.export.openvino import quiet
+
+    calib = np.random.default_rng(0).standard_normal((PLAIN_CALIB, 1, 3, SIZE, SIZE)).astype(np.float32)
+    out = folder / "plain"
+    out.mkdir()
+    converted = out / "model.xml"
+    # kept in FP32 (compress_to_fp16=False): the file is the model convert_model returns, as compiled in memory
+    ov.save_model(ov.convert_model(str(onnx_path)), str(converted), compress_to_fp16=False)
+    quantized = out / "model.nncf.xml"
+    with quiet():
+        ov.save_model(nncf.quantize(ov.convert_model(str(onnx_path)), nncf.Dataset(list(calib))), str(quantized),
+                      compress_to_fp16=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": x} for x in calib])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    static = out / "model.quantize_static.onnx"
+    with quiet_logger():  # onnxruntime.quantization warns on the root logger
+        quantize_static(str(onnx_path), str(static), Reader())
+    return [Artifact(name, "plain OV default", "plain-ov", "default", str(converted), "ov",
+                     "ov.convert_model, compile_model defaults"),
+            Artifact(name, "plain OV nncf INT8", "plain-ov", "int8", str(quantized), "ov",
+                     "nncf.quantize defaults, 64 random inputs"),
+            Artifact(name, "plain ORT quantize_static", "plain-ort", "int8", str(static), "ort",
+                     "quantize_static defaults (QDQ S8S8 per tensor, MinMax), 64 random inputs")]
+
+
+def size(path: str) -> int:
+    file = Path(path)
+    return file.stat().st_size + (file.with_suffix(".bin").stat().st_size if file.suffix == ".xml" else 0)
+
+
+def build_all(names: list[str], work: Path, args) -> tuple[list[Artifact], dict, dict[str, Path]]:
+    """Every artifact of every model (and what auto and NNCF chose), into `work/<model>/`."""
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bench_suite import build_teacher
+
+    from kdiqa_edge.data.spec import DatasetSpec
+    from kdiqa_edge.data.synthetic import generate
+    from kdiqa_edge.export import TARGETS, ExportConfig
+    from kdiqa_edge.export.base import model_input
+    from kdiqa_edge.export.pipeline import artifact_meta, load_examples
+
+    if not (work / "synthetic" / "scores.csv").is_file():
+        generate(work / "synthetic", refs=4)
+    data = DatasetSpec(name="synthetic", root=work / "synthetic")
+    cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, threads=args.threads,
+                       max_drift=args.max_drift, min_speedup=args.min_speedup)
+    teacher = build_teacher(False)
+    artifacts, facts, inputs = [], {}, {}
+    for name in names:
+        folder = work / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        start = time.perf_counter()
+        log(f"{name}: building")
+        model = build_model(name, teacher)
+        examples = load_examples(data, model.preprocess, cfg, progress=False, log=log)
+        meta = artifact_meta(model)
+        inputs[name] = folder / "input.npy"
+        np.save(inputs[name], np.ascontiguousarray(
+            model_input(examples.test[:1], {"dtype": "float32", "layout": "NCHW"}, model.preprocess)))
+        mine, auto_onnx = ort_ours(name, model, examples, cfg, meta, folder)
+        log(f"{name}: onnx auto picks {auto_onnx['pick']}; best ORT INT8 {auto_onnx['best_int8']}")
+        ov_rows, onnx_path, nncf_settings = ov_ours(name, model, examples, cfg, meta, folder)
+        mine += ov_rows
+        mine += plain(name, onnx_path, folder)
+        facts[name] = {"auto_onnx": auto_onnx, "ov_int8": nncf_settings}
+        if "cpu" in TARGETS.names():  # the cross-runtime auto (issue 26 part 3), once it is registered
+            result = run_auto("cpu", model, examples, cfg, meta, folder / "cpu-auto")
+            found = result.extra.get("auto", {})
+            mine.append(Artifact(name, "auto (--target cpu)", "auto", result.precision, str(result.files[0]),
+                                 "kdiqa", f"pick: {found.get('pick', '?')}"))
+            facts[name]["auto_cpu"] = {k: found.get(k) for k in ("pick", "why", "declined")}
+        for artifact in mine:
+            artifact.bytes = size(artifact.path)
+        artifacts += mine
+        facts[name]["build_s"] = round(time.perf_counter() - start, 1)
+        log(f"{name}: {len(mine)} artifacts in {facts[name]['build_s']:.0f} s")
+    return artifacts, facts, inputs
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def isa_slug(isa: set[str]) -> str:
+    """The instruction set that decides OpenVINO's and ORT's fast paths, for the results file's name."""
+    if {"amx_int8", "amx_bf16"} & isa:
+        return "amx"
+    if "avx512_bf16" in isa:
+        return "avx-512-bf16-without-amx"
+    if "avx512f" in isa:
+        return "avx-512-vnni" if "avx512_vnni" in isa else "avx-512-without-vnni"
+    return "avx2-vnni" if "avx_vnni" in isa else "avx2-without-vnni"
+
+
+def environment(args, loads: list[float]) -> dict:
+    from importlib import metadata
+
+    from kdiqa_edge.bench.environment import cpu_flags, cpu_name
+
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    flags = set(cpu_flags())
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
+            "isa": {flag: flag in flags for flag in ISA_SHOWN}, "threads": args.threads, "versions": found,
+            "loads": loads}
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if np.isfinite(value) else "—"
+
+
+def summary_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
+    lines = ["| model | fastest here | best ORT (ours) | best OV (ours) | best plain OV | best OV (ours) / best ORT "
+             "(ours) | best plain OV / best OV (ours) | best OV (any) / best ORT (ours) | auto (onnx) / fastest |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in models:
+        mine = [a for a in artifacts if a.model == model and a.rounds]
+        if not mine:
+            continue
+
+        def best(groups: tuple[str, ...], rows=mine):
+            return min((a for a in rows if a.group in groups), key=lambda a: a.p50, default=None)
+
+        fastest = min(mine, key=lambda a: a.p50)
+        ort, ov, plain_ov = best(("ort",)), best(("ov",)), best(("plain-ov",))
+        any_ov = best(("ov", "plain-ov"))
+        picked = next((a for a in mine if a.name == "auto (--target onnx)"), None)
+
+        def cell(a):
+            return f"{a.name} {_ms(a.p50)}" if a else "—"
+
+        def ratio(a, b):
+            return f"{a.p50 / b.p50:.2f}" if a and b else "—"
+
+        lines.append(f"| {model} | **{cell(fastest)}** | {cell(ort)} | {cell(ov)} | {cell(plain_ov)} | "
+                     f"{ratio(ov, ort)} | {ratio(plain_ov, ov)} | {ratio(any_ov, ort)} | {ratio(picked, fastest)} |")
+    return lines
+
+
+def table_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
+    lines = ["| model | artifact | runtime | runs in | p50 ms | vs ORT FP32 | rounds' spread | MB | what |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in models:
+        mine = [a for a in artifacts if a.model == model]
+        fp32 = next((a for a in mine if a.name == "ORT FP32" and a.rounds), None)
+        fastest = min((a for a in mine if a.rounds), key=lambda a: a.p50, default=None)
+        for a in mine:
+            if not a.rounds:
+                lines.append(f"| {model} | {a.name} | {a.runtime} | | failed: {a.error or 'not timed'} | | | | "
+                             f"{a.detail} |")
+                continue
+            name = f"**{a.name}**" if a is fastest else a.name
+            vs = f"{fp32.p50 / a.p50:.2f}x" if fp32 else "—"
+            runs_in = a.runs_in or ("f32" if a.precision in ("int8", "fp32") else a.precision)
+            runs_in = f"int8 + {runs_in}" if a.precision == "int8" else runs_in
+            lines.append(f"| {model} | {name} | {a.runtime} | {runs_in} | {_ms(a.p50)} | {vs} | {_ms(a.spread)} | "
+                         f"{a.bytes / 1e6:.1f} | {a.detail} |")
+    return lines
+
+
+def noise_line(artifacts: list[Artifact]) -> str:
+    spreads = sorted(a.spread for a in artifacts if len(a.rounds) > 1)
+    if not spreads:
+        return "- Noise: one round only (no spread to show)"
+    return (f"- Noise: each artifact's p50 moved between rounds by max/min {np.median(spreads):.2f} (median over "
+            f"artifacts), {spreads[-1]:.2f} at worst; ratios closer to 1 than that are within the noise")
+
+
+def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list[str], rounds_done: int,
+           started: float, argv: list[str]) -> str:
+    isa = env["isa"]
+    have = " ".join(f for f, on in isa.items() if on)
+    lacks = " ".join(f for f, on in isa.items() if not on)
+    loads = env["loads"]
+    lines = [f"# OpenVINO and ONNX Runtime, ours and the plain way — {env['cpu']} ({have or 'unknown ISA'})", "",
+             ("Random-init weights, 224 px, batch 1 (no pretrained weights on this offline machine: latency and "
+              "which kernels ran are real, drift is not). Each artifact timed alone in a fresh process, "
+              f"{args.seconds:g} s back to back after {args.warmup:g} s of warm-up, {rounds_done} rounds over "
+              "every artifact of every model (order rotated and reversed each round); the median of the rounds' "
+              "p50s."), "",
+             f"- CPU: {env['cpu']}, {env['cores']} logical cores, {env['os']}",
+             f"- ISA: has **{have or 'none of them'}**; lacks {lacks or 'none'}",
+             f"- Threads: {args.threads} (ORT intra-op through QualityModel.load for ours, "
+             "SessionOptions.intra_op_num_threads for the plain quantize_static; OpenVINO INFERENCE_NUM_THREADS, "
+             "PERFORMANCE_HINT LATENCY)",
+             "- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+             (f"- Load average (1 min): {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, "
+              f"{min(loads):.2f}-{max(loads):.2f} over the run ({env['cores']} cores shared with other engineers' "
+              "tests: read the ratios, not the milliseconds)"),
+             noise_line(artifacts),
+             f"- Command: `python benchmarks/bench_openvino.py {' '.join(argv)}`",
+             f"- Wall time {(time.time() - started) / 60:.1f} min", "",
+             "## Summary (p50 ms at batch 1)", "", *summary_lines(artifacts, models), "",
+             "## Every artifact", "",
+             ("'runs in': for OpenVINO, the inference precision the compiled model reports here "
+              "(INFERENCE_PRECISION_HINT; an INT8 IR runs its quantized ops in int8 and the rest in that "
+              "precision). 'rounds' spread': max/min of the artifact's per-round p50s. MB: the file (an IR's .xml "
+              "and .bin; OpenVINO stores identical constants once, and random-init students have many all-zero "
+              "weights, timm's zero-initialized last norm of each block folded into its conv)."), "",
+             *table_lines(artifacts, models), "",
+             "## What was built", "",
+             ("- Ours, ONNX Runtime: `--target onnx --precision auto` (kdiqa_edge.export.auto, its own in-process "
+              f"measurement, --max-drift {args.max_drift:g}, --min-speedup {args.min_speedup:g}) ships its pick; "
+              "the fastest INT8 candidate in that measurement is rebuilt by the onnx target's `candidates` and "
+              "timed as 'ORT INT8 (best recipe)'."),
+             ("- Ours, OpenVINO: kdiqa_edge.export.openvino.write_ir from the target's own FP32 ONNX (fp32_onnx): "
+              f"f32 and bf16 are one FP32 IR with the hint recorded; INT8 by nncf.quantize on {args.calib} "
+              "train images of the synthetic set, MINMAX ranges, the head and projection in float, the stem per "
+              "the row."),
+             ("- Plain: `ov.convert_model(our FP32 ONNX)` saved as it is (FP32 weights); `nncf.quantize(model, "
+              f"nncf.Dataset({PLAIN_CALIB} random inputs))` with every default; both compiled with "
+              "{INFERENCE_NUM_THREADS, PERFORMANCE_HINT: LATENCY} and nothing else. `quantize_static(our FP32 "
+              "ONNX, reader)` with every default, on the same inputs."), ""]
+    for model in models:
+        found = facts.get(model)
+        if not found:
+            continue
+        auto_onnx = found["auto_onnx"]
+        lines += [f"### {model}", "", f"- onnx auto: {auto_onnx['why']}",
+                  "- its candidates (batch-1 p50 ms in its own in-process measurement): " + ", ".join(
+                      f"{c['name']} {_ms(c['p50_ms'])}" if c["status"] == "ok" else f"{c['name']} failed"
+                      for c in auto_onnx["candidates"])]
+        for label, settings in found["ov_int8"].items():
+            lines.append(f"- {label}: NNCF preset {settings['preset']}, model type {settings['model_type']}, "
+                         f"{settings['ignored']} ops ignored (head, projection{', stem' if settings['stem'] == 'float' else ''})")
+        if "auto_cpu" in found:
+            lines.append(f"- cpu auto: {found['auto_cpu'].get('why')}")
+        lines.append(f"- build time {found['build_s']:.0f} s")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, text: str, env: dict, artifacts: list[Artifact], facts: dict, args) -> None:
+    from kdiqa_edge.io import write_json, write_text
+
+    write_text(out, text)
+    write_json(out.with_suffix(".json"), {
+        "environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "artifacts": [{**dataclasses.asdict(a), "p50_ms": a.p50, "spread": a.spread} for a in artifacts],
+        "built": facts})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over every artifact")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed back-to-back runs per turn")
+    parser.add_argument("--warmup", type=float, default=1.0, help="untimed seconds per turn after loading")
+    parser.add_argument("--calib", type=int, default=64, help="train images that calibrate our INT8")
+    parser.add_argument("--eval-images", type=int, default=64, help="test images for auto's drift")
+    parser.add_argument("--max-drift", type=float, default=1.0,
+                        help="auto's bound on |ΔSRCC| (default 1.0: off, random-init drift means nothing)")
+    parser.add_argument("--min-speedup", type=float, default=1.25, help="auto's --min-speedup")
+    parser.add_argument("--work", type=Path, help="where the artifacts go (default a new /tmp folder)")
+    parser.add_argument("--reuse", action="store_true", help="time the artifacts a previous run built in --work")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--open-with", choices=("kdiqa", "ov", "ort"), help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.open_with, args.inputs, args.threads, args.seconds, args.warmup)
+        return 0
+    import tempfile
+
+    from kdiqa_edge.bench.environment import cpu_flags, machine_slug
+
+    started, loads = time.time(), [os.getloadavg()[0]]
+    argv = argv if argv is not None else sys.argv[1:]
+    work = args.work or Path(tempfile.mkdtemp(prefix="kdiqa-bench-openvino-"))
+    work.mkdir(parents=True, exist_ok=True)
+    built = work / "built.json"
+    if args.reuse and built.is_file():
+        saved = json.loads(built.read_text())
+        artifacts = [Artifact(**{k: v for k, v in a.items() if k in {"model", "name", "group", "precision", "path",
+                                                                      "open_with", "detail", "bytes"}})
+                     for a in saved["artifacts"] if a["model"] in args.models]
+        facts, inputs = saved["facts"], {m: Path(p) for m, p in saved["inputs"].items()}
+        log(f"reusing {len(artifacts)} artifacts from {built}")
+    else:
+        artifacts, facts, inputs = build_all(args.models, work, args)
+        built.write_text(json.dumps({"artifacts": [dataclasses.asdict(a) for a in artifacts], "facts": facts,
+                                     "inputs": {m: str(p) for m, p in inputs.items()}}, default=str))
+    loads.append(os.getloadavg()[0])
+    out = args.out or ROOT / "benchmarks" / "results" / \
+        f"openvino-{machine_slug()}-{isa_slug(set(cpu_flags()))}.md"
+    models = [m for m in args.models if any(a.model == m for a in artifacts)]
+    for index in range(args.rounds):
+        shift = index % len(artifacts)
+        order = artifacts[shift:] + artifacts[:shift]
+        for artifact in order[::-1] if index % 2 else order:
+            time_alone(artifact, inputs[artifact.model], args)
+        loads.append(os.getloadavg()[0])
+        env = environment(args, loads)
+        write_results(out, report(args, env, artifacts, facts, models, index + 1, started, argv), env, artifacts,
+                      facts, args)
+        log(f"round {index + 1}/{args.rounds} done ({len(artifacts)} artifacts); wrote {out}")
+    print("\n".join(summary_lines(artifacts, models)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
