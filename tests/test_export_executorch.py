@@ -246,10 +246,10 @@ def test_int8_of_a_learned_student_through_the_cli(learned_run, tmp_path, capsys
     report = tmp_path / "bench.json"
     code, _, err = _cli(["bench", pte, "--reference", learned_run, "--root", _dataset_root(learned_run),
                          "--batch-sizes", "1", "--warmup", "2", "--runs", "5", "--threads", "2",
-                         "--max-images", "40", "--json", report], capsys)
+                         "--max-images", "40", "--json-out", report], capsys)
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
-    row = rows["model.int8.pte"]
+    row = rows["executorch-int8"]  # rows are named by export folder
     assert row["status"] == "ok" and row["format"] == "ExecuTorch" and row["precision"] == "int8"
     assert row["latency"][0]["p50_ms"] > 0 and row["size_mb"] > 0 and row["params"] > 0
     assert row["drift"] is not None and abs(row["drift"]["delta_srcc"]) <= 0.05

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -169,10 +170,11 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
     others = sorted(set(exports) - set(requested))
     typer.echo(f"manifest: {out / 'manifest.json'}" + (f" (also lists {', '.join(others)})" if others else ""))
     runnable = RUNNABLE if sys.platform == "darwin" else tuple(suffix for suffix in RUNNABLE if suffix != ".mlpackage")
-    artifacts = [str(out / f["path"]) for label in requested for f in (exports.get(label) or {}).get("files", [])
+    artifacts = [shlex.quote(str(out / f["path"])) for label in requested
+                 for f in (exports.get(label) or {}).get("files", [])
                  if Path(f["path"]).suffix in runnable]  # what bench can run here (CoreML: macOS)
     if artifacts:
-        typer.echo(f"next: kdiqa-edge bench {' '.join(artifacts)} --reference {checkpoint}")
+        typer.echo(f"next: kdiqa-edge bench {' '.join(artifacts)} --reference {shlex.quote(str(checkpoint))}")
 
 
 def _parity_line(entry: dict[str, Any]) -> str:
