@@ -131,6 +131,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
             run_finetune(FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
                                         progress=cfg.progress, **lr), data, teacher_dir,
                          resume=run_interrupted(teacher_dir))
+            shutil.rmtree(out / "exports" / "teacher", ignore_errors=True)  # stale: another training's
 
     # 2. the students
     student_dirs = {}
@@ -146,6 +147,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
                                       teacher_checkpoint=str(teacher_dir / "checkpoints" / "best"),
                                       epochs=cfg.epochs, batch_size=cfg.batch_size, progress=cfg.progress),
                         data, run_dir, resume=run_interrupted(run_dir))
+            # exports of an earlier training of this student are stale now (export refuses to mix the two)
+            shutil.rmtree(out / "exports" / student, ignore_errors=True)
 
     # 3. exports
     exports: dict[str, dict[str, Any]] = {}

@@ -251,7 +251,7 @@ def test_profiles_are_valid_configs(profile):
 def test_targets_declare_support_and_tolerance():
     from kdiqa_edge.export import PRECISIONS, TARGETS
 
-    assert TARGETS.names() == ["coreml", "executorch", "onnx", "tensorrt"]
+    assert TARGETS.names() == ["coreml", "executorch", "onnx", "openvino", "tensorrt"]
     for name in TARGETS:
         supports = TARGETS.get(name).supports
         # ExecuTorch programs are batch 1: a dynamic batch keeps shape ops outside the XNNPACK delegate
@@ -370,7 +370,8 @@ def test_export_all_int8_from_run_dir(tiny_run, data, tmp_path, capsys):
         assert code == 0
     assert "trtexec --onnx=model.int8.onnx --saveEngine=model.int8.engine --stronglyTyped" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["exports"]) == ["coreml-int8", "executorch-int8", "onnx-int8", "tensorrt-int8"]
+    assert sorted(manifest["exports"]) == ["coreml-int8", "executorch-int8", "onnx-int8", "openvino-int8",
+                                          "tensorrt-int8"]
     assert manifest["checkpoint"]["path"] == str(tiny_run / "checkpoints" / "best")
     assert manifest["data"]["root"] == str(data.root)
 

@@ -1,5 +1,5 @@
-"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|executorch|all
---precision fp32|fp16|int8|auto --out DIR`."""
+"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|executorch|openvino|all
+--precision fp32|fp16|bf16|int8|auto --out DIR`."""
 
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ def export_command(
         "--out", "-o", show_default=DEFAULT_OUT,
         help="Output folder (one sub-folder per target-precision, manifest.json). It holds one checkpoint's "
              "exports: an OUT holding another checkpoint's is refused, unless --force.")] = None,
-    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml, executorch or all",
+    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml, executorch, openvino or all",
                                                   show_default=_default("target"),
                                                   rich_help_panel=EXPORT_PANEL)] = None,
     precision: Annotated[str | None, typer.Option(
-        "--precision", "-p", help="fp32, fp16, int8, or auto: build every candidate (FP32, each INT8 recipe the "
+        "--precision", "-p", help="fp32, fp16, bf16 (openvino), int8, or auto: build every candidate (FP32, each INT8 recipe the "
                                   "graph calls for, FP16 on an accelerator), measure them here, ship the fastest "
                                   "within --max-drift to OUT/<target>-auto/",
         show_default=_default("precision"), rich_help_panel=EXPORT_PANEL)] = None,

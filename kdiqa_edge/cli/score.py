@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 Provider = Annotated[
     str | None,
     typer.Option("--provider", help="onnxruntime execution provider (cpu, cuda, tensorrt, coreml; default the "
-                                    "best available), cpu/cuda for a checkpoint, cpu/gpu/ane for CoreML."),
+                                    "best available), cpu/cuda for a checkpoint, cpu/gpu/ane for CoreML, OpenVINO's "
+                                    "device for an .xml (CPU, GPU, NPU, AUTO; default CPU)."),
 ]
 Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for inference (ONNX Runtime, "
                                                                          "ExecuTorch's pool, torch).")]

@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 EXPORT_LOG = "export.log"
 MANIFEST_FORMAT = "kdiqa-edge-export/1"
 VERSION_PACKAGES = ("kdiqa-edge", "torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "onnxslim",
-                    "coremltools", "tensorrt", "executorch", "numpy")
+                    "coremltools", "tensorrt", "executorch", "openvino", "nncf", "numpy")
 
 
 def versions() -> dict[str, str]:
