@@ -163,6 +163,11 @@ def test_fp32_onnx_has_no_drift_vs_its_reference_run_and_broken_formats_get_rows
     for needle in ("| Model | Format | Precision | Status |", "## Latency", "## Accuracy and drift", "## Failures",
                    "student.fp16.engine", "CPU:"):
         assert needle in text
+    # memory: per model what loading it added; the process's peak once, said to be the process's
+    facts_header = next(line for line in text.splitlines() if line.startswith("| Model | Backend |"))
+    assert "Peak" not in facts_header and facts_header.endswith("| RSS added (MB) |")
+    peak = max(r.peak_rss_mb for r in report.results if r.peak_rss_mb is not None)
+    assert text.count(f"peaked at {peak:.0f} MB resident, with every model loaded at once") == 1
     from PIL import Image
 
     with Image.open(tmp_path / "r.png") as plot:

@@ -103,6 +103,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def memory_note(report: BenchReport) -> str:
+    """What the memory figures are: per model, what loading it added; the peak is the whole process's, once."""
+    peaks = [r.peak_rss_mb for r in report.results if r.peak_rss_mb is not None]
+    peak = (f" The bench process peaked at {max(peaks):.0f} MB resident, with every model loaded at once (the "
+            "whole process: the runtimes, the eval images and all the models; not one model's)." if peaks else "")
+    return ("RSS added: the resident memory each model added to the process when it was loaded, warmed up and "
+            "scored the eval split (models loaded later share the runtime's libraries already in memory, so "
+            "the first model of a runtime pays for them)." + peak)
+
+
 def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environment: bool = True) -> str:
     """The full report; `environment=False` leaves the environment lines out (a suite prints them once)."""
     header = [*[f"- {line}" for line in environment_lines(report)], ""] if environment else []
@@ -128,11 +138,11 @@ def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environme
                              "mean \\|Δscore\\|", "max \\|Δscore\\|"], accuracy), ""]
     model_facts = [[r.name, r.backend or "—", r.device or "—", r.input or "—", _pretrained(r.pretrained),
                     _num(r.size_mb, ".2f"), _count(r.params), _count(r.macs), _num(r.load_s, ".2f"),
-                    _num(r.rss_delta_mb, ".0f"), _num(r.peak_rss_mb, ".0f")] for r in report.results if r.status == "ok"]
+                    _num(r.rss_delta_mb, ".0f")] for r in report.results if r.status == "ok"]
     if model_facts:
         parts += ["## Model facts", "",
                   _md_table(["Model", "Backend", "Device", "Input", "Pretrained", "Size (MB)", "Params", "MACs",
-                             "Load (s)", "RSS added (MB)", "Peak RSS (MB)"], model_facts), ""]
+                             "Load (s)", "RSS added (MB)"], model_facts), "", memory_note(report), ""]
     prep = [[r.name, "on" if r.preprocessing.draft else "off", str(r.preprocessing.images),
              f"{r.preprocessing.mean_ms:.2f}", f"{r.preprocessing.p50_ms:.2f}", f"{r.preprocessing.images_per_s:.1f}"]
             for r in report.results if r.preprocessing]
