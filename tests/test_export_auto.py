@@ -135,7 +135,7 @@ def student():
 @pytest.fixture(scope="module")
 def examples(student) -> Examples:
     """Random 64 px images whose MOS IS the FP32 model's score: FP32 SRCC 1, so drift is in plain view."""
-    from kdiqa_edge.export.onnx import torch_reference
+    from kdiqa_edge.export.evaluate import torch_reference
 
     images = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
     return Examples(parity=images[:8], calib=images[:16], test=images, test_mos=torch_reference(student, images))

@@ -170,7 +170,7 @@ def test_auto_measures_the_programs_and_ships_the_faster(checkpoints, tmp_path):
     (latencies injected, so the choice must follow them), the pick written as model.pte."""
     from kdiqa_edge.export import auto
     from kdiqa_edge.export.base import TARGETS, Examples
-    from kdiqa_edge.export.onnx import torch_reference
+    from kdiqa_edge.export.evaluate import torch_reference
     from kdiqa_edge.export.pipeline import artifact_meta
     from kdiqa_edge.models import load_checkpoint
     from kdiqa_edge.runtime import QualityModel

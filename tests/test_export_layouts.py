@@ -48,7 +48,8 @@ def _transposes(path):
 def test_onnx_export_unfolds_channels_last(tmp_path, monkeypatch):
     from kdiqa_edge.export import layouts
     from kdiqa_edge.export.base import ExportConfig, model_input
-    from kdiqa_edge.export.onnx import export_fp32, score_model, torch_reference
+    from kdiqa_edge.export.evaluate import torch_reference
+    from kdiqa_edge.export.onnx import export_fp32, score_model
     from kdiqa_edge.models import QualityHead
     from kdiqa_edge.models.student import create_student
     from kdiqa_edge.preprocess import PreprocessSpec

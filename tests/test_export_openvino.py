@@ -131,7 +131,7 @@ def test_uint8_nhwc_input_through_the_prepostprocessor_equals_float_input(export
 
 def _examples(model, count: int = 16):
     from kdiqa_edge.export.base import Examples
-    from kdiqa_edge.export.onnx import torch_reference
+    from kdiqa_edge.export.evaluate import torch_reference
 
     images = np.random.default_rng(0).integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
     return Examples(parity=images[:4], calib=images[:8], test=images, test_mos=torch_reference(model, images))

@@ -402,7 +402,7 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
                 meta: dict[str, Any], timer: Timer = wall_clock, log: Callable[[str], None] = print) -> ExportResult:
     """Candidates -> built, measured, the pick copied to `out/<target.auto_file>`, checked against torch."""
     from kdiqa_edge.export import evaluate
-    from kdiqa_edge.export.onnx import torch_reference
+    from kdiqa_edge.export.evaluate import torch_reference
 
     if not supports_auto(target):
         raise ConfigError(f"target {target.name} has no --precision auto (it offers no candidates)")

@@ -278,7 +278,7 @@ class CoreMLTarget:
         from PIL import Image
 
         from kdiqa_edge.export import evaluate
-        from kdiqa_edge.export.onnx import torch_reference
+        from kdiqa_edge.export.evaluate import torch_reference
 
         scores = np.array([float(np.asarray(mlmodel.predict({"image": Image.fromarray(img)})["score"]).reshape(-1)[0])
                            for img in examples.parity])

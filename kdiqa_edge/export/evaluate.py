@@ -32,6 +32,18 @@ def session(path: str | Path, threads: int = 2, fp16: bool = False, spinning: bo
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def torch_reference(model, images: np.ndarray) -> np.ndarray:
+    """The source model's own scores (its forward on normalized float pixels) for parity."""
+    import torch
+
+    from kdiqa_edge.preprocess import normalize
+
+    with torch.no_grad():
+        out = [model(torch.from_numpy(normalize(images[i:i + 16], model.preprocess))).reshape(-1)
+               for i in range(0, len(images), 16)]
+    return torch.cat(out).double().numpy()
+
+
 def predict(sess, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
     """Scores [N] for model inputs (already in the artifact's input format)."""
     name = sess.get_inputs()[0].name

@@ -310,7 +310,7 @@ def build_program(model, examples: Examples, folder: Path, cfg: ExportConfig, me
     parity vs torch on the parity images (ExportError beyond `tolerance`), batch-1 latency at cfg.threads, and
     scores on the test images. The building block of the target."""
     from kdiqa_edge.export import evaluate
-    from kdiqa_edge.export.onnx import torch_reference
+    from kdiqa_edge.export.evaluate import torch_reference
 
     stem = stem or cfg.int8_stem
     path, report, int8, full_meta = write_program(model, examples, folder, cfg, meta, precision, stem)

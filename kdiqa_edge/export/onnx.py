@@ -164,18 +164,6 @@ def toposort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def torch_reference(model, images: np.ndarray) -> np.ndarray:
-    """The source model's own scores (its forward on normalized float pixels) for parity."""
-    import torch
-
-    from kdiqa_edge.preprocess import normalize
-
-    with torch.no_grad():
-        out = [model(torch.from_numpy(normalize(images[i:i + 16], model.preprocess))).reshape(-1)
-               for i in range(0, len(images), 16)]
-    return torch.cat(out).double().numpy()
-
-
 def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any], *, form: str,
           tolerance: dict[str, float], stem: str = "model") -> ExportResult:
     """FP32 ONNX -> the requested precision in `out`, checked against PyTorch; `form` is the INT8 Q/DQ form."""
@@ -212,7 +200,7 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
 
         # parity: the artifact vs the source model in torch, on real images
         inputs = model_input(examples.parity, scored.input_spec(), scored.preprocess)
-        reference = torch_reference(model, examples.parity)
+        reference = evaluate.torch_reference(model, examples.parity)
         sess = evaluate.session(final, cfg.threads, fp16=cfg.precision == "fp16")
         result.parity = evaluate.parity(reference, evaluate.predict(sess, inputs), tolerance.get(cfg.precision))
         if result.parity.get("passed") is False:

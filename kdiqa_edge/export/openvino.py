@@ -332,8 +332,8 @@ def build_ir(model, onnx_path: Path, examples: Examples, folder: Path, cfg: Expo
     """Write the IR for (precision, stem), then measure it through the runtime backend on this CPU: parity vs
     torch (ExportError beyond `tolerance`), batch-1 latency at cfg.threads, scores on the test images."""
     from kdiqa_edge.export import evaluate
+    from kdiqa_edge.export.evaluate import torch_reference
     from kdiqa_edge.export.executorch import latency_ms
-    from kdiqa_edge.export.onnx import torch_reference
     from kdiqa_edge.runtime import QualityModel
 
     path, int8, full_meta = write_ir(model, onnx_path, examples, folder, cfg, meta, precision, stem)

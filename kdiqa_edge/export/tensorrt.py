@@ -231,7 +231,7 @@ class TensorRTTarget:
 
     def _engine_parity(self, model, engine_path: Path, examples: Examples, precision: str) -> dict[str, Any]:
         from kdiqa_edge.export import evaluate
-        from kdiqa_edge.export.onnx import torch_reference
+        from kdiqa_edge.export.evaluate import torch_reference
         from kdiqa_edge.runtime import QualityModel
 
         scores = QualityModel.load(engine_path).predict(examples.parity)

@@ -1,9 +1,9 @@
-"""Inference backends, one per artifact kind, behind one small protocol.
+"""The built-in inference backends: ONNX Runtime, TensorRT, CoreML and the torch checkpoint, each registered in
+`runtime.base.BACKENDS` (the protocol they follow is there too; ExecuTorch and OpenVINO have modules of their
+own, registered the same way, and none imports a sibling).
 
-A backend takes the model's input array (already in the artifact's dtype and layout) and returns the
-scores [N] as float32 numpy. Only onnxruntime is imported at module level of its backend; tensorrt,
-cuda-python, coremltools, executorch and torch are imported when their backend is built, so this module
-imports anywhere numpy does.
+onnxruntime is imported when its backend is built, as tensorrt, cuda-python, coremltools and torch are when
+theirs are, so this module imports anywhere numpy does.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from kdiqa_edge.errors import (
     require,
 )
 from kdiqa_edge.preprocess import PreprocessSpec
-from kdiqa_edge.registry import Registry
+from kdiqa_edge.runtime.base import BACKENDS, Backend, backend_kind, load_backend  # noqa: F401 - re-exported
 from kdiqa_edge.runtime.info import ArtifactInfo, InputSpec
 from kdiqa_edge.runtime.providers import (
     BEST_AVAILABLE,
@@ -40,58 +39,6 @@ from kdiqa_edge.runtime.providers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    name: str  # onnxruntime | tensorrt | coreml | executorch | torch
-    device: str  # cpu | cuda | ane/gpu (coreml)
-    info: ArtifactInfo
-    fixed_batch: int | None  # the only batch size the artifact accepts, None when dynamic
-    max_batch: int | None  # the largest batch a dynamic artifact accepts (TensorRT profile), None: any
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Model input [N, ...] -> scores float32 [N]."""
-
-    def synchronize(self) -> None:
-        """Wait for queued device work (a no-op for backends whose run() already returns host arrays)."""
-
-
-BACKENDS: Registry[Callable[..., Backend]] = Registry("runtime backend")
-
-def backend_kind(path: str | Path) -> str:
-    """Which backend reads this path: by suffix for files, by content for directories."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in (".engine", ".plan", ".trt"):
-        return "tensorrt"
-    if suffix in (".mlpackage", ".mlmodel"):
-        return "coreml"
-    if suffix == ".pte":
-        return "executorch"
-    if suffix == ".xml":
-        return "openvino"
-    if path.is_dir():
-        if (path / "model.json").is_file() or (path / "checkpoints").is_dir():
-            return "torch"
-        if (path / "manifest.json").is_file():
-            files = sorted(p.name for p in path.iterdir()
-                           if p.suffix in (".onnx", ".engine", ".mlpackage", ".pte", ".xml"))
-            raise ConfigError(f"{path} is an export directory; pass one of its artifacts: {', '.join(files)}")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    raise CheckpointError(
-        f"{path}: not a model (expected .onnx, .engine/.plan, .mlpackage, .pte, .xml, a checkpoint dir or a run dir)")
-
-
-def load_backend(path: str | Path, provider: str | None = None, threads: int | None = None,
-                 spinning: bool | None = None, stop_spinning: bool = False) -> Backend:
-    if not Path(path).exists():  # before any runtime sees it: theirs say "[ONNXRuntimeError] : 3 : NO_SUCHFILE"
-        raise CheckpointError(f"no such file: {path}")
-    kind = backend_kind(path)
-    options = {"spinning": spinning, "stop_spinning": stop_spinning} if kind == "onnx" else {}
-    return BACKENDS.get(kind)(Path(path), provider=provider, threads=threads, **options)
 
 
 # --- ONNX Runtime --------------------------------------------------------------------------------------
@@ -422,7 +369,3 @@ class TorchBackend:
         if self.device == "cuda":
             self._torch.cuda.synchronize()
 
-
-# Backends in modules of their own register themselves in BACKENDS when imported.
-from kdiqa_edge.runtime.executorch import ExecuTorchBackend  # noqa: F401
-from kdiqa_edge.runtime.openvino import OpenVinoBackend  # noqa: F401

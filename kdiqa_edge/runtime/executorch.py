@@ -1,7 +1,7 @@
 """The ExecuTorch backend: a kdiqa-edge .pte (XNNPACK delegate) through ExecuTorch's Python runtime.
 
 executorch and torch are imported when the backend is built (the pip wheel's runtime links libtorch), so
-this module imports anywhere numpy does. It registers itself in `kdiqa_edge.runtime.backends.BACKENDS`.
+this module imports anywhere numpy does. It registers itself in `kdiqa_edge.runtime.base.BACKENDS`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from kdiqa_edge import artifact
 from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, first_line
-from kdiqa_edge.runtime.backends import BACKENDS
+from kdiqa_edge.runtime.base import BACKENDS
 from kdiqa_edge.runtime.info import ArtifactInfo
 from kdiqa_edge.runtime.native import captured_stderr
 

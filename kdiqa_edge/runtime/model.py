@@ -20,7 +20,7 @@ from PIL import Image
 
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed, normalize, preprocess_pil
-from kdiqa_edge.runtime.backends import Backend, load_backend
+from kdiqa_edge.runtime.base import Backend, load_backend
 from kdiqa_edge.runtime.info import ArtifactInfo
 
 ImageLike = str | Path | Image.Image | np.ndarray

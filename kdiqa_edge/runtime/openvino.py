@@ -1,7 +1,7 @@
 """The OpenVINO backend: a kdiqa-edge OpenVINO IR (`model.<precision>.xml` + `.bin`) through openvino's runtime.
 
 Torch-free: openvino is imported when the backend is built, so this module imports anywhere numpy does. It
-registers itself in `kdiqa_edge.runtime.backends.BACKENDS` (backends.py imports it).
+registers itself in `kdiqa_edge.runtime.base.BACKENDS` (`kdiqa_edge.runtime` imports it).
 
 - The kdiqa_edge.* metadata is in the IR's rt_info, under `kdiqa_edge/<key>` (`read_meta`): the .xml alone
   describes the model (its weights are in the .bin beside it).
@@ -25,7 +25,7 @@ import numpy as np
 
 from kdiqa_edge import artifact
 from kdiqa_edge.errors import CheckpointError, ConfigError, MissingDependency, first_line
-from kdiqa_edge.runtime.backends import BACKENDS
+from kdiqa_edge.runtime.base import BACKENDS
 from kdiqa_edge.runtime.info import ArtifactInfo
 
 EXTRA = "openvino"
