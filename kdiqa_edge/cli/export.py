@@ -152,6 +152,9 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
     if machine:
         threads = (manifest.get("config") or {}).get("threads")
         typer.echo(f"machine: {cpu_line(machine)}" + (f"; checks and latencies at {threads} threads" if threads else ""))
+    if _not_pretrained(checkpoint):
+        typer.secho(f"note: {checkpoint} is not pretrained (random init): its exports' drift and accuracy figures are "
+                    "a smoke test of the pipeline, not image quality; the speed and size figures are real", fg="yellow")
     for label in [label for label in requested if label in exports]:
         entry = exports[label]
         files = ", ".join(str(out / f["path"]) for f in entry["files"])
@@ -175,6 +178,17 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
                  if Path(f["path"]).suffix in runnable]  # what bench can run here (CoreML: macOS)
     if artifacts:
         typer.echo(f"next: kdiqa-edge bench {' '.join(artifacts)} --reference {shlex.quote(str(checkpoint))}")
+
+
+def _not_pretrained(checkpoint: Path) -> bool:
+    """Does the checkpoint say it holds random-init weights (a student or teacher trained from scratch)?"""
+    from kdiqa_edge.errors import KdiqaError
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    try:
+        return read_meta(checkpoint).get("pretrained") is False
+    except KdiqaError:
+        return False
 
 
 def _parity_line(entry: dict[str, Any]) -> str:
