@@ -460,7 +460,7 @@ def test_auto_on_a_learned_student_keeps_int8_within_the_bound(learned_run, tmp_
     # auto's default bound (|ΔSRCC| <= 0.01) on a student whose test scores are not near-ties: the INT8
     # recipes pass it, so what ships is decided by speed on this machine, and never by drift over the bound
     candidates = "int8:qdq-all+stem-float,int8:qdq-all+stem-int8"
-    code, stdout, err = _cli(["export", str(learned_run), "--precision", "auto", "--candidates", candidates,
+    code, stdout, err = _cli(["export", str(learned_run), "--target", "onnx", "--precision", "auto", "--candidates", candidates,
                               "--out", str(tmp_path)], capsys)
     assert code == 0, err
     details = json.loads((tmp_path / "manifest.json").read_text())["exports"]["onnx-auto"]["details"]["auto"]

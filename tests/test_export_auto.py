@@ -330,7 +330,8 @@ def _cli(args: list[str], capsys) -> tuple[int, str, str]:
 def test_cli_auto_writes_the_pick_and_reruns_idempotently(checkpoint, data, tmp_path, capsys):
     out = tmp_path / "exports"
     candidates = "int8:qdq-all+stem-int8,int8:qdq-all+stem-float"
-    args = ["export", str(checkpoint), "--dataset", "synthetic", "--root", str(data.root), "--precision", "auto",
+    args = ["export", str(checkpoint), "--dataset", "synthetic", "--root", str(data.root), "--target", "onnx",
+            "--precision", "auto",
             "--max-drift", "2", "--candidates", candidates, "--calib", "16", "--out", str(out)]
     code, stdout, err = _cli(args, capsys)
     assert code == 0, err

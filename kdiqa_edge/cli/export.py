@@ -1,8 +1,9 @@
-"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|executorch|openvino|all
+"""`kdiqa-edge export CHECKPOINT --target onnx|tensorrt|coreml|executorch|openvino|cpu|all
 --precision fp32|fp16|bf16|int8|auto --out DIR`."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from kdiqa_edge.export.base import ExportConfig
 EXPORT_PANEL = "Export"
 DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
 RUNNABLE = (".onnx", ".mlpackage", ".engine", ".plan", ".pte", ".xml")  # what `kdiqa-edge bench` takes
+AUTO_TARGET = "cpu"  # --precision auto without --target (nor a profile's): every CPU runtime installed here
 
 
 def _default(field: str) -> str:
@@ -32,21 +34,24 @@ def export_command(
         "--out", "-o", show_default=DEFAULT_OUT,
         help="Output folder (one sub-folder per target-precision, manifest.json). It holds one checkpoint's "
              "exports: an OUT holding another checkpoint's is refused, unless --force.")] = None,
-    target: Annotated[str | None, typer.Option("--target", "-t", help="onnx, tensorrt, coreml, executorch, openvino or all",
-                                                  show_default=_default("target"),
-                                                  rich_help_panel=EXPORT_PANEL)] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", "-t", help="onnx, tensorrt, coreml, executorch, openvino, cpu (--precision auto across every "
+                               "CPU runtime installed: ONNX Runtime, OpenVINO, ExecuTorch) or all",
+        show_default=f"{_default('target')}; {AUTO_TARGET} with --precision auto", rich_help_panel=EXPORT_PANEL)] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", "-p", help="fp32, fp16, bf16 (openvino), int8, or auto: build every candidate (FP32, each INT8 recipe the "
-                                  "graph calls for, FP16 on an accelerator), measure them here, ship the fastest "
-                                  "within --max-drift to OUT/<target>-auto/",
+                                  "graph calls for, FP16 on an accelerator; with --target cpu, the default for auto, "
+                                  "those of every CPU runtime), measure them here, ship the fastest within "
+                                  "--max-drift to OUT/<target>-auto/",
         show_default=_default("precision"), rich_help_panel=EXPORT_PANEL)] = None,
     max_drift: Annotated[float | None, typer.Option(
         "--max-drift", min=0.0, help="The largest |ΔSRCC| vs FP32 on the test split: auto ships no candidate "
                                      "beyond it; an int8/fp16 export's drift check is judged against it",
         show_default=_default("max_drift"), rich_help_panel=EXPORT_PANEL)] = None,
     min_speedup: Annotated[float | None, typer.Option(
-        "--min-speedup", help="auto: an INT8/FP16 pick must be at least this many times as fast as FP32, else FP32 "
-                              "ships (1: the fastest within the bound ships)",
+        "--min-speedup", help="auto: an INT8/FP16/BF16 pick must be at least this many times as fast as FP32 (with "
+                              "--target cpu: the fastest FP32 of any runtime), else that FP32 ships (1: the "
+                              "fastest within the bound ships)",
         show_default=_default("min_speedup"), rich_help_panel=EXPORT_PANEL)] = None,
     candidates: Annotated[str | None, typer.Option(
         "--candidates", help="auto: only these candidates, comma-separated (e.g. int8:qdq-all+stem-int8); FP32 is "
@@ -105,7 +110,9 @@ def export_command(
 
       kdiqa-edge export runs/distill --target onnx --precision int8        # -> exports/distill/onnx-int8/
 
-      kdiqa-edge export runs/distill --precision auto --max-drift 0.01 --out exports/   # -> exports/onnx-auto/model.onnx
+      kdiqa-edge export runs/distill --precision auto --out exports/   # every CPU runtime -> exports/cpu-auto/
+
+      kdiqa-edge export runs/distill --target onnx --precision auto --max-drift 0.01   # -> exports/distill/onnx-auto/model.onnx
 
       kdiqa-edge export runs/distill --profile export/jetson-orin-tensorrt-int8.yaml --out exports/jetson
 
@@ -123,6 +130,8 @@ def export_command(
                   int8_recipe=int8_recipe, max_drift=max_drift, min_speedup=min_speedup, candidates=candidates,
                   max_batch=max_batch, opset=opset, threads=threads,
                   tensorrt_version=tensorrt_version)
+    if target is None and cfg.precision == "auto" and not _profile_names(profile, "target"):
+        cfg = dataclasses.replace(cfg, target=AUTO_TARGET)
     out = out if out is not None else default_out(checkpoint)
     requested = [f"{name}-{cfg.precision}" for name in cfg.validate().targets()]
     try:
@@ -131,6 +140,12 @@ def export_command(
         _summary(out, checkpoint, requested)
         raise
     _summary(out, checkpoint, requested, manifest)
+
+
+def _profile_names(profile: Path | None, field: str) -> bool:
+    from kdiqa_edge.config import load_file
+
+    return profile is not None and field in load_file(profile)
 
 
 def _log(message: str) -> None:

@@ -1,4 +1,5 @@
-"""Exporters: one module per target (onnx, tensorrt, coreml, executorch, openvino) behind one small protocol, plus the pipeline.
+"""Exporters: one module per target (onnx, tensorrt, coreml, executorch, openvino; cpu: auto across the CPU runtimes)
+behind one small protocol, plus the pipeline.
 
     from kdiqa_edge.export import ExportConfig, export_checkpoint
     manifest = export_checkpoint("runs/distill", ExportConfig(target="all", precision="int8"), out="exports/")
@@ -8,7 +9,7 @@ executorch inside their functions.
 """
 
 # each target module registers its target
-from kdiqa_edge.export import coreml, executorch, onnx, openvino, tensorrt  # noqa: F401
+from kdiqa_edge.export import coreml, cpu, executorch, onnx, openvino, tensorrt  # noqa: F401
 from kdiqa_edge.export.base import (
     PRECISIONS,
     TARGETS,

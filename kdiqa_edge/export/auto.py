@@ -45,6 +45,11 @@ RUNOFF = 0.30  # candidates within 30 % of the fastest after the round-robin are
 RUNOFF_ROUNDS = 15  # runoff rounds; each contender runs one untimed run, then RUNOFF_RUNS timed ones, per round
 RUNOFF_RUNS = 3
 MIN_SPEEDUP = ExportConfig.min_speedup  # a pick other than the reference must be this many times as fast as it
+# Isolated timing (`rank_isolated`: a target of several runtimes): each turn is one fresh process that loads one
+# candidate and times it for TURN_SECONDS per batch size; rounds alternate the candidates
+ISOLATED_ROUNDS = 3
+ISOLATED_RUNOFF_ROUNDS = 3
+TURN_SECONDS = 2.0
 
 
 @dataclasses.dataclass
@@ -60,11 +65,21 @@ class Candidate:
     tolerance: float | None = None  # max |score - torch score| when shipped (None: reported only)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # target facts for the manifest (input spec)
     load: dict[str, Any] = dataclasses.field(default_factory=dict)  # QualityModel.load options while measured
+    companions: tuple[str, ...] = ()  # suffixes of the files beside the artifact that belong to it (an IR's .bin)
+    file: str | None = None  # its name in OUT/<target>-auto/ when picked (None: the target's auto_file)
+    runtime: str = ""  # the export target whose runtime runs it (onnx, openvino, executorch); "": the target's
+    # an FP32 candidate of another runtime (cross-runtime auto): the reference and these are lossless, and a
+    # reduced-precision pick's speed is measured against the fastest of them (min_speedup)
+    lossless: bool = False
+
+    def files(self, path: Path) -> list[Path]:
+        """The artifact at `path` and its companions."""
+        return [path, *(path.with_suffix(suffix) for suffix in self.companions)]
 
 
 class AutoTarget(Protocol):
     name: str
-    auto_file: str  # e.g. model.onnx, model.pte
+    auto_file: str | None  # e.g. model.onnx, model.pte, model.xml; None where every candidate names its `file`
 
     def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
                    work: Path) -> list[Candidate]:
@@ -72,14 +87,16 @@ class AutoTarget(Protocol):
 
     # optional: tune(pick: Measured, final: Path, pixels, cfg, timer, log) -> dict | None, after the pick is
     # copied to `final`: a runtime setting measured for the pick and recorded in the file (onnx: spin-waiting)
-    # optional: left_out() -> list[str]: candidates this machine cannot offer and why, one line each (onnx: an
+    # optional: left_out(cfg) -> list[str]: candidates this machine cannot offer and why, one line each (onnx: an
     # accelerator provider onnxruntime lists that does not start), logged and kept in the notes
+    # optional: isolated = True: without an injected timer, each candidate is timed in processes of its own
+    # (`rank_isolated`): candidates of several runtimes, whose thread pools disturb each other in one process
 
 
 def supports_auto(target) -> bool:
     """A target offers auto when it declares it (`"auto"` in supports.precisions) and implements the contract."""
     return ("auto" in target.supports.precisions and callable(getattr(target, "candidates", None))
-            and bool(getattr(target, "auto_file", None)))
+            and hasattr(target, "auto_file"))
 
 
 @dataclasses.dataclass
@@ -110,11 +127,13 @@ class Measured:
         return self.runoff.get(batch, self.latency.get(batch, {})).get("p50_ms", math.inf)
 
     def row(self) -> dict[str, Any]:
-        return {"name": self.name, "precision": self.candidate.precision, "provider": self.candidate.provider,
+        return {"name": self.name, "runtime": self.candidate.runtime, "precision": self.candidate.precision,
+                "provider": self.candidate.provider,
                 "status": self.status, "stage": self.stage, "reason": self.reason, "bytes": self.bytes,
                 "latency": {str(b): v for b, v in sorted(self.latency.items())},
                 "runoff": {str(b): v for b, v in sorted(self.runoff.items())}, "drift": self.drift,
-                "within_bound": self.within, "reference": self.candidate.reference, "recipe": self.candidate.recipe}
+                "within_bound": self.within, "reference": self.candidate.reference,
+                "lossless": self.candidate.reference or self.candidate.lossless, "recipe": self.candidate.recipe}
 
 
 Timer = Callable[[Measured, Any, np.ndarray], float]
@@ -146,7 +165,7 @@ def build_all(candidates: list[Candidate], work: Path, log: Callable[[str], None
         start = time.perf_counter()
         try:
             item.path = candidate.build(folder)
-            item.bytes = _size(item.path)
+            item.bytes = sum(_size(path) for path in candidate.files(item.path))
         except Exception as exc:
             if candidate.reference:
                 raise
@@ -253,6 +272,18 @@ class Choice:
     why: str
     batch: int  # the batch size the latencies were ranked at
     declined: str | None = None  # the faster candidate that gave way to the reference under min_speedup
+    isolated: bool = False  # timed in processes of its own (rank_isolated), not side by side in this one
+
+
+def _lossless(item: Measured) -> bool:
+    return item.candidate.reference or item.candidate.lossless
+
+
+def baseline(items: list[Measured], batch: int) -> Measured | None:
+    """What a reduced-precision pick must beat by min_speedup: the fastest lossless candidate measured (the
+    reference; in cross-runtime auto, the fastest FP32 of any runtime)."""
+    lossless = [i for i in items if _lossless(i) and i.within and batch in i.latency]
+    return min(lossless, key=lambda i: i.p50(batch)) if lossless else None
 
 
 def mark_within(items: list[Measured], max_drift: float) -> None:
@@ -266,14 +297,15 @@ def mark_within(items: list[Measured], max_drift: float) -> None:
 def contenders(items: list[Measured], max_drift: float, batch: int = 1, margin: float = RUNOFF,
                min_speedup: float = MIN_SPEEDUP) -> list[Measured]:
     """The candidates within the bound whose round-robin latency is within `margin` of the fastest one's, and
-    the reference where it is within `margin` of `min_speedup` times the fastest (the ratio the choice tests)."""
+    the reference (and any lossless candidate) where it is within `margin` of `min_speedup` times the fastest
+    (the ratio the choice tests)."""
     mark_within(items, max_drift)
     ok = [i for i in items if i.within and batch in i.latency]
     if not ok:
         return []
     best = min(i.latency[batch]["p50_ms"] for i in ok)
     return [i for i in ok if i.latency[batch]["p50_ms"] <= best * (1 + margin)
-            or (i.candidate.reference and i.latency[batch]["p50_ms"] <= best * max(min_speedup, 1) * (1 + margin))]
+            or (_lossless(i) and i.latency[batch]["p50_ms"] <= best * max(min_speedup, 1) * (1 + margin))]
 
 
 def head_to_head(pairs: list[tuple[Measured, Any]], pixels: np.ndarray, batch: int, timer: Timer = wall_clock,
@@ -323,7 +355,12 @@ def rank(items: list[Measured], models: dict[str, Any], pixels: np.ndarray, cfg:
 def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float = TIE,
            min_speedup: float = MIN_SPEEDUP) -> Choice:
     """The fastest candidate within |ΔSRCC| <= max_drift at `batch`; a tie (within `tie`) goes to the smaller file;
-    a pick other than the reference that is not `min_speedup` times as fast as the reference gives way to it.
+    a reduced-precision pick that is not `min_speedup` times as fast as the `baseline` (the fastest lossless
+    candidate: the reference, or in cross-runtime auto the fastest FP32 of any runtime) gives way to it.
+
+    Why the fastest FP32 and not the reference: the question min_speedup answers is "is the lossy one worth its
+    drift against the best lossless one here"; an INT8 model 1.3x ONNX Runtime's FP32 but 1.05x OpenVINO's FP32
+    buys 5 %, which does not pay for the drift. (With one runtime the two are the same candidate.)
 
     The reference is always within the bound; a candidate whose drift could not be measured never is. Where a
     runoff ran, its contenders are ranked by its medians (`Measured.p50`).
@@ -338,11 +375,11 @@ def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float =
     fastest = min(ok, key=lambda i: i.p50(batch))
     tied = [i for i in ok if i.p50(batch) <= fastest.p50(batch) * (1 + tie)]
     pick = min(tied, key=lambda i: (i.bytes, i.p50(batch)))
-    reference = next((i for i in items if i.candidate.reference and i.within and batch in i.latency), None)
-    if (min_speedup > 1 and reference is not None and pick is not reference
-            and reference.p50(batch) < pick.p50(batch) * min_speedup):
-        return Choice(reference, _declined(reference, pick, batch, min_speedup), batch, declined=pick.name)
-    return Choice(pick, _why(pick, fastest, items, max_drift, batch, tie), batch)
+    base = baseline(items, batch)
+    if (min_speedup > 1 and base is not None and not _lossless(pick)
+            and base.p50(batch) < pick.p50(batch) * min_speedup):
+        return Choice(base, _declined(base, pick, batch, min_speedup), batch, declined=pick.name)
+    return Choice(pick, _why(pick, fastest, items, max_drift, batch, tie, base or pick), batch)
 
 
 def _declined(reference: Measured, declined: Measured, batch: int, min_speedup: float) -> str:
@@ -353,16 +390,17 @@ def _declined(reference: Measured, declined: Measured, batch: int, min_speedup: 
             f"(ΔSRCC {declined.drift.get('delta_srcc', 0):+.4f}); --min-speedup 1 would ship it")
 
 
-def _why(pick: Measured, fastest: Measured, items: list[Measured], max_drift: float, batch: int, tie: float) -> str:
+def _why(pick: Measured, fastest: Measured, items: list[Measured], max_drift: float, batch: int, tie: float,
+         base: Measured) -> str:
     reference = next(i for i in items if i.candidate.reference)
-    speed = reference.p50(batch) / pick.p50(batch)
     lines = []
     if pick is reference:
         lines.append(f"{pick.name} ships: no other candidate within |ΔSRCC| <= {max_drift:g} is faster at batch {batch}"
                      + (f" by more than {tie:.0%}" if len([i for i in items if i.within]) > 1 else ""))
     else:
-        lines.append(f"{pick.name} ships: {speed:.2f}x the speed of {reference.name} at batch {batch} "
-                     f"({pick.p50(batch):.2f} vs {reference.p50(batch):.2f} ms), ΔSRCC "
+        versus = reference if pick is base else base  # a lossless pick against the reference, else the baseline
+        lines.append(f"{pick.name} ships: {versus.p50(batch) / pick.p50(batch):.2f}x the speed of {versus.name} at "
+                     f"batch {batch} ({pick.p50(batch):.2f} vs {versus.p50(batch):.2f} ms), ΔSRCC "
                      f"{pick.drift.get('delta_srcc', 0):+.4f} within {max_drift:g}")
     if fastest is not pick:
         lines.append(f"{fastest.name} is {fastest.p50(batch):.2f} ms, within {tie:.0%}: a tie, and "
@@ -379,18 +417,23 @@ def table(items: list[Measured], pick: Measured | None = None) -> list[str]:
     """The candidates as fixed-width lines (the pick marked with *), for the export notes and the console."""
     batches = sorted({b for i in items for b in i.latency})
     width = max([len("candidate"), *(len(i.name) for i in items)])
-    head = [f"{'candidate':{width}s}", f"{'prec':4s}", *[f"{f'p50 ms@{b}':>10s}" for b in batches[:1]],
+    runtimes = len({i.candidate.runtime for i in items}) > 1  # cross-runtime auto: a runtime column
+    rt_width = max([len("runtime"), *(len(i.candidate.runtime) for i in items)])
+    head = [f"{'candidate':{width}s}", *([f"{'runtime':{rt_width}s}"] if runtimes else []), f"{'prec':4s}", *[f"{f'p50 ms@{b}':>10s}" for b in batches[:1]],
             *[f"{f'img/s@{b}':>9s}" for b in batches], f"{'MB':>6s}", f"{'ΔSRCC':>8s}", f"{'mean|Δ|':>8s}",
             f"{'max|Δ|':>8s}", "bound"]
     lines = ["  " + " ".join(head)]
     for item in items:
         mark = "*" if item is pick else " "
+        runtime = [f"{item.candidate.runtime:{rt_width}s}"] if runtimes else []
         if item.status != "ok":
-            lines.append(f"{mark} {item.name:{width}s} {item.candidate.precision:4s} failed at {item.stage}: {item.reason}")
+            lines.append(f"{mark} " + " ".join([f"{item.name:{width}s}", *runtime, f"{item.candidate.precision:4s}",
+                                                 f"failed at {item.stage}: {item.reason}"]))
             continue
         d = item.drift
         bound = "ref" if item.candidate.reference else {True: "ok", False: "over"}.get(item.within, "")
-        cells = [f"{item.name:{width}s}", f"{item.candidate.precision:4s}", *[f"{item.p50(b):10.2f}" for b in batches[:1]],
+        bound += " (lossless)" if item.candidate.lossless else ""
+        cells = [f"{item.name:{width}s}", *runtime, f"{item.candidate.precision:4s}", *[f"{item.p50(b):10.2f}" for b in batches[:1]],
                  *[f"{item.latency[b]['images_per_s']:9.1f}" if b in item.latency else f"{'-':>9s}" for b in batches],
                  f"{item.bytes / 1e6:6.1f}", f"{d.get('delta_srcc', 0):+8.4f}", f"{d.get('mean_abs_diff_vs_fp32', 0):8.4f}",
                  f"{d.get('max_abs_diff_vs_fp32', 0):8.4f}", bound]
@@ -399,36 +442,112 @@ def table(items: list[Measured], pick: Measured | None = None) -> list[str]:
 
 
 def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: ExportConfig,
-                meta: dict[str, Any], timer: Timer = wall_clock, log: Callable[[str], None] = print) -> ExportResult:
-    """Candidates -> built, measured, the pick copied to `out/<target.auto_file>`, checked against torch."""
+                meta: dict[str, Any], timer: Timer | None = None, log: Callable[[str], None] = print) -> ExportResult:
+    """Candidates -> built, measured, the pick (and its companions) copied to `out/<file>`, checked against torch.
+
+    Latency: with an injected `timer`, or for a target that is not `isolated`, in this process (`rank`); for an
+    isolated target without one, each candidate in processes of its own (`rank_isolated`). Drift is measured
+    in this process either way: scores do not depend on what else runs."""
     from kdiqa_edge.export import evaluate
-    from kdiqa_edge.export.evaluate import torch_reference
+    from kdiqa_edge.runtime import QualityModel
 
     if not supports_auto(target):
         raise ConfigError(f"target {target.name} has no --precision auto (it offers no candidates)")
     with tempfile.TemporaryDirectory(prefix=f"kdiqa-auto-{target.name}-") as scratch:
         work = Path(scratch)
-        candidates = selected(target.candidates(model, examples, cfg, meta, work / "shared"), cfg, target.name)
+        found = target.candidates(model, examples, cfg, meta, work / "shared")
+        candidates = [c if c.runtime else dataclasses.replace(c, runtime=target.name)
+                      for c in selected(found, cfg, target.name)]
         log(f"{target.name}-auto: {len(candidates)} candidates: {', '.join(c.name for c in candidates)}")
-        left_out = target.left_out() if callable(getattr(target, "left_out", None)) else []
+        left_out = target.left_out(cfg) if callable(getattr(target, "left_out", None)) else []
         for line in left_out:
             log(f"  {line}")
         items = build_all(candidates, work, log)
         models = load_models(items, cfg.threads)
         measure_drift(items, models, examples)
-        choice = rank(items, models, examples.test, cfg, cfg.max_drift, timer, log)
+        if timer is None and getattr(target, "isolated", False):
+            models.clear()  # the timing processes get the cores, with no idle thread pool of ours beside them
+            choice = rank_isolated(items, examples.test, cfg, cfg.max_drift, work / "timing", log)
+        else:
+            choice = rank(items, models, examples.test, cfg, cfg.max_drift, timer or wall_clock, log)
         pick = choice.pick
-        final = out / target.auto_file
-        (shutil.copytree if pick.path.is_dir() else shutil.copyfile)(pick.path, final)
+        final = out / (pick.candidate.file or target.auto_file)
+        for source, dest in zip(pick.candidate.files(pick.path), pick.candidate.files(final)):
+            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, dest)
         tune = getattr(target, "tune", None)
-        tuned = tune(pick, final, examples.test, cfg, timer, log) if callable(tune) else None
-        parity = evaluate.parity(torch_reference(model, examples.parity),
-                                 models[pick.name].predict(examples.parity, batch_size=16), pick.candidate.tolerance)
+        tuned = tune(pick, final, examples.test, cfg, timer or wall_clock, log) if callable(tune) else None
+        shipped = models.get(pick.name) or QualityModel.load(final, provider=pick.candidate.provider,
+                                                             threads=cfg.threads)
+        parity = evaluate.parity(evaluate.torch_reference(model, examples.parity),
+                                 shipped.predict(examples.parity, batch_size=16), pick.candidate.tolerance)
+        del shipped
         models.clear()
     if parity.get("passed") is False:
         raise ExportError(f"{final.name} ({pick.name}): parity check failed, max |score - torch score| = "
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
-    return _result(target.name, items, choice, final, parity, len(examples.test), cfg, tuned, left_out)
+    return _result(target.name, items, choice, pick.candidate.files(final), parity, len(examples.test), cfg, tuned,
+                   left_out)
+
+
+# --- each candidate timed in processes of its own ------------------------------------------------------
+
+
+def rank_isolated(items: list[Measured], pixels: np.ndarray, cfg: ExportConfig, max_drift: float, work: Path,
+                  log: Callable[[str], None] = print, rounds: int | None = None,
+                  seconds: float | None = None) -> Choice:
+    """`rank` with every turn in a fresh process (`export/measure.py`): round-robin over all candidates in
+    `ISOLATED_ROUNDS` rounds (the order reversed every other round), then the close contenders
+    (`contenders`) again at opt_batch in `ISOLATED_RUNOFF_ROUNDS` rounds, the order rotated; medians of
+    every timed run. A process holds one runtime and one model, so no other runtime's thread pool (idle,
+    spinning or resized) shares the cores with the one timed, and the alternation spreads the machine's
+    load over every candidate alike. What it costs: a process start and a model load per turn, untimed."""
+    from kdiqa_edge.export.measure import in_own_process
+
+    rounds = rounds or ISOLATED_ROUNDS
+    seconds = seconds or TURN_SECONDS
+    work.mkdir(parents=True, exist_ok=True)
+    batches = latency_batches(cfg)
+    sample = work / "pixels.npy"
+    np.save(sample, np.ascontiguousarray(pixels[np.resize(np.arange(len(pixels)), max(batches))]))
+
+    def turns(live: list[Measured], batches: tuple[int, ...], rounds: int, rotate: bool) -> dict[str, dict]:
+        times: dict[str, dict[int, list[float]]] = {i.name: {b: [] for b in batches} for i in live}
+        for round_index in range(rounds):
+            shift = round_index % max(len(live), 1)
+            order = live[shift:] + live[:shift] if rotate else (live if round_index % 2 == 0 else live[::-1])
+            for item in order:
+                if item.status != "ok":
+                    continue
+                try:
+                    measured = in_own_process(item.path, sample, batches, seconds, cfg.threads,
+                                              item.candidate.provider, item.candidate.load)
+                except Exception as exc:
+                    if item.candidate.reference:
+                        raise
+                    item.fail("latency", exc)
+                    continue
+                for b in batches:
+                    times[item.name][b] += measured[b]
+        return {name: t for name, t in times.items() if all(t.values())}
+
+    live = [i for i in items if i.status == "ok"]
+    log(f"  timing {len(live)} candidates, each in processes of its own ({rounds} alternated rounds)")
+    for name, by_batch in turns(live, batches, rounds, rotate=False).items():
+        item = next(i for i in live if i.name == name)
+        for b, seconds_list in by_batch.items():
+            p50 = float(np.median(seconds_list)) * 1e3
+            item.latency[b] = {"p50_ms": round(p50, 3), "images_per_s": round(b * 1e3 / p50, 1) if p50 else math.inf,
+                               "runs": len(seconds_list)}
+    close = contenders(items, max_drift, cfg.opt_batch, min_speedup=cfg.min_speedup)
+    if len(close) > 1:
+        log(f"  runoff at batch {cfg.opt_batch}: {', '.join(i.name for i in close)} "
+            f"(within {RUNOFF:.0%} of the fastest), {ISOLATED_RUNOFF_ROUNDS} rotated rounds")
+        for name, by_batch in turns(close, (cfg.opt_batch,), ISOLATED_RUNOFF_ROUNDS, rotate=True).items():
+            seconds_list = by_batch[cfg.opt_batch]
+            next(i for i in close if i.name == name).runoff[cfg.opt_batch] = {
+                "p50_ms": round(float(np.median(seconds_list)) * 1e3, 3), "runs": len(seconds_list)}
+    return dataclasses.replace(choose(items, max_drift, batch=cfg.opt_batch, min_speedup=cfg.min_speedup),
+                               isolated=True)
 
 
 def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> list[Candidate]:
@@ -443,8 +562,8 @@ def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> lis
     return [c for c in candidates if c.reference or c.name in wanted]
 
 
-def _result(target: str, items: list[Measured], choice: Choice, final: Path, parity: dict[str, Any], images: int,
-            cfg: ExportConfig, tuned: dict[str, Any] | None = None, left_out: list[str] = ()) -> ExportResult:
+def _result(target: str, items: list[Measured], choice: Choice, files: list[Path], parity: dict[str, Any],
+            images: int, cfg: ExportConfig, tuned: dict[str, Any] | None = None, left_out: list[str] = ()) -> ExportResult:
     """The pick as an export: the table and why in the notes, every candidate's row in the details."""
     from kdiqa_edge.bench.environment import cpu_info, gpus
 
@@ -454,20 +573,28 @@ def _result(target: str, items: list[Measured], choice: Choice, final: Path, par
     accelerators = sorted({i.candidate.provider for i in items} - {"cpu"})
     gpu = gpus() if accelerators else []  # nvidia-smi's "name, driver, memory" lines
     on_gpu = f" and {gpu[0].split(',')[0]} ({', '.join(accelerators)})" if gpu else ""
+    isolated = choice.isolated
+    rounds, runoff_rounds = (ISOLATED_ROUNDS, ISOLATED_RUNOFF_ROUNDS) if isolated else (ROUNDS, RUNOFF_ROUNDS)
+    where = "each in processes of its own, " if isolated else ""
     # "here": the CPU and threads are the export's one environment line (and details.auto.cpu)
-    summary = (f"{target}-auto: {len(items)} candidates measured here{on_gpu} (median of {ROUNDS} alternated rounds"
-               + (f"; {', '.join(ran_off)} re-timed head to head, {RUNOFF_ROUNDS} rotated rounds" if ran_off else "")
+    summary = (f"{target}-auto: {len(items)} candidates measured here{on_gpu} ({where}median of {rounds} alternated "
+               "rounds" + (f"; {', '.join(ran_off)} re-timed head to head, {runoff_rounds} rotated rounds"
+                           if ran_off else "")
                + f"); drift on {images} test images vs {reference.name}")
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
                                        "threads": cfg.threads, "provider": pick.candidate.provider}}
     auto = {"pick": pick.name, "why": choice.why, "max_drift": cfg.max_drift, "min_speedup": cfg.min_speedup,
             "declined": choice.declined,
-            "ranked_at_batch": choice.batch, "tie": TIE, "rounds": ROUNDS,
-            "runoff": {"margin": RUNOFF, "rounds": RUNOFF_ROUNDS, "runs": RUNOFF_RUNS, "contenders": ran_off},
+            "ranked_at_batch": choice.batch, "tie": TIE, "rounds": rounds,
+            "runoff": {"margin": RUNOFF, "rounds": runoff_rounds, "contenders": ran_off,
+                       **({"turn_seconds": TURN_SECONDS} if isolated else {"runs": RUNOFF_RUNS})},
+            "timing": ({"protocol": "each turn a fresh process (export/measure.py)", "turn_seconds": TURN_SECONDS}
+                       if isolated else {"protocol": "side by side in one process"}),
+            **({"runtime": pick.candidate.runtime} if pick.candidate.runtime != target else {}),
             "threads": cfg.threads, "cpu": machine, **({"gpus": gpu} if accelerators else {}),
             "candidates": [i.row() for i in items], **({"left_out": list(left_out)} if left_out else {}),
             **({"tuned": tuned} if tuned else {})}
-    return ExportResult(target=target, precision=pick.candidate.precision, files=[final], parity=parity, drift=drift,
+    return ExportResult(target=target, precision=pick.candidate.precision, files=files, parity=parity, drift=drift,
                         notes=[summary, *table(items, pick), choice.why, *left_out,
                                *([tuned["note"]] if tuned else [])],
                         extra={**pick.candidate.extra, "auto": auto, "recipe": pick.candidate.recipe})
@@ -481,4 +608,4 @@ class Auto:
         self.name = target.name
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
-        return export_auto(self.target, model, examples, out, cfg, meta, timer=self.timer or wall_clock, log=self.log)
+        return export_auto(self.target, model, examples, out, cfg, meta, timer=self.timer, log=self.log)

@@ -22,7 +22,7 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    target: str = "onnx"  # onnx | tensorrt | coreml | executorch | all
+    target: str = "onnx"  # onnx | tensorrt | coreml | executorch | openvino | cpu (auto across runtimes) | all
     precision: str = "fp32"  # fp32 | fp16 | int8 | auto
     input: str = "float"  # float (normalized NCHW float32) | uint8 (raw pixels, normalization in the graph)
     layout: str = "NCHW"  # NCHW | NHWC (uint8 input only)

@@ -482,5 +482,5 @@ class OnnxTarget:
     def tune(self, pick, final: Path, pixels: np.ndarray, cfg: ExportConfig, timer, log) -> dict[str, Any] | None:
         return tune_spinning(pick, final, pixels, cfg, timer, log)
 
-    def left_out(self) -> list[str]:
+    def left_out(self, cfg: ExportConfig | None = None) -> list[str]:
         return accelerators_left_out()

@@ -376,14 +376,16 @@ class OpenVinoTarget:
     """Intel CPUs, iGPUs and NPUs (and AMD x86): OpenVINO IR, f32/bf16/f16 inference precisions or NNCF INT8."""
 
     name = "openvino"
-    supports = Supports(precisions=("fp32", "bf16", "fp16", "int8"), dynamic_batch=True, tolerance={"fp32": 1e-4})
+    supports = Supports(precisions=("fp32", "bf16", "fp16", "int8", "auto"), dynamic_batch=True,
+                        tolerance={"fp32": 1e-4})
+    auto_file = "model.xml"  # --precision auto: the pick in OUT/openvino-auto/, its weights beside it (model.bin)
 
     def preflight(self, cfg: ExportConfig) -> None:
         """Fail before any work when openvino (or, for int8, nncf) is missing, or NNCF lacks the calibration."""
-        if cfg.precision == "int8" and cfg.calib_method not in ACTIVATION_RANGES:
+        if cfg.precision in ("int8", "auto") and cfg.calib_method not in ACTIVATION_RANGES:
             raise ConfigError(f"--calib-method {cfg.calib_method}: NNCF has no such calibration; the openvino "
                               f"target takes {' or '.join(ACTIVATION_RANGES)}")
-        require_openvino(cfg.precision)
+        require_openvino("fp32" if cfg.precision == "auto" else cfg.precision)  # auto without nncf: no int8
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         from kdiqa_edge.bench.environment import cpu_info
@@ -420,3 +422,51 @@ class OpenVinoTarget:
                                    "runs_in": {"fp32": reference.runs_in, cfg.precision: ir.runs_in}}
         result.notes.extend(drift_notes(result.drift, ir, cfg.threads, cfg.max_drift))
         return result
+
+    def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:
+        """--precision auto: the f32 IR (the reference), bf16 where this CPU has BF16 kernels (AVX512-BF16 or
+        AMX-BF16; elsewhere OpenVINO would run it in f32, the reference again), and NNCF INT8 with the stem in
+        float and in int8 where nncf imports; each an IR + .bin, measured through the runtime on this CPU."""
+        from kdiqa_edge.export.auto import Candidate
+
+        require_openvino("fp32")
+        work.mkdir(parents=True, exist_ok=True)
+        onnx_path = fp32_onnx(model, cfg, work)
+        meta = {**meta, "target": self.name}
+        extra = {"input": input_spec(cfg, model.preprocess.size), "outputs": ["score", *(["probs"] * cfg.with_probs)],
+                 "runtime": "openvino", "metadata": "rt_info kdiqa_edge/<key> (the kdiqa_edge.* keys)"}
+
+        def build(precision: str, stem: str | None = None):
+            return lambda folder: write_ir(model, onnx_path, examples, folder, cfg, meta, precision, stem)[0]
+
+        def candidate(name: str, precision: str, stem: str | None = None, **fields) -> Candidate:
+            facts = {"inference_precision": INFERENCE_PRECISION[precision],
+                     "weights": "fp16" if COMPRESS_TO_FP16[precision] else "fp32"}
+            return Candidate(name, precision, build(precision, stem), companions=(".bin",),
+                             recipe={"name": name, **facts, **({"stem": stem} if stem else {})},
+                             extra={**extra, **facts}, **fields)
+
+        found = [candidate("fp32", "fp32", reference=True, tolerance=self.supports.tolerance["fp32"])]
+        if bf16_here():
+            found.append(candidate("bf16", "bf16"))
+        if openvino_missing("int8") is None:
+            found += [candidate(f"int8:stem-{stem}", "int8", stem) for stem in ("float", "int8")]
+        return found
+
+    def left_out(self, cfg: ExportConfig | None = None) -> list[str]:
+        """What this machine cannot offer --precision auto, one line each."""
+        lines = []
+        if not bf16_here():
+            lines.append("openvino bf16: this CPU has neither AVX512-BF16 nor AMX-BF16 (OpenVINO would run it in "
+                         "f32): no bf16 candidate")
+        missing = openvino_missing("int8") if openvino_missing("fp32") is None else None
+        if missing is not None:
+            lines.append(f"openvino int8: {missing}: no int8 candidates")
+        return lines
+
+
+def bf16_here() -> bool:
+    """Whether this CPU has BF16 kernels for OpenVINO's CPU plugin (AVX512-BF16 or AMX-BF16)."""
+    from kdiqa_edge.bench.environment import cpu_isa
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_isa()))
