@@ -251,9 +251,12 @@ def test_profiles_are_valid_configs(profile):
 def test_targets_declare_support_and_tolerance():
     from kdiqa_edge.export import PRECISIONS, TARGETS
 
-    assert TARGETS.names() == ["coreml", "executorch", "onnx", "openvino", "tensorrt"]
+    assert TARGETS.names() == ["coreml", "cpu", "executorch", "onnx", "openvino", "tensorrt"]
     for name in TARGETS:
         supports = TARGETS.get(name).supports
+        if supports.precisions == ("auto",):  # cpu: auto across the runtime targets, whose artifacts it ships
+            assert name == "cpu" and supports.tolerance == {}
+            continue
         # ExecuTorch programs are batch 1: a dynamic batch keeps shape ops outside the XNNPACK delegate
         assert set(supports.precisions) <= set(PRECISIONS) and supports.dynamic_batch == (name != "executorch")
         assert supports.tolerance["fp32"] <= 1e-3

@@ -3,12 +3,16 @@ one within the drift bound.
 
 The candidate contract (docs/ARCHITECTURE.md): a target that supports auto has `auto_file` (the pick's
 stable file name in `OUT/<target>-auto/`) and `candidates(model, examples, cfg, meta, work) -> list[Candidate]`.
-Each candidate says how to build one artifact into a folder; the artifact loads in the torch-free runtime
-(`kdiqa_edge.runtime.QualityModel`, with the candidate's provider), which measures it:
+Each candidate says how to build one artifact into a folder (with its companion files: an OpenVINO IR's .bin;
+and, where candidates of several runtimes compete, the name it ships under); the artifact loads in the
+torch-free runtime (`kdiqa_edge.runtime.QualityModel`, with the candidate's provider), which measures it:
 
 - latency at batch 1 and 8 (capped at max_batch), rounds alternated across candidates so all see the same
   machine load, median per candidate; the timer is injectable (`timer(measured, model, x) -> seconds`);
 - drift on the test split against the reference (FP32) candidate: |ΔSRCC|, mean and max |Δscore|.
+
+A target of several runtimes (`isolated`: the cpu target) is timed with every turn in a fresh process of its
+own instead (`rank_isolated`, export/measure.py): runtimes' thread pools disturb each other in one process.
 
 The candidates within `RUNOFF` of the fastest (at the ranked batch, within the bound) are then re-timed head to
 head: short turns of `RUNOFF_RUNS` runs after one untimed run, the order rotated every round, so a load that
