@@ -35,9 +35,10 @@ def export_command(
         help="Output folder (one sub-folder per target-precision, manifest.json). It holds one checkpoint's "
              "exports: an OUT holding another checkpoint's is refused, unless --force.")] = None,
     target: Annotated[str | None, typer.Option(
-        "--target", "-t", help="onnx, tensorrt, coreml, executorch, openvino, cpu (--precision auto across every "
-                               "CPU runtime installed: ONNX Runtime, OpenVINO, ExecuTorch) or all",
-        show_default=f"{_default('target')}; {AUTO_TARGET} with --precision auto", rich_help_panel=EXPORT_PANEL)] = None,
+        "--target", "-t", help=f"With --precision auto the default is {AUTO_TARGET}: auto across every CPU runtime "
+                               "installed here (ONNX Runtime, OpenVINO, ExecuTorch). Targets: onnx, tensorrt, "
+                               "coreml, executorch, openvino, cpu or all",
+        show_default=_default("target"), rich_help_panel=EXPORT_PANEL)] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", "-p", help="fp32, fp16, bf16 (openvino), int8, or auto: build every candidate (FP32, each INT8 recipe the "
                                   "graph calls for, FP16 on an accelerator; with --target cpu, the default for auto, "
