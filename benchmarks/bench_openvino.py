@@ -13,7 +13,7 @@ this offline machine; the synthetic set for calibration), 224 px, batch 1, `--th
   and PERFORMANCE_HINT LATENCY (bf16 on CPUs with AVX512-BF16 or AMX: the worker records what it ran in), the
   same after `nncf.quantize` with defaults on 64 random inputs, and ONNX Runtime's `quantize_static` with
   defaults (QDQ, int8 activations and weights, per tensor, MinMax) on the same 64 inputs;
-- auto's pick: `--target onnx --precision auto`, and `--target cpu --precision auto` (across runtimes) where
+- auto's pick: `--target onnx --precision auto` (measured at batch 1 only: it ranks at batch 1), and `--target cpu --precision auto` (across runtimes) where
   the export registry has a `cpu` target.
 
 Each artifact is timed alone in a fresh process (this script's worker mode: load, warm up, time back to back for
@@ -53,6 +53,7 @@ PACKAGES = ("onnxruntime", "openvino", "nncf", "torch", "onnx", "numpy")
 PLAIN_CALIB = 64  # random calibration inputs of the plain nncf.quantize / quantize_static
 PLAIN_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}  # + INFERENCE_NUM_THREADS: the plain compile_model config
 SIZE = 224
+BUILT = "built.json"  # per model folder: its artifacts and what was chosen, for --reuse
 RUNTIMES = {".onnx": "ORT", ".xml": "OV", ".pte": "ExecuTorch"}  # by the artifact's suffix (auto's pick may be any)
 
 
@@ -181,10 +182,20 @@ def run_auto(target_name: str, model, examples, cfg, meta: dict, out: Path):
     return runner.export(model, examples, out, cfg, meta)
 
 
-def ranked_p50(row: dict) -> float:
-    """A candidate's batch-1 figure as auto ranks it: the runoff's where it ran, else the round-robin's."""
-    found = (row.get("runoff") or {}).get("1") or (row.get("latency") or {}).get("1") or {}
-    return float(found.get("p50_ms", np.inf))
+def ranked_p50(row: dict, stage: str = "latency") -> float:
+    """A candidate's batch-1 p50 in auto's round-robin (`latency`) or its runoff; inf where it has none."""
+    return float(((row.get(stage) or {}).get("1") or {}).get("p50_ms", np.inf))
+
+
+def fastest_int8(rows: list[dict]) -> str | None:
+    """The INT8 candidate auto measured fastest, ranked as auto ranks: by the runoff's figures among the INT8s
+    that ran it (they are the close ones; its turns are timed differently from the round-robin's, so the two
+    are not compared), else by the round-robin's."""
+    int8 = [r for r in rows if r["precision"] == "int8" and r["status"] == "ok"]
+    ran_off = [r for r in int8 if np.isfinite(ranked_p50(r, "runoff"))]
+    if ran_off:
+        return min(ran_off, key=lambda r: ranked_p50(r, "runoff"))["name"]
+    return min(int8, key=ranked_p50)["name"] if int8 else None
 
 
 def ort_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple[list[Artifact], dict]:
@@ -194,8 +205,7 @@ def ort_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple
     result = run_auto("onnx", model, examples, cfg, meta, folder / "onnx-auto")
     found = result.extra["auto"]
     rows = found["candidates"]
-    int8 = [r for r in rows if r["precision"] == "int8" and r["status"] == "ok"]
-    best = min(int8, key=ranked_p50)["name"] if int8 else None
+    best = fastest_int8(rows)
     wanted = {"fp32", best} - {None}
     built = {}
     for candidate in TARGETS.get("onnx").candidates(model, examples, cfg, meta, folder / "ort-shared"):
@@ -209,10 +219,16 @@ def ort_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple
                                   f"ours: {best}"))
     artifacts.append(Artifact(name, "auto (--target onnx)", "auto", result.precision, str(result.files[0]),
                               "kdiqa", f"pick: {found['pick']}"))
-    summary = {"pick": found["pick"], "why": found["why"], "declined": found.get("declined"), "best_int8": best,
-               "candidates": [{k: r.get(k) for k in ("name", "precision", "status", "reason")}
-                              | {"p50_ms": ranked_p50(r), "drift": r.get("drift")} for r in rows]}
-    return artifacts, summary
+    return artifacts, {**auto_facts(result), "best_int8": best}
+
+
+def auto_facts(result) -> dict:
+    """What an auto export chose and why, and its candidates as it measured them (batch 1)."""
+    found = result.extra.get("auto", {})
+    return {"pick": found.get("pick", "?"), "why": found.get("why"), "declined": found.get("declined"),
+            "candidates": [{k: r.get(k) for k in ("name", "precision", "status", "reason")}
+                           | {"p50_ms": ranked_p50(r), "runoff_ms": ranked_p50(r, "runoff"), "drift": r.get("drift")}
+                           for r in found.get("candidates", [])]}
 
 
 def ov_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple[list[Artifact], Path, dict]:
@@ -301,12 +317,19 @@ def build_all(names: list[str], work: Path, args) -> tuple[list[Artifact], dict,
     if not (work / "synthetic" / "scores.csv").is_file():
         generate(work / "synthetic", refs=4)
     data = DatasetSpec(name="synthetic", root=work / "synthetic")
+    # max_batch 1: auto measures batch 1 only (it ranks at opt_batch 1 either way; batch 8 was only reported)
     cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, threads=args.threads,
-                       max_drift=args.max_drift, min_speedup=args.min_speedup)
+                       max_drift=args.max_drift, min_speedup=args.min_speedup, max_batch=1)
     teacher = build_teacher(False)
     artifacts, facts, inputs = [], {}, {}
     for name in names:
         folder = work / name
+        if args.reuse and (folder / BUILT).is_file():
+            saved = json.loads((folder / BUILT).read_text())
+            artifacts += [Artifact(**a) for a in saved["artifacts"]]
+            facts[name], inputs[name] = saved["facts"], Path(saved["input"])
+            log(f"{name}: reusing the {len(saved['artifacts'])} artifacts in {folder}")
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         start = time.perf_counter()
@@ -323,16 +346,17 @@ def build_all(names: list[str], work: Path, args) -> tuple[list[Artifact], dict,
         mine += ov_rows
         mine += plain(name, onnx_path, folder)
         facts[name] = {"auto_onnx": auto_onnx, "ov_int8": nncf_settings}
-        if "cpu" in TARGETS.names():  # the cross-runtime auto (issue 26 part 3), once it is registered
-            result = run_auto("cpu", model, examples, cfg, meta, folder / "cpu-auto")
-            found = result.extra.get("auto", {})
-            mine.append(Artifact(name, "auto (--target cpu)", "auto", result.precision, str(result.files[0]),
-                                 "kdiqa", f"pick: {found.get('pick', '?')}"))
-            facts[name]["auto_cpu"] = {k: found.get(k) for k in ("pick", "why", "declined")}
+        for target in [t for t in args.autos if t in TARGETS.names()]:  # cpu: the cross-runtime auto
+            result = run_auto(target, model, examples, cfg, meta, folder / f"{target}-auto")
+            facts[name][f"auto_{target}"] = auto_facts(result)
+            mine.append(Artifact(name, f"auto (--target {target})", "auto", result.precision, str(result.files[0]),
+                                 "kdiqa", f"pick: {facts[name][f'auto_{target}']['pick']}"))
         for artifact in mine:
             artifact.bytes = size(artifact.path)
         artifacts += mine
         facts[name]["build_s"] = round(time.perf_counter() - start, 1)
+        (folder / BUILT).write_text(json.dumps({"artifacts": [dataclasses.asdict(a) for a in mine],
+                                                "facts": facts[name], "input": str(inputs[name])}, default=str))
         log(f"{name}: {len(mine)} artifacts in {facts[name]['build_s']:.0f} s")
     return artifacts, facts, inputs
 
@@ -374,7 +398,8 @@ def _ms(value: float) -> str:
 
 def summary_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
     lines = ["| model | fastest here | best ORT (ours) | best OV (ours) | best plain OV | best OV (ours) / best ORT "
-             "(ours) | best plain OV / best OV (ours) | best OV (any) / best ORT (ours) | auto (onnx) / fastest |",
+             "(ours) | best plain OV / best OV (ours) | best OV (any) / best ORT (ours) | auto's picks: ms (/ fastest, "
+             "/ best plain OV) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model in models:
         mine = [a for a in artifacts if a.model == model and a.rounds]
@@ -387,7 +412,7 @@ def summary_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
         fastest = min(mine, key=lambda a: a.p50)
         ort, ov, plain_ov = best(("ort",)), best(("ov",)), best(("plain-ov",))
         any_ov = best(("ov", "plain-ov"))
-        picked = next((a for a in mine if a.name == "auto (--target onnx)"), None)
+        picked = [a for a in mine if a.group == "auto"]
 
         def cell(a):
             return f"{a.name} {_ms(a.p50)}" if a else "—"
@@ -396,7 +421,9 @@ def summary_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
             return f"{a.p50 / b.p50:.2f}" if a and b else "—"
 
         lines.append(f"| {model} | **{cell(fastest)}** | {cell(ort)} | {cell(ov)} | {cell(plain_ov)} | "
-                     f"{ratio(ov, ort)} | {ratio(plain_ov, ov)} | {ratio(any_ov, ort)} | {ratio(picked, fastest)} |")
+                     f"{ratio(ov, ort)} | {ratio(plain_ov, ov)} | {ratio(any_ov, ort)} | "
+                     + "; ".join(f"{a.name.removeprefix('auto (--target ').rstrip(')')} {a.detail.removeprefix('pick: ')}"
+                                 f" {_ms(a.p50)} ({ratio(a, fastest)}, {ratio(a, plain_ov)})" for a in picked) + " |")
     return lines
 
 
@@ -462,8 +489,8 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
               "weights, timm's zero-initialized last norm of each block folded into its conv)."), "",
              *table_lines(artifacts, models), "",
              "## What was built", "",
-             ("- Ours, ONNX Runtime: `--target onnx --precision auto` (kdiqa_edge.export.auto, its own in-process "
-              f"measurement, --max-drift {args.max_drift:g}, --min-speedup {args.min_speedup:g}) ships its pick; "
+             ("- Ours, ONNX Runtime: `--target onnx --precision auto` (kdiqa_edge.export.auto, its own in-process measurement at batch 1, "
+              f"--max-drift {args.max_drift:g}, --min-speedup {args.min_speedup:g}) ships its pick; "
               "the fastest INT8 candidate in that measurement is rebuilt by the onnx target's `candidates` and "
               "timed as 'ORT INT8 (best recipe)'."),
              ("- Ours, OpenVINO: kdiqa_edge.export.openvino.write_ir from the target's own FP32 ONNX (fp32_onnx): "
@@ -478,16 +505,18 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
         found = facts.get(model)
         if not found:
             continue
-        auto_onnx = found["auto_onnx"]
-        lines += [f"### {model}", "", f"- onnx auto: {auto_onnx['why']}",
-                  "- its candidates (batch-1 p50 ms in its own in-process measurement): " + ", ".join(
-                      f"{c['name']} {_ms(c['p50_ms'])}" if c["status"] == "ok" else f"{c['name']} failed"
-                      for c in auto_onnx["candidates"])]
+        lines += [f"### {model}", ""]
+        for key in [k for k in found if k.startswith("auto_")]:
+            target = key.removeprefix("auto_")
+            lines += [f"- {target} auto: {found[key]['why']}",
+                      f"  - its candidates (batch-1 p50 ms as {target} auto measured them; its runoff in brackets): "
+                      + ", ".join(f"{c['name']} {_ms(c['p50_ms'])}" + (f" [{_ms(c['runoff_ms'])}]" if np.isfinite(
+                          c.get("runoff_ms", np.inf)) else "") if c["status"] == "ok" else f"{c['name']} failed"
+                          for c in found[key].get("candidates", []))]
         for label, settings in found["ov_int8"].items():
+            stem = ", stem" if settings["stem"] == "float" else ""
             lines.append(f"- {label}: NNCF preset {settings['preset']}, model type {settings['model_type']}, "
-                         f"{settings['ignored']} ops ignored (head, projection{', stem' if settings['stem'] == 'float' else ''})")
-        if "auto_cpu" in found:
-            lines.append(f"- cpu auto: {found['auto_cpu'].get('why')}")
+                         f"{settings['ignored']} ops ignored (head, projection{stem})")
         lines.append(f"- build time {found['build_s']:.0f} s")
         lines.append("")
     return "\n".join(lines)
@@ -515,8 +544,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-drift", type=float, default=1.0,
                         help="auto's bound on |ΔSRCC| (default 1.0: off, random-init drift means nothing)")
     parser.add_argument("--min-speedup", type=float, default=1.25, help="auto's --min-speedup")
+    parser.add_argument("--autos", nargs="*", default=["cpu"],
+                        help="auto targets timed beside onnx auto (where the export registry has them)")
     parser.add_argument("--work", type=Path, help="where the artifacts go (default a new /tmp folder)")
-    parser.add_argument("--reuse", action="store_true", help="time the artifacts a previous run built in --work")
+    parser.add_argument("--reuse", action="store_true",
+                        help="time the artifacts a previous run built in --work (models it did not finish are built)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--open-with", choices=("kdiqa", "ov", "ort"), help=argparse.SUPPRESS)
@@ -533,18 +565,7 @@ def main(argv=None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
     work = args.work or Path(tempfile.mkdtemp(prefix="kdiqa-bench-openvino-"))
     work.mkdir(parents=True, exist_ok=True)
-    built = work / "built.json"
-    if args.reuse and built.is_file():
-        saved = json.loads(built.read_text())
-        artifacts = [Artifact(**{k: v for k, v in a.items() if k in {"model", "name", "group", "precision", "path",
-                                                                      "open_with", "detail", "bytes"}})
-                     for a in saved["artifacts"] if a["model"] in args.models]
-        facts, inputs = saved["facts"], {m: Path(p) for m, p in saved["inputs"].items()}
-        log(f"reusing {len(artifacts)} artifacts from {built}")
-    else:
-        artifacts, facts, inputs = build_all(args.models, work, args)
-        built.write_text(json.dumps({"artifacts": [dataclasses.asdict(a) for a in artifacts], "facts": facts,
-                                     "inputs": {m: str(p) for m, p in inputs.items()}}, default=str))
+    artifacts, facts, inputs = build_all(args.models, work, args)
     loads.append(os.getloadavg()[0])
     out = args.out or ROOT / "benchmarks" / "results" / \
         f"openvino-{machine_slug()}-{isa_slug(set(cpu_flags()))}.md"
