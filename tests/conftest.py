@@ -63,3 +63,54 @@ def learned_run(tmp_path_factory) -> Path:
               "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(root / "run")])
     assert exit_info.value.code == 0
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def tiny_student():
+    """A random-init test_resnet under the tiny teacher's head (64 px), seed 0, in eval mode."""
+    import torch
+
+    from kdiqa_edge.models.student import create_student
+    from kdiqa_edge.models.teacher import load_teacher
+
+    teacher = load_teacher("tiny")
+    torch.manual_seed(0)
+    return create_student("test_resnet", teacher.head, teacher.preprocess, pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def scored_examples(tiny_student):
+    """make(count): Examples of `count` random 64 px images whose MOS IS the FP32 model's score (FP32 SRCC 1,
+    so any candidate's drift is in plain view)."""
+    import numpy as np
+
+    from kdiqa_edge.export import Examples
+    from kdiqa_edge.export.evaluate import torch_reference
+
+    def make(count: int):
+        images = np.random.default_rng(0).integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
+        return Examples(parity=images[:8], calib=images[:16], test=images,
+                        test_mos=torch_reference(tiny_student, images))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def student_checkpoints(tmp_path_factory):
+    """make(tag, {name: timm arch}) -> {name: checkpoint dir}: random-init students under the tiny teacher's head,
+    seed 0, saved as checkpoints (what export reads)."""
+    def make(tag: str, archs: dict[str, str]) -> dict[str, Path]:
+        import torch
+
+        from kdiqa_edge.models import save_checkpoint
+        from kdiqa_edge.models.student import create_student
+        from kdiqa_edge.models.teacher import load_teacher
+
+        root = tmp_path_factory.mktemp(tag)
+        teacher = load_teacher("tiny")
+        torch.manual_seed(0)
+        built = {name: create_student(arch, teacher.head, teacher.preprocess, pretrained=False)
+                 for name, arch in archs.items()}
+        return {name: save_checkpoint(model, root / name) for name, model in built.items()}
+
+    return make

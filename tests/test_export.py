@@ -13,6 +13,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("open_clip")
 
+from cli_helpers import run_cli as _cli
+
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ExportError, TensorRTUnavailable
 from kdiqa_edge.export import ExportConfig, export_checkpoint
@@ -279,15 +281,6 @@ def test_unsupported_op_fails_the_export_and_leaves_nothing(monkeypatch, tmp_pat
 
 
 # --- bad input through the real CLI: one line, non-zero exit, no partial artifact ------------------------
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from kdiqa_edge.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize("case", ["missing", "foreign", "target", "precision", "calib", "stem"])

@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("open_clip")
 
+from cli_helpers import run_cli as _cli
+
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.export import TARGETS, Examples, ExportConfig, auto, export_checkpoint
 from kdiqa_edge.export.auto import Candidate, Measured, choose
@@ -123,22 +125,13 @@ def test_failed_candidates_are_never_picked():
 
 
 @pytest.fixture(scope="module")
-def student():
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.models.teacher import load_teacher
-
-    teacher = load_teacher("tiny")
-    torch.manual_seed(0)
-    return create_student("test_resnet", teacher.head, teacher.preprocess, pretrained=False).eval()
+def student(tiny_student):
+    return tiny_student
 
 
 @pytest.fixture(scope="module")
-def examples(student) -> Examples:
-    """Random 64 px images whose MOS IS the FP32 model's score: FP32 SRCC 1, so drift is in plain view."""
-    from kdiqa_edge.export.evaluate import torch_reference
-
-    images = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
-    return Examples(parity=images[:8], calib=images[:16], test=images, test_mos=torch_reference(student, images))
+def examples(scored_examples) -> Examples:
+    return scored_examples(40)
 
 
 class WithReversed:
@@ -315,15 +308,6 @@ def checkpoint(tmp_path_factory, student) -> Path:
     from kdiqa_edge.models import save_checkpoint
 
     return save_checkpoint(student, tmp_path_factory.mktemp("auto") / "student")
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from kdiqa_edge.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("executorch")
 pytest.importorskip("open_clip")
 
+from cli_helpers import run_cli as _cli
+
 from kdiqa_edge.errors import ExportError
 from kdiqa_edge.export import ExportConfig, export_checkpoint
 from kdiqa_edge.export import executorch as et
@@ -29,18 +31,9 @@ def _quiet(_):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from kdiqa_edge.models import save_checkpoint
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.models.teacher import load_teacher
-
-    root = tmp_path_factory.mktemp("et-checkpoints")
-    teacher = load_teacher("tiny")
-    torch.manual_seed(0)
-    built = {"student": create_student("test_resnet", teacher.head, teacher.preprocess, pretrained=False),
-             # timm's ViT resamples its position embeddings at 64 px: an op ExecuTorch's edge dialect refuses
-             "vit": create_student("test_vit", teacher.head, teacher.preprocess, pretrained=False)}
-    return {name: save_checkpoint(model, root / name) for name, model in built.items()}
+def checkpoints(student_checkpoints) -> dict[str, Path]:
+    # timm's ViT resamples its position embeddings at 64 px: an op ExecuTorch's edge dialect refuses
+    return student_checkpoints("et-checkpoints", {"student": "test_resnet", "vit": "test_vit"})
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +195,6 @@ def test_device_commands():
 
 
 # --- the CLI end to end: INT8 of a student that learned, then score and bench the .pte -------------------
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from kdiqa_edge.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytest.importorskip("open_clip")
 
+from cli_helpers import run_cli as _cli
+
 from kdiqa_edge.errors import ConfigError, MissingDependency
 from kdiqa_edge.export import ExportConfig, export_checkpoint
 from kdiqa_edge.export import openvino as ovt
@@ -31,17 +33,9 @@ def _quiet(_):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from kdiqa_edge.models import save_checkpoint
-    from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.models.teacher import load_teacher
-
-    root = tmp_path_factory.mktemp("ov-checkpoints")
-    teacher = load_teacher("tiny")
-    torch.manual_seed(0)
-    built = {name: create_student(arch, teacher.head, teacher.preprocess, pretrained=False)
-             for name, arch in (("student", "test_resnet"), ("vit", "test_vit"), ("silu", "test_efficientnet"))}
-    return {name: save_checkpoint(model, root / name) for name, model in built.items()}
+def checkpoints(student_checkpoints) -> dict[str, Path]:
+    return student_checkpoints("ov-checkpoints", {"student": "test_resnet", "vit": "test_vit",
+                                                  "silu": "test_efficientnet"})
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +60,6 @@ def _images(data, count: int = 6) -> np.ndarray:
 
 def _entry(xml: Path, label: str = "openvino-fp32") -> dict:
     return json.loads((xml.parents[1] / "manifest.json").read_text())["exports"][label]
-
-
-def _cli(args: list, capsys) -> tuple[int, str, str]:
-    from kdiqa_edge.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def test_f32_ir_parity_and_the_metadata_round_trip_through_rt_info(exports, checkpoints, small_synthetic):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from kdiqa_edge.cli import app  # noqa: E402
+from kdiqa_edge.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 NOT_PRETRAINED = re.compile(r"not pretrained|NOT PRETRAINED", re.IGNORECASE)

@@ -14,19 +14,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli as _cli
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("open_clip")
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from kdiqa_edge.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def _make_run(run: Path, seed: int, root: str) -> Path:
