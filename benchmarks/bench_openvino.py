@@ -428,22 +428,22 @@ def summary_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
 
 
 def table_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
-    lines = ["| model | artifact | runtime | runs in | p50 ms | vs ORT FP32 | rounds' spread | MB | what |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | artifact | runtime | runs in | p50 ms | vs ORT FP32 | fastest round | rounds' spread | MB | what |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in models:
         mine = [a for a in artifacts if a.model == model]
         fp32 = next((a for a in mine if a.name == "ORT FP32" and a.rounds), None)
         fastest = min((a for a in mine if a.rounds), key=lambda a: a.p50, default=None)
         for a in mine:
             if not a.rounds:
-                lines.append(f"| {model} | {a.name} | {a.runtime} | | failed: {a.error or 'not timed'} | | | | "
+                lines.append(f"| {model} | {a.name} | {a.runtime} | | failed: {a.error or 'not timed'} | | | | | "
                              f"{a.detail} |")
                 continue
             name = f"**{a.name}**" if a is fastest else a.name
             vs = f"{fp32.p50 / a.p50:.2f}x" if fp32 else "—"
             runs_in = a.runs_in or ("f32" if a.precision in ("int8", "fp32") else a.precision)
             runs_in = f"int8 + {runs_in}" if a.precision == "int8" else runs_in
-            lines.append(f"| {model} | {name} | {a.runtime} | {runs_in} | {_ms(a.p50)} | {vs} | {_ms(a.spread)} | "
+            lines.append(f"| {model} | {name} | {a.runtime} | {runs_in} | {_ms(a.p50)} | {vs} | {_ms(min(a.rounds))} | {_ms(a.spread)} | "
                          f"{a.bytes / 1e6:.1f} | {a.detail} |")
     return lines
 
