@@ -56,14 +56,15 @@ def eval_source(reference: str | Path | None, data: DatasetSpec | None = None, s
     without them, the run of `reference` (else of the first model that is a run dir or a checkpoint in
     one) gives the dataset and its saved split; without a run, the built-in synthetic set, and a headline
     that says so. `split_seed` None: the run's own split (its split.json), else seed 0."""
-    from kdiqa_edge.data.runs import absolute_paths, run_data
+    from kdiqa_edge.data.readers import absolute_spec
+    from kdiqa_edge.data.runs import run_data
 
     data = data or DatasetSpec()
     given = dataclasses.replace(data, strict=False) != DatasetSpec()  # --strict alone names no dataset
     candidates = [reference] if reference is not None else list(models)
     run = next((found for path in candidates if (found := run_data(path)) is not None), None)
-    same = run is not None and (dataclasses.replace(absolute_paths(data), strict=False)
-                                == dataclasses.replace(absolute_paths(run.dataset), strict=False))
+    same = run is not None and (dataclasses.replace(absolute_spec(data), strict=False)  # run.dataset: absolute
+                                == dataclasses.replace(run.dataset, strict=False))
     if run is not None and (not given or same):
         dataset = dataclasses.replace(run.dataset, strict=data.strict or run.dataset.strict)
         split = {"val_fraction": run.val_fraction, "test_fraction": run.test_fraction, "split_by": run.split_by}

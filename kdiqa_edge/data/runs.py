@@ -34,14 +34,6 @@ def find_run_dir(path: str | Path) -> Path | None:
     return None
 
 
-def absolute_paths(spec: DatasetSpec) -> DatasetSpec:
-    """The spec with its paths absolute and resolved, as a run records it (valid from any folder), each where
-    the reader would find it (a `--csv labels.csv` beside `--root set` is the root's)."""
-    from kdiqa_edge.data.readers import absolute_spec
-
-    return absolute_spec(spec)
-
-
 def run_bases(run_dir: str | Path, workdir: str | None) -> list[Path]:
     """Where an older run's relative dataset paths may be relative to, in order: the folder it ran in, the
     folders above the run dir, the current folder."""

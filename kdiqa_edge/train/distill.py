@@ -293,8 +293,7 @@ def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
     Both sides are compared as saved: `cfg` through a JSON round trip, the saved dataset with its paths
     resolved as a resumed run resolves them (an older run's relative paths included) and made absolute.
     """
-    from kdiqa_edge.data.readers import absolute_spec
-    from kdiqa_edge.data.runs import run_bases
+    from kdiqa_edge.data.runs import run_data
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -302,9 +301,9 @@ def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
     saved = _plain(config_lib.load_file(saved_path))
     current = _plain(config_lib.to_dict(cfg))
     changed = [k for k in current if k not in VOLATILE + ("dataset",) and k in saved and saved[k] != current[k]]
-    if saved.get("dataset"):
-        spec = absolute_spec(DatasetSpec.from_dict(saved["dataset"]), run_bases(run_dir, saved.get("workdir")))
-        before, after = spec.to_dict(), data.to_dict()
+    run = run_data(run_dir) if saved.get("dataset") else None  # its dataset resolved as a resume resolves it
+    if run is not None:
+        before, after = run.dataset.to_dict(), data.to_dict()
         fields = [f"{k}: {before[k]} -> {after[k]}" for k in after if before.get(k) != after[k]]
         if fields:
             changed.append(f"dataset ({'; '.join(fields)})")
