@@ -70,6 +70,11 @@ def export_command(
                                                   rich_help_panel=EXPORT_PANEL)] = None,
     probs: Annotated[bool | None, typer.Option("--probs/--no-probs", help="Add the `probs` [N, 5] output.",
                                                   rich_help_panel=EXPORT_PANEL)] = None,
+    with_map: Annotated[bool | None, typer.Option(
+        "--with-map/--no-map", help="Add the `score_map` [N, h, w] output: the quality head at every position of "
+                                    "the student's final feature map (7x7 at 224 px), checked against torch like "
+                                    "the score; the score output is unchanged. `kdiqa-edge score --map` draws it",
+        rich_help_panel=EXPORT_PANEL)] = None,
     calib: Annotated[int | None, typer.Option("--calib", min=1, help="INT8 calibration images from the TRAIN split",
                                                  show_default=_default("calib"),
                                                  rich_help_panel=EXPORT_PANEL)] = None,
@@ -127,7 +132,7 @@ def export_command(
     from kdiqa_edge.export.pipeline import default_out
 
     cfg = resolve(ExportConfig, profile, target=target, precision=precision, input=input_kind, layout=layout,
-                  with_probs=probs, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
+                  with_probs=probs, with_map=with_map, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
                   int8_recipe=int8_recipe, max_drift=max_drift, min_speedup=min_speedup, candidates=candidates,
                   max_batch=max_batch, opset=opset, threads=threads,
                   tensorrt_version=tensorrt_version)

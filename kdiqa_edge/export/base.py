@@ -27,6 +27,7 @@ class ExportConfig:
     input: str = "float"  # float (normalized NCHW float32) | uint8 (raw pixels, normalization in the graph)
     layout: str = "NCHW"  # NCHW | NHWC (uint8 input only)
     with_probs: bool = False  # add a second output `probs` [N, 5]
+    with_map: bool = False  # add the output `score_map` [N, h, w]: the head at each position of the last feature map
     opset: int = 17  # ONNX opset, 17..20 (TensorRT 10.x parses 9..20)
     max_batch: int = 8  # dynamic batch 1..max_batch (TensorRT profile max, CoreML range)
     opt_batch: int = 1  # TensorRT profile opt batch
@@ -79,6 +80,9 @@ class ExportConfig:
             raise ConfigError(f"{self.precision} needs calibration images: --calib must be at least 1")
         if self.int8_recipe not in RECIPES:
             raise ConfigError(f"unknown --int8-recipe {self.int8_recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if self.with_map and self.precision == "auto":
+            raise ConfigError("--with-map with --precision auto: auto does not check the map of its candidates; "
+                              "export the map at a named precision (fp32, int8...)")
         if not 0 <= self.max_drift <= 2:
             raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
         if not self.min_speedup >= 1:

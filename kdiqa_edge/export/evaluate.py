@@ -151,3 +151,91 @@ def kernel_profile(path: str | Path, x: np.ndarray, threads: int = 2, runs: int 
 def profile_line(profile: dict[str, Any], top: int = 5) -> str:
     """'QLinearConv 45% (52), DequantizeLinear 18% (60), ...': the top kernels of a kernel_profile."""
     return ", ".join(f"{r['op']} {r['share']:.0%} ({r['count']})" for r in profile["ops"][:top])
+
+
+# --- score maps (export --with-map) ---------------------------------------------------------------------
+
+
+def torch_maps(model, images: np.ndarray) -> np.ndarray:
+    """The source model's fast maps [N, h, w] (kdiqa_edge/models/maps.py) for uint8 NHWC images."""
+    import torch
+
+    from kdiqa_edge.models.maps import fast_map
+    from kdiqa_edge.preprocess import normalize
+
+    out = [fast_map(model, torch.from_numpy(normalize(images[i:i + 16], model.preprocess)))
+           for i in range(0, len(images), 16)]
+    return torch.cat(out).double().numpy()
+
+
+def map_report(model, path: Path, images: np.ndarray, tolerance: float | None, threads: int,
+               without_map: Path | None = None, runs: int = 30) -> dict[str, Any]:
+    """The `score_map` output of the artifact at `path`, through the runtime, checked like the score: parity vs
+    the torch model's map on `images` (an ExportError beyond `tolerance`). With `without_map` (the same export
+    without the map), whether the `score` output is bit-identical to that export's, and the latency the map
+    adds at batch 1 (both artifacts timed in alternate runs, medians)."""
+    from kdiqa_edge.errors import ExportError
+    from kdiqa_edge.runtime import QualityModel
+    from kdiqa_edge.runtime.maps import MAP_OUTPUT, predict_maps
+
+    quality_model = QualityModel.load(path, threads=threads)
+    scores, maps = predict_maps(quality_model, images)
+    reference = torch_maps(model, images)
+    report: dict[str, Any] = {
+        "output": MAP_OUTPUT, "kind": "fast", "shape": list(maps.shape[1:]),
+        "range": [float(maps.min()), float(maps.max())],
+        "parity": parity(reference.reshape(-1), maps.reshape(-1).astype(np.float64), tolerance)}
+    report["parity"]["values"] = int(maps.size)
+    if report["parity"].get("passed") is False:
+        raise ExportError(f"{path.name}: {MAP_OUTPUT} parity check failed, max |map - torch map| = "
+                          f"{report['parity']['max_abs_diff']:.2e} > {tolerance:.0e}")
+    if without_map is not None:
+        plain = QualityModel.load(without_map, threads=threads)
+        plain_scores = plain.predict(images)
+        report["score_vs_without_map"] = {"images": len(images), "identical": bool(np.array_equal(plain_scores, scores)),
+                                          "max_abs_diff": float(np.max(np.abs(plain_scores - scores)))}
+        report["latency"] = map_latency(plain, quality_model, images[:1], runs)
+    return report
+
+
+def map_latency(plain, mapped, one: np.ndarray, runs: int = 30, warmup: int = 3) -> dict[str, Any]:
+    """Batch-1 latency of the export without the map (its score) and with it (score and score_map), in
+    alternate runs on the same image: medians in ms, and what the map adds."""
+    from kdiqa_edge.runtime.maps import map_outputs
+
+    x_plain, x_mapped = plain.prepare(one), mapped.prepare(one)
+    calls = (lambda: plain.run(x_plain), lambda: map_outputs(mapped, x_mapped))
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: tuple[list[float], list[float]] = ([], [])
+    for turn in range(max(runs, 1)):
+        for index in ((0, 1) if turn % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            calls[index]()
+            times[index].append((time.perf_counter() - start) * 1e3)
+    without, with_map = (statistics.median(t) for t in times)
+    return {"batch": 1, "runs": len(times[0]), "without_map_p50_ms": round(without, 3),
+            "with_map_p50_ms": round(with_map, 3), "added_ms": round(with_map - without, 3),
+            "ratio": round(with_map / without, 3) if without else None, "protocol": "alternate runs, medians"}
+
+
+def map_notes(report: dict[str, Any], name: str) -> list[str]:
+    """What the export says about its map: shape and parity, the score against the export without the map, and
+    the latency the map adds."""
+    parity_report = report["parity"]
+    h, w = report["shape"]
+    line = (f"{name}: {report['output']} [N, {h}, {w}] (fast map), parity vs torch: max |diff| "
+            f"{parity_report['max_abs_diff']:.1e} over {parity_report['values']} values")
+    notes = [line + (f", within the {parity_report['tolerance']:.0e} tolerance: ok" if parity_report.get("passed")
+                     else ", reported only (no tolerance for this precision)")]
+    same = report.get("score_vs_without_map")
+    if same is not None:
+        notes.append(f"{name}: score output vs the export without the map: "
+                     + ("bit-identical" if same["identical"] else
+                        f"NOT bit-identical (max |diff| {same['max_abs_diff']:.1e})")
+                     + f" on {same['images']} images")
+        latency = report["latency"]
+        notes.append(f"{name}: the map adds {latency['added_ms']:.2f} ms at batch 1 here ({latency['with_map_p50_ms']:.2f}"
+                     f" vs {latency['without_map_p50_ms']:.2f} ms, x{latency['ratio']})")
+    return notes

@@ -37,7 +37,7 @@ FLOAT_SCOPES = ("/head/", "/input_norm/", "/model/head/")
 def score_model(model, cfg: ExportConfig):
     from kdiqa_edge.models.score import ScoreModel
 
-    return ScoreModel(model, input=cfg.input, layout=cfg.layout, with_probs=cfg.with_probs)
+    return ScoreModel(model, input=cfg.input, layout=cfg.layout, with_probs=cfg.with_probs, with_map=cfg.with_map)
 
 
 def export_fp32(scored, path: Path, opset: int) -> Path:
@@ -206,6 +206,9 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
         if result.parity.get("passed") is False:
             raise ExportError(f"{final.name}: parity check failed, max |score - torch score| = "
                               f"{result.parity['max_abs_diff']:.2e} > {tolerance[cfg.precision]:.0e}")
+        if cfg.with_map:
+            result.extra["map"] = check_map(model, final, examples, cfg, meta, tolerance, Path(scratch))
+            result.notes.extend(evaluate.map_notes(result.extra["map"], final.name))
         # a static ONNX Runtime INT8 is timed once, head to head with FP32 and the other stem choice (below)
         alternative = cfg.precision == "int8" and form == "u8s8" and recipe.mode == "static"
         if cfg.precision != "fp32":
@@ -219,6 +222,23 @@ def build(model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[st
         if alternative:
             result.notes.append(measured["note"])
     return result
+
+
+def check_map(model, final: Path, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
+              tolerance: dict[str, float], work: Path) -> dict[str, Any]:
+    """The exported `score_map` vs torch (export/evaluate.py:map_report); at fp32 also the same export without
+    the map, built in `work`: the score output must be bit-identical to it, and the map's added latency."""
+    import dataclasses
+
+    from kdiqa_edge.export import evaluate
+
+    twin = None
+    if cfg.precision == "fp32":
+        plain = score_model(model, dataclasses.replace(cfg, with_map=False))
+        twin = export_fp32(plain, work / "without-map.onnx", cfg.opset)
+        set_metadata(twin, {**meta, "outputs": plain.output_names})
+    return evaluate.map_report(model, final, examples.parity, tolerance.get(cfg.precision), cfg.threads,
+                               without_map=twin, runs=cfg.latency_runs)
 
 
 class Int8Graph:

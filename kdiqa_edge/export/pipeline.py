@@ -117,6 +117,8 @@ def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: s
             fields.pop(key)
     if cfg.precision != "int8":
         fields.pop("int8_recipe")
+    if not cfg.with_map:  # the keys of exports without a map stay what they were before maps existed
+        fields.pop("with_map")
     blob = json.dumps({"model": model_hash, "cfg": fields, "data": data.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

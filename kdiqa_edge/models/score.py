@@ -6,6 +6,10 @@ sum, not a matmul with a 1-D operand, because coremltools rejects the latter.
 
 `input="uint8"` folds the CLIP mean/std normalization into the graph, so the artifact takes raw pixels
 (NCHW, or NHWC on request): x_norm = x * (1 / (255 std)) - mean / std, per channel.
+
+`with_map=True` adds the `score_map` output [N, h, w] (kdiqa_edge/models/maps.py): the same folded head at every
+position of the student's final feature map, from the same encoder pass. The score is computed from that pass
+exactly as without the map (the student's own forward_head, proj, head), so its output does not change.
 """
 
 from __future__ import annotations
@@ -95,14 +99,14 @@ def plain_attention():
 
 
 class ScoreModel(nn.Module):
-    """image -> score [N] (and probs [N, K] when `with_probs`), for export.
+    """image -> score [N] (and probs [N, K] when `with_probs`, score_map [N, h, w] when `with_map`), for export.
 
     `model` follows the IQA model interface: `encode(x) -> features`, `head`, `preprocess`, `forward`.
     A QualityHead is folded into one constant; a regression head (a Linear) keeps the model's own forward.
     """
 
     def __init__(self, model: nn.Module, input: str = "float", layout: str = "NCHW", with_probs: bool = False,
-                 reparameterize: bool = True):
+                 reparameterize: bool = True, with_map: bool = False):
         super().__init__()
         if input not in INPUTS:
             raise ExportError(f"unknown input kind {input!r}; choose one of: {', '.join(INPUTS)}")
@@ -117,6 +121,11 @@ class ScoreModel(nn.Module):
         if with_probs and not self.quality_head:
             raise ExportError("a regression-head model has no probabilities to output")
         self.with_probs = with_probs
+        if with_map:
+            from kdiqa_edge.models.maps import check_map
+
+            check_map(model)
+        self.with_map = with_map
         self.model = reparameterized(model) if reparameterize else copy.deepcopy(model).eval()
         self.input_norm = InputNorm(self.preprocess, layout) if input == "uint8" else None
         self.head = FoldedHead(*folded_weight(model.head)) if self.quality_head else None
@@ -124,7 +133,9 @@ class ScoreModel(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return ["score", "probs"] if self.with_probs else ["score"]
+        from kdiqa_edge.models.maps import MAP_OUTPUT
+
+        return ["score", *(["probs"] * self.with_probs), *([MAP_OUTPUT] * self.with_map)]
 
     def input_spec(self) -> dict:
         """The `kdiqa_edge.input` metadata value."""
@@ -146,8 +157,20 @@ class ScoreModel(nn.Module):
     def forward(self, x: torch.Tensor):
         if self.input_norm is not None:
             x = self.input_norm(x)
+        if self.with_map:
+            return self._with_map(x)
         if self.head is None:
             score = self.model(x).reshape(x.shape[0])
             return score
         score, probs = self.head(self.model.encode(x))
         return (score, probs) if self.with_probs else score
+
+    def _with_map(self, x: torch.Tensor):
+        from kdiqa_edge.models.maps import pooled_and_positions
+
+        pooled, positions = pooled_and_positions(self.model, x)
+        if self.head is None:  # a regression head: the same Linear on the pooled and per-position features
+            return self.model.head(pooled).reshape(x.shape[0]), self.model.head(positions)
+        score, probs = self.head(pooled)
+        score_map = self.head(positions)[0]
+        return (score, probs, score_map) if self.with_probs else (score, score_map)

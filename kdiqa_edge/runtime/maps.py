@@ -1,0 +1,339 @@
+"""Local quality maps at run time, torch-free: where in the photo the model finds the quality lost.
+
+Two kinds (MAP_KINDS), each an array of scores in the head's units (1 bad .. 5 perfect) over a grid on the
+region the model sees, the centre square of the photo (the crop `score` scores):
+
+- `fast`: the artifact's own `score_map` output [h, w] (`kdiqa-edge export --with-map`): the quality head at
+  every position of the student's final feature map, from the same forward pass as the score
+  (kdiqa_edge/models/maps.py). 7x7 at 224 px for the paper's students, 2x2 for the 64 px test student. Any
+  artifact made with --with-map, and a checkpoint or run dir (through torch), has it.
+- `patches` (PaQ-2-PiQ style): the model scores overlapping crops of the photo, each crop cut from the
+  original image at full resolution and resized to the model's input as a whole photo would be. Cell (i, j) of
+  a PATCH_GRID x PATCH_GRID grid gets the score of the crop PATCH_FRACTION of the region's side wide centred
+  on it (shifted inward at the edges). PATCH_GRID^2 model runs, one batch; any artifact. Each crop is a
+  whole input to the model, which is what it was trained on, but at a larger scale than the photo it was
+  trained on (and small regions of a small photo are upscaled).
+
+`score_map(model, image, kind)` returns the array; `quality_map` also the global score and the region;
+`write_maps(model, files, out, kind)` writes per image an overlay PNG (the map upsampled onto the region,
+a colour scale in score units 1..5, the global score in the corner) and the raw map as .npy, and yields one
+row per file, with the reason where one cannot be read.
+
+Backends return the score only (the `Backend` protocol); the runners below read the `score_map` output of
+each runtime's session object directly (`MAP_RUNNERS`, one per backend name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.preprocess import ImageLoadError, crop_box, open_image
+
+if TYPE_CHECKING:
+    from kdiqa_edge.runtime.model import ImageLike, QualityModel
+
+MAP_OUTPUT = "score_map"  # the artifact output (kdiqa_edge/models/maps.py names it too)
+MAP_KINDS = ("fast", "patches")
+PATCH_GRID = 4  # patches: cells per side
+PATCH_FRACTION = 0.5  # patches: each crop's side, as a fraction of the region's side
+OVERLAY_SIDE = 512  # the overlay's photo, in pixels (the region resized to it)
+OVERLAY_ALPHA = 0.5
+COLORMAP = "RdYlGn"  # red = 1 (bad) .. green = 5 (perfect)
+SCORE_RANGE = (1.0, 5.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityMap:
+    kind: str  # fast | patches
+    score: float  # the global score of the image (what `score` prints for it)
+    values: np.ndarray  # float32 [h, w], score units, row 0 at the top of the region
+    # the region of the image the map covers (the model's centre crop), as fractions of its width and height:
+    # (left, top, right, bottom)
+    region: tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class MapRow:
+    """One file of `write_maps`: what was written for it, or why nothing was."""
+
+    path: str
+    score: float | None = None
+    overlay: str | None = None  # the PNG
+    array: str | None = None  # the .npy
+    shape: tuple[int, int] | None = None
+    error: str | None = None
+
+
+def has_map_output(quality_model: QualityModel) -> bool:
+    """Whether `fast` maps come with this model: an artifact exported --with-map, or a checkpoint (torch)."""
+    return quality_model.backend.name == "torch" or MAP_OUTPUT in quality_model.info.outputs
+
+
+def check_kind(quality_model: QualityModel, kind: str) -> None:
+    """A one-line ConfigError for a map kind this model cannot give (before any image is read)."""
+    if kind not in MAP_KINDS:
+        raise ConfigError(f"unknown map kind {kind!r}; choose one of: {', '.join(MAP_KINDS)}")
+    if kind != "fast":
+        return
+    name = quality_model.info.path.name
+    if not has_map_output(quality_model):
+        raise ConfigError(f"{name} has no {MAP_OUTPUT} output: export it with `kdiqa-edge export --with-map` for "
+                          "fast maps, or use --map-kind patches (any model)")
+    if quality_model.backend.name not in MAP_RUNNERS:
+        raise ConfigError(f"reading {MAP_OUTPUT} through {quality_model.backend.name} is not supported here: use "
+                          f"the ONNX file the engine was built from, or --map-kind patches")
+
+
+# --- running the score_map output, per runtime ----------------------------------------------------------
+
+
+def _onnx(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    score, score_map = backend.session.run(["score", MAP_OUTPUT], {backend.input_name: x})
+    return score, score_map
+
+
+def _openvino(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    backend.request.infer({0: np.ascontiguousarray(x)})
+    compiled = backend.compiled
+    return (np.array(backend.request.get_tensor(compiled.output("score")).data),
+            np.array(backend.request.get_tensor(compiled.output(MAP_OUTPUT)).data))
+
+
+def _executorch(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import torch  # executorch's Python runtime brings it (the backend imported it already)
+
+    out = backend.forward.execute([torch.from_numpy(np.ascontiguousarray(x))])
+    outputs = list(backend.info.outputs)
+    return out[outputs.index("score")].numpy(), out[outputs.index(MAP_OUTPUT)].numpy()
+
+
+def _coreml(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    hwc = x if backend.info.input.layout == "NHWC" else x.transpose(0, 2, 3, 1)
+    outputs = backend.model.predict([{backend.input_name: Image.fromarray(img)} for img in hwc])
+    return (np.array([np.asarray(o["score"]).reshape(-1)[0] for o in outputs]),
+            np.stack([np.asarray(o[MAP_OUTPUT]).reshape(np.asarray(o[MAP_OUTPUT]).shape[-2:]) for o in outputs]))
+
+
+def _torch(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint: the model's own fast map (torch is there: the backend loaded it)."""
+    import torch
+
+    from kdiqa_edge.models.maps import fast_map
+
+    with torch.inference_mode():
+        pixels = torch.from_numpy(np.ascontiguousarray(x)).to(backend.device)
+        return backend.model(pixels).float().cpu().numpy(), fast_map(backend.model, pixels).float().cpu().numpy()
+
+
+MAP_RUNNERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "onnxruntime": _onnx, "openvino": _openvino, "executorch": _executorch, "coreml": _coreml, "torch": _torch}
+
+
+def map_outputs(quality_model: QualityModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared input [N, ...] (`QualityModel.prepare`) -> (scores float32 [N], fast maps float32 [N, h, w]),
+    both from one run; fixed-batch artifacts (ExecuTorch's batch 1) run in pieces."""
+    backend = quality_model.backend
+    runner = MAP_RUNNERS[backend.name]
+    step = backend.fixed_batch or backend.max_batch or len(x)
+    scores, maps = [], []
+    for start in range(0, len(x), step):
+        chunk = x[start:start + step]
+        n = len(chunk)
+        if backend.fixed_batch and n < backend.fixed_batch:  # pad with copies of the last image, dropped below
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], backend.fixed_batch - n, axis=0)])
+        score, score_map = runner(backend, chunk)
+        scores.append(np.asarray(score, np.float32).reshape(-1)[:n])
+        score_map = np.asarray(score_map, np.float32)
+        maps.append(score_map.reshape(len(chunk), *score_map.shape[-2:])[:n])
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def predict_maps(quality_model: QualityModel, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC preprocessed pixels -> (scores [N], fast maps [N, h, w]), in batches."""
+    parts = [map_outputs(quality_model, quality_model.prepare(np.asarray(images[i:i + batch_size])))
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# --- the two maps ---------------------------------------------------------------------------------------
+
+
+def _open(image: ImageLike, draft_size: int | None) -> Image.Image:
+    """The original image as RGB PIL (a path is opened with libjpeg's draft scaling down to `draft_size`)."""
+    from kdiqa_edge.preprocess import to_rgb
+
+    if isinstance(image, (str, Path)):
+        return open_image(image, draft_size)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    return to_rgb(Image.fromarray(array))
+
+
+def patch_boxes(box: tuple[float, float, float, float], grid: int = PATCH_GRID,
+                fraction: float = PATCH_FRACTION) -> list[tuple[float, float, float, float]]:
+    """The crops of the `patches` map, row by row: for each cell of a grid x grid division of `box`, a square
+    `fraction` of the box's side centred on the cell, shifted inward to stay inside the box."""
+    if grid < 1 or not 0 < fraction <= 1:
+        raise ConfigError(f"patches need a grid of at least 1 and a crop fraction in (0, 1]; got {grid}, {fraction}")
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    side_x, side_y = fraction * width, fraction * height
+
+    def start(origin: float, extent: float, side: float, index: int) -> float:
+        centre = origin + (index + 0.5) * extent / grid
+        return min(max(centre - side / 2, origin), origin + extent - side)
+
+    return [(start(left, width, side_x, j), start(top, height, side_y, i),
+             start(left, width, side_x, j) + side_x, start(top, height, side_y, i) + side_y)
+            for i in range(grid) for j in range(grid)]
+
+
+def quality_map(quality_model: QualityModel, image: ImageLike, kind: str = "fast", grid: int = PATCH_GRID,
+                fraction: float = PATCH_FRACTION, photo: Image.Image | None = None) -> QualityMap:
+    """The map of one image (a path, PIL image or HWC array), its global score and the region it covers.
+    `photo`: the image already opened (the overlay's). Raises ImageLoadError for an unreadable file,
+    ConfigError for a kind the model cannot give (`check_kind`)."""
+    check_kind(quality_model, kind)
+    spec = quality_model.preprocess
+    if photo is None:
+        photo = _open(image, _draft_size(spec, kind, fraction))
+    score, values = _map_values(quality_model, image, kind, grid, fraction, photo)
+    left, top, right, bottom = crop_box(photo.width, photo.height, spec.size)[0]
+    region = (left / photo.width, top / photo.height, right / photo.width, bottom / photo.height)
+    return QualityMap(kind, score, values, region)
+
+
+def _draft_size(spec, kind: str, fraction: float = PATCH_FRACTION) -> int | None:
+    """How far libjpeg may scale a JPEG down on decoding: the overlay's size, and for patches enough pixels
+    that every crop holds at least the model's input size."""
+    if not spec.draft:
+        return None
+    return max(OVERLAY_SIDE, math.ceil(spec.size / fraction) if kind == "patches" else 0)
+
+
+def _map_values(quality_model: QualityModel, image: ImageLike, kind: str, grid: int, fraction: float,
+                photo: Image.Image | None) -> tuple[float, np.ndarray]:
+    pixels = quality_model.load_image(image)  # exactly what `score` feeds the model: the same global score
+    if kind == "fast":
+        scores, maps = map_outputs(quality_model, quality_model.prepare(pixels[None]))
+        return float(scores[0]), maps[0]
+    score = float(quality_model.predict(pixels[None])[0])
+    if photo is None:
+        photo = _open(image, _draft_size(quality_model.preprocess, kind, fraction))
+    crops = _patches(photo, quality_model.preprocess, grid, fraction)
+    return score, quality_model.predict(crops, batch_size=len(crops)).reshape(grid, grid).astype(np.float32)
+
+
+def _patches(photo: Image.Image, spec, grid: int, fraction: float) -> np.ndarray:
+    """uint8 [grid^2, S, S, 3]: each crop of `patch_boxes` resized to the model's input with the model's filter."""
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[spec.interpolation]
+    box, _ = crop_box(photo.width, photo.height, spec.size)
+    return np.stack([np.asarray(photo.resize((spec.size, spec.size), resample, box=crop), dtype=np.uint8)
+                     for crop in patch_boxes(box, grid, fraction)])
+
+
+def score_map(quality_model: QualityModel, image: ImageLike, kind: str = "fast") -> np.ndarray:
+    """float32 [h, w]: the map of one image in score units (what `QualityModel.score_map` returns)."""
+    check_kind(quality_model, kind)
+    return _map_values(quality_model, image, kind, PATCH_GRID, PATCH_FRACTION, None)[1]
+
+
+# --- overlays -------------------------------------------------------------------------------------------
+
+
+def render_overlay(photo: Image.Image, result: QualityMap, path: Path, label: str = "") -> Path:
+    """The region of `photo` the map covers, the map upsampled (bilinear) onto it in a red-yellow-green scale,
+    a colour bar in score units 1..5 and the global score in the top-left corner, as a PNG at `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kdiqa_edge.io import atomic_path
+
+    left, top, right, bottom = result.region
+    box = (left * photo.width, top * photo.height, right * photo.width, bottom * photo.height)
+    region = photo.resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.Resampling.BICUBIC, box=box)
+    dpi = 100
+    figure = Figure(figsize=(OVERLAY_SIDE * 1.25 / dpi, OVERLAY_SIDE / dpi), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.0, 0.0, 0.8, 1.0))
+    axes.imshow(np.asarray(region), extent=(0, OVERLAY_SIDE, OVERLAY_SIDE, 0))
+    shown = axes.imshow(result.values, cmap=COLORMAP, vmin=SCORE_RANGE[0], vmax=SCORE_RANGE[1], alpha=OVERLAY_ALPHA,
+                        interpolation="bilinear", extent=(0, OVERLAY_SIDE, OVERLAY_SIDE, 0))
+    axes.set_axis_off()
+    axes.text(8, 8, f"score {result.score:.2f}", va="top", ha="left", fontsize=13, color="black",
+              bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 4})
+    if label:
+        axes.text(8, OVERLAY_SIDE - 8, label, va="bottom", ha="left", fontsize=8, color="black",
+                  bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 2})
+    bar = figure.colorbar(shown, cax=figure.add_axes((0.84, 0.08, 0.04, 0.84)), ticks=[1, 2, 3, 4, 5])
+    bar.solids.set_alpha(1.0)
+    bar.set_label("quality (1 bad .. 5 perfect)")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def _write_array(values: np.ndarray, path: Path) -> Path:
+    from kdiqa_edge.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, values)
+    return path
+
+
+class MapWriter:
+    """Writes each image's overlay (`NAME.map.png`) and raw map (`NAME.map.npy`) into `out`; names that repeat
+    (two folders' a.jpg) get -2, -3... in the order written."""
+
+    def __init__(self, quality_model: QualityModel, out: str | Path, kind: str = "fast"):
+        check_kind(quality_model, kind)
+        self.quality_model, self.out, self.kind = quality_model, Path(out), kind
+        self._names: set[str] = set()
+
+    def _name(self, path: Path) -> str:
+        name, count = path.stem, 1
+        while name in self._names:
+            count += 1
+            name = f"{path.stem}-{count}"
+        self._names.add(name)
+        return name
+
+    def write(self, path: str | Path) -> MapRow:
+        """One image's files; an image that cannot be read gives a row with its reason."""
+        path = Path(path)
+        try:
+            photo = _open(path, _draft_size(self.quality_model.preprocess, self.kind))
+            result = quality_map(self.quality_model, path, self.kind, photo=photo)
+        except ImageLoadError as exc:
+            return MapRow(str(path), error=exc.reason)
+        name = self._name(path)
+        self.out.mkdir(parents=True, exist_ok=True)
+        array = _write_array(result.values, self.out / f"{name}.map.npy")
+        overlay = render_overlay(photo, result, self.out / f"{name}.map.png",
+                                 label=f"{self.kind} map {result.values.shape[0]}x{result.values.shape[1]} "
+                                       f"({result.values.min():.2f}..{result.values.max():.2f}), "
+                                       f"{self.quality_model.info.path.name}")
+        return MapRow(str(path), result.score, str(overlay), str(array), tuple(result.values.shape))
+
+
+def write_maps(quality_model: QualityModel, files: Iterable[str | Path | tuple[Path, str | None]],
+               out: str | Path, kind: str = "fast") -> Iterator[MapRow]:
+    """A row per file: its overlay and .npy written into `out`, or the reason it could not be (an unreadable
+    image; an entry `runtime.files.ImageFiles` already gave a reason for, as (path, reason))."""
+    writer = MapWriter(quality_model, out, kind)
+    for entry in files:
+        path, problem = entry if isinstance(entry, tuple) else (entry, None)
+        yield MapRow(str(path), error=problem) if problem is not None else writer.write(path)
