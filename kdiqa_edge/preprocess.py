@@ -29,6 +29,7 @@ MAX_PIXELS = 120_000_000
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 EXACT_PASS_BYTES = 64 << 20  # a full-length first pass may take this much (or the input's size) to stay exact
 _SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # each filter's radius in source pixels, before downscaling
+DECODES = ("draft", "exact")  # PreprocessSpec.decode: JPEGs decoded with DCT scaling where it pays, or in full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,20 @@ class PreprocessSpec:
     interpolation: str = "bicubic"  # PIL filter used for the shorter-side resize
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN  # per-channel, on [0, 1] pixels
     std: tuple[float, float, float] = OPENAI_CLIP_STD
-    draft: bool = True  # let libjpeg decode large JPEGs at 1/2, 1/4, 1/8 scale before resizing
+    draft: bool = True  # decode "draft": libjpeg scales a large JPEG by 1/2, 1/4 or 1/8 (draft_scale) first
+
+    @property
+    def decode(self) -> str:
+        """How JPEGs are decoded: "draft" (DCT scaling where a JPEG is large enough) or "exact" (full size)."""
+        return "draft" if self.draft else "exact"
+
+    def with_decode(self, decode: str | None) -> PreprocessSpec:
+        """This spec with `decode` ("draft" or "exact"); None keeps its own."""
+        if decode is None:
+            return self
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+        return dataclasses.replace(self, draft=decode == "draft")
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "resize": "shortest", "crop": "center"}
@@ -99,7 +113,8 @@ def _open_image(path: Path, draft_size: int | None) -> Image.Image:
             img = Image.open(path)
             if img.width * img.height > MAX_PIXELS:
                 raise ImageLoadError(f"too many pixels ({img.width}x{img.height}): possible decompression bomb")
-            if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L") \
+                    and draft_scale(img.width, img.height, draft_size) > 1:
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when already upright
@@ -114,6 +129,18 @@ def _open_image(path: Path, draft_size: int | None) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"unreadable image: {exc}") from None
     return to_rgb(img)
+
+
+def draft_scale(width: int, height: int, size: int) -> int:
+    """The DCT scale (1, 2, 4 or 8) a width x height JPEG is decoded at in draft mode for a `size` model input:
+    the largest that keeps both sides at least `size` (libjpeg scales by 1/2, 1/4, 1/8; Pillow's rule).
+
+    1 is a full decode: a JPEG under twice the input size on either side gains nothing from DCT scaling and
+    keeps its exact pixels. A 4000x3000 photo for 224 px decodes at 1/8 (500x375), 5 to 6x faster
+    (benchmarks/results/score-*.md), its pixels within a grey level or so of the exact decode on average.
+    """
+    fits = min(width // size, height // size)
+    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
 
 
 def _stat_problem(path: Path, exc: OSError) -> str:

@@ -27,22 +27,24 @@ Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threa
                                                                          "ExecuTorch's pool, torch).")]
 
 
-def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_size: int) -> Iterator[ScoreResult]:
-    """Results in walk order: image files scored in batches, entries that cannot be read as rows with their
-    reason (a dangling symlink, a folder that cannot be listed) between them."""
-    from kdiqa_edge.runtime import ScoreResult
+Workers = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="Threads that decode and resize images while the model runs (default: the cores "
+                             "--threads leaves, all of them without --threads).")]
 
-    pending: list[Path] = []
-    for path, problem in found:
-        if problem is None:
-            pending.append(path)
-            if len(pending) < batch_size:
-                continue
-        yield from quality_model.score_files(pending, batch_size=batch_size)
-        pending = []
-        if problem is not None:
-            yield ScoreResult(str(path), None, problem)
-    yield from quality_model.score_files(pending, batch_size=batch_size)
+
+class Decode(str, enum.Enum):
+    exact = "exact"  # every JPEG decoded at full size
+    draft = "draft"  # libjpeg's DCT scaling (1/2, 1/4, 1/8) for JPEGs at least twice the input size
+
+
+def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_size: int,
+              workers: int | None = None, decode: str | None = None) -> Iterator[ScoreResult]:
+    """Results in walk order: image files decoded by `workers` threads and scored in batches, entries that
+    cannot be read as rows with their reason (a dangling symlink, a folder that cannot be listed) between them."""
+    from kdiqa_edge.runtime.pipeline import score_paths
+
+    for _, result in score_paths(quality_model, found, batch_size, workers=workers, decode=decode):
+        yield result
 
 
 class OutputFormat(str, enum.Enum):
@@ -64,6 +66,22 @@ def score(
     old_csv: Annotated[bool, typer.Option("--csv", hidden=True, help="Deprecated: --format csv.")] = False,
     provider: Provider = None,
     threads: Threads = None,
+    workers: Workers = None,
+    decode: Annotated[Decode | None, typer.Option(
+        "--decode", help="JPEG decoding: draft (DCT-scaled, for JPEGs at least twice the input size) or exact "
+                         "(full size). Default: what the model records, which its training cache used.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write the rows to this .csv, .jsonl or .parquet in chunks, with progress on stderr; a "
+                      "re-run with the same model goes on where it stopped (files matched by path, size, mtime).",
+        rich_help_panel="Output file")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="--out: replace what it holds (another model's scores, another file).",
+        rich_help_panel="Output file")] = False,
+    chunk: Annotated[int, typer.Option(
+        "--chunk", min=1, help="--out: rows per committed chunk (a kill loses at most the chunk in flight).",
+        rich_help_panel="Output file")] = 1024,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="--out: no progress lines.",
+                                        rich_help_panel="Output file")] = False,
 ) -> None:
     """Score images with a quality model (1 = bad ... 5 = perfect). Unreadable images are reported, not fatal.
 
@@ -79,55 +97,130 @@ def score(
       kdiqa-edge score student.onnx photo.jpg
 
       kdiqa-edge score student.onnx photos/ --format csv > scores.csv
-    """
-    import time
 
+      kdiqa-edge score student.onnx /data/photos --out scores.parquet   # resumable: run it again after a stop
+    """
     from kdiqa_edge.cli.options import renamed
     from kdiqa_edge.errors import ConfigError
     from kdiqa_edge.runtime import QualityModel
     from kdiqa_edge.runtime.files import ImageFiles
+    from kdiqa_edge.runtime.pipeline import default_workers
 
     output = renamed("--csv", "--format csv", OutputFormat.csv if old_csv else None, output)
     if as_json and output not in (OutputFormat.text, OutputFormat.json):
         raise ConfigError(f"--json and --format {output.value} are exclusive: pick one output format")
     output = OutputFormat.json if as_json else output
+    if out is not None:
+        _check_out_format(out, output)
+    elif overwrite:
+        raise ConfigError("--overwrite replaces what --out holds: give --out too")
     quality_model = QualityModel.load(model, provider=provider, threads=threads)
     for note in quality_model.notes:
         typer.secho(note, err=True, fg="yellow")
     if untrained := quality_model.info.not_pretrained_note(str(model)):
         typer.secho(f"note: {untrained}", err=True, fg="yellow")
-    writer = csv.writer(sys.stdout, lineterminator="\n") if output is OutputFormat.csv else None
-    if writer:
-        writer.writerow(["image", "score", "error"])
-    scored = failed = 0
-    found = ImageFiles(images)
-    start = time.perf_counter()
-    for result in score_all(quality_model, iter(found), batch_size):
-        scored += result.error is None
-        failed += result.error is not None
-        value = None if result.score is None else round(result.score, 6)
-        if writer:
-            writer.writerow([result.path, "" if value is None else f"{value:.6f}", result.error or ""])
-        elif output is OutputFormat.json:
-            sys.stdout.write(json.dumps({"image": result.path, "score": value, "error": result.error}) + "\n")
-        else:
-            sys.stdout.write(f"{result.path}\t{value:.4f}\n" if result.error is None
-                             else f"{result.path}\terror: {result.error}\n")
-        sys.stdout.flush()
-    typer.secho(summary_line(scored, failed, found.ignored, time.perf_counter() - start), err=True,
-                fg="yellow" if failed or not scored else None)
-    if found.missing or not scored:
-        missing = ", ".join(map(str, found.missing))
-        why = f"no such file or directory: {missing}" if found.missing else "no image was scored"
+    recorded = quality_model.preprocess.decode
+    if decode is not None and decode.value != recorded:
+        typer.secho(f"note: --decode {decode.value}: {model} records {recorded} decoding, the pixels its training "
+                    "cache used; its scores may differ from those on its own decode", err=True, fg="yellow")
+    run = _Run(quality_model, ImageFiles(images), batch_size, workers or default_workers(threads),
+               decode.value if decode else recorded)
+    if out is None:
+        run.to_stdout(output)
+    else:
+        run.to_file(out, model, overwrite, chunk, quiet)
+    typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped), err=True,
+                fg="yellow" if run.failed or not (run.scored or run.skipped) else None)
+    if run.found.missing or not (run.scored or run.skipped):
+        missing = ", ".join(map(str, run.found.missing))
+        why = f"no such file or directory: {missing}" if run.found.missing else "no image was scored"
         typer.secho(f"error: {why}", err=True, fg="red")
         raise typer.Exit(NOTHING_SCORED)
 
 
-def summary_line(scored: int, failed: int, ignored: int, seconds: float) -> str:
+def _check_out_format(out: Path, output: OutputFormat) -> None:
+    from kdiqa_edge.errors import ConfigError
+    from kdiqa_edge.runtime.output import output_kind
+
+    kind = output_kind(out)
+    if output is not OutputFormat.text and {"csv": "csv", "json": "jsonl"}[output.value] != kind:
+        raise ConfigError(f"--format {output.value} and --out {out} disagree: --out's suffix sets the format")
+
+
+class _Run:
+    """One `score` run: the walk, the pipeline, the counts the summary line reports."""
+
+    def __init__(self, quality_model, found, batch_size: int, workers: int, decode: str):
+        self.model, self.found, self.batch_size = quality_model, found, batch_size
+        self.workers, self.decode = workers, decode
+        self.scored = self.failed = self.skipped = 0
+        self.seconds = 0.0
+
+    def results(self, entries):
+        import time
+
+        from kdiqa_edge.runtime.pipeline import score_paths
+
+        start = time.perf_counter()
+        try:
+            for decoded, result in score_paths(self.model, entries, self.batch_size, self.workers, self.decode):
+                self.scored += result.error is None
+                self.failed += result.error is not None
+                yield decoded, result
+        finally:
+            self.seconds = time.perf_counter() - start
+
+    def to_stdout(self, output: OutputFormat) -> None:
+        writer = csv.writer(sys.stdout, lineterminator="\n") if output is OutputFormat.csv else None
+        if writer:
+            writer.writerow(["image", "score", "error"])
+        for _, result in self.results(iter(self.found)):
+            value = None if result.score is None else round(result.score, 6)
+            if writer:
+                writer.writerow([result.path, "" if value is None else f"{value:.6f}", result.error or ""])
+            elif output is OutputFormat.json:
+                sys.stdout.write(json.dumps({"image": result.path, "score": value, "error": result.error}) + "\n")
+            else:
+                sys.stdout.write(f"{result.path}\t{value:.4f}\n" if result.error is None
+                                 else f"{result.path}\terror: {result.error}\n")
+            sys.stdout.flush()
+
+    def to_file(self, out: Path, model: Path, overwrite: bool, chunk: int, quiet: bool) -> None:
+        """Rows to `out` in committed chunks, skipping what an earlier run with this model wrote there."""
+        from kdiqa_edge.console import Progress
+        from kdiqa_edge.runtime.output import Row, ScoresOutput, model_sha256
+
+        identity = {"sha256": model_sha256(model), "name": model.name, "precision": self.model.info.precision,
+                    "arch": self.model.info.arch}
+        with ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk) as target:
+            total = None if quiet else sum(1 for _ in self._unseen(target, count=False))
+            if target.resumed:
+                typer.secho(f"{out}: {target.resumed} rows from an earlier run kept; files they cover are skipped",
+                            err=True)
+            with Progress("score", total, unit="images", enabled=not quiet) as bar:
+                for decoded, result in self.results(self._unseen(target)):
+                    target.add(Row(result.path, result.score, result.error, decoded.stamp))
+                    bar.advance(1)
+        typer.secho(f"{target.state['rows']} rows in {out} (model sha256 {identity['sha256'][:12]}, "
+                    f"--decode {self.decode}; {target.state_path.name} beside it)", err=True)
+
+    def _unseen(self, target, count: bool = True):
+        """The walk, less the entries `target` holds a row for (same path, size and mtime)."""
+        from kdiqa_edge.runtime.pipeline import file_stamp
+
+        for path, problem in self.found:
+            if target.seen(str(path), None if problem else file_stamp(path)):
+                self.skipped += count
+                continue
+            yield path, problem
+
+
+def summary_line(scored: int, failed: int, ignored: int, seconds: float, skipped: int = 0) -> str:
     """'120 scored, 0 unreadable in 3.2 s, 37.5 images/s': what score did, on stderr after the rows."""
     rate = f", {scored / seconds:.1f} images/s" if scored and seconds > 0 else ""
     other = f"; {ignored} other files ignored (no image suffix)" if ignored else ""
-    return f"{scored} scored, {failed} unreadable in {seconds:.1f} s{rate}{other}"
+    done = f"; {skipped} skipped (scored before, unchanged)" if skipped else ""
+    return f"{scored} scored, {failed} unreadable in {seconds:.1f} s{rate}{done}{other}"
 
 
 def register(app: typer.Typer) -> None:

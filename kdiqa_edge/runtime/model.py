@@ -5,13 +5,12 @@
     model.score("photo.jpg")             # -> float in [1, 5]
     model.score(["a.jpg", "b.png"])      # -> float32 [2]
     model.score(pil_image)               # any mode, any size
-    for result in model.score_files(paths):   # unreadable files are reported, not raised
+    for result in model.score_files(paths):   # decoded in parallel; unreadable files reported, not raised
         print(result.path, result.score, result.error)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -22,15 +21,18 @@ from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed, normalize, preprocess_pil
 from kdiqa_edge.runtime.base import Backend, load_backend
 from kdiqa_edge.runtime.info import ArtifactInfo
+from kdiqa_edge.runtime.pipeline import (
+    ScoreResult,
+    decode_files,
+    default_workers,
+    preprocessed,
+    score_paths,
+    walk,
+)
+
+__all__ = ["ImageLike", "QualityModel", "ScoreResult"]
 
 ImageLike = str | Path | Image.Image | np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreResult:
-    path: str
-    score: float | None  # None when the image could not be read
-    error: str | None = None  # the one-line reason
 
 
 class QualityModel:
@@ -139,28 +141,27 @@ class QualityModel:
             images = list(images)
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             return float(self.predict(self.load_image(images)[None])[0])
-        pixels = np.stack([self.load_image(image) for image in images]) if len(images) else None
+        if len(images) > 1 and all(isinstance(image, (str, Path)) for image in images):
+            pixels = self._decode_paths(images)  # in parallel, as score_files
+        else:
+            pixels = np.stack([self.load_image(image) for image in images]) if len(images) else None
         return self.predict(pixels, batch_size) if pixels is not None else np.zeros(0, np.float32)
 
-    def score_files(self, paths: Iterable[str | Path], batch_size: int = 32) -> Iterator[ScoreResult]:
-        """Score files in batches; an unreadable file yields a result with its error and no score."""
-        pending: list[tuple[str, np.ndarray]] = []
-        for path in paths:
-            try:
-                pending.append((str(path), self.load_image(Path(path))))
-            except ImageLoadError as exc:
-                yield from self._flush(pending)
-                pending = []
-                yield ScoreResult(str(path), None, exc.reason)
-                continue
-            if len(pending) == batch_size:
-                yield from self._flush(pending)
-                pending = []
-        yield from self._flush(pending)
+    def _decode_paths(self, paths: Sequence[str | Path]) -> np.ndarray:
+        pixels = []
+        for item in decode_files(walk(paths), preprocessed(self.preprocess), default_workers()):
+            if item.pixels is None:
+                raise ImageLoadError(item.error, item.path)
+            pixels.append(item.pixels)
+        return np.stack(pixels)
 
-    def _flush(self, pending: list[tuple[str, np.ndarray]]) -> Iterator[ScoreResult]:
-        if not pending:
-            return
-        scores = self.predict(np.stack([pixels for _, pixels in pending]), batch_size=len(pending))
-        for (path, _), score in zip(pending, scores):
-            yield ScoreResult(path, float(score))
+    def score_files(self, paths: Iterable[str | Path], batch_size: int = 32, workers: int | None = None,
+                    decode: str | None = None) -> Iterator[ScoreResult]:
+        """Score files in batches, in their order; an unreadable file yields a result with its error and no score.
+
+        Files decode in `workers` threads (default: the cores; `runtime.pipeline`) while the model runs.
+        decode: "draft" or "exact" JPEG decoding (default: as the model's preprocessing records, what its
+        training cache used).
+        """
+        for _, result in score_paths(self, walk(paths), batch_size, workers=workers, decode=decode):
+            yield result

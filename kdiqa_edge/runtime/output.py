@@ -1,0 +1,358 @@
+"""`score --out`: scores written in chunks that a kill, a full disk or a re-run never tear (torch-free).
+
+    scores.csv | scores.jsonl        the rows, as `score --format csv|json` prints them
+    scores.parquet/part-000000.parquet ...   the rows as Parquet parts (pyarrow; one folder, read as one table)
+    scores.csv.kdiqa.json            the state: the model's sha256, the decode, the committed rows and bytes
+    scores.csv.kdiqa.index           one JSON line per row: [path, size, mtime_ns], what a re-run matches
+    .scores.csv.kdiqa.lock           held (flock) by the one process writing
+
+A chunk is committed in three steps: its rows are appended to the data file (or written as a new part, an
+atomic rename), its index lines appended, then the state, which names how many bytes of each are whole, is
+replaced atomically. Whatever lies past the state's lengths (a chunk a kill or a full disk cut short) is cut
+off before anything else is written, so the rows written before stay byte for byte, and a re-run with the
+same model and decode skips every file whose path, size and mtime the index holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import errno
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kdiqa_edge.errors import ConfigError, KdiqaError
+
+STATE_FORMAT = "kdiqa-edge/scores/1"
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+COLUMNS = ("image", "score", "error")
+CHUNK_ROWS = 1024  # rows per committed chunk (a kill loses at most the chunk in flight)
+CHUNK_SECONDS = 30.0  # and at least this often, so a slow run never holds minutes of work in memory
+
+
+class OutputLocked(KdiqaError):
+    """Another process is writing the same --out."""
+
+
+class OutputMismatch(KdiqaError):
+    """--out holds other scores (another model or decode, or a file score did not write)."""
+
+
+class OutputFull(KdiqaError):
+    """A write failed (a full disk, a quota): the rows committed before are kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    image: str
+    score: float | None
+    error: str | None
+    stamp: tuple[int, int] | None  # (size, mtime_ns) of the file scored, None for an entry without one
+
+
+def output_kind(path: Path) -> str:
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"--out {path}: name a .csv, .jsonl or .parquet file (the format follows the suffix)")
+    return kind
+
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """sha256 of what a model is: its file (an OpenVINO .xml with its .bin), a package or checkpoint folder,
+    or a run dir's best checkpoint."""
+    from kdiqa_edge.io import sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        best = path / "checkpoints" / "best"
+        return sha256_file(best if best.is_dir() else path)
+    weights = path.with_suffix(".bin")
+    if path.suffix.lower() == ".xml" and weights.is_file():
+        import hashlib
+
+        return hashlib.sha256((sha256_file(path) + sha256_file(weights)).encode()).hexdigest()
+    return sha256_file(path)
+
+
+class ScoresOutput:
+    """`with ScoresOutput(out, model={...}, decode="draft") as output:` then `output.seen(path, stamp)` to
+    skip a file scored before, `output.add(row)` per row; rows are committed every `chunk_rows` rows, every
+    CHUNK_SECONDS and at the end. `model` must hold "sha256"; it and `decode` are what a re-run must match."""
+
+    def __init__(self, path: str | os.PathLike, model: dict[str, Any], decode: str, overwrite: bool = False,
+                 chunk_rows: int = CHUNK_ROWS):
+        self.path = Path(path)
+        self.kind = output_kind(self.path)
+        self.model, self.decode, self.overwrite = dict(model), decode, overwrite
+        self.chunk_rows = max(1, chunk_rows)
+        self.state_path = self.path.with_name(self.path.name + ".kdiqa.json")
+        self.index_path = self.path.with_name(self.path.name + ".kdiqa.index")
+        self.lock_path = self.path.with_name(f".{self.path.name}.kdiqa.lock")
+        self.state: dict[str, Any] = {}
+        self.resumed = 0  # rows found from an earlier run
+        self.added = 0  # rows committed by this run
+        self._done: dict[str, tuple[int, int] | None] = {}
+        self._pending: list[Row] = []
+        self._last_commit = time.monotonic()
+        self._lock_fd: int | None = None
+
+    # --- open / close -------------------------------------------------------------------------------
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            if self.overwrite:
+                self._remove_all()
+            self._open_state()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+                self.commit()  # Ctrl-C keeps what was scored
+        finally:
+            self._unlock()
+
+    def _lock(self) -> None:
+        from kdiqa_edge.data._lock import lock_held_file
+
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if lock_held_file(fd, self.lock_path, wait=False) is False:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise OutputLocked(f"{self.path} is being written by another kdiqa-edge score{who}: wait for it, "
+                               "or pass another --out")
+        self._lock_fd = fd
+        with contextlib.suppress(OSError):  # who holds it, for the message above (a full disk may refuse)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock; the file stays (removing it would race a new writer)
+            self._lock_fd = None
+
+    def _remove_all(self) -> None:
+        import shutil
+
+        if self.path.is_dir() and not self.path.is_symlink():
+            shutil.rmtree(self.path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        for sidecar in (self.state_path, self.index_path):
+            with contextlib.suppress(FileNotFoundError):
+                sidecar.unlink()
+
+    def _identity(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "output": self.kind, "columns": list(COLUMNS), "model": self.model,
+                "decode": self.decode}
+
+    def _open_state(self) -> None:
+        from kdiqa_edge.io import read_json, sweep_temporaries
+
+        sweep_temporaries(self.path.parent, self.state_path.name)  # a state write a kill cut short
+        if not self.state_path.exists():
+            if self.path.exists():
+                raise OutputMismatch(f"{self.path} exists and was not written by kdiqa-edge score (no "
+                                     f"{self.state_path.name}): pass --overwrite to replace it, or another --out")
+            self.state = {**self._identity(), "rows": 0, "bytes": 0, "index_bytes": 0, "parts": 0}
+            self._write_state()
+        else:
+            try:
+                self.state = read_json(self.state_path)
+            except (OSError, ValueError) as exc:
+                raise OutputMismatch(f"{self.state_path} cannot be read ({exc}): pass --overwrite to start "
+                                     "over") from None
+            self._check_identity()
+            self._cut_to_committed()
+            self._read_index()
+        if self.kind == "parquet":
+            self.path.mkdir(exist_ok=True)
+            sweep_temporaries(self.path)  # a part a kill cut short
+        elif self.kind == "csv" and self.state["bytes"] == 0:
+            self._commit_bytes(_csv_bytes([COLUMNS]), b"", 0)  # the header, its own commit
+
+    def _check_identity(self) -> None:
+        state = self.state
+        if state.get("format") != STATE_FORMAT or state.get("output") != self.kind:
+            raise OutputMismatch(f"{self.state_path} is not a {self.kind} score state this version writes: "
+                                 "pass --overwrite to start over, or another --out")
+        theirs = state.get("model") or {}
+        if theirs.get("sha256") != self.model["sha256"]:
+            raise OutputMismatch(
+                f"{self.path} holds scores of another model ({theirs.get('name', '?')}, sha256 "
+                f"{str(theirs.get('sha256'))[:12]}, this one {self.model['sha256'][:12]}): pass --overwrite to "
+                "replace them, or another --out")
+        if state.get("decode") != self.decode:
+            raise OutputMismatch(f"{self.path} holds scores made with --decode {state.get('decode')}, this run "
+                                 f"decodes {self.decode}: pass the same --decode, --overwrite, or another --out")
+
+    def _cut_to_committed(self) -> None:
+        """Drop what lies past the committed lengths: the chunk a kill or a full disk cut short."""
+        for path, length in ((self.index_path, self.state["index_bytes"]),
+                             *(((self.path, self.state["bytes"]),) if self.kind != "parquet" else ())):
+            size = path.stat().st_size if path.exists() else 0
+            if size < length:
+                raise OutputMismatch(f"{path} is shorter than the {length} bytes score wrote ({size}): it was "
+                                     "changed by something else; pass --overwrite to start over")
+            if size > length:
+                os.truncate(path, length)
+        if self.kind == "parquet" and self.path.is_dir():
+            for part in self.path.glob("part-*.parquet"):
+                if _part_number(part) >= self.state["parts"]:
+                    part.unlink()
+
+    def _read_index(self) -> None:
+        if not self.index_path.exists():
+            return
+        with open(self.index_path, encoding="utf-8") as handle:
+            for line in handle:
+                image, size, mtime = json.loads(line)
+                self._done[image] = None if size is None else (size, mtime)
+        self.resumed = self.state["rows"]
+
+    # --- rows ---------------------------------------------------------------------------------------
+
+    def seen(self, path: str, stamp: tuple[int, int] | None) -> bool:
+        """Whether `path` has a row already, made from a file of this size and mtime."""
+        return path in self._done and self._done[path] == stamp
+
+    def add(self, row: Row) -> None:
+        self._pending.append(row)
+        if len(self._pending) >= self.chunk_rows or time.monotonic() - self._last_commit >= CHUNK_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Append the pending rows as one chunk (data, index, then the state that makes them count)."""
+        rows, self._pending = self._pending, []
+        self._last_commit = time.monotonic()
+        if not rows:
+            return
+        index = "".join(json.dumps([r.image, *(r.stamp or (None, None))]) + "\n" for r in rows).encode()
+        if self.kind == "parquet":
+            self._commit_part(rows, index)
+        else:
+            data = _csv_bytes([_csv_row(r) for r in rows]) if self.kind == "csv" else \
+                "".join(json.dumps(_json_row(r)) + "\n" for r in rows).encode()
+            self._commit_bytes(data, index, len(rows))
+        for row in rows:
+            self._done[row.image] = row.stamp
+        self.added += len(rows)
+
+    def _commit_bytes(self, data: bytes, index: bytes, rows: int) -> None:
+        state = self.state
+        try:
+            _append(self.path, data)
+            _append(self.index_path, index)
+            self._write_state(rows=state["rows"] + rows, bytes=state["bytes"] + len(data),
+                              index_bytes=state["index_bytes"] + len(index))
+        except OSError as exc:
+            self._roll_back(exc)
+
+    def _commit_part(self, rows: list[Row], index: bytes) -> None:
+        from kdiqa_edge.io import atomic_path
+
+        part = self.path / f"part-{self.state['parts']:06d}.parquet"
+        try:
+            with atomic_path(part) as tmp:
+                _write_parquet(tmp, rows, self.model["sha256"])
+            _append(self.index_path, index)
+            self._write_state(rows=self.state["rows"] + len(rows), parts=self.state["parts"] + 1,
+                              index_bytes=self.state["index_bytes"] + len(index))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            self._roll_back(exc)
+
+    def _roll_back(self, exc: OSError) -> None:
+        """Cut the data and index back to the last commit, then say so in one line."""
+        with contextlib.suppress(OSError):
+            self._cut_to_committed()
+        why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "the file size limit was reached" if exc.errno == errno.EFBIG else exc.strerror or type(exc).__name__
+        raise OutputFull(f"cannot write {self.path}: {why} ({errno.errorcode.get(exc.errno, exc.errno)}); the "
+                         f"{self.state['rows']} rows written before are kept: free some space and run the "
+                         "same command again to go on") from exc
+
+    def _write_state(self, **changes) -> None:
+        from kdiqa_edge.io import write_json
+
+        state = {**self.state, **changes, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json(self.state_path, state)
+        self.state = state
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append all of `data` and flush it to the disk (a partial write raises: the caller cuts it back)."""
+    if not data:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)  # before the state names these bytes, so a power cut cannot leave the state ahead
+    finally:
+        os.close(fd)
+
+
+def _csv_row(row: Row) -> list[str]:
+    return [row.image, "" if row.score is None else f"{round(row.score, 6):.6f}", row.error or ""]
+
+
+def _json_row(row: Row) -> dict[str, Any]:
+    return {"image": row.image, "score": None if row.score is None else round(row.score, 6), "error": row.error}
+
+
+def _csv_bytes(rows) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _write_parquet(path: Path, rows: list[Row], sha256: str) -> None:
+    from kdiqa_edge.errors import require
+
+    pa = require("pyarrow", "parquet")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": pa.array([r.image for r in rows], pa.string()),
+                      "score": pa.array([None if r.score is None else round(r.score, 6) for r in rows], pa.float64()),
+                      "error": pa.array([r.error for r in rows], pa.string())})
+    pq.write_table(table.replace_schema_metadata({"kdiqa_edge.model_sha256": sha256}), path)
+
+
+def _part_number(part: Path) -> int:
+    try:
+        return int(part.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The rows of a `score --out` file, as dicts of COLUMNS (for tests and scripts)."""
+    path = Path(path)
+    kind = output_kind(path)
+    if kind == "csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            yield from csv.DictReader(handle)
+    elif kind == "jsonl":
+        with open(path, encoding="utf-8") as handle:
+            yield from (json.loads(line) for line in handle)
+    else:
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
