@@ -90,6 +90,11 @@ def print_table(report: BenchReport, console=None) -> None:
             console.print(f"{result.name}: failed at {result.stage}: {result.reason}", style="red", soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {note}", style="yellow")
+    if report.teacher:
+        from kdiqa_edge.bench.teacher import teacher_lines
+
+        for line in teacher_lines(report.teacher):
+            console.print(line, soft_wrap=True)
 
 
 def _pretrained(value: bool | None) -> str:
@@ -149,12 +154,38 @@ def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environme
     if prep:
         parts += ["## Preprocessing (file -> model input, one thread)", "",
                   _md_table(["Model", "JPEG draft", "Images", "mean ms", "p50 ms", "images/s"], prep), ""]
+    if report.teacher:
+        parts += teacher_section(report.teacher)
+    if report.gate is not None:
+        parts += gate_section(report)
     failed = [[r.name, r.format, r.stage or "", r.reason or ""] for r in report.results if r.status != "ok"]
     if failed:
         parts += ["## Failures", "", _md_table(["Model", "Format", "Stage", "Reason"], failed), ""]
     if report.notes:
         parts += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     return "\n".join(parts)
+
+
+def teacher_section(teacher: dict) -> list[str]:
+    """Every model's speed against the teacher in its fastest runtime here."""
+    from kdiqa_edge.bench.teacher import teacher_lines
+
+    batch = teacher["batch"]
+    rows = [[v["row"], f"{v['p50_ms']:.2f}", f"{v['speedup']:.3g}x", _num(v["smaller"], ".1f") + "x"
+             if v["smaller"] else "—"] for v in teacher["versus"]]
+    forms = [[f["row"], f["format"], f["precision"], _num(f["p50_ms"], ".2f"),
+              "**the teacher's fastest**" if f["row"] == teacher["row"] else (f["left_out"] or "")]
+             for f in teacher["forms"]]
+    return ["## Against the teacher in its fastest runtime here", "", *teacher_lines(teacher), "",
+            _md_table(["Teacher form", "Format", "Precision", f"p50 ms @{batch}", ""], forms), "",
+            *([_md_table(["Model", f"p50 ms @{batch}", "speed-up vs the teacher", "smaller"], rows), ""]
+              if rows else [])]
+
+
+def gate_section(report: BenchReport) -> list[str]:
+    gate = report.gate
+    return ["## Release gate", "", gate.summary(), "",
+            *([f"- {v.line()}" for v in gate.violations] + [""] if gate.violations else [])]
 
 
 def write_markdown(report: BenchReport, path: str | Path, title: str = "kdiqa-edge benchmark") -> Path:

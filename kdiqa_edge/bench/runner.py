@@ -6,6 +6,10 @@ the order rotated every round, so a load that drifts while the bench runs hits e
 ratios hold on a shared machine. All the models are in memory together while they are timed.
 
 A model that fails to load or run gets a row with its status and reason; the others still run.
+
+With `teacher`, the teacher is benched in every runtime here (bench/teacher.py) and the fastest of its rows is the
+one the speed-ups are against (`BenchReport.teacher`). With a gate (`BenchConfig.gate`, bench/gate.py), every
+model row (not the reference, not the teacher's) is judged against its bounds (`BenchReport.gate`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from kdiqa_edge.bench import facts
 from kdiqa_edge.bench.accuracy import Drift, EvalData, drift, eval_source, score_eval_set
 from kdiqa_edge.bench.environment import environment
+from kdiqa_edge.bench.gate import Figures, Gate, GateResult
 from kdiqa_edge.bench.latency import (
     LatencyStats,
     PreprocessStats,
@@ -30,7 +35,7 @@ from kdiqa_edge.bench.latency import (
     time_preprocessing,
     timed_run,
 )
-from kdiqa_edge.errors import KdiqaError
+from kdiqa_edge.errors import ConfigError, KdiqaError
 from kdiqa_edge.metrics import IQAMetrics
 
 FORMAT_NAMES = {"onnx": "ONNX", "tensorrt": "TensorRT", "coreml": "CoreML", "executorch": "ExecuTorch",
@@ -51,6 +56,7 @@ class BenchConfig:
     accuracy: bool = True  # score the eval split (off: latency and facts only)
     eval_batch_size: int = 32  # batch size for scoring the eval split
     preprocess_images: int = 32  # files timed for preprocessing (decode to model input)
+    gate: Gate = dataclasses.field(default_factory=Gate)  # the release gate's bounds (none set: no gate)
 
     @property
     def timing_rounds(self) -> int:
@@ -71,6 +77,7 @@ class BenchResult:
     stage: str | None = None  # where it failed: load, latency, accuracy
     reason: str | None = None  # one line
     reference: bool = False
+    teacher: str | None = None  # a form of the teacher (torch, onnx-fp32, openvino-bf16...); None: not the teacher
     pretrained: bool | None = None  # as the artifact records; False: random init, its accuracy a smoke test
     backend: str | None = None  # onnxruntime, tensorrt, coreml, executorch, torch
     device: str | None = None
@@ -107,10 +114,13 @@ class BenchReport:
     results: list[BenchResult]
     notes: list[str] = dataclasses.field(default_factory=list)
     headline: str | None = None  # said before anything else: accuracy on the built-in set, not the user's data
+    gate: GateResult | None = None  # the release gate's verdict, where bounds were given
+    teacher: dict | None = None  # the teacher's fastest form and every model against it (bench/teacher.py)
 
     def to_dict(self) -> dict:
         return {"headline": self.headline, "environment": self.environment, "config": self.config.to_dict(),
-                "dataset": self.dataset, "results": [r.to_dict() for r in self.results], "notes": self.notes}
+                "dataset": self.dataset, "results": [r.to_dict() for r in self.results], "notes": self.notes,
+                "gate": self.gate.to_dict() if self.gate is not None else None, "teacher": self.teacher}
 
 
 def guess_precision(path: str | Path) -> str:
@@ -291,24 +301,57 @@ def bench_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=
     return loaded.result, loaded.scores, loaded.eval_set
 
 
+def check_gate(cfg: BenchConfig, reference: str | Path | None) -> None:
+    """A gate whose figures this bench would not measure is refused before any work."""
+    gate = cfg.gate
+    if (gate.srcc is not None or gate.plcc is not None or gate.max_drift is not None) and not cfg.accuracy:
+        raise ConfigError("--fail-under and --max-drift need the accuracy figures: drop --no-accuracy")
+    if gate.max_drift is not None and reference is None:
+        raise ConfigError("--max-drift bounds |ΔSRCC| against the reference: give --reference")
+    if gate.max_latency_ms is not None and 1 not in cfg.batch_sizes:
+        raise ConfigError("--max-latency-ms bounds the p50 latency at batch 1: --batch-sizes must include 1")
+
+
+def gate_figures(result: BenchResult) -> Figures:
+    """A row's figures, as the gate reads them."""
+    if result.status != "ok":
+        return Figures(result.name, failed=f"failed at {result.stage}: {result.reason}")
+    at1 = result.latency_at(1)
+    return Figures(result.name, srcc=result.metrics.srcc if result.metrics else None,
+                   plcc=result.metrics.plcc if result.metrics else None,
+                   delta_srcc=result.drift.delta_srcc if result.drift else None,
+                   p50_ms=at1.p50_ms if at1 else None, size_mb=result.size_mb)
+
+
 def run_bench(models: Sequence[str | Path], reference: str | Path | None = None, data=None,
               cfg: BenchConfig = BenchConfig(), progress: bool = True,
-              log: Callable[[str], None] | None = None) -> BenchReport:
+              log: Callable[[str], None] | None = None, teacher: Sequence[str | Path] = (),
+              teacher_runtimes: Sequence[str] | None = None) -> BenchReport:
     """Bench every model (the reference first, as its own row); the FP32 reference anchors the drift.
 
     Accuracy is measured on the reference run's dataset and split unless dataset options (`data`) are
     given (accuracy.eval_source); `log` gets, before any work, the line saying where the accuracy comes from
-    when it is the built-in synthetic set, and the notes about the data and split."""
+    when it is the built-in synthetic set, and the notes about the data and split.
+
+    `teacher`: checkpoints, run dirs or artifacts of the teacher; a checkpoint is benched in every runtime of
+    `teacher_runtimes` here (bench/teacher.py: all installed by default), its exports made first."""
+    from kdiqa_edge.bench.teacher import same_path, teacher_forms, versus_teacher
     from kdiqa_edge.console import Progress
 
-    source = eval_source(reference, data, cfg.split_seed, models) if cfg.accuracy else None
+    check_gate(cfg, reference)
+    source = eval_source(reference, data, cfg.split_seed, [*models, *teacher]) if cfg.accuracy else None
     if log is not None and source is not None:
         for line in ([source.headline] if source.headline else []) + list(source.notes):
             log(line)
+    forms, teacher_notes = teacher_forms(teacher, teacher_runtimes, data, cfg.threads, progress, log) \
+        if teacher else ([], [])
     eval_data = EvalData(source, max_images=cfg.max_images, progress=progress) if source is not None else None
-    paths = ([(str(reference), True)] if reference else []) + [(str(m), False) for m in models]
+    ref_form = next((f.label for f in forms if reference and same_path(f.path, reference)), None)
+    paths = ([(str(reference), True, ref_form)] if reference else []) + [
+        (form.path, False, form.label) for form in forms if form.label != ref_form or not reference] + [
+        (str(m), False, None) for m in models]
     results: list[BenchResult] = []
-    notes: list[str] = list(source.notes) if source is not None else []
+    notes: list[str] = (list(source.notes) if source is not None else []) + teacher_notes
     ref_scores = ref_set = None
 
     loaded: list[Loaded] = []
@@ -316,10 +359,11 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     # otherwise spin on into the next model's turn and take the cores (on a 2-vCPU VM that doubled latencies)
     side_by_side = len(paths) > 1
     with Progress("bench", len(paths), unit="models", enabled=progress, transient=True) as bar:
-        for path, is_reference in paths:
+        for path, is_reference, form in paths:
             bar.update(f"{Path(path).name}: load")
             item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference,
                             stop_spinning=side_by_side)
+            item.result.teacher = form
             loaded.append(item)
             notes.extend(item.model.notes if item.model is not None else ())
             result, scores, eval_set = item.result, item.scores, item.eval_set
@@ -349,6 +393,9 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
         time_side_by_side(loaded, cfg, bar)
     loaded.clear()
     _distinct_names(results)
+    for result in results:
+        if result.teacher is not None:
+            result.name = f"teacher:{result.teacher}"
     untrained = list(dict.fromkeys(r.name for r in results if r.pretrained is False))
     if untrained:  # first among the notes: it says what every accuracy figure in the table is worth
         one = len(untrained) == 1
@@ -363,8 +410,12 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
                    "split": first.split, "n": len(first.names), "split_seed": source.split_seed,
                    "split_file": None if eval_data.notes or source.split_file is None else str(source.split_file),
                    "spec": source.dataset.to_dict()}
+    gated = [r for r in results if not r.reference and r.teacher is None]
     return BenchReport(environment=environment(cfg.threads), config=cfg, dataset=dataset, results=results,
-                       notes=notes, headline=source.headline if source is not None else None)
+                       notes=notes, headline=source.headline if source is not None else None,
+                       gate=cfg.gate.check([gate_figures(r) for r in gated]) if cfg.gate.active else None,
+                       teacher=versus_teacher(results, 1 if 1 in cfg.batch_sizes else min(cfg.batch_sizes))
+                       if forms else None)
 
 
 def export_folder(path: str | Path) -> str | None:

@@ -10,6 +10,9 @@ import typer
 from kdiqa_edge.cli.options import OldSeed, SplitSeed, dataset_options
 from kdiqa_edge.cli.score import Provider, Threads
 
+GATE_PANEL = "Release gate"
+TEACHER_PANEL = "Teacher"
+
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     from kdiqa_edge.errors import ConfigError
@@ -49,11 +52,34 @@ def bench(
     old_json_path: Annotated[Path | None, typer.Option("--json", hidden=True, help="Deprecated: --json-out.")] = None,
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown report.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a latency-vs-SRCC PNG.")] = None,
+    teacher: Annotated[list[Path] | None, typer.Option(
+        "--teacher", help="The teacher (run dir or checkpoint; or its artifacts, repeated): benched in every runtime "
+                          "installed here (PyTorch eager, ONNX Runtime, OpenVINO f32 and bf16, ExecuTorch; exported "
+                          "once into the cache), the fastest the one speed-ups are against.",
+        rich_help_panel=TEACHER_PANEL)] = None,
+    teacher_runtimes: Annotated[str | None, typer.Option(
+        "--teacher-runtimes", help="Only these of torch, onnx, openvino, executorch for --teacher's checkpoint.",
+        show_default="every one installed", rich_help_panel=TEACHER_PANEL)] = None,
+    fail_under: Annotated[str | None, typer.Option(
+        "--fail-under", help="Gate: SRCC/PLCC floors, e.g. srcc=0.85,plcc=0.85.", rich_help_panel=GATE_PANEL)] = None,
+    max_drift: Annotated[float | None, typer.Option(
+        "--max-drift", min=0.0, help="Gate: the largest |ΔSRCC| vs --reference.", rich_help_panel=GATE_PANEL)] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(
+        "--max-latency-ms", min=0.0, help="Gate: the largest p50 latency at batch 1, ms.",
+        rich_help_panel=GATE_PANEL)] = None,
+    max_size_mb: Annotated[float | None, typer.Option(
+        "--max-size-mb", min=0.0, help="Gate: the largest artifact size, MB (1e6 bytes).",
+        rich_help_panel=GATE_PANEL)] = None,
 ) -> None:
     """Benchmark artifacts of one model: latency per batch size, size, params, MACs, accuracy, drift.
 
     A format that fails to load or run gets a row with the reason; the others still run. Rows are named by
     their export folder (onnx-auto, onnx-int8).
+
+    A release gate for CI: with --fail-under, --max-drift, --max-latency-ms or --max-size-mb, every model (not
+    the reference, not the teacher) is held to those bounds; bench exits 1 with one line per bound a model
+    broke (a model that failed to run breaks the gate), and the JSON's `gate` lists the bounds and the rows
+    that broke them.
 
     Accuracy is measured on the test part of the reference run's own split (its config.yaml and split.json),
     as export does; dataset options given here win over the run's (a note says so), and --split-seed makes
@@ -67,9 +93,15 @@ def bench(
       kdiqa-edge bench model.engine --dataset koniq --root ~/data/koniq --batch-sizes 1,16 --json-out bench.json
 
       kdiqa-edge bench exports/android/*/model.*.pte --reference runs/distill --threads 2 --batch-sizes 1
+
+      kdiqa-edge bench exports/cpu-auto/model.xml --reference runs/distill --fail-under srcc=0.85 --max-drift 0.01 --max-latency-ms 5 --max-size-mb 10
+
+      kdiqa-edge bench exports/distill/*/model.*.onnx --reference runs/distill --teacher runs/teacher
     """
     from kdiqa_edge.bench import BenchConfig, run_bench
+    from kdiqa_edge.bench.gate import Gate
     from kdiqa_edge.bench.report import print_table, write_markdown, write_plot, write_report_json
+    from kdiqa_edge.bench.teacher import parse_runtimes
     from kdiqa_edge.cli.options import renamed
 
     split_seed = renamed("--seed", "--split-seed", old_seed, split_seed)
@@ -77,16 +109,30 @@ def bench(
                         "--json is an on/off switch in the other commands")
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
                       rounds=rounds, provider=provider, split_seed=split_seed, max_images=max_images,
-                      accuracy=accuracy)
+                      accuracy=accuracy, gate=Gate.parse(fail_under, max_drift, max_latency_ms, max_size_mb))
     report = run_bench(models, reference=reference, data=data, cfg=cfg,
-                       log=lambda line: typer.secho(f"note: {line}", err=True, fg="yellow"))
+                       log=lambda line: typer.secho(f"note: {line}", err=True, fg="yellow"),
+                       teacher=teacher or (), teacher_runtimes=parse_runtimes(teacher_runtimes))
     print_table(report)
     for path, writer in ((json_path, write_report_json), (markdown_path, write_markdown), (plot_path, write_plot)):
         if path is not None:
             writer(report, path)
             typer.echo(f"wrote {path}")
+    if report.gate is not None:
+        report_gate(report.gate)
     if all(r.status != "ok" for r in report.results):
         raise typer.Exit(1)
+
+
+def report_gate(gate) -> None:
+    """The gate's verdict: a line per broken bound on stderr and exit 1, or the passed line."""
+    if gate.passed:
+        typer.secho(gate.summary(), fg="green")
+        return
+    typer.secho(gate.summary(), fg="red")
+    for violation in gate.violations:  # stderr: exactly one line per broken bound
+        typer.secho(violation.line(), err=True, fg="red")
+    raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

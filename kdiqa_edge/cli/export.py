@@ -16,6 +16,7 @@ from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.export.base import ExportConfig
 
 EXPORT_PANEL = "Export"
+GATE_PANEL = "Release gate (--precision auto's pick)"
 DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
 RUNNABLE = (".onnx", ".mlpackage", ".engine", ".plan", ".pte", ".xml")  # what `kdiqa-edge bench` takes
 AUTO_TARGET = "cpu"  # --precision auto without --target (nor a profile's): every CPU runtime installed here
@@ -98,6 +99,15 @@ def export_command(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the parity, drift and "
                                                 "latency checks here", show_default=_default("threads"),
                                                 rich_help_panel=EXPORT_PANEL)] = None,
+    fail_under: Annotated[str | None, typer.Option(
+        "--fail-under", help="Gate the pick: SRCC/PLCC floors on the test split, e.g. srcc=0.85,plcc=0.85 (exit 1 "
+                             "below; --max-drift is then gated too)", rich_help_panel=GATE_PANEL)] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(
+        "--max-latency-ms", min=0.0, help="Gate the pick: the largest p50 latency at batch 1 here, ms",
+        rich_help_panel=GATE_PANEL)] = None,
+    max_size_mb: Annotated[float | None, typer.Option(
+        "--max-size-mb", min=0.0, help="Gate the pick: the largest size of its files, MB (1e6 bytes)",
+        rich_help_panel=GATE_PANEL)] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="A target profile (export/<name>.yaml); "
                                                     "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
     force: Annotated[bool, typer.Option(
@@ -125,6 +135,8 @@ def export_command(
       kdiqa-edge export runs/distill --target all --precision fp16 --input uint8 --out exports/
 
       kdiqa-edge export runs/distill --profile export/android-executorch-int8.yaml --out exports/android
+
+      kdiqa-edge export runs/distill --precision auto --fail-under srcc=0.85 --max-latency-ms 5 --max-size-mb 10   # CI: exit 1 if the pick breaks a bound
     """
     from kdiqa_edge.config import resolve
     from kdiqa_edge.errors import TensorRTUnavailable
@@ -140,12 +152,33 @@ def export_command(
         cfg = dataclasses.replace(cfg, target=AUTO_TARGET)
     out = out if out is not None else default_out(checkpoint)
     requested = [f"{name}-{cfg.precision}" for name in cfg.validate().targets()]
+    gate = _gate(cfg, fail_under, max_latency_ms, max_size_mb)
     try:
         manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log, verbose=verbose)
     except TensorRTUnavailable:
         _summary(out, checkpoint, requested)
         raise
     _summary(out, checkpoint, requested, manifest)
+    if gate is not None:
+        from kdiqa_edge.cli.bench import report_gate
+        from kdiqa_edge.export.auto import gate_exports
+        from kdiqa_edge.export.pipeline import MANIFEST
+
+        report_gate(gate_exports(out / MANIFEST, requested, gate))
+
+
+def _gate(cfg: ExportConfig, fail_under: str | None, max_latency_ms: float | None, max_size_mb: float | None):
+    """The release gate on auto's pick (with --max-drift's bound), or None without gate options; refused before
+    any work for a precision that picks nothing."""
+    from kdiqa_edge.bench.gate import Gate
+    from kdiqa_edge.errors import ConfigError
+
+    if fail_under is None and max_latency_ms is None and max_size_mb is None:
+        return None
+    if cfg.precision != "auto":
+        raise ConfigError("--fail-under, --max-latency-ms and --max-size-mb gate --precision auto's pick; for "
+                          f"a {cfg.precision} export, run `kdiqa-edge bench` on it with the same options")
+    return Gate.parse(fail_under, cfg.max_drift, max_latency_ms, max_size_mb)
 
 
 def _profile_names(profile: Path | None, field: str) -> bool:
