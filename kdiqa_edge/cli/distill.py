@@ -15,6 +15,7 @@ from kdiqa_edge.data.spec import DatasetSpec
 STUDENT_PANEL = "Student"
 TEACHER_PANEL = "Teacher"
 TRAIN_PANEL = "Training (defaults: the paper's recipe)"
+UNLABELED_PANEL = "Unlabeled images (soft loss only)"
 
 
 def register(app: typer.Typer) -> None:
@@ -53,6 +54,25 @@ def distill_command(
     teacher_epochs: Annotated[int | None, typer.Option(
         "--teacher-epochs", min=1, rich_help_panel=TEACHER_PANEL,
         help="Teacher fine-tune epochs (default: the same as --epochs).")] = None,
+    unlabeled: Annotated[list[str] | None, typer.Option(
+        "--unlabeled", rich_help_panel=UNLABELED_PANEL,
+        help="Unlabeled images for the soft loss (repeatable): a folder (recursive), a .txt/.csv list of paths, "
+        "or tar shards ('shards-{000..099}.tar', read in place). TRAIN side only; images also in the rated "
+        "test split are excluded (by content) and counted.")] = None,
+    unlabeled_fraction: Annotated[float | None, typer.Option(
+        "--unlabeled-fraction", min=0.0, max=1.0, rich_help_panel=UNLABELED_PANEL,
+        help="Share of each batch that is unlabeled (0.5); an epoch is one pass over the rated images.")] = None,
+    rated_fraction: Annotated[float | None, typer.Option(
+        "--rated-fraction", min=0.0, max=1.0, rich_help_panel=UNLABELED_PANEL,
+        help="Share of the rated train split whose ratings train (1; seeded by --split-seed). Below 1 needs "
+        "--teacher-checkpoint; 0 with --variant soft and --unlabeled: pure feature distillation.")] = None,
+    image_cache: Annotated[bool | None, typer.Option(
+        "--image-cache/--no-image-cache", rich_help_panel=UNLABELED_PANEL,
+        help="Keep the unlabeled images decoded on disk (size*size*3 bytes each) instead of decoding them from "
+        "their source every epoch.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=0, rich_help_panel=UNLABELED_PANEL,
+        help="Processes decoding unlabeled images (2).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Run dir (default runs/distill-<student>-<variant>-<dataset>-<time>).")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -100,6 +120,8 @@ def distill_command(
 
       kdiqa-edge distill --out runs/b0 --resume
 
+      kdiqa-edge distill --dataset koniq --root ~/data/koniq10k --unlabeled ~/photos --unlabeled 'web-{000..099}.tar'
+
       torchrun --nproc-per-node 4 -m kdiqa_edge distill --dataset koniq --root ... --out ...
     """
     from kdiqa_edge.errors import ConfigError
@@ -117,7 +139,9 @@ def distill_command(
         teacher_weights=str(teacher_weights) if teacher_weights else None, teacher_epochs=teacher_epochs,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_accum=grad_accum,
         augment=augment, seed=seed, split_seed=split_seed, val_fraction=val_fraction, device=device, amp=amp,
-        compile=compile_model, progress=False if quiet else None,
+        compile=compile_model, progress=False if quiet else None, unlabeled=unlabeled or None,
+        unlabeled_fraction=unlabeled_fraction, rated_fraction=rated_fraction, image_cache=image_cache,
+        workers=workers,
     )
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report
     try:
@@ -136,6 +160,11 @@ def _report(summary: dict) -> None:
     student, teacher = summary.get("student_facts", {}), summary.get("teacher_facts")
     typer.echo(f"{summary.get('label', '')}: best epoch {summary.get('best_epoch')} -> {summary['run_dir']}")
     test = summary.get("test")
+    unlabeled = summary.get("unlabeled")
+    if unlabeled:
+        typer.echo(f"  unlabeled: {unlabeled['used']} images in the soft loss "
+                   f"({round(unlabeled['fraction'] * 100)}% of each batch); {unlabeled['in_test_split']} also in "
+                   f"the test split excluded")
     if test:
         typer.echo(f"  test  PLCC {test['plcc']:.4f} (fitted {test['plcc_fit']:.4f})  "
                    f"SRCC {test['srcc']:.4f}  KRCC {test['krcc']:.4f}  RMSE {test['rmse']:.4f}  "

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdiqa_edge import config as config_lib
 from kdiqa_edge import paths
 from kdiqa_edge.data.spec import DatasetSpec
@@ -29,6 +31,7 @@ from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
 from kdiqa_edge.preprocess import PreprocessSpec
+from kdiqa_edge.train.loop import Trainer
 from kdiqa_edge.train.schedules import Variant, parse_variant
 
 
@@ -65,11 +68,16 @@ class DistillConfig:
     select: str = "plcc+srcc"
     progress: bool = True
     workdir: str | None = None  # the folder the command ran in (set by run_distill; how, not what, is trained)
+    unlabeled: list = dataclasses.field(default_factory=list)  # unlabeled SOURCEs (folder, list, tar shards)
+    unlabeled_fraction: float = 0.5  # share of each batch that is unlabeled (where rated images train too)
+    rated_fraction: float = 1.0  # share of the rated train split whose ratings train (seeded by split_seed)
+    image_cache: bool = False  # keep the unlabeled images decoded on disk (~S*S*3 bytes each) instead of streaming
+    workers: int = 2  # processes decoding unlabeled images
 
 
 # Fields that may change between an interrupted run and its --resume (how, not what, is trained). `workdir`
 # is where the command ran: a run resumed from another folder trains the same thing.
-VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir")
+VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir", "image_cache", "workers")
 
 
 def load_config(config_file: str | Path | None = None, **overrides) -> DistillConfig:
@@ -137,19 +145,35 @@ def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Pat
     return run_dir / "checkpoints" / "best"
 
 
-def check_teacher_split(teacher_dir: Path, split) -> None:
-    """A teacher fine-tuned on this image list must have seen only this run's training images."""
+def check_teacher_split(teacher_dir: Path, split, rated_train=None) -> None:
+    """A teacher fine-tuned on this image list must have seen only this run's rated training images
+    (`rated_train`, default the split's: --rated-fraction hides the other ratings from the teacher too)."""
     run_dir = teacher_dir.parent.parent if teacher_dir.parent.name == "checkpoints" else None
     if run_dir is None or not (run_dir / "split.json").is_file():
         return
     saved = read_json(run_dir / "split.json")
     if saved.get("index") and saved.get("index") != split.index:
         return  # another image list (another dataset): no test image of ours can have been trained on
-    same_test = sorted(saved.get("test", [])) == sorted(split.test)
-    if not same_test or sorted(saved.get("train", [])) != sorted(split.train):
+    trained = set(saved.get("train", []))
+    if sorted(saved.get("test", [])) != sorted(split.test) or trained & set(split.val):
         raise ConfigError(f"the teacher in {run_dir} was fine-tuned on another split of this dataset (its "
                           f"training images include test images here): use the same --split-seed / "
                           f"fractions, or no --teacher-checkpoint to fine-tune a matching teacher")
+    hidden = trained - set(split.train if rated_train is None else rated_train)
+    if hidden:
+        raise ConfigError(f"the teacher in {run_dir} was fine-tuned on {len(hidden)} training images whose "
+                          f"ratings this run leaves out (--rated-fraction): give a teacher fine-tuned on "
+                          f"the rated ones only")
+
+
+def rated_subset(train, fraction: float, seed: int) -> list[int]:
+    """The training images whose ratings are used: a seeded `fraction` of them (all at 1, none at 0)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"--rated-fraction must be within 0..1, got {fraction}")
+    if fraction >= 1.0:
+        return sorted(train)
+    order = np.random.default_rng([seed, 0xA7ED]).permutation(np.asarray(sorted(train), dtype=np.int64))
+    return sorted(int(i) for i in order[:round(fraction * len(order))])
 
 
 def student_preprocess(cfg: DistillConfig, teacher) -> PreprocessSpec:
@@ -331,6 +355,116 @@ def _resumed_teacher(run_dir: Path) -> Path | None:
     return Path(recorded) if same else None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Unlabeled images (--unlabeled): the soft loss needs no rating
+
+
+def _absolute_source(source) -> str:
+    """A SOURCE as a run records it: absolute (a brace pattern stays a pattern)."""
+    return str(Path(str(source)).expanduser().absolute())
+
+
+def check_unlabeled(cfg: DistillConfig, variant: Variant) -> None:
+    """Refuse, before any work, the combinations that cannot train what they say."""
+    if not 0.0 <= cfg.unlabeled_fraction < 1.0:
+        raise ConfigError(f"--unlabeled-fraction must be within 0..1 (1 excluded: rated images train too), "
+                          f"got {cfg.unlabeled_fraction}")
+    if not 0.0 <= cfg.rated_fraction <= 1.0:
+        raise ConfigError(f"--rated-fraction must be within 0..1, got {cfg.rated_fraction}")
+    if cfg.unlabeled and not variant.uses_teacher_features:
+        raise ConfigError(f"--unlabeled needs the soft loss (the teacher's features): --variant {variant.spec} "
+                          f"has none, so unlabeled images would teach nothing")
+    if cfg.rated_fraction == 0.0 and not cfg.unlabeled:
+        raise ConfigError("--rated-fraction 0 leaves no training image: add --unlabeled SOURCE")
+    if cfg.rated_fraction == 0.0 and not (variant.name == "soft" or variant.fixed == 1.0):
+        raise ConfigError(f"--rated-fraction 0 trains on unlabeled images only: use --variant soft (--variant "
+                          f"{variant.spec} has a hard loss, which needs ratings)")
+    if cfg.rated_fraction < 1.0 and variant.uses_teacher_head and not cfg.teacher_checkpoint:
+        raise ConfigError("--rated-fraction below 1 needs --teacher-checkpoint: a teacher fine-tuned on the rated "
+                          "images only (the automatic fine-tune would read every training rating)")
+
+
+@dataclasses.dataclass
+class UnlabeledData:
+    pool: Any  # data.unlabeled.UnlabeledPool: every image read, sorted by content hash
+    rows: np.ndarray  # the pool rows that train (their features computed, the image decoded)
+    features: Any  # train.features.UnlabeledFeatures, aligned with the pool
+    images: np.ndarray | None  # the decoded cache (--image-cache), aligned with the pool; None: streamed
+    key: str  # the pool's content key
+    report: dict  # counts, sources, where the features are, who computed which shard
+
+
+def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
+                    run_dir: Path) -> UnlabeledData:
+    """The pool (rank 0 reads and hashes it; the others get it), its decoded cache if asked, its teacher
+    features (shards split over the ranks), and the skip report in the run dir."""
+    from kdiqa_edge.data.records import write_skipped
+    from kdiqa_edge.data.unlabeled import build_pool, decoded_images, pool_key, rated_hashes
+    from kdiqa_edge.train.distributed import all_gather_object
+    from kdiqa_edge.train.features import unlabeled_features
+
+    progress = cfg.progress and ctx.is_main
+    pool = None
+    if ctx.is_main:
+        # hidden ratings (--rated-fraction) are not rated: those images may come back as unlabeled
+        exclude = rated_hashes(cache.dataset, dataclasses.replace(split, train=list(rated_train)))
+        pool = build_pool(cfg.unlabeled, exclude, progress=progress)
+    pool = _same_on_all_ranks(ctx, pool)
+    images, failed = None, {}
+    if cfg.image_cache:
+        with _main_first(ctx):
+            images, failed = decoded_images(pool, preprocess, workers=cfg.workers, progress=progress)
+    features = unlabeled_features(teacher_dir, pool, device=str(device), batch_size=cfg.eval_batch_size,
+                                  progress=progress, workers=cfg.workers, images=images, ctx=ctx)
+    failed = {**features.failed, **failed}
+    used = pool.without(failed, failed)
+    if not len(used):
+        raise ConfigError(f"no usable unlabeled image in {', '.join(cfg.unlabeled)}: {used.summary()}")
+    report = {**used.counts, "sources": list(cfg.unlabeled), "fraction": cfg.unlabeled_fraction,
+              "feature_shards": str(features.folder), "shards": len(features.shards),
+              "computed_by_rank": all_gather_object(ctx, features.computed),
+              "image_cache": cfg.image_cache}
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if used.skipped:
+            report["skipped_csv"] = str(write_skipped(run_dir / "unlabeled_skipped.csv", used.skipped))
+        say(f"unlabeled: {used.summary()}" + (f" (listed in {report['skipped_csv']})" if used.skipped else ""))
+    rows = np.array([i for i in range(len(pool)) if i not in failed], dtype=np.int64)
+    return UnlabeledData(pool, rows, features, images, pool_key(pool, preprocess), report)
+
+
+class MixedTrainer(Trainer):
+    """The engine with its own batches: the rated training images (`rated_train`, a subset of the split's
+    with --rated-fraction), and unlabeled images mixed into every batch (`loader.mixed_epoch`).
+
+    The split (split.json, the test split, checkpoint selection) stays the rated dataset's.
+    """
+
+    def mix(self, rated_train, unlabeled: UnlabeledData | None, fraction: float, workers: int) -> MixedTrainer:
+        self.rated_train, self.unlabeled, self.fraction, self.workers = list(rated_train), unlabeled, fraction, workers
+        return self
+
+    def _epoch_batches(self, epoch: int) -> list[list[np.ndarray]]:
+        from kdiqa_edge.train.loader import mixed_epoch
+
+        count = len(self.unlabeled.rows) if self.unlabeled is not None else 0
+        micro = mixed_epoch(self.rated_train, count, len(self.cache), self.cfg.seed, epoch, self.micro_batch,
+                            self.fraction, self.ctx.rank, self.ctx.world_size)
+        return [micro[i:i + self.cfg.grad_accum] for i in range(0, len(micro), self.cfg.grad_accum)]
+
+    def setup(self) -> MixedTrainer:
+        from kdiqa_edge.train.loader import MixedLoader
+
+        super().setup()
+        if self.unlabeled is not None:
+            u = self.unlabeled
+            self.loader = MixedLoader(self.cache.images, self.cache.mos, self.extras, pool=u.pool, rows=u.rows,
+                                      features=u.features, preprocess=self.model.preprocess,
+                                      unlabeled_images=u.images, workers=self.workers,
+                                      pin_memory=self.device.type == "cuda")
+        return self
+
+
 def _refuse_existing_run(run_dir: Path) -> None:
     if (run_dir / "checkpoints" / "last").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -359,7 +493,9 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     if resume and out is None:
         raise ConfigError("--resume needs --out: the run dir to continue")
     data = dataset_spec(cfg, data, Path(out) if resume else None)
-    cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=str(Path.cwd()))
+    cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=str(Path.cwd()),
+                              unlabeled=[_absolute_source(s) for s in cfg.unlabeled])
+    check_unlabeled(cfg, variant)
     if resume:
         _check_resume(Path(out), cfg, data)
         if run_finished(Path(out)):
@@ -425,7 +561,6 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
     from kdiqa_edge.data import prepare
     from kdiqa_edge.models.student import create_student
     from kdiqa_edge.train.features import feature_cache_path, teacher_features
-    from kdiqa_edge.train.loop import Trainer
     from kdiqa_edge.train.losses import DistillLoss
     from kdiqa_edge.train.state import TRAIN_STATE
 
@@ -437,8 +572,11 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
         cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction, split_by=cfg.split_by,
                                progress=cfg.progress and ctx.is_main)
+    rated_train = rated_subset(split.train, cfg.rated_fraction, cfg.split_seed)
     if teacher_dir is not None:
-        check_teacher_split(teacher_dir, split)
+        check_teacher_split(teacher_dir, split, rated_train)
+    unlabeled = _unlabeled_data(cfg, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
+                                run_dir) if cfg.unlabeled else None
     extras = {}
     if variant.uses_teacher_features:
         with _main_first(ctx):
@@ -456,11 +594,20 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
         "teacher_content_hash": teacher.meta["content_hash"] if teacher is not None else None,
         "dataset": data.to_dict(), "image_cache": cache.key,
     }
+    if unlabeled is not None or cfg.rated_fraction < 1:
+        meta["rated_train"] = {"images": len(rated_train), "fraction": cfg.rated_fraction}
+    if unlabeled is not None:
+        meta["unlabeled"] = {"sources": list(cfg.unlabeled), "images": len(unlabeled.rows),
+                             "fraction": cfg.unlabeled_fraction, "pool": unlabeled.key}
     # a run interrupted before the student's first saved epoch starts the student afresh
     student_resume = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
-    trainer = Trainer(student, DistillLoss(variant), cache, split, train_cfg, run_dir, extras=extras,
-                      scalars_fn=lambda step, total: {"lambda": variant.lam(step, total)},
-                      extra_meta=meta, resume=student_resume, label="student train")
+    mixed = unlabeled is not None or rated_train != list(split.train)
+    trainer_cls = MixedTrainer if mixed else Trainer
+    trainer = trainer_cls(student, DistillLoss(variant), cache, split, train_cfg, run_dir, extras=extras,
+                          scalars_fn=lambda step, total: {"lambda": variant.lam(step, total)},
+                          extra_meta=meta, resume=student_resume, label="student train")
+    if mixed:
+        trainer.mix(rated_train, unlabeled, cfg.unlabeled_fraction, cfg.workers)
     trainer.setup()
 
     # -- train
@@ -474,6 +621,8 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
         if "teacher_features" in extras:
             summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
         summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
+        if unlabeled is not None:
+            summary["unlabeled"] = unlabeled.report
         summary["run_dir"] = str(run_dir)
         plots = write_distill_plots(run_dir, trainer.history, variant, trainer.total_steps,
                                     trainer.steps_per_epoch, meta["label"])

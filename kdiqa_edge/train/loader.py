@@ -116,3 +116,126 @@ class DeviceTransform:
             if name not in ("image", "index") and value.is_floating_point():
                 out[name] = value.float()
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rated and unlabeled images in one batch (distill --unlabeled)
+
+
+def unlabeled_per_batch(micro_batch: int, fraction: float, has_rated: bool) -> int:
+    """Unlabeled images in each micro-batch: `fraction` of it, at least one of each kind where both exist."""
+    if not has_rated:
+        return micro_batch
+    if fraction <= 0:
+        return 0
+    return min(max(round(fraction * micro_batch), 1), micro_batch - 1)
+
+
+def unlabeled_stream(positions: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Pool rows at stream `positions`: the pool in a fresh seeded permutation each pass (a function of
+    (seed, pass) only, so a resumed run draws what the uninterrupted one drew)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    rows = np.empty_like(positions)
+    passes = positions // count
+    for cycle in np.unique(passes):
+        mask = passes == cycle
+        permutation = np.random.default_rng([seed, 0x5EED, int(cycle)]).permutation(count)
+        rows[mask] = permutation[positions[mask] % count]
+    return rows
+
+
+def mixed_epoch(rated: Sequence[int], unlabeled_count: int, offset: int, seed: int, epoch: int,
+                micro_batch: int, fraction: float, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """This process's micro-batches of epoch e: rated images first (`epoch_order`'s shard), then unlabeled
+    pool rows + `offset`.
+
+    An epoch is one pass over the rated training images (over the pool when there are none); each
+    micro-batch holds `unlabeled_per_batch` unlabeled images, drawn from a stream of seeded pool
+    permutations that goes on across epochs (so a pool larger than an epoch's share is seen in turn).
+    """
+    unlabeled = unlabeled_per_batch(micro_batch, fraction, bool(len(rated))) if unlabeled_count else 0
+    per_rated = micro_batch - unlabeled
+    if len(rated):
+        order = epoch_order(rated, seed, epoch, rank, world_size)
+        count = math.ceil(len(order) / per_rated)
+    else:
+        order = np.zeros(0, np.int64)
+        count = math.ceil(math.ceil(unlabeled_count / world_size) / micro_batch) if unlabeled_count else 0
+    micro = [order[i * per_rated:(i + 1) * per_rated] for i in range(count)]
+    if not unlabeled:
+        return micro
+    base = epoch * count * world_size * unlabeled
+    positions = base + (np.arange(count)[:, None] * world_size + rank) * unlabeled + np.arange(unlabeled)[None, :]
+    rows = unlabeled_stream(positions.ravel(), unlabeled_count, seed).reshape(count, unlabeled) + offset
+    return [np.concatenate([m, r]) for m, r in zip(micro, rows)]
+
+
+class MixedLoader(BatchLoader):
+    """BatchLoader over the rated cache, plus unlabeled images for indices >= `offset`: index - offset is a
+    position in `rows`, the pool rows that train (the pool less the images that did not decode).
+
+    A batch is the rated rows (mos, teacher features from their caches) then the unlabeled ones (mos NaN,
+    teacher features from the pool's shards), with `rated` (bool) saying which is which. Unlabeled pixels come
+    from `images` (a decoded cache aligned with the pool) or are decoded from their source in worker
+    processes, `ahead` micro-batches before they are needed.
+    """
+
+    def __init__(self, images: np.ndarray, mos: np.ndarray, extras: Mapping[str, np.ndarray] | None, *,
+                 pool, rows: np.ndarray, features, preprocess, unlabeled_images: np.ndarray | None = None,
+                 workers: int = 2,
+                 ahead: int = 4, pin_memory: bool = False, prefetch: int = 3):
+        super().__init__(images, mos, extras, pin_memory=False, prefetch=prefetch)
+        self.offset = len(images)
+        self.pool, self.rows, self.features, self.preprocess = pool, np.asarray(rows, np.int64), features, preprocess
+        self.unlabeled_images, self.workers, self.ahead = unlabeled_images, workers, ahead
+        self.pin = pin_memory
+        self._decoder = None
+        self._pending: list = []
+        self._queued: list[np.ndarray] = []
+
+    def __call__(self, batches: Sequence[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        from kdiqa_edge.data.unlabeled import DecodeWorkers
+
+        streaming = self.unlabeled_images is None
+        self._queued = [self._pool_rows(b) for b in batches]
+        self._pending = []
+        self._decoder = DecodeWorkers(self.preprocess, self.workers) if streaming else None
+        try:
+            for _ in range(self.ahead):
+                self._submit_next()
+            yield from super().__call__(batches)
+        finally:
+            if self._decoder is not None:
+                self._decoder.close()
+            self._decoder = None
+
+    def _submit_next(self) -> None:
+        if self._decoder is None or not self._queued:
+            return
+        rows = self._queued.pop(0)
+        self._pending.append(self._decoder.submit([self.pool.entries[r] for r in rows]))
+
+    def _pool_rows(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.rows[idx[idx >= self.offset] - self.offset]
+
+    def gather(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        rated_idx, rows = idx[idx < self.offset], self._pool_rows(idx)
+        batch = super().gather(rated_idx)
+        if self._decoder is not None:
+            pixels, failures = self._pending.pop(0).get()
+            self._submit_next()
+            if failures:
+                row, why = next(iter(failures.items()))
+                raise ConfigError(f"{self.pool.entries[rows[row]].name}: {why} (it decoded when its teacher "
+                                  f"features were computed: did the file change?)")
+        else:
+            pixels = np.asarray(self.unlabeled_images[rows])
+        unlabeled = {"image": torch.from_numpy(pixels), "mos": torch.full((len(rows),), float("nan")),
+                     "index": torch.from_numpy(idx[idx >= self.offset])}
+        if "teacher_features" in batch:
+            unlabeled["teacher_features"] = torch.from_numpy(self.features.gather(rows))
+        out = {name: torch.cat([batch[name], unlabeled[name]]) for name in batch}
+        out["rated"] = torch.cat([torch.ones(len(rated_idx), dtype=torch.bool), torch.zeros(len(rows), dtype=torch.bool)])
+        return {k: v.pin_memory() for k, v in out.items()} if self.pin else out

@@ -167,16 +167,15 @@ class Trainer:
         # fine-tune) belongs to the caller: cleanup() leaves it alone.
         self._owns_process_group = not process_group_exists()
         self.ctx, self.device = init_distributed(cfg.device)
-        if not self.split.train:
-            raise ConfigError("the training split is empty")
         self.eval_split, self.eval_indices = ("val", self.split.val) if self.split.val else ("test", self.split.test)
         per_process = cfg.batch_size // (self.ctx.world_size * cfg.grad_accum)
         if per_process < 1 or cfg.batch_size % (self.ctx.world_size * cfg.grad_accum):
             raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum "
                               f"({self.ctx.world_size} x {cfg.grad_accum})")
         self.micro_batch = per_process
-        shard = math.ceil(len(self.split.train) / self.ctx.world_size)
-        self.steps_per_epoch = math.ceil(shard / (per_process * cfg.grad_accum))
+        self.steps_per_epoch = len(self._epoch_batches(0))  # a recipe that mixes in other images counts them
+        if not self.steps_per_epoch:
+            raise ConfigError("the training split is empty")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if self.scalars_fn is not None:
             self.scalar_names = set(self.scalars_fn(0, self.total_steps))

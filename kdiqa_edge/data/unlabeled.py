@@ -1,0 +1,441 @@
+"""Unlabeled images for distillation: folders, path lists and tar shards, as one pool keyed by content.
+
+The soft loss needs no rating, so any photo can teach the student. A SOURCE is a folder (recursive), a
+text or CSV list of paths, or webdataset-style tar shards (`shards-{000..099}.tar`, read in place:
+`data/tarshards.py`). Each yields `Entry`s (a file, or a tar member's place), read the same way.
+
+`build_pool` reads every entry once: its sha256 is its identity (the teacher feature shards key on it), a
+second copy of the same bytes is a duplicate, and an image whose bytes are also a rated image of the test
+(or validation) split is excluded and counted, so nothing the student is scored on leaks into its
+training; one already rated for training is skipped as such. Files that cannot be read, are empty or are
+not images get a skip report, as rated datasets do; an image that does not decode is found (and skipped)
+when its teacher features are computed. The pool is sorted by hash: the same images give the same pool
+(and the same feature shards) whatever their sources and order.
+
+Pixels come from `decode_entry`, the image cache's decode (`preprocess.load_preprocessed`) for files and
+its same steps over the bytes for tar members, in worker processes (`DecodeWorkers`), or from a decoded
+uint8 cache (`DecodedImages`, `--image-cache`) where the user has the disk for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io as _io
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kdiqa_edge.data.records import Skip
+from kdiqa_edge.data.tarshards import expand_braces, read_member, scan_tar
+from kdiqa_edge.errors import ConfigError, DataError
+from kdiqa_edge.preprocess import (
+    ImageLoadError,
+    PreprocessSpec,
+    load_preprocessed,
+    resize_crop,
+)
+
+# What `score` walks as images (runtime/files.py), without importing the runtime package.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv", ".tsv"})
+PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")  # a CSV list's path column, first found
+HASH_THREADS = 8  # reading and hashing is I/O: threads (hashlib releases the GIL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str  # as reports name it: the file, or SHARD.tar:MEMBER
+    path: str  # the file, or the tar shard
+    offset: int = -1  # a tar member's first byte (-1: a plain file)
+    size: int = -1  # a tar member's length
+
+    @property
+    def in_tar(self) -> bool:
+        return self.offset >= 0
+
+    def read(self) -> bytes:
+        return read_member(self.path, self.offset, self.size) if self.in_tar else Path(self.path).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def source_entries(source: str | os.PathLike) -> tuple[list[Entry], list[Skip]]:
+    """The images one SOURCE names, and a skip per thing in it that cannot be one."""
+    text = str(source)
+    if "{" in text or text.endswith(".tar"):
+        return _tar_entries(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _folder_entries(path)
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        return _list_entries(path)
+    if path.is_file():
+        raise ConfigError(f"--unlabeled {text}: not a folder, a list of paths (.txt, .csv) or a tar shard")
+    raise ConfigError(f"--unlabeled {text}: no such folder or file")
+
+
+def _tar_entries(pattern: str) -> tuple[list[Entry], list[Skip]]:
+    entries, skipped = [], []
+    shards = expand_braces(str(Path(pattern).expanduser()))
+    for shard in shards:
+        if not Path(shard).is_file():
+            skipped.append(Skip(shard, "tar shard not found"))
+            continue
+        scan = scan_tar(shard)
+        entries += [Entry(f"{shard}:{m.name}", shard, m.offset, m.size) for m in scan.members
+                    if Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        skipped += [Skip(f"{shard}:{name}", reason) for name, reason in scan.refused]
+        if scan.truncated:
+            skipped.append(Skip(shard, f"truncated tar shard ({scan.truncated}); the images before it are used"))
+    if not any(Path(s).is_file() for s in shards):
+        raise ConfigError(f"--unlabeled {pattern}: no tar shard found ({len(shards)} named)")
+    return entries, skipped
+
+
+def _folder_entries(folder: Path) -> tuple[list[Entry], list[Skip]]:
+    entries, skipped = [], []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of folders walked: a symlink loop is walked once
+
+    def walk(directory: Path) -> None:
+        try:
+            stat = directory.stat()
+            children = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(Skip(str(directory), f"folder cannot be listed: {exc.strerror or exc}"))
+            return
+        if (stat.st_dev, stat.st_ino) in seen:
+            return
+        seen.add((stat.st_dev, stat.st_ino))
+        for child in children:
+            path = Path(child.path)
+            if child.is_dir():
+                walk(path)
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                entries.append(Entry(str(path), str(path)))
+
+    walk(folder)
+    return entries, skipped
+
+
+def _list_entries(path: Path) -> tuple[list[Entry], list[Skip]]:
+    """One path a line (.txt, .lst) or a CSV's path column; relative paths are the list's folder's."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        from kdiqa_edge.data.readers import read_csv_rows
+
+        header, rows = read_csv_rows(path)
+        column = next((c for c in header if c.strip().lower() in PATH_COLUMNS), header[0] if header else None)
+        names = [(row.get(column) or "").strip() for row in rows] if column else []
+    else:
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the list {path}: {exc}") from None
+        names = [n for n in names if n and not n.startswith("#")]
+    entries, skipped = [], []
+    for name in names:
+        file = Path(name).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if file.is_file():
+            entries.append(Entry(str(file), str(file)))
+        else:
+            skipped.append(Skip(str(file), "a folder, not an image file" if file.is_dir() else "file not found"))
+    return entries, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pool
+
+
+@dataclasses.dataclass
+class UnlabeledPool:
+    entries: list[Entry]  # the usable images, sorted by content hash
+    hashes: list[str]  # sha256 of each entry's bytes
+    skipped: list[Skip]  # what was left out, and why
+    counts: dict[str, int]  # found, used, duplicates, in_test_split, in_val_split, already_rated, unreadable,
+    # unsafe (tar members refused)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def without(self, rows: Iterable[int], reasons: Mapping[int, str]) -> UnlabeledPool:
+        """The pool less `rows` (images that did not decode), each skipped with its reason."""
+        drop = set(rows)
+        keep = [i for i in range(len(self.entries)) if i not in drop]
+        counts = {**self.counts, "unreadable": self.counts["unreadable"] + len(drop), "used": len(keep)}
+        return UnlabeledPool([self.entries[i] for i in keep], [self.hashes[i] for i in keep],
+                             self.skipped + [Skip(self.entries[i].name, reasons[i]) for i in sorted(drop)], counts)
+
+    def summary(self) -> str:
+        c = self.counts
+        parts = [f"{c['used']} of {c['found']} unlabeled images used"]
+        for key, what in (("in_test_split", "also in the rated test split (excluded)"),
+                          ("in_val_split", "also in the rated validation split (excluded)"),
+                          ("already_rated", "already rated for training"), ("duplicates", "duplicates"),
+                          ("unreadable", "unreadable"), ("unsafe", "unsafe tar members")):
+            if c.get(key):
+                parts.append(f"{c[key]} {what}")
+        return ", ".join(parts)
+
+
+def file_hash(path: str | os.PathLike) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def rated_hashes(dataset, split) -> dict[str, str]:
+    """sha256 of each rated image -> its split part (test, val, train): what unlabeled images must not be."""
+    parts = split.assignment(len(dataset.records))
+    files = [dataset.path(i) for i in range(len(dataset.records))]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = list(pool.map(file_hash, files))
+    found: dict[str, str] = {}
+    for digest, part in zip(digests, parts):
+        if digest is not None and part and found.get(digest) != "test":  # test wins: its exclusion is the count
+            found[digest] = part
+    return found
+
+
+def _identify(entry: Entry) -> tuple[str | None, str | None]:
+    """(sha256, None) for a file that opens as an image, else (None, why not)."""
+    try:
+        data = entry.read()
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    if entry.in_tar and len(data) < entry.size:
+        return None, "cut short: the tar shard changed since it was scanned"
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(_io.BytesIO(data))  # the header only
+    except Image.UnidentifiedImageError:
+        return None, "not an image (unidentified format)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return None, f"unreadable image: {exc}"
+    return hashlib.sha256(data).hexdigest(), None
+
+
+EXCLUDED = {"test": ("in_test_split", "also in the rated test split (same content): excluded, never trained on"),
+            "val": ("in_val_split", "also in the rated validation split (same content): excluded"),
+            "train": ("already_rated", "already a rated training image (same content)")}
+
+
+def build_pool(sources: Sequence[str | os.PathLike], exclude: Mapping[str, str] | None = None,
+               progress: bool = True) -> UnlabeledPool:
+    """Every image of `sources`, read once: hashed, deduplicated, rated images excluded (`rated_hashes`)."""
+    from kdiqa_edge.data._progress import Progress
+
+    entries, skipped = [], []
+    for source in sources:
+        found, bad = source_entries(source)
+        entries += found
+        skipped += bad
+    exclude = exclude or {}
+    unsafe = sum(1 for s in skipped if s.reason.startswith("unsafe"))
+    bad = sum(1 for s in skipped if not s.reason.startswith(("unsafe", "truncated")))  # truncation: the shard's
+    counts = {"found": len(entries) + bad + unsafe, "duplicates": 0, "in_test_split": 0, "in_val_split": 0,
+              "already_rated": 0, "unreadable": bad, "unsafe": unsafe}
+    first: dict[str, str] = {}
+    kept: list[tuple[str, Entry]] = []
+    with Progress(progress, len(entries), "hashing unlabeled images") as advance, \
+            ThreadPoolExecutor(HASH_THREADS) as pool:
+        for entry, (digest, problem) in zip(entries, pool.map(_identify, entries)):
+            advance(1)
+            if digest is None:
+                counts["unreadable"] += 1
+                skipped.append(Skip(entry.name, problem))
+            elif digest in exclude:
+                key, why = EXCLUDED[exclude[digest]]
+                counts[key] += 1
+                skipped.append(Skip(entry.name, why))
+            elif digest in first:
+                counts["duplicates"] += 1
+                skipped.append(Skip(entry.name, f"duplicate of {first[digest]}"))
+            else:
+                first[digest] = entry.name
+                kept.append((digest, entry))
+    kept.sort(key=lambda pair: pair[0])
+    counts["used"] = len(kept)
+    return UnlabeledPool([e for _, e in kept], [h for h, _ in kept], skipped, counts)
+
+
+def pool_key(pool: UnlabeledPool, spec: PreprocessSpec) -> str:
+    """The pool's images (by content) at this preprocessing: what a decoded cache is keyed by."""
+    digest = hashlib.sha256(spec.key.encode())
+    for h in pool.hashes:
+        digest.update(h.encode())
+    return digest.hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pixels
+
+
+class _InMemory(_io.BytesIO):
+    """A tar member's bytes where preprocess's opener expects a path: it stats it, asks whether it is a
+    folder, and hands it to PIL's Image.open (which reads a file object as it reads a file)."""
+
+    def stat(self):
+        return os.stat_result((0o100644, 0, 0, 1, 0, 0, len(self.getbuffer()), 0, 0, 0))
+
+    def is_dir(self) -> bool:
+        return False
+
+    def is_symlink(self) -> bool:
+        return False
+
+
+def decode_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """`preprocess.load_preprocessed` over bytes (a tar member): preprocess's own opener (the same checks,
+    draft rule, EXIF, RGB) and resize, so a member decodes to the pixels of the same file on disk."""
+    from kdiqa_edge.preprocess import _open_image
+
+    return resize_crop(_open_image(_InMemory(data), spec.size if spec.draft else None), spec)
+
+
+def decode_entry(entry: Entry, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 HWC model input of one entry; raises ImageLoadError (its reason) for a bad one."""
+    if not entry.in_tar:
+        return load_preprocessed(entry.path, spec)
+    try:
+        data = entry.read()
+    except OSError as exc:
+        raise ImageLoadError(f"unreadable: {exc.strerror or exc}") from None
+    return decode_bytes(data, spec)
+
+
+def decode_chunk(job: tuple[list[Entry], dict]) -> tuple[np.ndarray, dict[int, str]]:
+    """Worker: [n, S, S, 3] uint8 of `entries` (zeros where one fails) and {row: reason} of the failures."""
+    entries, spec_dict = job
+    spec = PreprocessSpec.from_dict(spec_dict)
+    pixels = np.zeros((len(entries), spec.size, spec.size, 3), np.uint8)
+    failures = {}
+    for row, entry in enumerate(entries):
+        try:
+            pixels[row] = decode_entry(entry, spec)
+        except ImageLoadError as exc:
+            failures[row] = exc.reason
+    return pixels, failures
+
+
+class DecodeWorkers:
+    """Worker processes that decode entries; `submit(entries)` -> a handle whose `.get()` gives
+    `decode_chunk`'s result, in the caller's order whatever order the workers finish in.
+
+    `workers=0` decodes in the calling thread (tests, tiny pools). Forked on Linux, as the image cache's
+    workers are (no `__main__` guard needed; the workers run only PIL and numpy).
+    """
+
+    def __init__(self, spec: PreprocessSpec, workers: int = 2):
+        self.spec, self.workers = spec.to_dict(), workers
+        self._pool = None
+        if workers > 0:
+            import multiprocessing
+
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            self._pool = context.Pool(workers)
+
+    def submit(self, entries: Sequence[Entry]):
+        """Decode `entries` split over the workers; returns a handle with `.get()`."""
+        if self._pool is None or len(entries) <= 1:
+            return _Ready(decode_chunk((list(entries), self.spec)))
+        parts = np.array_split(np.arange(len(entries)), min(self.workers, len(entries)))
+        handles = [self._pool.apply_async(decode_chunk, (([entries[i] for i in part], self.spec),))
+                   for part in parts if len(part)]
+        return _Joined(handles, [int(part[0]) for part in parts if len(part)])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Ready:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+class _Joined:
+    def __init__(self, handles, starts: list[int]):
+        self.handles, self.starts = handles, starts
+
+    def get(self):
+        results = [h.get() for h in self.handles]
+        pixels = np.concatenate([p for p, _ in results]) if len(results) > 1 else results[0][0]
+        failures = {start + row: why for start, (_, fails) in zip(self.starts, results) for row, why in fails.items()}
+        return pixels, failures
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoded cache (--image-cache)
+
+DECODED_FILE = "images.u8"
+DECODED_META = "meta.json"
+DECODED_FORMAT = "kdiqa-edge/unlabeled-images/1"
+
+
+def decoded_images(pool: UnlabeledPool, spec: PreprocessSpec, workers: int = 2, progress: bool = True,
+                   root: Path | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """uint8 memmap [N, S, S, 3] of the pool's images (built once, atomically; reused while the pool and
+    preprocessing are the same) and {row: reason} of the images that did not decode."""
+    from kdiqa_edge import paths
+    from kdiqa_edge.data._progress import Progress
+    from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json
+
+    folder = Path(root or paths.cache_dir() / "unlabeled-images") / pool_key(pool, spec)
+    shape = (len(pool), spec.size, spec.size, 3)
+    try:
+        meta = read_json(folder / DECODED_META)
+        if meta.get("format") == DECODED_FORMAT and tuple(meta.get("shape", ())) == shape:
+            failures = {int(k): v for k, v in meta.get("failed", {}).items()}
+            return np.memmap(folder / DECODED_FILE, np.uint8, mode="r", shape=shape), failures
+    except (OSError, ValueError):
+        pass
+    sweep_temporaries(folder.parent)
+    chunk = 64
+    failures: dict[int, str] = {}
+    with atomic_path(folder) as tmp, DecodeWorkers(spec, workers) as decoder, \
+            Progress(progress, len(pool), "decoding unlabeled images") as advance:
+        tmp.mkdir(parents=True)
+        out = np.memmap(tmp / DECODED_FILE, np.uint8, mode="w+", shape=shape) if len(pool) else None
+        starts = list(range(0, len(pool), chunk))
+        pending = [decoder.submit(pool.entries[s:s + chunk]) for s in starts[:4]]
+        for n, start in enumerate(starts):
+            pixels, failed = pending.pop(0).get()
+            if n + 4 < len(starts):
+                pending.append(decoder.submit(pool.entries[starts[n + 4]:starts[n + 4] + chunk]))
+            out[start:start + len(pixels)] = pixels
+            failures.update({start + row: why for row, why in failed.items()})
+            advance(len(pixels))
+        if out is not None:
+            out.flush()
+            del out
+        else:
+            (tmp / DECODED_FILE).write_bytes(b"")
+        write_json(tmp / DECODED_META, {"format": DECODED_FORMAT, "shape": list(shape),
+                                        "preprocess": spec.to_dict(), "failed": {str(k): v for k, v in failures.items()}})
+    if not len(pool):
+        return np.zeros(shape, np.uint8), failures
+    return np.memmap(folder / DECODED_FILE, np.uint8, mode="r", shape=shape), failures
