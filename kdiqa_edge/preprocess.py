@@ -140,7 +140,7 @@ def draft_scale(width: int, height: int, size: int) -> int:
     (benchmarks/results/score-*.md), its pixels within a grey level or so of the exact decode on average.
     """
     fits = min(width // size, height // size)
-    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
 def _stat_problem(path: Path, exc: OSError) -> str:
