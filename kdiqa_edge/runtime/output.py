@@ -105,6 +105,10 @@ class ScoresOutput:
     # --- open / close -------------------------------------------------------------------------------
 
     def __enter__(self):
+        if self.kind == "parquet":
+            from kdiqa_edge.errors import require
+
+            require("pyarrow", "parquet")  # before anything is written
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
