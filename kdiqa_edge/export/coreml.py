@@ -19,6 +19,8 @@ from typing import Any
 from kdiqa_edge.errors import ConfigError, ExportError, first_line
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Supports, register_target
 
+MAP_OUTPUT = "score_map"  # kdiqa_edge/models/maps.py (a torch module: not imported at module level)
+
 
 def _image_model(model, cfg: ExportConfig):
     """[0, 1] RGB NCHW (what ImageType with scale 1/255 feeds) -> score, normalization folded in."""
@@ -29,13 +31,17 @@ def _image_model(model, cfg: ExportConfig):
     class ImageScoreModel(nn.Module):
         def __init__(self):
             super().__init__()
-            self.scored = ScoreModel(model, input="float", with_probs=cfg.with_probs)
+            self.scored = ScoreModel(model, input="float", with_probs=cfg.with_probs, with_map=cfg.with_map)
             self.input_norm = InputNorm(model.preprocess, pixel_scale=1.0)
 
         def forward(self, x):
             return self.scored(self.input_norm(x))
 
     return ImageScoreModel().eval()
+
+
+def output_names(cfg: ExportConfig) -> list[str]:
+    return ["score", *(["probs"] * cfg.with_probs), *([MAP_OUTPUT] * cfg.with_map)]
 
 
 def _register_missing_ops() -> None:
@@ -165,7 +171,7 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
     except AttributeError:
         raise ConfigError(f"unknown CoreML deployment target {cfg.coreml_target!r} (e.g. iOS16, macOS13)") from None
     batch = ct.RangeDim(lower_bound=1, upper_bound=max(cfg.max_batch, 2), default=1)
-    outputs = [ct.TensorType(name="score")] + ([ct.TensorType(name="probs")] if cfg.with_probs else [])
+    outputs = [ct.TensorType(name=name) for name in output_names(cfg)]
     failures = []
     for how, trace in _traced_graphs(wrapped, size, cfg):
         try:
@@ -193,6 +199,9 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
     mlmodel.short_description = "Blind image quality score in [1, 5] (higher is better), kdiqa-edge"
     mlmodel.input_description["image"] = f"RGB image, {size}x{size}, resized (shorter side) and centre-cropped"
     mlmodel.output_description["score"] = "quality score, 1 (bad) .. 5 (perfect)"
+    if cfg.with_map:
+        mlmodel.output_description[MAP_OUTPUT] = ("local quality map [N, h, w], score units: the head at each "
+                                                  "position of the final feature map")
     return mlmodel
 
 
@@ -247,13 +256,13 @@ class CoreMLTarget:
         meta = {**meta, "target": self.name, "precision": cfg.precision,
                 "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "size": size, "normalized": False,
                           "kind": "image"},
-                "outputs": ["score", "probs"] if cfg.with_probs else ["score"]}
+                "outputs": output_names(cfg)}
         path = out / f"model.{cfg.precision}.mlpackage"
         mlmodel = convert(model, cfg, meta, calib=examples.calib)
         mlmodel.save(str(path))
         canonical_mlpackage(path)  # two exports of one checkpoint: the same bytes
         info = describe(path)
-        if info["program"] != "mlProgram" or info["outputs"][0] != "score" or info["inputs"].get("image") != "imageType":
+        if info["program"] != "mlProgram" or info["outputs"] != meta["outputs"] or info["inputs"].get("image") != "imageType":
             raise ExportError(f"{path.name}: unexpected CoreML interface {info['inputs']} -> {info['outputs']}")
         result = ExportResult(target=self.name, precision=cfg.precision, files=[path],
                               extra={"input": meta["input"], "outputs": meta["outputs"],
@@ -269,7 +278,38 @@ class CoreMLTarget:
         result.parity = self._parity(model, mlmodel, examples, cfg.precision)
         if result.parity.get("skipped"):
             result.notes.append(f"{path.name}: {result.parity['skipped']}")
+        if cfg.with_map:
+            result.extra["map"] = self._map_parity(model, mlmodel, examples, cfg.precision)
+            if "max_abs_diff" in result.extra["map"]["parity"]:
+                from kdiqa_edge.export.evaluate import map_notes
+
+                result.notes.extend(map_notes(result.extra["map"], path.name))
         return result
+
+    def _map_parity(self, model, mlmodel, examples: Examples, precision: str) -> dict[str, Any]:
+        """The `score_map` output vs torch's map, like the score's parity (macOS only: predictions run there)."""
+        from kdiqa_edge.models.maps import grid_shape
+
+        report: dict[str, Any] = {"output": MAP_OUTPUT, "kind": "fast", "shape": list(grid_shape(model))}
+        if sys.platform != "darwin":
+            report["parity"] = {"skipped": f"CoreML predictions run on macOS only (this is {sys.platform}): not "
+                                           "checked here"}
+            return report
+        import numpy as np
+        from PIL import Image
+
+        from kdiqa_edge.export import evaluate
+
+        maps = np.stack([np.asarray(mlmodel.predict({"image": Image.fromarray(img)})[MAP_OUTPUT]).reshape(report["shape"])
+                         for img in examples.parity]).astype(np.float64)
+        tolerance = self.supports.tolerance.get(precision)
+        report["range"] = [float(maps.min()), float(maps.max())]
+        report["parity"] = {**evaluate.parity(evaluate.torch_maps(model, examples.parity).reshape(-1),
+                                              maps.reshape(-1), tolerance), "values": int(maps.size)}
+        if report["parity"].get("passed") is False:
+            raise ExportError(f"CoreML {MAP_OUTPUT} parity failed: max |map - torch map| = "
+                              f"{report['parity']['max_abs_diff']:.2e}")
+        return report
 
     def _parity(self, model, mlmodel, examples: Examples, precision: str) -> dict[str, Any]:
         if sys.platform != "darwin":

@@ -381,6 +381,21 @@ def write_device_script(out: Path, pte_name: str, threads: int) -> Path:
     return write_text(out / "benchmark_on_device.sh", "\n".join(lines) + "\n")
 
 
+def check_map(model, program: Program, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
+              tolerance: dict[str, float]) -> dict[str, Any]:
+    """The program's `score_map` vs torch through the runtime (export/evaluate.py:map_report); at fp32 also the
+    same program without the map: the score output must be bit-identical to it, and the map's added latency."""
+    from kdiqa_edge.export import evaluate
+
+    with tempfile.TemporaryDirectory(prefix="kdiqa-executorch-") as scratch:
+        twin = None
+        if program.precision == "fp32":
+            twin = write_program(model, examples, Path(scratch), dataclasses.replace(cfg, with_map=False), meta,
+                                 "fp32")[0]
+        return evaluate.map_report(model, program.path, examples.parity, tolerance.get(program.precision),
+                                   cfg.threads, without_map=twin, runs=cfg.latency_runs)
+
+
 # --- the target ----------------------------------------------------------------------------------------
 
 
@@ -418,6 +433,7 @@ class ExecuTorchTarget:
         program = build_program(model, examples, out, cfg, meta, cfg.precision,
                                 tolerance=self.supports.tolerance.get(cfg.precision))
         name = program.path.name
+        map_report = check_map(model, program, examples, cfg, meta, self.supports.tolerance) if cfg.with_map else None
         script = write_device_script(out, name, cfg.threads)
         commands = device_commands(name, cfg.threads)
         result = ExportResult(target=self.name, precision=cfg.precision, files=[program.path, script],
@@ -427,6 +443,9 @@ class ExecuTorchTarget:
                         "metadata": "constant method kdiqa_edge_meta (JSON of the kdiqa_edge.* keys, uint8)",
                         "delegation": program.delegation.to_dict(), "device_command": " && ".join(commands),
                         "benchmark_app": benchmark_app_commands(name)}
+        if map_report is not None:
+            result.extra["map"] = map_report
+            result.notes.extend(evaluate.map_notes(map_report, name))
         if cfg.precision == "fp32":
             result.extra["latency"] = {"fp32": program.latency, "runtime": "executorch xnnpack",
                                        "threads": cfg.threads}

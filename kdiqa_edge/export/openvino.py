@@ -308,7 +308,7 @@ def fp32_onnx(model, cfg: ExportConfig, folder: Path) -> Path:
     from kdiqa_edge.export.onnx import export_fp32
     from kdiqa_edge.models.score import ScoreModel
 
-    scored = ScoreModel(model, input="float", layout="NCHW", with_probs=cfg.with_probs)
+    scored = ScoreModel(model, input="float", layout="NCHW", with_probs=cfg.with_probs, with_map=cfg.with_map)
     return export_fp32(scored, Path(folder) / "model.fp32.onnx", cfg.opset)
 
 
@@ -349,6 +349,23 @@ def build_ir(model, onnx_path: Path, examples: Examples, folder: Path, cfg: Expo
     return Ir(path=path, precision=precision, parity=parity, latency=latency_ms(quality_model, cfg.latency_runs),
               test_scores=quality_model.predict(examples.test).astype(np.float64), meta=full_meta,
               runs_in=quality_model.backend.inference_precision, notes=quality_model.notes, int8=int8)
+
+
+def check_map(model, ir: Ir, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
+              tolerance: dict[str, float], work: Path) -> dict[str, Any]:
+    """The IR's `score_map` vs torch through the runtime (export/evaluate.py:map_report); at fp32 also the
+    same IR without the map, built in `work`: the score output must be bit-identical to it, and the map's
+    added latency."""
+    from kdiqa_edge.export import evaluate
+
+    twin = None
+    if ir.precision == "fp32":
+        (work / "without-map").mkdir()
+        plain_cfg = dataclasses.replace(cfg, with_map=False)
+        plain_onnx = fp32_onnx(model, plain_cfg, work / "without-map")
+        twin = write_ir(model, plain_onnx, examples, work / "without-map", plain_cfg, meta, "fp32")[0]
+    return evaluate.map_report(model, ir.path, examples.parity, tolerance.get(ir.precision), cfg.threads,
+                               without_map=twin, runs=cfg.latency_runs)
 
 
 # --- the target ----------------------------------------------------------------------------------------
@@ -401,6 +418,8 @@ class OpenVinoTarget:
                 (Path(scratch) / "reference").mkdir()
                 reference = build_ir(model, onnx_path, examples, Path(scratch) / "reference", cfg, meta, "fp32",
                                      tolerance=self.supports.tolerance["fp32"])
+            if cfg.with_map:
+                map_report = check_map(model, ir, examples, cfg, meta, self.supports.tolerance, Path(scratch))
         result = ExportResult(target=self.name, precision=cfg.precision,
                               files=[ir.path, ir.path.with_suffix(".bin")], parity=ir.parity, notes=list(ir.notes))
         result.extra = {"input": ir.meta["input"], "outputs": ir.meta["outputs"], "runtime": "openvino",
@@ -408,6 +427,9 @@ class OpenVinoTarget:
                         "weights": "fp16" if COMPRESS_TO_FP16[cfg.precision] else
                         ("int8 + fp32" if cfg.precision == "int8" else "fp32"),
                         "metadata": "rt_info kdiqa_edge/<key> (the kdiqa_edge.* keys)"}
+        if cfg.with_map:
+            result.extra["map"] = map_report
+            result.notes.extend(evaluate.map_notes(map_report, ir.path.name))
         latency = {"runtime": "openvino CPU", "threads": cfg.threads, "cpu": cpu_info()}
         if reference is None:
             result.extra["latency"] = {"fp32": ir.latency, **latency}
