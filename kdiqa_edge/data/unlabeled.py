@@ -83,6 +83,17 @@ def source_entries(source: str | os.PathLike) -> tuple[list[Entry], list[Skip]]:
     raise ConfigError(f"--unlabeled {text}: no such folder or file")
 
 
+def check_source(source: str | os.PathLike) -> None:
+    """A one-line error for a SOURCE that names nothing (cheap: before any other work)."""
+    text = str(source)
+    if "{" in text or text.endswith(".tar"):
+        shards = expand_braces(str(Path(text).expanduser()))
+        if not any(Path(shard).is_file() for shard in shards):
+            raise ConfigError(f"--unlabeled {text}: no tar shard found ({len(shards)} named)")
+    elif not Path(text).expanduser().exists():
+        raise ConfigError(f"--unlabeled {text}: no such folder or file")
+
+
 def _tar_entries(pattern: str) -> tuple[list[Entry], list[Skip]]:
     entries, skipped = [], []
     shards = expand_braces(str(Path(pattern).expanduser()))

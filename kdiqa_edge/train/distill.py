@@ -73,11 +73,13 @@ class DistillConfig:
     rated_fraction: float = 1.0  # share of the rated train split whose ratings train (seeded by split_seed)
     image_cache: bool = False  # keep the unlabeled images decoded on disk (~S*S*3 bytes each) instead of streaming
     workers: int = 2  # processes decoding unlabeled images
+    feature_shard_images: int = 2048  # unlabeled images per teacher-feature shard (the unit of resume and of work)
 
 
 # Fields that may change between an interrupted run and its --resume (how, not what, is trained). `workdir`
 # is where the command ran: a run resumed from another folder trains the same thing.
-VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir", "image_cache", "workers")
+VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir", "image_cache", "workers",
+            "feature_shard_images")
 
 
 def load_config(config_file: str | Path | None = None, **overrides) -> DistillConfig:
@@ -415,7 +417,8 @@ def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, 
         with _main_first(ctx):
             images, failed = decoded_images(pool, preprocess, workers=cfg.workers, progress=progress)
     features = unlabeled_features(teacher_dir, pool, device=str(device), batch_size=cfg.eval_batch_size,
-                                  progress=progress, workers=cfg.workers, images=images, ctx=ctx)
+                                  progress=progress, workers=cfg.workers, images=images, ctx=ctx,
+                                  shard_images=cfg.feature_shard_images)
     failed = {**features.failed, **failed}
     used = pool.without(failed, failed)
     if not len(used):
@@ -487,6 +490,11 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     from kdiqa_edge.train.state import RunInterrupted, run_finished
 
     variant: Variant = parse_variant(cfg.variant)
+    from kdiqa_edge.data.unlabeled import check_source
+
+    for source in cfg.unlabeled:
+        check_source(source)  # before the student's weights or any teacher work
+    check_unlabeled(cfg, variant)
     check_student(cfg.student, cfg.pretrained, cfg.student_weights)  # fail before any teacher work
     cfg = dataclasses.replace(cfg, variant=variant.spec)
     train_cfg = TrainConfig.from_any(cfg).check()
@@ -495,7 +503,6 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     data = dataset_spec(cfg, data, Path(out) if resume else None)
     cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=str(Path.cwd()),
                               unlabeled=[_absolute_source(s) for s in cfg.unlabeled])
-    check_unlabeled(cfg, variant)
     if resume:
         _check_resume(Path(out), cfg, data)
         if run_finished(Path(out)):

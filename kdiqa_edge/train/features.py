@@ -232,7 +232,7 @@ def _pixel_batches(shards: list[Shard], pool, preprocess, batch_size: int, worke
     if images is not None:
         for shard, lo in jobs:
             hi = min(lo + batch_size, shard.stop)
-            yield shard, lo, np.asarray(images[lo:hi]), {}
+            yield shard, lo, np.array(images[lo:hi]), {}
         return
     ahead = max(2, 2 * workers)
     with DecodeWorkers(preprocess, workers) as decoder:

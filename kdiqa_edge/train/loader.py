@@ -231,7 +231,7 @@ class MixedLoader(BatchLoader):
                 raise ConfigError(f"{self.pool.entries[rows[row]].name}: {why} (it decoded when its teacher "
                                   f"features were computed: did the file change?)")
         else:
-            pixels = np.asarray(self.unlabeled_images[rows])
+            pixels = np.array(self.unlabeled_images[rows])
         unlabeled = {"image": torch.from_numpy(pixels), "mos": torch.full((len(rows),), float("nan")),
                      "index": torch.from_numpy(idx[idx >= self.offset])}
         if "teacher_features" in batch:

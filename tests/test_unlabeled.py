@@ -1,0 +1,316 @@
+"""distill --unlabeled: sources, the pool, feature shards, mixed batches, the masked hard loss, the CLI, DDP."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from cli_helpers import run_cli
+from ddp_helpers import become_rank, free_port
+
+from kdiqa_edge.data import load_dataset, make_split
+from kdiqa_edge.data.tarshards import expand_braces, scan_tar
+from kdiqa_edge.data.unlabeled import build_pool, rated_hashes
+
+PHOTOS = 16
+
+
+def _image_bytes(i: int) -> bytes:
+    """A random photo-sized-for-the-tiny-teacher image (70..85 x 90 px), PNG or JPEG."""
+    pixels = np.random.default_rng(i).integers(0, 256, (70 + i, 90, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG" if i % 2 else "PNG")
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind=tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data)
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, small_synthetic):
+    """good/ (16 images, nested), the same 16 in two tar shards (plus unsafe members), lists of them, a
+    truncated shard, and messy/: a bad, an empty and a duplicate file, and copies of one rated test and one
+    rated train image of the small synthetic set (under other names)."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    names = [f"{'sub/' if i >= 10 else ''}p{i:02d}.{'jpg' if i % 2 else 'png'}" for i in range(PHOTOS)]
+    for i, name in enumerate(names):
+        (root / "good" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "good" / name).write_bytes(_image_bytes(i))
+    for shard in range(2):
+        with tarfile.open(root / f"shards-{shard:03d}.tar", "w") as tar:
+            for i in range(shard * 8, shard * 8 + 8):
+                _add(tar, f"{i:06d}.{names[i].rsplit('.', 1)[1]}", _image_bytes(i))
+                _add(tar, f"{i:06d}.cls", b"3")  # a webdataset sidecar: not an image, not reported
+            if shard == 0:
+                _add(tar, "../escape.jpg", b"x")
+                _add(tar, "/etc/abs.jpg", b"x")
+                _add(tar, "link.jpg", kind=tarfile.SYMTYPE, link="/etc/passwd")
+                _add(tar, "dev.jpg", kind=tarfile.CHRTYPE)
+    data = (root / "shards-001.tar").read_bytes()
+    (root / "cut.tar").write_bytes(data[:len(data) // 2])
+    (root / "list.txt").write_text("".join(f"good/{n}\n" for n in names) + "# a comment\nmissing.jpg\n")
+    with open(root / "list.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "note"], *[[str(root / "good" / n), "x"] for n in names]])
+
+    dataset = load_dataset(small_synthetic)
+    split = make_split(dataset, seed=0)
+    messy = root / "messy"
+    messy.mkdir()
+    (messy / "bad.jpg").write_bytes(b"not an image at all")
+    (messy / "empty.png").write_bytes(b"")
+    (messy / "again.png").write_bytes(_image_bytes(0))
+    shutil.copy(dataset.path(split.test[0]), messy / "renamed_test_image.png")
+    shutil.copy(dataset.path(split.train[0]), messy / "renamed_train_image.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bare_teacher(tmp_path_factory):
+    """The tiny teacher (random init) saved as a bare checkpoint: no run dir, so any split may use it."""
+    from kdiqa_edge.models import save_checkpoint
+    from kdiqa_edge.models.teacher import load_teacher
+
+    torch.manual_seed(0)
+    return save_checkpoint(load_teacher("tiny"), tmp_path_factory.mktemp("teacher") / "tiny")
+
+
+# -- sources and the pool (no torch work)
+
+
+def test_expand_braces():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}-{8..10}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar", "b-8.tar", "b-9.tar", "b-10.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_sources_agree_and_bad_entries_are_reported(photos, small_synthetic):
+    folder = build_pool([photos / "good"], progress=False)
+    assert len(folder) == PHOTOS and folder.hashes == sorted(folder.hashes)
+    for other in (photos / "list.txt", photos / "list.csv", str(photos / "shards-{000..001}.tar")):
+        assert build_pool([other], progress=False).hashes == folder.hashes, other
+
+    listed = build_pool([photos / "list.txt"], progress=False)
+    assert [s.reason for s in listed.skipped] == ["file not found"]
+
+    tars = build_pool([str(photos / "shards-{000..002}.tar")], progress=False)
+    reasons = {s.image.removeprefix(f"{photos}/"): s.reason for s in tars.skipped}
+    assert reasons["shards-002.tar"] == "tar shard not found"
+    assert reasons["shards-000.tar:../escape.jpg"].startswith("unsafe tar member: '..'")
+    assert reasons["shards-000.tar:/etc/abs.jpg"] == "unsafe tar member: an absolute path"
+    assert reasons["shards-000.tar:link.jpg"].startswith("unsafe tar member: a link")
+    assert reasons["shards-000.tar:dev.jpg"] == "unsafe tar member: a device or FIFO entry"
+    assert tars.counts["unsafe"] == 4 and len(tars) == PHOTOS
+    assert not (photos / "escape.jpg").exists() and not list(photos.glob("0000*"))  # nothing extracted
+
+    scan = scan_tar(photos / "cut.tar")
+    assert scan.truncated and 0 < len(scan.members) < 16  # images + sidecars before the break
+    cut = build_pool([photos / "cut.tar"], progress=False)
+    assert 0 < len(cut) < 8 and cut.hashes == sorted(set(cut.hashes) & set(folder.hashes))
+    assert any(s.reason.startswith("truncated tar shard") for s in cut.skipped)
+
+    dataset = load_dataset(small_synthetic)
+    exclude = rated_hashes(dataset, make_split(dataset, seed=0))
+    messy = build_pool([photos / "good", photos / "messy"], exclude, progress=False)
+    c = messy.counts
+    assert (c["found"], c["used"], c["in_test_split"], c["already_rated"], c["duplicates"], c["unreadable"]) \
+        == (PHOTOS + 5, PHOTOS, 1, 1, 1, 2)
+    reasons = {Path(s.image).name: s.reason for s in messy.skipped}
+    assert "rated test split" in reasons["renamed_test_image.png"]  # matched by content, not by name
+    assert reasons["bad.jpg"] == "not an image (unidentified format)"
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert "duplicate of" in reasons["again.png"] or "duplicate of" in reasons["p00.png"]
+
+
+def test_unknown_source_is_one_line_error(photos, capsys):
+    code, _, err = run_cli(["distill", "--teacher", "tiny", "--unlabeled", photos / "nowhere", "--quiet"], capsys)
+    assert code == 2 and "no such folder or file" in err and "Traceback" not in err
+
+
+# -- the loss and the batches
+
+
+def test_hard_loss_never_sees_unrated_soft_sees_every_image():
+    from kdiqa_edge.train.losses import distill_loss
+
+    u = torch.randn(6, 8, requires_grad=True)
+    score = torch.rand(6, requires_grad=True)
+    mos = torch.tensor([3.0, 2.0, 4.0, float("nan"), float("nan"), float("nan")])
+    rated = torch.tensor([True, True, True, False, False, False])
+    terms = distill_loss(u, torch.randn(6, 8), score, mos, 0.5, rated)
+    terms["hard"].backward(retain_graph=True)
+    assert torch.isfinite(score.grad).all() and (score.grad[3:] == 0).all() and (score.grad[:3] != 0).all()
+    expected = 0.5 * ((score[:3] - mos[:3]) ** 2).mean()
+    assert float(terms["hard"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    terms["soft"].backward()
+    assert (u.grad.abs().sum(1) > 0).all()  # every image, rated or not
+    mos[:3] = 1000.0  # what an unrated image's label is cannot matter: only the rated ones are read
+    unrated_only = distill_loss(None, None, score, mos.clone().fill_(float("nan")), 0.0, torch.zeros(6, dtype=bool))
+    assert float(unrated_only["hard"].detach()) == 0.0
+
+
+def test_mixed_epochs_hold_the_fraction_and_split_ranks():
+    from kdiqa_edge.train.loader import mixed_epoch
+
+    rated, offset = list(range(20)), 100
+    one = mixed_epoch(rated, 50, offset, seed=1, epoch=0, micro_batch=8, fraction=0.25)
+    assert len(one) == 4 and all((b < offset).sum() == 6 and (b >= offset).sum() == 2 for b in one[:-1])
+    assert sorted(np.concatenate([b[b < offset] for b in one])) == rated
+    again = mixed_epoch(rated, 50, offset, seed=1, epoch=0, micro_batch=8, fraction=0.25)
+    assert all((a == b).all() for a, b in zip(one, again))  # a function of (seed, epoch): resume replays it
+    ranks = [mixed_epoch(rated, 50, offset, 1, 3, 4, 0.5, rank=r, world_size=2) for r in range(2)]
+    pools = [np.concatenate([b[b >= offset] for b in r]) for r in ranks]
+    assert len(ranks[0]) == len(ranks[1]) and not set(pools[0]) & set(pools[1])
+    only = mixed_epoch([], 50, offset, 1, 0, 8, 0.5)  # no rated image: an epoch is a pass over the pool
+    assert len(only) == 7 and set(np.concatenate(only)) == set(range(offset, offset + 50))
+
+
+# -- feature shards
+
+
+KILL_AFTER_ONE_SHARD = """
+import os, signal, sys
+from kdiqa_edge.data.unlabeled import build_pool
+from kdiqa_edge.train.features import unlabeled_features
+pool = build_pool([sys.argv[1]], progress=False)
+unlabeled_features(sys.argv[2], pool, device="cpu", batch_size=3, progress=False, root=sys.argv[3],
+                   shard_images=5, workers=0, on_shard=lambda n: os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.parent.name + "/" + p.name: p.read_bytes() for p in sorted(folder.glob("*/*"))}
+
+
+def test_feature_shards_reused_resumed_after_kill9_byte_identical(photos, bare_teacher, tmp_path):
+    from kdiqa_edge.train.features import unlabeled_features, unlabeled_folder
+
+    pool = build_pool([photos / "good"], progress=False)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_ONE_SHARD, str(photos / "good"), str(bare_teacher),
+                             str(tmp_path / "a")], env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert killed.returncode == -9
+    folder = unlabeled_folder(bare_teacher, tmp_path / "a")
+    assert len([p for p in folder.iterdir() if not p.name.startswith(".")]) == 1  # one whole shard survived
+
+    run = {"device": "cpu", "batch_size": 3, "progress": False, "shard_images": 5, "workers": 2}
+    resumed = unlabeled_features(bare_teacher, pool, root=tmp_path / "a", **run)
+    assert len(resumed.shards) == 4 and len(resumed.computed) == 3  # only the missing ones
+    fresh = unlabeled_features(bare_teacher, pool, root=tmp_path / "b", **{**run, "workers": 0})
+    assert _shard_bytes(folder) == _shard_bytes(unlabeled_folder(bare_teacher, tmp_path / "b"))
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the killed write's temporary swept
+    again = unlabeled_features(bare_teacher, pool, root=tmp_path / "a", **run)
+    assert again.computed == [] and (again.gather(np.arange(PHOTOS)) == fresh.gather(np.arange(PHOTOS))).all()
+
+    tars = build_pool([str(photos / "shards-{000..001}.tar")], progress=False)
+    from_tar = unlabeled_features(bare_teacher, tars, root=tmp_path / "c", **{**run, "workers": 0})
+    assert _shard_bytes(unlabeled_folder(bare_teacher, tmp_path / "c")) == _shard_bytes(folder)
+    assert np.abs(from_tar.gather(np.arange(PHOTOS)).astype(np.float32)).sum() > 0
+
+
+# -- the command line: mixed batches, and pure feature distillation that exports
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_cli_distill_mixes_unlabeled_and_excludes_test_images(photos, small_synthetic, bare_teacher, tmp_path,
+                                                              capsys):
+    run = tmp_path / "run"
+    code, out, err = run_cli(["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher,
+                              "--student", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "16",
+                              "--unlabeled", photos / "good", "--unlabeled", photos / "messy",
+                              "--unlabeled", str(photos / "shards-{000..001}.tar"), "--rated-fraction", "0.2",
+                              "--unlabeled-fraction", "0.25", "--quiet", "--out", run], capsys)
+    assert code == 0, err
+    from kdiqa_edge.train.distill import rated_subset
+
+    unlabeled = _summary(run)["unlabeled"]
+    split = make_split(load_dataset(small_synthetic))
+    hidden = split.train[0] not in rated_subset(split.train, 0.2, 0)  # a hidden rating is no rating: it may train
+    assert (unlabeled["used"], unlabeled["already_rated"]) == (PHOTOS + hidden, 1 - hidden)
+    assert unlabeled["in_test_split"] == 1 and unlabeled["duplicates"] == 1 + PHOTOS
+    assert "1 also in the rated test split (excluded)" in out
+    with open(run / "unlabeled_skipped.csv") as handle:
+        rows = {Path(r["image"]).name: r["reason"] for r in csv.DictReader(handle)}
+    assert "rated test split" in rows["renamed_test_image.png"] and "unsafe" in rows["shards-000.tar:dev.jpg"]
+    # 18 of the 90 training images rated, 12 rated + 4 unlabeled per batch of 16: 2 steps
+    assert _summary(run)["steps"] == 2 and _summary(run)["rated_train"] == {"images": 18, "fraction": 0.2}
+    assert json.loads((run / "split.json").read_text())["test"] == make_split(load_dataset(small_synthetic)).test
+
+
+def test_soft_variant_on_unlabeled_only_trains_and_exports(photos, small_synthetic, bare_teacher, tmp_path, capsys):
+    run = tmp_path / "soft"
+    code, _, err = run_cli(["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher,
+                              "--student", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
+                              "--variant", "soft", "--rated-fraction", "0", "--unlabeled", photos / "good",
+                              "--image-cache", "--quiet", "--out", run], capsys)
+    assert code == 0, err
+    summary = _summary(run)
+    assert summary["steps"] == 2 and summary["unlabeled"]["used"] == PHOTOS and summary["unlabeled"]["image_cache"]
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[0]["soft"]) > 0 and float(rows[0]["hard"]) == 0.0
+    code, _out, err = run_cli(["export", run, "--target", "onnx", "--precision", "fp32", "--out", tmp_path / "x"],
+                             capsys)
+    assert code == 0, err
+    assert (tmp_path / "x" / "onnx-fp32" / "model.fp32.onnx").is_file()
+
+    code, _, err = run_cli(["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher,
+                            "--variant", "full", "--rated-fraction", "0", "--unlabeled", photos / "good",
+                            "--quiet", "--out", tmp_path / "no"], capsys)
+    assert code == 2 and "use --variant soft" in err
+
+
+# -- DDP: two gloo processes split the feature shards
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, cache_dir: str, teacher: str, source: str,
+                root: str):
+    from kdiqa_edge.data import DatasetSpec
+    from kdiqa_edge.train.distill import DistillConfig, run_distill
+
+    become_rank(rank, world_size, port, cache_dir)
+    cfg = DistillConfig(student="test_vit", pretrained=False, teacher_checkpoint=teacher, variant="soft",
+                        rated_fraction=0.0, unlabeled=[source], epochs=1, batch_size=8, augment="none",
+                        progress=False, feature_shard_images=3, workers=0)
+    run_distill(cfg, DatasetSpec(name="synthetic", root=Path(root)), run_dir, log=lambda *_: None)
+
+
+def test_ddp_two_ranks_split_feature_shards(photos, small_synthetic, bare_teacher, tmp_path):
+    import torch.multiprocessing as mp
+
+    from kdiqa_edge import paths
+    from kdiqa_edge.train.features import open_unlabeled, plan_shards, unlabeled_features
+
+    mp.spawn(_ddp_worker, nprocs=2, args=(2, free_port(), str(tmp_path / "two"), str(paths.cache_dir()),
+                                          str(bare_teacher), str(photos / "good"), str(small_synthetic.root)))
+    report = _summary(tmp_path / "two")["unlabeled"]
+    zero, one = (set(keys) for keys in report["computed_by_rank"])
+    pool = build_pool([photos / "good"], progress=False)
+    meta = json.loads((bare_teacher / "model.json").read_text())
+    from kdiqa_edge.preprocess import PreprocessSpec
+
+    shards = plan_shards(pool.hashes, meta["content_hash"], PreprocessSpec.from_dict(meta["preprocess"]), 3)
+    assert zero and one and not zero & one and zero | one == {s.key for s in shards}
+    two = open_unlabeled(Path(report["feature_shards"]), shards)
+    single = unlabeled_features(bare_teacher, pool, device="cpu", batch_size=128, progress=False,
+                                root=tmp_path / "single", shard_images=3, workers=0)
+    rows = np.arange(PHOTOS)
+    np.testing.assert_allclose(two.gather(rows).astype(np.float32), single.gather(rows).astype(np.float32),
+                               atol=2e-3, rtol=2e-3)
