@@ -103,6 +103,9 @@ def test_onnx_with_map_through_the_cli_keeps_the_score_bit_identical(exported, c
     reference = evaluate.torch_maps(load_checkpoint(checkpoint), images)
     assert np.abs(reference - score_maps).max() < 1e-4
     assert np.ptp(score_maps) > 1e-3  # the map is not one constant
+    # a checkpoint (the torch backend) gives the same map through the runtime
+    checkpoint_map = maps.predict_maps(QualityModel.load(checkpoint), images[:2])[1]
+    assert np.abs(checkpoint_map - score_maps[:2]).max() < 1e-4
 
 
 def test_openvino_ir_carries_the_map(exported, checkpoint, images, tmp_path):

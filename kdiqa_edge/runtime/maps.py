@@ -87,6 +87,14 @@ def check_kind(quality_model: QualityModel, kind: str) -> None:
     if not has_map_output(quality_model):
         raise ConfigError(f"{name} has no {MAP_OUTPUT} output: export it with `kdiqa-edge export --with-map` for "
                           "fast maps, or use --map-kind patches (any model)")
+    if quality_model.backend.name == "torch":  # a checkpoint: a student with a feature map has one
+        from kdiqa_edge.errors import ExportError
+        from kdiqa_edge.models.maps import check_map
+
+        try:
+            check_map(quality_model.backend.model)
+        except ExportError as exc:
+            raise ConfigError(f"{name}: {exc}; use --map-kind patches") from None
     if quality_model.backend.name not in MAP_RUNNERS:
         raise ConfigError(f"reading {MAP_OUTPUT} through {quality_model.backend.name} is not supported here: use "
                           f"the ONNX file the engine was built from, or --map-kind patches")
