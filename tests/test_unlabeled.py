@@ -314,3 +314,31 @@ def test_ddp_two_ranks_split_feature_shards(photos, small_synthetic, bare_teache
     rows = np.arange(PHOTOS)
     np.testing.assert_allclose(two.gather(rows).astype(np.float32), single.gather(rows).astype(np.float32),
                                atol=2e-3, rtol=2e-3)
+
+
+# -- reproduce --unlabeled
+
+
+def test_reproduce_passes_unlabeled_to_every_soft_distillation(photos, small_synthetic, tmp_path, capsys,
+                                                                monkeypatch):
+    from kdiqa_edge.train import reproduce
+    from kdiqa_edge.train.reproduce import ReproduceConfig, _distill_config, plan
+
+    monkeypatch.setattr(reproduce, "_throughput", lambda *_: 0.01)  # the plan's arithmetic, not a measurement
+
+    args = ["reproduce", "--root", small_synthetic.root, "--students", "test_resnet", "--seeds", "1",
+            "--epochs", "1", "--teacher", "tiny", "--no-pretrained", "--dry-run", "--out", tmp_path / "r"]
+    code, plain, err = run_cli(args, capsys)
+    assert code == 0, err
+    code, mixed, err = run_cli([*args, "--unlabeled", photos / "good", "--unlabeled-fraction", "0.75"], capsys)
+    assert code == 0, err
+    hours = [float(text.split("estimated training time: ")[1].split(" h")[0]) for text in (plain, mixed)]
+    # teacher 90 images + student 90 -> the student's 90 rated ride with 270 unlabeled: (90 + 360) / 180
+    assert hours[1] / hours[0] == pytest.approx(2.5, rel=0.05)
+
+    cfg = ReproduceConfig(students=["test_resnet"], variants=["full", "regression"], seeds=1,
+                          unlabeled=[str(photos / "good")], unlabeled_fraction=0.75)
+    configs = {run.variant: _distill_config(cfg, run, tmp_path / "teacher") for run in plan(cfg, tmp_path)
+               if run.stage == "distill"}
+    assert configs["full"].unlabeled == [str(photos / "good")] and configs["full"].unlabeled_fraction == 0.75
+    assert configs["regression"].unlabeled == []  # no soft loss: nothing for unlabeled images to teach

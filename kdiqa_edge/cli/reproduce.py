@@ -49,6 +49,11 @@ def reproduce_command(
         "--no-pretrained", help="Random-init students (labelled 'not pretrained').")] = False,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size (64).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = None,
+    unlabeled: Annotated[list[str] | None, typer.Option(
+        "--unlabeled", help="Unlabeled images for every distillation's soft loss (repeatable; as distill's "
+        "--unlabeled: a folder, a .txt/.csv list, tar shards). Each split's test images are excluded.")] = None,
+    unlabeled_fraction: Annotated[float | None, typer.Option(
+        "--unlabeled-fraction", min=0.0, max=1.0, help="Share of each batch that is unlabeled (0.5).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its cost estimate; run nothing.")]
     = False,
     launcher: Annotated[str, typer.Option(
@@ -97,7 +102,9 @@ def reproduce_command(
     cfg = override(ReproduceConfig(), students=_csv_list(students), variants=_csv_list(variants), seeds=seeds,
                    epochs=epochs, teacher_epochs=teacher_epochs, teacher=teacher,
                    teacher_weights=str(teacher_weights) if teacher_weights else None,
-                   pretrained=False if no_pretrained else None, batch_size=batch_size, device=device)
+                   pretrained=False if no_pretrained else None, batch_size=batch_size, device=device,
+                   unlabeled=[str(Path(u).expanduser().absolute()) for u in unlabeled] if unlabeled else None,
+                   unlabeled_fraction=unlabeled_fraction)
     console = Console(stderr=True)
     if launcher != "local":
         from kdiqa_edge.train.launch import SlurmOptions, parse_extra

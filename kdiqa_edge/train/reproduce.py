@@ -44,6 +44,8 @@ class ReproduceConfig:
     batch_size: int = 64
     device: str = "auto"
     progress: bool = True
+    unlabeled: list = dataclasses.field(default_factory=list)  # unlabeled SOURCEs for every distillation
+    unlabeled_fraction: float = 0.5  # share of each batch that is unlabeled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,9 @@ def _distill_config(cfg: ReproduceConfig, run: PlannedRun, teacher_dir: Path | N
                          teacher_checkpoint=str(teacher_dir / "checkpoints" / "best") if teacher_dir else None,
                          teacher=cfg.teacher, teacher_weights=cfg.teacher_weights, split_seed=run.seed,
                          seed=run.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, device=cfg.device,
-                         progress=cfg.progress)
+                         progress=cfg.progress, unlabeled=list(cfg.unlabeled) if parse_variant(
+                             run.variant).uses_teacher_features else [],
+                         unlabeled_fraction=cfg.unlabeled_fraction)
 
 
 def _finetune_config(cfg: ReproduceConfig, seed: int):
@@ -122,7 +126,9 @@ def estimate(cfg: ReproduceConfig, data: DatasetSpec, runs: list[PlannedRun]) ->
         if arch not in rates:
             rates[arch] = _throughput(arch, run.stage, device, size)
         if rates[arch]:
-            total_s += epochs * n_train / rates[arch]
+            mixed = run.stage == "distill" and cfg.unlabeled and parse_variant(run.variant).uses_teacher_features
+            per_epoch = n_train / (1 - cfg.unlabeled_fraction) if mixed else n_train  # unlabeled ride along
+            total_s += epochs * per_epoch / rates[arch]
         else:
             unknown.append(run.name)
     return {"images": len(dataset.records), "train_images": n_train, "device": device, "image_size": size,
@@ -211,8 +217,9 @@ def record_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> None:
     ours = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "dataset": absolute_spec(data).to_dict()}))
     if path.is_file():
         theirs = read_json(path)
+        defaults = json.loads(json.dumps(dataclasses.asdict(ReproduceConfig())))  # a field newer than the plan
         differ = [k for k in ours["config"] if k not in _NOT_PLAN
-                  and theirs.get("config", {}).get(k) != ours["config"][k]]
+                  and theirs.get("config", {}).get(k, defaults[k]) != ours["config"][k]]
         differ += ["dataset"] if _plan_dataset(theirs, out).to_dict() != ours["dataset"] else []
         if differ:
             raise ConfigError(f"{out} was written by another plan (it differs in {', '.join(differ)}): "
