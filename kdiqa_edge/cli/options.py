@@ -118,3 +118,15 @@ def renamed(old_flag: str, new_flag: str, old_value, new_value, why: str = ""):
     reason = f" ({why})" if why else ""
     typer.secho(f"warning: {old_flag} is deprecated here, use {new_flag}{reason}", err=True, fg="yellow")
     return old_value
+
+
+# Training trackers (kdiqa_edge/train/trackers/): the same two options on every command that trains.
+TRACK_PANEL = "Tracking"
+Logger = Annotated[list[str] | None, typer.Option(
+    "--logger", help="Also log the run, as it goes, to tensorboard (RUN/tb/), mlflow (--mlflow-uri or "
+    "MLFLOW_TRACKING_URI) or wandb (WANDB_PROJECT; WANDB_MODE=offline needs no network); repeat for several. "
+    "--resume continues the same tracker runs. Needs the [track] extra.", rich_help_panel=TRACK_PANEL)]
+MlflowUri = Annotated[str | None, typer.Option(
+    "--mlflow-uri", help="--logger mlflow: a tracking server (http://host:5000), a database (sqlite:///mlflow.db) "
+    "or a folder (default MLFLOW_TRACKING_URI, else MLflow's own default in the current folder).",
+    rich_help_panel=TRACK_PANEL)]

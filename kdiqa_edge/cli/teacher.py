@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import OldSeed, SplitSeed, dataset_options, renamed
+from kdiqa_edge.cli.options import Logger, MlflowUri, OldSeed, SplitSeed, dataset_options, renamed
 from kdiqa_edge.data.spec import DatasetSpec
 
 teacher_app = typer.Typer(help="The CLIP quality teacher: zero-shot evaluation and image-encoder fine-tuning.",
@@ -124,6 +124,8 @@ def finetune_command(
                                                           help="torch.compile the train step.")] = None,
     features: Annotated[bool | None, typer.Option("--features/--no-features", help="Write the teacher feature "
                                                      "cache for distillation afterwards (default on).")] = None,
+    logger: Logger = None,
+    mlflow_uri: MlflowUri = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune CLIP's image encoder on an IQA dataset (text tower, anchors and temperature stay frozen).
@@ -135,6 +137,8 @@ def finetune_command(
       kdiqa-edge teacher finetune --dataset koniq --root ~/data/koniq10k --out runs/teacher-koniq
 
       kdiqa-edge teacher finetune --out runs/teacher-koniq --resume
+
+      kdiqa-edge teacher finetune --teacher tiny --epochs 2 --logger tensorboard --logger mlflow
 
       torchrun --nproc-per-node 4 -m kdiqa_edge teacher finetune --dataset koniq --root ... --out ...
     """
@@ -148,7 +152,7 @@ def finetune_command(
         templates=list(template) if template else None, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, grad_accum=grad_accum, augment=augment, seed=seed, split_seed=split_seed,
         val_fraction=val_fraction, device=device, amp=amp, compile=compile_model, features=features,
-        progress=False if quiet else None,
+        progress=False if quiet else None, loggers=list(logger) if logger else None, mlflow_uri=mlflow_uri,
     )
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
     try:

@@ -52,6 +52,8 @@ class FinetuneConfig:
     select: str = "plcc+srcc"
     progress: bool = True
     features: bool = True  # write the teacher feature cache for distillation after training
+    loggers: list = dataclasses.field(default_factory=list)  # trackers: tensorboard, mlflow, wandb (train/trackers/)
+    mlflow_uri: str | None = None  # MLflow tracking URI (else MLFLOW_TRACKING_URI, else MLflow's default)
     workdir: str | None = None  # the folder the command ran in (set by run_finetune; how, not what, is trained)
 
 

@@ -58,6 +58,7 @@ from kdiqa_edge.train.state import (
     rng_state,
     save_last,
     set_rng_state,
+    step_rows,
     write_metrics_csv,
     write_step_log,
 )
@@ -96,6 +97,8 @@ class TrainConfig:
     eval_batch_size: int = 128  # images per forward pass at evaluation
     select: str = "plcc+srcc"  # which eval metric picks `best`: plcc+srcc | srcc | plcc
     progress: bool = True  # progress: a rich bar in a terminal, plain periodic lines in a log
+    loggers: list = dataclasses.field(default_factory=list)  # trackers fed as the run goes: tensorboard, mlflow, wandb
+    mlflow_uri: str | None = None  # MLflow tracking URI (else MLFLOW_TRACKING_URI, else MLflow's default)
 
     @classmethod
     def from_any(cls, cfg) -> TrainConfig:
@@ -112,6 +115,9 @@ class TrainConfig:
             raise ConfigError(f"augment must be hflip or none, got {self.augment!r}")
         if self.select not in ("plcc+srcc", "srcc", "plcc"):
             raise ConfigError(f"select must be plcc+srcc, srcc or plcc, got {self.select!r}")
+        from kdiqa_edge.train.trackers import check_loggers
+
+        self.loggers = check_loggers(self.loggers)  # a missing package: one line naming the extra, before any work
         return self
 
 
@@ -132,7 +138,10 @@ class Trainer:
     extra_meta: stored in every checkpoint's model.json and in summary.json (dataset, teacher, config...).
     label: what the progress lines are called (`teacher train`, `student train`: distill runs two stages).
     Ctrl-C during `train()` raises `RunInterrupted` (a KeyboardInterrupt) naming the run dir and the epoch.
+    cfg.loggers: trackers (train/trackers/) fed by rank 0 as the run goes, ended by `cleanup()`.
     """
+
+    interrupt_after_steps: int | None = None  # tests: simulate a crash after this many steps
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, cache, split, cfg: TrainConfig, run_dir: str | Path,
                  *, extras: Mapping[str, np.ndarray] | None = None, scalars_fn: ScalarsFn | None = None,
@@ -153,7 +162,8 @@ class Trainer:
         self.best: dict[str, Any] = {"epoch": None, "value": -math.inf}
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
-        self.interrupt_after_steps: int | None = None  # tests: simulate a crash after this many steps
+        self.trackers = None  # trackers.run.TrackedRun, on rank 0 with cfg.loggers, from train() to cleanup()
+        self._epoch_steps: list[dict] = []  # this epoch's steps.csv rows
         # benchmarks: time data (gather + copy + normalize/augment), forward/backward/step and the rest of
         # each step, synchronizing the device at every boundary (slows CUDA a little; off by default)
         self.profile_steps = False
@@ -233,6 +243,7 @@ class Trainer:
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        self._start_trackers()
         try:
             self._train_epochs()
         except RunInterrupted:
@@ -254,6 +265,8 @@ class Trainer:
                 if improved:
                     self.best = {"epoch": self.epoch, "value": self._score(result.metrics)}
                 self.save_checkpoint(best=improved)
+                if self.trackers is not None:  # what the checkpoint holds: a resume never sends an epoch twice
+                    self.trackers.epoch(self._epoch_steps, result.row)
                 # printed once, as an event line (not also as the bar's trailing info, which a log
                 # file's final progress line would repeat)
                 progress.print(f"{self.label}: epoch {self.epoch}/{self.cfg.epochs} loss {result.row['loss']:.4f} "
@@ -340,7 +353,35 @@ class Trainer:
 
     def _write_step_log(self, step_log) -> None:
         if self.ctx.is_main:
-            write_step_log(self.run_dir / "steps.csv", step_log)
+            self._epoch_steps = step_rows(step_log)
+            write_step_log(self.run_dir / "steps.csv", self._epoch_steps)
+
+    # -- trackers -----------------------------------------------------------------------------------------
+    def _start_trackers(self) -> None:
+        """Open cfg.loggers' runs (reopen them on resume, and send what they missed) on rank 0."""
+        if not self.cfg.loggers or not self.ctx.is_main or self.trackers is not None:
+            return
+        from kdiqa_edge.train.trackers.base import RunInfo, experiment_name, run_tags
+        from kdiqa_edge.train.trackers.run import TrackedRun
+
+        config = self._run_config()
+        stage = str(self.extra_meta.get("stage", "train"))
+        run_dir = self.run_dir.resolve()
+        run = RunInfo(run_dir=run_dir, name=run_dir.name, experiment=experiment_name(config, stage), stage=stage,
+                      config=config, eval_split=self.eval_split, tags=run_tags(config, stage),
+                      mlflow_uri=self.cfg.mlflow_uri)
+        self.trackers = TrackedRun(self.cfg.loggers, run, METRIC_NAMES).start(self.step)
+        if self.step:
+            self.trackers.catch_up(self.run_dir / "steps.csv", self.history, self.step)
+
+    def _run_config(self) -> dict[str, Any]:
+        """The recipe's config as run (config.yaml, which both recipes write before training), else the
+        training config and the dataset; without the trackers' own settings."""
+        from kdiqa_edge.config import load_file
+
+        path = self.run_dir / "config.yaml"
+        config = load_file(path) if path.is_file() else {**to_dict(self.cfg), "dataset": self.extra_meta.get("dataset") or {}}
+        return {k: v for k, v in config.items() if k not in ("loggers", "mlflow_uri")}
 
     def _tick(self, phase: str) -> None:
         """With `profile_steps` set, charge the time since the last tick to `phase` (device synchronized)."""
@@ -454,6 +495,13 @@ class Trainer:
         return summary
 
     def cleanup(self) -> None:
+        """End the trackers (summary.json and the plots, as the recipe left them) and the process group this
+        trainer made. Called from a `finally`: a run stopped by Ctrl-C ends its trackers' runs as KILLED."""
+        if self.trackers is not None:
+            from kdiqa_edge.train.trackers.run import status_now
+
+            self.trackers.end(status_now())
+            self.trackers = None
         if self.ctx.enabled and getattr(self, "_owns_process_group", True):
             destroy_process_group()
 

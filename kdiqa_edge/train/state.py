@@ -28,7 +28,7 @@ TRAIN_STATE = "train_state.pt"
 # (the same training gives the same checkpoint bytes, resumed or not).
 WALL_CLOCK = ("train_seconds", "images_per_s")
 # Config fields a resumed run may change: they do not change what is trained.
-RESUMABLE_CHANGES = frozenset({"progress", "compile", "device", "eval_batch_size"})
+RESUMABLE_CHANGES = frozenset({"progress", "compile", "device", "eval_batch_size", "loggers", "mlflow_uri"})
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -155,17 +155,23 @@ def link_checkpoint(source: Path, target: Path) -> Path:
 # Logs
 
 
-def write_step_log(path: Path, step_log: list[tuple[dict, dict[str, torch.Tensor]]]) -> None:
-    """steps.csv: lr, the scalars (e.g. lambda) and this process's loss terms at every optimizer step.
+def step_rows(step_log: list[tuple[dict, dict[str, torch.Tensor]]]) -> list[dict[str, Any]]:
+    """steps.csv's rows: lr, the scalars (e.g. lambda) and this process's loss terms at every optimizer step.
 
-    The tensors are read once per epoch (one device sync, not one per step). Rows of steps at or past
-    this epoch's first step are replaced, so a resumed run never duplicates them.
+    The tensors are read once per epoch (one device sync, not one per step).
     """
     if not step_log:
-        return
+        return []
     names = list(step_log[0][1])
     values = torch.stack([torch.stack([terms[n] for n in names]) for _, terms in step_log]).cpu().tolist()
-    rows = [{**info, **dict(zip(names, row))} for (info, _), row in zip(step_log, values)]
+    return [{**info, **dict(zip(names, row))} for (info, _), row in zip(step_log, values)]
+
+
+def write_step_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Add an epoch's `step_rows` to steps.csv. Rows of steps at or past this epoch's first step are replaced,
+    so a resumed run never duplicates them."""
+    if not rows:
+        return
     first = rows[0]["step"]
     kept = []
     if path.is_file():
