@@ -229,15 +229,33 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def test_cli_distill_mixes_unlabeled_and_excludes_test_images(photos, small_synthetic, bare_teacher, tmp_path,
-                                                              capsys):
+def test_cli_feature_tasks_then_distill_mixes_unlabeled_and_excludes_test_images(photos, small_synthetic,
+                                                                                 bare_teacher, tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = run_cli(["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher,
-                              "--student", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "16",
-                              "--unlabeled", photos / "good", "--unlabeled", photos / "messy",
-                              "--unlabeled", str(photos / "shards-{000..001}.tar"), "--rated-fraction", "0.2",
-                              "--unlabeled-fraction", "0.25", "--quiet", "--out", run], capsys)
+    args = ["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher,
+            "--student", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "16",
+            "--unlabeled", photos / "good", "--unlabeled", photos / "messy",
+            "--unlabeled", str(photos / "shards-{000..001}.tar"), "--rated-fraction", "0.2",
+            "--unlabeled-fraction", "0.25", "--feature-shard-images", "5", "--workers", "0", "--quiet", "--out", run]
+    # the feature work as two scheduler tasks (submitit's local executor: the SLURM path without sbatch)
+    code, out, err = run_cli([*args, "--feature-tasks", "2", "--launcher", "submitit-local", "--wait"], capsys)
     assert code == 0, err
+    import pickle
+
+    jobs = json.loads((run / "jobs.json").read_text())["runs"]
+    computed = []
+    for task in ("features/0", "features/1"):
+        folder = Path(jobs[task]["folder"])
+        with open(next(folder.glob("*_result.pkl")), "rb") as handle:
+            outcome, keys = pickle.load(handle)
+        assert outcome == "success"
+        computed.append(set(keys))
+    assert computed[0] and computed[1] and not computed[0] & computed[1]  # 17 images, 4 shards: 2 each
+
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert _summary(run)["unlabeled"]["computed_by_rank"] == [[]]  # every shard was the tasks'
+    assert _summary(run)["unlabeled"]["shards"] == 4
     from kdiqa_edge.train.distill import rated_subset
 
     unlabeled = _summary(run)["unlabeled"]

@@ -16,6 +16,7 @@ STUDENT_PANEL = "Student"
 TEACHER_PANEL = "Teacher"
 TRAIN_PANEL = "Training (defaults: the paper's recipe)"
 UNLABELED_PANEL = "Unlabeled images (soft loss only)"
+CLUSTER_PANEL = "Unlabeled features on a cluster"
 
 
 def register(app: typer.Typer) -> None:
@@ -73,6 +74,28 @@ def distill_command(
     workers: Annotated[int | None, typer.Option(
         "--workers", min=0, rich_help_panel=UNLABELED_PANEL,
         help="Processes decoding unlabeled images (2).")] = None,
+    feature_tasks: Annotated[int | None, typer.Option(
+        "--feature-tasks", min=1, rich_help_panel=CLUSTER_PANEL,
+        help="Only compute the unlabeled images' teacher features, as N scheduler tasks (one array; shard i is "
+        "task i % N's), then exit; the same distill without this flag then trains on them. Needs "
+        "--teacher-checkpoint and --out (the jobs' logs and OUT/jobs.json).")] = None,
+    feature_shard_images: Annotated[int | None, typer.Option(
+        "--feature-shard-images", min=1, rich_help_panel=CLUSTER_PANEL,
+        help="Unlabeled images per teacher-feature shard (2048): the unit of work and of resume.")] = None,
+    launcher: Annotated[str, typer.Option(
+        "--launcher", rich_help_panel=CLUSTER_PANEL,
+        help="With --feature-tasks: slurm (sbatch through submitit) or submitit-local (local processes).")] = "slurm",
+    wait: Annotated[bool, typer.Option("--wait", rich_help_panel=CLUSTER_PANEL,
+                                       help="With --feature-tasks: wait for the tasks to end.")] = False,
+    partition: Annotated[str | None, typer.Option("--partition", rich_help_panel=CLUSTER_PANEL,
+                                                  help="sbatch --partition.")] = None,
+    time_limit: Annotated[str | None, typer.Option("--time", rich_help_panel=CLUSTER_PANEL,
+                                                   help="sbatch --time of one task (24:00:00).")] = None,
+    cpus_per_job: Annotated[int | None, typer.Option("--cpus-per-job", min=1, rich_help_panel=CLUSTER_PANEL,
+                                                     help="sbatch --cpus-per-task.")] = None,
+    mem: Annotated[str | None, typer.Option("--mem", rich_help_panel=CLUSTER_PANEL, help="sbatch --mem.")] = None,
+    slurm_extra: Annotated[list[str] | None, typer.Option(
+        "--slurm-extra", rich_help_panel=CLUSTER_PANEL, help="Any other sbatch option as KEY=VALUE.")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Run dir (default runs/distill-<student>-<variant>-<dataset>-<time>).")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -141,8 +164,11 @@ def distill_command(
         augment=augment, seed=seed, split_seed=split_seed, val_fraction=val_fraction, device=device, amp=amp,
         compile=compile_model, progress=False if quiet else None, unlabeled=unlabeled or None,
         unlabeled_fraction=unlabeled_fraction, rated_fraction=rated_fraction, image_cache=image_cache,
-        workers=workers,
+        workers=workers, feature_shard_images=feature_shard_images,
     )
+    if feature_tasks is not None:
+        return _feature_tasks(cfg, data, out, feature_tasks, launcher, wait, partition, time_limit, cpus_per_job,
+                              mem, slurm_extra)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report
     try:
         summary = run_distill(cfg, data, out, resume=resume, log=typer.echo)
@@ -154,6 +180,34 @@ def distill_command(
     if main_process:
         _report(summary)
         typer.echo(f"next: kdiqa-edge export {shlex.quote(summary['run_dir'])} --precision auto")
+
+
+def _feature_tasks(cfg, data, out, tasks, launcher, wait, partition, time_limit, cpus_per_job, mem,
+                   slurm_extra) -> None:
+    """Submit the unlabeled feature work as an array of `tasks` jobs (and wait for it, if asked)."""
+    from kdiqa_edge.config import override
+    from kdiqa_edge.errors import ConfigError
+    from kdiqa_edge.train.distill import check_unlabeled, feature_task_config
+    from kdiqa_edge.train.launch import LaunchError, SlurmOptions, parse_extra, submit_features
+    from kdiqa_edge.train.schedules import parse_variant
+
+    if out is None or not cfg.unlabeled or not cfg.teacher_checkpoint:
+        raise ConfigError("--feature-tasks needs --unlabeled, --teacher-checkpoint and --out")
+    if launcher not in ("slurm", "submitit-local"):
+        raise ConfigError(f"--launcher must be slurm or submitit-local, got {launcher!r}")
+    check_unlabeled(cfg, parse_variant(cfg.variant))
+    opts = override(SlurmOptions(gpus_per_job=0 if cfg.device == "cpu" else 1), partition=partition,
+                    time=time_limit, cpus_per_job=cpus_per_job, mem=mem, extra=parse_extra(slurm_extra or []))
+    jobs = submit_features(feature_task_config(cfg), data, Path(out), launcher, opts, tasks, log=typer.echo)
+    if wait:
+        for task, job in enumerate(jobs):
+            try:
+                job.result()
+            except Exception as exc:  # noqa: BLE001 - submitit raises the job's own error, any type
+                raise LaunchError(f"feature task {task} (job {job.job_id}) failed: {str(exc).strip().splitlines()[-1]}"
+                                  f"; its log: {job.paths.stderr}") from None
+        typer.echo(f"{tasks} feature task(s) done")
+    typer.echo("next: the same kdiqa-edge distill command without --feature-tasks (it reuses the shards)")
 
 
 def _report(summary: dict) -> None:

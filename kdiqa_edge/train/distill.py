@@ -401,17 +401,13 @@ def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, 
     """The pool (rank 0 reads and hashes it; the others get it), its decoded cache if asked, its teacher
     features (shards split over the ranks), and the skip report in the run dir."""
     from kdiqa_edge.data.records import write_skipped
-    from kdiqa_edge.data.unlabeled import build_pool, decoded_images, pool_key, rated_hashes
+    from kdiqa_edge.data.unlabeled import decoded_images, pool_key
     from kdiqa_edge.train.distributed import all_gather_object
     from kdiqa_edge.train.features import unlabeled_features
 
     progress = cfg.progress and ctx.is_main
-    pool = None
-    if ctx.is_main:
-        # hidden ratings (--rated-fraction) are not rated: those images may come back as unlabeled
-        exclude = rated_hashes(cache.dataset, dataclasses.replace(split, train=list(rated_train)))
-        pool = build_pool(cfg.unlabeled, exclude, progress=progress)
-    pool = _same_on_all_ranks(ctx, pool)
+    pool = _same_on_all_ranks(ctx, _unlabeled_pool(cfg, cache, split, rated_train, progress) if ctx.is_main
+                              else None)
     images, failed = None, {}
     if cfg.image_cache:
         with _main_first(ctx):
@@ -434,6 +430,50 @@ def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, 
         say(f"unlabeled: {used.summary()}" + (f" (listed in {report['skipped_csv']})" if used.skipped else ""))
     rows = np.array([i for i in range(len(pool)) if i not in failed], dtype=np.int64)
     return UnlabeledData(pool, rows, features, images, pool_key(pool, preprocess), report)
+
+
+def _unlabeled_pool(cfg: DistillConfig, cache, split, rated_train, progress: bool):
+    from kdiqa_edge.data.unlabeled import build_pool, rated_hashes
+
+    # hidden ratings (--rated-fraction) are not rated: those images may come back as unlabeled
+    exclude = rated_hashes(cache.dataset, dataclasses.replace(split, train=list(rated_train)))
+    return build_pool(cfg.unlabeled, exclude, progress=progress)
+
+
+def feature_task_config(cfg: DistillConfig) -> DistillConfig:
+    """The config a feature task runs with: sources and teacher absolute (a task may start anywhere)."""
+    return dataclasses.replace(cfg, unlabeled=[_absolute_source(s) for s in cfg.unlabeled],
+                               teacher_checkpoint=_absolute_source(cfg.teacher_checkpoint), progress=False)
+
+
+def unlabeled_feature_task(cfg: DistillConfig, data: DatasetSpec | None, task: int, tasks: int,
+                           log=print) -> list[str]:
+    """One SLURM array task's share of the unlabeled teacher features (shard i is task i % tasks's), for the
+    pool `run_distill` would build with the same options; returns the shard keys it computed. A later
+    `distill` with these options finds the shards done (and computes any a task left missing)."""
+    from kdiqa_edge.data import prepare
+    from kdiqa_edge.data.readers import absolute_spec
+    from kdiqa_edge.models.checkpoint import read_meta
+    from kdiqa_edge.train.features import unlabeled_features
+    from kdiqa_edge.train.finetune import dataset_spec
+
+    if not cfg.unlabeled or not cfg.teacher_checkpoint:
+        raise ConfigError("feature tasks need --unlabeled and --teacher-checkpoint (every task must read the "
+                          "same teacher)")
+    if not 0 <= task < tasks:
+        raise ConfigError(f"task {task} of {tasks}: the task must be within 0..{tasks - 1}")
+    data = absolute_spec(dataset_spec(cfg, data))
+    preprocess = PreprocessSpec.from_dict(read_meta(cfg.teacher_checkpoint)["preprocess"])
+    cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                           test_fraction=cfg.test_fraction, split_by=cfg.split_by, progress=cfg.progress)
+    pool = _unlabeled_pool(cfg, cache, split, rated_subset(split.train, cfg.rated_fraction, cfg.split_seed),
+                           cfg.progress)
+    share = unlabeled_features(cfg.teacher_checkpoint, pool, device=cfg.device, batch_size=cfg.eval_batch_size,
+                               progress=cfg.progress, workers=cfg.workers, task=task, tasks=tasks,
+                               shard_images=cfg.feature_shard_images, share_only=True)
+    log(f"feature task {task}/{tasks}: {len(share.computed)} shard(s) computed of {len(share.shards)} "
+        f"({pool.summary()}) in {share.folder}")
+    return share.computed
 
 
 class MixedTrainer(Trainer):

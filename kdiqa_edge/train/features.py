@@ -173,12 +173,13 @@ def plan_shards(hashes, content_hash: str, preprocess, shard_images: int = SHARD
 def unlabeled_features(checkpoint, pool, *, device: str = "auto", batch_size: int = 128, progress: bool = True,
                        root: Path | None = None, shard_images: int = SHARD_IMAGES, workers: int = 2,
                        images: np.ndarray | None = None, ctx=None, task: int = 0, tasks: int = 1,
-                       on_shard=None) -> UnlabeledFeatures:
+                       on_shard=None, share_only: bool = False) -> UnlabeledFeatures:
     """Teacher features of every image of `pool` (data/unlabeled.UnlabeledPool), in shards on disk.
 
     Computes the shards this worker owns that are missing (decoding in `workers` processes, or reading
     `images`, a decoded cache aligned with the pool), waits for the other ranks, and opens them all.
-    `task`/`tasks`: this SLURM array task's share. `on_shard(n)` is called after each shard written (tests).
+    `task`/`tasks`: this SLURM array task's share; `share_only`: compute it and return without opening the
+    shards (the other tasks' may not exist yet). `on_shard(n)` is called after each shard written (tests).
     """
     from kdiqa_edge.train.distributed import SINGLE_PROCESS, barrier
 
@@ -198,6 +199,8 @@ def unlabeled_features(checkpoint, pool, *, device: str = "auto", batch_size: in
         _compute_shards(folder, mine, checkpoint, meta, preprocess, pool, device, batch_size, workers, images,
                         progress and ctx.is_main, on_shard)
     barrier(ctx)
+    if share_only:
+        return UnlabeledFeatures(folder, shards, [], {}, [s.key for s in mine])
     return open_unlabeled(folder, shards, computed=[s.key for s in mine])
 
 

@@ -134,6 +134,53 @@ class RunJob:
         return DelayedSubmission(self)
 
 
+@dataclasses.dataclass
+class FeatureJob:
+    """One array task of `distill --feature-tasks N`: its share of the unlabeled teacher-feature shards.
+
+    Finished shards are on disk, so a requeued (preempted) task computes only what it had left."""
+
+    config: dict  # the DistillConfig, as its fields
+    dataset: dict  # the DatasetSpec, absolute paths
+    task: int
+    tasks: int
+
+    def __call__(self) -> list[str]:
+        from kdiqa_edge.data.spec import DatasetSpec
+        from kdiqa_edge.train.distill import DistillConfig, unlabeled_feature_task
+
+        return unlabeled_feature_task(DistillConfig(**self.config), DatasetSpec.from_dict(self.dataset),
+                                      self.task, self.tasks)
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def submit_features(cfg, data, out: Path, launcher: str, opts: SlurmOptions, tasks: int,
+                    log: Callable[[str], None] = print) -> list:
+    """Submit the unlabeled feature work as one array of `tasks` jobs (SLURM: --array=0-N%max_parallel);
+    their ids go in OUT/jobs.json under `features/<task>`. Returns the jobs."""
+    from kdiqa_edge.config import to_dict
+    from kdiqa_edge.data.readers import absolute_spec
+
+    if tasks < 1:
+        raise ConfigError("--feature-tasks must be at least 1")
+    if launcher == "slurm":
+        _check_slurm()
+    config = {**to_dict(cfg), "progress": False}
+    dataset = absolute_spec(data).to_dict()
+    executor = _executor(launcher, out, opts, "kdiqa-features")
+    jobs = _submit(executor, [FeatureJob(config, dataset, task, tasks) for task in range(tasks)])
+    recorded = read_jobs(out)
+    for task, job in enumerate(jobs):
+        recorded[f"features/{task}"] = _record(launcher, out, job.job_id)
+    _write_jobs(out, recorded)
+    log(f"unlabeled features: submitted {tasks} task(s) as job(s) {', '.join(j.job_id for j in jobs)}")
+    return jobs
+
+
 def run_planned(out: str | Path, key: str, log: Callable[[str], None] = print) -> None:
     """Run (or resume, or skip) one run of the plan recorded in `out`; the last run to finish writes the tables."""
     from kdiqa_edge.train.reproduce import load_plan, plan, run_one, write_tables
