@@ -295,40 +295,38 @@ def test_soft_variant_on_unlabeled_only_trains_and_exports(photos, small_synthet
     assert code == 2 and "use --variant soft" in err
 
 
-# -- DDP: two gloo processes split the feature shards
+# -- DDP: two gloo processes (torchrun's environment) split the feature shards
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str, cache_dir: str, teacher: str, source: str,
-                root: str):
-    from kdiqa_edge.data import DatasetSpec
-    from kdiqa_edge.train.distill import DistillConfig, run_distill
+def _ddp_worker(rank: int, world_size: int, port: int, cache_dir: str, teacher: str, source: str, out: str):
+    from kdiqa_edge.train.distributed import destroy_process_group, init_distributed
+    from kdiqa_edge.train.features import unlabeled_features
 
     become_rank(rank, world_size, port, cache_dir)
-    cfg = DistillConfig(student="test_vit", pretrained=False, teacher_checkpoint=teacher, variant="soft",
-                        rated_fraction=0.0, unlabeled=[source], epochs=1, batch_size=8, augment="none",
-                        progress=False, feature_shard_images=3, workers=0)
-    run_distill(cfg, DatasetSpec(name="synthetic", root=Path(root)), run_dir, log=lambda *_: None)
+    ctx, _ = init_distributed("cpu")
+    pool = build_pool([source], progress=False)
+    share = unlabeled_features(teacher, pool, device="cpu", batch_size=128, progress=False, root=Path(out),
+                               shard_images=3, workers=0, ctx=ctx)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(share.computed))
+    destroy_process_group()
 
 
-def test_ddp_two_ranks_split_feature_shards(photos, small_synthetic, bare_teacher, tmp_path):
+def test_ddp_two_ranks_split_feature_shards(photos, bare_teacher, tmp_path):
     import torch.multiprocessing as mp
 
     from kdiqa_edge import paths
-    from kdiqa_edge.train.features import open_unlabeled, plan_shards, unlabeled_features
+    from kdiqa_edge.train.features import unlabeled_features
 
-    mp.spawn(_ddp_worker, nprocs=2, args=(2, free_port(), str(tmp_path / "two"), str(paths.cache_dir()),
-                                          str(bare_teacher), str(photos / "good"), str(small_synthetic.root)))
-    report = _summary(tmp_path / "two")["unlabeled"]
-    zero, one = (set(keys) for keys in report["computed_by_rank"])
+    mp.spawn(_ddp_worker, nprocs=2, args=(2, free_port(), str(paths.cache_dir()), str(bare_teacher),
+                                          str(photos / "good"), str(tmp_path / "two")))
+    zero, one = (set(json.loads((tmp_path / "two" / f"rank{r}.json").read_text())) for r in range(2))
     pool = build_pool([photos / "good"], progress=False)
-    meta = json.loads((bare_teacher / "model.json").read_text())
-    from kdiqa_edge.preprocess import PreprocessSpec
-
-    shards = plan_shards(pool.hashes, meta["content_hash"], PreprocessSpec.from_dict(meta["preprocess"]), 3)
-    assert zero and one and not zero & one and zero | one == {s.key for s in shards}
-    two = open_unlabeled(Path(report["feature_shards"]), shards)
     single = unlabeled_features(bare_teacher, pool, device="cpu", batch_size=128, progress=False,
                                 root=tmp_path / "single", shard_images=3, workers=0)
+    assert zero and one and not zero & one and zero | one == {s.key for s in single.shards}  # 6 shards, 3 each
+    two = unlabeled_features(bare_teacher, pool, device="cpu", batch_size=128, progress=False,
+                             root=tmp_path / "two", shard_images=3, workers=0)
+    assert two.computed == []  # the ranks wrote them all
     rows = np.arange(PHOTOS)
     np.testing.assert_allclose(two.gather(rows).astype(np.float32), single.gather(rows).astype(np.float32),
                                atol=2e-3, rtol=2e-3)
