@@ -40,6 +40,7 @@ SEED = 101  # the references' views: not the seed the training set was generated
 LEVELS = (3, 5)
 REGIONS = ("half", "quadrant", "disc")
 DISTORTED, CLEAN = 0.75, 0.25  # a cell's share of the distorted region that labels it
+FINDINGS = "## Findings"  # the results file's hand-written part from this heading on, kept by a re-run
 
 
 def train(work: Path) -> Path:
@@ -232,6 +233,8 @@ def main() -> None:
     srcc = f"test SRCC {test['srcc']:.3f}" if isinstance(test, dict) and "srcc" in test else "test SRCC in its summary.json"
     speed = {"rounds": 40, "ms": latency(model, refs[0])}
     text = report(rows, speed, environment(args.threads), run, args.refs, srcc)
+    if args.out.is_file() and FINDINGS in (kept := args.out.read_text()):  # the written reading of the figures
+        text += "\n" + kept[kept.index(FINDINGS):]
     write_text(args.out, text)
     print(text)
 
