@@ -240,6 +240,20 @@ def test_overlays_and_arrays_for_a_folder_with_a_broken_file(exported, photos, t
         maps.MapWriter(plain, tmp_path, "nope")
 
 
+def test_score_map_through_the_cli(exported, photos, tmp_path, capsys):
+    model = exported["with"] / "onnx-fp32" / "model.fp32.onnx"
+    code, out, err = run_cli(["score", model, photos[0].parent, "--map", tmp_path / "maps"], capsys)
+    assert code == 0 and "Traceback" not in err and "broken.jpg\terror:" in out and "2 fast maps in" in err
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "astronaut.map.npy", "astronaut.map.png", "chelsea.map.npy", "chelsea.map.png"]
+    # QualityModel.score_map gives what the CLI wrote
+    written = np.load(tmp_path / "maps" / "astronaut.map.npy")
+    assert np.array_equal(QualityModel.load(model).score_map(photos[0]), written)
+    code, _, err = run_cli(["score", exported["without"] / "onnx-fp32" / "model.fp32.onnx", photos[0],
+                            "--map", tmp_path / "m2"], capsys)
+    assert code == 2 and "--with-map" in err and "Traceback" not in err
+
+
 def test_maps_without_torch(exported, photos, tmp_path):
     blocker = tmp_path / "no_torch"
     (blocker / "torch").mkdir(parents=True)

@@ -47,6 +47,11 @@ def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_siz
         yield result
 
 
+class MapKind(str, enum.Enum):
+    fast = "fast"  # the artifact's score_map output (export --with-map): one pass
+    patches = "patches"  # the model on a grid of overlapping crops: any model, one batch of crops per image
+
+
 class OutputFormat(str, enum.Enum):
     text = "text"  # image<TAB>score, or image<TAB>error: reason
     csv = "csv"  # image,score,error with a header
@@ -82,6 +87,14 @@ def score(
         rich_help_panel="Output file")] = 1024,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="--out: no progress lines.",
                                         rich_help_panel="Output file")] = False,
+    map_dir: Annotated[Path | None, typer.Option(
+        "--map", help="Also write each image's local quality map into this folder: NAME.map.png (the map over "
+                      "the photo, a colour scale 1..5, the global score in the corner) and NAME.map.npy (the map).",
+        rich_help_panel="Quality maps")] = None,
+    map_kind: Annotated[MapKind, typer.Option(
+        "--map-kind", help="fast: the artifact's score_map output (export --with-map; a checkpoint has it too), "
+                           "from the scoring pass's model; patches: the model on a 4x4 grid of overlapping crops "
+                           "(any model).", rich_help_panel="Quality maps")] = MapKind.fast,
 ) -> None:
     """Score images with a quality model (1 = bad ... 5 = perfect). Unreadable images are reported, not fatal.
 
@@ -99,6 +112,8 @@ def score(
       kdiqa-edge score student.onnx photos/ --format csv > scores.csv
 
       kdiqa-edge score student.onnx /data/photos --out scores.parquet   # resumable: run it again after a stop
+
+      kdiqa-edge score student.onnx photos/ --map maps/   # + maps/NAME.map.png and .npy (export --with-map)
     """
     from kdiqa_edge.cli.options import renamed
     from kdiqa_edge.errors import ConfigError
@@ -125,12 +140,18 @@ def score(
                     "cache used; its scores may differ from those on its own decode", err=True, fg="yellow")
     run = _Run(quality_model, ImageFiles(images), batch_size, workers or default_workers(threads),
                decode.value if decode else recorded)
+    if map_dir is not None:
+        from kdiqa_edge.runtime.maps import MapWriter
+
+        run.maps = MapWriter(quality_model, map_dir, map_kind.value)  # a kind the model lacks: one line, now
     if out is None:
         run.to_stdout(output)
     else:
         run.to_file(out, model, overwrite, chunk, quiet)
     typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped), err=True,
                 fg="yellow" if run.failed or not (run.scored or run.skipped) else None)
+    if map_dir is not None:
+        typer.secho(f"{run.mapped} {map_kind.value} maps in {map_dir} (NAME.map.png, NAME.map.npy)", err=True)
     if run.found.missing or not (run.scored or run.skipped):
         missing = ", ".join(map(str, run.found.missing))
         why = f"no such file or directory: {missing}" if run.found.missing else "no image was scored"
@@ -153,8 +174,9 @@ class _Run:
     def __init__(self, quality_model, found, batch_size: int, workers: int, decode: str):
         self.model, self.found, self.batch_size = quality_model, found, batch_size
         self.workers, self.decode = workers, decode
-        self.scored = self.failed = self.skipped = 0
+        self.scored = self.failed = self.skipped = self.mapped = 0
         self.seconds = 0.0
+        self.maps = None  # a runtime.maps.MapWriter with --map
 
     def results(self, entries):
         import time
@@ -166,9 +188,19 @@ class _Run:
             for decoded, result in score_paths(self.model, entries, self.batch_size, self.workers, self.decode):
                 self.scored += result.error is None
                 self.failed += result.error is not None
+                if self.maps is not None and result.error is None:
+                    self._map(result.path)
                 yield decoded, result
         finally:
             self.seconds = time.perf_counter() - start
+
+    def _map(self, path: str) -> None:
+        """The image's overlay and .npy; a file that cannot be read again (it changed since) says why on stderr."""
+        row = self.maps.write(path)
+        if row.error is not None:
+            typer.secho(f"{path}: no map: {row.error}", err=True, fg="yellow")
+        else:
+            self.mapped += 1
 
     def to_stdout(self, output: OutputFormat) -> None:
         writer = csv.writer(sys.stdout, lineterminator="\n") if output is OutputFormat.csv else None

@@ -165,3 +165,11 @@ class QualityModel:
         """
         for _, result in score_paths(self, walk(paths), batch_size, workers=workers, decode=decode):
             yield result
+
+    def score_map(self, image: ImageLike, kind: str = "fast") -> np.ndarray:
+        """The local quality map of one image, float32 [h, w] in score units over the centre crop the model sees:
+        `fast` (the artifact's score_map output: export --with-map; a checkpoint has it too) or `patches` (the
+        model on a 4x4 grid of overlapping crops; any artifact). See kdiqa_edge/runtime/maps.py."""
+        from kdiqa_edge.runtime.maps import score_map
+
+        return score_map(self, image, kind)
