@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from ddp_helpers import become_rank, free_port
 
 from kdiqa_edge.cli import main
@@ -277,7 +278,8 @@ def test_rank_zero_alone_logs_under_torchrun(small_synthetic, tmp_path):
     assert list(json.loads((run / "trackers.json").read_text())) == ["tensorboard"]
 
 
-def test_register_export_in_mlflow_server_and_load_models_uri(tracked_run, mlflow_server, tmp_path, monkeypatch):
+def test_register_export_in_mlflow_server_and_load_models_uri(tracked_run, mlflow_server, tmp_path, monkeypatch,
+                                                               capsys):
     """The fine-tuned checkpoint's ONNX export, registered twice on a live `mlflow server`: versions 1 and 2,
     whose files `models:/NAME/2` resolves to and QualityModel opens, scoring as the export itself does."""
     import numpy as np
@@ -294,18 +296,22 @@ def test_register_export_in_mlflow_server_and_load_models_uri(tracked_run, mlflo
     out = tmp_path / "exports"
     export_checkpoint(run, ExportConfig(target="onnx", precision="fp32"), out, progress=False, log=lambda _: None)
     first = register_export(out, "tiny-iqa", ["onnx-fp32"], log=lambda _: None)
-    second = register_export(out, "tiny-iqa", ["onnx-fp32"], log=lambda _: None)
-    assert (first.version, second.version) == ("1", "2") and second.tracking_uri == url
+    # the second through the CLI: the export is up to date, so it is reused and registered as version 2
+    code, said, err = run_cli(["export", run, "--target", "onnx", "--precision", "fp32", "--out", out,
+                               "--mlflow-register", "tiny-iqa", "--mlflow-uri", url], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert first.version == "1" and "tiny-iqa" in said + err
     client = MlflowClient(url)
     version = client.get_model_version("tiny-iqa", "2")
-    assert version.run_id == second.run_id and version.tags["kdiqa_edge.file"] == "model.fp32.onnx"
-    logged = client.get_run(second.run_id)
+    assert version.run_id != first.run_id and version.tags["kdiqa_edge.file"] == "model.fp32.onnx"
+    logged = client.get_run(version.run_id)
     assert logged.data.metrics["onnx-fp32/parity.max_abs_diff"] < 1e-4
-    assert {a.path for a in client.list_artifacts(second.run_id)} >= {"manifest.json", "onnx-fp32"}
+    assert {a.path for a in client.list_artifacts(version.run_id)} >= {"manifest.json", "onnx-fp32"}
 
     path = resolve_model_uri("models:/tiny-iqa/2")
     assert path.read_bytes() == (out / "onnx-fp32" / "model.fp32.onnx").read_bytes()
     assert resolve_model_uri("models:/tiny-iqa/latest") == path
     images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
-    registered, exported = QualityModel.load(path), QualityModel.load(out / "onnx-fp32" / "model.fp32.onnx")
+    registered = QualityModel.load("models:/tiny-iqa/2")
+    exported = QualityModel.load(out / "onnx-fp32" / "model.fp32.onnx")
     np.testing.assert_array_equal(registered.predict(images), exported.predict(images))

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.options import MlflowUri, dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.export.base import ExportConfig
 
@@ -108,6 +108,12 @@ def export_command(
     max_size_mb: Annotated[float | None, typer.Option(
         "--max-size-mb", min=0.0, help="Gate the pick: the largest size of its files, MB (1e6 bytes)",
         rich_help_panel=GATE_PANEL)] = None,
+    mlflow_register: Annotated[str | None, typer.Option(
+        "--mlflow-register", metavar="NAME",
+        help="Log the export (files, manifest.json, drift/latency figures) to MLflow and register the chosen one "
+             "(auto's pick where auto ran) as a new version of model NAME: QualityModel.load('models:/NAME/VERSION')",
+        rich_help_panel=EXPORT_PANEL)] = None,
+    mlflow_uri: MlflowUri = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="A target profile (export/<name>.yaml); "
                                                     "flags override it.", rich_help_panel=EXPORT_PANEL)] = None,
     force: Annotated[bool, typer.Option(
@@ -153,6 +159,12 @@ def export_command(
     out = out if out is not None else default_out(checkpoint)
     requested = [f"{name}-{cfg.precision}" for name in cfg.validate().targets()]
     gate = _gate(cfg, fail_under, max_latency_ms, max_size_mb)
+    if mlflow_register:
+        from kdiqa_edge.errors import require
+        from kdiqa_edge.train.trackers.registry import EXTRA, chosen
+
+        require("mlflow", EXTRA)
+        chosen(requested)  # one model to register: refused before any export work
     try:
         manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log, verbose=verbose)
     except TensorRTUnavailable:
@@ -165,6 +177,10 @@ def export_command(
         from kdiqa_edge.export.pipeline import MANIFEST
 
         report_gate(gate_exports(out / MANIFEST, requested, gate))
+    if mlflow_register:  # after the gate: a pick that breaks a bound is not registered
+        from kdiqa_edge.train.trackers.registry import register_export
+
+        register_export(out, mlflow_register, requested, mlflow_uri, log=typer.echo)
 
 
 def _gate(cfg: ExportConfig, fail_under: str | None, max_latency_ms: float | None, max_size_mb: float | None):

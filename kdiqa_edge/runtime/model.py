@@ -55,7 +55,8 @@ class QualityModel:
     @classmethod
     def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
              spinning: bool | None = None, stop_spinning: bool = False) -> QualityModel:
-        """Open an .onnx, .engine/.plan, .mlpackage, .pte (ExecuTorch), checkpoint dir or run dir.
+        """Open an .onnx, .engine/.plan, .mlpackage, .pte (ExecuTorch), .xml (OpenVINO), checkpoint dir or run dir,
+        or a registered version in MLflow's model registry (`models:/NAME/VERSION`, `/latest`, `@ALIAS`).
 
         provider: onnxruntime execution provider (cpu, cuda, tensorrt, coreml, or a full name; default the
         best available), "cuda"/"cpu" for a checkpoint, compute units (cpu, gpu, ane) for CoreML.
@@ -64,6 +65,10 @@ class QualityModel:
         stop_spinning: ONNX Runtime's workers stop spinning when each run returns (for timing several models
         side by side in one process; a served model keeps ORT's default, which spins on between runs).
         """
+        if isinstance(path, str) and path.startswith("models:/"):  # a version in MLflow's model registry
+            from kdiqa_edge.runtime.registry_uri import resolve_model_uri
+
+            path = resolve_model_uri(path)
         return cls(load_backend(path, provider=provider, threads=threads, spinning=spinning,
                                 stop_spinning=stop_spinning))
 
