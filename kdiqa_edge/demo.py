@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable, first_line
 from kdiqa_edge.io import read_json, write_json, write_text
@@ -31,7 +33,12 @@ TINY_TEACHER = "tiny"
 
 # (target, precision) per model. A target or precision this installation does not have (the registry and
 # PRECISIONS say) is left out, so new ones (auto, executorch) join the demo when they are built.
-TEACHER_EXPORTS = (("onnx", "fp32"),)
+# The teacher is not exported here: bench times it in each runtime below (bench/teacher.py: its exports made
+# once into the cache), and the fastest at its own accuracy is the one the students are compared against.
+# ExecuTorch is left out of the demo's teacher forms for time (lowering ViT-B/32 costs the 12-minute demo about
+# two minutes); `kdiqa-edge bench --teacher RUN` times it too.
+TEACHER_RUNTIMES = ("torch", "onnx", "openvino")
+MAP_IMAGES = 4  # test images whose local quality maps the report shows, lowest to highest MOS
 # ExecuTorch INT8 only: its export builds and times the FP32 program beside it anyway (drift and latency in its
 # notes), and a second FP32 program would cost the 12-minute demo about a minute
 STUDENT_EXPORTS = (("onnx", "fp32"), ("onnx", "int8"), ("onnx", "auto"), ("coreml", "fp16"), ("tensorrt", "int8"),
@@ -152,19 +159,23 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
 
     # 3. exports
     exports: dict[str, dict[str, Any]] = {}
-    for name, run_dir in [("teacher", teacher_dir), *student_dirs.items()]:
-        requests = available_exports(TEACHER_EXPORTS if name == "teacher" else STUDENT_EXPORTS)
+    for name, run_dir in student_dirs.items():
+        requests = available_exports(STUDENT_EXPORTS)
         log(f"{name}: exporting to " + ", ".join(f"{t}-{p}" for t, p in requests))
         with timings.stage(f"export {name}"):
             exports[name] = _export_all(name, run_dir, out / "exports" / name, requests, cfg, data, log, timings)
 
-    # 4. bench: the teacher's FP32 ONNX and every student artifact, the teacher's run as the reference
+    # 4. bench: the teacher in each of its runtimes and every student artifact, the teacher's run as the reference
     with timings.stage("bench"):
-        report = _bench(exports, teacher_dir, out, cfg, data, teacher_alias(teacher_dir))
+        report = _bench(exports, teacher_dir, out, cfg, data)
+
+    # 5. where the quality is lost: the first student's local quality maps of a few test images
+    with timings.stage("quality maps"):
+        maps = _maps(next(iter(student_dirs.items())), out, log) if student_dirs else []
 
     timings.finish()
     write_json(out / "timings.json", timings.to_dict())
-    path = write_report(out, teacher, pretrained, exports, report, student_dirs, teacher_dir, timings, cfg)
+    path = write_report(out, teacher, pretrained, exports, report, student_dirs, teacher_dir, timings, cfg, maps)
     log(f"report: {path}")
     return path
 
@@ -253,13 +264,7 @@ def artifacts(manifest: dict[str, Any], out: Path) -> dict[str, Path]:
     return found
 
 
-def teacher_alias(teacher_dir: Path) -> str:
-    """The teacher's row name in the bench: `teacher-<arch>`, e.g. teacher-ViT-B-32."""
-    meta = read_json(teacher_dir / "checkpoints" / "best" / "model.json")
-    return f"teacher-{meta.get('arch', 'clip')}"
-
-
-def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: DatasetSpec, teacher_name: str):
+def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: DatasetSpec):
     from kdiqa_edge.bench.report import write_markdown, write_plot, write_report_json
     from kdiqa_edge.bench.runner import BenchConfig, run_bench
 
@@ -269,8 +274,7 @@ def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: Dataset
             if label.startswith("tensorrt"):
                 continue  # a TensorRT-ready ONNX, benched on the device once it becomes an engine
             # a readable row label: copy-free symlink named after the model and format
-            row = teacher_name if name == "teacher" else name
-            alias = out / "bench" / "models" / f"{row}.{label}{path.suffix}"
+            alias = out / "bench" / "models" / f"{name}.{label}{path.suffix}"
             alias.parent.mkdir(parents=True, exist_ok=True)
             if alias.is_symlink() or alias.exists():
                 alias.unlink() if not alias.is_dir() or alias.is_symlink() else shutil.rmtree(alias)
@@ -278,11 +282,37 @@ def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: Dataset
             models.append(alias)
     bench_cfg = BenchConfig(batch_sizes=tuple(cfg.batch_sizes), runs=cfg.bench_runs, warmup=3,
                             threads=cfg.threads)
-    report = run_bench(models, reference=teacher_dir, data=data, cfg=bench_cfg, progress=cfg.progress)
+    report = run_bench(models, reference=teacher_dir, data=data, cfg=bench_cfg, progress=cfg.progress,
+                       teacher=[teacher_dir], teacher_runtimes=TEACHER_RUNTIMES)
     write_report_json(report, out / "bench" / "bench.json")
     write_markdown(report, out / "bench" / "bench.md")
     write_plot(report, out / "bench" / "latency_vs_srcc.png")
     return report
+
+
+def _maps(student: tuple[str, Path], out: Path, log) -> list:
+    """The student's `fast` and `patches` maps of MAP_IMAGES test images spread over the MOS range, from its
+    checkpoint (runtime/maps.py): OUT/maps/<kind>/NAME.map.png and .npy. A model without a feature map (a
+    transformer's token sequence) has no `fast` map: said in one line, the patches map still made."""
+    from kdiqa_edge.bench.accuracy import EvalData, eval_source
+    from kdiqa_edge.runtime import QualityModel
+    from kdiqa_edge.runtime.maps import write_maps
+
+    name, run_dir = student
+    model = QualityModel.load(run_dir)
+    eval_set = EvalData(eval_source(run_dir), progress=False).get(model.preprocess)
+    order = np.argsort(eval_set.mos, kind="stable")
+    picks = order[np.unique(np.linspace(0, len(order) - 1, MAP_IMAGES).round().astype(int))]
+    rows = []
+    for kind in ("fast", "patches"):
+        try:
+            written = list(write_maps(model, [eval_set.files[i] for i in picks], out / "maps" / kind, kind=kind))
+        except KdiqaError as exc:
+            log(f"maps: no {kind} map for {name} ({first_line(exc)})")
+            continue
+        rows += [(name, kind, float(eval_set.mos[i]), row) for i, row in zip(picks, written)]
+    log(f"maps: {sum(r.error is None for *_, r in rows)} quality maps of {name} -> {out / 'maps'}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,7 +321,7 @@ def _bench(exports, teacher_dir: Path, out: Path, cfg: DemoConfig, data: Dataset
 
 @dataclasses.dataclass
 class Versus:
-    """One student artifact against the teacher's ONNX FP32, both at batch 1 on this CPU."""
+    """One student artifact against the teacher in its fastest runtime here, both at batch 1 on this CPU."""
 
     student: str
     label: str  # e.g. onnx-int8
@@ -302,13 +332,26 @@ class Versus:
     smaller: float  # teacher MB / student MB
 
 
-def versus_teacher(report, students, teacher_name: str) -> tuple[Any, list[Versus]]:
-    """(the teacher's ONNX FP32 row or None, every benched student artifact against it), fastest first."""
-    rows = [r for r in report.results if r.status == "ok" and r.latency_at(1) and r.size_mb]
-    teacher_row = next((r for r in rows if r.name.startswith(f"{teacher_name}.onnx-fp32")), None)
-    if teacher_row is None:
+def teacher_row(report):
+    """The bench row of the teacher's fastest form at its own accuracy (bench/teacher.py), or None."""
+    if not report.teacher:
+        return None
+    return next((r for r in report.results if r.name == report.teacher["row"]), None)
+
+
+def teacher_words(report) -> str:
+    """Which runtime the teacher row is, in words: "OpenVINO bf16"."""
+    row = teacher_row(report)
+    return f"{row.backend} {row.precision}" if row is not None else "its fastest runtime"
+
+
+def versus_teacher(report, students) -> tuple[Any, list[Versus]]:
+    """(the teacher's fastest row or None, every benched student artifact against it), fastest first."""
+    t_row = teacher_row(report)
+    if t_row is None or not t_row.latency_at(1) or not t_row.size_mb:
         return None, []
-    t_ms, t_mb = teacher_row.latency_at(1).p50_ms, teacher_row.size_mb
+    rows = [r for r in report.results if r.status == "ok" and r.latency_at(1) and r.size_mb and r.teacher is None]
+    t_ms, t_mb = t_row.latency_at(1).p50_ms, t_row.size_mb
     found = []
     for student in students:
         for row in rows:
@@ -316,11 +359,11 @@ def versus_teacher(report, students, teacher_name: str) -> tuple[Any, list[Versu
                 ms = row.latency_at(1).p50_ms
                 label = row.name[len(student) + 1:].rsplit(".", 1)[0]
                 found.append(Versus(student, label, ms, row.size_mb, row.params, t_ms / ms, t_mb / row.size_mb))
-    return teacher_row, sorted(found, key=lambda v: v.ms)
+    return t_row, sorted(found, key=lambda v: v.ms)
 
 
 def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bool, tiny: bool,
-             epochs: str) -> list[str]:
+             epochs: str, teacher_runtime: str = "its fastest runtime") -> list[str]:
     """The report's first lines: the speed and size ratios in plain words, then what the accuracy means."""
     lines = []
     best = {}
@@ -334,13 +377,14 @@ def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bo
         for v in best.values():
             lines.append(f"On this CPU the student `{v.student}` is **{ratio(v.speedup, 'faster', 'slower')}** and "
                          f"**{ratio(v.smaller, 'smaller', 'larger')}** than the `{teacher}` teacher ({v.label} against "
-                         f"the teacher's ONNX FP32 at batch 1: {_short(v.ms)} vs {_short(t_ms)} ms, "
+                         f"the teacher in its fastest runtime here, {teacher_runtime}, at batch 1: {_short(v.ms)} vs "
+                         f"{_short(t_ms)} ms, "
                          f"{_short(v.size_mb)} vs {_short(t_mb)} MB).")
         if tiny:
             lines.append("The `--quick` demo's teacher is the 64 px `tiny` CLIP (about 0.15M parameters), far smaller "
                          "than the students; run `kdiqa-edge demo` without `--quick` for the real ViT-B/32 ratios.")
     else:
-        lines.append("The teacher's ONNX FP32 or every student export failed to bench: no speed-up to report "
+        lines.append("Every form of the teacher or every student export failed to bench: no speed-up to report "
                      "(see Failures below).")
     if random_weights:
         lines.append("The accuracy figures (SRCC, PLCC, drift) are a **smoke test**: the weights are random (no "
@@ -353,16 +397,16 @@ def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bo
 
 
 def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, report,
-                 student_dirs: dict[str, Path], teacher_dir: Path, timings: _Timings, cfg: DemoConfig) -> Path:
+                 student_dirs: dict[str, Path], teacher_dir: Path, timings: _Timings, cfg: DemoConfig,
+                 maps: list | None = None) -> Path:
     from kdiqa_edge.bench.report import markdown
 
     tiny = teacher == TINY_TEACHER
     random_weights = tiny or teacher.endswith(":random") or not all(pretrained.values())
-    teacher_name = teacher_alias(teacher_dir)
-    teacher_row, versus = versus_teacher(report, list(student_dirs), teacher_name)
+    t_row, versus = versus_teacher(report, list(student_dirs))
     epochs = f"{cfg.teacher_epochs} teacher and {cfg.epochs} student epoch{'s' if cfg.epochs != 1 else ''}"
     lines = ["# kdiqa-edge demo report", ""]
-    for line in headline(teacher, teacher_row, versus, random_weights, tiny, epochs):
+    for line in headline(teacher, t_row, versus, random_weights, tiny, epochs, teacher_words(report)):
         lines += [line, ""]
     lines += [f"Teacher `{teacher}`{' (random init, not pretrained)' if tiny or teacher.endswith(':random') else ''}; "
               "students " + ", ".join(f"`{s}` ({'ImageNet' if p else 'not pretrained'})" for s, p in pretrained.items())
@@ -370,14 +414,15 @@ def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, 
                  if tiny or teacher.endswith(":random") else "") + ".", ""]
     if versus:
         lines += ["## Students vs the teacher", "",
-                  (f"Teacher `{teacher_row.name}`: {teacher_row.latency_at(1).p50_ms:.2f} ms at batch 1, "
-                   f"{teacher_row.size_mb:.1f} MB, {_millions(teacher_row.params)} parameters."), "",
+                  (f"Teacher `{t_row.name}` ({teacher_words(report)}, its fastest form here of "
+                   f"{', '.join(f['row'] for f in report.teacher['forms'])}): {t_row.latency_at(1).p50_ms:.2f} ms "
+                   f"at batch 1, {t_row.size_mb:.1f} MB, {_millions(t_row.params)} parameters."), "",
                   "| student | format | p50 ms (batch 1) | speed-up | size (MB) | smaller | params |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {v.student} | {v.label} | {v.ms:.2f} | {v.speedup:.1f}x | {v.size_mb:.1f} | {v.smaller:.1f}x | "
                   f"{_millions(v.params)} |" for v in versus]
         lines.append("")
     lines += ["## Summary", ""] + [f"- {line}" for line in summary_lines(report, exports, student_dirs,
-                                                                          teacher_dir, teacher_name)]
+                                                                          teacher_dir)]
     # the bench report's own sections sit under this report's "Benchmark" heading
     bench_md = markdown(report, title="Benchmark", environment=True).strip().replace("\n## ", "\n### ")
     lines += ["", "#" + bench_md, "",
@@ -385,6 +430,7 @@ def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, 
     for name, run_dir in [("teacher", teacher_dir), *student_dirs.items()]:
         for plot in sorted((run_dir / "plots").glob("*.png")):
             lines.append(f"![{name} {plot.stem}]({os.path.relpath(plot, out)})")
+    lines += maps_section(maps or [], out)
     lines += ["", "## Exports", ""] + exports_section(exports)
     lines += ["", "## Time", ""] + time_section(timings)
     return write_text(out / "report.md", "\n".join(lines) + "\n")
@@ -403,14 +449,15 @@ def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def summary_lines(report, exports, student_dirs, teacher_dir, teacher_name: str = "teacher") -> list[str]:
+def summary_lines(report, exports, student_dirs, teacher_dir) -> list[str]:
     rows = {r.name: r for r in report.results}
-    teacher_row = next((r for r in report.results if r.name.startswith(f"{teacher_name}.onnx-fp32")), None)
-    teacher_ms = teacher_row.latency_at(1).p50_ms if teacher_row and teacher_row.latency_at(1) else None
+    t_row = teacher_row(report)
+    teacher_ms = t_row.latency_at(1).p50_ms if t_row and t_row.latency_at(1) else None
     teacher_test = read_json(teacher_dir / "summary.json").get("test") or {}
     lines = [f"Teacher (fine-tuned): test SRCC {teacher_test.get('srcc', float('nan')):.3f}, "
              f"PLCC {teacher_test.get('plcc', float('nan')):.3f}"
-             + (f"; ONNX FP32 {teacher_row.size_mb:.1f} MB, {teacher_ms:.2f} ms at batch 1" if teacher_ms else "")]
+             + (f"; fastest here in {teacher_words(report)}: {t_row.size_mb:.1f} MB, {teacher_ms:.2f} ms at batch 1"
+                if teacher_ms else "")]
     for student, run_dir in student_dirs.items():
         test = read_json(run_dir / "summary.json").get("test") or {}
         parts = [f"{student}: test SRCC {test.get('srcc', float('nan')):.3f}, PLCC {test.get('plcc', float('nan')):.3f}"]
@@ -436,6 +483,28 @@ def summary_lines(report, exports, student_dirs, teacher_dir, teacher_name: str 
         if drift:
             parts.append(int8_drift_text(drift))
         lines.append("; ".join(parts))
+    return lines
+
+
+def maps_section(maps: list, out: Path) -> list[str]:
+    """The quality maps: one row per test image, the fast and patches overlays side by side."""
+    if not maps:
+        return []
+    kinds = list(dict.fromkeys(kind for _, kind, _, _ in maps))
+    student = maps[0][0]
+    lines = ["", "## Where the quality is lost", "",
+             f"Local quality maps of `{student}` (1 = bad ... 5 = perfect, the global score in the corner) on test "
+             "images from the lowest to the highest MOS: `fast` is the head at every position of the student's "
+             "last feature map (one pass), `patches` the model on a 4x4 grid of overlapping crops. "
+             "`kdiqa-edge score MODEL IMAGES --map DIR` makes them for any image.", "",
+             "| image | MOS | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    by_image: dict[str, dict[str, Any]] = {}
+    for _, kind, mos, row in maps:
+        by_image.setdefault(row.path, {"mos": mos})[kind] = row
+    for path, cells in by_image.items():
+        shown = [f"![{kind}]({os.path.relpath(cells[kind].overlay, out)})" if kind in cells and cells[kind].overlay
+                 else (cells[kind].error if kind in cells else "—") for kind in kinds]
+        lines.append(f"| {Path(path).name} | {cells['mos']:.2f} | " + " | ".join(shown) + " |")
     return lines
 
 

@@ -27,7 +27,17 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
         assert re.search(rf"^On this CPU the student `{student}` is \*\*\d+\.\dx (faster|slower)\*\* and "
                          rf"\*\*\d+\.\dx (smaller|larger)\*\* than the `tiny` teacher", head, re.MULTILINE), head
     assert "**smoke test**: the weights are random" in head and "not pretrained" in head
-    assert "| teacher-tiny.onnx-fp32.onnx |" in report and "## Students vs the teacher" in report
+    # the teacher in each runtime, the fastest at its accuracy the one compared against, and named
+    assert re.search(r"^\| teacher:torch \|", report, re.MULTILINE) and "| teacher:onnx-fp32 |" in report, report
+    assert "## Students vs the teacher" in report
+    assert re.search(r"against the teacher in its fastest runtime here, \w+ \w+, at batch 1", head), head
+    # where the quality is lost: fast and patches overlays of 4 test images, lowest to highest MOS
+    maps = report.split("## Where the quality is lost")[1].split("\n## ")[0]
+    rows = [line for line in maps.splitlines() if line.startswith("| ") and ".png" in line]
+    assert len(rows) == 4 and all(line.count("](maps/") == 2 for line in rows), maps
+    mos = [float(line.split("|")[2]) for line in rows]
+    assert mos == sorted(mos)
+    assert len(list((out / "maps" / "fast").glob("*.map.npy"))) == 4
     # one line per artifact, the converters' own output in each export's export.log, not on the console
     assert re.search(r"test_resnet: onnx-int8 .*model\.int8\.onnx \(\d+\.\d MB\)", result.output)
     assert "Running MIL" not in result.output and "RuntimeWarning" not in result.output
