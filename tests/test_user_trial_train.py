@@ -66,7 +66,8 @@ def workdir(tmp_path_factory) -> Path:
 def full_run(workdir) -> tuple[Path, str]:
     """The uninterrupted run (and its output), made in the user's folder with relative paths."""
     with working_in(workdir):
-        result = CliRunner().invoke(app, ["distill", *DATA_FLAGS, *RANGE, *TRAIN_FLAGS, "--out", "runs/full"])
+        result = CliRunner().invoke(app, ["distill", *DATA_FLAGS, *RANGE, *TRAIN_FLAGS, "--out", "runs/full",
+                                          "--logger", "tensorboard"])  # a tracker changes no checkpoint byte
     assert result.exit_code == 0, result.output
     return workdir / "runs" / "full", result.output
 
@@ -274,6 +275,14 @@ def test_distill_output_is_labelled_said_once_and_ends_with_the_next_step(full_r
     assert ratio == pytest.approx(summary["teacher_facts"]["params"] / summary["student_facts"]["params"], rel=1e-2)
     assert ratio < 1 and f"the student is {1 / ratio:.1f}x LARGER than this teacher" in output
     assert lines[-1] == "next: kdiqa-edge export runs/full --precision auto"
+    # --logger tensorboard: the student's steps.csv in RUN/tb, each step once, and the run's summary
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with open(run / "steps.csv", newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == steps and len(steps) > 0
+    assert len(events.Scalars("test/srcc")) == 2  # one per epoch
 
 
 # -- defect 12: one epoch axis, integer epochs, lambda not a loss

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.options import Logger, MlflowUri, dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
 
 STUDENT_PANEL = "Student"
@@ -55,6 +55,8 @@ def distill_command(
     teacher_epochs: Annotated[int | None, typer.Option(
         "--teacher-epochs", min=1, rich_help_panel=TEACHER_PANEL,
         help="Teacher fine-tune epochs (default: the same as --epochs).")] = None,
+    logger: Logger = None,
+    mlflow_uri: MlflowUri = None,
     unlabeled: Annotated[list[str] | None, typer.Option(
         "--unlabeled", rich_help_panel=UNLABELED_PANEL,
         help="Unlabeled images for the soft loss (repeatable): a folder (recursive), a .txt/.csv list of paths, "
@@ -164,7 +166,8 @@ def distill_command(
         augment=augment, seed=seed, split_seed=split_seed, val_fraction=val_fraction, device=device, amp=amp,
         compile=compile_model, progress=False if quiet else None, unlabeled=unlabeled or None,
         unlabeled_fraction=unlabeled_fraction, rated_fraction=rated_fraction, image_cache=image_cache,
-        workers=workers, feature_shard_images=feature_shard_images,
+        workers=workers, feature_shard_images=feature_shard_images, loggers=list(logger) if logger else None,
+        mlflow_uri=mlflow_uri,
     )
     if feature_tasks is not None:
         return _feature_tasks(cfg, data, out, feature_tasks, launcher, wait, partition, time_limit, cpus_per_job,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import dataset_options
+from kdiqa_edge.cli.options import Logger, MlflowUri, dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
 
 SLURM = "Scheduler (SLURM through submitit)"
@@ -54,6 +54,8 @@ def reproduce_command(
         "--unlabeled: a folder, a .txt/.csv list, tar shards). Each split's test images are excluded.")] = None,
     unlabeled_fraction: Annotated[float | None, typer.Option(
         "--unlabeled-fraction", min=0.0, max=1.0, help="Share of each batch that is unlabeled (0.5).")] = None,
+    logger: Logger = None,
+    mlflow_uri: MlflowUri = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its cost estimate; run nothing.")]
     = False,
     launcher: Annotated[str, typer.Option(
@@ -104,7 +106,8 @@ def reproduce_command(
                    teacher_weights=str(teacher_weights) if teacher_weights else None,
                    pretrained=False if no_pretrained else None, batch_size=batch_size, device=device,
                    unlabeled=[str(Path(u).expanduser().absolute()) for u in unlabeled] if unlabeled else None,
-                   unlabeled_fraction=unlabeled_fraction)
+                   unlabeled_fraction=unlabeled_fraction, loggers=list(logger) if logger else None,
+                   mlflow_uri=mlflow_uri)
     console = Console(stderr=True)
     if launcher != "local":
         from kdiqa_edge.train.launch import SlurmOptions, parse_extra

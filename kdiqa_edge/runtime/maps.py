@@ -29,16 +29,30 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from kdiqa_edge.errors import ConfigError
-from kdiqa_edge.preprocess import ImageLoadError, crop_box, open_image
+from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, crop_box, open_image
+from kdiqa_edge.runtime.info import ArtifactInfo
 
-if TYPE_CHECKING:
-    from kdiqa_edge.runtime.model import ImageLike, QualityModel
+ImageLike = str | Path | Image.Image | np.ndarray  # what QualityModel.score takes
+
+
+class QualityModel(Protocol):
+    """What maps use of a `runtime.model.QualityModel` (which calls into this module: `score_map`)."""
+
+    backend: Any
+    info: ArtifactInfo
+    preprocess: PreprocessSpec
+
+    def prepare(self, images: np.ndarray) -> np.ndarray: ...
+
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray: ...
+
+    def load_image(self, image: ImageLike) -> np.ndarray: ...
 
 MAP_OUTPUT = "score_map"  # the artifact output (kdiqa_edge/models/maps.py names it too)
 MAP_KINDS = ("fast", "patches")

@@ -74,12 +74,14 @@ class DistillConfig:
     image_cache: bool = False  # keep the unlabeled images decoded on disk (~S*S*3 bytes each) instead of streaming
     workers: int = 2  # processes decoding unlabeled images
     feature_shard_images: int = 2048  # unlabeled images per teacher-feature shard (the unit of resume and of work)
+    loggers: list = dataclasses.field(default_factory=list)  # trackers: tensorboard, mlflow, wandb (train/trackers/)
+    mlflow_uri: str | None = None  # MLflow tracking URI (else MLFLOW_TRACKING_URI, else MLflow's default)
 
 
 # Fields that may change between an interrupted run and its --resume (how, not what, is trained). `workdir`
 # is where the command ran: a run resumed from another folder trains the same thing.
 VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir", "image_cache", "workers",
-            "feature_shard_images")
+            "feature_shard_images", "loggers", "mlflow_uri")
 
 
 def load_config(config_file: str | Path | None = None, **overrides) -> DistillConfig:
@@ -109,6 +111,7 @@ def teacher_finetune_config(cfg: DistillConfig, data: DatasetSpec):
         device=cfg.device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, eval_batch_size=cfg.eval_batch_size,
         select=cfg.select, progress=cfg.progress, features=True, workdir=cfg.workdir,
+        loggers=list(cfg.loggers), mlflow_uri=cfg.mlflow_uri,
     )
 
 
@@ -658,24 +661,27 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
     trainer.setup()
 
     # -- train
-    started = time.perf_counter()
-    summary = trainer.train()
-    summary["wall_seconds"] = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        summary = trainer.train()
+        summary["wall_seconds"] = time.perf_counter() - started
 
-    # -- save: model facts, plots, summary
-    if ctx.is_main:
-        summary.update(_facts(student, teacher, preprocess))
-        if "teacher_features" in extras:
-            summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
-        summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
-        if unlabeled is not None:
-            summary["unlabeled"] = unlabeled.report
-        summary["run_dir"] = str(run_dir)
-        plots = write_distill_plots(run_dir, trainer.history, variant, trainer.total_steps,
-                                    trainer.steps_per_epoch, meta["label"])
-        summary["plots"] = [str(p) for p in plots]
-        write_json(run_dir / "summary.json", summary)
-    _barrier(ctx)
+        # -- save: model facts, plots, summary
+        if ctx.is_main:
+            summary.update(_facts(student, teacher, preprocess))
+            if "teacher_features" in extras:
+                summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
+            summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
+            if unlabeled is not None:
+                summary["unlabeled"] = unlabeled.report
+            summary["run_dir"] = str(run_dir)
+            plots = write_distill_plots(run_dir, trainer.history, variant, trainer.total_steps,
+                                        trainer.steps_per_epoch, meta["label"])
+            summary["plots"] = [str(p) for p in plots]
+            write_json(run_dir / "summary.json", summary)
+        _barrier(ctx)
+    finally:
+        trainer.cleanup()  # ends the trackers with the summary and plots; the process group stays run_distill's
     summary["run_dir"] = str(run_dir)
     return summary
 

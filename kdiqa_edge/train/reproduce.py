@@ -46,6 +46,8 @@ class ReproduceConfig:
     progress: bool = True
     unlabeled: list = dataclasses.field(default_factory=list)  # unlabeled SOURCEs for every distillation
     unlabeled_fraction: float = 0.5  # share of each batch that is unlabeled
+    loggers: list = dataclasses.field(default_factory=list)  # trackers for every run (train/trackers/)
+    mlflow_uri: str | None = None  # MLflow tracking URI (else MLFLOW_TRACKING_URI, else MLflow's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,8 @@ def _distill_config(cfg: ReproduceConfig, run: PlannedRun, teacher_dir: Path | N
                          seed=run.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, device=cfg.device,
                          progress=cfg.progress, unlabeled=list(cfg.unlabeled) if parse_variant(
                              run.variant).uses_teacher_features else [],
-                         unlabeled_fraction=cfg.unlabeled_fraction)
+                         unlabeled_fraction=cfg.unlabeled_fraction, loggers=list(cfg.loggers),
+                         mlflow_uri=cfg.mlflow_uri)
 
 
 def _finetune_config(cfg: ReproduceConfig, seed: int):
@@ -105,7 +108,7 @@ def _finetune_config(cfg: ReproduceConfig, seed: int):
 
     return FinetuneConfig(teacher=cfg.teacher, teacher_weights=cfg.teacher_weights, split_seed=seed, seed=seed,
                           epochs=cfg.teacher_epochs or cfg.epochs, batch_size=cfg.batch_size, device=cfg.device,
-                          progress=cfg.progress)
+                          progress=cfg.progress, loggers=list(cfg.loggers), mlflow_uri=cfg.mlflow_uri)
 
 
 def estimate(cfg: ReproduceConfig, data: DatasetSpec, runs: list[PlannedRun]) -> dict[str, Any]:
@@ -203,7 +206,7 @@ def _measure(arch: str, stage: str, device: str, size: int, batch: int = 8) -> f
 
 PLAN_FILE = "reproduce.json"
 # Fields that do not change what a run computes, so they may differ between calls on one --out.
-_NOT_PLAN = ("device", "progress")
+_NOT_PLAN = ("device", "progress", "loggers", "mlflow_uri")
 
 
 def record_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> None:
