@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import os
 import warnings
@@ -98,6 +99,14 @@ def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise ImageLoadError(exc.reason, path) from None
 
 
+def open_image_bytes(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """`open_image` of an image file's bytes in memory (a tar member): the same checks, draft rule, EXIF and
+    RGB, so it gives the pixels of the same file on disk. Raises ImageLoadError with the reason alone."""
+    if not data:
+        raise ImageLoadError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), draft_size)
+
+
 def _open_image(path: Path, draft_size: int | None) -> Image.Image:
     try:
         size = path.stat().st_size
@@ -107,10 +116,14 @@ def _open_image(path: Path, draft_size: int | None) -> Image.Image:
         raise ImageLoadError("a folder, not an image file")
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
+    return _decode(path, draft_size)
+
+
+def _decode(source: Path | io.BytesIO, draft_size: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
             if img.width * img.height > MAX_PIXELS:
                 raise ImageLoadError(f"too many pixels ({img.width}x{img.height}): possible decompression bomb")
             if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L") \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,11 @@ def _isolated_cache(tmp_path_factory):
         os.environ["KDIQA_CACHE"] = old
 
 
+# `make test` runs the suite in two pytest-xdist workers (a file's tests stay in one worker). Each keeps torch at
+# two threads: in-process runs must compute what the CLI's subprocesses compute (resume tests compare bytes).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
 @pytest.fixture(autouse=True)
 def _few_threads(monkeypatch):
     # Two cores here: keep torch from oversubscribing when several processes run.
@@ -28,6 +34,13 @@ def _few_threads(monkeypatch):
     except ImportError:
         return
     torch.set_num_threads(2)
+
+
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder every xdist worker of this run sees (the run's base temp dir), or this session's own without
+    xdist: what a session fixture builds there once, under `built_once`, the other worker reuses."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if XDIST_WORKER else base) / name
 
 
 SMALL_REFS = 4  # 4 references x 6 distortions x 5 levels = 120 images
@@ -52,16 +65,23 @@ def learned_run(tmp_path_factory) -> Path:
     `hard` variant. Measured over split/init seeds 0-4: test SRCC 0.58-0.83. Shared by the ONNX and
     ExecuTorch INT8 drift tests."""
     from kdiqa_edge.cli import main
+    from kdiqa_edge.data._lock import file_lock
 
-    root = tmp_path_factory.mktemp("learned")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["data", "synth", str(root / "set"), "--refs", "24", "--size", "86x64"])
-    assert exit_info.value.code == 0
-    with pytest.raises(SystemExit) as exit_info:
-        main(["distill", "--dataset", "synthetic", "--root", str(root / "set"), "--teacher", "tiny",
-              "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
-              "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(root / "run")])
-    assert exit_info.value.code == 0
+    root = shared_folder(tmp_path_factory, "learned")  # trained once per run, by whichever worker asks first
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ".lock"):
+        if (root / "run" / "summary.json").is_file():
+            return root / "run"
+        shutil.rmtree(root / "set", ignore_errors=True)
+        shutil.rmtree(root / "run", ignore_errors=True)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["data", "synth", str(root / "set"), "--refs", "24", "--size", "86x64"])
+        assert exit_info.value.code == 0
+        with pytest.raises(SystemExit) as exit_info:
+            main(["distill", "--dataset", "synthetic", "--root", str(root / "set"), "--teacher", "tiny",
+                  "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
+                  "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(root / "run")])
+        assert exit_info.value.code == 0
     return root / "run"
 
 

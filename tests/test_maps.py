@@ -252,6 +252,13 @@ def test_score_map_through_the_cli(exported, photos, tmp_path, capsys):
     code, _, err = run_cli(["score", exported["without"] / "onnx-fp32" / "model.fp32.onnx", photos[0],
                             "--map", tmp_path / "m2"], capsys)
     assert code == 2 and "--with-map" in err and "Traceback" not in err
+    # bench reports the latency the map adds, as its export measured it
+    code, out, err = run_cli(["bench", model, "--no-accuracy", "--batch-sizes", "1", "--runs", "3", "--warmup", "1",
+                              "--json-out", tmp_path / "bench.json"], capsys)
+    row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    added = _entry(exported["with"])["details"]["map"]["latency"]["added_ms"]
+    assert code == 0 and row["map_added_ms"] == pytest.approx(added)
+    assert f"onnx-fp32: has the score_map output (export --with-map), which adds {added:.2f} ms" in out + err
 
 
 def test_maps_without_torch(exported, photos, tmp_path):

@@ -92,6 +92,7 @@ class BenchResult:
     drift: Drift | None = None
     rss_delta_mb: float | None = None  # resident memory added by loading it, warming up and scoring the eval split
     peak_rss_mb: float | None = None  # the process's high-water mark after this model
+    map_added_ms: float | None = None  # an export --with-map: what its score_map output adds at batch 1 (export's figure)
 
     def latency_at(self, batch_size: int) -> LatencyStats | None:
         return next((s for s in self.latency if s.batch_size == batch_size), None)
@@ -396,6 +397,8 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     for result in results:
         if result.teacher is not None:
             result.name = f"teacher:{result.teacher}"
+    for result in results:
+        notes.extend(map_note(result))
     untrained = list(dict.fromkeys(r.name for r in results if r.pretrained is False))
     if untrained:  # first among the notes: it says what every accuracy figure in the table is worth
         one = len(untrained) == 1
@@ -418,9 +421,9 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
                        if forms else None)
 
 
-def export_folder(path: str | Path) -> str | None:
-    """The folder an export wrote this file into (onnx-auto, onnx-int8: OUT/<target>-<precision>/FILE, with
-    OUT/manifest.json listing it), else None. The file name alone cannot tell auto's pick from the rest."""
+def export_entry(path: str | Path) -> tuple[str, dict] | None:
+    """(the folder an export wrote this file into: onnx-auto, onnx-int8, its manifest entry) where
+    OUT/<target>-<precision>/FILE has OUT/manifest.json listing it, else None."""
     folder = Path(os.path.abspath(path)).parent  # abspath: a symlink keeps its own place
     manifest = folder.parent / "manifest.json"
     if not manifest.is_file():
@@ -429,7 +432,28 @@ def export_folder(path: str | Path) -> str | None:
         exports = json.loads(manifest.read_text(encoding="utf-8")).get("exports")
     except (OSError, ValueError, AttributeError):
         return None
-    return folder.name if isinstance(exports, dict) and folder.name in exports else None
+    entry = exports.get(folder.name) if isinstance(exports, dict) else None
+    return (folder.name, entry) if isinstance(entry, dict) else None
+
+
+def export_folder(path: str | Path) -> str | None:
+    """The folder an export wrote this file into (onnx-auto, onnx-int8), else None. The file name alone cannot
+    tell auto's pick from the rest."""
+    found = export_entry(path)
+    return found[0] if found else None
+
+
+def map_note(result: BenchResult) -> list[str]:
+    """An export --with-map times its score_map output with the score (one graph): the latency the map adds,
+    as its export measured it (the same model without the map, alternate runs), in the row and one note."""
+    found = export_entry(result.model)
+    latency = ((found[1].get("details") or {}).get("map") or {}).get("latency") if found else None
+    if not isinstance(latency, dict) or latency.get("added_ms") is None:
+        return []
+    result.map_added_ms = float(latency["added_ms"])
+    return [f"{result.name}: has the score_map output (export --with-map), which adds {result.map_added_ms:.2f} ms "
+            f"at batch 1 ({latency.get('with_map_p50_ms')} vs {latency.get('without_map_p50_ms')} ms without, "
+            "measured by its export)"]
 
 
 def _distinct_names(results: list[BenchResult]) -> None:

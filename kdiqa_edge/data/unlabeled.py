@@ -294,26 +294,12 @@ def pool_key(pool: UnlabeledPool, spec: PreprocessSpec) -> str:
 # Pixels
 
 
-class _InMemory(_io.BytesIO):
-    """A tar member's bytes where preprocess's opener expects a path: it stats it, asks whether it is a
-    folder, and hands it to PIL's Image.open (which reads a file object as it reads a file)."""
-
-    def stat(self):
-        return os.stat_result((0o100644, 0, 0, 1, 0, 0, len(self.getbuffer()), 0, 0, 0))
-
-    def is_dir(self) -> bool:
-        return False
-
-    def is_symlink(self) -> bool:
-        return False
-
-
 def decode_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """`preprocess.load_preprocessed` over bytes (a tar member): preprocess's own opener (the same checks,
     draft rule, EXIF, RGB) and resize, so a member decodes to the pixels of the same file on disk."""
-    from kdiqa_edge.preprocess import _open_image
+    from kdiqa_edge.preprocess import open_image_bytes
 
-    return resize_crop(_open_image(_InMemory(data), spec.size if spec.draft else None), spec)
+    return resize_crop(open_image_bytes(data, spec.size if spec.draft else None), spec)
 
 
 def decode_entry(entry: Entry, spec: PreprocessSpec) -> np.ndarray:

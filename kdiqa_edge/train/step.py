@@ -8,13 +8,18 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from kdiqa_edge.train.loop import TrainConfig
+
+class OptimizerSettings(Protocol):
+    """What the optimizer reads of a run's config (train.loop.TrainConfig has them)."""
+
+    lr: float
+    weight_decay: float
+
 
 LossFn = Callable[[nn.Module, dict, int, int], Mapping[str, torch.Tensor]]
 ScalarsFn = Callable[[int, int], Mapping[str, float]]
@@ -26,7 +31,7 @@ def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, fused: bool = False):
+def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: OptimizerSettings, fused: bool = False):
     """AdamW; 1-D tensors (biases, norm gains, logit scales, class/position embeddings' scales) get no decay."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
