@@ -112,7 +112,7 @@ def main() -> None:
     text = "\n".join([
         "# Draft vs exact JPEG decoding on a student that learned", "",
         "`benchmarks/bench_draft_drift.py` (see its docstring for the protocol and its limits).", "",
-        f"- CPU: {env['cpu']}, {env['cpu_count']} logical cores, ISA {env['cpu_isa']}; load average "
+        f"- CPU: {env['cpu']}, {env['cpu_count']} logical cores, ISA {' '.join(env['cpu_isa'])}; load average "
         f"{env.get('load_average')}; versions: "
         f"{', '.join(f'{k} {v}' for k, v in sorted((env.get('versions') or {}).items()))}", "",
         "| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""])
