@@ -7,10 +7,17 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import OldSeed, SplitSeed, dataset_options
+from kdiqa_edge.cli.options import (
+    GATE_PANEL,
+    FailUnder,
+    MaxLatencyMs,
+    MaxSizeMb,
+    OldSeed,
+    SplitSeed,
+    dataset_options,
+)
 from kdiqa_edge.cli.score import Provider, Threads
 
-GATE_PANEL = "Release gate"
 TEACHER_PANEL = "Teacher"
 
 
@@ -60,16 +67,11 @@ def bench(
     teacher_runtimes: Annotated[str | None, typer.Option(
         "--teacher-runtimes", help="Only these of torch, onnx, openvino, executorch for --teacher's checkpoint.",
         show_default="every one installed", rich_help_panel=TEACHER_PANEL)] = None,
-    fail_under: Annotated[str | None, typer.Option(
-        "--fail-under", help="Gate: SRCC/PLCC floors, e.g. srcc=0.85,plcc=0.85.", rich_help_panel=GATE_PANEL)] = None,
+    fail_under: FailUnder = None,
     max_drift: Annotated[float | None, typer.Option(
         "--max-drift", min=0.0, help="Gate: the largest |ΔSRCC| vs --reference.", rich_help_panel=GATE_PANEL)] = None,
-    max_latency_ms: Annotated[float | None, typer.Option(
-        "--max-latency-ms", min=0.0, help="Gate: the largest p50 latency at batch 1, ms.",
-        rich_help_panel=GATE_PANEL)] = None,
-    max_size_mb: Annotated[float | None, typer.Option(
-        "--max-size-mb", min=0.0, help="Gate: the largest artifact size, MB (1e6 bytes).",
-        rich_help_panel=GATE_PANEL)] = None,
+    max_latency_ms: MaxLatencyMs = None,
+    max_size_mb: MaxSizeMb = None,
 ) -> None:
     """Benchmark artifacts of one model: latency per batch size, size, params, MACs, accuracy, drift.
 

@@ -11,12 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
-from kdiqa_edge.cli.options import MlflowUri, dataset_options
+from kdiqa_edge.cli.options import FailUnder, MaxLatencyMs, MaxSizeMb, MlflowUri, dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.export.base import ExportConfig
 
 EXPORT_PANEL = "Export"
-GATE_PANEL = "Release gate (--precision auto's pick)"
 DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
 RUNNABLE = (".onnx", ".mlpackage", ".engine", ".plan", ".pte", ".xml")  # what `kdiqa-edge bench` takes
 AUTO_TARGET = "cpu"  # --precision auto without --target (nor a profile's): every CPU runtime installed here
@@ -99,15 +98,9 @@ def export_command(
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for the parity, drift and "
                                                 "latency checks here", show_default=_default("threads"),
                                                 rich_help_panel=EXPORT_PANEL)] = None,
-    fail_under: Annotated[str | None, typer.Option(
-        "--fail-under", help="Gate the pick: SRCC/PLCC floors on the test split, e.g. srcc=0.85,plcc=0.85 (exit 1 "
-                             "below; --max-drift is then gated too)", rich_help_panel=GATE_PANEL)] = None,
-    max_latency_ms: Annotated[float | None, typer.Option(
-        "--max-latency-ms", min=0.0, help="Gate the pick: the largest p50 latency at batch 1 here, ms",
-        rich_help_panel=GATE_PANEL)] = None,
-    max_size_mb: Annotated[float | None, typer.Option(
-        "--max-size-mb", min=0.0, help="Gate the pick: the largest size of its files, MB (1e6 bytes)",
-        rich_help_panel=GATE_PANEL)] = None,
+    fail_under: FailUnder = None,
+    max_latency_ms: MaxLatencyMs = None,
+    max_size_mb: MaxSizeMb = None,
     mlflow_register: Annotated[str | None, typer.Option(
         "--mlflow-register", metavar="NAME",
         help="Log the export (files, manifest.json, drift/latency figures) to MLflow and register the chosen one "

@@ -130,3 +130,15 @@ MlflowUri = Annotated[str | None, typer.Option(
     "--mlflow-uri", help="--logger mlflow: a tracking server (http://host:5000), a database (sqlite:///mlflow.db) "
     "or a folder (default MLFLOW_TRACKING_URI, else MLflow's own default in the current folder).",
     rich_help_panel=TRACK_PANEL)]
+
+
+# The release gate (bench/gate.py): the same bounds on bench's rows and on export --precision auto's pick.
+GATE_PANEL = "Release gate"
+FailUnder = Annotated[str | None, typer.Option(
+    "--fail-under", help="Gate: SRCC/PLCC floors on the test split, e.g. srcc=0.85,plcc=0.85 (exit 1 below).",
+    rich_help_panel=GATE_PANEL)]
+MaxLatencyMs = Annotated[float | None, typer.Option(
+    "--max-latency-ms", min=0.0, help="Gate: the largest p50 latency at batch 1 here, ms.", rich_help_panel=GATE_PANEL)]
+MaxSizeMb = Annotated[float | None, typer.Option(
+    "--max-size-mb", min=0.0, help="Gate: the largest artifact size (an IR with its .bin), MB (1e6 bytes).",
+    rich_help_panel=GATE_PANEL)]

@@ -57,6 +57,23 @@ def teacher_features(checkpoint, cache, device: str = "auto", batch_size: int = 
     return np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r", shape=shape)
 
 
+def _teacher_on(checkpoint, device: str):
+    """(the teacher in eval mode on `device`, the device, its normalizing transform, autocast, whether it was
+    training): a checkpoint path is loaded, a model is used as given (and put back in its mode afterwards)."""
+    from kdiqa_edge.models.checkpoint import load_checkpoint
+    from kdiqa_edge.train.distributed import resolve_device
+    from kdiqa_edge.train.loader import DeviceTransform
+    from kdiqa_edge.train.step import autocast_for
+
+    device = resolve_device(device)
+    model = load_checkpoint(checkpoint, device=str(device)) if isinstance(checkpoint, (str, Path)) else checkpoint
+    was_training = model.training
+    model.to(device).eval()
+    transform = DeviceTransform(model.preprocess, device, channels_last=device.type == "cuda")
+    autocast, _ = autocast_for(device, True)
+    return model, device, transform, autocast, was_training
+
+
 def _complete(folder: Path, meta: dict, cache, shape: tuple[int, int]) -> bool:
     try:
         saved = read_json(folder / META_FILE)
@@ -69,17 +86,9 @@ def _complete(folder: Path, meta: dict, cache, shape: tuple[int, int]) -> bool:
 def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batch_size: int, progress: bool) -> None:
     import torch
 
-    from kdiqa_edge.models.checkpoint import load_checkpoint
-    from kdiqa_edge.train.distributed import resolve_device
-    from kdiqa_edge.train.loader import BatchLoader, DeviceTransform
-    from kdiqa_edge.train.step import autocast_for
+    from kdiqa_edge.train.loader import BatchLoader
 
-    device = resolve_device(device)
-    model = load_checkpoint(checkpoint, device=str(device)) if isinstance(checkpoint, (str, Path)) else checkpoint
-    was_training = model.training
-    model.to(device).eval()
-    transform = DeviceTransform(model.preprocess, device, channels_last=device.type == "cuda")
-    autocast, _ = autocast_for(device, True)
+    model, device, transform, autocast, was_training = _teacher_on(checkpoint, device)
     loader = BatchLoader(cache.images, np.zeros(len(cache), np.float32), pin_memory=device.type == "cuda")
     batches = [np.arange(i, min(i + batch_size, shape[0])) for i in range(0, shape[0], batch_size)]
     from kdiqa_edge.console import Progress
@@ -253,17 +262,8 @@ def _compute_shards(folder: Path, shards: list[Shard], checkpoint, meta: dict, p
     import torch
 
     from kdiqa_edge.console import Progress
-    from kdiqa_edge.models.checkpoint import load_checkpoint
-    from kdiqa_edge.train.distributed import resolve_device
-    from kdiqa_edge.train.loader import DeviceTransform
-    from kdiqa_edge.train.step import autocast_for
 
-    device = resolve_device(device)
-    model = load_checkpoint(checkpoint, device=str(device)) if isinstance(checkpoint, (str, Path)) else checkpoint
-    was_training = model.training
-    model.to(device).eval()
-    transform = DeviceTransform(model.preprocess, device, channels_last=device.type == "cuda")
-    autocast, _ = autocast_for(device, True)
+    model, device, transform, autocast, was_training = _teacher_on(checkpoint, device)
     dim = int(meta["embed_dim"])
     current, features, failed, done = None, None, {}, 0
     total = sum(s.stop - s.start for s in shards)
