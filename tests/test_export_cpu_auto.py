@@ -198,3 +198,25 @@ def test_a_turn_in_a_process_of_its_own(student, examples, tmp_path):
     assert float(np.median(times[1])) * 1e3 > 0  # the p50 in ms auto ranks by
     with pytest.raises(ExportError, match="its timing process failed"):
         in_own_process(tmp_path / "missing.onnx", tmp_path / "pixels.npy", (1,), 0.1, threads=1)
+
+
+def test_isolated_timing_ranks_each_candidate_by_its_least_disturbed_turn(monkeypatch, tmp_path):
+    """Other jobs only slow a turn down: two loaded turns of three must not sink the faster runtime (pooled, its
+    median would be 9 ms against the other's 5)."""
+    from kdiqa_edge.export import measure
+
+    turns = {"openvino:int8": iter([[4.5e-3] * 3, [9e-3] * 3, [9e-3] * 3] + [[4.6e-3] * 3] * 3),
+             "executorch:int8": iter([[5e-3] * 3] * 6), "onnx:fp32": iter([[20e-3] * 3] * 6)}
+    monkeypatch.setattr(measure, "in_own_process", lambda path, sample, batches, *args: {
+        b: next(turns[path.name]) for b in batches})
+    rows = []
+    for name in turns:
+        row = _row(name, 1.0, "fp32" if name == "onnx:fp32" else "int8", reference=name == "onnx:fp32")
+        row.path = tmp_path / name
+        rows.append(row)
+    choice = auto.rank_isolated(rows, np.zeros((2, 64, 64, 3), np.uint8), ExportConfig(precision="auto", max_batch=1),
+                                max_drift=0.01, work=tmp_path / "t", log=lambda _: None, rounds=3)
+    fast = rows[0]
+    assert fast.latency[1]["p50_ms"] == 4.5 and fast.latency[1]["all_runs_p50_ms"] == 9.0
+    assert fast.latency[1]["turns"] == 3 and fast.runoff[1]["p50_ms"] == 4.6
+    assert choice.pick.name == "openvino:int8"
