@@ -211,8 +211,11 @@ def test_reproduce_of_a_csv_set_with_mos_range_resumes(workdir, monkeypatch, cap
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(Trainer, "_optimizer_step", interrupted)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in for a folder store
+    store = f"file:{workdir / 'mlruns'}"
     command = ["reproduce", *DATA_FLAGS, *RANGE, "--students", "test_resnet", "--seeds", "1", "--epochs", "1",
-               "--teacher", "tiny", "--no-pretrained", "--batch-size", "32", "--out", "runs/repro"]
+               "--teacher", "tiny", "--no-pretrained", "--batch-size", "32", "--out", "runs/repro",
+               "--logger", "mlflow", "--mlflow-uri", store]
     with pytest.raises(SystemExit) as exit_info:
         main(command)
     assert exit_info.value.code == 130
@@ -225,6 +228,16 @@ def test_reproduce_of_a_csv_set_with_mos_range_resumes(workdir, monkeypatch, cap
     assert (workdir / "runs" / "repro" / "seed0" / "test_resnet-full" / "summary.json").is_file()
     plan = json.loads((workdir / "runs" / "repro" / "reproduce.json").read_text())
     assert plan["dataset"]["root"] == str((workdir / "set").resolve()) and plan["dataset"]["mos_range"] == [0, 5]
+    # --logger: each run of the sweep is one tracker run (the interrupted one continued), tagged so the
+    # tracker's own tables compare split seeds, students and variants
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    distills = [r for r in runs if r.data.tags.get("stage") == "distill"]
+    assert len(distills) == 1, [r.data.tags for r in runs]
+    tags = distills[0].data.tags
+    assert (tags["split_seed"], tags["student"], tags["variant"]) == ("0", "test_resnet", "full")
 
 
 # -- defect 3: ratings outside 1..5 without --mos-range
