@@ -4,13 +4,15 @@ The soft loss needs no rating, so any photo can teach the student. A SOURCE is a
 text or CSV list of paths, or webdataset-style tar shards (`shards-{000..099}.tar`, read in place:
 `data/tarshards.py`). Each yields `Entry`s (a file, or a tar member's place), read the same way.
 
-`build_pool` reads every entry once: its sha256 is its identity (the teacher feature shards key on it), a
+`build_pool` hashes every entry: its sha256 is its identity (the teacher feature shards key on it), a
 second copy of the same bytes is a duplicate, and an image whose bytes are also a rated image of the test
 (or validation) split is excluded and counted, so nothing the student is scored on leaks into its
 training; one already rated for training is skipped as such. Files that cannot be read, are empty or are
 not images get a skip report, as rated datasets do; an image that does not decode is found (and skipped)
 when its teacher features are computed. The pool is sorted by hash: the same images give the same pool
-(and the same feature shards) whatever their sources and order.
+(and the same feature shards) whatever their sources and order. Hashes (and tar shards' header scans) are
+remembered in the hash index (`data/hashindex.py`), keyed by path, size and mtime: a second run reads only
+the images that changed.
 
 Pixels come from `decode_entry`, the image cache's decode (`preprocess.load_preprocessed`) for files and
 its same steps over the bytes for tar members, in worker processes (`DecodeWorkers`), or from a decoded
@@ -20,10 +22,12 @@ uint8 cache (`DecodedImages`, `--image-cache`) where the user has the disk for i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io as _io
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kdiqa_edge.data.hashindex import HashIndex, Identity
 from kdiqa_edge.data.records import Skip
 from kdiqa_edge.data.tarshards import expand_braces, read_member, scan_tar
 from kdiqa_edge.errors import ConfigError, DataError
@@ -46,7 +51,7 @@ from kdiqa_edge.preprocess import (
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv", ".tsv"})
 PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")  # a CSV list's path column, first found
-HASH_THREADS = 8  # reading and hashing is I/O: threads (hashlib releases the GIL)
+HASH_THREADS = 8  # reading and hashing is I/O: threads (file reads and hashlib release the GIL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Entry:
     path: str  # the file, or the tar shard
     offset: int = -1  # a tar member's first byte (-1: a plain file)
     size: int = -1  # a tar member's length
+    member: str = ""  # a tar member's name in its shard
 
     @property
     def in_tar(self) -> bool:
@@ -68,11 +74,12 @@ class Entry:
 # Sources
 
 
-def source_entries(source: str | os.PathLike) -> tuple[list[Entry], list[Skip]]:
-    """The images one SOURCE names, and a skip per thing in it that cannot be one."""
+def source_entries(source: str | os.PathLike, index: HashIndex | None = None) -> tuple[list[Entry], list[Skip]]:
+    """The images one SOURCE names, and a skip per thing in it that cannot be one (a tar shard's scan read
+    from `index` where it is recorded)."""
     text = str(source)
     if "{" in text or text.endswith(".tar"):
-        return _tar_entries(text)
+        return _tar_entries(text, index)
     path = Path(text).expanduser()
     if path.is_dir():
         return _folder_entries(path)
@@ -94,15 +101,16 @@ def check_source(source: str | os.PathLike) -> None:
         raise ConfigError(f"--unlabeled {text}: no such folder or file")
 
 
-def _tar_entries(pattern: str) -> tuple[list[Entry], list[Skip]]:
+def _tar_entries(pattern: str, index: HashIndex | None) -> tuple[list[Entry], list[Skip]]:
     entries, skipped = [], []
     shards = expand_braces(str(Path(pattern).expanduser()))
     for shard in shards:
         if not Path(shard).is_file():
             skipped.append(Skip(shard, "tar shard not found"))
             continue
-        scan = scan_tar(shard)
-        entries += [Entry(f"{shard}:{m.name}", shard, m.offset, m.size) for m in scan.members
+        place = index.place_shard(shard) if index is not None else None
+        scan = index.scan(place, functools.partial(scan_tar, shard)) if place is not None else scan_tar(shard)
+        entries += [Entry(f"{shard}:{m.name}", shard, m.offset, m.size, m.name) for m in scan.members
                     if Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
         skipped += [Skip(f"{shard}:{name}", reason) for name, reason in scan.refused]
         if scan.truncated:
@@ -197,45 +205,73 @@ class UnlabeledPool:
         return ", ".join(parts)
 
 
-def file_hash(path: str | os.PathLike) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def rated_hashes(dataset, split) -> dict[str, str]:
+def rated_hashes(dataset, split, index: HashIndex | None = None) -> dict[str, str]:
     """sha256 of each rated image -> its split part (test, val, train): what unlabeled images must not be."""
     parts = split.assignment(len(dataset.records))
-    files = [dataset.path(i) for i in range(len(dataset.records))]
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = list(pool.map(file_hash, files))
+    entries = [Entry(str(dataset.path(i)), str(dataset.path(i))) for i in range(len(dataset.records))]
+    with index or HashIndex() as hash_index:
+        identities = identify(entries, hash_index)
     found: dict[str, str] = {}
-    for digest, part in zip(digests, parts):
-        if digest is not None and part and found.get(digest) != "test":  # test wins: its exclusion is the count
-            found[digest] = part
+    for identity, part in zip(identities, parts):
+        if identity.sha256 is not None and part and found.get(identity.sha256) != "test":  # test wins: its
+            found[identity.sha256] = part  # exclusion is the count
     return found
 
 
-def _identify(entry: Entry) -> tuple[str | None, str | None]:
-    """(sha256, None) for a file that opens as an image, else (None, why not)."""
+def _identify(entry: Entry) -> tuple[Identity, bool, int]:
+    """(sha256 and why it is not a usable image, whether that outcome is the bytes' (worth recording), when
+    the read ended): the bytes read once, their image header checked."""
     try:
         data = entry.read()
     except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
+        return Identity(None, f"unreadable: {exc.strerror or exc}"), False, time.time_ns()
+    hashed_ns = time.time_ns()
     if entry.in_tar and len(data) < entry.size:
-        return None, "cut short: the tar shard changed since it was scanned"
+        return Identity(None, "cut short: the tar shard changed since it was scanned"), False, hashed_ns
+    digest = hashlib.sha256(data).hexdigest()
     if not data:
-        return None, "empty file (0 bytes)"
+        return Identity(digest, "empty file (0 bytes)"), True, hashed_ns
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Image.open(_io.BytesIO(data))  # the header only
     except Image.UnidentifiedImageError:
-        return None, "not an image (unidentified format)"
+        return Identity(digest, "not an image (unidentified format)"), True, hashed_ns
     except (OSError, SyntaxError, ValueError) as exc:
-        return None, f"unreadable image: {exc}"
-    return hashlib.sha256(data).hexdigest(), None
+        return Identity(digest, f"unreadable image: {exc}"), True, hashed_ns
+    return Identity(digest, None), True, hashed_ns
+
+
+def _hashed(entries: list[Entry]):
+    """`_identify` of each entry, in order, in threads. Not worker processes: on the 2-core EPYC they were
+    slower (`benchmarks/bench_unlabeled.py`'s hashing part), file reads and hashlib release the GIL."""
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        yield from pool.map(_identify, entries)
+
+
+def identify(entries: Sequence[Entry], index: HashIndex, advance=None) -> list[Identity]:
+    """Each entry's `Identity`: from `index` where its file (or shard) is unchanged, else read and hashed
+    (in threads) and recorded. `advance(n)`: progress."""
+    advance = advance or (lambda n: None)
+    shards: dict[str, object] = {}
+    places = []
+    for entry in entries:
+        if entry.in_tar:
+            if entry.path not in shards:
+                shards[entry.path] = index.place_shard(entry.path)
+            shard = shards[entry.path]
+            places.append(index.place_member(shard, entry.member, entry.offset) if shard is not None else None)
+        else:
+            places.append(index.place_file(entry.path))
+    found = [index.get(place) for place in places]
+    todo = [i for i, identity in enumerate(found) if identity is None]
+    advance(len(entries) - len(todo))
+    for i, (identity, lasting, hashed_ns) in zip(todo, _hashed([entries[i] for i in todo])):
+        found[i] = identity
+        if lasting:
+            index.put(places[i], identity, hashed_ns)
+        advance(1)
+    return found
 
 
 EXCLUDED = {"test": ("in_test_split", "also in the rated test split (same content): excluded, never trained on"),
@@ -244,15 +280,19 @@ EXCLUDED = {"test": ("in_test_split", "also in the rated test split (same conten
 
 
 def build_pool(sources: Sequence[str | os.PathLike], exclude: Mapping[str, str] | None = None,
-               progress: bool = True) -> UnlabeledPool:
-    """Every image of `sources`, read once: hashed, deduplicated, rated images excluded (`rated_hashes`)."""
+               progress: bool = True, index: HashIndex | None = None) -> UnlabeledPool:
+    """Every image of `sources`: hashed (or its hash read from the hash index), deduplicated, rated images
+    excluded (`rated_hashes`)."""
     from kdiqa_edge.data._progress import Progress
 
-    entries, skipped = [], []
-    for source in sources:
-        found, bad = source_entries(source)
-        entries += found
-        skipped += bad
+    with index or HashIndex() as hash_index:
+        entries, skipped = [], []
+        for source in sources:
+            found, bad = source_entries(source, hash_index)
+            entries += found
+            skipped += bad
+        with Progress(progress, len(entries), "hashing unlabeled images") as advance:
+            identities = identify(entries, hash_index, advance)
     exclude = exclude or {}
     unsafe = sum(1 for s in skipped if s.reason.startswith("unsafe"))
     bad = sum(1 for s in skipped if not s.reason.startswith(("unsafe", "truncated")))  # truncation: the shard's
@@ -260,23 +300,21 @@ def build_pool(sources: Sequence[str | os.PathLike], exclude: Mapping[str, str] 
               "already_rated": 0, "unreadable": bad, "unsafe": unsafe}
     first: dict[str, str] = {}
     kept: list[tuple[str, Entry]] = []
-    with Progress(progress, len(entries), "hashing unlabeled images") as advance, \
-            ThreadPoolExecutor(HASH_THREADS) as pool:
-        for entry, (digest, problem) in zip(entries, pool.map(_identify, entries)):
-            advance(1)
-            if digest is None:
-                counts["unreadable"] += 1
-                skipped.append(Skip(entry.name, problem))
-            elif digest in exclude:
-                key, why = EXCLUDED[exclude[digest]]
-                counts[key] += 1
-                skipped.append(Skip(entry.name, why))
-            elif digest in first:
-                counts["duplicates"] += 1
-                skipped.append(Skip(entry.name, f"duplicate of {first[digest]}"))
-            else:
-                first[digest] = entry.name
-                kept.append((digest, entry))
+    for entry, identity in zip(entries, identities):
+        digest = identity.sha256
+        if identity.problem is not None:
+            counts["unreadable"] += 1
+            skipped.append(Skip(entry.name, identity.problem))
+        elif digest in exclude:
+            key, why = EXCLUDED[exclude[digest]]
+            counts[key] += 1
+            skipped.append(Skip(entry.name, why))
+        elif digest in first:
+            counts["duplicates"] += 1
+            skipped.append(Skip(entry.name, f"duplicate of {first[digest]}"))
+        else:
+            first[digest] = entry.name
+            kept.append((digest, entry))
     kept.sort(key=lambda pair: pair[0])
     counts["used"] = len(kept)
     return UnlabeledPool([e for _, e in kept], [h for h, _ in kept], skipped, counts)
