@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +139,103 @@ def test_sources_agree_and_bad_entries_are_reported(photos, small_synthetic):
     assert "duplicate of" in reasons["again.png"] or "duplicate of" in reasons["p00.png"]
 
 
+def _counting(monkeypatch) -> dict[str, int]:
+    """Count the image reads (Entry.read, what hashing reads bytes with) and tar header scans of build_pool."""
+    from kdiqa_edge.data import unlabeled
+
+    counts = {"reads": 0, "scans": 0}
+    read, scan = unlabeled.Entry.read, unlabeled.scan_tar
+
+    def counted_read(entry):
+        counts["reads"] += 1
+        return read(entry)
+
+    def counted_scan(path):
+        counts["scans"] += 1
+        return scan(path)
+
+    monkeypatch.setattr(unlabeled.Entry, "read", counted_read)
+    monkeypatch.setattr(unlabeled, "scan_tar", counted_scan)
+    return counts
+
+
+def _pool_facts(pool) -> tuple:
+    return pool.hashes, [e.name for e in pool.entries], pool.counts, [(s.image, s.reason) for s in pool.skipped]
+
+
+def test_hash_index_second_run_reads_only_what_changed(photos, tmp_path, monkeypatch, capsys):
+    from kdiqa_edge.data.hashindex import HashIndex
+    from kdiqa_edge.data.unlabeled import Entry, identify
+
+    monkeypatch.setenv("KDIQA_CACHE", str(tmp_path / "cache"))  # the index under paths.cache_dir()
+    work = tmp_path / "src"
+    shutil.copytree(photos / "good", work / "good")
+    shutil.copytree(photos / "messy", work / "messy")
+    for shard in ("shards-000.tar", "shards-001.tar"):
+        shutil.copy(photos / shard, work / shard)
+    hour_ago = time.time() - 3600  # older than the racy window: an entry is recorded
+    for path in work.rglob("*"):
+        os.utime(path, (hour_ago, hour_ago))
+    sources = [work / "good", work / "messy", str(work / "shards-{000..001}.tar")]
+    counts = _counting(monkeypatch)
+    first = build_pool(sources, progress=False)
+    assert counts == {"reads": 2 * PHOTOS + 5, "scans": 2}
+    assert (tmp_path / "cache" / "hash-index").is_dir()
+
+    counts.update(reads=0, scans=0)
+    again = build_pool(sources, progress=False)
+    assert counts == {"reads": 0, "scans": 0}  # no image byte and no tar header read
+    assert _pool_facts(again) == _pool_facts(first)
+
+    # one image rewritten (new bytes, new mtime), one only touched: both read again, the new hash used
+    changed, touched = work / "good" / "p03.jpg", work / "good" / "p04.png"
+    changed.write_bytes(_image_bytes(99))
+    os.utime(changed, (hour_ago + 60, hour_ago + 60))
+    os.utime(touched, (hour_ago + 60, hour_ago + 60))
+    counts.update(reads=0)
+    after = build_pool(sources, progress=False)
+    assert counts["reads"] == 2
+    new_hash = hashlib.sha256(_image_bytes(99)).hexdigest()
+    assert new_hash in after.hashes and after.entries[after.hashes.index(new_hash)].name == str(changed)
+    assert after.counts["duplicates"] == first.counts["duplicates"] - 1  # p03 is no longer its tar copy's twin
+
+    # a file written just now is read on every run until it is older than the racy window (not recorded)
+    (work / "good" / "fresh.png").write_bytes(_image_bytes(50))
+    for _ in range(2):
+        counts.update(reads=0)
+        build_pool([work / "good"], progress=False)
+        assert counts["reads"] == 1
+
+    # a corrupt bucket: one note line, rebuilt, its images read again, then remembered
+    bucket = HashIndex().bucket_file(os.path.realpath(work / "good"))
+    bucket.write_bytes(b'{"format": "kdiqa-edge/hash-index/1", "entr')
+    capsys.readouterr()
+    counts.update(reads=0)
+    rebuilt = build_pool([work / "good"], progress=False)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: the hash index") and "rebuilt" in lines[0], lines
+    assert counts["reads"] == 10 + 1 and len(rebuilt) == PHOTOS + 1  # good/'s 10 (sub/ is its own bucket), fresh
+    counts.update(reads=0)
+    build_pool([work / "good"], progress=False)
+    assert counts["reads"] == 1  # only the racy fresh file
+
+    # two processes' indexes of one folder, saved one after the other: the bucket keeps both halves
+    other = tmp_path / "other"
+    shutil.copytree(photos / "good", other)
+    for path in other.rglob("*"):
+        os.utime(path, (hour_ago, hour_ago))
+    entries = [Entry(str(p), str(p)) for p in sorted(other.glob("*.*"))]
+    one, two = HashIndex(), HashIndex()
+    with one:
+        identify(entries[:4], one)
+    with two:
+        identify(entries[4:], two)
+    counts.update(reads=0)
+    with HashIndex() as three:
+        identify(entries, three)
+    assert counts["reads"] == 0
+
+
 def test_unknown_source_is_one_line_error(photos, capsys):
     code, _, err = run_cli(["distill", "--teacher", "tiny", "--unlabeled", photos / "nowhere", "--quiet"], capsys)
     assert code == 2 and "no such folder or file" in err and "Traceback" not in err
@@ -229,20 +328,23 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def test_cli_feature_tasks_then_distill_mixes_unlabeled_and_excludes_test_images(photos, small_synthetic,
-                                                                                 bare_teacher, tmp_path, capsys):
+def test_cli_feature_tasks_then_train_mixes_unlabeled_and_excludes_test_images(photos, small_synthetic,
+                                                                              bare_teacher, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher,
             "--student", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "16",
             "--unlabeled", photos / "good", "--unlabeled", photos / "messy",
             "--unlabeled", str(photos / "shards-{000..001}.tar"), "--rated-fraction", "0.2",
             "--unlabeled-fraction", "0.25", "--feature-shard-images", "5", "--workers", "0", "--quiet", "--out", run]
-    # the feature work as two scheduler tasks (submitit's local executor: the SLURM path without sbatch)
-    code, out, err = run_cli([*args, "--feature-tasks", "2", "--launcher", "submitit-local", "--wait"], capsys)
+    # the feature work as two scheduler tasks, then the training as a third job that waits for them
+    # (submitit's local executor: the SLURM path without sbatch)
+    code, out, err = run_cli([*args, "--feature-tasks", "2", "--then-train", "--launcher", "submitit-local",
+                              "--wait"], capsys)
     assert code == 0, err
     import pickle
 
     jobs = json.loads((run / "jobs.json").read_text())["runs"]
+    assert set(jobs) == {"features/0", "features/1", "train"}
     computed = []
     for task in ("features/0", "features/1"):
         folder = Path(jobs[task]["folder"])
@@ -252,10 +354,11 @@ def test_cli_feature_tasks_then_distill_mixes_unlabeled_and_excludes_test_images
         computed.append(set(keys))
     assert computed[0] and computed[1] and not computed[0] & computed[1]  # 17 images, 4 shards: 2 each
 
-    code, out, err = run_cli(args, capsys)
-    assert code == 0, err
-    assert _summary(run)["unlabeled"]["computed_by_rank"] == [[]]  # every shard was the tasks'
+    assert _summary(run)["unlabeled"]["computed_by_rank"] == [[]]  # the training waited: every shard the tasks'
     assert _summary(run)["unlabeled"]["shards"] == 4
+    assert "2 feature task(s) done" in out and "unlabeled: " in out and f"next: kdiqa-edge export {run}" in out
+    train_log = Path(jobs["train"]["folder"]) / f"{jobs['train']['job_id']}_0_log.out"
+    assert "1 also in the rated test split (excluded)" in train_log.read_text()
     from kdiqa_edge.train.distill import rated_subset
 
     unlabeled = _summary(run)["unlabeled"]
@@ -263,13 +366,75 @@ def test_cli_feature_tasks_then_distill_mixes_unlabeled_and_excludes_test_images
     hidden = split.train[0] not in rated_subset(split.train, 0.2, 0)  # a hidden rating is no rating: it may train
     assert (unlabeled["used"], unlabeled["already_rated"]) == (PHOTOS + hidden, 1 - hidden)
     assert unlabeled["in_test_split"] == 1 and unlabeled["duplicates"] == 1 + PHOTOS
-    assert "1 also in the rated test split (excluded)" in out
     with open(run / "unlabeled_skipped.csv") as handle:
         rows = {Path(r["image"]).name: r["reason"] for r in csv.DictReader(handle)}
     assert "rated test split" in rows["renamed_test_image.png"] and "unsafe" in rows["shards-000.tar:dev.jpg"]
     # 18 of the 90 training images rated, 12 rated + 4 unlabeled per batch of 16: 2 steps
     assert _summary(run)["steps"] == 2 and _summary(run)["rated_train"] == {"images": 18, "fraction": 0.2}
     assert json.loads((run / "split.json").read_text())["test"] == make_split(load_dataset(small_synthetic)).test
+
+
+FAKE_SBATCH = """#!/bin/bash
+# keeps each submission script and answers with the next job id, as sbatch does
+dir=$(dirname "$0")
+n=$(( $(cat "$dir/count" 2>/dev/null || echo 0) + 1 ))
+echo $n > "$dir/count"
+cp "$1" "$dir/sbatch.$n"
+echo "Submitted batch job $n"
+"""
+
+
+def _sbatch_flags(path: Path) -> dict[str, str]:
+    return dict(line[len("#SBATCH --"):].partition("=")[::2] for line in path.read_text().splitlines()
+                if line.startswith("#SBATCH --"))
+
+
+def test_cli_then_train_on_slurm_depends_on_the_whole_feature_array(photos, small_synthetic, bare_teacher,
+                                                                   tmp_path, monkeypatch, capsys):
+    submitit = pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"sbatch": FAKE_SBATCH, "srun": "#!/bin/bash\nexit 0\n"}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    args = ["distill", "--root", small_synthetic.root, "--teacher-checkpoint", bare_teacher, "--student",
+            "test_resnet", "--no-pretrained", "--unlabeled", photos / "good", "--out", run, "--quiet"]
+    code, out, err = run_cli([*args, "--feature-tasks", "3", "--then-train", "--partition", "gpu", "--time",
+                              "1:00:00"], capsys)
+    assert code == 0, err
+    array, train = _sbatch_flags(bin_dir / "sbatch.1"), _sbatch_flags(bin_dir / "sbatch.2")
+    assert not (bin_dir / "sbatch.3").exists()  # the array and the training: two submissions
+    assert array["array"] == "0-2%3" and "dependency" not in array
+    assert train["dependency"] == "afterok:1" and train["kill-on-invalid-dep"] == "yes" and "array" not in train
+    assert (train["partition"], train["time"]) == ("gpu", "60")
+    jobs = json.loads((run / "jobs.json").read_text())["runs"]
+    assert {k: v["job_id"] for k, v in jobs.items()} == {"features/0": "1_0", "features/1": "1_1",
+                                                         "features/2": "1_2", "train": "2"}
+    job = submitit.core.utils.DelayedSubmission.load(Path(jobs["train"]["folder"]) / "2_submitted.pkl").function
+    assert (job.out, job.after, job.config["unlabeled"]) == (str(run), None, [str(photos / "good")])
+    assert hasattr(job, "checkpoint") and "to start when the feature task(s) array 1 succeeded" in out
+
+    code, _, err = run_cli([*args, "--then-train"], capsys)
+    assert code == 2 and "--then-train goes with --feature-tasks" in err and "Traceback" not in err
+
+
+def test_local_training_job_refuses_to_train_after_a_failed_feature_task(tmp_path):
+    import pickle
+
+    from kdiqa_edge.train.launch import LaunchError, _wait_for_features
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a controller gone without a result: the task died
+    failed, succeeded = tmp_path / "11", tmp_path / "12"
+    for folder, outcome in ((failed, "error"), (succeeded, "success")):
+        folder.mkdir()
+        (folder / f"{folder.name}_0_result.pkl").write_bytes(pickle.dumps((outcome, "...")))
+    _wait_for_features([{"job_id": "12", "folder": str(succeeded)}])
+    for job_id, folder in (("11", failed), (str(ended.pid), tmp_path / "gone")):
+        with pytest.raises(LaunchError, match=f"feature task job {job_id} did not succeed: not training"):
+            _wait_for_features([{"job_id": "12", "folder": str(succeeded)}, {"job_id": job_id, "folder": str(folder)}])
 
 
 def test_soft_variant_on_unlabeled_only_trains_and_exports(photos, small_synthetic, bare_teacher, tmp_path, capsys):

@@ -78,17 +78,21 @@ def distill_command(
         help="Processes decoding unlabeled images (2).")] = None,
     feature_tasks: Annotated[int | None, typer.Option(
         "--feature-tasks", min=1, rich_help_panel=CLUSTER_PANEL,
-        help="Only compute the unlabeled images' teacher features, as N scheduler tasks (one array; shard i is "
-        "task i % N's), then exit; the same distill without this flag then trains on them. Needs "
-        "--teacher-checkpoint and --out (the jobs' logs and OUT/jobs.json).")] = None,
+        help="Compute the unlabeled images' teacher features as N scheduler tasks (one array; shard i is "
+        "task i % N's), then exit; the same distill without this flag then trains on them (or --then-train "
+        "submits that too). Needs --teacher-checkpoint and --out (the jobs' logs and OUT/jobs.json).")] = None,
     feature_shard_images: Annotated[int | None, typer.Option(
         "--feature-shard-images", min=1, rich_help_panel=CLUSTER_PANEL,
         help="Unlabeled images per teacher-feature shard (2048): the unit of work and of resume.")] = None,
     launcher: Annotated[str, typer.Option(
         "--launcher", rich_help_panel=CLUSTER_PANEL,
         help="With --feature-tasks: slurm (sbatch through submitit) or submitit-local (local processes).")] = "slurm",
+    then_train: Annotated[bool, typer.Option(
+        "--then-train", rich_help_panel=CLUSTER_PANEL,
+        help="With --feature-tasks: also submit the training itself, as one more job that starts when every "
+        "feature task has succeeded (SLURM: --dependency=afterok on the array).")] = False,
     wait: Annotated[bool, typer.Option("--wait", rich_help_panel=CLUSTER_PANEL,
-                                       help="With --feature-tasks: wait for the tasks to end.")] = False,
+                                       help="With --feature-tasks: wait for the jobs to end.")] = False,
     partition: Annotated[str | None, typer.Option("--partition", rich_help_panel=CLUSTER_PANEL,
                                                   help="sbatch --partition.")] = None,
     time_limit: Annotated[str | None, typer.Option("--time", rich_help_panel=CLUSTER_PANEL,
@@ -147,6 +151,8 @@ def distill_command(
 
       kdiqa-edge distill --dataset koniq --root ~/data/koniq10k --unlabeled ~/photos --unlabeled 'web-{000..099}.tar'
 
+      kdiqa-edge distill ... --unlabeled 'web-{000..999}.tar' --feature-tasks 32 --then-train --out runs/big
+
       torchrun --nproc-per-node 4 -m kdiqa_edge distill --dataset koniq --root ... --out ...
     """
     from kdiqa_edge.errors import ConfigError
@@ -170,8 +176,10 @@ def distill_command(
         mlflow_uri=mlflow_uri,
     )
     if feature_tasks is not None:
-        return _feature_tasks(cfg, data, out, feature_tasks, launcher, wait, partition, time_limit, cpus_per_job,
-                              mem, slurm_extra)
+        return _feature_tasks(cfg, data, out, feature_tasks, launcher, then_train, wait, partition, time_limit,
+                              cpus_per_job, mem, slurm_extra)
+    if then_train:
+        raise ConfigError("--then-train goes with --feature-tasks N: it submits the training after the feature tasks")
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report
     try:
         summary = run_distill(cfg, data, out, resume=resume, log=typer.echo)
@@ -185,13 +193,14 @@ def distill_command(
         typer.echo(f"next: kdiqa-edge export {shlex.quote(summary['run_dir'])} --precision auto")
 
 
-def _feature_tasks(cfg, data, out, tasks, launcher, wait, partition, time_limit, cpus_per_job, mem,
+def _feature_tasks(cfg, data, out, tasks, launcher, then_train, wait, partition, time_limit, cpus_per_job, mem,
                    slurm_extra) -> None:
-    """Submit the unlabeled feature work as an array of `tasks` jobs (and wait for it, if asked)."""
+    """Submit the unlabeled feature work as an array of `tasks` jobs, and the training after it if asked (and
+    wait for them, if asked)."""
     from kdiqa_edge.config import override
     from kdiqa_edge.errors import ConfigError
     from kdiqa_edge.train.distill import check_unlabeled, feature_task_config
-    from kdiqa_edge.train.launch import LaunchError, SlurmOptions, parse_extra, submit_features
+    from kdiqa_edge.train.launch import SlurmOptions, parse_extra, submit_features, submit_training
     from kdiqa_edge.train.schedules import parse_variant
 
     if out is None or not cfg.unlabeled or not cfg.teacher_checkpoint:
@@ -201,16 +210,32 @@ def _feature_tasks(cfg, data, out, tasks, launcher, wait, partition, time_limit,
     check_unlabeled(cfg, parse_variant(cfg.variant))
     opts = override(SlurmOptions(gpus_per_job=0 if cfg.device == "cpu" else 1), partition=partition,
                     time=time_limit, cpus_per_job=cpus_per_job, mem=mem, extra=parse_extra(slurm_extra or []))
-    jobs = submit_features(feature_task_config(cfg), data, Path(out), launcher, opts, tasks, log=typer.echo)
-    if wait:
-        for task, job in enumerate(jobs):
-            try:
-                job.result()
-            except Exception as exc:  # noqa: BLE001 - submitit raises the job's own error, any type
-                raise LaunchError(f"feature task {task} (job {job.job_id}) failed: {str(exc).strip().splitlines()[-1]}"
-                                  f"; its log: {job.paths.stderr}") from None
-        typer.echo(f"{tasks} feature task(s) done")
-    typer.echo("next: the same kdiqa-edge distill command without --feature-tasks (it reuses the shards)")
+    cfg = feature_task_config(cfg)
+    jobs = submit_features(cfg, data, Path(out), launcher, opts, tasks, log=typer.echo)
+    training = submit_training(cfg, data, Path(out), launcher, opts, jobs, log=typer.echo) if then_train else None
+    if not wait:
+        typer.echo(f"the job ids are in {Path(out) / 'jobs.json'}" if then_train else
+                   "next: the same kdiqa-edge distill command without --feature-tasks (it reuses the shards)")
+        return
+    for task, job in enumerate(jobs):
+        _job_result(job, f"feature task {task}")
+    typer.echo(f"{tasks} feature task(s) done")
+    if training is None:
+        typer.echo("next: the same kdiqa-edge distill command without --feature-tasks (it reuses the shards)")
+        return
+    summary = _job_result(training, "training")
+    _report(summary)
+    typer.echo(f"next: kdiqa-edge export {shlex.quote(summary['run_dir'])} --precision auto")
+
+
+def _job_result(job, what: str):
+    from kdiqa_edge.train.launch import LaunchError
+
+    try:
+        return job.result()
+    except Exception as exc:  # noqa: BLE001 - submitit raises the job's own error, any type
+        raise LaunchError(f"{what} (job {job.job_id}) failed: {str(exc).strip().splitlines()[-1]}; its log: "
+                          f"{job.paths.stderr}") from None
 
 
 def _report(summary: dict) -> None:

@@ -17,6 +17,10 @@ submitit's LocalExecutor (`--launcher submitit-local`) has no dependencies, so t
 waits for its teacher: it polls the teacher's run dir and the teacher job's process, and fails if the teacher
 job ended without finishing its run (afterok, done by the job instead of the scheduler). The submission code
 is the same for both executors; --max-parallel applies to SLURM arrays only (local jobs all start at once).
+
+`distill --feature-tasks N` uses the same machinery: the unlabeled teacher features as one array of N
+`FeatureJob`s, and with --then-train the training as one `TrainJob` after it (afterok on the array, or the
+job waiting for the tasks under submitit-local), all recorded in OUT/jobs.json.
 """
 
 from __future__ import annotations
@@ -179,6 +183,75 @@ def submit_features(cfg, data, out: Path, launcher: str, opts: SlurmOptions, tas
     _write_jobs(out, recorded)
     log(f"unlabeled features: submitted {tasks} task(s) as job(s) {', '.join(j.job_id for j in jobs)}")
     return jobs
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """`distill --feature-tasks N --then-train`: the training on the feature array's shards, one job that
+    starts when every feature task has succeeded (SLURM: afterok on the array; submitit-local: this job waits
+    for the tasks itself, as reproduce's students wait for their teacher). Requeued, it resumes the run."""
+
+    config: dict  # the DistillConfig, as its fields
+    dataset: dict  # the DatasetSpec, absolute paths
+    out: str  # the run dir (beside OUT/jobs.json)
+    after: list | None = None  # submitit-local only: the feature tasks to wait for, [{job_id, folder}]
+
+    def __call__(self) -> dict:
+        from kdiqa_edge.data.spec import DatasetSpec
+        from kdiqa_edge.train.distill import DistillConfig, run_distill
+        from kdiqa_edge.train.state import run_interrupted
+
+        if self.after:
+            _wait_for_features(self.after)
+        out = Path(self.out)
+        return run_distill(DistillConfig(**self.config), DatasetSpec.from_dict(self.dataset), out,
+                           resume=run_interrupted(out) or run_finished(out))
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def submit_training(cfg, data, out: Path, launcher: str, opts: SlurmOptions, feature_jobs: list,
+                    log: Callable[[str], None] = print):
+    """Submit the training after `feature_jobs` (submit_features' array): its id goes in OUT/jobs.json under
+    `train`. SLURM runs it after the whole array succeeded (`afterok:<array id>`) and cancels it if a task
+    failed (kill-on-invalid-dep). Returns the job."""
+    from kdiqa_edge.config import to_dict
+    from kdiqa_edge.data.readers import absolute_spec
+
+    array_id = str(feature_jobs[0].job_id).split("_")[0]  # an array's tasks are <array id>_<task>
+    dependency = f"afterok:{array_id}" if launcher == "slurm" else None
+    after = ([{"job_id": str(j.job_id), "folder": str(_job_folder(out, str(j.job_id)))} for j in feature_jobs]
+             if launcher == "submitit-local" else None)
+    executor = _executor(launcher, out, opts, "kdiqa-distill", dependency)
+    [job] = _submit(executor, [TrainJob({**to_dict(cfg), "progress": False}, absolute_spec(data).to_dict(),
+                                        str(out), after)])
+    recorded = read_jobs(out)
+    recorded["train"] = _record(launcher, out, job.job_id)
+    _write_jobs(out, recorded)
+    waits_on = f"array {array_id}" if dependency else ", ".join(str(j.job_id) for j in feature_jobs)
+    log(f"training: submitted job {job.job_id}, to start when the feature task(s) {waits_on} succeeded")
+    return job
+
+
+def _wait_for_features(after: list, poll_s: float = 1.0) -> None:
+    """afterok, done by the job: every feature task ended, and each one succeeded."""
+    import pickle
+
+    from submitit.core.utils import JobPaths
+
+    for task in after:
+        while (state := _local_state(task["job_id"], Path(task["folder"]))) == "RUNNING":
+            time.sleep(poll_s)
+        outcome = None
+        if state == "FINISHED":
+            with open(JobPaths(Path(task["folder"]), task["job_id"]).result_pickle, "rb") as handle:
+                outcome = pickle.load(handle)[0]
+        if outcome != "success":
+            raise LaunchError(f"feature task job {task['job_id']} did not succeed: not training (its log is in "
+                              f"{task['folder']})")
 
 
 def run_planned(out: str | Path, key: str, log: Callable[[str], None] = print) -> None:
