@@ -1,8 +1,9 @@
 """distill --unlabeled: throughput, disk, and whether unlabeled images help when ratings are scarce.
 
     python benchmarks/bench_unlabeled.py [--images 256] [--feature-teacher ViT-B-32:random] [--student resnet18]
-                                         [--rounds 2] [--seeds 3] [--epochs 20] [--skip-throughput]
-                                         [--skip-experiment] [--markdown benchmarks/results/unlabeled-<machine>.md]
+                                         [--rounds 2] [--seeds 3] [--epochs 20] [--hash-images 2000]
+                                         [--skip-throughput] [--skip-hashing] [--skip-experiment]
+                                         [--markdown benchmarks/results/unlabeled-<machine>.md]
 
 Part 1, throughput (random-init weights: speed does not depend on them; nothing is downloaded):
 - teacher feature extraction, images/s: `train.features.unlabeled_features` over a folder of 640x480 JPEGs
@@ -13,6 +14,14 @@ Part 1, throughput (random-init weights: speed does not depend on them; nothing 
   order reversed every other round; the fastest round of each is compared (the issue's bar: streaming >= 80%
   of cached at 2 workers);
 - disk per 1,000 images: the feature shards (fp16 + their meta.json), the decoded cache, the JPEGs.
+
+Part 1b, hashing (what every run does before any work: content hashes key the feature shards and the
+test-split exclusion), over web-sized JPEGs (640x480) and camera-sized ones (4000x3000, with noise), written
+first and back-dated an hour (a file younger than 2 s is never recorded in the index), so the page cache is
+warm: this is the CPU side of hashing, not a cold disk's. Per round, order alternated:
+- the library's hashing in threads (`unlabeled._hashed`, 8 threads) vs the same `_identify` in 2 forked
+  worker processes (a multiprocessing pool, 64 entries a task): what decided threads;
+- `build_pool` on a fresh hash index (hash + record) and again on the warm index (stat only: no image read).
 
 Part 2, the label-scarce experiment, on the built-in synthetic set at the tiny teacher's 64 px (86x64 images,
 24 references: 720 images, split by reference 80/20), per seed (split seed = init seed):
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -148,6 +158,79 @@ def throughput(args, work: Path, env: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Part 1b: hashing, threads vs processes, and the hash index's second run
+
+
+def hash_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
+    """`count` distinct JPEGs of `size` (one synthetic photo enlarged, with noise, a distinct trailer after
+    its end marker each), back-dated an hour so that the hash index records them."""
+    import numpy as np
+    from PIL import Image
+
+    from kdiqa_edge.data.synthetic import default_root
+
+    source = min((default_root() / "images").glob("*.png"))
+    pixels = np.asarray(Image.open(source).convert("RGB").resize(size, Image.Resampling.BICUBIC), np.float32)
+    pixels += np.random.default_rng(0).normal(0, 6, pixels.shape)  # sensor noise: a camera JPEG's size
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    base = buffer.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    hour_ago = time.time() - 3600
+    for i in range(count):
+        path = folder / f"img{i:05d}.jpg"
+        path.write_bytes(base + i.to_bytes(4, "little"))
+        os.utime(path, (hour_ago, hour_ago))
+    return folder
+
+
+def _threads(entries: list, workers: int) -> list:
+    from kdiqa_edge.data.unlabeled import _hashed
+
+    return list(_hashed(entries))
+
+
+def _processes(entries: list, workers: int) -> list:
+    import multiprocessing
+
+    from kdiqa_edge.data.unlabeled import _identify
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_identify, entries, chunksize=64)
+
+
+def hashing(args, work: Path) -> dict:
+    from kdiqa_edge.data.hashindex import HashIndex
+    from kdiqa_edge.data.unlabeled import Entry, build_pool
+
+    sets = {"web 640x480": (args.hash_images, (640, 480)), "camera 4000x3000": (max(args.hash_images // 20, 20),
+                                                                               (4000, 3000))}
+    out = {}
+    for name, (count, size) in sets.items():
+        folder = hash_photos(work / f"hash-{size[0]}", count, size)
+        entries = [Entry(str(p), str(p)) for p in sorted(folder.iterdir())]
+        mb = sum(os.path.getsize(e.path) for e in entries) / len(entries) / 1e6
+        ways = {"threads (8)": _threads, "2 processes": _processes}
+        rates: dict[str, list[float]] = {way: [] for way in [*ways, "index: first run", "index: second run"]}
+        for r in range(args.rounds):
+            for way in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+                start = time.perf_counter()
+                ways[way](entries, 2)
+                rates[way].append(count / (time.perf_counter() - start))
+            index_root = work / f"index-{size[0]}-{r}"
+            for way in ("index: first run", "index: second run"):
+                start = time.perf_counter()
+                pool = build_pool([folder], progress=False, index=HashIndex(index_root))
+                rates[way].append(count / (time.perf_counter() - start))
+            assert len(pool) == count
+            log(f"  hashing {name} round {r + 1}: " + ", ".join(f"{w} {v[-1]:.0f}" for w, v in rates.items())
+                + " images/s")
+        out[name] = {"images": count, "mb_per_image": mb, "images_per_s": rates,
+                     "fastest": {w: max(v) for w, v in rates.items()}}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Part 2: the label-scarce experiment
 
 
@@ -251,6 +334,15 @@ def markdown(env: dict, result: dict, command: str) -> str:
                   f"- teacher feature shards (fp16 + meta.json): {d['feature_shards'] / 1e6:.2f} MB",
                   f"- decoded cache (--image-cache), {t['size']} px uint8: {d['decoded_cache'] / 1e6:.1f} MB",
                   f"- the JPEGs themselves: {d['jpegs'] / 1e6:.1f} MB", ""]
+    h = result.get("hashing")
+    if h:
+        lines += ["## Hashing (what every run does first; warm page cache)", "",
+                  "| images | way | rounds (images/s) | fastest |", "|---|---|---|---|"]
+        for name, r in h.items():
+            for way, values in r["images_per_s"].items():
+                lines.append(f"| {r['images']} x {name} ({r['mb_per_image']:.2f} MB) | {way} | "
+                             f"{', '.join(f'{x:.0f}' for x in values)} | {r['fastest'][way]:.0f} |")
+        lines.append("")
     e = result.get("experiment")
     if e:
         m = e["medians"]
@@ -289,6 +381,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-experiment", action="store_true")
+    parser.add_argument("--hash-images", type=int, default=2000)
+    parser.add_argument("--skip-hashing", action="store_true")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -308,6 +402,8 @@ def main() -> None:
     try:
         if not args.skip_throughput:
             result["throughput"] = throughput(args, work, env)
+        if not args.skip_hashing:
+            result["hashing"] = hashing(args, work)
         if not args.skip_experiment:
             result["experiment"] = experiment(args, work)
     finally:
