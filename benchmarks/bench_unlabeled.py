@@ -20,7 +20,7 @@ test-split exclusion), over web-sized JPEGs (640x480) and camera-sized ones (400
 first and back-dated an hour (a file younger than 2 s is never recorded in the index), so the page cache is
 warm: this is the CPU side of hashing, not a cold disk's. Per round, order alternated:
 - the library's hashing in threads (`unlabeled._hashed`, 8 threads) vs the same `_identify` in 2 forked
-  worker processes (a multiprocessing pool, 64 entries a task): what decided threads;
+  worker processes (a multiprocessing pool, up to 64 entries a task, at least 4 tasks a worker): what decided threads;
 - `build_pool` on a fresh hash index (hash + record) and again on the warm index (stat only: no image read).
 
 Part 2, the label-scarce experiment, on the built-in synthetic set at the tiny teacher's 64 px (86x64 images,
@@ -196,7 +196,7 @@ def _processes(entries: list, workers: int) -> list:
     from kdiqa_edge.data.unlabeled import _identify
 
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(_identify, entries, chunksize=64)
+        return pool.map(_identify, entries, chunksize=max(1, min(64, len(entries) // (4 * workers))))
 
 
 def hashing(args, work: Path) -> dict:
