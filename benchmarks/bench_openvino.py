@@ -1,14 +1,21 @@
 """OpenVINO against ONNX Runtime on this CPU, ours and the plain way, each artifact alone in a fresh process.
 
     python benchmarks/bench_openvino.py [--models resnet18 ...] [--threads 2] [--rounds 5] [--seconds 3]
-                                        [--work DIR] [--reuse] [--out FILE.md]
+                                        [--groups ort ov plain-ov plain-ort auto] [--work DIR] [--reuse]
+                                        [--out FILE.md]
+
+    # INT8 float regions in f32 (ours) vs bf16 (ours, where the CPU has BF16) vs plain nncf defaults:
+    python benchmarks/bench_openvino.py --models resnet18 efficientnet_b0 mobilevit_s --groups ov-int8 plain-ov \
+        --out benchmarks/results/openvino-int8-bf16-<machine>.md
 
 For the paper's four students and the CLIP ViT-B/32 teacher's image tower (random init: no pretrained weights on
 this offline machine; the synthetic set for calibration), 224 px, batch 1, `--threads` threads:
 - ONNX Runtime, ours: FP32, and the best INT8 recipe of the ones our export makes (the fastest INT8 candidate
   in `--target onnx --precision auto`'s own measurement, rebuilt by the onnx target's `candidates`);
 - OpenVINO, ours (kdiqa_edge.export.openvino.write_ir, what `--target openvino` writes): f32, bf16, and INT8
-  with the stem in float (the default) and in int8;
+  with the stem in float (the default) and in int8, its float regions (head, projection, the float stem, and
+  what NNCF leaves between quantized ops) in f32 (`--precision int8`, auto's `int8:stem-*`) and in bf16 (auto's
+  `int8:bf16+stem-*`, the "OV INT8 bf16" rows; on a CPU without BF16 OpenVINO runs them in f32: 'runs in');
 - the plain way beside them: `ov.convert_model(our FP32 ONNX)` compiled with defaults + INFERENCE_NUM_THREADS
   and PERFORMANCE_HINT LATENCY (bf16 on CPUs with AVX512-BF16 or AMX: the worker records what it ran in), the
   same after `nncf.quantize` with defaults on 64 random inputs, and ONNX Runtime's `quantize_static` with
@@ -18,8 +25,9 @@ this offline machine; the synthetic set for calibration), 224 px, batch 1, `--th
 
 Each artifact is timed alone in a fresh process (this script's worker mode: load, warm up, time back to back for
 `--seconds`, print JSON), in `--rounds` rounds over every artifact of every model, the order rotated and
-reversed each round; the median of the rounds' p50s per artifact. Ratios to our ORT FP32 are the figures to
-read: other jobs share this machine (the load average is printed per round and written with the results).
+reversed each round; the median of the rounds' p50s per artifact, and its fastest round. Ratios to our ORT FP32
+are the figures to read: other jobs share this machine (the load average is printed per round and written with
+the results). `--groups` builds and times only some rows (ov-int8: our OpenVINO INT8 rows alone).
 
 Drift of random-init weights says nothing about a trained model, so auto ranks with the bound off
 (`--max-drift 1.0`, as bench_int8.py); the shipped pick still needs `--min-speedup` over FP32.
@@ -55,6 +63,14 @@ PLAIN_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}  # + INFERENCE_NUM_THREADS: the p
 SIZE = 224
 BUILT = "built.json"  # per model folder: its artifacts and what was chosen, for --reuse
 RUNTIMES = {".onnx": "ORT", ".xml": "OV", ".pte": "ExecuTorch"}  # by the artifact's suffix (auto's pick may be any)
+# --groups: the rows built and timed. ov-int8: our OpenVINO INT8 IRs only (of the ov group)
+GROUPS = ("ort", "ov", "ov-int8", "plain-ov", "plain-ort", "auto")
+# our OpenVINO IRs: (precision, stem, float regions' precision, row, folder)
+OV_ROWS = (("fp32", None, None, "OV f32", "openvino-fp32"), ("bf16", None, None, "OV bf16", "openvino-bf16"),
+           ("int8", "float", None, "OV INT8 (stem float)", "openvino-int8"),
+           ("int8", "int8", None, "OV INT8 (stem int8)", "openvino-int8-stem-int8"),
+           ("int8", "float", "bf16", "OV INT8 bf16 (stem float)", "openvino-int8-bf16"),
+           ("int8", "int8", "bf16", "OV INT8 bf16 (stem int8)", "openvino-int8-bf16-stem-int8"))
 
 
 @dataclasses.dataclass
@@ -231,9 +247,10 @@ def auto_facts(result) -> dict:
                            for r in found.get("candidates", [])]}
 
 
-def ov_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple[list[Artifact], Path, dict]:
-    """OpenVINO IRs as `--target openvino` writes them, from the target's own FP32 ONNX (returned: the plain
-    way converts the same file)."""
+def ov_ours(name: str, model, examples, cfg, meta: dict, folder: Path,
+            int8_only: bool = False) -> tuple[list[Artifact], Path, dict]:
+    """OpenVINO IRs as `--target openvino` (and its auto candidates) write them, from the target's own FP32 ONNX
+    (returned: the plain way converts the same file); `int8_only`: the INT8 ones."""
     from kdiqa_edge.export import openvino
 
     source = folder / "ov-source"
@@ -241,40 +258,38 @@ def ov_ours(name: str, model, examples, cfg, meta: dict, folder: Path) -> tuple[
     onnx_path = openvino.fp32_onnx(model, cfg, source)
     ov_meta = {**meta, "target": "openvino"}
     artifacts, settings = [], {}
-    for precision, stem, label in (("fp32", None, "OV f32"), ("bf16", None, "OV bf16"),
-                                   ("int8", "float", "OV INT8 (stem float)"), ("int8", "int8", "OV INT8 (stem int8)")):
-        out = folder / f"openvino-{precision}" if stem in (None, "float") else folder / "openvino-int8-stem-int8"
+    for precision, stem, floats, label, subfolder in OV_ROWS:
+        if int8_only and precision != "int8":
+            continue
+        out = folder / subfolder
         out.mkdir()
-        path, int8, _ = openvino.write_ir(model, onnx_path, examples, out, cfg, ov_meta, precision, stem=stem)
+        path, int8, _ = openvino.write_ir(model, onnx_path, examples, out, cfg, ov_meta, precision, stem, floats)
         detail = "ours"
         if int8:
             settings[label] = {k: int8[k] for k in ("preset", "model_type", "stem", "activation_ranges",
-                                                    "calibration_images")} | {"ignored": len(int8["ignored_scope"])}
-            detail = f"ours: NNCF {int8['preset']}, model type {int8['model_type']}, stem {stem}"
+                                                    "calibration_images", "inference_precision")} \
+                | {"ignored": len(int8["ignored_scope"])}
+            detail = (f"ours: NNCF {int8['preset']}, model type {int8['model_type']}, stem {stem}, float regions "
+                      f"{int8['inference_precision']}")
         artifacts.append(Artifact(name, label, "ov", precision, str(path), "kdiqa", detail))
     return artifacts, onnx_path, settings
 
 
-def plain(name: str, onnx_path: Path, folder: Path) -> list[Artifact]:
-    """ov.convert_model of our FP32 ONNX as it is, the same through nncf.quantize with defaults, and
-    quantize_static with defaults; 64 random NCHW inputs calibrate both."""
-    import nncf
-    import openvino as ov
+def plain(name: str, onnx_path: Path, folder: Path, groups: set[str] = frozenset(GROUPS)) -> list[Artifact]:
+    """ov.convert_model of our FP32 ONNX as it is, the same through nncf.quantize with defaults (plain-ov), and
+    quantize_static with defaults (plain-ort); 64 random NCHW inputs calibrate both."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     from kdiqa_edge.console import quiet_logger
-    from kdiqa_edge.export.openvino import quiet
 
     calib = np.random.default_rng(0).standard_normal((PLAIN_CALIB, 1, 3, SIZE, SIZE)).astype(np.float32)
     out = folder / "plain"
     out.mkdir()
-    converted = out / "model.xml"
-    # kept in FP32 (compress_to_fp16=False): the file is the model convert_model returns, as compiled in memory
-    ov.save_model(ov.convert_model(str(onnx_path)), str(converted), compress_to_fp16=False)
-    quantized = out / "model.nncf.xml"
-    with quiet():
-        ov.save_model(nncf.quantize(ov.convert_model(str(onnx_path)), nncf.Dataset(list(calib))), str(quantized),
-                      compress_to_fp16=False)
+    found = []
+    if "plain-ov" in groups:
+        found += plain_ov(name, onnx_path, out, calib)
+    if "plain-ort" not in groups:
+        return found
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -286,12 +301,27 @@ def plain(name: str, onnx_path: Path, folder: Path) -> list[Artifact]:
     static = out / "model.quantize_static.onnx"
     with quiet_logger():  # onnxruntime.quantization warns on the root logger
         quantize_static(str(onnx_path), str(static), Reader())
+    return [*found, Artifact(name, "plain ORT quantize_static", "plain-ort", "int8", str(static), "ort",
+                             "quantize_static defaults (QDQ S8S8 per tensor, MinMax), 64 random inputs")]
+
+
+def plain_ov(name: str, onnx_path: Path, out: Path, calib: np.ndarray) -> list[Artifact]:
+    import nncf
+    import openvino as ov
+
+    from kdiqa_edge.export.openvino import quiet
+
+    converted = out / "model.xml"
+    # kept in FP32 (compress_to_fp16=False): the file is the model convert_model returns, as compiled in memory
+    ov.save_model(ov.convert_model(str(onnx_path)), str(converted), compress_to_fp16=False)
+    quantized = out / "model.nncf.xml"
+    with quiet():
+        ov.save_model(nncf.quantize(ov.convert_model(str(onnx_path)), nncf.Dataset(list(calib))), str(quantized),
+                      compress_to_fp16=False)
     return [Artifact(name, "plain OV default", "plain-ov", "default", str(converted), "ov",
                      "ov.convert_model, compile_model defaults"),
             Artifact(name, "plain OV nncf INT8", "plain-ov", "int8", str(quantized), "ov",
-                     "nncf.quantize defaults, 64 random inputs"),
-            Artifact(name, "plain ORT quantize_static", "plain-ort", "int8", str(static), "ort",
-                     "quantize_static defaults (QDQ S8S8 per tensor, MinMax), 64 random inputs")]
+                     f"nncf.quantize defaults, {PLAIN_CALIB} random inputs")]
 
 
 def size(path: str) -> int:
@@ -340,13 +370,19 @@ def build_all(names: list[str], work: Path, args) -> tuple[list[Artifact], dict,
         inputs[name] = folder / "input.npy"
         np.save(inputs[name], np.ascontiguousarray(
             model_input(examples.test[:1], {"dtype": "float32", "layout": "NCHW"}, model.preprocess)))
-        mine, auto_onnx = ort_ours(name, model, examples, cfg, meta, folder)
-        log(f"{name}: onnx auto picks {auto_onnx['pick']}; best ORT INT8 {auto_onnx['best_int8']}")
-        ov_rows, onnx_path, nncf_settings = ov_ours(name, model, examples, cfg, meta, folder)
-        mine += ov_rows
-        mine += plain(name, onnx_path, folder)
-        facts[name] = {"auto_onnx": auto_onnx, "ov_int8": nncf_settings}
-        for target in [t for t in args.autos if t in TARGETS.names()]:  # cpu: the cross-runtime auto
+        groups, mine = set(args.groups), []
+        facts[name] = {}
+        if groups & {"ort", "auto"}:
+            mine, facts[name]["auto_onnx"] = ort_ours(name, model, examples, cfg, meta, folder)
+            mine = [a for a in mine if a.group in groups]
+            log(f"{name}: onnx auto picks {facts[name]['auto_onnx']['pick']}; best ORT INT8 "
+                f"{facts[name]['auto_onnx']['best_int8']}")
+        ov_rows, onnx_path, facts[name]["ov_int8"] = ov_ours(name, model, examples, cfg, meta, folder,
+                                                             int8_only="ov" not in groups)
+        mine += ov_rows if groups & {"ov", "ov-int8"} else []
+        if groups & {"plain-ov", "plain-ort"}:
+            mine += plain(name, onnx_path, folder, groups)
+        for target in [t for t in args.autos if t in TARGETS.names() and "auto" in groups]:  # cpu: across runtimes
             result = run_auto(target, model, examples, cfg, meta, folder / f"{target}-auto")
             facts[name][f"auto_{target}"] = auto_facts(result)
             mine.append(Artifact(name, f"auto (--target {target})", "auto", result.precision, str(result.files[0]),
@@ -448,6 +484,34 @@ def table_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
     return lines
 
 
+def float_region_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
+    """Our INT8 IRs with their float regions in f32 against the same in bf16, and against plain nncf defaults:
+    the median of the rounds' p50s and the fastest round's, each ratio over both."""
+    lines = ["| model | stem | INT8, f32 float regions (ours) | INT8, bf16 float regions (ours) | plain OV nncf INT8 "
+             "(runs in) | bf16 / f32 floats | bf16 floats / plain nncf |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ms(a: Artifact) -> str:
+        return f"{_ms(a.p50)} ({_ms(min(a.rounds))})"
+
+    def ratio(a: Artifact, b: Artifact | None) -> str:
+        return f"{a.p50 / b.p50:.2f} ({min(a.rounds) / min(b.rounds):.2f})" if b else "—"
+
+    found = False
+    for model in models:
+        rows = {a.name: a for a in artifacts if a.model == model and a.rounds}
+        nncf = rows.get("plain OV nncf INT8")
+        for stem in ("float", "int8"):
+            f32, bf16 = rows.get(f"OV INT8 (stem {stem})"), rows.get(f"OV INT8 bf16 (stem {stem})")
+            if not (f32 and bf16):
+                continue
+            found = True
+            plain_cell = f"{ms(nncf)} ({nncf.runs_in})" if nncf else "—"
+            lines.append(f"| {model} | {stem} | {ms(f32)} | {ms(bf16)} ({bf16.runs_in}) | {plain_cell} | "
+                         f"{ratio(bf16, f32)} | {ratio(bf16, nncf)} |")
+    return lines if found else []
+
+
 def noise_line(artifacts: list[Artifact]) -> str:
     spreads = sorted(a.spread for a in artifacts if len(a.rounds) > 1)
     if not spreads:
@@ -481,6 +545,8 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
              f"- Command: `python benchmarks/bench_openvino.py {' '.join(argv)}`",
              f"- Wall time {(time.time() - started) / 60:.1f} min", "",
              "## Summary (p50 ms at batch 1)", "", *summary_lines(artifacts, models), "",
+             *(["## INT8 float regions: f32 vs bf16 (p50 ms at batch 1: median of the rounds (fastest round); "
+                "ratios likewise)", "", *regions, ""] if (regions := float_region_lines(artifacts, models)) else []),
              "## Every artifact", "",
              ("'runs in': for OpenVINO, the inference precision the compiled model reports here "
               "(INFERENCE_PRECISION_HINT; an INT8 IR runs its quantized ops in int8 and the rest in that "
@@ -496,7 +562,8 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
              ("- Ours, OpenVINO: kdiqa_edge.export.openvino.write_ir from the target's own FP32 ONNX (fp32_onnx): "
               f"f32 and bf16 are one FP32 IR with the hint recorded; INT8 by nncf.quantize on {args.calib} "
               "train images of the synthetic set, MINMAX ranges, the head and projection in float, the stem per "
-              "the row."),
+              "the row, the float regions in the precision the IR records (f32, or bf16 in the 'OV INT8 bf16' "
+              "rows: auto's int8:bf16+stem-* candidates)."),
              ("- Plain: `ov.convert_model(our FP32 ONNX)` saved as it is (FP32 weights); `nncf.quantize(model, "
               f"nncf.Dataset({PLAIN_CALIB} random inputs))` with every default; both compiled with "
               "{INFERENCE_NUM_THREADS, PERFORMANCE_HINT: LATENCY} and nothing else. `quantize_static(our FP32 "
@@ -516,7 +583,8 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
         for label, settings in found["ov_int8"].items():
             stem = ", stem" if settings["stem"] == "float" else ""
             lines.append(f"- {label}: NNCF preset {settings['preset']}, model type {settings['model_type']}, "
-                         f"{settings['ignored']} ops ignored (head, projection{stem})")
+                         f"{settings['ignored']} ops ignored (head, projection{stem}), float regions in "
+                         f"{settings.get('inference_precision', 'f32')}")
         lines.append(f"- build time {found['build_s']:.0f} s")
         lines.append("")
     return "\n".join(lines)
@@ -544,6 +612,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-drift", type=float, default=1.0,
                         help="auto's bound on |ΔSRCC| (default 1.0: off, random-init drift means nothing)")
     parser.add_argument("--min-speedup", type=float, default=1.25, help="auto's --min-speedup")
+    parser.add_argument("--groups", nargs="+", default=[g for g in GROUPS if g != "ov-int8"], choices=GROUPS,
+                        help="the rows to build and time (ov-int8: our OpenVINO INT8 IRs alone)")
     parser.add_argument("--autos", nargs="*", default=["cpu"],
                         help="auto targets timed beside onnx auto (where the export registry has them)")
     parser.add_argument("--work", type=Path, help="where the artifacts go (default a new /tmp folder)")

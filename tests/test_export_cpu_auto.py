@@ -157,6 +157,42 @@ def test_auto_across_runtimes_with_an_injected_timer(student, examples, tmp_path
     assert QualityModel.load(tmp_path / "model.xml").backend.name == "openvino"
 
 
+def test_openvino_int8_with_bf16_float_regions_is_a_cpu_auto_candidate_where_the_cpu_has_bf16(
+        student, examples, tmp_path, monkeypatch):
+    """`openvino:int8:bf16+stem-*`: offered where the CPU has BF16 kernels, its drift measured on its own
+    scores, shipped with bf16 recorded when it is the fastest within the bound; one line where the CPU lacks
+    BF16."""
+    from kdiqa_edge.export import openvino as ovt
+    from kdiqa_edge.export.pipeline import artifact_meta
+    from kdiqa_edge.runtime import QualityModel
+
+    cpu, names = TARGETS.get("cpu"), ["openvino:int8:stem-int8", "openvino:int8:bf16+stem-int8"]
+    if ovt.bf16_here():
+        ms = {"onnx:fp32": 5.0, names[0]: 2.0, names[1]: 1.0}
+
+        def timer(measured, model, x):
+            return ms[measured.name] / 1e3 * len(x)
+
+        cfg = ExportConfig(target="cpu", precision="auto", max_drift=1.0, latency_runs=5, calib=16,
+                           candidates=",".join(names))
+        (tmp_path / "out").mkdir()
+        result = auto.export_auto(cpu, student, examples, tmp_path / "out", cfg, artifact_meta(student), timer=timer,
+                                  log=lambda _: None)
+        details = result.extra["auto"]
+        rows = {r["name"]: r for r in details["candidates"]}
+        assert list(rows) == ["onnx:fp32", *names] and all(r["status"] == "ok" for r in rows.values())
+        assert [rows[n]["recipe"]["float_regions"] for n in names] == ["f32", "bf16"]
+        # the same quantized graph, its float regions in bf16: its own scores, so its own drift
+        assert rows[names[1]]["drift"]["mean_abs_diff_vs_fp32"] != rows[names[0]]["drift"]["mean_abs_diff_vs_fp32"]
+        assert details["pick"] == names[1] and result.precision == "int8"
+        shipped = QualityModel.load(tmp_path / "out" / "model.xml")
+        assert shipped.info.meta["inference_precision"] == "bf16" and shipped.backend.inference_precision == "bf16"
+    # a CPU without AVX512-BF16 or AMX-BF16 (the openvino target's candidates there: test_export_openvino.py)
+    monkeypatch.setattr(ovt, "bf16_here", lambda: False)
+    said = [line for line in cpu.left_out() if line.startswith("openvino int8:bf16+stem-float, int8:bf16+stem-int8: ")]
+    assert len(said) == 1 and "neither AVX512-BF16 nor AMX-BF16" in said[0]
+
+
 def test_cli_auto_without_a_target_is_cpu_auto_timed_in_processes(checkpoint, small_synthetic, tmp_path, capsys,
                                                                      monkeypatch):
     monkeypatch.setattr(auto, "TURN_SECONDS", 0.2)  # a turn: one fresh process, 0.2 s timed per batch size

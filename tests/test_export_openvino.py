@@ -174,6 +174,56 @@ def test_int8_keeps_head_projection_and_stem_in_float(checkpoints, tmp_path):
     assert again.with_suffix(".bin").read_bytes() == first.with_suffix(".bin").read_bytes()
 
 
+def test_int8_float_regions_in_bf16_are_the_same_graph_with_the_hint_recorded(checkpoints, tmp_path, monkeypatch):
+    """`int8:bf16+stem-*`: the same quantized IR (its .bin byte for byte), bf16 recorded as the inference
+    precision its float regions run in and applied by the runtime on a CPU with BF16 kernels; an auto
+    candidate only there, a one-line reason elsewhere."""
+    from kdiqa_edge.export.pipeline import artifact_meta
+    from kdiqa_edge.models import load_checkpoint
+    from kdiqa_edge.runtime import QualityModel
+    from kdiqa_edge.runtime.openvino import HINTS
+
+    model = load_checkpoint(checkpoints["student"])
+    examples = _examples(model)
+    onnx_path = ovt.fp32_onnx(model, ExportConfig(), tmp_path)
+    cfg = ExportConfig(target="openvino", precision="int8")
+    paths = {}
+    for floats in ("f32", "bf16"):
+        (tmp_path / floats).mkdir()
+        paths[floats], int8, meta = ovt.write_ir(model, onnx_path, examples, tmp_path / floats, cfg,
+                                                 artifact_meta(model), "int8", "float", floats)
+        assert meta["precision"] == "int8" and meta["inference_precision"] == int8["inference_precision"] == floats
+        assert ov.Core().read_model(str(paths[floats])).get_rt_info(
+            ["kdiqa_edge", "inference_precision"]).astype(str) == floats
+    assert paths["bf16"].with_suffix(".bin").read_bytes() == paths["f32"].with_suffix(".bin").read_bytes()
+    with pytest.raises(ConfigError, match="only an int8 IR has float regions"):
+        ovt.write_ir(model, onnx_path, examples, tmp_path, cfg, artifact_meta(model), "fp32", None, "bf16")
+
+    as_f32, as_bf16 = QualityModel.load(paths["f32"], threads=1), QualityModel.load(paths["bf16"], threads=1)
+    assert as_f32.backend.inference_precision == "f32"
+    here = HINTS["bf16"] in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert here == ovt.bf16_here()  # OpenVINO's own view of the CPU agrees with the ISA flags auto goes by
+    if here:  # bf16 applied: the scores move, by bf16's rounding of the float regions, not more
+        assert as_bf16.backend.inference_precision == "bf16" and as_bf16.notes == []
+        moved = np.abs(as_bf16.predict(examples.test) - as_f32.predict(examples.test))
+        assert 0 < moved.max() < 0.05
+    else:
+        assert as_bf16.backend.inference_precision == "f32" and "recorded inference precision bf16" in as_bf16.notes[0]
+
+    target = ovt.OpenVinoTarget()
+    recipes = {c.name: c.recipe for c in target.candidates(model, examples, cfg, artifact_meta(model), tmp_path / "a")}
+    bf16_floats = {"int8:bf16+stem-float", "int8:bf16+stem-int8"}
+    assert (bf16_floats <= set(recipes)) == ovt.bf16_here()
+    assert recipes["int8:stem-float"]["float_regions"] == "f32"
+    for name in bf16_floats & set(recipes):
+        assert recipes[name]["float_regions"] == recipes[name]["inference_precision"] == "bf16"
+    monkeypatch.setattr(ovt, "bf16_here", lambda: False)  # a CPU without AVX512-BF16 or AMX-BF16
+    names = [c.name for c in target.candidates(model, examples, cfg, artifact_meta(model), tmp_path / "b")]
+    assert names == ["fp32", "int8:stem-float", "int8:stem-int8"]
+    (line,) = [line for line in target.left_out(cfg) if "int8:bf16" in line]
+    assert line.startswith("openvino int8:bf16+stem-float, int8:bf16+stem-int8: this CPU has neither AVX512-BF16")
+
+
 def test_nncf_settings_come_from_the_graph(checkpoints, tmp_path):
     from kdiqa_edge.export.pipeline import artifact_meta
     from kdiqa_edge.models import load_checkpoint
@@ -252,6 +302,33 @@ def test_bf16_and_int8_of_a_learned_student_stay_within_the_bound(learned_run, t
     assert abs(drifts["bf16"]["delta_srcc"]) <= 0.01
     print("openvino drift on the learned student:", {p: {k: round(d[k], 4) for k in (
         "delta_srcc", "mean_abs_diff_vs_fp32", "max_abs_diff_vs_fp32")} for p, d in drifts.items()})
+
+
+@pytest.mark.slow
+def test_int8_with_bf16_float_regions_of_a_learned_student_stays_within_the_bound(learned_run, tmp_path, capsys):
+    """auto's `int8:bf16+stem-*` candidates, each measured against the f32 IR on the learned student's test split:
+    within the bound, and recorded as such (on a CPU without BF16 they are not offered, and --candidates says
+    which are)."""
+    names = ["int8:bf16+stem-float", "int8:bf16+stem-int8"]
+    out = tmp_path / "auto"
+    code, _, err = _cli(["export", learned_run, "--target", "openvino", "--precision", "auto", "--candidates",
+                         ",".join(names), "--calib", "64", "--max-batch", "1", "--out", out], capsys)
+    if not ovt.bf16_here():
+        assert code != 0 and "unknown candidate(s) int8:bf16+stem-float, int8:bf16+stem-int8" in err
+        return
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads((out / "manifest.json").read_text())[
+        "exports"]["openvino-auto"]["details"]["auto"]["candidates"]}
+    assert list(rows) == ["fp32", *names]
+    for name in names:
+        drift = rows[name]["drift"]
+        assert rows[name]["status"] == "ok" and rows[name]["recipe"]["float_regions"] == "bf16"
+        assert drift["images"] >= 100 and rows["fp32"]["drift"]["srcc"] >= 0.4  # it learned
+        # auto's default bound (--max-drift 0.01), as int8:stem-* (f32 float regions) meet it on this student
+        assert abs(drift["delta_srcc"]) <= 0.01 and drift["srcc_vs_fp32"] >= 0.99 and rows[name]["within_bound"]
+        assert drift["mean_abs_diff_vs_fp32"] <= 0.045
+    print("openvino int8 with bf16 float regions, drift on the learned student:", {n: {k: round(rows[n]["drift"][k], 4)
+          for k in ("delta_srcc", "mean_abs_diff_vs_fp32", "max_abs_diff_vs_fp32")} for n in names})
 
 
 # --- torch-free: score and bench on .xml ------------------------------------------------------------------

@@ -30,7 +30,12 @@ names: the INT8 float regions are found by name, as `onnx.float_nodes` finds the
   ScaledDotProductAttention, as the converter fuses it, or an activation x activation MatMul), and the MIXED
   preset (asymmetric activations) where it has attention or activations that go negative (SiLU/Swish, GELU,
   HSwish, Mish, ELU, PReLU), else PERFORMANCE (symmetric); the choice and why go in the manifest
-  (`details.int8`). The rest of an INT8 model infers at f32.
+  (`details.int8`). The rest of an INT8 model (the ignored scope, and whatever NNCF leaves between its
+  quantized ops: elementwise ops, norms, softmax) infers at the precision the IR records: f32, or bf16 on a CPU
+  with BF16 kernels (`--precision auto`'s `int8:bf16+stem-*` candidates, offered where `bf16_here()`: OpenVINO's
+  own CPU default there, which a plain `convert_model` + `nncf.quantize` runs in). The quantized ops are the same
+  either way; drift is measured per candidate against the f32 IR, so the bound decides whether bf16 float
+  regions may ship.
 - Parity: at f32 the IR matches torch within 1e-4 or the export fails; bf16, fp16 and int8 report drift vs the
   f32 IR (|ΔSRCC|, mean/max |Δscore| on the test split) and both latencies, through the runtime (the CPU,
   `cfg.threads`). A CPU without a precision's kernels (f16 without AVX512-FP16) runs the nearest it has: the
@@ -56,6 +61,9 @@ from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Support
 EXTRA = "openvino"
 # precision -> OpenVINO INFERENCE_PRECISION_HINT recorded in the IR (INT8: what its float regions run in)
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+# what an INT8 IR's float regions may run in instead of f32 (write_ir's `float_precision`): bf16, where the CPU
+# has BF16 kernels (bf16_here); f16 is not offered: no x86 CPU we measure on has AVX512-FP16 kernels
+INT8_FLOAT_PRECISIONS = ("f32", "bf16")
 # precision -> whether ov.save_model compresses the weights to FP16 (see the module docstring)
 COMPRESS_TO_FP16 = {"fp32": False, "bf16": False, "fp16": True, "int8": False}
 # --calib-method -> NNCF's activation range estimator. minmax: the min and max over all calibration images, as
@@ -256,19 +264,33 @@ def versions() -> dict[str, str]:
     return found
 
 
-def ir_meta(model, meta: dict[str, Any], cfg: ExportConfig, outputs: list[str], precision: str) -> dict[str, Any]:
+def inference_precision(precision: str, float_precision: str | None = None) -> str:
+    """The INFERENCE_PRECISION_HINT an IR records: the precision's own, or for int8 `float_precision` (what its
+    float regions run in: INT8_FLOAT_PRECISIONS) where given."""
+    if float_precision is None or float_precision == INFERENCE_PRECISION[precision]:
+        return INFERENCE_PRECISION[precision]
+    if precision != "int8" or float_precision not in INT8_FLOAT_PRECISIONS:
+        raise ConfigError(f"float regions in {float_precision}: only an int8 IR has float regions of its own "
+                          f"precision ({' or '.join(INT8_FLOAT_PRECISIONS)})")
+    return float_precision
+
+
+def ir_meta(model, meta: dict[str, Any], cfg: ExportConfig, outputs: list[str], precision: str,
+            hint: str | None = None) -> dict[str, Any]:
     from kdiqa_edge.export.executorch import model_facts
 
     source = {**(meta.get("source") or {}), **model_facts(model)}
     return {**meta, "target": "openvino", "precision": precision, "input": input_spec(cfg, model.preprocess.size),
-            "outputs": outputs, "source": source, "inference_precision": INFERENCE_PRECISION[precision],
+            "outputs": outputs, "source": source, "inference_precision": hint or INFERENCE_PRECISION[precision],
             "versions": {**(meta.get("versions") or {}), **versions()}}
 
 
 def write_ir(model, onnx_path: Path, examples: Examples, folder: Path, cfg: ExportConfig, meta: dict[str, Any],
-             precision: str, stem: str | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+             precision: str, stem: str | None = None,
+             float_precision: str | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Write `folder/model.<precision>.xml` (+ .bin) from the FP32 ONNX at `onnx_path`: (path, int8 facts,
-    metadata). What a candidate builds; `build_ir` measures it too."""
+    metadata). `float_precision` (int8 only): what the float regions run in, recorded as the IR's inference
+    precision (default f32). What a candidate builds; `build_ir` measures it too."""
     import openvino as ov
 
     from kdiqa_edge.preprocess import normalize
@@ -276,8 +298,9 @@ def write_ir(model, onnx_path: Path, examples: Examples, folder: Path, cfg: Expo
 
     require_openvino(precision)
     stem = stem or cfg.int8_stem
+    hint = inference_precision(precision, float_precision)
     ov_model = convert(onnx_path)
-    full_meta = ir_meta(model, meta, cfg, [o.get_any_name() for o in ov_model.outputs], precision)
+    full_meta = ir_meta(model, meta, cfg, [o.get_any_name() for o in ov_model.outputs], precision, hint)
     int8: dict[str, Any] = {}
     if precision == "int8":
         if len(examples.calib) == 0:
@@ -294,7 +317,7 @@ def write_ir(model, onnx_path: Path, examples: Examples, folder: Path, cfg: Expo
                 "calibration_method": cfg.calib_method, "activation_ranges": ACTIVATION_RANGES[cfg.calib_method],
                 "head": "float", "input_norm": "float (PrePostProcessor, after quantization)",
                 "ignored_scope": ignored, "graph": facts.to_dict(), "preset": facts.preset,
-                "model_type": facts.model_type or "default", "inference_precision": INFERENCE_PRECISION["int8"]}
+                "model_type": facts.model_type or "default", "inference_precision": hint}
     ov_model = with_input(ov_model, full_meta["input"], model.preprocess)
     write_meta(ov_model, full_meta)
     canonical_names(ov_model)
@@ -448,7 +471,9 @@ class OpenVinoTarget:
     def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:
         """--precision auto: the f32 IR (the reference), bf16 where this CPU has BF16 kernels (AVX512-BF16 or
         AMX-BF16; elsewhere OpenVINO would run it in f32, the reference again), and NNCF INT8 with the stem in
-        float and in int8 where nncf imports; each an IR + .bin, measured through the runtime on this CPU."""
+        float and in int8 where nncf imports, its float regions in f32 (`int8:stem-*`) and, where this CPU has
+        BF16 kernels, in bf16 (`int8:bf16+stem-*`); each an IR + .bin, measured through the runtime on this
+        CPU, its drift against the f32 IR (the bound decides whether the bf16 float regions may ship)."""
         from kdiqa_edge.export.auto import Candidate
 
         require_openvino("fp32")
@@ -458,13 +483,16 @@ class OpenVinoTarget:
         extra = {"input": input_spec(cfg, model.preprocess.size), "outputs": ["score", *(["probs"] * cfg.with_probs)],
                  "runtime": "openvino", "metadata": "rt_info kdiqa_edge/<key> (the kdiqa_edge.* keys)"}
 
-        def build(precision: str, stem: str | None = None):
-            return lambda folder: write_ir(model, onnx_path, examples, folder, cfg, meta, precision, stem)[0]
+        def build(precision: str, stem: str | None, floats: str | None):
+            return lambda folder: write_ir(model, onnx_path, examples, folder, cfg, meta, precision, stem, floats)[0]
 
-        def candidate(name: str, precision: str, stem: str | None = None, **fields) -> Candidate:
-            facts = {"inference_precision": INFERENCE_PRECISION[precision],
+        def candidate(name: str, precision: str, stem: str | None = None, floats: str | None = None,
+                      **fields) -> Candidate:
+            facts = {"inference_precision": inference_precision(precision, floats),
                      "weights": "fp16" if COMPRESS_TO_FP16[precision] else "fp32"}
-            return Candidate(name, precision, build(precision, stem), companions=(".bin",),
+            if precision == "int8":
+                facts["float_regions"] = facts["inference_precision"]
+            return Candidate(name, precision, build(precision, stem, floats), companions=(".bin",),
                              recipe={"name": name, **facts, **({"stem": stem} if stem else {})},
                              extra={**extra, **facts}, **fields)
 
@@ -473,6 +501,8 @@ class OpenVinoTarget:
             found.append(candidate("bf16", "bf16"))
         if openvino_missing("int8") is None:
             found += [candidate(f"int8:stem-{stem}", "int8", stem) for stem in ("float", "int8")]
+            if bf16_here():
+                found += [candidate(f"int8:bf16+stem-{stem}", "int8", stem, "bf16") for stem in ("float", "int8")]
         return found
 
     def left_out(self, cfg: ExportConfig | None = None) -> list[str]:
@@ -484,6 +514,10 @@ class OpenVinoTarget:
         missing = openvino_missing("int8") if openvino_missing("fp32") is None else None
         if missing is not None:
             lines.append(f"openvino int8: {missing}: no int8 candidates")
+        elif not bf16_here():
+            lines.append("openvino int8:bf16+stem-float, int8:bf16+stem-int8: this CPU has neither AVX512-BF16 nor "
+                         "AMX-BF16 (their float regions would run in f32, as int8:stem-*'s do): no INT8 candidates "
+                         "with bf16 float regions")
         return lines
 
 

@@ -9,8 +9,9 @@ registers itself in `kdiqa_edge.runtime.base.BACKENDS` (`kdiqa_edge.runtime` imp
   AUTO:GPU,CPU, HETERO:...); lower case works too. It is compiled with `PERFORMANCE_HINT: LATENCY`,
   `INFERENCE_NUM_THREADS` from `threads` (CPU) and the `INFERENCE_PRECISION_HINT` the file records
   (`kdiqa_edge/inference_precision`: f32, bf16 or f16; BF16 and FP16 exports are inference precisions over
-  the same IR). Without a recorded hint, f32: OpenVINO's CPU plugin would otherwise run an FP32 IR in bf16
-  on CPUs with AVX512-BF16 or AMX, silently.
+  the same IR; an INT8 IR's is what its float regions run in, f32 or bf16: `int8:bf16+stem-*` candidates).
+  Without a recorded hint, f32: OpenVINO's CPU plugin would otherwise run an FP32 IR in bf16 on CPUs with
+  AVX512-BF16 or AMX, silently.
 - A recorded precision the device cannot run (bf16 on a CPU without BF16, f16 on one without AVX512-FP16) is
   not an error: OpenVINO runs the nearest it has, and `notes` says which it did (`inference_precision`).
 """
