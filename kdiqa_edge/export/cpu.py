@@ -1,10 +1,11 @@
 """The `cpu` target: `--precision auto` across every CPU runtime installed here (the issue's "auto across
-runtimes"): ONNX Runtime (the onnx target's recipes), OpenVINO (f32, bf16, NNCF INT8) and ExecuTorch/XNNPACK,
-measured on this machine, the fastest within --max-drift shipped to `OUT/cpu-auto/` under its runtime's own
-name (model.onnx, model.xml + model.bin, model.pte).
+runtimes"): ONNX Runtime (the onnx target's recipes), OpenVINO (f32, bf16, NNCF INT8 with its float regions in
+f32 and, on a CPU with BF16 kernels, in bf16) and ExecuTorch/XNNPACK, measured on this machine, the fastest
+within --max-drift shipped to `OUT/cpu-auto/` under its runtime's own name (model.onnx, model.xml + model.bin,
+model.pte).
 
 It builds nothing itself: its candidates are the runtime targets' own (`candidates()` of each, found in the
-target registry), renamed `<runtime>:<name>` (onnx:fp32, openvino:int8:stem-float, executorch:fp32) and
+target registry), renamed `<runtime>:<name>` (onnx:fp32, openvino:int8:bf16+stem-float, executorch:fp32) and
 restricted to the CPU (no accelerator execution provider). The contract's choices across runtimes:
 
 - Drift reference: ONNX Runtime's FP32 (`onnx:fp32`), the graph every other runtime's artifact is made from.
