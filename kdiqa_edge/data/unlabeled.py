@@ -212,9 +212,9 @@ def rated_hashes(dataset, split, index: HashIndex | None = None) -> dict[str, st
     with index or HashIndex() as hash_index:
         identities = identify(entries, hash_index)
     found: dict[str, str] = {}
-    for identity, part in zip(identities, parts):
-        if identity.sha256 is not None and part and found.get(identity.sha256) != "test":  # test wins: its
-            found[identity.sha256] = part  # exclusion is the count
+    for digest, part in zip((i.sha256 for i in identities), parts):
+        if digest is not None and part and found.get(digest) != "test":  # test wins: its exclusion is the count
+            found[digest] = part
     return found
 
 
