@@ -268,9 +268,9 @@ def test_rank_zero_alone_logs_under_torchrun(small_synthetic, tmp_path):
     from kdiqa_edge import paths
 
     run = tmp_path / "run"
-    # forked: the workers start with this process's imports (a spawned one re-imports torch: seconds each)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(small_synthetic.root), str(run), str(paths.cache_dir())),
-                       nprocs=2, start_method="fork")
+    # spawned: forking a process whose autograd threads have run (any test before this one in the same worker)
+    # is refused by torch
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(small_synthetic.root), str(run), str(paths.cache_dir())), nprocs=2)
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
     events = EventAccumulator(str(run / "tb")).Reload()
