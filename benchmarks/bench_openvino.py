@@ -486,16 +486,21 @@ def table_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
 
 def float_region_lines(artifacts: list[Artifact], models: list[str]) -> list[str]:
     """Our INT8 IRs with their float regions in f32 against the same in bf16, and against plain nncf defaults:
-    the median of the rounds' p50s and the fastest round's, each ratio over both."""
-    lines = ["| model | stem | INT8, f32 float regions (ours) | INT8, bf16 float regions (ours) | plain OV nncf INT8 "
-             "(runs in) | bf16 / f32 floats | bf16 floats / plain nncf |",
+    each artifact's median of the rounds' p50s (fastest round), and each ratio three ways: of the medians, of
+    the fastest rounds, and paired (the median over rounds of the ratio within a round: two turns of one round
+    are minutes closer in time than two rounds, so a load that comes and goes moves both alike)."""
+    lines = ["| model | stem | INT8, f32 float regions (ours) | INT8, bf16 float regions (ours) | plain OV nncf INT8 | "
+             "bf16 / f32 floats: medians, fastest, paired | bf16 floats / plain nncf: medians, fastest, paired |",
              "|---|---|---|---|---|---|---|"]
 
     def ms(a: Artifact) -> str:
-        return f"{_ms(a.p50)} ({_ms(min(a.rounds))})"
+        return f"{_ms(a.p50)} ({_ms(min(a.rounds))}), runs in {a.runs_in}"
 
     def ratio(a: Artifact, b: Artifact | None) -> str:
-        return f"{a.p50 / b.p50:.2f} ({min(a.rounds) / min(b.rounds):.2f})" if b else "—"
+        if b is None:
+            return "—"
+        paired = [x / y for x, y in zip(a.rounds, b.rounds)]
+        return f"{a.p50 / b.p50:.2f}, {min(a.rounds) / min(b.rounds):.2f}, **{np.median(paired):.2f}**"
 
     found = False
     for model in models:
@@ -506,8 +511,7 @@ def float_region_lines(artifacts: list[Artifact], models: list[str]) -> list[str
             if not (f32 and bf16):
                 continue
             found = True
-            plain_cell = f"{ms(nncf)} ({nncf.runs_in})" if nncf else "—"
-            lines.append(f"| {model} | {stem} | {ms(f32)} | {ms(bf16)} ({bf16.runs_in}) | {plain_cell} | "
+            lines.append(f"| {model} | {stem} | {ms(f32)} | {ms(bf16)} | {ms(nncf) if nncf else '—'} | "
                          f"{ratio(bf16, f32)} | {ratio(bf16, nncf)} |")
     return lines if found else []
 
@@ -545,8 +549,8 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
              f"- Command: `python benchmarks/bench_openvino.py {' '.join(argv)}`",
              f"- Wall time {(time.time() - started) / 60:.1f} min", "",
              "## Summary (p50 ms at batch 1)", "", *summary_lines(artifacts, models), "",
-             *(["## INT8 float regions: f32 vs bf16 (p50 ms at batch 1: median of the rounds (fastest round); "
-                "ratios likewise)", "", *regions, ""] if (regions := float_region_lines(artifacts, models)) else []),
+             *(["## INT8 float regions: f32 vs bf16 (p50 ms at batch 1: median of the rounds (fastest round))", "",
+                *regions, ""] if (regions := float_region_lines(artifacts, models)) else []),
              "## Every artifact", "",
              ("'runs in': for OpenVINO, the inference precision the compiled model reports here "
               "(INFERENCE_PRECISION_HINT; an INT8 IR runs its quantized ops in int8 and the rest in that "
