@@ -62,7 +62,7 @@ EXTRA = "openvino"
 # precision -> OpenVINO INFERENCE_PRECISION_HINT recorded in the IR (INT8: what its float regions run in)
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 # what an INT8 IR's float regions may run in instead of f32 (write_ir's `float_precision`): bf16, where the CPU
-# has BF16 kernels (bf16_here); f16 is not offered: no x86 CPU we measure on has AVX512-FP16 kernels
+# has BF16 kernels (bf16_here), OpenVINO's CPU default there; f16 float regions are not offered (not measured)
 INT8_FLOAT_PRECISIONS = ("f32", "bf16")
 # precision -> whether ov.save_model compresses the weights to FP16 (see the module docstring)
 COMPRESS_TO_FP16 = {"fp32": False, "bf16": False, "fp16": True, "int8": False}
