@@ -33,7 +33,8 @@ KEYS = {
     "batch": "the one batch size a static-shape artifact takes (ExecuTorch programs: 1); absent: dynamic",
     "recipe": "the INT8 recipe's name (export/recipes.py), INT8 ONNX only",
     "inference_precision": "f32 | bf16 | f16: OpenVINO's INFERENCE_PRECISION_HINT, which the runtime applies "
-                           "(OpenVINO IR only; bf16/fp16 exports are the f32 graph run at that precision)",
+                           "(OpenVINO IR only; bf16/fp16 exports are the f32 graph run at that precision; an int8 IR's: what "
+                           "its float regions run in, f32 or bf16)",
     "ort_spinning": "on | off: ONNX Runtime intra-op spin-waiting, measured for the pick by --precision auto; "
                     "the runtime applies it (absent: ORT's default, on)",
 }
