@@ -1,7 +1,7 @@
 """What draft JPEG decoding costs in accuracy, on a student that learned (issue 27, part 2).
 
-    python benchmarks/bench_draft_drift.py [--work /tmp/bench-draft] [--large 200] \\
-        [--out benchmarks/results/draft-drift-<machine>.md]
+    python benchmarks/bench_draft_drift.py [--size 64|224] [--work /tmp/bench-draft] [--large 200] \\
+        [--out benchmarks/results/draft-drift-<machine>[-224px].md]
 
 `bench_score.py` measures the speed of draft vs exact decoding on a random-init resnet18, whose scores follow no
 quality (its ΔSRCC against the pseudo-MOS is noise). Here the model learned: the tests' recipe (conftest's
@@ -12,9 +12,11 @@ writes) so each keeps its distortion and pseudo-MOS. Each is scored with `--deco
 runs (`QualityModel.score_files`) on the model's ONNX FP32 export. Reported: |Δscore|, the SRCC of each decode
 against the pseudo-MOS and its change (the export drift bound is |ΔSRCC| <= 0.01), and the SRCC between the two.
 
-The model's input is 64 px, so draft's 1/8 decode (500x375) is still 7.8x oversampled for it; a 224 px model sees
-the same 500x375 decode 2.2x oversampled, so its drift can be larger than this one's (bench_score.py's
-pixel-level figures at 224 px say how much the pixels move).
+With `--size 64` the model's input is 64 px, so draft's 1/8 decode (500x375) is still 7.8x oversampled for it.
+`--size 224` is the paper students' input, which sees the same 500x375 decode only 2.2x oversampled: the
+synthetic set is made at 320x240 and the teacher is the tiny CLIP config at 224 px (patch 32; random init: the
+`hard` variant learns from the pseudo-MOS, the teacher gives only its frozen head), saved as a teacher
+checkpoint for `distill --teacher-checkpoint`.
 """
 
 from __future__ import annotations
@@ -34,13 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CLI = [sys.executable, "-m", "kdiqa_edge"]
 
 
-def learned_model(work: Path) -> tuple[Path, Path]:
-    """The tests' learned student (conftest.learned_run's recipe), exported to ONNX FP32; (onnx, run dir)."""
+def learned_model(work: Path, size: int = 64) -> tuple[Path, Path]:
+    """The tests' learned student (conftest.learned_run's recipe) at `size` px, exported to ONNX FP32;
+    (onnx, run dir)."""
     run = work / "run"
     if not (run / "summary.json").is_file():
-        subprocess.run([*CLI, "data", "synth", str(work / "set"), "--refs", "24", "--size", "86x64"], check=True)
-        subprocess.run([*CLI, "distill", "--dataset", "synthetic", "--root", str(work / "set"), "--teacher", "tiny",
-                        "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
+        subprocess.run([*CLI, "data", "synth", str(work / "set"), "--refs", "24", "--size",
+                        "86x64" if size == 64 else "320x240"], check=True)
+        teacher = ["--teacher", "tiny", "--teacher-epochs", "1"] if size == 64 else \
+            ["--teacher-checkpoint", str(teacher_checkpoint(work / "teacher", size))]
+        subprocess.run([*CLI, "distill", "--dataset", "synthetic", "--root", str(work / "set"), *teacher,
+                        "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
                         "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(run)],
                        check=True)
     exports = work / "exports"
@@ -48,6 +54,27 @@ def learned_model(work: Path) -> tuple[Path, Path]:
         subprocess.run([*CLI, "export", str(run), "--target", "onnx", "--precision", "fp32", "--out", str(exports)],
                        check=True, stdout=subprocess.DEVNULL)
     return exports / "onnx-fp32" / "model.fp32.onnx", run
+
+
+def teacher_checkpoint(folder: Path, size: int) -> Path:
+    """The tiny CLIP teacher config at `size` px (patch 32), random init, saved as a teacher checkpoint."""
+    import copy
+
+    import open_clip
+    import torch
+
+    from kdiqa_edge.models import save_checkpoint
+    from kdiqa_edge.models.teacher import TEACHER_CONFIGS, ClipBuild, teacher_from_clip
+
+    if not (folder / "model.json").is_file():
+        cfg = copy.deepcopy(TEACHER_CONFIGS.get("tiny"))
+        cfg["vision_cfg"].update(image_size=size, patch_size=32)
+        torch.manual_seed(0)
+        clip = open_clip.CLIP(**cfg).eval()
+        tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+        teacher = teacher_from_clip(clip, tokenizer, ClipBuild("tiny", cfg, False, f"tiny at {size} px"))
+        save_checkpoint(teacher.eval(), folder)
+    return folder
 
 
 def large_photos(work: Path, run: Path, count: int) -> dict[Path, float]:
@@ -74,6 +101,7 @@ def large_photos(work: Path, run: Path, count: int) -> dict[Path, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, choices=(64, 224), default=64, help="the student's input size")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-draft"))
     parser.add_argument("--large", type=int, default=200, help="12 MP JPEGs (test images of the learned run)")
     parser.add_argument("--keep", action="store_true")
@@ -86,9 +114,10 @@ def main() -> None:
     from kdiqa_edge.runtime import QualityModel
 
     env = environment(2)
-    out = args.out or Path(__file__).parent / "results" / f"draft-drift-{machine_slug()}.md"
+    suffix = "" if args.size == 64 else f"-{args.size}px"
+    out = args.out or Path(__file__).parent / "results" / f"draft-drift-{machine_slug()}{suffix}.md"
     try:
-        onnx, run = learned_model(args.work)
+        onnx, run = learned_model(args.work, args.size)
         photos = large_photos(args.work, run, args.large)
         model = QualityModel.load(onnx)
         files = sorted(photos)
@@ -102,8 +131,8 @@ def main() -> None:
     srcc = {d: float(spearmanr(s, mos).statistic) for d, s in scores.items()}
     change = srcc["draft"] - srcc["exact"]
     within = abs(change) <= 0.01
-    rows = [("images", f"{len(files)} (4000x3000 JPEG q90, draft scale 1/{draft_scale(4000, 3000, 64)})"),
-            ("model", f"test_resnet at 64 px, learned (its run's test SRCC {trained:.3f}), ONNX FP32, not pretrained"),
+    rows = [("images", f"{len(files)} (4000x3000 JPEG q90, draft scale 1/{draft_scale(4000, 3000, args.size)})"),
+            ("model", f"test_resnet at {args.size} px, learned (its run's test SRCC {trained:.3f}), ONNX FP32, not pretrained"),
             ("score std (exact)", f"{scores['exact'].std():.4f}"),
             ("mean abs Δscore", f"{delta.mean():.5f}"), ("max abs Δscore", f"{delta.max():.5f}"),
             ("SRCC vs pseudo-MOS, exact", f"{srcc['exact']:.4f}"), ("SRCC vs pseudo-MOS, draft", f"{srcc['draft']:.4f}"),

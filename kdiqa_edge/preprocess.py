@@ -301,7 +301,29 @@ def preprocess_pil(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def normalize(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW normalized with the spec's mean/std."""
-    x = batch.astype(np.float32) / 255.0
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """uint8 NHWC -> float32 NCHW normalized with the spec's mean/std: (x / 255 - mean) / std.
+
+    A uint8 has 256 values, so each channel's 256 results are computed once, in float32 with exactly that
+    sequence of operations (the same bits as computing them per pixel), and looked up, one image's plane at a
+    time (it stays in cache): 4x faster than the arithmetic on a [16, 224, 224, 3] batch, where it was 7% of
+    an INT8 resnet18's CPU time in `score`.
+    """
+    if batch.dtype != np.uint8:  # not pixels: the arithmetic itself
+        x = (batch.astype(np.float32) / 255.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    table = _normalize_table(tuple(spec.mean), tuple(spec.std))
+    planes = batch.transpose(0, 3, 1, 2)
+    out = np.empty(planes.shape, np.float32)
+    for index in range(planes.shape[0]):
+        for channel in range(planes.shape[1]):
+            np.take(table[channel], planes[index, channel], out=out[index, channel])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [C, 256]: (v / 255 - mean[c]) / std[c] for every uint8 value v, read-only."""
+    values = np.arange(256, dtype=np.float32)[None, :] / 255.0
+    table = (values - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    table.flags.writeable = False
+    return table

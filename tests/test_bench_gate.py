@@ -120,8 +120,20 @@ def test_the_gate_judges_the_pick_of_export_precision_auto(students, small_synth
     assert "(reused" in stdout and "gate: passed: 1 model(s)" in stdout
     assert json.loads((out / "manifest.json").read_text())["exports"]["onnx-auto"]["gate"]["passed"]
 
+    # the bounds from a profile, as a CI's deployment profile carries them: the same verdict, nothing rebuilt
+    profile = tmp_path / "ci.yaml"
+    profile.write_text("target: onnx\nprecision: auto\nmax_size_mb: 0.001\nfail_under: srcc=-1\n")
+    code, stdout, err = run_cli([*common, "--profile", profile], capsys)
+    assert code == 1 and "(reused" in stdout, err
+    assert [line for line in err.splitlines() if line.startswith("gate:")] == lines
+    code, _, err = run_cli([*common, "--profile", profile, "--max-size-mb", f"{size * 1.01}"], capsys)
+    assert code == 0, err  # a flag overrides the profile's bound
+
     code, _, err = run_cli([*common[:5], "fp32", "--out", out, "--max-latency-ms", "5"], capsys)
-    assert code == 2 and "gate --precision auto's pick" in err
+    assert code == 2 and "--max-latency-ms gate --precision auto's pick" in err
+    profile.write_text("precision: fp32\nmax_size_mb: 10\n")
+    code, _, err = run_cli([*common[:2], "--out", out, "--profile", profile], capsys)
+    assert code == 2 and "--max-size-mb gate --precision auto's pick" in err and "Traceback" not in err
 
 
 def test_bench_times_the_teacher_in_every_runtime_and_compares_against_its_fastest(

@@ -249,3 +249,18 @@ def test_an_extreme_aspect_ratio_needs_memory_of_the_output_not_of_the_resize(tm
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tall.png"), str(tmp_path / "wide.png")],
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_normalize_by_lookup_gives_the_arithmetics_bits():
+    """`normalize` looks the 256 values up per channel: bit for bit what (x / 255 - mean) / std gives."""
+    from kdiqa_edge.preprocess import PreprocessSpec, normalize
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (3, 17, 13, 3), dtype=np.uint8)
+    batch[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    for spec in (PreprocessSpec(), PreprocessSpec(mean=(0.5, 0.25, 0.1), std=(0.2, 0.3, 0.7))):
+        expected = (batch.astype(np.float32) / 255.0 - np.asarray(spec.mean, np.float32)) \
+            / np.asarray(spec.std, np.float32)
+        got = normalize(batch, spec)
+        assert got.dtype == np.float32 and got.shape == (3, 3, 17, 13) and got.flags.c_contiguous
+        assert np.array_equal(got, expected.transpose(0, 3, 1, 2))

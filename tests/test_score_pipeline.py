@@ -123,3 +123,19 @@ def test_decode_option_reaches_the_pixels_and_says_when_it_is_not_the_models(mod
     assert scores["exact"] == pytest.approx(float(model.predict(load_preprocessed(big, spec.with_decode("exact"))[None])[0]), abs=1e-6)
     assert scores["draft"] == pytest.approx(model.score(big), abs=1e-6)
     assert scores["draft"] != scores["exact"]
+
+
+def test_score_opens_onnx_runtime_without_spin_waiting(model_file, folder, capsys, monkeypatch):
+    """The decode threads share the cores with ONNX Runtime's workers: `score` turns their spin-waiting off."""
+    opened = []
+    load = QualityModel.load.__func__
+
+    def spy(cls, *args, **kwargs):
+        opened.append(load(cls, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(QualityModel, "load", classmethod(spy))
+    code, _, err = run_cli(["score", model_file, folder / "p01.jpg"], capsys)
+    assert code == 0, err
+    options = opened[0].backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -13,7 +13,7 @@ import typer
 
 from kdiqa_edge.cli.options import FailUnder, MaxLatencyMs, MaxSizeMb, MlflowUri, dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
-from kdiqa_edge.export.base import ExportConfig
+from kdiqa_edge.export.base import GATE_FIELDS, ExportConfig
 
 EXPORT_PANEL = "Export"
 DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
@@ -146,12 +146,13 @@ def export_command(
                   with_probs=probs, with_map=with_map, calib=calib, calib_method=calib_method, int8_stem=int8_stem,
                   int8_recipe=int8_recipe, max_drift=max_drift, min_speedup=min_speedup, candidates=candidates,
                   max_batch=max_batch, opset=opset, threads=threads,
-                  tensorrt_version=tensorrt_version)
+                  tensorrt_version=tensorrt_version, fail_under=fail_under, max_latency_ms=max_latency_ms,
+                  max_size_mb=max_size_mb)
     if target is None and cfg.precision == "auto" and not _profile_names(profile, "target"):
         cfg = dataclasses.replace(cfg, target=AUTO_TARGET)
     out = out if out is not None else default_out(checkpoint)
     requested = [f"{name}-{cfg.precision}" for name in cfg.validate().targets()]
-    gate = _gate(cfg, fail_under, max_latency_ms, max_size_mb)
+    gate = _gate(cfg)
     if mlflow_register:
         from kdiqa_edge.errors import require
         from kdiqa_edge.train.trackers.registry import EXTRA, chosen
@@ -176,18 +177,14 @@ def export_command(
         register_export(out, mlflow_register, requested, mlflow_uri, log=typer.echo)
 
 
-def _gate(cfg: ExportConfig, fail_under: str | None, max_latency_ms: float | None, max_size_mb: float | None):
-    """The release gate on auto's pick (with --max-drift's bound), or None without gate options; refused before
-    any work for a precision that picks nothing."""
+def _gate(cfg: ExportConfig):
+    """The release gate on auto's pick (with --max-drift's bound), from the flags or the profile, or None
+    without gate bounds; `cfg.validate()` refused them before any work for a precision that picks nothing."""
     from kdiqa_edge.bench.gate import Gate
-    from kdiqa_edge.errors import ConfigError
 
-    if fail_under is None and max_latency_ms is None and max_size_mb is None:
+    if all(getattr(cfg, name) is None for name in GATE_FIELDS):
         return None
-    if cfg.precision != "auto":
-        raise ConfigError("--fail-under, --max-latency-ms and --max-size-mb gate --precision auto's pick; for "
-                          f"a {cfg.precision} export, run `kdiqa-edge bench` on it with the same options")
-    return Gate.parse(fail_under, cfg.max_drift, max_latency_ms, max_size_mb)
+    return Gate.parse(cfg.fail_under, cfg.max_drift, cfg.max_latency_ms, cfg.max_size_mb)
 
 
 def _profile_names(profile: Path | None, field: str) -> bool:

@@ -40,6 +40,10 @@ class ExportConfig:
     max_drift: float = 0.01  # auto: the largest |ΔSRCC| vs FP32 on the test split a shipped candidate may have
     min_speedup: float = 1.25  # auto: a reduced-precision pick must be this many times as fast as FP32, else FP32
     candidates: str | None = None  # auto: comma-separated candidate names to try (None: every applicable one)
+    # the release gate on auto's pick (bench/gate.py; with max_drift): exit 1 with one line per broken bound
+    fail_under: str | None = None  # floors on the pick's test-split correlations: "srcc=0.85,plcc=0.85"
+    max_latency_ms: float | None = None  # ceiling on the pick's p50 at batch 1
+    max_size_mb: float | None = None  # ceiling on the pick's file size
     parity_images: int = 32  # real test-split images for the parity check vs PyTorch
     eval_images: int = 512  # at most this many test-split images for the INT8/FP16 drift report
     latency_runs: int = 30  # timed ONNX Runtime runs (batch 1, after warm-up) per model
@@ -85,6 +89,11 @@ class ExportConfig:
                               "export the map at a named precision (fp32, int8...)")
         if not 0 <= self.max_drift <= 2:
             raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
+        gated = [name for name in GATE_FIELDS if getattr(self, name) is not None]
+        if gated and self.precision != "auto":
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in gated)
+            raise ConfigError(f"{flags} gate --precision auto's pick; for a {self.precision} export, run "
+                              "`kdiqa-edge bench` on it with the same options")
         if not self.min_speedup >= 1:
             raise ConfigError(f"--min-speedup is a speed ratio to FP32, at least 1 (1: the fastest ships); "
                               f"got {self.min_speedup}")
@@ -95,6 +104,9 @@ class ExportConfig:
         if self.target != "all":
             return [self.target]
         return [name for name in TARGETS.names() if self.precision in TARGETS.get(name).supports.precisions]
+
+
+GATE_FIELDS = ("fail_under", "max_latency_ms", "max_size_mb")  # they check the pick; they do not make it
 
 
 @dataclasses.dataclass

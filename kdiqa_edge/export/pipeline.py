@@ -30,7 +30,7 @@ import numpy as np
 from kdiqa_edge.data.runs import RunData, run_data
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError, DataError, KdiqaError, TensorRTUnavailable
-from kdiqa_edge.export.base import TARGETS, Examples, ExportConfig, ExportResult
+from kdiqa_edge.export.base import GATE_FIELDS, TARGETS, Examples, ExportConfig, ExportResult
 
 MANIFEST = "manifest.json"
 EXPORT_LOG = "export.log"
@@ -107,6 +107,8 @@ def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: s
     fields = {**dataclasses.asdict(cfg), "target": target}
     measured = cfg.precision == "auto"  # auto's pick depends on the measurement: on this CPU, at these threads
     for key in ("timing_cache",) if measured else ("latency_runs", "threads", "timing_cache"):
+        fields.pop(key)
+    for key in GATE_FIELDS:  # the gate judges the pick after it is made: the same artifact either way
         fields.pop(key)
     if measured:
         from kdiqa_edge.bench.environment import cpu_info

@@ -164,7 +164,9 @@ class QualityModel:
                     decode: str | None = None) -> Iterator[ScoreResult]:
         """Score files in batches, in their order; an unreadable file yields a result with its error and no score.
 
-        Files decode in `workers` threads (default: the cores; `runtime.pipeline`) while the model runs.
+        Files decode in `workers` threads (default: the cores; `runtime.pipeline`) while the model runs. An
+        ONNX model for this is best loaded with `spinning=False`, as `kdiqa-edge score` does: its workers then
+        leave the cores to the decoders between runs.
         decode: "draft" or "exact" JPEG decoding (default: as the model's preprocessing records, what its
         training cache used).
         """
