@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Larger than any IQA photo (SPAQ's biggest is ~4000x4000 = 16 MP), far below a decompression bomb.
 MAX_PIXELS = 120_000_000
+_OPEN_LOCK = threading.Lock()  # see _decode
 
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 EXACT_PASS_BYTES = 64 << 20  # a full-length first pass may take this much (or the input's size) to stay exact
@@ -121,16 +123,21 @@ def _open_image(path: Path, draft_size: int | None) -> Image.Image:
 
 def _decode(source: Path | io.BytesIO, draft_size: int | None) -> Image.Image:
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process's warning filters, which decode threads share (runtime/pipeline.py):
+        # one thread at a time, around the header read where Pillow checks the size. Outside it, the size is
+        # checked against Pillow's own limit here, so a photo is refused or decoded whichever thread opens it.
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageLoadError(f"too many pixels ({img.width}x{img.height}): possible decompression bomb")
-            if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L") \
-                    and draft_scale(img.width, img.height, draft_size) > 1:
-                img.draft(img.mode, (draft_size, draft_size))
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when already upright
+        limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+        if img.width * img.height > limit:
+            img.close()
+            raise ImageLoadError(f"too many pixels ({img.width}x{img.height}): possible decompression bomb")
+        if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L") \
+                and draft_scale(img.width, img.height, draft_size) > 1:
+            img.draft(img.mode, (draft_size, draft_size))
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when already upright
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

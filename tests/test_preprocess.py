@@ -264,3 +264,25 @@ def test_normalize_by_lookup_gives_the_arithmetics_bits():
         got = normalize(batch, spec)
         assert got.dtype == np.float32 and got.shape == (3, 3, 17, 13) and got.flags.c_contiguous
         assert np.array_equal(got, expected.transpose(0, 3, 1, 2))
+
+
+def test_a_bomb_is_refused_whatever_another_decode_thread_did_to_the_warning_filters(tmp_path, monkeypatch):
+    """Decode threads share the process's warning filters: the refusal must not hang on Pillow's warning
+    becoming an error in this thread (another thread's catch_warnings may have just restored the filters)."""
+    import warnings
+
+    from kdiqa_edge.runtime.pipeline import decode_files, preprocessed, walk
+
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 10_000, 10_000)  # over Pillow's warning limit, under its error limit
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(photo)
+    before = list(warnings.filters)
+    rows = list(decode_files(walk([bomb, photo] * 40), preprocessed(SPEC), workers=4))
+    assert [row.error is None for row in rows] == [False, True] * 40
+    assert all("decompression bomb" in row.error for row in rows[::2])
+    assert warnings.filters == before  # no decode thread left a filter behind
+
+    monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # the filter lost to a race
+    with warnings.catch_warnings(record=True), pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_preprocessed(bomb, SPEC)
