@@ -13,7 +13,7 @@ import typer
 
 from kdiqa_edge.cli.options import FailUnder, MaxLatencyMs, MaxSizeMb, MlflowUri, dataset_options
 from kdiqa_edge.data.spec import DatasetSpec
-from kdiqa_edge.export.base import GATE_FIELDS, ExportConfig
+from kdiqa_edge.export.base import ExportConfig
 
 EXPORT_PANEL = "Export"
 DEFAULT_OUT = "exports/<run name>"  # export/pipeline.py:default_out
@@ -182,7 +182,7 @@ def _gate(cfg: ExportConfig):
     without gate bounds; `cfg.validate()` refused them before any work for a precision that picks nothing."""
     from kdiqa_edge.bench.gate import Gate
 
-    if all(getattr(cfg, name) is None for name in GATE_FIELDS):
+    if not cfg.gated():
         return None
     return Gate.parse(cfg.fail_under, cfg.max_drift, cfg.max_latency_ms, cfg.max_size_mb)
 

@@ -130,7 +130,7 @@ def score(
     elif overwrite:
         raise ConfigError("--overwrite replaces what --out holds: give --out too")
     # ONNX Runtime's workers do not spin-wait between runs: the decode threads need those cores (measured in
-    # benchmarks/results/score-*.md: 4% more images/s on 512 px JPEGs, 9% on 12 MP photos, 2-vCPU EPYC)
+    # benchmarks/results/score-*.md: 7% more images/s on 512 px JPEGs and on 12 MP photos, 2-vCPU EPYC)
     quality_model = QualityModel.load(model, provider=provider, threads=threads, spinning=False)
     for note in quality_model.notes:
         typer.secho(note, err=True, fg="yellow")

@@ -89,15 +89,18 @@ class ExportConfig:
                               "export the map at a named precision (fp32, int8...)")
         if not 0 <= self.max_drift <= 2:
             raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
-        gated = [name for name in GATE_FIELDS if getattr(self, name) is not None]
-        if gated and self.precision != "auto":
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in gated)
+        if self.gated() and self.precision != "auto":
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in self.gated())
             raise ConfigError(f"{flags} gate --precision auto's pick; for a {self.precision} export, run "
                               "`kdiqa-edge bench` on it with the same options")
         if not self.min_speedup >= 1:
             raise ConfigError(f"--min-speedup is a speed ratio to FP32, at least 1 (1: the fastest ships); "
                               f"got {self.min_speedup}")
         return self
+
+    def gated(self) -> list[str]:
+        """The release-gate bounds set (GATE_FIELDS' names), empty without a gate."""
+        return [name for name in GATE_FIELDS if getattr(self, name) is not None]
 
     def targets(self) -> list[str]:
         """The named target, or for `all` every target that makes this precision (executorch has no fp16)."""
