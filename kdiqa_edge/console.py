@@ -68,6 +68,11 @@ def quiet_progress(quiet: bool = True):
         _silenced[0] -= int(quiet)
 
 
+def plural(count: int, word: str) -> str:
+    """'1 file', '3 files'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

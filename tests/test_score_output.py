@@ -146,15 +146,64 @@ def test_a_file_score_did_not_write_is_refused(models, photos, tmp_path, capsys)
     assert code == 2 and "name a .csv, .jsonl or .parquet file" in err
 
 
-def test_a_changed_file_is_scored_again(models, photos, tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_changed_file_is_scored_again_and_its_new_row_replaces_the_old(models, photos, tmp_path, capsys, suffix):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    late = tmp_path / "late.jpg"  # named on the command line before it exists
+    out = tmp_path / f"scores{suffix}"
+    command = ["score", models[0], folder, late, "--out", out, "--chunk", "8"]
+    assert run_cli(command, capsys)[0] == 1  # a missing path: its row, and exit 1
+    before = {r["image"]: r for r in read_rows(out)}
+    assert before[str(late)]["error"] == "no such file or directory"
+    shutil.copy(folder / "p05.jpg", folder / "p03.jpg")  # other pixels
+    shutil.copy(folder / "p07.jpg", late)
+    code, _, err = run_cli(command, capsys)
+    assert code == 0 and "2 scored, 0 unreadable" in err and "36 skipped" in err, err
+    assert "2 files scored again (changed since an earlier run, or missing then)" in err
+    rows = list(read_rows(out))
+    images = [r["image"] for r in rows]
+    assert len(images) == len(set(images)) == 38  # each image once
+    after = {r["image"]: r for r in rows}
+    assert after[str(folder / "p03.jpg")]["score"] == before[str(folder / "p05.jpg")]["score"]
+    assert after[str(late)]["score"] == before[str(folder / "p07.jpg")]["score"] and not after[str(late)]["error"]
+    assert {k: v for k, v in after.items() if Path(k).name not in ("p03.jpg", "late.jpg")} == \
+        {k: v for k, v in before.items() if Path(k).name not in ("p03.jpg", "late.jpg")}
+    state = json.loads(out.with_name(out.name + ".kdiqa.json").read_text())
+    index = out.with_name(out.name + ".kdiqa.index").read_text().splitlines()
+    assert state["rows"] == len(index) == 38 and "compacting" not in state
+    code, _, err = run_cli(command, capsys)
+    assert code == 0 and "38 skipped" in err and list(read_rows(out)) == rows
+
+
+def test_a_rewrite_a_full_disk_stops_is_finished_by_the_next_run(models, photos, tmp_path, capsys, monkeypatch):
+    from kdiqa_edge.runtime import output
+
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)
     out = tmp_path / "scores.csv"
     assert run_cli(["score", models[0], folder, "--out", out], capsys)[0] == 0
-    os.utime(folder / "p03.jpg", ns=(1, 1))  # another mtime: another file
+    shutil.copy(folder / "p05.jpg", folder / "p03.jpg")
+    keep_last = output._keep_last_lines
+
+    def full_at_the_index(path, kind):
+        if kind == "index":  # the data is rewritten, the index not yet
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return keep_last(path, kind)
+
+    monkeypatch.setattr(output, "_keep_last_lines", full_at_the_index)
     code, _, err = run_cli(["score", models[0], folder, "--out", out], capsys)
-    assert code == 0 and "1 scored, 0 unreadable" in err and "36 skipped" in err
-    assert [Path(r["image"]).name for r in read_rows(out)][-1] == "p03.jpg"
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: cannot rewrite {out} to drop the old rows of files scored again: the disk is full; every row "
+        "is kept: free some space and run the same command again to finish")
+    assert json.loads(out.with_name("scores.csv.kdiqa.json").read_text())["compacting"] is True
+    monkeypatch.setattr(output, "_keep_last_lines", keep_last)
+    code, _, err = run_cli(["score", models[0], folder, "--out", out], capsys)
+    assert code == 0 and "37 skipped" in err, err
+    images = [r["image"] for r in read_rows(out)]
+    assert sorted(images) == sorted(str(p) for p in folder.iterdir())  # each once
+    assert [json.loads(line)[0] for line in out.with_name("scores.csv.kdiqa.index").read_text().splitlines()] \
+        == images
 
 
 def test_a_failed_write_gives_one_line_and_keeps_every_written_row(models, photos, tmp_path, capsys, monkeypatch):

@@ -221,7 +221,7 @@ class _Run:
 
     def to_file(self, out: Path, model: Path, overwrite: bool, chunk: int, quiet: bool) -> None:
         """Rows to `out` in committed chunks, skipping what an earlier run with this model wrote there."""
-        from kdiqa_edge.console import Progress
+        from kdiqa_edge.console import Progress, plural
         from kdiqa_edge.runtime.output import Row, ScoresOutput, model_sha256
 
         identity = {"sha256": model_sha256(model), "name": model.name, "precision": self.model.info.precision,
@@ -235,6 +235,9 @@ class _Run:
                 for decoded, result in self.results(self._unseen(target)):
                     target.add(Row(result.path, result.score, result.error, decoded.stamp))
                     bar.advance(1)
+        if target.replaced:
+            typer.secho(f"{plural(target.replaced, 'file')} scored again (changed since an earlier run, or "
+                        "missing then): the new rows replace the old ones", err=True)
         typer.secho(f"{target.state['rows']} rows in {out} (model sha256 {identity['sha256'][:12]}, "
                     f"--decode {self.decode}; {target.state_path.name} beside it)", err=True)
 

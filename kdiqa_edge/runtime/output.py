@@ -11,6 +11,11 @@ atomic rename), its index lines appended, then the state, which names how many b
 replaced atomically. Whatever lies past the state's lengths (a chunk a kill or a full disk cut short) is cut
 off before anything else is written, so the rows written before stay byte for byte, and a re-run with the
 same model and decode skips every file whose path, size and mtime the index holds.
+
+Each image has one row. A file that changed since it was scored (or a missing path that now exists) is
+scored again, and its new row replaces the old one: at the end of the run the data file and the index are
+rewritten keeping the last row of each path, each replaced atomically under a state marked "compacting",
+so a kill in between is finished by the next run (keeping the last row of each path is idempotent).
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ class ScoresOutput:
         self.state: dict[str, Any] = {}
         self.resumed = 0  # rows found from an earlier run
         self.added = 0  # rows committed by this run
+        self.replaced = 0  # rows of this run that replace an earlier row of the same path (the file changed)
+        self._stale = 0  # rows a later row of the same path supersedes, until _compact() drops them
         self._done: dict[str, tuple[int, int] | None] = {}
         self._pending: list[Row] = []
         self._last_commit = time.monotonic()
@@ -124,6 +131,8 @@ class ScoresOutput:
         try:
             if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
                 self.commit()  # Ctrl-C keeps what was scored
+                if self._stale:
+                    self._compact()
         finally:
             self._unlock()
 
@@ -166,7 +175,7 @@ class ScoresOutput:
     def _open_state(self) -> None:
         from kdiqa_edge.io import read_json, sweep_temporaries
 
-        sweep_temporaries(self.path.parent, self.state_path.name)  # a state write a kill cut short
+        sweep_temporaries(self.path.parent, self.path.name)  # a state or compaction write a kill cut short
         if not self.state_path.exists():
             if self.path.exists():
                 raise OutputMismatch(f"{self.path} exists and was not written by kdiqa-edge score (no "
@@ -180,8 +189,13 @@ class ScoresOutput:
                 raise OutputMismatch(f"{self.state_path} cannot be read ({exc}): pass --overwrite to start "
                                      "over") from None
             self._check_identity()
-            self._cut_to_committed()
+            if self.state.get("compacting"):
+                self._compact()  # one a kill cut short: finished before anything else
+            else:
+                self._cut_to_committed()
             self._read_index()
+            if self._stale:  # a run killed before its compaction, or a version that kept both rows
+                self._compact()
         if self.kind == "parquet":
             self.path.mkdir(exist_ok=True)
             sweep_temporaries(self.path)  # a part a kill cut short
@@ -224,8 +238,9 @@ class ScoresOutput:
         with open(self.index_path, encoding="utf-8") as handle:
             for line in handle:
                 image, size, mtime = json.loads(line)
+                self._stale += image in self._done
                 self._done[image] = None if size is None else (size, mtime)
-        self.resumed = self.state["rows"]
+        self.resumed = self.state["rows"] - self._stale
 
     # --- rows ---------------------------------------------------------------------------------------
 
@@ -252,6 +267,9 @@ class ScoresOutput:
                 "".join(json.dumps(_json_row(r)) + "\n" for r in rows).encode()
             self._commit_bytes(data, index, len(rows))
         for row in rows:
+            if row.image in self._done:
+                self.replaced += 1
+                self._stale += 1
             self._done[row.image] = row.stamp
         self.added += len(rows)
 
@@ -289,6 +307,29 @@ class ScoresOutput:
         raise OutputFull(f"cannot write {self.path}: {why} ({errno.errorcode.get(exc.errno, exc.errno)}); the "
                          f"{self.state['rows']} rows written before are kept: free some space and run the "
                          "same command again to go on") from exc
+
+    def _compact(self) -> None:
+        """Keep the last row of each path in the data and the index, each rewritten and replaced atomically.
+        The state says "compacting" until both are done, and the next open finishes a compaction a kill cut
+        short (the data done, the index not): keeping the last row of each path twice changes nothing."""
+        try:
+            if not self.state.get("compacting"):
+                self._write_state(compacting=True)
+            if self.kind == "parquet":
+                rows = _keep_last_parts(self.path, self.state["parts"])
+                data = {}
+            else:
+                rows = _keep_last_lines(self.path, self.kind)
+                data = {"bytes": self.path.stat().st_size}
+            _keep_last_lines(self.index_path, "index")
+            self.state = {key: value for key, value in self.state.items() if key != "compacting"}
+            self._write_state(rows=rows, index_bytes=self.index_path.stat().st_size, **data)
+        except OSError as exc:
+            why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+            raise OutputFull(f"cannot rewrite {self.path} to drop the old rows of files scored again: {why}; "
+                             "every row is kept: free some space and run the same command again to finish") \
+                from exc
+        self._stale = 0
 
     def _write_state(self, **changes) -> None:
         from kdiqa_edge.io import write_json
@@ -337,6 +378,75 @@ def _write_parquet(path: Path, rows: list[Row], sha256: str) -> None:
                       "score": pa.array([None if r.score is None else round(r.score, 6) for r in rows], pa.float64()),
                       "error": pa.array([r.error for r in rows], pa.string())})
     pq.write_table(table.replace_schema_metadata({"kdiqa_edge.model_sha256": sha256}), path)
+
+
+def _keep_last(images: list[str]) -> list[bool]:
+    """Which rows to keep: the last of each image."""
+    last = {image: position for position, image in enumerate(images)}
+    return [last[image] == position for position, image in enumerate(images)]
+
+
+def _keep_last_lines(path: Path, kind: str) -> int:
+    """Rewrite a CSV, JSONL or index file with the last row of each image, streaming (a file of millions of
+    rows is read twice, never held); returns the rows kept."""
+    from kdiqa_edge.io import atomic_path
+
+    if not path.exists():
+        return 0
+    with open(path, "rb") as handle:
+        keep = _keep_last([image for image, _ in _entries(handle, kind)])
+    if all(keep):
+        return len(keep)
+    with open(path, "rb") as source, atomic_path(path) as tmp, open(tmp, "wb") as target:
+        if kind == "csv":
+            text = io.TextIOWrapper(target, encoding="utf-8", newline="")
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(COLUMNS)
+            writer.writerows(row for (_, row), wanted in zip(_entries(source, kind), keep) if wanted)
+            text.flush()
+            text.detach()
+        else:
+            target.writelines(line for (_, line), wanted in zip(_entries(source, kind), keep) if wanted)
+        target.flush()
+        os.fsync(target.fileno())
+    return sum(keep)
+
+
+def _entries(handle, kind: str) -> Iterator[tuple[str, Any]]:
+    """(image, row) of each row of a CSV (its header skipped), JSONL or index file opened in binary."""
+    if kind == "csv":  # a quoted path may hold a newline: rows are csv's, not lines
+        reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
+        next(reader, None)
+        yield from ((row[0], row) for row in reader)
+    else:
+        for line in handle:
+            entry = json.loads(line)
+            yield (entry["image"] if kind == "jsonl" else entry[0]), line
+
+
+def _keep_last_parts(folder: Path, parts: int) -> int:
+    """Rewrite the Parquet parts that hold a row some later row of the same image supersedes; a part left
+    empty is removed. Returns the rows kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdiqa_edge.io import atomic_path
+
+    files = sorted((p for p in folder.glob("part-*.parquet") if 0 <= _part_number(p) < parts), key=_part_number)
+    columns = [pq.read_table(part, columns=["image"]).column("image").to_pylist() for part in files]
+    keep = _keep_last([image for images in columns for image in images])
+    start = 0
+    for part, images in zip(files, columns):
+        wanted, start = keep[start:start + len(images)], start + len(images)
+        if all(wanted):
+            continue
+        if not any(wanted):
+            part.unlink()
+            continue
+        table = pq.read_table(part).filter(pa.array(wanted))
+        with atomic_path(part) as tmp:
+            pq.write_table(table, tmp)
+    return sum(keep)
 
 
 def _part_number(part: Path) -> int:

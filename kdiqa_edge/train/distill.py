@@ -26,6 +26,7 @@ import numpy as np
 
 from kdiqa_edge import config as config_lib
 from kdiqa_edge import paths
+from kdiqa_edge.console import plural
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json
@@ -305,10 +306,6 @@ def _same_on_all_ranks(ctx, value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def _plain(value):
