@@ -205,6 +205,28 @@ def test_patch_boxes_tile_the_region():
         maps.patch_boxes((0, 0, 1, 1), grid=0)
 
 
+def test_the_overlay_colours_follow_the_map_and_its_scale(tmp_path):
+    from PIL import Image
+
+    grey = Image.new("RGB", (400, 300), (128, 128, 128))
+    values = np.array([[1.0, 5.0], [1.0, 5.0]], np.float32)  # left half bad, right half perfect
+    path = maps.render_overlay(grey, maps.QualityMap("fast", 4.25, values, (0.125, 0.0, 0.875, 1.0)),
+                               tmp_path / "a.map.png", label="fast map 2x2")
+    with Image.open(path) as overlay:
+        pixels = np.asarray(overlay.convert("RGB"), np.int32)
+    side = maps.OVERLAY_SIDE
+    assert pixels.shape == (side, round(side * 1.25), 3)
+    lut = maps._colour_table()
+    bad, good = (128 * (1 - maps.OVERLAY_ALPHA) + lut[[0, -1]] * maps.OVERLAY_ALPHA).round()
+    middle = side // 2
+    assert np.abs(pixels[middle, 40] - bad).max() <= 1 and np.abs(pixels[middle, side - 40] - good).max() <= 1
+    assert pixels[middle, 40, 0] > pixels[middle, 40, 1] and pixels[middle, side - 40, 1] > pixels[middle, side - 40, 0]
+    bar = pixels[:, round(0.86 * pixels.shape[1])]  # the colour bar's middle column: 5 (green) on top, 1 at the foot
+    top, foot = bar[round(0.1 * side)], bar[round(0.9 * side)]
+    assert top[1] > top[0] and foot[0] > foot[1]
+    assert (pixels[0:40, 0:100] > 215).all(axis=-1).mean() > 0.3  # the score's light box, top left (black text)
+
+
 def test_overlays_and_arrays_for_a_folder_with_a_broken_file(exported, photos, tmp_path):
     from PIL import Image
 

@@ -278,34 +278,88 @@ def score_map(quality_model: QualityModel, image: ImageLike, kind: str = "fast")
 
 def render_overlay(photo: Image.Image, result: QualityMap, path: Path, label: str = "") -> Path:
     """The region of `photo` the map covers, the map upsampled (bilinear) onto it in a red-yellow-green scale,
-    a colour bar in score units 1..5 and the global score in the top-left corner, as a PNG at `path`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    a colour bar in score units 1..5 and the global score in the top-left corner, as a PNG at `path`.
+
+    Drawn with Pillow: 45 ms an image, half of it the PNG's encoding; the matplotlib figure it replaced took
+    185 ms (2-vCPU EPYC), a hundred times what a fast map of a small student costs, so `score --map` ran at the
+    speed of its plots."""
+    from PIL import ImageDraw
 
     from kdiqa_edge.io import atomic_path
 
+    side, lut = OVERLAY_SIDE, _colour_table()
     left, top, right, bottom = result.region
     box = (left * photo.width, top * photo.height, right * photo.width, bottom * photo.height)
-    region = photo.resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.Resampling.BICUBIC, box=box)
-    dpi = 100
-    figure = Figure(figsize=(OVERLAY_SIDE * 1.25 / dpi, OVERLAY_SIDE / dpi), dpi=dpi)
-    FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.0, 0.0, 0.8, 1.0))
-    axes.imshow(np.asarray(region), extent=(0, OVERLAY_SIDE, OVERLAY_SIDE, 0))
-    shown = axes.imshow(result.values, cmap=COLORMAP, vmin=SCORE_RANGE[0], vmax=SCORE_RANGE[1], alpha=OVERLAY_ALPHA,
-                        interpolation="bilinear", extent=(0, OVERLAY_SIDE, OVERLAY_SIDE, 0))
-    axes.set_axis_off()
-    axes.text(8, 8, f"score {result.score:.2f}", va="top", ha="left", fontsize=13, color="black",
-              bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 4})
+    region = np.asarray(photo.convert("RGB").resize((side, side), Image.Resampling.BICUBIC, box=box), np.float32)
+    values = Image.fromarray(np.ascontiguousarray(result.values, np.float32), "F")
+    upsampled = np.asarray(values.resize((side, side), Image.Resampling.BILINEAR))
+    blended = region * (1 - OVERLAY_ALPHA) + lut[_lut_index(upsampled)] * OVERLAY_ALPHA
+    canvas = Image.new("RGB", (round(side * 1.25), side), "white")
+    canvas.paste(Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8)))
+    _colour_bar(canvas, lut)
+    boxes = Image.new("RGBA", canvas.size, (0, 0, 0, 0))  # the text's white backgrounds, composited below
+    draw, shade = ImageDraw.Draw(canvas), ImageDraw.Draw(boxes)
+    texts = [((8, 8), f"score {result.score:.2f}", _font(17), 4, 217, "la")]
     if label:
-        axes.text(8, OVERLAY_SIDE - 8, label, va="bottom", ha="left", fontsize=8, color="black",
-                  bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 2})
-    bar = figure.colorbar(shown, cax=figure.add_axes((0.84, 0.08, 0.04, 0.84)), ticks=[1, 2, 3, 4, 5])
-    bar.solids.set_alpha(1.0)
-    bar.set_label("quality (1 bad .. 5 perfect)")
+        texts.append(((8, side - 8), label, _font(11), 2, 179, "ld"))
+    for (x, y), text, font, pad, alpha, anchor in texts:
+        x0, y0, x1, y1 = draw.textbbox((x + pad, y + pad if anchor == "la" else y - pad), text, font=font,
+                                       anchor=anchor)
+        shade.rectangle((x0 - pad, y0 - pad, x1 + pad, y1 + pad), fill=(255, 255, 255, alpha))
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), boxes).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for (x, y), text, font, pad, _, anchor in texts:
+        draw.text((x + pad, y + pad if anchor == "la" else y - pad), text, fill="black", font=font, anchor=anchor)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
+        canvas.save(tmp, format="PNG", compress_level=1)  # 25 ms; level 6: 110 ms, 20% smaller
     return path
+
+
+def _colour_table() -> np.ndarray:
+    """COLORMAP as 256 RGB rows (float32, 0..255), SCORE_RANGE[0] first."""
+    from matplotlib import colormaps
+
+    return (colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.float32)
+
+
+def _lut_index(values: np.ndarray) -> np.ndarray:
+    low, high = SCORE_RANGE
+    return np.rint(np.clip((values - low) / (high - low), 0.0, 1.0) * 255).astype(np.intp)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: scalable
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _colour_bar(canvas: Image.Image, lut: np.ndarray) -> None:
+    """The scale right of the photo: SCORE_RANGE top (5) to bottom (1), a tick and its number per score unit,
+    and what the colours mean, written upwards."""
+    from PIL import ImageDraw
+
+    width, height = canvas.size
+    x0, x1 = round(0.84 * width), round(0.88 * width)
+    y0, y1 = round(0.08 * height), round(0.92 * height)
+    low, high = SCORE_RANGE
+    column = high - (high - low) * np.arange(y1 - y0) / max(y1 - y0 - 1, 1)
+    strip = np.repeat(lut[_lut_index(column)][:, None, :], x1 - x0, axis=1)
+    canvas.paste(Image.fromarray(strip.astype(np.uint8)), (x0, y0))
+    draw, font = ImageDraw.Draw(canvas), _font(12)
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="black")
+    for tick in range(math.ceil(low), math.floor(high) + 1):
+        y = y0 + round((high - tick) / (high - low) * (y1 - y0 - 1))
+        draw.line((x1, y, x1 + 4, y), fill="black")
+        draw.text((x1 + 7, y), str(tick), fill="black", font=font, anchor="lm")
+    title = "quality (1 bad .. 5 perfect)"
+    size = draw.textbbox((0, 0), title, font=font, anchor="lt")
+    text = Image.new("RGB", (size[2] + 2, size[3] + 2), "white")
+    ImageDraw.Draw(text).text((1, 1), title, fill="black", font=font, anchor="lt")
+    text = text.rotate(90, expand=True)
+    canvas.paste(text, (x1 + 24, (y0 + y1 - text.height) // 2))
 
 
 def _write_array(values: np.ndarray, path: Path) -> Path:
