@@ -31,7 +31,8 @@ _TEMPORARY = re.compile(r"^(?P<stem>\..+\.[a-z0-9_]{8})(?P<suffix>\.[A-Za-z0-9]+
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`, else removed.
 
-    Works for files and directories (an `.mlpackage` is a directory). The temporary is claimed for the
+    Works for files and directories (an `.mlpackage` is a directory); a folder is replaced only by a folder
+    (a file written over one is a ConfigError, the folder untouched). The temporary is claimed for the
     length of the `with` (see the module docstring), so a sweep after a crash knows it is not live.
     """
     path = Path(path)
@@ -41,6 +42,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         try:
             yield tmp_path
             if path.is_dir() and not path.is_symlink():
+                if not tmp_path.is_dir():  # a file never replaces a folder: it could hold anything of the user's
+                    from kdiqa_edge.errors import ConfigError
+
+                    raise ConfigError(f"cannot write {path}: it is a folder; name a file (inside it, or elsewhere)")
                 shutil.rmtree(path)
             os.replace(tmp_path, path)
         finally:

@@ -59,6 +59,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_a_file_never_replaces_a_folder_but_a_folder_does(tmp_path):
+    from kdiqa_edge.errors import ConfigError
+
+    folder = tmp_path / "exports"
+    (folder / "inner").mkdir(parents=True)
+    (folder / "inner" / "model.onnx").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match="it is a folder"):
+        io.write_json(folder, {"report": 1})  # bench --json-out FOLDER once deleted the folder
+    assert (folder / "inner" / "model.onnx").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"]  # no temporary left
+    with io.atomic_path(folder) as tmp:  # a package folder (an .mlpackage) is replaced whole
+        tmp.mkdir()
+        (tmp / "new.bin").write_bytes(b"new")
+    assert [p.name for p in folder.iterdir()] == ["new.bin"]
+
+
 def test_first_line_of_an_exception_is_one_line_even_when_it_says_nothing():
     assert first_line(RuntimeError("\n  bad shape [1, 3]\ntraceback detail\n")) == "bad shape [1, 3]"
     assert first_line(OSError("x" * 300), limit=10) == "x" * 10
