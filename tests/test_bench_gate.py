@@ -135,6 +135,10 @@ def test_the_gate_judges_the_pick_of_export_precision_auto(students, small_synth
     code, _, err = run_cli([*common[:2], "--out", out, "--profile", profile], capsys)
     assert code == 2 and "--max-size-mb gate --precision auto's pick" in err and "Traceback" not in err
 
+    code, stdout, err = run_cli(common, capsys)  # no bounds this time: an earlier run's verdict is not kept
+    assert code == 0 and "(reused" in stdout and "gate:" not in stdout + err, err
+    assert "gate" not in json.loads((out / "manifest.json").read_text())["exports"]["onnx-auto"]
+
 
 def test_bench_times_the_teacher_in_every_runtime_and_compares_against_its_fastest(
         students, small_synthetic, tmp_path, capsys):

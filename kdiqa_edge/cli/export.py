@@ -165,12 +165,16 @@ def export_command(
         _summary(out, checkpoint, requested)
         raise
     _summary(out, checkpoint, requested, manifest)
-    if gate is not None:
-        from kdiqa_edge.cli.bench import report_gate
+    if cfg.precision == "auto":  # the gate's verdict on the pick (or, without bounds, an earlier one dropped)
         from kdiqa_edge.export.auto import gate_exports
-        from kdiqa_edge.export.pipeline import MANIFEST
+        from kdiqa_edge.export.pipeline import MANIFEST, manifest_lock
 
-        report_gate(gate_exports(out / MANIFEST, requested, gate))
+        with manifest_lock(out, _log):
+            verdict = gate_exports(out / MANIFEST, requested, gate)
+        if verdict is not None:
+            from kdiqa_edge.cli.bench import report_gate
+
+            report_gate(verdict)
     if mlflow_register:  # after the gate: a pick that breaks a bound is not registered
         from kdiqa_edge.train.trackers.registry import register_export
 
@@ -209,8 +213,8 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
     manifest = manifest or read_manifest(out)
     exports, reused = manifest.get("exports", {}), (manifest.get("run") or {}).get("reused", [])
     machine = manifest.get("machine")
+    threads = (manifest.get("config") or {}).get("threads")
     if machine:
-        threads = (manifest.get("config") or {}).get("threads")
         typer.echo(f"machine: {cpu_line(machine)}" + (f"; checks and latencies at {threads} threads" if threads else ""))
     if _not_pretrained(checkpoint):
         typer.secho(f"note: {checkpoint} is not pretrained (random init): its exports' drift and accuracy figures are "
@@ -224,6 +228,10 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
         measured_on = ((entry.get("drift") or {}).get("latency") or {}).get("cpu")
         if machine and measured_on and measured_on != machine:
             typer.echo(f"  measured on another machine: {cpu_line(measured_on)}")
+        built_at = entry.get("threads")  # a reused export keeps the figures of the run that built it
+        if label in reused and built_at and threads and built_at != threads:
+            typer.echo(f"  its checks and latencies ran at {built_at} threads, when it was built (--force measures "
+                       f"again at {threads})")
         skipped = (entry.get("parity") or {}).get("skipped")
         for note in entry.get("notes", []):
             if not (skipped and note.endswith(skipped)):  # said on the parity line

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -34,6 +34,25 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """`file_lock` that writes the holder's pid into the file and, when another process holds it, calls
+    `on_wait(" (pid N)")` once before waiting for it (a user should know why nothing happens)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if lock_held_file(fd, path, wait=False) is False:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            on_wait(f" (pid {holder})" if holder.isdigit() else "")
+            lock_held_file(fd, path, wait=True)
+        with contextlib.suppress(OSError):  # who holds it, for the line above (a full disk may refuse)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the flock; the file stays (removing it would race the next holder)
 
 
 def lock_held_file(fd: int, path: str | os.PathLike, wait: bool) -> bool | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 import warnings
@@ -106,6 +107,17 @@ def drift_verdict(delta_srcc: float, max_drift: float) -> str:
     if abs(delta_srcc) <= max_drift:
         return f"within the {max_drift:g} bound (--max-drift): ok"
     return f"over the {max_drift:g} bound (--max-drift): check it on your own images before shipping"
+
+
+# a verdict drift_verdict wrote, whatever its bound: what a reused export's notes are judged again by
+_VERDICT = re.compile(r"(within|over) the \S+ bound \(--max-drift\)(: ok|: check it on your own images before shipping)")
+
+
+def rejudged(notes: list[str], delta_srcc: float, max_drift: float) -> list[str]:
+    """`notes` with each drift verdict judged against `max_drift` (a reused export was judged under the bound
+    of the run that built it: its |ΔSRCC| is the same, the bound may not be)."""
+    verdict = drift_verdict(delta_srcc, max_drift)
+    return [_VERDICT.sub(verdict, note) for note in notes]
 
 
 def kernel_profile(path: str | Path, x: np.ndarray, threads: int = 2, runs: int = 10,

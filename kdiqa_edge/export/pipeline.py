@@ -33,6 +33,7 @@ from kdiqa_edge.errors import ConfigError, DataError, KdiqaError, TensorRTUnavai
 from kdiqa_edge.export.base import GATE_FIELDS, TARGETS, Examples, ExportConfig, ExportResult
 
 MANIFEST = "manifest.json"
+OUT_LOCK = ".kdiqa-export.lock"  # held by the one export writing OUT's folders and manifest
 EXPORT_LOG = "export.log"
 MANIFEST_FORMAT = "kdiqa-edge-export/1"
 VERSION_PACKAGES = ("kdiqa-edge", "torch", "timm", "open_clip_torch", "onnx", "onnxruntime", "onnxslim",
@@ -151,7 +152,7 @@ def _intact(entry: dict[str, Any], out: Path) -> bool:
         (out / f["path"]).exists() and sha256_file(out / f["path"]) == f["sha256"] for f in entry["files"])
 
 
-def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str) -> dict[str, Any]:
+def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str, threads: int) -> dict[str, Any]:
     from kdiqa_edge.io import sha256_file
 
     files = []
@@ -160,7 +161,7 @@ def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
         files.append({"path": str(final.relative_to(out)), "sha256": sha256_file(path), "bytes": size})
     return {"target": result.target, "precision": result.precision, "input": result.extra.get("input"),
-            "request_key": key, "files": files,
+            "request_key": key, "files": files, "threads": threads,  # what its checks and latencies ran on
             "parity": result.parity, "drift": result.drift, "notes": result.notes, "details": result.extra,
             "engine_built": result.extra.get("engine_built"), "unavailable": result.unavailable,
             "log": str((folder / EXPORT_LOG).relative_to(out)) if (staged / EXPORT_LOG).is_file() else None}
@@ -218,11 +219,10 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
 
     One OUT holds one checkpoint's exports: an OUT whose manifest names another checkpoint (another content
     hash) is refused, unless `force`, which replaces that checkpoint's exports there.
+    Two exports into one OUT run one after the other (`manifest_lock`).
     Raises TensorRTUnavailable (after writing everything else) when the tensorrt target could not build.
     """
-    from kdiqa_edge.bench.environment import cpu_info
     from kdiqa_edge.export import auto
-    from kdiqa_edge.io import atomic_path, sweep_temporaries, temporaries_in, write_json
     from kdiqa_edge.models import load_checkpoint, resolve_checkpoint_dir
 
     cfg = cfg.validate()
@@ -239,8 +239,31 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
     run = run_data(checkpoint)  # the run's dataset (its paths resolved from here) and split, if it was a run
     if data is None or data == DatasetSpec():  # no dataset named: the run's own, else the synthetic set
         data = run.dataset if run is not None else DatasetSpec()
-    model_hash = model.meta.get("content_hash", "")
     out = Path(out)
+    with manifest_lock(out, log):
+        return _export_into(out, model, checkpoint, checkpoint_dir, run, data, cfg, force, progress, log, verbose)
+
+
+@contextlib.contextmanager
+def manifest_lock(out: Path, log: Callable[[str], None] = print):
+    """One process at a time writes OUT (its folders and manifest.json): a second export into the same OUT
+    waits for the first, then reads the manifest the first left (and reuses what it built)."""
+    from kdiqa_edge.data._lock import waiting_lock
+
+    with waiting_lock(out / OUT_LOCK, lambda who: log(f"{out}: another export is writing here{who}; waiting "
+                                                      "for it to finish")):
+        yield
+
+
+def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: RunData | None, data: DatasetSpec,
+                 cfg: ExportConfig, force: bool, progress: bool, log: Callable[[str], None],
+                 verbose: bool) -> dict[str, Any]:
+    """export_checkpoint's work, under OUT's lock."""
+    from kdiqa_edge.bench.environment import cpu_info
+    from kdiqa_edge.export import auto, evaluate
+    from kdiqa_edge.io import atomic_path, sweep_temporaries, temporaries_in, write_json
+
+    model_hash = model.meta.get("content_hash", "")
     manifest = read_manifest(out)
     replaced = other_checkpoint(manifest, model_hash, checkpoint_dir, out, force)
     # staging folders and manifests a killed export left (never a live one's; OUT may hold the user's files too)
@@ -256,6 +279,9 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
             todo[name] = (label, key)
         else:
             reused.append(label)
+            delta = (entry.get("drift") or {}).get("delta_srcc")
+            if cfg.precision != "auto" and isinstance(delta, (int, float)):  # auto's bound is in its key
+                exports[label] = {**entry, "notes": evaluate.rejudged(entry.get("notes", []), delta, cfg.max_drift)}
 
     if todo:
         examples = load_examples(data, model.preprocess, cfg, run, progress, log)
@@ -270,7 +296,7 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
                 target = auto.Auto(TARGETS.get(name), log) if cfg.precision == "auto" else TARGETS.get(name)
                 result = _export_target(target, label, model, examples, staged, out, cfg, meta, verbose, progress)
                 staged_results.append((label, key, staged, result))
-            entries = {label: _entry(result, staged, out / label, out, key)
+            entries = {label: _entry(result, staged, out / label, out, key, cfg.threads)
                        for label, key, staged, result in staged_results}
         exports.update(entries)
     if replaced:
