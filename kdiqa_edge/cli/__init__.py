@@ -16,7 +16,8 @@ from kdiqa_edge.errors import KdiqaError
 
 app = typer.Typer(
     name="kdiqa-edge",
-    help="Distil a CLIP image-quality teacher into small students and ship them to ONNX, TensorRT and CoreML.",
+    help="Distil a CLIP image-quality teacher into small students and ship them to ONNX, TensorRT, CoreML, "
+         "ExecuTorch and OpenVINO.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
