@@ -96,6 +96,9 @@ class ExportConfig:
         if not self.min_speedup >= 1:
             raise ConfigError(f"--min-speedup is a speed ratio to FP32, at least 1 (1: the fastest ships); "
                               f"got {self.min_speedup}")
+        for name in ("threads", "parity_images", "eval_images", "latency_runs", "workspace_mib"):
+            if getattr(self, name) < 1:  # a profile's value: the flags' own ranges never saw it
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
 
     def gated(self) -> list[str]:

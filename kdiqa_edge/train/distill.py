@@ -368,6 +368,11 @@ def _absolute_source(source) -> str:
 
 def check_unlabeled(cfg: DistillConfig, variant: Variant) -> None:
     """Refuse, before any work, the combinations that cannot train what they say."""
+    if cfg.teacher_epochs is not None and cfg.teacher_epochs < 1:  # 0 would fall back to --epochs unsaid
+        raise ConfigError(f"--teacher-epochs must be at least 1, got {cfg.teacher_epochs}")
+    if cfg.workers < 0 or cfg.feature_shard_images < 1:
+        raise ConfigError(f"--workers must be at least 0 and --feature-shard-images at least 1, got {cfg.workers} "
+                          f"and {cfg.feature_shard_images}")
     if not 0.0 <= cfg.unlabeled_fraction < 1.0:
         raise ConfigError(f"--unlabeled-fraction must be within 0..1 (1 excluded: rated images train too), "
                           f"got {cfg.unlabeled_fraction}")
