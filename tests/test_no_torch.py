@@ -84,11 +84,13 @@ def test_bench_without_torch(artifacts, no_torch_env, tmp_path):
 
     fp32, int8, _ = artifacts
     root = generate(tmp_path / "synthetic", refs=3, seed=1)
-    out = _cli(["bench", int8, tmp_path / "absent.mlpackage", "--reference", fp32, "--dataset", "synthetic",
+    broken = tmp_path / "broken.mlpackage"  # a format that cannot load here: a failed row, the others still run
+    broken.mkdir()
+    out = _cli(["bench", int8, broken, "--reference", fp32, "--dataset", "synthetic",
                 "--root", root, "--batch-sizes", "1,4", "--warmup", "1", "--runs", "3",
                 "--json-out", tmp_path / "b.json", "--markdown", tmp_path / "b.md", "--plot", tmp_path / "b.png"],
                no_torch_env)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # a failed row fails the run (CI), after every report is written
     report = json.loads((tmp_path / "b.json").read_text())
     rows = {r["name"]: r for r in report["results"]}
     assert rows["student.fp32.onnx"]["reference"] and rows["student.fp32.onnx"]["status"] == "ok"
@@ -97,7 +99,7 @@ def test_bench_without_torch(artifacts, no_torch_env, tmp_path):
     assert [s["batch_size"] for s in quantized["latency"]] == [1, 4]
     assert quantized["params"] > 0 and quantized["metrics"]["n"] >= 3
     assert abs(quantized["drift"]["delta_srcc"]) <= 1.0 and quantized["drift"]["max_abs_diff"] >= 0
-    assert rows["absent.mlpackage"]["status"] == "failed" and rows["absent.mlpackage"]["stage"] == "load"
+    assert rows["broken.mlpackage"]["status"] == "failed" and rows["broken.mlpackage"]["stage"] == "load"
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "student.int8.onnx" in (tmp_path / "b.md").read_text()
     assert "student.int8.onnx" in out.stdout and "failed" in out.stdout

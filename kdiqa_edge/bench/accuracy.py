@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from kdiqa_edge.data.spec import DatasetSpec
-from kdiqa_edge.errors import DataError
+from kdiqa_edge.errors import ConfigError, DataError
 from kdiqa_edge.metrics import IQAMetrics, evaluate
 from kdiqa_edge.preprocess import PreprocessSpec
 
@@ -18,6 +20,10 @@ FROM_RUN = "run"  # the reference run's dataset, and the test part of its own sp
 FROM_OPTIONS = "options"  # the dataset options given to bench
 SYNTHETIC = "synthetic"  # the built-in synthetic set: no run and no options named a dataset
 NOT_YOUR_DATA = "accuracy on the built-in synthetic set, NOT your data"
+
+# what a model not trained in the run whose test split bench scores gets (EvalSource.foreign, LeakCheck)
+REFUSE = "refuse"  # the run chose the data: its test split may hold the model's training images, so no figures
+NOTE = "note"  # the dataset options named the run's dataset: the user chose it, a note says the risk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +40,8 @@ class EvalSource:
     run_dir: Path | None = None  # the run whose data this is, or whose data the options overrode
     reason: str = ""  # why SYNTHETIC: what named no dataset
     notes: tuple[str, ...] = ()
+    foreign: str = ""  # FROM_RUN on the run's own split: REFUSE or NOTE a model not trained in run_dir
+    # (LeakCheck); "": no check (no run, or a fresh split, whose note already says the risk)
 
     @property
     def headline(self) -> str | None:
@@ -53,15 +61,16 @@ class EvalSource:
 def eval_source(reference: str | Path | None, data: DatasetSpec | None = None, split_seed: int | None = None,
                 models: Sequence[str | Path] = ()) -> EvalSource:
     """Where bench measures accuracy. Dataset options given explicitly win over the run's (with a note);
-    without them, the run of `reference` (else of the first model that is a run dir or a checkpoint in
-    one) gives the dataset and its saved split; without a run, the built-in synthetic set, and a headline
-    that says so. `split_seed` None: the run's own split (its split.json), else seed 0."""
+    without them, the run of `reference` (else, where the reference is none or not in a run, of the first
+    model that is a run dir or a checkpoint in one) gives the dataset and its saved split; without a run,
+    the built-in synthetic set, and a headline that says so. `split_seed` None: the run's own split (its
+    split.json), else seed 0."""
     from kdiqa_edge.data.readers import absolute_spec
     from kdiqa_edge.data.runs import run_data
 
     data = data or DatasetSpec()
     given = dataclasses.replace(data, strict=False) != DatasetSpec()  # --strict alone names no dataset
-    candidates = [reference] if reference is not None else list(models)
+    candidates = ([reference] if reference is not None else []) + list(models)
     run = next((found for path in candidates if (found := run_data(path)) is not None), None)
     same = run is not None and (dataclasses.replace(absolute_spec(data), strict=False)  # run.dataset: absolute
                                 == dataclasses.replace(run.dataset, strict=False))
@@ -70,7 +79,7 @@ def eval_source(reference: str | Path | None, data: DatasetSpec | None = None, s
         split = {"val_fraction": run.val_fraction, "test_fraction": run.test_fraction, "split_by": run.split_by}
         if split_seed is None or split_seed == run.split_seed:
             return EvalSource(dataset, FROM_RUN, run.split_seed, run.split_file, run_dir=run.run_dir, **split,
-                              notes=() if run.split_file else (
+                              foreign=NOTE if given else REFUSE, notes=() if run.split_file else (
                                   f"{run.run_dir} has no split.json: its dataset split again with its seed "
                                   f"{run.split_seed}",))
         return EvalSource(dataset, FROM_RUN, split_seed, None, run_dir=run.run_dir, **split, notes=(
@@ -84,10 +93,111 @@ def eval_source(reference: str | Path | None, data: DatasetSpec | None = None, s
             f"seed {seed}",)
         return EvalSource(data, FROM_OPTIONS, seed, run_dir=run.run_dir if run else None, notes=notes)
     if reference is not None:
-        reason = f"the reference {reference} is not a run dir (no config.yaml with a dataset beside it)"
+        reason = (f"the reference {reference} is not a run dir (no config.yaml with a dataset beside it)"
+                  f"{', nor is any model' if models else ''}")
     else:
         reason = "no --reference run and no dataset options"
     return EvalSource(data, SYNTHETIC, seed, reason=reason)
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run a model comes from: the run dir it is (or a checkpoint in), else the run of the checkpoint its
+    export manifest names (OUT/<target>-<precision>/FILE beside OUT/manifest.json), else None."""
+    from kdiqa_edge.data.runs import find_run_dir
+
+    if str(path).startswith("models:/"):
+        return None
+    found = find_run_dir(path)
+    if found is not None:
+        return found
+    manifest = Path(os.path.realpath(path)).parent.parent / "manifest.json"  # realpath: an alias to an export
+    try:
+        checkpoint = json.loads(manifest.read_text(encoding="utf-8"))["checkpoint"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # export records the checkpoint as given on its command line: relative to where it ran, which is most
+    # often here or a folder above OUT
+    for base in (Path.cwd(), *manifest.parent.parents):
+        found = find_run_dir(base / checkpoint)
+        if found is not None:
+            return found
+    return None
+
+
+def same_test_split(run: Path, other: Path) -> bool:
+    """Whether two runs held out the same test images: their split.json agree (image list and test part),
+    or, where either has none, they split one dataset with one seed and the same fractions."""
+    from kdiqa_edge.data.runs import run_data
+
+    if Path(run).resolve() == Path(other).resolve():
+        return True
+    files = [Path(run) / "split.json", Path(other) / "split.json"]
+    if all(f.is_file() for f in files):
+        try:
+            first, second = (json.loads(f.read_text(encoding="utf-8")) for f in files)
+            return (first.get("index") == second.get("index")
+                    and sorted(first.get("test", [])) == sorted(second.get("test", [])))
+        except (OSError, ValueError, AttributeError):
+            return False
+    found = run_data(run), run_data(other)
+    keys = ("dataset", "split_seed", "val_fraction", "test_fraction", "split_by")
+    return None not in found and all(getattr(found[0], k) == getattr(found[1], k) for k in keys)
+
+
+class LeakCheck:
+    """A model scored on a run's test split must not have trained on it: it must come from that run (its
+    recorded checkpoint hash is one of the run's checkpoints'), or from a run that held out the same test
+    images (found through the model's run dir or its export manifest). Any other model is refused in one
+    line (`source.foreign` REFUSE) or noted (NOTE); one that records no checkpoint hash is noted. Each run's
+    checkpoint hashes are read once, from their model.json: the hash export records (`source.checkpoint_hash`)."""
+
+    def __init__(self, source: EvalSource):
+        self.source = source
+        self.notes: list[str] = []
+        self._hashes: dict[Path, dict[str, str]] = {}  # run dir -> {content hash: checkpoint name}
+
+    def run_hashes(self, run_dir: Path) -> dict[str, str]:
+        run_dir = Path(run_dir)
+        if run_dir not in self._hashes:
+            found: dict[str, str] = {}
+            folder = run_dir / "checkpoints"
+            for checkpoint in sorted(folder.iterdir()) if folder.is_dir() else ():
+                try:
+                    value = json.loads((checkpoint / "model.json").read_text(encoding="utf-8")).get("content_hash")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if isinstance(value, str) and value:
+                    found.setdefault(value, checkpoint.name)  # best is often a link to last: one hash
+            self._hashes[run_dir] = found
+        return self._hashes[run_dir]
+
+    def check(self, path: str | Path, source: dict) -> None:
+        """Pass, note or refuse (ConfigError) the model at `path`, whose artifact records `source`."""
+        run = self.source.run_dir
+        if run is None or not self.source.foreign:
+            return
+        recorded = source.get("checkpoint_hash") if isinstance(source, dict) else None
+        if not isinstance(recorded, str) or not recorded:
+            self._note(f"{path} records no checkpoint hash: bench cannot tell whether the test split of {run} "
+                       "holds images it trained on")
+            return
+        if recorded in self.run_hashes(run):
+            return
+        own = run_dir_of(path)
+        if own is not None and recorded in self.run_hashes(own) and same_test_split(own, run):
+            return
+        ours = ", ".join(f"{name} {value[:12]}" for value, name in self.run_hashes(run).items()) or "none recorded"
+        what = (f"{path} records checkpoint {recorded[:12]}, none of the checkpoints of {run} ({ours}): the "
+                f"test split of {run} may hold images it trained on")
+        if self.source.foreign == NOTE:
+            self._note(f"{what} (the dataset options named this dataset, so it is scored there anyway)")
+            return
+        raise ConfigError(f"{what}, so its accuracy there would read too high: pass the run it was distilled "
+                          "in as --reference, or name a dataset with --dataset/--root")
+
+    def _note(self, line: str) -> None:
+        if line not in self.notes:  # a path given twice (as the reference and a model) is said once
+            self.notes.append(line)
 
 
 @dataclasses.dataclass

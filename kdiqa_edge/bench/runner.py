@@ -5,7 +5,9 @@ rounds, each model's turn one untimed run (the switch from the previous model) a
 the order rotated every round, so a load that drifts while the bench runs hits every model alike and their
 ratios hold on a shared machine. All the models are in memory together while they are timed.
 
-A model that fails to load or run gets a row with its status and reason; the others still run.
+A model that fails to load or run gets a row with its status and reason; the others still run. A path that
+does not exist is refused before any work; a model that may have trained on the run's test split bench scores
+is refused right after its load (accuracy.LeakCheck).
 
 With `teacher`, the teacher is benched in every runtime here (bench/teacher.py) and the fastest of its rows is the
 one the speed-ups are against (`BenchReport.teacher`). With a gate (`BenchConfig.gate`, bench/gate.py), every
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kdiqa_edge.bench import facts
-from kdiqa_edge.bench.accuracy import Drift, EvalData, drift, eval_source, score_eval_set
+from kdiqa_edge.bench.accuracy import Drift, EvalData, LeakCheck, drift, eval_source, score_eval_set
 from kdiqa_edge.bench.environment import environment
 from kdiqa_edge.bench.gate import Figures, Gate, GateResult
 from kdiqa_edge.bench.latency import (
@@ -200,10 +202,12 @@ class Loaded:
 
 
 def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=None,
-             reference: bool = False, stop_spinning: bool = False) -> Loaded:
+             reference: bool = False, stop_spinning: bool = False, leak_check: LeakCheck | None = None) -> Loaded:
     """Load, facts, warm-up at every batch size, accuracy. Never raises for a model's own fault.
     stop_spinning: ONNX Runtime's workers stop spinning when each run returns (models timed side by side);
-    spin-waiting itself is what the file records, else ORT's default (on)."""
+    spin-waiting itself is what the file records, else ORT's default (on).
+    leak_check: judges the model's recorded source right after the load, before any timing or scoring; its
+    refusal (a model that may have trained on the eval images) is raised, not a row."""
     import time
 
     from kdiqa_edge.runtime import QualityModel
@@ -224,6 +228,9 @@ def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=N
         result.format = FORMAT_NAMES.get(model.backend.name if model.backend.name != "onnxruntime" else "onnx",
                                          result.format)
         result.input = f"{info.input.dtype} {info.input.layout} {info.input.size}"
+        if leak_check is not None and eval_data is not None:
+            stage = "source"
+            leak_check.check(path, info.source)
         stage = "facts"
         _model_facts(result, model)
         stage = "latency"
@@ -247,8 +254,8 @@ def load_one(path: str, cfg: BenchConfig, eval_data: EvalData | None, progress=N
     except Exception as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        if stage == "data":
-            raise  # the dataset is unusable for every model: say so once
+        if stage in ("data", "source"):
+            raise  # the dataset is unusable for every model, or this model's figures on it: say so once
         _fail(loaded, stage, exc)
     rss_after = facts.current_rss_mb()
     result.rss_delta_mb = rss_after - rss_before if rss_after is not None and rss_before is not None else None
@@ -313,6 +320,23 @@ def check_gate(cfg: BenchConfig, reference: str | Path | None) -> None:
         raise ConfigError("--max-latency-ms bounds the p50 latency at batch 1: --batch-sizes must include 1")
 
 
+def check_paths(models: Sequence[str | Path], reference: str | Path | None,
+                teacher: Sequence[str | Path] = ()) -> None:
+    """A path that does not exist is refused before any work: a missing --reference would otherwise leave the
+    eval data to the built-in set, and a missing model only a failed row."""
+    def missing(path) -> bool:
+        return not str(path).startswith("models:/") and not Path(path).exists()  # a registry URI is no path
+
+    if reference is not None and missing(reference):
+        raise ConfigError(f"--reference {reference}: no such file or directory")
+    absent = [str(path) for path in models if missing(path)]
+    if absent:
+        raise ConfigError(f"no such model: {', '.join(absent)}")
+    absent = [str(path) for path in teacher if missing(path)]
+    if absent:
+        raise ConfigError(f"--teacher {', '.join(absent)}: no such file or directory")
+
+
 def gate_figures(result: BenchResult) -> Figures:
     """A row's figures, as the gate reads them."""
     if result.status != "ok":
@@ -339,8 +363,10 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     from kdiqa_edge.bench.teacher import same_path, teacher_forms, versus_teacher
     from kdiqa_edge.console import Progress
 
+    check_paths(models, reference, teacher)
     check_gate(cfg, reference)
     source = eval_source(reference, data, cfg.split_seed, [*models, *teacher]) if cfg.accuracy else None
+    leak_check = LeakCheck(source) if source is not None else None
     if log is not None and source is not None:
         for line in ([source.headline] if source.headline else []) + list(source.notes):
             log(line)
@@ -362,8 +388,9 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     with Progress("bench", len(paths), unit="models", enabled=progress, transient=True) as bar:
         for path, is_reference, form in paths:
             bar.update(f"{Path(path).name}: load")
+            # the teacher's forms are the yardstick, judged by neither the gate nor the leak check
             item = load_one(path, cfg, eval_data, progress=bar.update, reference=is_reference,
-                            stop_spinning=side_by_side)
+                            stop_spinning=side_by_side, leak_check=leak_check if form is None else None)
             item.result.teacher = form
             loaded.append(item)
             notes.extend(item.model.notes if item.model is not None else ())
@@ -393,6 +420,7 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
     with Progress("latency", cfg.timing_rounds * len(cfg.batch_sizes), unit="rounds", enabled=progress, transient=True) as bar:
         time_side_by_side(loaded, cfg, bar)
     loaded.clear()
+    notes.extend(leak_check.notes if leak_check is not None else ())
     _distinct_names(results)
     for result in results:
         if result.teacher is not None:

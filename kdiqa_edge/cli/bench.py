@@ -33,6 +33,23 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def check_output(option: str, path: Path | None, example: str) -> None:
+    """A report path is checked before any work: an existing folder ('.' included) is refused (a file written
+    there would take the folder's place), and so is a path under a file. A missing parent folder is made when
+    the report is written."""
+    from kdiqa_edge.errors import ConfigError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: name a file, e.g. {path / example}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+
+
 @dataset_options
 def bench(
     models: Annotated[list[Path], typer.Argument(help="Artifacts to compare (.onnx, .engine, .mlpackage, .pte, "
@@ -75,18 +92,19 @@ def bench(
 ) -> None:
     """Benchmark artifacts of one model: latency per batch size, size, params, MACs, accuracy, drift.
 
-    A format that fails to load or run gets a row with the reason; the others still run. Rows are named by
-    their export folder (onnx-auto, onnx-int8).
+    A format that fails to load or run gets a row with the reason; the others still run, and bench exits 1.
+    Rows are named by their export folder (onnx-auto, onnx-int8).
 
     A release gate for CI: with --fail-under, --max-drift, --max-latency-ms or --max-size-mb, every model (not
     the reference, not the teacher) is held to those bounds; bench exits 1 with one line per bound a model
     broke (a model that failed to run breaks the gate), and the JSON's `gate` lists the bounds and the rows
     that broke them.
 
-    Accuracy is measured on the test part of the reference run's own split (its config.yaml and split.json),
-    as export does; dataset options given here win over the run's (a note says so), and --split-seed makes
-    a fresh split. With neither a run nor dataset options, it is the built-in synthetic set, and the first
-    line of the output says so.
+    Accuracy is measured on the test part of the reference run's own split (its config.yaml and split.json;
+    with a reference not in a run, the first model that is a run dir), as export does; a model distilled
+    elsewhere, which may have trained on those images, is refused. Dataset options given here win over the
+    run's (a note says so), and --split-seed makes a fresh split. With neither a run nor dataset options, it
+    is the built-in synthetic set, and the first line of the output says so.
 
     Examples:
 
@@ -109,6 +127,9 @@ def bench(
     split_seed = renamed("--seed", "--split-seed", old_seed, split_seed)
     json_path = renamed("--json PATH", "--json-out PATH", old_json_path, json_path,
                         "--json is an on/off switch in the other commands")
+    for option, path, example in (("--json-out", json_path, "bench.json"), ("--markdown", markdown_path, "bench.md"),
+                                  ("--plot", plot_path, "bench.png")):
+        check_output(option, path, example)
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
                       rounds=rounds, provider=provider, split_seed=split_seed, max_images=max_images,
                       accuracy=accuracy, gate=Gate.parse(fail_under, max_drift, max_latency_ms, max_size_mb))
@@ -121,8 +142,11 @@ def bench(
             writer(report, path)
             typer.echo(f"wrote {path}")
     if report.gate is not None:
-        report_gate(report.gate)
-    if all(r.status != "ok" for r in report.results):
+        report_gate(report.gate)  # its lines already name a gated row that failed
+    failed = [r for r in report.results if r.status != "ok"]
+    if failed:  # CI must not read a broken format as a pass
+        typer.secho(f"bench: {len(failed)} of {len(report.results)} model(s) failed: "
+                    + "; ".join(f"{r.name} at {r.stage}" for r in failed), err=True, fg="red")
         raise typer.Exit(1)
 
 
