@@ -18,6 +18,7 @@ from cli_helpers import run_cli as _cli
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ExportError, TensorRTUnavailable
 from kdiqa_edge.export import ExportConfig, export_checkpoint
+from kdiqa_edge.export.pipeline import OUT_LOCK
 from kdiqa_edge.export.quantize import asymmetric_qdq_nodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +277,7 @@ def test_unsupported_op_fails_the_export_and_leaves_nothing(monkeypatch, tmp_pat
         export_checkpoint(checkpoints["student"], ExportConfig(target="tensorrt", parity_images=4), tmp_path / "out",
                           data=data, progress=False, log=lambda _: None)
     # no artifact, partial or whole: only the converters' log, which the error names
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["tensorrt-fp32.failed.log"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUT_LOCK, "tensorrt-fp32.failed.log"]  # + the lock
     assert str(tmp_path / "out" / "tensorrt-fp32.failed.log") in str(failure.value)
 
 
