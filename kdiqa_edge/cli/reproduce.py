@@ -155,9 +155,10 @@ def _echo_tables(out: Path) -> None:
 def _launch(cfg, data: DatasetSpec, out: Path, launcher: str, opts, dry_run: bool, wait: bool, console) -> None:
     """Submit the plan's missing runs as jobs; submitit-local (and slurm with --wait) waits for them."""
     from kdiqa_edge.train import launch
-    from kdiqa_edge.train.reproduce import estimate, plan
+    from kdiqa_edge.train.reproduce import check_plan, estimate, plan
 
     if dry_run:
+        check_plan(cfg, data, out)  # what the real launch would refuse, the dry run refuses too (writing nothing)
         for job in launch.job_graph(cfg, out, opts):
             after = f"  after {job['after']} (afterok)" if job["after"] else ""
             typer.echo(f"{job['job']}: {len(job['runs'])} run(s) {', '.join(job['runs'])}{after}")

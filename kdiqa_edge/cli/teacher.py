@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from kdiqa_edge.cli.options import Logger, MlflowUri, OldSeed, SplitSeed, dataset_options, renamed
+from kdiqa_edge.cli.options import Logger, MlflowUri, OldSeed, dataset_options, renamed
 from kdiqa_edge.data.spec import DatasetSpec
 
 teacher_app = typer.Typer(help="The CLIP quality teacher: zero-shot evaluation and image-encoder fine-tuning.",
@@ -48,16 +48,20 @@ def eval_command(
         rich_help_panel=TEACHER_PANEL)] = None,
     template: Template = None,
     split: Annotated[str, typer.Option("--split", help="test, train, val or all.")] = "test",
-    split_seed: SplitSeed = 0,
+    split_seed: Annotated[int | None, typer.Option(
+        "--split-seed", help="Train/test split seed (default: the checkpoint's run's, else 0).")] = None,
     old_seed: OldSeed = None,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share held out for testing.")] = 0.2,
+    test_fraction: Annotated[float | None, typer.Option(
+        "--test-fraction", help="Share held out for testing (default: the checkpoint's run's, else 0.2).")] = None,
     batch_size: BatchSize = None,
     device: Device = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Score the test split with the teacher and print PLCC (raw and fitted), SRCC, KRCC, RMSE.
 
-    Without --checkpoint this is CLIP-IQA-style zero-shot scoring with the quality prompts.
+    Without --checkpoint this is CLIP-IQA-style zero-shot scoring with the quality prompts. A --checkpoint in a
+    run dir is scored on that run's dataset and its own test split unless dataset options are given; with
+    neither, on the built-in synthetic set (the first line says so).
 
     Examples:
 
@@ -78,13 +82,15 @@ def eval_command(
                               templates=template, split=split,
                               seed=renamed("--seed", "--split-seed", old_seed, split_seed),
                               test_fraction=test_fraction,
-                              batch_size=batch_size or 128, device=device or "auto", progress=not as_json)
+                              batch_size=batch_size or 128, device=device or "auto", progress=not as_json,
+                              log=lambda line: typer.secho(line, err=True, fg="yellow"))  # before the work
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     m = result["metrics"]
     typer.echo(f"teacher  {result['teacher']}" + ("" if result["pretrained"] else "  [NOT PRETRAINED: random init]"))
-    typer.echo(f"data     {result['dataset']}, {result['split']} split, {m['n']} images ({result['mode']})")
+    typer.echo(f"data     {result['dataset']} ({result['source']}), {result['split']} split, {m['n']} images "
+               f"({result['mode']})")
     typer.echo(f"PLCC {m['plcc']:.4f} (after logistic fit {m['plcc_fit']:.4f})  SRCC {m['srcc']:.4f}  "
                f"KRCC {m['krcc']:.4f}  RMSE {m['rmse']:.4f}")
 

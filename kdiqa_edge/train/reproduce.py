@@ -210,13 +210,21 @@ _NOT_PLAN = ("device", "progress", "loggers", "mlflow_uri")
 
 
 def record_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> None:
-    """Write reproduce.json, refusing an --out that holds another plan (its runs would be mixed with ours).
+    """Write reproduce.json, refusing an --out that holds another plan (its runs would be mixed with ours)."""
+    ours = check_plan(cfg, data, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / PLAN_FILE, ours)
+
+
+def check_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> dict[str, Any]:
+    """The plan to record in --out; ConfigError where --out holds another one. Writes nothing, so a dry run
+    refuses what the real run would.
 
     The dataset is recorded with absolute paths (the plan's jobs may run from any folder); both sides are
     compared as JSON reads them back (a range is a list), an older plan's relative paths resolved."""
     from kdiqa_edge.data.readers import absolute_spec
 
-    path = out / PLAN_FILE
+    path = Path(out) / PLAN_FILE
     ours = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "dataset": absolute_spec(data).to_dict()}))
     if path.is_file():
         theirs = read_json(path)
@@ -227,8 +235,7 @@ def record_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> None:
         if differ:
             raise ConfigError(f"{out} was written by another plan (it differs in {', '.join(differ)}): "
                               "use the same options or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, ours)
+    return ours
 
 
 def _plan_dataset(saved: dict, out: Path) -> DatasetSpec:
@@ -274,6 +281,7 @@ def run_reproduce(cfg: ReproduceConfig, data: DatasetSpec, out: str | Path, dry_
     out = Path(out)
     runs = plan(cfg, out)
     if dry_run:
+        check_plan(cfg, data, out)
         return {"plan": [_row(r) for r in runs], "estimate": estimate(cfg, data, runs)}
     record_plan(cfg, data, out)
     for index, run in enumerate(runs, 1):
