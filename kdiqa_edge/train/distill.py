@@ -119,11 +119,13 @@ def teacher_finetune_config(cfg: DistillConfig, data: DatasetSpec):
 def teacher_run_dir(finetune_cfg, data: DatasetSpec, root: Path | None = None) -> Path:
     """Where the teacher fine-tune for (dataset files, split, teacher config) lives: one run, reused."""
     from kdiqa_edge.data import cache_key, load_dataset
+    from kdiqa_edge.train.state import ratings_key
 
     ignored = VOLATILE + ("features",)
     settings = {k: v for k, v in config_lib.to_dict(finetune_cfg).items() if k not in ignored}
-    # The dataset's files (paths, sizes, mtimes): an edited dataset gets a new teacher.
-    files = cache_key(load_dataset(data), PreprocessSpec())
+    # The dataset's files (paths, sizes, mtimes) and ratings: an edited image or MOS gets a new teacher.
+    dataset = load_dataset(data)
+    files = [cache_key(dataset, PreprocessSpec()), ratings_key(dataset)]
     digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True, default=str).encode()).hexdigest()
     name = f"{data.name}-{finetune_cfg.teacher.replace(':', '-').replace('/', '-')}-{digest[:16]}"
     return Path(root or paths.cache_dir() / "teacher-runs") / name
@@ -321,10 +323,7 @@ def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
     """
     from kdiqa_edge.data.runs import run_data
 
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
-    saved = _plain(config_lib.load_file(saved_path))
+    saved = _plain(config_lib.load_file(run_dir / "config.yaml"))  # there: run_distill's `_require_run`
     current = _plain(config_lib.to_dict(cfg))
     changed = [k for k in current if k not in VOLATILE + ("dataset",) and k in saved and saved[k] != current[k]]
     run = run_data(run_dir) if saved.get("dataset") else None  # its dataset resolved as a resume resolves it
@@ -335,6 +334,28 @@ def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
             changed.append(f"dataset ({'; '.join(fields)})")
     if changed:
         raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(sorted(changed))})")
+
+
+def _require_run(run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+
+
+def _recorded_data(run_dir: Path) -> dict:
+    """What the student's `last` recorded about its data (model.json: read before any cache is built)."""
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    meta = read_meta(run_dir / "checkpoints" / "last")
+    return {"image_cache": meta.get("image_cache"), "unlabeled_pool": (meta.get("unlabeled") or {}).get("pool")}
+
+
+def _check_resumed_images(run_dir: Path, recorded: dict, data: DatasetSpec, preprocess: PreprocessSpec) -> None:
+    """Refuse other images before the image cache is rebuilt for them (which would drop the run's own): the
+    cache's key of the files now (a stat each, no decode) against the one the run trained on."""
+    from kdiqa_edge.data import cache_key, load_dataset
+    from kdiqa_edge.train.state import check_same_data
+
+    check_same_data(run_dir, recorded, {"image_cache": cache_key(load_dataset(data), preprocess)})
 
 
 def _resumed_teacher(run_dir: Path) -> Path | None:
@@ -402,17 +423,21 @@ class UnlabeledData:
 
 
 def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
-                    run_dir: Path) -> UnlabeledData:
+                    run_dir: Path, recorded: dict | None = None) -> UnlabeledData:
     """The pool (rank 0 reads and hashes it; the others get it), its decoded cache if asked, its teacher
-    features (shards split over the ranks), and the skip report in the run dir."""
+    features (shards split over the ranks), and the skip report in the run dir. `recorded`: a resumed run's
+    data (`_recorded_data`): another pool is refused before any of its features is computed."""
     from kdiqa_edge.data.records import write_skipped
     from kdiqa_edge.data.unlabeled import decoded_images, pool_key
     from kdiqa_edge.train.distributed import all_gather_object
     from kdiqa_edge.train.features import unlabeled_features
+    from kdiqa_edge.train.state import check_same_data
 
     progress = cfg.progress and ctx.is_main
     pool = _same_on_all_ranks(ctx, _unlabeled_pool(cfg, cache, split, rated_train, progress) if ctx.is_main
                               else None)
+    key = pool_key(pool, preprocess)
+    check_same_data(run_dir, recorded or {}, {"unlabeled_pool": key})
     images, failed = None, {}
     if cfg.image_cache:
         with _main_first(ctx):
@@ -434,7 +459,7 @@ def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, 
             report["skipped_csv"] = str(write_skipped(run_dir / "unlabeled_skipped.csv", used.skipped))
         say(f"unlabeled: {used.summary()}" + (f" (listed in {report['skipped_csv']})" if used.skipped else ""))
     rows = np.array([i for i in range(len(pool)) if i not in failed], dtype=np.int64)
-    return UnlabeledData(pool, rows, features, images, pool_key(pool, preprocess), report)
+    return UnlabeledData(pool, rows, features, images, key, report)
 
 
 def _unlabeled_pool(cfg: DistillConfig, cache, split, rated_train, progress: bool):
@@ -500,6 +525,12 @@ class MixedTrainer(Trainer):
                             self.fraction, self.ctx.rank, self.ctx.world_size)
         return [micro[i:i + self.cfg.grad_accum] for i in range(0, len(micro), self.cfg.grad_accum)]
 
+    def data_keys(self) -> dict[str, str]:
+        keys = super().data_keys()
+        if self.unlabeled is not None:
+            keys["unlabeled_pool"] = self.unlabeled.key
+        return keys
+
     def setup(self) -> MixedTrainer:
         from kdiqa_edge.train.loader import MixedLoader
 
@@ -534,6 +565,10 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     from kdiqa_edge.train.loop import TrainConfig
     from kdiqa_edge.train.state import RunInterrupted, run_finished
 
+    if resume and out is None:
+        raise ConfigError("--resume needs --out: the run dir to continue")
+    if resume:
+        _require_run(Path(out))  # first: a wrong --out is said as such, not as a default config's problem
     variant: Variant = parse_variant(cfg.variant)
     from kdiqa_edge.data.unlabeled import check_source
 
@@ -543,8 +578,6 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     check_student(cfg.student, cfg.pretrained, cfg.student_weights)  # fail before any teacher work
     cfg = dataclasses.replace(cfg, variant=variant.spec)
     train_cfg = TrainConfig.from_any(cfg).check()
-    if resume and out is None:
-        raise ConfigError("--resume needs --out: the run dir to continue")
     data = dataset_spec(cfg, data, Path(out) if resume else None)
     cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=str(Path.cwd()),
                               unlabeled=[_absolute_source(s) for s in cfg.unlabeled])
@@ -620,6 +653,11 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
     preprocess = student_preprocess(cfg, teacher)
     say(f"student: {cfg.student} at {preprocess.size} px (the teacher's preprocessing), "
         f"{plural(cfg.epochs, 'epoch')} -> {run_dir}")
+    # a run interrupted before the student's first saved epoch starts the student afresh
+    student_resume = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
+    recorded = _recorded_data(run_dir) if student_resume else {}
+    if student_resume:
+        _check_resumed_images(run_dir, recorded, data, preprocess)
     with _main_first(ctx):
         cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction, split_by=cfg.split_by,
@@ -628,7 +666,7 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
     if teacher_dir is not None:
         check_teacher_split(teacher_dir, split, rated_train)
     unlabeled = _unlabeled_data(cfg, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
-                                run_dir) if cfg.unlabeled else None
+                                run_dir, recorded) if cfg.unlabeled else None
     extras = {}
     if variant.uses_teacher_features:
         with _main_first(ctx):
@@ -651,8 +689,6 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
     if unlabeled is not None:
         meta["unlabeled"] = {"sources": list(cfg.unlabeled), "images": len(unlabeled.rows),
                              "fraction": cfg.unlabeled_fraction, "pool": unlabeled.key}
-    # a run interrupted before the student's first saved epoch starts the student afresh
-    student_resume = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
     mixed = unlabeled is not None or rated_train != list(split.train)
     trainer_cls = MixedTrainer if mixed else Trainer
     trainer = trainer_cls(student, DistillLoss(variant), cache, split, train_cfg, run_dir, extras=extras,

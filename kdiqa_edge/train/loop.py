@@ -55,6 +55,7 @@ from kdiqa_edge.train.state import (
     RunInterrupted,
     complete_saved_epoch,
     load_train_state,
+    ratings_key,
     rng_state,
     save_last,
     set_rng_state,
@@ -215,8 +216,14 @@ class Trainer:
         if cfg.compile:
             compile_encoder(self.model)
 
+        self.trained_on = self.data_keys()
         self._prepare_run_dir()
         return self
+
+    def data_keys(self) -> dict[str, str]:
+        """What this run trains on (`state.DATA_KEYS`), recorded in every train state: a resume that reads
+        other images or ratings is refused. A recipe that trains on more (unlabeled images) adds its key."""
+        return {"image_cache": self.cache.key, "ratings": ratings_key(self.cache.dataset)}
 
     def _prepare_run_dir(self) -> None:
         last = self.run_dir / "checkpoints" / "last"
@@ -440,12 +447,13 @@ class Trainer:
             "best": self.best,
             "config": to_dict(self.cfg),
             "world_size": self.ctx.world_size,
+            "data": self.trained_on,
         }
 
     def _load_state(self, last: Path) -> None:
         from kdiqa_edge.models.checkpoint import load_state_dict
 
-        state = load_train_state(last, to_dict(self.cfg), self.ctx.world_size)
+        state = load_train_state(last, to_dict(self.cfg), self.ctx.world_size, self.trained_on)
         self.model.load_state_dict({k: v.to(self.device) for k, v in load_state_dict(last).items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

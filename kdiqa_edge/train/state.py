@@ -9,8 +9,10 @@ only), so a killed-and-resumed run writes the uninterrupted run's model.safetens
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdiqa_edge.errors import CheckpointError, ConfigError
+from kdiqa_edge.errors import CheckpointError, ConfigError, DataError
 from kdiqa_edge.io import atomic_path, write_text
 
 TRAIN_STATE = "train_state.pt"
@@ -29,6 +31,14 @@ TRAIN_STATE = "train_state.pt"
 WALL_CLOCK = ("train_seconds", "images_per_s")
 # Config fields a resumed run may change: they do not change what is trained.
 RESUMABLE_CHANGES = frozenset({"progress", "compile", "device", "eval_batch_size", "loggers", "mlflow_uri"})
+# What a run records about its data (train_state's `data`; distill's model.json holds the first and the last):
+# a resume that reads other data is refused, naming which. The image cache's key covers each file's size and
+# mtime (a file's pixels, without reading them again), the ratings key the MOS values the cache aligns with.
+DATA_KEYS = {
+    "image_cache": ("its images", "a file's pixels, size or date, or the image list", "image cache key"),
+    "ratings": ("its ratings", "a MOS edited", "ratings key"),
+    "unlabeled_pool": ("its unlabeled images", "one added, removed or changed", "pool key"),
+}
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -98,11 +108,12 @@ def save_last(model: nn.Module, run_dir: Path, meta: dict, train_state: dict, be
     return last
 
 
-def load_train_state(last: Path, config: dict, world_size: int) -> dict:
-    """The train state in `last`, checked against its weights and against this run's config and processes."""
+def load_train_state(last: Path, config: dict, world_size: int, data: dict | None = None) -> dict:
+    """The train state in `last`, checked against its weights and against this run's config, processes and
+    `data` (`DATA_KEYS`: what this resume reads; a state saved before they were recorded has none)."""
     from kdiqa_edge.models.checkpoint import read_meta
 
-    state = torch.load(last / TRAIN_STATE, map_location="cpu", weights_only=True)
+    state = _read_train_state(last)
     meta = read_meta(last)
     if meta.get("step") != state["step"]:
         raise CheckpointError(f"{last}: weights (step {meta.get('step')}) and {TRAIN_STATE} (step "
@@ -114,7 +125,41 @@ def load_train_state(last: Path, config: dict, world_size: int) -> dict:
         raise ConfigError(f"cannot resume with a different training config (changed: {', '.join(changed)})")
     if state.get("world_size", 1) != world_size:
         raise ConfigError(f"the run was trained with {state.get('world_size')} processes; resume with the same number")
+    check_same_data(last.parent.parent, state.get("data") or {}, data or {})
     return state
+
+
+def _read_train_state(last: Path) -> dict:
+    path = last / TRAIN_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "step" not in state or "config" not in state:
+            raise ValueError("not a kdiqa-edge train state")
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        # torch's messages run to several sentences of advice: the first says what is wrong
+        why = ((str(exc).splitlines() or [""])[0].split(". ")[0] or type(exc).__name__)[:160]
+        raise CheckpointError(f"corrupt {path}: {why}; the run cannot resume from it: remove {last} to train "
+                              f"again from the first epoch, or start a new run with --out NEW") from None
+    return state
+
+
+def ratings_key(dataset) -> str:
+    """sha256 of the images' names and MOS values (float32, as trained): an edited rating changes it."""
+    digest = hashlib.sha256("\n".join(record.image for record in dataset.records).encode())
+    digest.update(np.ascontiguousarray(dataset.mos, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(run_dir: Path, recorded: dict, current: dict) -> None:
+    """Refuse to resume `run_dir` on other data than it trained on: each `DATA_KEYS` entry both name."""
+    changed = [name for name in DATA_KEYS if recorded.get(name) and current.get(name)
+               and recorded[name] != current[name]]
+    if not changed:
+        return
+    what = "; ".join(f"{DATA_KEYS[n][0]} changed since ({DATA_KEYS[n][2]} {str(recorded[n])[:12]} vs "
+                     f"{str(current[n])[:12]}: {DATA_KEYS[n][1]})" for n in changed)
+    raise DataError(f"{run_dir} was trained on other data: {what}; resuming would train on data no uninterrupted "
+                    f"run saw: restore the data, or start a new run with --out NEW")
 
 
 def complete_saved_epoch(run_dir: Path, last: Path, best_epoch: int | None, epoch: int,
