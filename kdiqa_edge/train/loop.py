@@ -223,7 +223,8 @@ class Trainer:
     def data_keys(self) -> dict[str, str]:
         """What this run trains on (`state.DATA_KEYS`), recorded in every train state: a resume that reads
         other images or ratings is refused. A recipe that trains on more (unlabeled images) adds its key."""
-        return {"image_cache": self.cache.key, "ratings": ratings_key(self.cache.dataset)}
+        dataset = getattr(self.cache, "dataset", None)  # an in-memory cache (the benchmarks') names no dataset
+        return {"image_cache": self.cache.key, **({"ratings": ratings_key(dataset)} if dataset is not None else {})}
 
     def _prepare_run_dir(self) -> None:
         last = self.run_dir / "checkpoints" / "last"
