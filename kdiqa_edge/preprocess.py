@@ -304,7 +304,46 @@ def load_preprocessed(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess_pil(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    return resize_crop(to_rgb(ImageOps.exif_transpose(img)), spec)
+    return resize_crop(upright_rgb(img), spec)
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """A PIL image as the model sees a file: its EXIF orientation applied, then 8-bit RGB (`to_rgb`)."""
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def image_from_array(array: np.ndarray) -> Image.Image:
+    """An HW (grey) or HWC (RGB/RGBA) array as a PIL image. uint8 is taken as is; other unsigned integers are
+    scaled by their type's range (a 16-bit photo's 65535 is white, as Pillow's I;16 is); signed integers must
+    hold 0..255; floats are [0, 1] (skimage's convention) when none is above 1, else 0..255. A ConfigError for
+    an empty array, one without finite values, or signed values outside 0..255."""
+    from kdiqa_edge.errors import ConfigError
+
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ConfigError(f"an image array must be HW, HWC (RGB/RGBA) or NHWC, got shape {array.shape}")
+    if array.size == 0:
+        raise ConfigError(f"an image array of shape {array.shape} holds no pixel")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.signedinteger):  # numpy's default for Python ints: 0..255 or refused
+        if array.min() < 0 or array.max() > 255:
+            raise ConfigError(f"an {array.dtype} image array must hold 0..255 (it holds {array.min()}..{array.max()}):"
+                              " pass uint8, uint16 (65535 is white) or floats")
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype != np.uint8:
+        array = np.round(array.astype(np.float64) * (255.0 / np.iinfo(array.dtype).max)).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        if not np.isfinite(array).any():
+            raise ConfigError(f"an image array of {array.dtype} has no finite value (all NaN or inf)")
+        array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def normalize(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

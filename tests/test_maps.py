@@ -246,7 +246,7 @@ def test_overlays_and_arrays_for_a_folder_with_a_broken_file(exported, photos, t
         with Image.open(row.overlay) as overlay:
             assert overlay.format == "PNG" and overlay.width > overlay.height >= maps.OVERLAY_SIDE
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
-        "astronaut.map.npy", "astronaut.map.png", "chelsea.map.npy", "chelsea.map.png"]
+        "astronaut.map.npy", "astronaut.map.png", "chelsea.map.npy", "chelsea.map.png", "maps.csv"]
 
     patches = maps.quality_map(model, photos[0], "patches")
     assert patches.values.shape == (maps.PATCH_GRID,) * 2 and ((patches.values >= 1) & (patches.values <= 5)).all()
@@ -267,7 +267,7 @@ def test_score_map_through_the_cli(exported, photos, tmp_path, capsys):
     code, out, err = run_cli(["score", model, photos[0].parent, "--map", tmp_path / "maps"], capsys)
     assert code == 0 and "Traceback" not in err and "broken.jpg\terror:" in out and "2 fast maps in" in err
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
-        "astronaut.map.npy", "astronaut.map.png", "chelsea.map.npy", "chelsea.map.png"]
+        "astronaut.map.npy", "astronaut.map.png", "chelsea.map.npy", "chelsea.map.png", "maps.csv"]
     # QualityModel.score_map gives what the CLI wrote
     written = np.load(tmp_path / "maps" / "astronaut.map.npy")
     assert np.array_equal(QualityModel.load(model).score_map(photos[0]), written)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import enum
 import json
@@ -145,7 +146,8 @@ def score(
     if map_dir is not None:
         from kdiqa_edge.runtime.maps import MapWriter
 
-        run.maps = MapWriter(quality_model, map_dir, map_kind.value)  # a kind the model lacks: one line, now
+        run.maps = MapWriter(quality_model, map_dir, map_kind.value,  # a kind the model lacks: one line, now
+                             decode.value if decode else None)
     if out is None:
         run.to_stdout(output)
     else:
@@ -153,7 +155,8 @@ def score(
     typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped), err=True,
                 fg="yellow" if run.failed or not (run.scored or run.skipped) else None)
     if map_dir is not None:
-        typer.secho(f"{run.mapped} {map_kind.value} maps in {map_dir} (NAME.map.png, NAME.map.npy)", err=True)
+        typer.secho(f"{run.mapped} {map_kind.value} maps in {map_dir} (NAME.map.png, NAME.map.npy; maps.csv says "
+                    "whose)", err=True)
     if run.found.missing or not (run.scored or run.skipped):
         missing = ", ".join(map(str, run.found.missing))
         why = f"no such file or directory: {missing}" if run.found.missing else "no image was scored"
@@ -205,6 +208,8 @@ class _Run:
             self.mapped += 1
 
     def to_stdout(self, output: OutputFormat) -> None:
+        with contextlib.suppress(AttributeError, ValueError):  # a file name's non-UTF-8 bytes go out as they are
+            sys.stdout.reconfigure(errors="surrogateescape")
         writer = csv.writer(sys.stdout, lineterminator="\n") if output is OutputFormat.csv else None
         if writer:
             writer.writerow(["image", "score", "error"])

@@ -333,6 +333,9 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
     raise CheckpointError(f"{path}: neither a checkpoint dir (model.json) nor a run dir (checkpoints/best)")
 
 
+TORCH_DEVICES = ("cpu", "cuda", "auto")  # what --provider takes for a checkpoint; auto (or none): cuda where there
+
+
 @BACKENDS.register("torch")
 class TorchBackend:
     name = "torch"
@@ -341,6 +344,9 @@ class TorchBackend:
 
     def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
         meta = checkpoint_meta(path)
+        if (provider or "auto").lower() not in TORCH_DEVICES:
+            raise ConfigError(f"a checkpoint runs on a torch device: {', '.join(TORCH_DEVICES[:-1])} or "
+                              f"{TORCH_DEVICES[-1]} (the best available); --provider {provider} is not one")
         torch = require("torch", "train")
         from kdiqa_edge.models import load_checkpoint
 
@@ -362,7 +368,8 @@ class TorchBackend:
     def run(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            score = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+            # a writable array: torch.from_numpy warns of a read-only one (a decoded image, a memory map)
+            score = self.model(torch.from_numpy(np.require(x, requirements=("C", "W"))).to(self.device))
         return score.float().cpu().numpy().reshape(-1)
 
     def synchronize(self) -> None:

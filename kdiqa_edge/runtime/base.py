@@ -9,6 +9,7 @@ imports no sibling; `kdiqa_edge.runtime` imports them all, so whoever imports an
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,26 @@ class Backend(Protocol):
 
 BACKENDS: Registry[Callable[..., Backend]] = Registry("runtime backend")
 
+# What a backend runs, by suffix: an export's other files (an OpenVINO .bin, a timing cache, logs) are not models.
+ARTIFACT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt", ".mlpackage", ".mlmodel", ".pte", ".xml")
+
+
+def export_artifacts(out: Path) -> list[Path]:
+    """The runnable artifacts of an export OUT folder: the files its manifest.json lists for its exports (they
+    live in OUT/<target>-<precision>/), else (a manifest unreadable or listing none) those in OUT's subfolders."""
+    try:
+        exports = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("exports") or {}
+        listed = [out / file["path"] for entry in exports.values() for file in (entry or {}).get("files") or []]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # a manifest torn or not ours
+        listed = []
+    found = {p for p in listed if p.suffix.lower() in ARTIFACT_SUFFIXES and p.exists()}
+    if not found:
+        folders = [out, *(d for d in out.iterdir() if d.is_dir() and not d.name.startswith("."))]
+        found = {p for folder in folders for p in folder.iterdir()
+                 if p.suffix.lower() in ARTIFACT_SUFFIXES}
+    return sorted(found)
+
+
 def backend_kind(path: str | Path) -> str:
     """Which backend reads this path: by suffix for files, by content for directories."""
     path = Path(path)
@@ -54,9 +75,12 @@ def backend_kind(path: str | Path) -> str:
         if (path / "model.json").is_file() or (path / "checkpoints").is_dir():
             return "torch"
         if (path / "manifest.json").is_file():
-            files = sorted(p.name for p in path.iterdir()
-                           if p.suffix in (".onnx", ".engine", ".mlpackage", ".pte", ".xml"))
-            raise ConfigError(f"{path} is an export directory; pass one of its artifacts: {', '.join(files)}")
+            found = export_artifacts(path)
+            if not found:
+                raise ConfigError(f"{path} is an export directory without an artifact (no export in it "
+                                  "succeeded); pass an artifact, a checkpoint dir or a run dir")
+            raise ConfigError(f"{path} is an export directory; pass one of its artifacts: "
+                              f"{', '.join(str(p) for p in found)}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     raise CheckpointError(

@@ -151,7 +151,8 @@ class ExecuTorchBackend:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self._set_threads()
-        out = self.forward.execute([self._torch.from_numpy(np.ascontiguousarray(x))])
+        # a writable array: torch.from_numpy warns of a read-only one (a decoded image, a memory map, a caller's)
+        out = self.forward.execute([self._torch.from_numpy(np.require(x, requirements=("C", "W")))])
         return out[0].numpy().astype(np.float32).reshape(-1)
 
     def synchronize(self) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from kdiqa_edge.errors import ConfigError
-from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, crop_box, open_image
+from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, crop_box, load_preprocessed, open_image
 from kdiqa_edge.runtime.info import ArtifactInfo
 
 ImageLike = str | Path | Image.Image | np.ndarray  # what QualityModel.score takes
@@ -190,18 +190,13 @@ def predict_maps(quality_model: QualityModel, images: np.ndarray, batch_size: in
 
 def _open(image: ImageLike, draft_size: int | None) -> Image.Image:
     """The original image as RGB PIL (a path is opened with libjpeg's draft scaling down to `draft_size`)."""
-    from kdiqa_edge.preprocess import to_rgb
+    from kdiqa_edge.preprocess import image_from_array, to_rgb, upright_rgb
 
     if isinstance(image, (str, Path)):
         return open_image(image, draft_size)
     if isinstance(image, Image.Image):
-        return to_rgb(image)
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
-    return to_rgb(Image.fromarray(array))
+        return upright_rgb(image)  # as score() sees it: EXIF orientation applied
+    return to_rgb(image_from_array(np.asarray(image)))
 
 
 def patch_boxes(box: tuple[float, float, float, float], grid: int = PATCH_GRID,
@@ -224,15 +219,17 @@ def patch_boxes(box: tuple[float, float, float, float], grid: int = PATCH_GRID,
 
 
 def quality_map(quality_model: QualityModel, image: ImageLike, kind: str = "fast", grid: int = PATCH_GRID,
-                fraction: float = PATCH_FRACTION, photo: Image.Image | None = None) -> QualityMap:
+                fraction: float = PATCH_FRACTION, photo: Image.Image | None = None,
+                spec: PreprocessSpec | None = None) -> QualityMap:
     """The map of one image (a path, PIL image or HWC array), its global score and the region it covers.
-    `photo`: the image already opened (the overlay's). Raises ImageLoadError for an unreadable file,
-    ConfigError for a kind the model cannot give (`check_kind`)."""
+    `photo`: the image already opened (the overlay's). `spec`: the model's preprocessing with another decode
+    (`score --decode`). Raises ImageLoadError for an unreadable file, ConfigError for a kind the model cannot
+    give (`check_kind`)."""
     check_kind(quality_model, kind)
-    spec = quality_model.preprocess
+    spec = spec or quality_model.preprocess
     if photo is None:
         photo = _open(image, _draft_size(spec, kind, fraction))
-    score, values = _map_values(quality_model, image, kind, grid, fraction, photo)
+    score, values = _map_values(quality_model, image, kind, grid, fraction, photo, spec)
     left, top, right, bottom = crop_box(photo.width, photo.height, spec.size)[0]
     region = (left / photo.width, top / photo.height, right / photo.width, bottom / photo.height)
     return QualityMap(kind, score, values, region)
@@ -247,15 +244,16 @@ def _draft_size(spec, kind: str, fraction: float = PATCH_FRACTION) -> int | None
 
 
 def _map_values(quality_model: QualityModel, image: ImageLike, kind: str, grid: int, fraction: float,
-                photo: Image.Image | None) -> tuple[float, np.ndarray]:
-    pixels = quality_model.load_image(image)  # exactly what `score` feeds the model: the same global score
+                photo: Image.Image | None, spec: PreprocessSpec) -> tuple[float, np.ndarray]:
+    # exactly what `score` feeds the model (with its --decode): the same global score
+    pixels = load_preprocessed(image, spec) if isinstance(image, (str, Path)) else quality_model.load_image(image)
     if kind == "fast":
         scores, maps = map_outputs(quality_model, quality_model.prepare(pixels[None]))
         return float(scores[0]), maps[0]
     score = float(quality_model.predict(pixels[None])[0])
     if photo is None:
-        photo = _open(image, _draft_size(quality_model.preprocess, kind, fraction))
-    crops = _patches(photo, quality_model.preprocess, grid, fraction)
+        photo = _open(image, _draft_size(spec, kind, fraction))
+    crops = _patches(photo, spec, grid, fraction)
     return score, quality_model.predict(crops, batch_size=len(crops)).reshape(grid, grid).astype(np.float32)
 
 
@@ -270,7 +268,7 @@ def _patches(photo: Image.Image, spec, grid: int, fraction: float) -> np.ndarray
 def score_map(quality_model: QualityModel, image: ImageLike, kind: str = "fast") -> np.ndarray:
     """float32 [h, w]: the map of one image in score units (what `QualityModel.score_map` returns)."""
     check_kind(quality_model, kind)
-    return _map_values(quality_model, image, kind, PATCH_GRID, PATCH_FRACTION, None)[1]
+    return _map_values(quality_model, image, kind, PATCH_GRID, PATCH_FRACTION, None, quality_model.preprocess)[1]
 
 
 # --- overlays -------------------------------------------------------------------------------------------
@@ -370,46 +368,91 @@ def _write_array(values: np.ndarray, path: Path) -> Path:
     return path
 
 
-class MapWriter:
-    """Writes each image's overlay (`NAME.map.png`) and raw map (`NAME.map.npy`) into `out`; names that repeat
-    (two folders' a.jpg) get -2, -3... in the order written."""
+MAP_INDEX = "maps.csv"  # in a map folder: image,overlay,array per map written, what names it and whose it is
 
-    def __init__(self, quality_model: QualityModel, out: str | Path, kind: str = "fast"):
+
+class MapWriter:
+    """Writes each image's overlay (`NAME.map.png`) and raw map (`NAME.map.npy`) into `out`, and a line
+    `image,overlay,array` into `out/maps.csv`. NAME is the image's stem; a stem another image holds in that
+    folder, in this run or an earlier one (maps.csv says whose), gets -2, -3...: a map is never written over
+    another image's, and an image scored again keeps its name. `decode`: the JPEG decoding of the score
+    ("draft"/"exact"; default: the model's)."""
+
+    def __init__(self, quality_model: QualityModel, out: str | Path, kind: str = "fast", decode: str | None = None):
         check_kind(quality_model, kind)
         self.quality_model, self.out, self.kind = quality_model, Path(out), kind
-        self._names: set[str] = set()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--map {self.out} is a file: name a folder for the maps")
+        self.spec = quality_model.preprocess.with_decode(decode) if decode else quality_model.preprocess
+        self._owners: dict[str, str] = {}  # NAME -> the image (resolved path) it belongs to
+        self._names: dict[str, str] = {}  # image -> NAME
+        self._read_index()
+
+    def _read_index(self) -> None:
+        import csv
+
+        try:
+            with open(self.out / MAP_INDEX, newline="", encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    if row.get("image") and (row.get("array") or "").endswith(".map.npy"):
+                        name = Path(row["array"]).name[:-len(".map.npy")]
+                        self._owners[name], self._names[row["image"]] = row["image"], name
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, csv.Error) as exc:
+            raise ConfigError(f"{self.out / MAP_INDEX} cannot be read ({exc}): move it away, or pass another --map "
+                              "folder") from None
 
     def _name(self, path: Path) -> str:
+        image = str(path.resolve())
+        if image in self._names:
+            return self._names[image]
         name, count = path.stem, 1
-        while name in self._names:
+        while name in self._owners or (self.out / f"{name}.map.npy").exists():  # a file no index names: not ours
             count += 1
             name = f"{path.stem}-{count}"
-        self._names.add(name)
+        self._owners[name], self._names[image] = image, name
         return name
+
+    def _record(self, image: str, overlay: Path, array: Path) -> None:
+        import csv
+        import io
+
+        line = io.StringIO()
+        writer = csv.writer(line, lineterminator="\n")
+        if not (self.out / MAP_INDEX).exists():
+            writer.writerow(["image", "overlay", "array"])
+        writer.writerow([image, overlay.name, array.name])
+        with open(self.out / MAP_INDEX, "a", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            handle.write(line.getvalue())
 
     def write(self, path: str | Path) -> MapRow:
         """One image's files; an image that cannot be read gives a row with its reason."""
         path = Path(path)
         try:
-            photo = _open(path, _draft_size(self.quality_model.preprocess, self.kind))
-            result = quality_map(self.quality_model, path, self.kind, photo=photo)
+            photo = _open(path, _draft_size(self.spec, self.kind))
+            result = quality_map(self.quality_model, path, self.kind, photo=photo, spec=self.spec)
         except ImageLoadError as exc:
             return MapRow(str(path), error=exc.reason)
-        name = self._name(path)
         self.out.mkdir(parents=True, exist_ok=True)
+        image = str(path.resolve())
+        known = image in self._names
+        name = self._name(path)
         array = _write_array(result.values, self.out / f"{name}.map.npy")
         overlay = render_overlay(photo, result, self.out / f"{name}.map.png",
                                  label=f"{self.kind} map {result.values.shape[0]}x{result.values.shape[1]} "
                                        f"({result.values.min():.2f}..{result.values.max():.2f}), "
                                        f"{self.quality_model.info.path.name}")
+        if not known:
+            self._record(image, overlay, array)
         return MapRow(str(path), result.score, str(overlay), str(array), tuple(result.values.shape))
 
 
 def write_maps(quality_model: QualityModel, files: Iterable[str | Path | tuple[Path, str | None]],
-               out: str | Path, kind: str = "fast") -> Iterator[MapRow]:
+               out: str | Path, kind: str = "fast", decode: str | None = None) -> Iterator[MapRow]:
     """A row per file: its overlay and .npy written into `out`, or the reason it could not be (an unreadable
     image; an entry `runtime.files.ImageFiles` already gave a reason for, as (path, reason))."""
-    writer = MapWriter(quality_model, out, kind)
+    writer = MapWriter(quality_model, out, kind, decode)
     for entry in files:
         path, problem = entry if isinstance(entry, tuple) else (entry, None)
         yield MapRow(str(path), error=problem) if problem is not None else writer.write(path)

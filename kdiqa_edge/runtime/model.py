@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image
 
 from kdiqa_edge.errors import ConfigError
-from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed, normalize, preprocess_pil
+from kdiqa_edge.preprocess import (
+    ImageLoadError,
+    PreprocessSpec,
+    image_from_array,
+    load_preprocessed,
+    normalize,
+    preprocess_pil,
+)
 from kdiqa_edge.runtime.base import Backend, load_backend
 from kdiqa_edge.runtime.info import ArtifactInfo
 from kdiqa_edge.runtime.pipeline import (
@@ -106,9 +113,12 @@ class QualityModel:
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 NHWC preprocessed pixels [N, S, S, 3] -> scores float32 [N], in batches."""
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ConfigError(f"predict() takes uint8 [N, {self.preprocess.size}, {self.preprocess.size}, 3], "
-                              f"got {images.dtype} {tuple(images.shape)}")
+        size = self.preprocess.size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+            raise ConfigError(f"predict() takes uint8 [N, {size}, {size}, 3] (the model's preprocessed pixels; "
+                              f"score() takes images of any size), got {images.dtype} {tuple(images.shape)}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if len(images) == 0:
             return np.zeros(0, np.float32)
         return np.concatenate([self.run(self.prepare(np.asarray(images[i:i + batch_size])))
@@ -123,16 +133,7 @@ class QualityModel:
         if isinstance(image, Image.Image):
             return preprocess_pil(image, self.preprocess)
         if isinstance(image, np.ndarray):
-            array = image
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=-1)
-            if array.ndim != 3 or array.shape[-1] not in (3, 4):
-                raise ConfigError(f"an image array must be HW, HWC (RGB/RGBA) or NHWC, got shape {array.shape}")
-            if array.dtype != np.uint8:
-                if np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
-                    array = array * 255.0  # [0, 1] floats, the skimage convention
-                array = np.clip(np.round(array), 0, 255).astype(np.uint8)
-            return preprocess_pil(Image.fromarray(array), self.preprocess)
+            return preprocess_pil(image_from_array(image), self.preprocess)
         raise ConfigError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a numpy array")
 
     def score(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32):
@@ -146,6 +147,7 @@ class QualityModel:
             images = list(images)
         if isinstance(images, (str, Path, Image.Image, np.ndarray)):
             return float(self.predict(self.load_image(images)[None])[0])
+        images = list(images)  # a generator or any other iterable of images
         if len(images) > 1 and all(isinstance(image, (str, Path)) for image in images):
             pixels = self._decode_paths(images)  # in parallel, as score_files
         else:
@@ -170,6 +172,8 @@ class QualityModel:
         decode: "draft" or "exact" JPEG decoding (default: as the model's preprocessing records, what its
         training cache used).
         """
+        if isinstance(paths, (str, Path)):  # one path, not its characters
+            paths = [paths]
         for _, result in score_paths(self, walk(paths), batch_size, workers=workers, decode=decode):
             yield result
 

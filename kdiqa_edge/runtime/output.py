@@ -365,7 +365,7 @@ def _json_row(row: Row) -> dict[str, Any]:
 def _csv_bytes(rows) -> bytes:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue().encode("utf-8")
+    return buffer.getvalue().encode("utf-8", "surrogateescape")  # a file name's non-UTF-8 bytes, as they are
 
 
 def _write_parquet(path: Path, rows: list[Row], sha256: str) -> None:
@@ -374,7 +374,9 @@ def _write_parquet(path: Path, rows: list[Row], sha256: str) -> None:
     pa = require("pyarrow", "parquet")
     import pyarrow.parquet as pq
 
-    table = pa.table({"image": pa.array([r.image for r in rows], pa.string()),
+    # Parquet strings are UTF-8: a file name's other bytes as \\xNN (the index keeps the name itself)
+    images = [r.image.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for r in rows]
+    table = pa.table({"image": pa.array(images, pa.string()),
                       "score": pa.array([None if r.score is None else round(r.score, 6) for r in rows], pa.float64()),
                       "error": pa.array([r.error for r in rows], pa.string())})
     pq.write_table(table.replace_schema_metadata({"kdiqa_edge.model_sha256": sha256}), path)
@@ -399,7 +401,7 @@ def _keep_last_lines(path: Path, kind: str) -> int:
         return len(keep)
     with open(path, "rb") as source, atomic_path(path) as tmp, open(tmp, "wb") as target:
         if kind == "csv":
-            text = io.TextIOWrapper(target, encoding="utf-8", newline="")
+            text = io.TextIOWrapper(target, encoding="utf-8", errors="surrogateescape", newline="")
             writer = csv.writer(text, lineterminator="\n")
             writer.writerow(COLUMNS)
             writer.writerows(row for (_, row), wanted in zip(_entries(source, kind), keep) if wanted)
@@ -415,7 +417,7 @@ def _keep_last_lines(path: Path, kind: str) -> int:
 def _entries(handle, kind: str) -> Iterator[tuple[str, Any]]:
     """(image, row) of each row of a CSV (its header skipped), JSONL or index file opened in binary."""
     if kind == "csv":  # a quoted path may hold a newline: rows are csv's, not lines
-        reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
+        reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline=""))
         next(reader, None)
         yield from ((row[0], row) for row in reader)
     else:
@@ -461,7 +463,7 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     path = Path(path)
     kind = output_kind(path)
     if kind == "csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
             yield from csv.DictReader(handle)
     elif kind == "jsonl":
         with open(path, encoding="utf-8") as handle:
