@@ -65,7 +65,7 @@ def test_an_export_folder_names_the_artifacts_in_its_subfolders(tmp_path, capsys
         QualityModel.load(out)
 
 
-@pytest.mark.parametrize("provider", ["foo", "tensorrt", "gpu"])
+@pytest.mark.parametrize("provider", ["foo", "gpu"])
 def test_a_checkpoint_refuses_a_provider_torch_has_not(tmp_path, capsys, provider):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
@@ -77,6 +77,17 @@ def test_a_checkpoint_refuses_a_provider_torch_has_not(tmp_path, capsys, provide
     code, stdout, stderr = run_cli(["score", checkpoint, _image(tmp_path), "--provider", provider], capsys)
     lines = stderr.strip().splitlines()
     assert code == 2 and not stdout and len(lines) == 1 and "cpu, cuda or auto" in lines[0], stderr
+
+
+def test_a_checkpoint_runs_tensorrt_as_cuda(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "model.json").write_text("{}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's case, on any machine
+    with pytest.raises(ConfigError, match=r"--provider tensorrt asked for \(a checkpoint runs on cuda for it\), "
+                                          "but torch sees no CUDA device"):
+        QualityModel.load(checkpoint, provider="tensorrt")
 
 
 def _no_user_warnings(monkeypatch, call):

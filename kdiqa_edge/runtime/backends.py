@@ -334,6 +334,9 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
 
 
 TORCH_DEVICES = ("cpu", "cuda", "auto")  # what --provider takes for a checkpoint; auto (or none): cuda where there
+# ONNX Runtime's providers a checkpoint runs as a torch device: `bench ENGINE.onnx --reference RUN --provider
+# tensorrt` times the ONNX rows on TensorRT and runs the torch reference on the same NVIDIA GPU
+TORCH_DEVICE_OF = {"tensorrt": "cuda"}
 
 
 @BACKENDS.register("torch")
@@ -344,6 +347,8 @@ class TorchBackend:
 
     def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
         meta = checkpoint_meta(path)
+        asked = provider
+        provider = TORCH_DEVICE_OF.get((provider or "").lower(), provider)
         if (provider or "auto").lower() not in TORCH_DEVICES:
             raise ConfigError(f"a checkpoint runs on a torch device: {', '.join(TORCH_DEVICES[:-1])} or "
                               f"{TORCH_DEVICES[-1]} (the best available); --provider {provider} is not one")
@@ -355,7 +360,9 @@ class TorchBackend:
         want_cuda = (provider or "auto").lower() in ("auto", "cuda")
         self.device = "cuda" if want_cuda and torch.cuda.is_available() else "cpu"
         if (provider or "").lower() == "cuda" and self.device != "cuda":
-            raise ConfigError("--provider cuda asked for, but torch sees no CUDA device")
+            raise ConfigError(f"--provider {asked} asked for (a checkpoint runs on cuda for it), but torch sees no "
+                              "CUDA device" if asked.lower() != "cuda" else
+                              "--provider cuda asked for, but torch sees no CUDA device")
         self._torch = torch
         self.model = load_checkpoint(path).eval().to(self.device)
         spec = getattr(self.model, "preprocess", None) or PreprocessSpec.from_dict(meta.get("preprocess", {}))
