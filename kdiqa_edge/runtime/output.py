@@ -107,7 +107,7 @@ class ScoresOutput:
         self._done: dict[str, tuple[int, int] | None] = {}
         self._pending: list[Row] = []
         self._last_commit = time.monotonic()
-        self._lock_fd: int | None = None
+        self._held: contextlib.ExitStack | None = None  # the lock on lock_path, while open
 
     # --- open / close -------------------------------------------------------------------------------
 
@@ -137,24 +137,19 @@ class ScoresOutput:
             self._unlock()
 
     def _lock(self) -> None:
-        from kdiqa_edge.data._lock import lock_held_file
+        from kdiqa_edge.data._lock import waiting_lock
 
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        if lock_held_file(fd, self.lock_path, wait=False) is False:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
+        def refuse(who: str) -> None:  # one writer: a second is refused, not queued behind a long run
             raise OutputLocked(f"{self.path} is being written by another kdiqa-edge score{who}: wait for it, "
                                "or pass another --out")
-        self._lock_fd = fd
-        with contextlib.suppress(OSError):  # who holds it, for the message above (a full disk may refuse)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(waiting_lock(self.lock_path, refuse))
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # drops the flock; the file stays (removing it would race a new writer)
-            self._lock_fd = None
+        if self._held is not None:
+            self._held.close()  # drops the flock; the file stays (removing it would race a new writer)
+            self._held = None
 
     def _remove_all(self) -> None:
         import shutil
