@@ -36,6 +36,16 @@ def test_eval_of_a_run_without_dataset_options_scores_its_own_test_split(teacher
     assert result["headline"] is None and "NOT your data" not in err
 
 
+def test_another_split_seed_is_a_fresh_split_with_the_note_bench_gives(teacher_run, capsys):
+    """As `bench --split-seed`: the seed given is used, and a note says the run may have trained on its images."""
+    code, out, err = run_cli(["teacher", "eval", "--checkpoint", teacher_run, "--split-seed", "7", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert "run's split" not in result["mode"] and str(teacher_run) in result["source"]
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "--split-seed 7: a fresh split" in notes[0] and "trained on" in notes[0]
+
+
 def test_dataset_options_that_differ_from_the_run_win_with_one_note(teacher_run, tmp_path, capsys):
     from kdiqa_edge.data.synthetic import generate
 
@@ -53,15 +63,15 @@ def test_no_run_and_no_dataset_options_say_first_it_is_the_built_in_set(teacher_
     import shutil
 
     from kdiqa_edge.data.spec import DatasetSpec
-    from kdiqa_edge.train.finetune import teacher_eval_data
+    from kdiqa_edge.train.finetune import teacher_eval_source
 
     bare = shutil.copytree(teacher_run / "checkpoints" / "best", tmp_path / "best")  # in no run dir
     for checkpoint, says in ((bare, "not in a run dir"), (None, "no dataset options")):
-        source = teacher_eval_data(DatasetSpec(), checkpoint)
+        source, headline = teacher_eval_source(DatasetSpec(), checkpoint)
         assert source.dataset == DatasetSpec() and source.split_file is None
-        assert source.headline.startswith("scores on the built-in synthetic set, NOT your data") and says in \
-            source.headline
-    assert teacher_eval_data(DatasetSpec(), teacher_run).headline is None  # the run names its data
+        assert headline.startswith("scores on the built-in synthetic set, NOT your data") and says in headline
+    source, headline = teacher_eval_source(DatasetSpec(), teacher_run)
+    assert headline is None and source.split_file == teacher_run / "split.json"  # the run names its data
 
 
 def test_reproduce_dry_run_refuses_another_plan_as_the_real_run_does(small_synthetic, tmp_path, capsys):

@@ -51,11 +51,15 @@ class EvalSource:
         return (f"{NOT_YOUR_DATA}: {self.reason}; pass --reference RUN_DIR (its dataset and split) or the "
                 "dataset options (--dataset ...)")
 
+    @property
+    def where(self) -> str:
+        """'the data runs/x trained on', 'the dataset options' or 'the built-in set, NOT your data'."""
+        return {FROM_RUN: f"the data {self.run_dir} trained on", FROM_OPTIONS: "the dataset options",
+                SYNTHETIC: "the built-in set, NOT your data"}[self.origin]
+
     def describe(self) -> str:
         """'csv (the data runs/x trained on)': the dataset and where bench got it, for the report."""
-        where = {FROM_RUN: f"the data {self.run_dir} trained on", FROM_OPTIONS: "from the dataset options",
-                 SYNTHETIC: "the built-in set, NOT your data"}[self.origin]
-        return f"{self.dataset.name} ({where})"
+        return f"{self.dataset.name} ({self.where})"
 
 
 def eval_source(reference: str | Path | None, data: DatasetSpec | None = None, split_seed: int | None = None,

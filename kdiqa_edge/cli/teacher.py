@@ -49,7 +49,8 @@ def eval_command(
     template: Template = None,
     split: Annotated[str, typer.Option("--split", help="test, train, val or all.")] = "test",
     split_seed: Annotated[int | None, typer.Option(
-        "--split-seed", help="Train/test split seed (default: the checkpoint's run's, else 0).")] = None,
+        "--split-seed", help="Train/test split seed (default: the checkpoint's run's own split.json, else 0; "
+                               "another seed is a fresh split, as bench's).")] = None,
     old_seed: OldSeed = None,
     test_fraction: Annotated[float | None, typer.Option(
         "--test-fraction", help="Share held out for testing (default: the checkpoint's run's, else 0.2).")] = None,

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.metrics import IQAMetrics, evaluate
 from kdiqa_edge.models.head import DEFAULT_TEMPLATES
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
+
+if TYPE_CHECKING:
+    from kdiqa_edge.bench.accuracy import EvalSource
 
 
 @dataclasses.dataclass
@@ -210,55 +213,18 @@ def load_config(config_file: str | Path | None = None, **overrides) -> FinetuneC
 NOT_YOUR_DATA = "scores on the built-in synthetic set, NOT your data"
 
 
-@dataclasses.dataclass(frozen=True)
-class TeacherEvalData:
-    """Which images `teacher eval` scores, the split whose part they are, and why these (as bench's
-    `accuracy.eval_source` decides for its rows)."""
+def teacher_eval_source(data: DatasetSpec | None, checkpoint: str | Path | None = None,
+                        seed: int | None = None) -> tuple[EvalSource, str | None]:
+    """Which images `teacher eval` scores, decided as bench decides its own (`accuracy.eval_source`, the
+    checkpoint's run as the reference), and the headline said first when they are the built-in set."""
+    from kdiqa_edge.bench.accuracy import SYNTHETIC, eval_source
 
-    dataset: DatasetSpec
-    source: str  # how the report names it: "the data RUN trained on", "the dataset options", the built-in set
-    split: dict  # prepare()'s seed and fractions: the fresh split where no split.json applies
-    split_file: Path | None = None  # the run's split.json, used where it was made for this image list
-    own_split: bool = False  # the run's own data: a split.json that does not fit it is worth a note
-    notes: tuple[str, ...] = ()
-    headline: str | None = None  # said first: the scores are on the built-in set, not the user's data
-
-
-def teacher_eval_data(data: DatasetSpec | None, checkpoint: str | Path | None = None, seed: int | None = None,
-                      test_fraction: float | None = None) -> TeacherEvalData:
-    """Dataset options given win (a note where they differ from the data of the run the checkpoint is in);
-    without them, that run's dataset and its split.json; without either, the built-in synthetic set and a
-    headline that says so. `seed` / `test_fraction` None: the run's, else 0 / 0.2."""
-    from kdiqa_edge.data.readers import absolute_spec
-    from kdiqa_edge.data.runs import run_data
-
-    data = data or DatasetSpec()
-    given = dataclasses.replace(data, strict=False) != DatasetSpec()  # --strict alone names no dataset
-    run = run_data(checkpoint) if checkpoint is not None else None
-    fresh = {"seed": 0 if seed is None else seed, "test_fraction": 0.2 if test_fraction is None else test_fraction}
-    if run is None:
-        if given:
-            return TeacherEvalData(data, "the dataset options", fresh, _split_beside(checkpoint))
-        reason = (f"--checkpoint {checkpoint} is not in a run dir (no config.yaml beside it)" if checkpoint
-                  else "no dataset options")
-        return TeacherEvalData(data, "the built-in set, NOT your data", fresh, _split_beside(checkpoint),
-                               headline=f"{NOT_YOUR_DATA}: {reason}; pass the dataset options (--dataset, "
-                               "--root ...)")
-    own = {"seed": run.split_seed if seed is None else seed, "val_fraction": run.val_fraction,
-           "test_fraction": run.test_fraction if test_fraction is None else test_fraction,
-           "split_by": run.split_by}
-    if given and (dataclasses.replace(absolute_spec(data), strict=False)
-                  != dataclasses.replace(run.dataset, strict=False)):
-        where = f" at {run.dataset.root}" if run.dataset.root else ""
-        return TeacherEvalData(data, "the dataset options", fresh, run.split_file, notes=(
-            f"the dataset options given here win over the dataset of {run.run_dir} ({run.dataset.name}{where})",))
-    dataset = data if given else dataclasses.replace(run.dataset, strict=data.strict or run.dataset.strict)
-    notes = () if run.split_file else (f"{run.run_dir} has no split.json: its dataset split again with seed "
-                                       f"{own['seed']}",)
-    if run.split_file and seed is not None and seed != run.split_seed:
-        notes = (f"--split-seed {seed} not used: the run's own split (split.json, seed {run.split_seed}) holds "
-                 "out the images it never trained on",)
-    return TeacherEvalData(dataset, f"the data {run.run_dir} trained on", own, run.split_file, True, notes)
+    source = eval_source(checkpoint, data, seed)
+    if source.origin != SYNTHETIC:
+        return source, None
+    reason = (f"--checkpoint {checkpoint} is not in a run dir (no config.yaml beside it)" if checkpoint
+              else "no dataset options")
+    return source, f"{NOT_YOUR_DATA}: {reason}; pass the dataset options (--dataset, --root ...)"
 
 
 def _split_beside(checkpoint: str | Path | None) -> Path | None:
@@ -274,9 +240,10 @@ def evaluate_teacher(data: DatasetSpec | None = None, teacher: str | None = None
                      seed: int | None = None, test_fraction: float | None = None, batch_size: int = 128,
                      device: str = "auto", progress: bool = True, log=None) -> dict[str, Any]:
     """Zero-shot (or fine-tuned, with `checkpoint`) metrics of a teacher on one split of a dataset: the
-    dataset `teacher_eval_data` picks; `log` hears its headline and notes before the work."""
+    dataset `teacher_eval_source` picks; `log` hears its headline and notes before the work."""
     import numpy as np
 
+    from kdiqa_edge.bench.accuracy import FROM_RUN
     from kdiqa_edge.data import Split, prepare
     from kdiqa_edge.errors import DataError
     from kdiqa_edge.models.checkpoint import load_checkpoint
@@ -289,24 +256,28 @@ def evaluate_teacher(data: DatasetSpec | None = None, teacher: str | None = None
     else:
         model = load_teacher(teacher or DEFAULT_TEACHER, weights, tuple(templates or DEFAULT_TEMPLATES))
         mode = "zero-shot"
-    source = teacher_eval_data(data, checkpoint, seed, test_fraction)
-    for line in ([source.headline] if source.headline else []) + [f"note: {note}" for note in source.notes]:
+    source, headline = teacher_eval_source(data, checkpoint, seed)
+    for line in ([headline] if headline else []) + [f"note: {note}" for note in source.notes]:
         say(line)
-    cache, parts = prepare(source.dataset, model.preprocess, progress=progress, **source.split)
-    if source.split_file is not None:
+    cache, parts = prepare(source.dataset, model.preprocess, progress=progress, seed=source.split_seed,
+                           val_fraction=source.val_fraction, split_by=source.split_by,
+                           test_fraction=source.test_fraction if test_fraction is None else test_fraction)
+    own_split = source.origin == FROM_RUN
+    split_file = source.split_file if own_split else _split_beside(checkpoint)
+    if split_file is not None:
         try:  # the fine-tune's own test images, never its training images
-            parts = Split.load(source.split_file).check(cache.dataset)
+            parts = Split.load(split_file).check(cache.dataset)
             mode += " (the run's split)"
         except DataError as exc:  # another image list (cross-dataset evaluation): the fresh split applies
-            if source.own_split:
-                say(f"note: not using {source.split_file} ({exc}); split with seed {source.split['seed']} instead")
+            if own_split:
+                say(f"note: not using {split_file} ({exc}); split with seed {source.split_seed} instead")
     indices = np.arange(len(cache)) if split == "all" else getattr(parts, split)
     if len(indices) < 3:
         raise ConfigError(f"the {split} split has {len(indices)} images: too few to correlate")
     metrics = zero_shot(model, cache, indices, device, batch_size)
     return {
         "teacher": model.label, "pretrained": bool(model.pretrained), "mode": mode,
-        "dataset": source.dataset.name, "source": source.source, "headline": source.headline,
+        "dataset": source.dataset.name, "source": source.where, "headline": headline,
         "notes": list(source.notes), "split": split, "metrics": metrics.to_dict(),
         "prompts": model.head.prompts, "logit_scale": float(model.head.logit_scale),
     }
