@@ -238,9 +238,9 @@ def finetune_on_rated(data, seed: int, fraction: float, epochs: int, lr: float, 
     """The tiny teacher fine-tuned on the rated share of split `seed`'s train images only."""
     from kdiqa_edge.data import prepare
     from kdiqa_edge.models.teacher import load_teacher
-    from kdiqa_edge.train.distill import rated_subset
     from kdiqa_edge.train.finetune import finetune_loss, freeze_all_but_image_encoder
     from kdiqa_edge.train.loop import TrainConfig, Trainer
+    from kdiqa_edge.train.mixed import rated_subset
 
     teacher = load_teacher("tiny")
     cache, split = prepare(data, teacher.preprocess, seed=seed, progress=False)
@@ -256,7 +256,7 @@ def finetune_on_rated(data, seed: int, fraction: float, epochs: int, lr: float, 
 def unrated_list(data, seed: int, fraction: float, out: Path) -> Path:
     """The train images whose ratings are hidden, as a path list for --unlabeled."""
     from kdiqa_edge.data import load_dataset, make_split
-    from kdiqa_edge.train.distill import rated_subset
+    from kdiqa_edge.train.mixed import rated_subset
 
     dataset = load_dataset(data)
     split = make_split(dataset, seed=seed)

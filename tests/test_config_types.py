@@ -65,7 +65,8 @@ def test_a_profile_with_zero_threads_is_refused(tmp_path):
 
 
 def test_distill_refuses_zero_teacher_epochs_that_would_fall_back_to_epochs():
-    from kdiqa_edge.train.distill import DistillConfig, check_unlabeled
+    from kdiqa_edge.train.distill import DistillConfig
+    from kdiqa_edge.train.mixed import check_unlabeled
     from kdiqa_edge.train.schedules import parse_variant
 
     cfg = DistillConfig(teacher_epochs=0)

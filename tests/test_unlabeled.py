@@ -359,7 +359,7 @@ def test_cli_feature_tasks_then_train_mixes_unlabeled_and_excludes_test_images(p
     assert "2 feature task(s) done" in out and "unlabeled: " in out and f"next: kdiqa-edge export {run}" in out
     train_log = Path(jobs["train"]["folder"]) / f"{jobs['train']['job_id']}_0_log.out"
     assert "1 also in the rated test split (excluded)" in train_log.read_text()
-    from kdiqa_edge.train.distill import rated_subset
+    from kdiqa_edge.train.mixed import rated_subset
 
     unlabeled = _summary(run)["unlabeled"]
     split = make_split(load_dataset(small_synthetic))

@@ -199,8 +199,8 @@ def _feature_tasks(cfg, data, out, tasks, launcher, then_train, wait, partition,
     wait for them, if asked)."""
     from kdiqa_edge.config import override
     from kdiqa_edge.errors import ConfigError
-    from kdiqa_edge.train.distill import check_unlabeled, feature_task_config
     from kdiqa_edge.train.launch import SlurmOptions, parse_extra, submit_features, submit_training
+    from kdiqa_edge.train.mixed import check_unlabeled, feature_task_config
     from kdiqa_edge.train.schedules import parse_variant
 
     if out is None or not cfg.unlabeled or not cfg.teacher_checkpoint:

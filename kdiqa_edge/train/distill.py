@@ -14,15 +14,12 @@ Shape: setup (teacher, data, features, student) / train (the engine) / save (sum
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from kdiqa_edge import config as config_lib
 from kdiqa_edge import paths
@@ -32,7 +29,23 @@ from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
 from kdiqa_edge.preprocess import PreprocessSpec
+from kdiqa_edge.train.distributed import barrier, broadcast_object, main_process_first
 from kdiqa_edge.train.loop import Trainer
+from kdiqa_edge.train.mixed import (
+    MixedTrainer,
+    absolute_source,
+    check_unlabeled,
+    rated_subset,
+    unlabeled_data,
+)
+from kdiqa_edge.train.resume import (
+    check_resume,
+    check_resumed_images,
+    recorded_data,
+    refuse_existing_run,
+    require_run,
+    resumed_teacher,
+)
 from kdiqa_edge.train.schedules import Variant, parse_variant
 
 
@@ -142,14 +155,14 @@ def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Pat
     run_dir = teacher_run_dir(finetune_cfg, data)
     done = (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "best").is_dir()
     interrupted = (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
-    _barrier(ctx)  # every process has looked before any of them writes
+    barrier(ctx)  # every process has looked before any of them writes
     if done:
         log(f"teacher: reusing the fine-tuned {finetune_cfg.teacher} in {run_dir}")
     else:
         log(f"teacher: fine-tuning {finetune_cfg.teacher} for {plural(finetune_cfg.epochs, 'epoch')} -> {run_dir}"
             + (" (resuming)" if interrupted else ""))
         run_finetune(finetune_cfg, data, run_dir, resume=interrupted)
-        _barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
+        barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
     return run_dir / "checkpoints" / "best"
 
 
@@ -172,16 +185,6 @@ def check_teacher_split(teacher_dir: Path, split, rated_train=None) -> None:
         raise ConfigError(f"the teacher in {run_dir} was fine-tuned on {len(hidden)} training images whose "
                           f"ratings this run leaves out (--rated-fraction): give a teacher fine-tuned on "
                           f"the rated ones only")
-
-
-def rated_subset(train, fraction: float, seed: int) -> list[int]:
-    """The training images whose ratings are used: a seeded `fraction` of them (all at 1, none at 0)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"--rated-fraction must be within 0..1, got {fraction}")
-    if fraction >= 1.0:
-        return sorted(train)
-    order = np.random.default_rng([seed, 0xA7ED]).permutation(np.asarray(sorted(train), dtype=np.int64))
-    return sorted(int(i) for i in order[:round(fraction * len(order))])
 
 
 def student_preprocess(cfg: DistillConfig, teacher) -> PreprocessSpec:
@@ -282,273 +285,6 @@ def write_distill_plots(run_dir: Path, history: list[dict], variant: Variant, to
 # The recipe
 
 
-def _barrier(ctx) -> None:
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def _main_first(ctx):
-    """Rank 0 builds a cache first; the others then open it (no two processes write the same files)."""
-    if ctx.enabled and not ctx.is_main:
-        _barrier(ctx)
-    yield
-    if ctx.enabled and ctx.is_main:
-        _barrier(ctx)
-
-
-def _same_on_all_ranks(ctx, value):
-    """Rank 0's value everywhere (a default run dir carries a timestamp that could differ across ranks)."""
-    if not ctx.enabled:
-        return value
-    import torch.distributed as dist
-
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def _plain(value):
-    """A config value as YAML/JSON reads it back (tuples are lists): a saved and a live config compare."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _check_resume(run_dir: Path, cfg: DistillConfig, data: DatasetSpec) -> None:
-    """Refuse to resume `run_dir` with anything that changes what is trained (VOLATILE fields may change).
-
-    Both sides are compared as saved: `cfg` through a JSON round trip, the saved dataset with its paths
-    resolved as a resumed run resolves them (an older run's relative paths included) and made absolute.
-    """
-    from kdiqa_edge.data.runs import run_data
-
-    saved = _plain(config_lib.load_file(run_dir / "config.yaml"))  # there: run_distill's `_require_run`
-    current = _plain(config_lib.to_dict(cfg))
-    changed = [k for k in current if k not in VOLATILE + ("dataset",) and k in saved and saved[k] != current[k]]
-    run = run_data(run_dir) if saved.get("dataset") else None  # its dataset resolved as a resume resolves it
-    if run is not None:
-        before, after = run.dataset.to_dict(), data.to_dict()
-        fields = [f"{k}: {before[k]} -> {after[k]}" for k in after if before.get(k) != after[k]]
-        if fields:
-            changed.append(f"dataset ({'; '.join(fields)})")
-    if changed:
-        raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(sorted(changed))})")
-
-
-def _require_run(run_dir: Path) -> None:
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
-
-
-def _recorded_data(run_dir: Path) -> dict:
-    """What the student's `last` recorded about its data (model.json: read before any cache is built)."""
-    from kdiqa_edge.models.checkpoint import read_meta
-
-    meta = read_meta(run_dir / "checkpoints" / "last")
-    return {"image_cache": meta.get("image_cache"), "unlabeled_pool": (meta.get("unlabeled") or {}).get("pool")}
-
-
-def _check_resumed_images(run_dir: Path, recorded: dict, data: DatasetSpec, preprocess: PreprocessSpec) -> None:
-    """Refuse other images before the image cache is rebuilt for them (which would drop the run's own): the
-    cache's key of the files now (a stat each, no decode) against the one the run trained on."""
-    from kdiqa_edge.data import cache_key, load_dataset
-    from kdiqa_edge.train.state import check_same_data
-
-    check_same_data(run_dir, recorded, {"image_cache": cache_key(load_dataset(data), preprocess)})
-
-
-def _resumed_teacher(run_dir: Path) -> Path | None:
-    """The teacher checkpoint an interrupted student trained with (its `last` records it), if still there:
-    the resumed run goes on with those features, whatever the teacher-run cache would pick today."""
-    from kdiqa_edge.errors import CheckpointError
-    from kdiqa_edge.models.checkpoint import read_meta
-
-    try:
-        meta = read_meta(run_dir / "checkpoints" / "last")
-    except CheckpointError:
-        return None
-    recorded = meta.get("teacher_checkpoint")
-    if not recorded or not Path(recorded).is_dir():
-        return None
-    try:
-        same = read_meta(recorded).get("content_hash") == meta.get("teacher_content_hash")
-    except CheckpointError:
-        return None
-    return Path(recorded) if same else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Unlabeled images (--unlabeled): the soft loss needs no rating
-
-
-def _absolute_source(source) -> str:
-    """A SOURCE as a run records it: absolute (a brace pattern stays a pattern)."""
-    return str(Path(str(source)).expanduser().absolute())
-
-
-def check_unlabeled(cfg: DistillConfig, variant: Variant) -> None:
-    """Refuse, before any work, the combinations that cannot train what they say."""
-    if cfg.teacher_epochs is not None and cfg.teacher_epochs < 1:  # 0 would fall back to --epochs unsaid
-        raise ConfigError(f"--teacher-epochs must be at least 1, got {cfg.teacher_epochs}")
-    if cfg.workers < 0 or cfg.feature_shard_images < 1:
-        raise ConfigError(f"--workers must be at least 0 and --feature-shard-images at least 1, got {cfg.workers} "
-                          f"and {cfg.feature_shard_images}")
-    if not 0.0 <= cfg.unlabeled_fraction < 1.0:
-        raise ConfigError(f"--unlabeled-fraction must be within 0..1 (1 excluded: rated images train too), "
-                          f"got {cfg.unlabeled_fraction}")
-    if not 0.0 <= cfg.rated_fraction <= 1.0:
-        raise ConfigError(f"--rated-fraction must be within 0..1, got {cfg.rated_fraction}")
-    if cfg.unlabeled and not variant.uses_teacher_features:
-        raise ConfigError(f"--unlabeled needs the soft loss (the teacher's features): --variant {variant.spec} "
-                          f"has none, so unlabeled images would teach nothing")
-    if cfg.rated_fraction == 0.0 and not cfg.unlabeled:
-        raise ConfigError("--rated-fraction 0 leaves no training image: add --unlabeled SOURCE")
-    if cfg.rated_fraction == 0.0 and not (variant.name == "soft" or variant.fixed == 1.0):
-        raise ConfigError(f"--rated-fraction 0 trains on unlabeled images only: use --variant soft (--variant "
-                          f"{variant.spec} has a hard loss, which needs ratings)")
-    if cfg.rated_fraction < 1.0 and variant.uses_teacher_head and not cfg.teacher_checkpoint:
-        raise ConfigError("--rated-fraction below 1 needs --teacher-checkpoint: a teacher fine-tuned on the rated "
-                          "images only (the automatic fine-tune would read every training rating)")
-
-
-@dataclasses.dataclass
-class UnlabeledData:
-    pool: Any  # data.unlabeled.UnlabeledPool: every image read, sorted by content hash
-    rows: np.ndarray  # the pool rows that train (their features computed, the image decoded)
-    features: Any  # train.features.UnlabeledFeatures, aligned with the pool
-    images: np.ndarray | None  # the decoded cache (--image-cache), aligned with the pool; None: streamed
-    key: str  # the pool's content key
-    report: dict  # counts, sources, where the features are, who computed which shard
-
-
-def _unlabeled_data(cfg: DistillConfig, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
-                    run_dir: Path, recorded: dict | None = None) -> UnlabeledData:
-    """The pool (rank 0 reads and hashes it; the others get it), its decoded cache if asked, its teacher
-    features (shards split over the ranks), and the skip report in the run dir. `recorded`: a resumed run's
-    data (`_recorded_data`): another pool is refused before any of its features is computed."""
-    from kdiqa_edge.data.records import write_skipped
-    from kdiqa_edge.data.unlabeled import decoded_images, pool_key
-    from kdiqa_edge.train.distributed import all_gather_object
-    from kdiqa_edge.train.features import unlabeled_features
-    from kdiqa_edge.train.state import check_same_data
-
-    progress = cfg.progress and ctx.is_main
-    pool = _same_on_all_ranks(ctx, _unlabeled_pool(cfg, cache, split, rated_train, progress) if ctx.is_main
-                              else None)
-    key = pool_key(pool, preprocess)
-    check_same_data(run_dir, recorded or {}, {"unlabeled_pool": key})
-    images, failed = None, {}
-    if cfg.image_cache:
-        with _main_first(ctx):
-            images, failed = decoded_images(pool, preprocess, workers=cfg.workers, progress=progress)
-    features = unlabeled_features(teacher_dir, pool, device=str(device), batch_size=cfg.eval_batch_size,
-                                  progress=progress, workers=cfg.workers, images=images, ctx=ctx,
-                                  shard_images=cfg.feature_shard_images)
-    failed = {**features.failed, **failed}
-    used = pool.without(failed, failed)
-    if not len(used):
-        raise ConfigError(f"no usable unlabeled image in {', '.join(cfg.unlabeled)}: {used.summary()}")
-    report = {**used.counts, "sources": list(cfg.unlabeled), "fraction": cfg.unlabeled_fraction,
-              "feature_shards": str(features.folder), "shards": len(features.shards),
-              "computed_by_rank": all_gather_object(ctx, features.computed),
-              "image_cache": cfg.image_cache}
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if used.skipped:
-            report["skipped_csv"] = str(write_skipped(run_dir / "unlabeled_skipped.csv", used.skipped))
-        say(f"unlabeled: {used.summary()}" + (f" (listed in {report['skipped_csv']})" if used.skipped else ""))
-    rows = np.array([i for i in range(len(pool)) if i not in failed], dtype=np.int64)
-    return UnlabeledData(pool, rows, features, images, key, report)
-
-
-def _unlabeled_pool(cfg: DistillConfig, cache, split, rated_train, progress: bool):
-    from kdiqa_edge.data.unlabeled import build_pool, rated_hashes
-
-    # hidden ratings (--rated-fraction) are not rated: those images may come back as unlabeled
-    exclude = rated_hashes(cache.dataset, dataclasses.replace(split, train=list(rated_train)))
-    return build_pool(cfg.unlabeled, exclude, progress=progress)
-
-
-def feature_task_config(cfg: DistillConfig) -> DistillConfig:
-    """The config a feature task runs with: sources and teacher absolute (a task may start anywhere)."""
-    return dataclasses.replace(cfg, unlabeled=[_absolute_source(s) for s in cfg.unlabeled],
-                               teacher_checkpoint=_absolute_source(cfg.teacher_checkpoint), progress=False)
-
-
-def unlabeled_feature_task(cfg: DistillConfig, data: DatasetSpec | None, task: int, tasks: int,
-                           log=print) -> list[str]:
-    """One SLURM array task's share of the unlabeled teacher features (shard i is task i % tasks's), for the
-    pool `run_distill` would build with the same options; returns the shard keys it computed. A later
-    `distill` with these options finds the shards done (and computes any a task left missing)."""
-    from kdiqa_edge.data import prepare
-    from kdiqa_edge.data.readers import absolute_spec
-    from kdiqa_edge.models.checkpoint import read_meta
-    from kdiqa_edge.train.features import unlabeled_features
-    from kdiqa_edge.train.finetune import dataset_spec
-
-    if not cfg.unlabeled or not cfg.teacher_checkpoint:
-        raise ConfigError("feature tasks need --unlabeled and --teacher-checkpoint (every task must read the "
-                          "same teacher)")
-    if not 0 <= task < tasks:
-        raise ConfigError(f"task {task} of {tasks}: the task must be within 0..{tasks - 1}")
-    data = absolute_spec(dataset_spec(cfg, data))
-    preprocess = PreprocessSpec.from_dict(read_meta(cfg.teacher_checkpoint)["preprocess"])
-    cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                           test_fraction=cfg.test_fraction, split_by=cfg.split_by, progress=cfg.progress)
-    pool = _unlabeled_pool(cfg, cache, split, rated_subset(split.train, cfg.rated_fraction, cfg.split_seed),
-                           cfg.progress)
-    share = unlabeled_features(cfg.teacher_checkpoint, pool, device=cfg.device, batch_size=cfg.eval_batch_size,
-                               progress=cfg.progress, workers=cfg.workers, task=task, tasks=tasks,
-                               shard_images=cfg.feature_shard_images, share_only=True)
-    log(f"feature task {task}/{tasks}: {len(share.computed)} shard(s) computed of {len(share.shards)} "
-        f"({pool.summary()}) in {share.folder}")
-    return share.computed
-
-
-class MixedTrainer(Trainer):
-    """The engine with its own batches: the rated training images (`rated_train`, a subset of the split's
-    with --rated-fraction), and unlabeled images mixed into every batch (`loader.mixed_epoch`).
-
-    The split (split.json, the test split, checkpoint selection) stays the rated dataset's.
-    """
-
-    def mix(self, rated_train, unlabeled: UnlabeledData | None, fraction: float, workers: int) -> MixedTrainer:
-        self.rated_train, self.unlabeled, self.fraction, self.workers = list(rated_train), unlabeled, fraction, workers
-        return self
-
-    def _epoch_batches(self, epoch: int) -> list[list[np.ndarray]]:
-        from kdiqa_edge.train.loader import mixed_epoch
-
-        count = len(self.unlabeled.rows) if self.unlabeled is not None else 0
-        micro = mixed_epoch(self.rated_train, count, len(self.cache), self.cfg.seed, epoch, self.micro_batch,
-                            self.fraction, self.ctx.rank, self.ctx.world_size)
-        return [micro[i:i + self.cfg.grad_accum] for i in range(0, len(micro), self.cfg.grad_accum)]
-
-    def data_keys(self) -> dict[str, str]:
-        keys = super().data_keys()
-        if self.unlabeled is not None:
-            keys["unlabeled_pool"] = self.unlabeled.key
-        return keys
-
-    def setup(self) -> MixedTrainer:
-        from kdiqa_edge.train.loader import MixedLoader
-
-        super().setup()
-        if self.unlabeled is not None:
-            u = self.unlabeled
-            self.loader = MixedLoader(self.cache.images, self.cache.mos, self.extras, pool=u.pool, rows=u.rows,
-                                      features=u.features, preprocess=self.model.preprocess,
-                                      unlabeled_images=u.images, workers=self.workers,
-                                      pin_memory=self.device.type == "cuda")
-        return self
-
-
-def _refuse_existing_run(run_dir: Path) -> None:
-    if (run_dir / "checkpoints" / "last").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-
-
 def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | Path | None = None,
                 resume: bool = False, log=None) -> dict[str, Any]:
     """Distil a student (fine-tuning the teacher first if needed); returns summary.json's content.
@@ -568,7 +304,7 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     if resume and out is None:
         raise ConfigError("--resume needs --out: the run dir to continue")
     if resume:
-        _require_run(Path(out))  # first: a wrong --out is said as such, not as a default config's problem
+        require_run(Path(out))  # first: a wrong --out is said as such, not as a default config's problem
     variant: Variant = parse_variant(cfg.variant)
     from kdiqa_edge.data.unlabeled import check_source
 
@@ -580,21 +316,21 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     train_cfg = TrainConfig.from_any(cfg).check()
     data = dataset_spec(cfg, data, Path(out) if resume else None)
     cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=str(Path.cwd()),
-                              unlabeled=[_absolute_source(s) for s in cfg.unlabeled])
+                              unlabeled=[absolute_source(s) for s in cfg.unlabeled])
     if resume:
-        _check_resume(Path(out), cfg, data)
+        check_resume(Path(out), cfg, data, VOLATILE)
         if run_finished(Path(out)):
             (log or print)(f"{out} is finished: nothing to resume (its summary follows)")
             return {**read_json(Path(out) / "summary.json"), "run_dir": str(out), "already_finished": True}
     else:
         if out is not None:
-            _refuse_existing_run(Path(out))
+            refuse_existing_run(Path(out))
         load_dataset(data)  # a dataset that cannot be read fails here, leaving no run dir behind
 
     # One process group for both stages (the engine leaves a group it did not create alone).
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx, device = init_distributed(cfg.device)
-    run_dir = Path(out) if out else _same_on_all_ranks(ctx, default_run_dir(cfg, data))
+    run_dir = Path(out) if out else broadcast_object(ctx, default_run_dir(cfg, data))
     say = (log or print) if ctx.is_main else (lambda *_: None)
     if not resume and ctx.is_main:  # first: an interrupt in the teacher stage leaves a run --resume continues
         config_lib.save(cfg, run_dir / "config.yaml")
@@ -627,7 +363,7 @@ def _teacher(cfg: DistillConfig, data: DatasetSpec, ctx, say, resumed: Path | No
 
     teacher_dir = Path(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else None
     if teacher_dir is None and resumed is not None:
-        teacher_dir = _resumed_teacher(resumed)
+        teacher_dir = resumed_teacher(resumed)
         if teacher_dir is not None:
             say(f"teacher: the one this run trained with, {teacher_dir}")
     if teacher_dir is None:
@@ -655,21 +391,21 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
         f"{plural(cfg.epochs, 'epoch')} -> {run_dir}")
     # a run interrupted before the student's first saved epoch starts the student afresh
     student_resume = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
-    recorded = _recorded_data(run_dir) if student_resume else {}
+    recorded = recorded_data(run_dir) if student_resume else {}
     if student_resume:
-        _check_resumed_images(run_dir, recorded, data, preprocess)
-    with _main_first(ctx):
+        check_resumed_images(run_dir, recorded, data, preprocess)
+    with main_process_first(ctx):
         cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                                test_fraction=cfg.test_fraction, split_by=cfg.split_by,
                                progress=cfg.progress and ctx.is_main)
     rated_train = rated_subset(split.train, cfg.rated_fraction, cfg.split_seed)
     if teacher_dir is not None:
         check_teacher_split(teacher_dir, split, rated_train)
-    unlabeled = _unlabeled_data(cfg, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
+    unlabeled = unlabeled_data(cfg, cache, split, rated_train, teacher_dir, preprocess, ctx, device, say,
                                 run_dir, recorded) if cfg.unlabeled else None
     extras = {}
     if variant.uses_teacher_features:
-        with _main_first(ctx):
+        with main_process_first(ctx):
             extras["teacher_features"] = teacher_features(
                 teacher_dir, cache, device=str(device), batch_size=cfg.eval_batch_size,
                 progress=cfg.progress and ctx.is_main)
@@ -717,7 +453,7 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
                                         trainer.steps_per_epoch, meta["label"])
             summary["plots"] = [str(p) for p in plots]
             write_json(run_dir / "summary.json", summary)
-        _barrier(ctx)
+        barrier(ctx)
     finally:
         trainer.cleanup()  # ends the trackers with the summary and plots; the process group stays run_distill's
     summary["run_dir"] = str(run_dir)

@@ -88,6 +88,17 @@ def all_gather_object(ctx: DistContext, obj) -> list:
     return gathered
 
 
+def broadcast_object(ctx: DistContext, value):
+    """Rank 0's `value` in every process (a default run dir carries a timestamp that could differ by rank)."""
+    if not ctx.enabled:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the processes, in place."""
     if ctx.enabled:

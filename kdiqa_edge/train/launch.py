@@ -151,7 +151,8 @@ class FeatureJob:
 
     def __call__(self) -> list[str]:
         from kdiqa_edge.data.spec import DatasetSpec
-        from kdiqa_edge.train.distill import DistillConfig, unlabeled_feature_task
+        from kdiqa_edge.train.distill import DistillConfig
+        from kdiqa_edge.train.mixed import unlabeled_feature_task
 
         return unlabeled_feature_task(DistillConfig(**self.config), DatasetSpec.from_dict(self.dataset),
                                       self.task, self.tasks)

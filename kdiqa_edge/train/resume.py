@@ -1,0 +1,88 @@
+"""What `distill --resume` checks before it trains on: the same run, the same config (what is trained, not how)
+and the same data (images, ratings, the unlabeled pool) as the run that was interrupted, and which teacher it
+trained with. Each refusal is one line, said before any cache or feature is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdiqa_edge import config as config_lib
+from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.errors import ConfigError
+from kdiqa_edge.preprocess import PreprocessSpec
+
+
+def _plain(value):
+    """A config value as YAML/JSON reads it back (tuples are lists): a saved and a live config compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_resume(run_dir: Path, cfg, data: DatasetSpec, volatile: tuple[str, ...]) -> None:
+    """Refuse to resume `run_dir` with anything that changes what is trained (the `volatile` fields of the
+    config `cfg` may change).
+
+    Both sides are compared as saved: `cfg` through a JSON round trip, the saved dataset with its paths
+    resolved as a resumed run resolves them (an older run's relative paths included) and made absolute.
+    """
+    from kdiqa_edge.data.runs import run_data
+
+    saved = _plain(config_lib.load_file(run_dir / "config.yaml"))  # there: `require_run` said so
+    current = _plain(config_lib.to_dict(cfg))
+    changed = [k for k in current if k not in volatile + ("dataset",) and k in saved and saved[k] != current[k]]
+    run = run_data(run_dir) if saved.get("dataset") else None  # its dataset resolved as a resume resolves it
+    if run is not None:
+        before, after = run.dataset.to_dict(), data.to_dict()
+        fields = [f"{k}: {before[k]} -> {after[k]}" for k in after if before.get(k) != after[k]]
+        if fields:
+            changed.append(f"dataset ({'; '.join(fields)})")
+    if changed:
+        raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(sorted(changed))})")
+
+
+def require_run(run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+
+
+def recorded_data(run_dir: Path) -> dict:
+    """What the student's `last` recorded about its data (model.json: read before any cache is built)."""
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    meta = read_meta(run_dir / "checkpoints" / "last")
+    return {"image_cache": meta.get("image_cache"), "unlabeled_pool": (meta.get("unlabeled") or {}).get("pool")}
+
+
+def check_resumed_images(run_dir: Path, recorded: dict, data: DatasetSpec, preprocess: PreprocessSpec) -> None:
+    """Refuse other images before the image cache is rebuilt for them (which would drop the run's own): the
+    cache's key of the files now (a stat each, no decode) against the one the run trained on."""
+    from kdiqa_edge.data import cache_key, load_dataset
+    from kdiqa_edge.train.state import check_same_data
+
+    check_same_data(run_dir, recorded, {"image_cache": cache_key(load_dataset(data), preprocess)})
+
+
+def resumed_teacher(run_dir: Path) -> Path | None:
+    """The teacher checkpoint an interrupted student trained with (its `last` records it), if still there:
+    the resumed run goes on with those features, whatever the teacher-run cache would pick today."""
+    from kdiqa_edge.errors import CheckpointError
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    try:
+        meta = read_meta(run_dir / "checkpoints" / "last")
+    except CheckpointError:
+        return None
+    recorded = meta.get("teacher_checkpoint")
+    if not recorded or not Path(recorded).is_dir():
+        return None
+    try:
+        same = read_meta(recorded).get("content_hash") == meta.get("teacher_content_hash")
+    except CheckpointError:
+        return None
+    return Path(recorded) if same else None
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    if (run_dir / "checkpoints" / "last").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
