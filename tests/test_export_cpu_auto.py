@@ -20,7 +20,7 @@ pytest.importorskip("openvino")
 
 from cli_helpers import run_cli as _cli
 
-from kdiqa_edge.export import TARGETS, Examples, ExportConfig, auto
+from kdiqa_edge.export import TARGETS, Examples, ExportConfig, auto, isolated
 from kdiqa_edge.export.auto import Candidate, Measured, choose
 
 
@@ -96,7 +96,7 @@ class CpuWithReversed:
 
     name = "cpu"
     auto_file = None
-    isolated = True
+    rank = staticmethod(TARGETS.get("cpu").rank)  # each candidate timed in processes of its own
     supports = TARGETS.get("cpu").supports
 
     def candidates(self, model, examples, cfg, meta, work):
@@ -195,9 +195,9 @@ def test_openvino_int8_with_bf16_float_regions_is_a_cpu_auto_candidate_where_the
 
 def test_cli_auto_without_a_target_is_cpu_auto_timed_in_processes(checkpoint, small_synthetic, tmp_path, capsys,
                                                                      monkeypatch):
-    monkeypatch.setattr(auto, "TURN_SECONDS", 0.2)  # a turn: one fresh process, 0.2 s timed per batch size
-    monkeypatch.setattr(auto, "ISOLATED_ROUNDS", 2)
-    monkeypatch.setattr(auto, "ISOLATED_RUNOFF_ROUNDS", 2)
+    monkeypatch.setattr(isolated, "TURN_SECONDS", 0.2)  # a turn: one fresh process, 0.2 s timed per batch size
+    monkeypatch.setattr(isolated, "ISOLATED_ROUNDS", 2)
+    monkeypatch.setattr(isolated, "ISOLATED_RUNOFF_ROUNDS", 2)
     out = tmp_path / "exports"
     code, stdout, err = _cli(["export", str(checkpoint), "--dataset", "synthetic", "--root", str(small_synthetic.root),
                               "--precision", "auto", "--candidates", "openvino:fp32", "--out", str(out)], capsys)
@@ -250,7 +250,7 @@ def test_isolated_timing_ranks_each_candidate_by_its_least_disturbed_turn(monkey
         row = _row(name, 1.0, "fp32" if name == "onnx:fp32" else "int8", reference=name == "onnx:fp32")
         row.path = tmp_path / name
         rows.append(row)
-    choice = auto.rank_isolated(rows, np.zeros((2, 64, 64, 3), np.uint8), ExportConfig(precision="auto", max_batch=1),
+    choice = isolated.rank_isolated(rows, np.zeros((2, 64, 64, 3), np.uint8), ExportConfig(precision="auto", max_batch=1),
                                 max_drift=0.01, work=tmp_path / "t", log=lambda _: None, rounds=3)
     fast = rows[0]
     assert fast.latency[1]["p50_ms"] == 4.5 and fast.latency[1]["all_runs_p50_ms"] == 9.0

@@ -11,8 +11,9 @@ torch-free runtime (`kdiqa_edge.runtime.QualityModel`, with the candidate's prov
   machine load, median per candidate; the timer is injectable (`timer(measured, model, x) -> seconds`);
 - drift on the test split against the reference (FP32) candidate: |ΔSRCC|, mean and max |Δscore|.
 
-A target of several runtimes (`isolated`: the cpu target) is timed with every turn in a fresh process of its
-own instead (`rank_isolated`, export/measure.py): runtimes' thread pools disturb each other in one process.
+A target may time its candidates its own way (its `rank`): the cpu target, of several runtimes, times every
+turn in a fresh process (export/isolated.py, export/measure.py): runtimes' thread pools disturb each other in
+one process.
 
 The candidates within `RUNOFF` of the fastest (at the ranked batch, within the bound) are then re-timed head to
 head: short turns of `RUNOFF_RUNS` runs after one untimed run, the order rotated every round, so a load that
@@ -52,11 +53,6 @@ RUNOFF = 0.30  # candidates within 30 % of the fastest after the round-robin are
 RUNOFF_ROUNDS = 15  # runoff rounds; each contender runs one untimed run, then RUNOFF_RUNS timed ones, per round
 RUNOFF_RUNS = 3
 MIN_SPEEDUP = ExportConfig.min_speedup  # a pick other than the reference must be this many times as fast as it
-# Isolated timing (`rank_isolated`: a target of several runtimes): each turn is one fresh process that loads one
-# candidate and times it for TURN_SECONDS per batch size; rounds alternate the candidates
-ISOLATED_ROUNDS = 3
-ISOLATED_RUNOFF_ROUNDS = 3
-TURN_SECONDS = 2.0
 
 
 @dataclasses.dataclass
@@ -96,8 +92,9 @@ class AutoTarget(Protocol):
     # copied to `final`: a runtime setting measured for the pick and recorded in the file (onnx: spin-waiting)
     # optional: left_out(cfg) -> list[str]: candidates this machine cannot offer and why, one line each (onnx: an
     # accelerator provider onnxruntime lists that does not start), logged and kept in the notes
-    # optional: isolated = True: without an injected timer, each candidate is timed in processes of its own
-    # (`rank_isolated`): candidates of several runtimes, whose thread pools disturb each other in one process
+    # optional: rank(items, pixels, cfg, max_drift, work, log) -> Choice: a target's own timing, used without an
+    # injected timer, after this process's models are released (cpu: `isolated.rank_isolated`, each candidate
+    # in processes of its own: candidates of several runtimes, whose thread pools disturb each other in one)
 
 
 def supports_auto(target) -> bool:
@@ -280,7 +277,9 @@ class Choice:
     why: str
     batch: int  # the batch size the latencies were ranked at
     declined: str | None = None  # the faster candidate that gave way to the reference under min_speedup
-    isolated: bool = False  # timed in processes of its own (rank_isolated), not side by side in this one
+    # how the latencies were taken, for the manifest: protocol, rounds, runoff_rounds (+ turn_seconds,
+    # ranked_by: timed in processes of their own, export/isolated.py); empty: side by side in this process
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _lossless(item: Measured) -> bool:
@@ -453,8 +452,8 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
                 meta: dict[str, Any], timer: Timer | None = None, log: Callable[[str], None] = print) -> ExportResult:
     """Candidates -> built, measured, the pick (and its companions) copied to `out/<file>`, checked against torch.
 
-    Latency: with an injected `timer`, or for a target that is not `isolated`, in this process (`rank`); for an
-    isolated target without one, each candidate in processes of its own (`rank_isolated`). Drift is measured
+    Latency: with an injected `timer`, or for a target without a `rank` of its own, in this process (`rank`);
+    else by the target's `rank` (the cpu target: each candidate in processes of its own). Drift is measured
     in this process either way: scores do not depend on what else runs."""
     from kdiqa_edge.export import evaluate
     from kdiqa_edge.runtime import QualityModel
@@ -473,9 +472,10 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
         items = build_all(candidates, work, log)
         models = load_models(items, cfg.threads)
         measure_drift(items, models, examples)
-        if timer is None and getattr(target, "isolated", False):
-            models.clear()  # the timing processes get the cores, with no idle thread pool of ours beside them
-            choice = rank_isolated(items, examples.test, cfg, cfg.max_drift, work / "timing", log)
+        own_rank = getattr(target, "rank", None)
+        if timer is None and callable(own_rank):
+            models.clear()  # its timing (processes of their own) gets the cores, no idle thread pool beside it
+            choice = own_rank(items, examples.test, cfg, cfg.max_drift, work / "timing", log)
         else:
             choice = rank(items, models, examples.test, cfg, cfg.max_drift, timer or wall_clock, log)
         pick = choice.pick
@@ -495,79 +495,6 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
     return _result(target.name, items, choice, pick.candidate.files(final), parity, len(examples.test), cfg, tuned,
                    left_out)
-
-
-# --- each candidate timed in processes of its own ------------------------------------------------------
-
-
-def rank_isolated(items: list[Measured], pixels: np.ndarray, cfg: ExportConfig, max_drift: float, work: Path,
-                  log: Callable[[str], None] = print, rounds: int | None = None,
-                  seconds: float | None = None) -> Choice:
-    """`rank` with every turn in a fresh process (`export/measure.py`): round-robin over all candidates in
-    `ISOLATED_ROUNDS` rounds (the order reversed every other round), then the close contenders
-    (`contenders`) again at opt_batch in `ISOLATED_RUNOFF_ROUNDS` rounds, the order rotated. A process holds
-    one runtime and one model, so no other runtime's thread pool (idle, spinning or resized) shares the cores
-    with the one timed, and the alternation spreads the machine's load over every candidate alike. What it
-    costs: a process start and a model load per turn, untimed.
-
-    Each candidate is ranked by its least disturbed turn (`p50_ms`: the lowest of its turns' medians; the
-    median of every timed run is kept beside it as `all_runs_p50_ms`). Other jobs on a shared machine only
-    ever slow a turn down, and with a few turns each, one loaded turn moved a candidate's pooled median by
-    15% on the 2-vCPU EPYC: ExecuTorch (5.28 ms) shipped over OpenVINO INT8, whose fastest round was 4.58 ms
-    (benchmarks/results/openvino-amd-epyc-2c-avx-512-bf16-without-amx.md)."""
-    from kdiqa_edge.export.measure import in_own_process
-
-    rounds = rounds or ISOLATED_ROUNDS
-    seconds = seconds or TURN_SECONDS
-    work.mkdir(parents=True, exist_ok=True)
-    batches = latency_batches(cfg)
-    sample = work / "pixels.npy"
-    np.save(sample, np.ascontiguousarray(pixels[np.resize(np.arange(len(pixels)), max(batches))]))
-
-    def turns(live: list[Measured], batches: tuple[int, ...], rounds: int,
-              rotate: bool) -> dict[str, dict[int, list[list[float]]]]:
-        """name -> batch -> each turn's timed runs (seconds)."""
-        times: dict[str, dict[int, list[list[float]]]] = {i.name: {b: [] for b in batches} for i in live}
-        for round_index in range(rounds):
-            shift = round_index % max(len(live), 1)
-            order = live[shift:] + live[:shift] if rotate else (live if round_index % 2 == 0 else live[::-1])
-            for item in order:
-                if item.status != "ok":
-                    continue
-                try:
-                    measured = in_own_process(item.path, sample, batches, seconds, cfg.threads,
-                                              item.candidate.provider, item.candidate.load)
-                except Exception as exc:
-                    if item.candidate.reference:
-                        raise
-                    item.fail("latency", exc)
-                    continue
-                for b in batches:
-                    times[item.name][b].append(measured[b])
-        return {name: t for name, t in times.items() if all(t.values())}
-
-    def figures(per_turn: list[list[float]], batch: int) -> dict[str, Any]:
-        fastest = min(float(np.median(runs)) for runs in per_turn) * 1e3
-        pooled = float(np.median([t for runs in per_turn for t in runs])) * 1e3
-        return {"p50_ms": round(fastest, 3), "images_per_s": round(batch * 1e3 / fastest, 1) if fastest else math.inf,
-                "all_runs_p50_ms": round(pooled, 3), "turns": len(per_turn),
-                "runs": sum(len(runs) for runs in per_turn)}
-
-    live = [i for i in items if i.status == "ok"]
-    log(f"  timing {len(live)} candidates, each in processes of its own ({rounds} alternated rounds)")
-    for name, by_batch in turns(live, batches, rounds, rotate=False).items():
-        item = next(i for i in live if i.name == name)
-        for b, per_turn in by_batch.items():
-            item.latency[b] = figures(per_turn, b)
-    close = contenders(items, max_drift, cfg.opt_batch, min_speedup=cfg.min_speedup)
-    if len(close) > 1:
-        log(f"  runoff at batch {cfg.opt_batch}: {', '.join(i.name for i in close)} "
-            f"(within {RUNOFF:.0%} of the fastest), {ISOLATED_RUNOFF_ROUNDS} rotated rounds")
-        for name, by_batch in turns(close, (cfg.opt_batch,), ISOLATED_RUNOFF_ROUNDS, rotate=True).items():
-            next(i for i in close if i.name == name).runoff[cfg.opt_batch] = figures(by_batch[cfg.opt_batch],
-                                                                                     cfg.opt_batch)
-    return dataclasses.replace(choose(items, max_drift, batch=cfg.opt_batch, min_speedup=cfg.min_speedup),
-                               isolated=True)
 
 
 def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> list[Candidate]:
@@ -593,8 +520,10 @@ def _result(target: str, items: list[Measured], choice: Choice, files: list[Path
     accelerators = sorted({i.candidate.provider for i in items} - {"cpu"})
     gpu = gpus() if accelerators else []  # nvidia-smi's "name, driver, memory" lines
     on_gpu = f" and {gpu[0].split(',')[0]} ({', '.join(accelerators)})" if gpu else ""
-    isolated = choice.isolated
-    rounds, runoff_rounds = (ISOLATED_ROUNDS, ISOLATED_RUNOFF_ROUNDS) if isolated else (ROUNDS, RUNOFF_ROUNDS)
+    timing = choice.timing or {"protocol": "side by side in one process", "rounds": ROUNDS,
+                               "runoff_rounds": RUNOFF_ROUNDS}
+    isolated = "turn_seconds" in timing
+    rounds, runoff_rounds = timing["rounds"], timing["runoff_rounds"]
     where = "each in processes of its own, " if isolated else ""
     # "here": the CPU and threads are the export's one environment line (and details.auto.cpu)
     summary = (f"{target}-auto: {len(items)} candidates measured here{on_gpu} ({where}median of {rounds} alternated "
@@ -607,10 +536,8 @@ def _result(target: str, items: list[Measured], choice: Choice, files: list[Path
             "declined": choice.declined,
             "ranked_at_batch": choice.batch, "tie": TIE, "rounds": rounds,
             "runoff": {"margin": RUNOFF, "rounds": runoff_rounds, "contenders": ran_off,
-                       **({"turn_seconds": TURN_SECONDS} if isolated else {"runs": RUNOFF_RUNS})},
-            "timing": ({"protocol": "each turn a fresh process (export/measure.py)", "turn_seconds": TURN_SECONDS,
-                        "ranked_by": "the fastest turn's median (p50_ms); all_runs_p50_ms: the median of every run"}
-                       if isolated else {"protocol": "side by side in one process"}),
+                       **({"turn_seconds": timing["turn_seconds"]} if isolated else {"runs": RUNOFF_RUNS})},
+            "timing": {k: v for k, v in timing.items() if k not in ("rounds", "runoff_rounds")},
             **({"runtime": pick.candidate.runtime} if pick.candidate.runtime != target else {}),
             "threads": cfg.threads, "cpu": machine, **({"gpus": gpu} if accelerators else {}),
             "candidates": [i.row() for i in items], **({"left_out": list(left_out)} if left_out else {}),

@@ -13,7 +13,7 @@ restricted to the CPU (no accelerator execution provider). The contract's choice
   (the others are `lossless`), not the reference. The user's question is whether the lossy model is worth
   its drift against the best lossless one here: OpenVINO's f32 may well beat ONNX Runtime's FP32, and an INT8
   model only 1.1x faster than that buys too little.
-- Timing: each turn in a fresh process (`isolated`: export/auto.py `rank_isolated`, export/measure.py), since
+- Timing: each turn in a fresh process (its `rank`: export/isolated.py, export/measure.py), since
   the runtimes' thread pools disturb each other in one process; an injected timer (tests) times in process.
 - After the pick, the pick's own runtime tunes it where that runtime does (ONNX Runtime: spin-waiting).
 """
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from kdiqa_edge.export.base import TARGETS, Examples, ExportConfig, ExportResult, Supports, register_target
+from kdiqa_edge.export.isolated import rank_isolated
 
 RUNTIMES = ("onnx", "openvino", "executorch")  # the CPU runtimes' export targets; onnx (the reference) first
 EXTRAS = {"openvino": "openvino", "executorch": "android"}
@@ -54,7 +55,7 @@ class CpuTarget:
     name = "cpu"
     supports = Supports(precisions=("auto",), dynamic_batch=False, tolerance={})
     auto_file = None  # each candidate ships under its runtime's name (Candidate.file)
-    isolated = True  # candidates of several runtimes: each timed in processes of its own
+    rank = staticmethod(rank_isolated)  # candidates of several runtimes: each timed in processes of its own
 
     def runtimes(self) -> list[str]:
         return [name for name in RUNTIMES if name in TARGETS and runtime_missing(name) is None]

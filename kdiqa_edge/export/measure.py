@@ -1,4 +1,4 @@
-"""One artifact timed alone in a fresh process: the turn of cross-runtime `--precision auto` (export/auto.py,
+"""One artifact timed alone in a fresh process: the turn of cross-runtime `--precision auto` (export/isolated.py,
 `rank_isolated`).
 
     python -m kdiqa_edge.export.measure ARTIFACT --pixels PIXELS.npy --batches 1,8 --seconds 2 --threads 2 \

@@ -116,7 +116,7 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
     """Fine-tune the teacher's image encoder; returns summary.json's content. The run dir layout is in
     docs/ARCHITECTURE.md."""
     from kdiqa_edge.models.teacher import load_teacher
-    from kdiqa_edge.train.distributed import init_distributed, main_process_first
+    from kdiqa_edge.train.distributed import broadcast_object, init_distributed, main_process_first
     from kdiqa_edge.train.loop import TrainConfig, Trainer
     from kdiqa_edge.train.state import TRAIN_STATE
 
@@ -134,10 +134,8 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     ctx, _ = init_distributed(cfg.device)  # torchrun: one group for the cache build and the training
-    if ctx.enabled and out is None:  # the default name has a timestamp: every process takes rank 0's
-        shared = [str(run_dir)]
-        dist.broadcast_object_list(shared, src=0)
-        run_dir = Path(shared[0])
+    if out is None:  # the default name has a timestamp: every process takes rank 0's
+        run_dir = broadcast_object(ctx, run_dir)
     trainer = None
     try:
         with main_process_first(ctx):  # one process builds the weights and image caches, the others open them
