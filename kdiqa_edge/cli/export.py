@@ -166,11 +166,9 @@ def export_command(
         raise
     _summary(out, checkpoint, requested, manifest)
     if cfg.precision == "auto":  # the gate's verdict on the pick (or, without bounds, an earlier one dropped)
-        from kdiqa_edge.export.auto import gate_exports
-        from kdiqa_edge.export.pipeline import MANIFEST, manifest_lock
+        from kdiqa_edge.export.pipeline import gate_exports
 
-        with manifest_lock(out, _log):
-            verdict = gate_exports(out / MANIFEST, requested, gate)
+        verdict = gate_exports(out, requested, gate, _log)
         if verdict is not None:
             from kdiqa_edge.cli.bench import report_gate
 

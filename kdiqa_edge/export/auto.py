@@ -35,15 +35,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from kdiqa_edge.errors import ConfigError, ExportError, first_line
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult
-
-if TYPE_CHECKING:
-    from kdiqa_edge.bench.gate import Figures, Gate, GateResult
 
 TIE = 0.03  # candidates within 3 % of the fastest are a tie: the smaller file wins
 ROUNDS = 7  # latency rounds; every candidate runs in every round, the order reversed every other round
@@ -546,48 +543,6 @@ def _result(target: str, items: list[Measured], choice: Choice, files: list[Path
                         notes=[summary, *table(items, pick), choice.why, *left_out,
                                *([tuned["note"]] if tuned else [])],
                         extra={**pick.candidate.extra, "auto": auto, "recipe": pick.candidate.recipe})
-
-
-# --- the release gate on the shipped pick (bench/gate.py) --------------------------------------------------
-
-
-def pick_figures(label: str, entry: dict[str, Any]) -> Figures:
-    """What an auto export's manifest entry measured for its pick, as the gate reads it: SRCC and PLCC on the
-    test split, |ΔSRCC| vs the reference, p50 at batch 1 (the runoff's where one ran at batch 1) and the size of
-    its files."""
-    from kdiqa_edge.bench.gate import Figures
-
-    drift = entry.get("drift") or {}
-    auto = (entry.get("details") or {}).get("auto") or {}
-    row = next((c for c in auto.get("candidates", []) if c.get("name") == auto.get("pick")), {})
-    at1 = (row.get("runoff") or {}).get("1") or (row.get("latency") or {}).get("1") or {}
-    number = lambda value: float(value) if isinstance(value, (int, float)) else None
-    return Figures(f"{label} ({auto.get('pick', '?')})", srcc=number(drift.get("srcc")),
-                   plcc=number(drift.get("plcc")), delta_srcc=number(drift.get("delta_srcc")),
-                   p50_ms=number(at1.get("p50_ms")),
-                   size_mb=sum(f.get("bytes", 0) for f in entry.get("files", [])) / 1e6 if entry.get("files") else None)
-
-
-def gate_exports(manifest_file: Path, labels: list[str], gate: Gate | None) -> GateResult | None:
-    """Judge the pick of each auto export in `labels` against `gate`, and record the verdict in the manifest
-    (each entry's `gate`: the bounds, whether it passed, its violations), replacing an earlier run's. Without a
-    gate, an earlier run's verdict goes: a CI reading the manifest must not find a verdict nobody asked for."""
-    from kdiqa_edge.io import read_json, write_json
-
-    manifest = read_json(manifest_file)
-    exports = manifest["exports"]
-    if gate is None:
-        if any("gate" in exports.get(label, {}) for label in labels):
-            for label in labels:
-                exports.get(label, {}).pop("gate", None)
-            write_json(manifest_file, manifest)
-        return None
-    result = gate.check([pick_figures(label, exports[label]) for label in labels])
-    for label, figures in zip(labels, result.rows):
-        own = [v.to_dict() for v in result.violations if v.row == figures]
-        exports[label]["gate"] = {"bounds": result.bounds, "passed": not own, "violations": own}
-    write_json(manifest_file, manifest)
-    return result
 
 
 class Auto:

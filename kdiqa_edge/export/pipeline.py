@@ -23,7 +23,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from kdiqa_edge.data.runs import RunData, run_data
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError, DataError, KdiqaError, TensorRTUnavailable
 from kdiqa_edge.export.base import GATE_FIELDS, TARGETS, Examples, ExportConfig, ExportResult
+
+if TYPE_CHECKING:
+    from kdiqa_edge.bench.gate import Figures, Gate, GateResult
 
 MANIFEST = "manifest.json"
 OUT_LOCK = ".kdiqa-export.lock"  # held by the one export writing OUT's folders and manifest
@@ -348,3 +351,52 @@ def _remove_replaced(replaced: dict[str, Any], exports: dict[str, Any], out: Pat
             shutil.rmtree(out / label)
     log(f"{out}: replaced the exports of {replaced.get('path')} (--force)"
         + (f"; removed its {', '.join(gone)}" if gone else ""))
+
+
+# --- the release gate on an auto export's pick (bench/gate.py) ----------------------------------------------
+
+
+def pick_figures(label: str, entry: dict[str, Any]) -> Figures:
+    """What an auto export's manifest entry measured for its pick, as the gate reads it: SRCC and PLCC on the
+    test split, |ΔSRCC| vs the reference, p50 at batch 1 (the runoff's where one ran at batch 1) and the size of
+    its files."""
+    from kdiqa_edge.bench.gate import Figures
+
+    drift = entry.get("drift") or {}
+    auto = (entry.get("details") or {}).get("auto") or {}
+    row = next((c for c in auto.get("candidates", []) if c.get("name") == auto.get("pick")), {})
+    at1 = (row.get("runoff") or {}).get("1") or (row.get("latency") or {}).get("1") or {}
+    number = lambda value: float(value) if isinstance(value, (int, float)) else None
+    return Figures(f"{label} ({auto.get('pick', '?')})", srcc=number(drift.get("srcc")),
+                   plcc=number(drift.get("plcc")), delta_srcc=number(drift.get("delta_srcc")),
+                   p50_ms=number(at1.get("p50_ms")),
+                   size_mb=sum(f.get("bytes", 0) for f in entry.get("files", [])) / 1e6 if entry.get("files") else None)
+
+
+def gate_exports(out: Path, labels: list[str], gate: Gate | None,
+                 log: Callable[[str], None] = print) -> GateResult | None:
+    """Judge the pick of each auto export in `labels` against `gate`, and record the verdict in OUT's manifest
+    (each entry's `gate`: the bounds, whether it passed, its violations; under `manifest_lock`), replacing an
+    earlier run's. Without a gate, an earlier run's verdict goes: a CI reading the manifest must not find a
+    verdict nobody asked for."""
+    with manifest_lock(out, log):
+        return _gate_manifest(out / MANIFEST, labels, gate)
+
+
+def _gate_manifest(manifest_file: Path, labels: list[str], gate: Gate | None) -> GateResult | None:
+    from kdiqa_edge.io import read_json, write_json
+
+    manifest = read_json(manifest_file)
+    exports = manifest["exports"]
+    if gate is None:
+        if any("gate" in exports.get(label, {}) for label in labels):
+            for label in labels:
+                exports.get(label, {}).pop("gate", None)
+            write_json(manifest_file, manifest)
+        return None
+    result = gate.check([pick_figures(label, exports[label]) for label in labels])
+    for label, figures in zip(labels, result.rows):
+        own = [v.to_dict() for v in result.violations if v.row == figures]
+        exports[label]["gate"] = {"bounds": result.bounds, "passed": not own, "violations": own}
+    write_json(manifest_file, manifest)
+    return result
