@@ -176,6 +176,51 @@ def test_a_changed_file_is_scored_again_and_its_new_row_replaces_the_old(models,
     assert code == 0 and "38 skipped" in err and list(read_rows(out)) == rows
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_retry_errors_tries_again_the_unchanged_files_that_failed(models, photos, tmp_path, capsys, monkeypatch,
+                                                                  suffix):
+    """A file that failed for a reason outside it (an I/O error, a codec installed since) is unchanged, so a
+    re-run skips it; --retry-errors tries it again, and its new row replaces the error row."""
+    from kdiqa_edge.preprocess import ImageLoadError
+    from kdiqa_edge.runtime import pipeline
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    out = tmp_path / f"scores{suffix}"
+    command = ["score", models[0], folder, "--out", out, "--chunk", "8"]
+    load = pipeline.load_preprocessed
+
+    def failing(path, spec):
+        if Path(path).name == "p05.jpg":
+            raise ImageLoadError("input/output error", path)
+        return load(path, spec)
+
+    monkeypatch.setattr(pipeline, "load_preprocessed", failing)
+    assert run_cli(command, capsys)[0] == 0
+    monkeypatch.setattr(pipeline, "load_preprocessed", load)
+    before = list(read_rows(out))
+    assert {Path(r["image"]).name for r in before if r["error"]} == {"p05.jpg", "p20_broken.jpg"}
+
+    code, _, err = run_cli(command, capsys)
+    assert code == 0 and "37 skipped" in err and list(read_rows(out)) == before
+    assert "2 files skipped with the error row of an earlier run (unchanged since): --retry-errors" in err
+
+    code, _, err = run_cli([*command, "--retry-errors"], capsys)
+    assert code == 0 and "1 scored, 1 unreadable" in err and "35 skipped" in err, err
+    assert "--retry-errors: 2 files that failed before tried again, 1 scored now" in err
+    rows = list(read_rows(out))
+    images = [r["image"] for r in rows]
+    assert len(images) == len(set(images)) == 37  # each image once: the new rows replaced the error rows
+    after = {Path(r["image"]).name: r for r in rows}
+    assert not after["p05.jpg"]["error"] and after["p05.jpg"]["score"] is not None
+    assert after["p20_broken.jpg"]["error"]
+    assert {k: v for k, v in after.items() if k != "p05.jpg"} == \
+        {Path(r["image"]).name: r for r in before if Path(r["image"]).name != "p05.jpg"}
+    code, _, err = run_cli([*command, "--retry-errors"], capsys)  # the broken one still fails; p05 is done
+    assert code == 0 and "0 scored, 1 unreadable" in err and "36 skipped" in err, err
+    assert run_cli(["score", models[0], folder, "--retry-errors"], capsys)[0] != 0  # without --out: refused
+
+
 def test_a_rewrite_a_full_disk_stops_is_finished_by_the_next_run(models, photos, tmp_path, capsys, monkeypatch):
     from kdiqa_edge.runtime import output
 

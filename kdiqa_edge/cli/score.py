@@ -83,6 +83,10 @@ def score(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="--out: replace what it holds (another model's scores, another file).",
         rich_help_panel="Output file")] = False,
+    retry_errors: Annotated[bool, typer.Option(
+        "--retry-errors", help="--out: try again the files whose row is an error (unreadable then), though "
+                               "unchanged since; their new rows replace the error rows.",
+        rich_help_panel="Output file")] = False,
     chunk: Annotated[int, typer.Option(
         "--chunk", min=1, help="--out: rows per committed chunk (a kill loses at most the chunk in flight).",
         rich_help_panel="Output file")] = 1024,
@@ -128,8 +132,9 @@ def score(
     output = OutputFormat.json if as_json else output
     if out is not None:
         _check_out_format(out, output)
-    elif overwrite:
-        raise ConfigError("--overwrite replaces what --out holds: give --out too")
+    elif overwrite or retry_errors:
+        raise ConfigError(f"{'--overwrite' if overwrite else '--retry-errors'} works on what --out holds: give "
+                          "--out too")
     # ONNX Runtime's workers do not spin-wait between runs: the decode threads need those cores (measured in
     # benchmarks/results/score-*.md: 7% more images/s on 512 px JPEGs and on 12 MP photos, 2-vCPU EPYC)
     quality_model = QualityModel.load(model, provider=provider, threads=threads, spinning=False)
@@ -151,7 +156,7 @@ def score(
     if out is None:
         run.to_stdout(output)
     else:
-        run.to_file(out, model, overwrite, chunk, quiet)
+        run.to_file(out, model, overwrite, chunk, quiet, retry_errors)
     typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped), err=True,
                 fg="yellow" if run.failed or not (run.scored or run.skipped) else None)
     if map_dir is not None:
@@ -179,7 +184,7 @@ class _Run:
     def __init__(self, quality_model, found, batch_size: int, workers: int, decode: str):
         self.model, self.found, self.batch_size = quality_model, found, batch_size
         self.workers, self.decode = workers, decode
-        self.scored = self.failed = self.skipped = self.mapped = 0
+        self.scored = self.failed = self.skipped = self.skipped_failed = self.mapped = 0
         self.seconds = 0.0
         self.maps = None  # a runtime.maps.MapWriter with --map
 
@@ -224,14 +229,16 @@ class _Run:
                                  else f"{result.path}\terror: {result.error}\n")
             sys.stdout.flush()
 
-    def to_file(self, out: Path, model: Path, overwrite: bool, chunk: int, quiet: bool) -> None:
+    def to_file(self, out: Path, model: Path, overwrite: bool, chunk: int, quiet: bool,
+                retry_errors: bool = False) -> None:
         """Rows to `out` in committed chunks, skipping what an earlier run with this model wrote there."""
         from kdiqa_edge.console import Progress, plural
         from kdiqa_edge.runtime.output import Row, ScoresOutput, model_sha256
 
         identity = {"sha256": model_sha256(model), "name": model.name, "precision": self.model.info.precision,
                     "arch": self.model.info.arch}
-        with ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk) as target:
+        with ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk,
+                          retry_errors=retry_errors) as target:
             total = None if quiet else sum(1 for _ in self._unseen(target, count=False))
             if target.resumed:
                 typer.secho(f"{out}: {target.resumed} rows from an earlier run kept; files they cover are skipped",
@@ -243,6 +250,12 @@ class _Run:
         if target.replaced:
             typer.secho(f"{plural(target.replaced, 'file')} scored again (changed since an earlier run, or "
                         "missing then): the new rows replace the old ones", err=True)
+        if target.retried:
+            typer.secho(f"--retry-errors: {plural(target.retried, 'file')} that failed before tried again, "
+                        f"{target.recovered} scored now; the new rows replace the error rows", err=True)
+        if self.skipped_failed:
+            typer.secho(f"{plural(self.skipped_failed, 'file')} skipped with the error row of an earlier run "
+                        "(unchanged since): --retry-errors tries them again", err=True)
         typer.secho(f"{target.state['rows']} rows in {out} (model sha256 {identity['sha256'][:12]}, "
                     f"--decode {self.decode}; {target.state_path.name} beside it)", err=True)
 
@@ -253,6 +266,7 @@ class _Run:
         for path, problem in self.found:
             if target.seen(str(path), None if problem else file_stamp(path)):
                 self.skipped += count
+                self.skipped_failed += count and target.failed(str(path))
                 continue
             yield path, problem
 

@@ -88,13 +88,15 @@ def model_sha256(path: str | os.PathLike) -> str:
 class ScoresOutput:
     """`with ScoresOutput(out, model={...}, decode="draft") as output:` then `output.seen(path, stamp)` to
     skip a file scored before, `output.add(row)` per row; rows are committed every `chunk_rows` rows, every
-    CHUNK_SECONDS and at the end. `model` must hold "sha256"; it and `decode` are what a re-run must match."""
+    CHUNK_SECONDS and at the end. `model` must hold "sha256"; it and `decode` are what a re-run must match.
+    `retry_errors`: a file whose row is an error (unreadable then) is not `seen`, so it is tried again; its new
+    row replaces the old one as a changed file's does."""
 
     def __init__(self, path: str | os.PathLike, model: dict[str, Any], decode: str, overwrite: bool = False,
-                 chunk_rows: int = CHUNK_ROWS):
+                 chunk_rows: int = CHUNK_ROWS, retry_errors: bool = False):
         self.path = Path(path)
         self.kind = output_kind(self.path)
-        self.model, self.decode, self.overwrite = dict(model), decode, overwrite
+        self.model, self.decode, self.overwrite, self.retry_errors = dict(model), decode, overwrite, retry_errors
         self.chunk_rows = max(1, chunk_rows)
         self.state_path = self.path.with_name(self.path.name + ".kdiqa.json")
         self.index_path = self.path.with_name(self.path.name + ".kdiqa.index")
@@ -103,8 +105,11 @@ class ScoresOutput:
         self.resumed = 0  # rows found from an earlier run
         self.added = 0  # rows committed by this run
         self.replaced = 0  # rows of this run that replace an earlier row of the same path (the file changed)
+        self.retried = 0  # rows of this run that replace an earlier error row (retry_errors)
+        self.recovered = 0  # of those, the rows that are a score now
         self._stale = 0  # rows a later row of the same path supersedes, until _compact() drops them
         self._done: dict[str, tuple[int, int] | None] = {}
+        self._failed: set[str] = set()  # the paths whose last row is an error
         self._pending: list[Row] = []
         self._last_commit = time.monotonic()
         self._held: contextlib.ExitStack | None = None  # the lock on lock_path, while open
@@ -232,16 +237,24 @@ class ScoresOutput:
             return
         with open(self.index_path, encoding="utf-8") as handle:
             for line in handle:
-                image, size, mtime = json.loads(line)
+                image, size, mtime, *failed = json.loads(line)  # [image, size, mtime] or, for an error, 1 after
                 self._stale += image in self._done
                 self._done[image] = None if size is None else (size, mtime)
+                (self._failed.add if failed else self._failed.discard)(image)
         self.resumed = self.state["rows"] - self._stale
 
     # --- rows ---------------------------------------------------------------------------------------
 
     def seen(self, path: str, stamp: tuple[int, int] | None) -> bool:
-        """Whether `path` has a row already, made from a file of this size and mtime."""
-        return path in self._done and self._done[path] == stamp
+        """Whether `path` has a row already, made from a file of this size and mtime (and, with retry_errors,
+        not an error)."""
+        if path not in self._done or self._done[path] != stamp:
+            return False
+        return not (self.retry_errors and path in self._failed)
+
+    def failed(self, path: str) -> bool:
+        """Whether the row `path` has is an error (the file could not be read or scored then)."""
+        return path in self._failed
 
     def add(self, row: Row) -> None:
         self._pending.append(row)
@@ -254,7 +267,8 @@ class ScoresOutput:
         self._last_commit = time.monotonic()
         if not rows:
             return
-        index = "".join(json.dumps([r.image, *(r.stamp or (None, None))]) + "\n" for r in rows).encode()
+        index = "".join(json.dumps([r.image, *(r.stamp or (None, None)), *([1] if r.error else [])]) + "\n"
+                        for r in rows).encode()
         if self.kind == "parquet":
             self._commit_part(rows, index)
         else:
@@ -263,9 +277,14 @@ class ScoresOutput:
             self._commit_bytes(data, index, len(rows))
         for row in rows:
             if row.image in self._done:
-                self.replaced += 1
                 self._stale += 1
+                if row.image in self._failed and self._done[row.image] == row.stamp:  # the same file, tried again
+                    self.retried += 1
+                    self.recovered += not row.error
+                else:
+                    self.replaced += 1
             self._done[row.image] = row.stamp
+            (self._failed.add if row.error else self._failed.discard)(row.image)
         self.added += len(rows)
 
     def _commit_bytes(self, data: bytes, index: bytes, rows: int) -> None:
