@@ -14,6 +14,7 @@ Shape: setup (teacher, data, features, student) / train (the engine) / save (sum
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,6 +25,7 @@ from typing import Any
 from kdiqa_edge import config as config_lib
 from kdiqa_edge import paths
 from kdiqa_edge.console import plural
+from kdiqa_edge.data._lock import waiting_lock
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json
@@ -153,17 +155,28 @@ def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Pat
     data = absolute_spec(data)  # the teacher run is keyed by the files, not by how a path was spelt
     finetune_cfg = teacher_finetune_config(cfg, data)
     run_dir = teacher_run_dir(finetune_cfg, data)
-    done = (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "best").is_dir()
-    interrupted = (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
-    barrier(ctx)  # every process has looked before any of them writes
-    if done:
-        log(f"teacher: reusing the fine-tuned {finetune_cfg.teacher} in {run_dir}")
-    else:
-        log(f"teacher: fine-tuning {finetune_cfg.teacher} for {plural(finetune_cfg.epochs, 'epoch')} -> {run_dir}"
-            + (" (resuming)" if interrupted else ""))
-        run_finetune(finetune_cfg, data, run_dir, resume=interrupted)
-        barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
+    # Another distill (another student on the same data) may be fine-tuning this teacher: its rank 0 holds the
+    # lock until the run is done, and this one then reuses it. Only rank 0 locks: the ranks of one job train
+    # together, and they act on rank 0's look at the run dir.
+    waiting = (lambda who: log(f"teacher: another process{who} is fine-tuning this teacher into {run_dir}: "
+                               "waiting for it, to reuse it"))
+    with waiting_lock(teacher_lock(run_dir), waiting) if ctx.is_main else contextlib.nullcontext():
+        done, interrupted = broadcast_object(ctx, (
+            (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "best").is_dir(),
+            (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()))  # every rank has looked: none wrote yet
+        if done:
+            log(f"teacher: reusing the fine-tuned {finetune_cfg.teacher} in {run_dir}")
+        else:
+            log(f"teacher: fine-tuning {finetune_cfg.teacher} for {plural(finetune_cfg.epochs, 'epoch')} -> "
+                f"{run_dir}" + (" (resuming)" if interrupted else ""))
+            run_finetune(finetune_cfg, data, run_dir, resume=interrupted)
+            barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
     return run_dir / "checkpoints" / "best"
+
+
+def teacher_lock(run_dir: Path) -> Path:
+    """The lock a cached teacher run is trained under (beside it: the run dir may not exist yet)."""
+    return run_dir.with_name(f".{run_dir.name}.lock")
 
 
 def check_teacher_split(teacher_dir: Path, split, rated_train=None) -> None:
