@@ -315,3 +315,13 @@ def test_register_export_in_mlflow_server_and_load_models_uri(tracked_run, mlflo
     registered = QualityModel.load("models:/tiny-iqa/2")
     exported = QualityModel.load(out / "onnx-fp32" / "model.fp32.onnx")
     np.testing.assert_array_equal(registered.predict(images), exported.predict(images))
+    from PIL import Image
+
+    Image.fromarray(images[0]).save(tmp_path / "photo.png")
+    rows = {}
+    for model in ("models:/tiny-iqa/2", out / "onnx-fp32" / "model.fp32.onnx"):  # score takes the URI as load does
+        code, said, err = run_cli(["score", model, tmp_path / "photo.png", "--format", "csv", "--out",
+                                   tmp_path / f"{len(rows)}.csv"], capsys)
+        assert code == 0, err
+        rows[str(model)] = (tmp_path / f"{len(rows)}.csv").read_text()
+    assert len(set(rows.values())) == 1 and "photo.png" in rows["models:/tiny-iqa/2"]

@@ -235,7 +235,8 @@ class _Run:
         from kdiqa_edge.console import Progress, plural
         from kdiqa_edge.runtime.output import Row, ScoresOutput, model_sha256
 
-        identity = {"sha256": model_sha256(model), "name": model.name, "precision": self.model.info.precision,
+        source = self.model.info.path if str(model).startswith("models:/") else model  # its files, resolved
+        identity = {"sha256": model_sha256(source), "name": model.name, "precision": self.model.info.precision,
                     "arch": self.model.info.arch}
         with ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk,
                           retry_errors=retry_errors) as target:

@@ -72,10 +72,10 @@ class QualityModel:
         stop_spinning: ONNX Runtime's workers stop spinning when each run returns (for timing several models
         side by side in one process; a served model keeps ORT's default, which spins on between runs).
         """
-        if isinstance(path, str) and path.startswith("models:/"):  # a version in MLflow's model registry
+        if str(path).startswith("models:/"):  # a version in MLflow's model registry (a CLI's Path too)
             from kdiqa_edge.runtime.registry_uri import resolve_model_uri
 
-            path = resolve_model_uri(path)
+            path = resolve_model_uri(str(path))
         return cls(load_backend(path, provider=provider, threads=threads, spinning=spinning,
                                 stop_spinning=stop_spinning))
 
