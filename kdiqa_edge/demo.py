@@ -14,6 +14,7 @@ on disk the weights are random and the accuracy figures are a smoke test. `DemoC
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -25,8 +26,8 @@ import numpy as np
 
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.demo_report import Timings, artifacts, write_report
-from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable, first_line
-from kdiqa_edge.io import read_json, write_json
+from kdiqa_edge.errors import ConfigError, KdiqaError, TensorRTUnavailable, first_line
+from kdiqa_edge.io import read_json, sweep_temporaries, write_json
 
 PRETRAINED_TEACHER = "ViT-B-32:openai"
 RANDOM_TEACHER = "ViT-B-32:random"  # the same architecture, random init, when the weights are not on disk
@@ -113,7 +114,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings = Timings()
+    timings = Timings(read_json(out / "timings.json") if (out / "timings.json").is_file() else None)
     data = DatasetSpec()  # the built-in synthetic set
     if cfg.refs is not None:
         from kdiqa_edge.data.synthetic import default_root
@@ -124,6 +125,11 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     pretrained = {s: (cfg.pretrained if cfg.pretrained is not None else student_weights_on_disk(s))
                   for s in cfg.students}
     random_teacher = teacher == TINY_TEACHER or teacher.endswith(":random")
+    teacher_cfg = FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
+                                 progress=cfg.progress, **({"lr": cfg.random_teacher_lr} if random_teacher else {}))
+    student_cfgs = {s: DistillConfig(student=s, pretrained=pretrained[s], epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                     progress=cfg.progress) for s in cfg.students}
+    _check_finished(out, data, teacher_cfg, student_cfgs)
     log(f"demo: teacher {teacher}{' (not pretrained)' if random_teacher else ''}, students "
         + ", ".join(f"{s} ({'ImageNet' if p else 'not pretrained'})" for s, p in pretrained.items()))
 
@@ -132,12 +138,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     with timings.stage("teacher fine-tune"):
         if run_finished(teacher_dir):
             log(f"teacher: done ({teacher_dir})")
+            timings.done_earlier("teacher fine-tune")
         else:
-            lr = {"lr": cfg.random_teacher_lr} if random_teacher else {}
             log(f"teacher: fine-tuning {teacher} for {cfg.teacher_epochs} epoch(s) -> {teacher_dir}")
-            run_finetune(FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
-                                        progress=cfg.progress, **lr), data, teacher_dir,
-                         resume=run_interrupted(teacher_dir))
+            run_finetune(teacher_cfg, data, teacher_dir, resume=run_interrupted(teacher_dir))
             shutil.rmtree(out / "exports" / "teacher", ignore_errors=True)  # stale: another training's
 
     # 2. the students
@@ -148,11 +152,11 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
         with timings.stage(f"distill {student}"):
             if run_finished(run_dir):
                 log(f"{student}: done ({run_dir})")
+                timings.done_earlier(f"distill {student}")
                 continue
             log(f"{student}: distilling for {cfg.epochs} epoch(s) -> {run_dir}")
-            run_distill(DistillConfig(student=student, pretrained=pretrained[student],
-                                      teacher_checkpoint=str(teacher_dir / "checkpoints" / "best"),
-                                      epochs=cfg.epochs, batch_size=cfg.batch_size, progress=cfg.progress),
+            run_distill(dataclasses.replace(student_cfgs[student],
+                                            teacher_checkpoint=str(teacher_dir / "checkpoints" / "best")),
                         data, run_dir, resume=run_interrupted(run_dir))
             # exports of an earlier training of this student are stale now (export refuses to mix the two)
             shutil.rmtree(out / "exports" / student, ignore_errors=True)
@@ -167,6 +171,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
 
     # 4. bench: the teacher in each of its runtimes and every student artifact, the teacher's run as the reference
     with timings.stage("bench"):
+        sweep_temporaries(out / "bench")  # what a kill during an earlier bench left (a plot's claim)
         report = _bench(exports, teacher_dir, out, cfg, data)
 
     # 5. where the quality is lost: the first student's local quality maps of a few test images
@@ -176,9 +181,55 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     timings.finish()
     write_json(out / "timings.json", timings.to_dict())
     path = write_report(out, teacher, pretrained, exports, report, student_dirs, teacher_dir, timings, cfg, maps,
-                        tiny=teacher == TINY_TEACHER)
+                        tiny=teacher == TINY_TEACHER, random_why=_random_why(cfg, teacher, pretrained))
     log(f"report: {path}")
     return path
+
+
+def _random_why(cfg: DemoConfig, teacher: str, pretrained: dict[str, bool]) -> str:
+    """Why the report's weights are random, in words: what the user asked, or what is not on disk."""
+    reasons = []
+    if teacher == TINY_TEACHER:
+        reasons.append("the teacher is the random-init `tiny` CLIP" + (" of `--quick`" if cfg.teacher is None else ""))
+    elif teacher.endswith(":random"):
+        reasons.append(f"no {PRETRAINED_TEACHER} weights were found on this machine" if cfg.teacher is None
+                       else f"the teacher `{teacher}` is random init")
+    untrained = [s for s, p in pretrained.items() if not p]
+    if untrained:
+        reasons.append("students not pretrained (`--no-pretrained`)" if cfg.pretrained is False
+                       else f"no ImageNet weights for {', '.join(untrained)} were found on this machine")
+    return "; ".join(reasons) or "no pretrained weights"
+
+
+# what a finished run's config.yaml may hold differently from this demo's and still be this demo's stage: how
+# it ran, not what it trained
+_HOW = ("progress", "workdir", "dataset", "device", "compile", "eval_batch_size", "loggers", "mlflow_uri",
+        "teacher_checkpoint", "image_cache", "workers", "feature_shard_images")
+
+
+def _check_finished(out: Path, data: DatasetSpec, teacher_cfg, student_cfgs: dict[str, Any]) -> None:
+    """Refuse an OUT whose finished runs were trained otherwise (another teacher, epochs, data): the demo skips
+    a finished stage, and the report would state this run's options for that run's models."""
+    from kdiqa_edge import config as config_lib
+    from kdiqa_edge.data.readers import absolute_spec
+    from kdiqa_edge.train.state import run_finished
+
+    changed = []
+    for name, run_dir, wanted in [("teacher", out / "teacher", teacher_cfg),
+                                  *((s, out / "students" / s, c) for s, c in student_cfgs.items())]:
+        if not run_finished(run_dir):
+            continue
+        saved = config_lib.load_file(run_dir / "config.yaml")
+        now = json.loads(json.dumps(config_lib.to_dict(wanted), default=str))
+        fields = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if k not in _HOW and saved.get(k) != v]
+        before = DatasetSpec.from_dict(saved.get("dataset") or {})
+        if before.root != absolute_spec(data).root:
+            fields.append(f"dataset {before.root or 'the built-in set'} -> {absolute_spec(data).root or 'the built-in set'}")
+        if fields:
+            changed.append(f"{name}: {', '.join(fields)}")
+    if changed:
+        raise ConfigError(f"{out} holds a demo trained with other options ({'; '.join(changed)}): its finished "
+                          "stages would be reported as this run's; pass the same options, or another --out")
 
 
 def _export_all(name: str, run_dir: Path, out: Path, requests, cfg: DemoConfig, data: DatasetSpec, log,

@@ -31,16 +31,24 @@ class Timings:
     """Wall and CPU seconds per stage, with the load average when each ended: on a shared machine the wall
     time says how busy it was as much as how long the stage takes, and CPU time is the steadier estimate."""
 
-    def __init__(self):
+    def __init__(self, earlier: dict[str, Any] | None = None):
         self.started, self.started_cpu = time.perf_counter(), time.process_time()
         self.stages: dict[str, dict[str, float]] = {}
         self.start_load = _load()
+        self.earlier = (earlier or {}).get("stages", {})  # an earlier run's timings.json: its stages
+
+    def done_earlier(self, name: str) -> None:
+        """A stage this run skips (finished before): its figures are the run's that did it, marked so."""
+        if name in self.earlier:
+            self.stages[name] = {**self.earlier[name], "earlier": True}
 
     def stage(self, name: str) -> Stage:
         return Stage(self, name)
 
     def add(self, name: str, seconds: float, cpu_seconds: float) -> None:
         entry = self.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+        if entry.get("earlier"):
+            return
         entry["seconds"] += seconds
         entry["cpu_seconds"] += cpu_seconds
         entry["load_1min"] = _load()
@@ -113,17 +121,20 @@ def versus_teacher(report, students) -> tuple[Any, list[Versus]]:
     return t_row, sorted(found, key=lambda v: v.ms)
 
 
+def ratio(x: float, more: str, less: str) -> str:
+    """'8.1x faster', '24.8x slower': a ratio below 1 in the other word, never '0.0x'."""
+    return f"{x:.1f}x {more}" if x >= 1 else f"{1 / x:.1f}x {less}"
+
+
 def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bool, tiny: bool,
-             epochs: str, teacher_runtime: str = "its fastest runtime") -> list[str]:
+             epochs: str, teacher_runtime: str = "its fastest runtime",
+             random_why: str = "no pretrained weights were found on this machine") -> list[str]:
     """The report's first lines: the speed and size ratios in plain words, then what the accuracy means."""
     lines = []
     best = {}
     for v in versus:  # sorted fastest first: each student's first is its fastest export
         best.setdefault(v.student, v)
     if teacher_row is not None and best:
-        def ratio(x: float, more: str, less: str) -> str:
-            return f"{x:.1f}x {more}" if x >= 1 else f"{1 / x:.1f}x {less}"
-
         t_ms, t_mb = teacher_row.latency_at(1).p50_ms, teacher_row.size_mb
         for v in best.values():
             lines.append(f"On this CPU the student `{v.student}` is **{ratio(v.speedup, 'faster', 'slower')}** and "
@@ -138,8 +149,8 @@ def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bo
         lines.append("Every form of the teacher or every student export failed to bench: no speed-up to report "
                      "(see Failures below).")
     if random_weights:
-        lines.append("The accuracy figures (SRCC, PLCC, drift) are a **smoke test**: the weights are random (no "
-                     f"pretrained weights were found on this machine), trained for {epochs} on the synthetic set. "
+        lines.append("The accuracy figures (SRCC, PLCC, drift) are a **smoke test**: the weights are random "
+                     f"({random_why}), trained for {epochs} on the synthetic set. "
                      "They show that every stage runs, not how well a real teacher distils.")
     else:
         lines.append("The accuracy figures (SRCC, PLCC, drift) are a **smoke test**: pretrained weights, but only "
@@ -149,15 +160,17 @@ def headline(teacher: str, teacher_row, versus: list[Versus], random_weights: bo
 
 def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, report,
                  student_dirs: dict[str, Path], teacher_dir: Path, timings: Timings, cfg,
-                 maps: list | None = None, tiny: bool = False) -> Path:
-    """DIR/report.md. `cfg`: the demo's `DemoConfig`; `tiny`: the teacher is the tiny random-init test one."""
+                 maps: list | None = None, tiny: bool = False,
+                 random_why: str = "no pretrained weights were found on this machine") -> Path:
+    """DIR/report.md. `cfg`: the demo's `DemoConfig`; `tiny`: the teacher is the tiny random-init test one;
+    `random_why`: why some weights are random (--no-pretrained, the --quick teacher, none on disk)."""
     from kdiqa_edge.bench.report import markdown
 
     random_weights = tiny or teacher.endswith(":random") or not all(pretrained.values())
     t_row, versus = versus_teacher(report, list(student_dirs))
     epochs = f"{cfg.teacher_epochs} teacher and {cfg.epochs} student epoch{'s' if cfg.epochs != 1 else ''}"
     lines = ["# kdiqa-edge demo report", ""]
-    for line in headline(teacher, t_row, versus, random_weights, tiny, epochs, teacher_words(report)):
+    for line in headline(teacher, t_row, versus, random_weights, tiny, epochs, teacher_words(report), random_why):
         lines += [line, ""]
     lines += [f"Teacher `{teacher}`{' (random init, not pretrained)' if tiny or teacher.endswith(':random') else ''}; "
               "students " + ", ".join(f"`{s}` ({'ImageNet' if p else 'not pretrained'})" for s, p in pretrained.items())
@@ -168,8 +181,10 @@ def write_report(out: Path, teacher: str, pretrained: dict[str, bool], exports, 
                   (f"Teacher `{t_row.name}` ({teacher_words(report)}, its fastest form here of "
                    f"{', '.join(f['row'] for f in report.teacher['forms'])}): {t_row.latency_at(1).p50_ms:.2f} ms "
                    f"at batch 1, {t_row.size_mb:.1f} MB, {_millions(t_row.params)} parameters."), "",
-                  "| student | format | p50 ms (batch 1) | speed-up | size (MB) | smaller | params |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {v.student} | {v.label} | {v.ms:.2f} | {v.speedup:.1f}x | {v.size_mb:.1f} | {v.smaller:.1f}x | "
+                  "| student | format | p50 ms (batch 1) | vs the teacher | size (MB) | vs the teacher | params |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {v.student} | {v.label} | {v.ms:.2f} | {ratio(v.speedup, 'faster', 'slower')} | {v.size_mb:.1f} | "
+                  f"{ratio(v.smaller, 'smaller', 'larger')} | "
                   f"{_millions(v.params)} |" for v in versus]
         lines.append("")
     lines += ["## Summary", ""] + [f"- {line}" for line in summary_lines(report, exports, student_dirs,
@@ -330,14 +345,17 @@ def time_section(timings: Timings) -> list[str]:
     stages = {k: v for k, v in timings.stages.items() if k != "total"}
     per_export = {k: v for k, v in stages.items() if k.startswith("export ") and len(k.split()) == 3}
     top = {k: v for k, v in stages.items() if k not in per_export}
-    lines = ["Load average (1 min) when each stage ended: other jobs on the machine slow every stage.", "",
+    earlier = [k for k, v in top.items() if v.get("earlier")]
+    lines = ["Load average (1 min) when each stage ended: other jobs on the machine slow every stage."
+             + (" A stage marked *earlier* was done by an earlier run of the demo into this folder; its figures "
+                "are that run's, and the total is this run's." if earlier else ""), "",
              "| stage | seconds | CPU seconds | load |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} | {_num(v.get('load_1min'))} |"
-              for k, v in top.items()]
+    lines += [f"| {k}{' (*earlier*)' if v.get('earlier') else ''} | {v['seconds']:.1f} | {v['cpu_seconds']:.1f} | "
+              f"{_num(v.get('load_1min'))} |" for k, v in top.items()]
     total = timings.stages.get("total")
     if total:
-        lines.append(f"| **total** | **{total['seconds']:.1f}** | **{total['cpu_seconds']:.1f}** | "
-                     f"{_num(total.get('load_1min'))} |")
+        lines.append(f"| **total{' (this run)' if earlier else ''}** | **{total['seconds']:.1f}** | "
+                     f"**{total['cpu_seconds']:.1f}** | {_num(total.get('load_1min'))} |")
     if per_export:
         lines += ["", "Each export (part of its model's export stage above):", "",
                   "| model | export | seconds | CPU seconds |", "|---|---|---|---|"]

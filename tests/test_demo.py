@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from cli_helpers import run_cli
 from typer.testing import CliRunner
 
 pytest.importorskip("torch")
@@ -14,7 +15,7 @@ from kdiqa_edge.cli import app
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
+def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--quick", "--out", str(out), "--students", "test_resnet,test_efficientnet",
             "--epochs", "1", "--teacher-epochs", "1", "--refs", "3", "--no-pretrained"]
@@ -78,6 +79,16 @@ def test_demo_runs_end_to_end_and_reports_real_numbers(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "teacher: done" in again.output and "test_efficientnet: done" in again.output
+    # ... and its report keeps the times of the run that did them, marked so (not 0.0 s)
+    stage_table = (out / "report.md").read_text().split("| stage | seconds | CPU seconds | load |")[1]
+    teacher_time = re.search(r"^\| teacher fine-tune \(\*earlier\*\) \| (\d+\.\d) \|", stage_table, re.MULTILINE)
+    assert teacher_time and float(teacher_time.group(1)) > 0, stage_table
+    # other options: the finished runs are not this demo's stages, and the report would say they were
+    code, _, err = run_cli([*args[:-5], "--epochs", "2", "--teacher-epochs", "1", "--refs", "3", "--no-pretrained"],
+                           capsys)
+    said = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(said) == 1 and "holds a demo trained with other options" in said[0], err
+    assert "test_resnet: epochs 1 -> 2" in said[0] and "teacher:" not in said[0]
 
 
 def test_demo_stages_follow_the_registered_targets_and_precisions(monkeypatch):

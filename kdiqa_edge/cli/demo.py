@@ -37,7 +37,8 @@ def demo_command(
 ) -> None:
     """The whole path on the built-in synthetic set, offline: fine-tune the CLIP ViT-B/32 teacher, distil
     resnet18 and mobilevit_s at 224 px, export each to ONNX FP32 and INT8, CoreML and the TensorRT-ready ONNX,
-    bench them against the teacher, and write DIR/report.md. Finished stages are skipped when it is run again."""
+    bench them against the teacher, and write DIR/report.md. Finished stages are skipped when it is run again
+    with the same options (a DIR trained with others is refused)."""
     from kdiqa_edge.config import override
     from kdiqa_edge.demo import DemoConfig, run_demo
 
