@@ -4,6 +4,7 @@ patches map, the overlay + .npy writer with a broken file among the images, and 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -281,6 +282,46 @@ def test_score_map_through_the_cli(exported, photos, tmp_path, capsys):
     added = _entry(exported["with"])["details"]["map"]["latency"]["added_ms"]
     assert code == 0 and row["map_added_ms"] == pytest.approx(added)
     assert f"onnx-fp32: has the score_map output (export --with-map), which adds {added:.2f} ms" in out + err
+
+
+def test_map_names_hold_across_writers_odd_names_and_rows_score_out_skipped(exported, photos, tmp_path, capsys):
+    """Two writers into one folder never take one name (each reads the other's maps.csv lines under its lock);
+    a name that is not UTF-8 reads back from maps.csv; --map with --out maps the files --out skips too."""
+    import os
+    import shutil
+
+    from kdiqa_edge.runtime.maps import MAP_INDEX, MapWriter
+
+    model = QualityModel.load(exported["with"] / "onnx-fp32" / "model.fp32.onnx")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(photos[0], tmp_path / folder / "same.jpg")
+    first, second = MapWriter(model, tmp_path / "m"), MapWriter(model, tmp_path / "m")  # both open, both empty
+    assert first.write(tmp_path / "a" / "same.jpg").array.endswith("same.map.npy")
+    assert second.write(tmp_path / "b" / "same.jpg").array.endswith("same-2.map.npy")
+    assert first.write(tmp_path / "b" / "same.jpg").array.endswith("same-2.map.npy")  # the other's claim, read
+    with open(tmp_path / "m" / MAP_INDEX, newline="") as handle:
+        assert [row[1] for row in csv.reader(handle)] == ["overlay", "same.map.png", "same-2.map.png"]
+
+    odd = os.fsencode(tmp_path / "odd")
+    os.mkdir(odd)
+    shutil.copy(photos[0], os.path.join(odd, b"caf\xe9.jpg"))
+    command = ["score", exported["with"] / "onnx-fp32" / "model.fp32.onnx", os.fsdecode(odd), "--map",
+               tmp_path / "mo", "--out", tmp_path / "odd.csv", "-q"]  # rows in a file: capsys reads UTF-8
+    assert run_cli(command, capsys)[0] == 0
+    (tmp_path / "odd.csv").unlink()
+    for suffix in (".kdiqa.json", ".kdiqa.index"):
+        (tmp_path / f"odd.csv{suffix}").unlink()
+    code, _, err = run_cli(command, capsys)  # before: "maps.csv cannot be read ('utf-8' codec ...)"
+    assert code == 0 and "1 fast maps in" in err and "cannot be read" not in err, err
+    assert len((tmp_path / "mo" / MAP_INDEX).read_bytes().splitlines()) == 2  # the header and one image
+
+    out = tmp_path / "scores.csv"
+    base = ["score", exported["with"] / "onnx-fp32" / "model.fp32.onnx", photos[0].parent, "--out", out, "-q"]
+    run_cli(base, capsys)
+    code, _, err = run_cli([*base, "--map", tmp_path / "ms"], capsys)
+    assert "3 skipped" in err and "2 fast maps in" in err, err  # the broken file has no map
+    assert sorted(p.name for p in (tmp_path / "ms").glob("*.map.npy")) == ["astronaut.map.npy", "chelsea.map.npy"]
 
 
 def test_maps_without_torch(exported, photos, tmp_path):

@@ -256,7 +256,7 @@ class _Run:
                         f"{target.recovered} scored now; the new rows replace the error rows", err=True)
         if self.skipped_failed:
             typer.secho(f"{plural(self.skipped_failed, 'file')} skipped with the error row of an earlier run "
-                        "(unchanged since): --retry-errors tries them again", err=True)
+                        f"(unchanged since): --retry-errors tries {'it' if self.skipped_failed == 1 else 'them'} again", err=True)
         typer.secho(f"{target.state['rows']} rows in {out} (model sha256 {identity['sha256'][:12]}, "
                     f"--decode {self.decode}; {target.state_path.name} beside it)", err=True)
 
@@ -268,6 +268,8 @@ class _Run:
             if target.seen(str(path), None if problem else file_stamp(path)):
                 self.skipped += count
                 self.skipped_failed += count and target.failed(str(path))
+                if count and self.maps is not None and not target.failed(str(path)) and not self.maps.mapped(path):
+                    self._map(str(path))  # --map asks a map of every image, scored in this run or before
                 continue
             yield path, problem
 

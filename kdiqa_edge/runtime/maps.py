@@ -375,8 +375,9 @@ class MapWriter:
     """Writes each image's overlay (`NAME.map.png`) and raw map (`NAME.map.npy`) into `out`, and a line
     `image,overlay,array` into `out/maps.csv`. NAME is the image's stem; a stem another image holds in that
     folder, in this run or an earlier one (maps.csv says whose), gets -2, -3...: a map is never written over
-    another image's, and an image scored again keeps its name. `decode`: the JPEG decoding of the score
-    ("draft"/"exact"; default: the model's)."""
+    another image's, and an image scored again keeps its name. Two writers into one folder claim names under a
+    lock on maps.csv, each reading what the other appended to it first. `decode`: the JPEG decoding of
+    the score ("draft"/"exact"; default: the model's)."""
 
     def __init__(self, quality_model: QualityModel, out: str | Path, kind: str = "fast", decode: str | None = None):
         check_kind(quality_model, kind)
@@ -386,45 +387,66 @@ class MapWriter:
         self.spec = quality_model.preprocess.with_decode(decode) if decode else quality_model.preprocess
         self._owners: dict[str, str] = {}  # NAME -> the image (resolved path) it belongs to
         self._names: dict[str, str] = {}  # image -> NAME
+        self._read = 0  # the bytes of maps.csv read so far: another writer's lines come after
         self._read_index()
 
     def _read_index(self) -> None:
+        """What maps.csv says beyond what this writer read (all of it at first; then another writer's lines).
+        Names go out as their bytes (surrogateescape), as `_claim` writes them."""
         import csv
+        import io
 
         try:
-            with open(self.out / MAP_INDEX, newline="", encoding="utf-8") as handle:
-                for row in csv.DictReader(handle):
-                    if row.get("image") and (row.get("array") or "").endswith(".map.npy"):
-                        name = Path(row["array"]).name[:-len(".map.npy")]
-                        self._owners[name], self._names[row["image"]] = row["image"], name
+            with open(self.out / MAP_INDEX, "rb") as handle:
+                handle.seek(self._read)
+                new = handle.read()
+            text = new.decode("utf-8", errors="surrogateescape")
+            rows = csv.reader(io.StringIO(text, newline=""))
+            for row in rows:
+                if len(row) == 3 and row[0] and row[2].endswith(".map.npy") and row != ["image", "overlay", "array"]:
+                    name = Path(row[2]).name[:-len(".map.npy")]
+                    self._owners[name], self._names[row[0]] = row[0], name
+            self._read += len(new)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, csv.Error) as exc:
             raise ConfigError(f"{self.out / MAP_INDEX} cannot be read ({exc}): move it away, or pass another --map "
                               "folder") from None
 
-    def _name(self, path: Path) -> str:
-        image = str(path.resolve())
-        if image in self._names:
-            return self._names[image]
-        name, count = path.stem, 1
-        while name in self._owners or (self.out / f"{name}.map.npy").exists():  # a file no index names: not ours
-            count += 1
-            name = f"{path.stem}-{count}"
-        self._owners[name], self._names[image] = image, name
-        return name
+    def mapped(self, path: str | Path) -> bool:
+        """Whether maps.csv names a map of this image (in this folder)."""
+        return str(Path(path).resolve()) in self._names
 
-    def _record(self, image: str, overlay: Path, array: Path) -> None:
+    def _claim(self, path: Path) -> str:
+        """The image's NAME: the one maps.csv gives it, else a free one, recorded in maps.csv under the lock
+        (another writer's claims read first), so that two writers never take one name."""
         import csv
         import io
 
-        line = io.StringIO()
-        writer = csv.writer(line, lineterminator="\n")
-        if not (self.out / MAP_INDEX).exists():
-            writer.writerow(["image", "overlay", "array"])
-        writer.writerow([image, overlay.name, array.name])
-        with open(self.out / MAP_INDEX, "a", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            handle.write(line.getvalue())
+        from kdiqa_edge.data._lock import file_lock
+
+        image = str(path.resolve())
+        if image in self._names:
+            return self._names[image]
+        with file_lock(self.out / MAP_INDEX):  # created empty if new: the header goes first below
+            self._read_index()
+            if image in self._names:
+                return self._names[image]
+            name, count = path.stem, 1
+            while name in self._owners or (self.out / f"{name}.map.npy").exists():  # no index names it: not ours
+                count += 1
+                name = f"{path.stem}-{count}"
+            line = io.StringIO()
+            writer = csv.writer(line, lineterminator="\n")
+            if (self.out / MAP_INDEX).stat().st_size == 0:
+                writer.writerow(["image", "overlay", "array"])
+            writer.writerow([image, f"{name}.map.png", f"{name}.map.npy"])
+            data = line.getvalue().encode("utf-8", errors="surrogateescape")
+            with open(self.out / MAP_INDEX, "ab") as handle:
+                handle.write(data)
+            self._read += len(data)  # ours: not to be read back as another's
+            self._owners[name], self._names[image] = image, name
+        return name
 
     def write(self, path: str | Path) -> MapRow:
         """One image's files; an image that cannot be read gives a row with its reason."""
@@ -435,16 +457,12 @@ class MapWriter:
         except ImageLoadError as exc:
             return MapRow(str(path), error=exc.reason)
         self.out.mkdir(parents=True, exist_ok=True)
-        image = str(path.resolve())
-        known = image in self._names
-        name = self._name(path)
+        name = self._claim(path)
         array = _write_array(result.values, self.out / f"{name}.map.npy")
         overlay = render_overlay(photo, result, self.out / f"{name}.map.png",
                                  label=f"{self.kind} map {result.values.shape[0]}x{result.values.shape[1]} "
                                        f"({result.values.min():.2f}..{result.values.max():.2f}), "
                                        f"{self.quality_model.info.path.name}")
-        if not known:
-            self._record(image, overlay, array)
         return MapRow(str(path), result.score, str(overlay), str(array), tuple(result.values.shape))
 
 
