@@ -172,7 +172,11 @@ def _stat_problem(path: Path, exc: OSError) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: 16-bit grey is scaled (not clipped), alpha goes on white."""
+    """8-bit RGB from any PIL mode: 16-bit grey is scaled (not clipped), alpha goes on white.
+
+    32-bit grey is read by its values, as `image_from_array` reads arrays: integers (I) above 255 as 16-bit,
+    else 0..255; floats (F, a float TIFF) as [0, 1] where none is above 1, else 0..255 (NaN is black).
+    """
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -181,7 +185,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         grey = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if img.mode == "F":
-        grey = np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.max() <= 1.0:  # [0, 1]: read as 0..255 it would be black
+            arr = arr * 255.0
+        grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

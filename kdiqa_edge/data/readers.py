@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from kdiqa_edge.data.records import Dataset, Row, build_dataset, parse_score, require_usable
@@ -28,6 +29,44 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     reader = DATASETS.get(spec.name)
     dataset = reader(spec, dataset_root(spec))
     return require_usable(dataset, spec.strict)
+
+
+# Where each dataset's layout keeps its pristine reference images, one per content, named by the records'
+# `ref` (shared/datasets.md): refs/r00.png, KADID-10k's images/I01.png, LIVE's refimgs/<refname>.bmp, CSIQ's
+# src_imgs/<image>.png, TID2013's reference_images/I01.BMP. KonIQ, SPAQ and CLIVE have none; a csv set's
+# layout is the user's, unknown.
+REFERENCE_FOLDERS = {"synthetic": "refs", "kadid": "images", "live": "refimgs", "csiq": "src_imgs",
+                     "tid2013": "reference_images"}
+
+
+def reference_files(dataset: Dataset, refs: Iterable[str]) -> dict[str, list[Path]]:
+    """{ref: its reference image file(s)} for those of `refs` the dataset's layout holds: a file of the
+    reference folder whose name, less its suffix, is the ref id, matched case-insensitively (TID2013 writes
+    I01.BMP and i25.bmp). Empty for a layout without reference images or where the folder is missing."""
+    name = REFERENCE_FOLDERS.get(dataset.name)
+    folder = _folder_any_case(Path(dataset.root), name) if name else None
+    if folder is None:
+        return {}
+    wanted = {ref.lower(): ref for ref in refs}
+    found: dict[str, list[Path]] = {}
+    try:
+        children = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:
+        return {}
+    for child in children:
+        ref = wanted.get(Path(child.name).stem.lower())
+        if ref is not None and child.is_file():
+            found.setdefault(ref, []).append(Path(child.path))
+    return found
+
+
+def _folder_any_case(root: Path, name: str) -> Path | None:
+    if (root / name).is_dir():
+        return root / name
+    try:
+        return next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == name.lower()), None)
+    except OSError:
+        return None
 
 
 def dataset_root(spec: DatasetSpec) -> Path:

@@ -193,17 +193,18 @@ def _file_problem(path: Path) -> str | None:
 
 
 def write_skipped(path: str | os.PathLike, skipped: Iterable[Skip]) -> Path:
-    """`skipped.csv`: image, reason (atomic)."""
+    """`skipped.csv`: image, reason (atomic). A file name that is not UTF-8 goes out as its bytes, as
+    `score`'s CSV writes it (runtime/output.py), so the row names the file the user has."""
     import io as _io
 
-    from kdiqa_edge.io import write_text
+    from kdiqa_edge.io import write_bytes
 
     buffer = _io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "reason"])
     for skip in skipped:
         writer.writerow([skip.image, skip.reason])
-    return write_text(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def skip_summary(skipped: list[Skip]) -> str:

@@ -4,7 +4,9 @@ A shard is never extracted: `scan_tar` walks the headers once and returns where 
 bytes are (`TarMember`: name, offset, size), so a worker reads an image with one seek. Members that would
 be unsafe to extract (an absolute path, a `..` component, a link, a device or FIFO entry) are skipped and
 named with the reason. A truncated shard keeps the members whose bytes are all there and says where it
-breaks. `expand_braces` turns `shards-{000..099}.tar` into the shard names (webdataset's brace notation).
+breaks; one that is no readable tar at all (empty, compressed, not a tar) is a `ShardError`, which the pool
+makes that shard's skip row. `expand_braces` turns `shards-{000..099}.tar` into the shard names
+(webdataset's brace notation).
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from kdiqa_edge.errors import ConfigError
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZ": "bzip2", b"\xfd7": "xz", b"\x28\xb5": "zstd"}
+
+
+class ShardError(ConfigError):
+    """A tar shard with nothing to read: empty, compressed, not a tar, or unreadable. The message names the
+    shard; `reason` is the why alone, for a skip row that names it itself."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +90,18 @@ def unsafe_reason(member: tarfile.TarInfo) -> str | None:
 
 
 def scan_tar(path: str | os.PathLike) -> TarScan:
-    """Every member's place in an uncompressed tar, without extracting anything."""
+    """Every member's place in an uncompressed tar, without extracting anything; a `ShardError` for a shard
+    with no member to read."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        kind = _COMPRESSED.get(handle.read(2))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            kind = _COMPRESSED.get(handle.read(2))
+    except OSError as exc:
+        raise ShardError(path, f"tar shard cannot be read: {exc.strerror or exc}") from None
     if kind:
-        raise ConfigError(f"{path}: a {kind}-compressed tar; tar shards are read in place, so they must be "
-                          f"uncompressed (webdataset's .tar)")
+        raise ShardError(path, f"a {kind}-compressed tar; tar shards are read in place, so they must be "
+                               f"uncompressed (webdataset's .tar)")
     members: list[TarMember] = []
     refused: list[tuple[str, str]] = []
     truncated = None
@@ -111,11 +126,11 @@ def scan_tar(path: str | os.PathLike) -> TarScan:
                     break
                 else:
                     members.append(TarMember(member.name, member.offset_data, member.size))
-    except tarfile.ReadError as exc:  # not a tar at all, or broken in its first header
+    except (tarfile.ReadError, OSError) as exc:  # not a tar at all, broken in its first header, or unreadable
         if members:
             truncated = f"after {len(members)} members: {exc}"
         else:
-            raise ConfigError(f"{path}: not a readable tar ({exc})") from None
+            raise ShardError(path, f"not a readable tar ({getattr(exc, 'strerror', None) or exc})") from None
     return TarScan(members, refused, truncated)
 
 

@@ -6,9 +6,11 @@ text or CSV list of paths, or webdataset-style tar shards (`shards-{000..099}.ta
 
 `build_pool` hashes every entry: its sha256 is its identity (the teacher feature shards key on it), a
 second copy of the same bytes is a duplicate, and an image whose bytes are also a rated image of the test
-(or validation) split is excluded and counted, so nothing the student is scored on leaks into its
-training; one already rated for training is skipped as such. Files that cannot be read, are empty or are
-not images get a skip report, as rated datasets do; an image that does not decode is found (and skipped)
+(or validation) split, or the pristine reference image of a test (or validation) content, is excluded and
+counted, so nothing the student is scored on leaks into its training; one already rated for training is
+skipped as such. Files that cannot be read, are empty or are not images get a skip report, as rated
+datasets do, and so do a folder's files whose suffix is no image type read here, a tar shard that is no
+readable tar, and a listed path that is not there; an image that does not decode is found (and skipped)
 when its teacher features are computed. The pool is sorted by hash: the same images give the same pool
 (and the same feature shards) whatever their sources and order. Hashes (and tar shards' header scans) are
 remembered in the hash index (`data/hashindex.py`), keyed by path, size and mtime: a second run reads only
@@ -38,7 +40,7 @@ from PIL import Image
 
 from kdiqa_edge.data.hashindex import HashIndex, Identity
 from kdiqa_edge.data.records import Skip
-from kdiqa_edge.data.tarshards import expand_braces, read_member, scan_tar
+from kdiqa_edge.data.tarshards import ShardError, expand_braces, read_member, scan_tar
 from kdiqa_edge.errors import ConfigError, DataError
 from kdiqa_edge.preprocess import (
     ImageLoadError,
@@ -52,6 +54,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv", ".tsv"})
 PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")  # a CSV list's path column, first found
 HASH_THREADS = 8  # reading and hashing is I/O: threads (file reads and hashlib release the GIL)
+OTHER_SUFFIX = "not read: its suffix is no image type read here"  # a folder's file, named in a skip row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,11 @@ def _tar_entries(pattern: str, index: HashIndex | None) -> tuple[list[Entry], li
             skipped.append(Skip(shard, "tar shard not found"))
             continue
         place = index.place_shard(shard) if index is not None else None
-        scan = index.scan(place, functools.partial(scan_tar, shard)) if place is not None else scan_tar(shard)
+        try:
+            scan = scan_tar(shard) if place is None else index.scan(place, functools.partial(scan_tar, shard))
+        except ShardError as exc:  # empty, compressed, not a tar: the other shards go on
+            skipped.append(Skip(shard, exc.reason))
+            continue
         entries += [Entry(f"{shard}:{m.name}", shard, m.offset, m.size, m.name) for m in scan.members
                     if Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
         skipped += [Skip(f"{shard}:{name}", reason) for name, reason in scan.refused]
@@ -140,6 +147,8 @@ def _folder_entries(folder: Path) -> tuple[list[Entry], list[Skip]]:
                 walk(path)
             elif path.suffix.lower() in IMAGE_SUFFIXES:
                 entries.append(Entry(str(path), str(path)))
+            else:  # sidecars (.xmp, .json) and image types not read here (.heic, .avif): listed, not read
+                skipped.append(Skip(str(path), f"{OTHER_SUFFIX} ({path.suffix or 'no suffix'})"))
 
     walk(folder)
     return entries, skipped
@@ -179,8 +188,10 @@ class UnlabeledPool:
     entries: list[Entry]  # the usable images, sorted by content hash
     hashes: list[str]  # sha256 of each entry's bytes
     skipped: list[Skip]  # what was left out, and why
-    counts: dict[str, int]  # found, used, duplicates, in_test_split, in_val_split, already_rated, unreadable,
-    # unsafe (tar members refused)
+    counts: dict[str, int]  # found (images and refused tar members), used, duplicates, in_test_split,
+    # in_val_split, test_references and val_references (reference images of test or validation contents),
+    # already_rated, unreadable (images), unsafe (tar members refused), not_read (tar shards, folders or
+    # listed paths), other_files (a folder's files whose suffix is no image type)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -196,26 +207,74 @@ class UnlabeledPool:
     def summary(self) -> str:
         c = self.counts
         parts = [f"{c['used']} of {c['found']} unlabeled images used"]
-        for key, what in (("in_test_split", "also in the rated test split (excluded)"),
-                          ("in_val_split", "also in the rated validation split (excluded)"),
-                          ("already_rated", "already rated for training"), ("duplicates", "duplicates"),
-                          ("unreadable", "unreadable"), ("unsafe", "unsafe tar members")):
+        for key, what in SUMMARY:
             if c.get(key):
                 parts.append(f"{c[key]} {what}")
-        return ", ".join(parts)
+        if c.get("other_files"):  # a row each in the skip list, here by suffix: a folder of sidecars is many
+            kinds = _by_suffix(self.skipped)
+            parts.append(f"{c['other_files']} other files not read for their suffix ({kinds})")
+        text = ", ".join(parts)
+        if not self.entries and self.skipped:  # what the one-line error of an empty pool says: why
+            telling = [s for s in self.skipped if not s.reason.startswith(OTHER_SUFFIX)] or self.skipped
+            text += f"; first: {telling[0].image}: {telling[0].reason}"
+        return text
+
+
+def _by_suffix(skipped: list[Skip]) -> str:
+    """'2 .xmp, 1 .heic, 1 no suffix': the files skipped for their suffix, most common first."""
+    counts: dict[str, int] = {}
+    for skip in skipped:
+        if skip.reason.startswith(OTHER_SUFFIX):
+            suffix = Path(skip.image).suffix.lower() or "no suffix"
+            counts[suffix] = counts.get(suffix, 0) + 1
+    return ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+SUMMARY = (("in_test_split", "also in the rated test split (excluded)"),
+           ("test_references", "reference images of rated test contents (excluded)"),
+           ("in_val_split", "also in the rated validation split (excluded)"),
+           ("val_references", "reference images of rated validation contents (excluded)"),
+           ("already_rated", "already rated for training"), ("duplicates", "duplicates"),
+           ("unreadable", "unreadable"), ("unsafe", "unsafe tar members"),
+           ("not_read", "tar shards, folders or listed paths not read"))
+
+
+# What an unlabeled image's bytes may also be, first wins: a test exclusion is the count that matters most.
+EXCLUSION_ORDER = ("test", "test_ref", "val", "val_ref", "train")
 
 
 def rated_hashes(dataset, split, index: HashIndex | None = None) -> dict[str, str]:
-    """sha256 of each rated image -> its split part (test, val, train): what unlabeled images must not be."""
+    """sha256 of each rated image -> its split part (test, val, train), and of the reference image of each
+    test or validation content -> test_ref or val_ref: what unlabeled images must not be.
+
+    A content (a record's `ref`) is a test content where any of its images is in the test split (all of
+    them, split by reference), else a validation content where any is in the validation split; its
+    reference files are where the dataset's layout keeps them (`readers.reference_files`). Training contents'
+    references are training content: not in the map, usable.
+    """
+    from kdiqa_edge.data.readers import reference_files
+
     parts = split.assignment(len(dataset.records))
-    entries = [Entry(str(dataset.path(i)), str(dataset.path(i))) for i in range(len(dataset.records))]
+    files = [(dataset.path(i), part) for i, part in enumerate(parts)]
+    contents: dict[str, str] = {}
+    for record, part in zip(dataset.records, parts):
+        if record.ref is not None and part in ("test", "val") and contents.get(record.ref) != "test_ref":
+            contents[record.ref] = f"{part}_ref"
+    for ref, paths in reference_files(dataset, contents).items():
+        files += [(path, contents[ref]) for path in paths]
+    entries = [Entry(str(path), str(path)) for path, _ in files]
     with index or HashIndex() as hash_index:
         identities = identify(entries, hash_index)
     found: dict[str, str] = {}
-    for digest, part in zip((i.sha256 for i in identities), parts):
-        if digest is not None and part and found.get(digest) != "test":  # test wins: its exclusion is the count
+    for identity, (_, part) in zip(identities, files):
+        digest = identity.sha256
+        if digest is not None and part and (digest not in found or _first(part, found[digest])):
             found[digest] = part
     return found
+
+
+def _first(part: str, other: str) -> bool:
+    return EXCLUSION_ORDER.index(part) < EXCLUSION_ORDER.index(other)
 
 
 def _identify(entry: Entry) -> tuple[Identity, bool, int]:
@@ -237,6 +296,8 @@ def _identify(entry: Entry) -> tuple[Identity, bool, int]:
             Image.open(_io.BytesIO(data))  # the header only
     except Image.UnidentifiedImageError:
         return Identity(digest, "not an image (unidentified format)"), True, hashed_ns
+    except Image.DecompressionBombError as exc:  # over twice Pillow's pixel limit (preprocess words it so)
+        return Identity(digest, f"decompression bomb refused: {exc}"), True, hashed_ns
     except (OSError, SyntaxError, ValueError) as exc:
         return Identity(digest, f"unreadable image: {exc}"), True, hashed_ns
     return Identity(digest, None), True, hashed_ns
@@ -275,7 +336,11 @@ def identify(entries: Sequence[Entry], index: HashIndex, advance=None) -> list[I
 
 
 EXCLUDED = {"test": ("in_test_split", "also in the rated test split (same content): excluded, never trained on"),
+            "test_ref": ("test_references", "the reference image of a rated test content (same content): "
+                                            "excluded, never trained on"),
             "val": ("in_val_split", "also in the rated validation split (same content): excluded"),
+            "val_ref": ("val_references", "the reference image of a rated validation content (same content): "
+                                          "excluded"),
             "train": ("already_rated", "already a rated training image (same content)")}
 
 
@@ -294,10 +359,12 @@ def build_pool(sources: Sequence[str | os.PathLike], exclude: Mapping[str, str] 
         with Progress(progress, len(entries), "hashing unlabeled images") as advance:
             identities = identify(entries, hash_index, advance)
     exclude = exclude or {}
-    unsafe = sum(1 for s in skipped if s.reason.startswith("unsafe"))
-    bad = sum(1 for s in skipped if not s.reason.startswith(("unsafe", "truncated")))  # truncation: the shard's
-    counts = {"found": len(entries) + bad + unsafe, "duplicates": 0, "in_test_split": 0, "in_val_split": 0,
-              "already_rated": 0, "unreadable": bad, "unsafe": unsafe}
+    counts = {"found": len(entries), "duplicates": 0, **{key: 0 for key, _ in EXCLUDED.values()},
+              "unreadable": 0, "unsafe": 0, "not_read": 0, "other_files": 0}
+    for skip in skipped:  # what the sources held besides images; a truncated shard's earlier images are used
+        if not skip.reason.startswith("truncated tar shard"):
+            counts[_source_skip_kind(skip.reason)] += 1
+    counts["found"] += counts["unsafe"]
     first: dict[str, str] = {}
     kept: list[tuple[str, Entry]] = []
     for entry, identity in zip(entries, identities):
@@ -318,6 +385,12 @@ def build_pool(sources: Sequence[str | os.PathLike], exclude: Mapping[str, str] 
     kept.sort(key=lambda pair: pair[0])
     counts["used"] = len(kept)
     return UnlabeledPool([e for _, e in kept], [h for h, _ in kept], skipped, counts)
+
+
+def _source_skip_kind(reason: str) -> str:
+    if reason.startswith("unsafe tar member"):
+        return "unsafe"
+    return "other_files" if reason.startswith(OTHER_SUFFIX) else "not_read"
 
 
 def pool_key(pool: UnlabeledPool, spec: PreprocessSpec) -> str:
