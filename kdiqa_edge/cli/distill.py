@@ -244,9 +244,12 @@ def _report(summary: dict) -> None:
     test = summary.get("test")
     unlabeled = summary.get("unlabeled")
     if unlabeled:
+        references = unlabeled.get("test_references", 0)
         typer.echo(f"  unlabeled: {unlabeled['used']} images in the soft loss "
                    f"({round(unlabeled['fraction'] * 100)}% of each batch); {unlabeled['in_test_split']} also in "
-                   f"the test split excluded")
+                   f"the test split excluded"
+                   + (f", and {references} reference image{'s' if references != 1 else ''} of test contents"
+                      if references else ""))
     if test:
         typer.echo(f"  test  PLCC {test['plcc']:.4f} (fitted {test['plcc_fit']:.4f})  "
                    f"SRCC {test['srcc']:.4f}  KRCC {test['krcc']:.4f}  RMSE {test['rmse']:.4f}  "

@@ -97,17 +97,19 @@ def unlabeled_data(cfg, cache, split, rated_train, teacher_dir, preprocess, ctx,
                                   shard_images=cfg.feature_shard_images)
     failed = {**features.failed, **failed}
     used = pool.without(failed, failed)
+    listed = None
+    if ctx.is_main and used.skipped:  # first: a pool with nothing usable is refused with its reasons written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        listed = str(write_skipped(run_dir / "unlabeled_skipped.csv", used.skipped))
     if not len(used):
-        raise ConfigError(f"no usable unlabeled image in {', '.join(cfg.unlabeled)}: {used.summary()}")
+        raise ConfigError(f"no usable unlabeled image in {', '.join(cfg.unlabeled)}: {used.summary()}"
+                          + (f" (every file's reason: {listed})" if listed else ""))
     report = {**used.counts, "sources": list(cfg.unlabeled), "fraction": cfg.unlabeled_fraction,
               "feature_shards": str(features.folder), "shards": len(features.shards),
               "computed_by_rank": all_gather_object(ctx, features.computed),
-              "image_cache": cfg.image_cache}
+              "image_cache": cfg.image_cache, **({"skipped_csv": listed} if listed else {})}
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if used.skipped:
-            report["skipped_csv"] = str(write_skipped(run_dir / "unlabeled_skipped.csv", used.skipped))
-        say(f"unlabeled: {used.summary()}" + (f" (listed in {report['skipped_csv']})" if used.skipped else ""))
+        say(f"unlabeled: {used.summary()}" + (f" (listed in {listed})" if listed else ""))
     rows = np.array([i for i in range(len(pool)) if i not in failed], dtype=np.int64)
     return UnlabeledData(pool, rows, features, images, key, report)
 
