@@ -67,6 +67,11 @@ def reproduce_command(
     wait: Annotated[bool, typer.Option(
         "--wait", help="slurm: wait for the submitted jobs, then write the tables.", rich_help_panel=SLURM)]
     = False,
+    resubmit_unknown: Annotated[bool, typer.Option(
+        "--resubmit-unknown", help="slurm: also resubmit the unfinished runs whose job state is unknown "
+        "(neither sacct nor squeue answers); check first that they are not queued or running.",
+        rich_help_panel=SLURM)]
+    = False,
     partition: Annotated[str | None, typer.Option("--partition", help="sbatch --partition.",
                                                      rich_help_panel=SLURM)] = None,
     gpus_per_job: Annotated[int | None, typer.Option(
@@ -117,7 +122,7 @@ def reproduce_command(
                         extra=parse_extra(slurm_extra or []))
         if launcher == "submitit-local" and max_parallel is not None:
             console.print("note: --max-parallel throttles SLURM job arrays; submitit-local starts every job at once")
-        return _launch(cfg, data, out, launcher, opts, dry_run, wait, console)
+        return _launch(cfg, data, out, launcher, opts, dry_run, wait, resubmit_unknown, console)
     from kdiqa_edge.train.state import RunInterrupted
 
     try:
@@ -152,27 +157,34 @@ def _echo_tables(out: Path) -> None:
     typer.echo(f"results: {Path(out) / 'results.json'}")
 
 
-def _launch(cfg, data: DatasetSpec, out: Path, launcher: str, opts, dry_run: bool, wait: bool, console) -> None:
+def _launch(cfg, data: DatasetSpec, out: Path, launcher: str, opts, dry_run: bool, wait: bool,
+            resubmit_unknown: bool, console) -> None:
     """Submit the plan's missing runs as jobs; submitit-local (and slurm with --wait) waits for them."""
+    from kdiqa_edge.console import quiet_logger
     from kdiqa_edge.train import launch
     from kdiqa_edge.train.reproduce import check_plan, estimate, plan
 
     if dry_run:
         check_plan(cfg, data, out)  # what the real launch would refuse, the dry run refuses too (writing nothing)
-        for job in launch.job_graph(cfg, out, opts):
+        graph = launch.job_graph(cfg, out, opts, resubmit_unknown, log=console.print)
+        for job in graph["jobs"]:
             after = f"  after {job['after']} (afterok)" if job["after"] else ""
             typer.echo(f"{job['job']}: {len(job['runs'])} run(s) {', '.join(job['runs'])}{after}")
             typer.echo("  sbatch " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in job["sbatch"].items()
                                               if k not in ("additional_parameters", "array_parallelism"))
                        + "".join(f" --{k}={v}" for k, v in job["sbatch"]["additional_parameters"].items()))
-        _echo_estimate(estimate(cfg, data, plan(cfg, out)))
+        launch.report_skipped(graph["skipped"], typer.echo)
+        est = estimate(cfg, data, graph["runs"])
+        _echo_estimate({**est, "runs_total": len(plan(cfg, out))})
         return
-    jobs = launch.submit_plan(cfg, data, out, launcher, opts, log=console.print)
+    jobs = launch.submit_plan(cfg, data, out, launcher, opts, log=console.print,
+                              resubmit_unknown=resubmit_unknown)
     if launcher == "submitit-local" or wait:
         from kdiqa_edge.train.launch import LaunchError
 
-        for job in jobs:
-            job.wait()
+        with quiet_logger("submitit"):  # its sacct warnings (each twice): _status says what is known
+            for job in jobs:
+                job.wait()
         failed = [r for r in _status(out) if r["state"] == "failed"]
         if failed:
             raise LaunchError(f"{len(failed)} run(s) failed ({', '.join(r['run'] for r in failed)}; first log: "
@@ -196,16 +208,23 @@ def _status(out: Path) -> list[dict]:
 
     cfg, data = load_plan(out)
     runs = plan(cfg, out)
-    rows = run_states(out, runs)
+    rows = run_states(out, runs, log=lambda line: typer.echo(line, err=True))
     table = Table(title=f"reproduce {out}: {data.name}, {cfg.seeds} seeds")
-    for column in ("run", "state", "job", "log"):
+    for column in ("run", "state", "job"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["run"], row["state"], row["job_id"] or "-", row["log"] or "-")
+        table.add_row(row["run"], row["state"], row["job_id"] or "-")
     Console().print(table)
-    counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "queued", "running", "failed",
-                                                                           "todo")}
+    states = ("done", "queued", "running", "unknown", "failed", "todo")
+    counts = {state: sum(r["state"] == state for r in rows) for state in states}
     typer.echo(", ".join(f"{n} {state}" for state, n in counts.items() if n))
+    # whole paths, one a line, so they can be copied (a table column would cut or fold them)
+    logs = [row for row in rows if row["log"] and row["state"] != "done"]
+    if logs:
+        pattern = Path(out).absolute() / "jobs" / "<job>" / "<job>_0_log.out"
+        typer.echo(f"logs of the runs not done (every job's: {pattern}):")
+        for row in logs:
+            typer.echo(f"  {row['run']} ({row['state']}): {row['log']}")
     if counts["done"] == len(rows):
         write_tables(runs, data, out)
         _echo_tables(out)

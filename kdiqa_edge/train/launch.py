@@ -9,9 +9,11 @@ Every job trains in the same run dir as `--launcher local`, so a finished run is
 one resumes from its last epoch checkpoint. Jobs are submitit Checkpointables: a preempted or timed-out SLURM
 job is requeued by submitit and resumes the same way.
 
-The job ids go in OUT/jobs.json (written atomically), the logs in OUT/jobs/<job id>/. A re-run asks the
-scheduler (through submitit) for the state of each recorded job and submits only the runs that are neither
-done nor queued nor running.
+The job ids go in OUT/jobs.json (written atomically, absolute paths), the logs in OUT/jobs/<job id>/. A re-run
+asks the scheduler for the state of each recorded job (sacct, parsed as submitit does; squeue for the jobs
+sacct does not list, or where it is missing or accounting is off) and submits only the runs that are neither
+done nor queued nor running. A run whose job neither answers for is `unknown`: it may still be queued or
+running, so it is resubmitted only when asked (`resubmit_unknown`, the CLI's --resubmit-unknown).
 
 submitit's LocalExecutor (`--launcher submitit-local`) has no dependencies, so there a student job itself
 waits for its teacher: it polls the teacher's run dir and the teacher job's process, and fails if the teacher
@@ -45,10 +47,12 @@ from kdiqa_edge.train.state import run_finished
 LAUNCHERS = ("local", "slurm", "submitit-local")
 JOBS_FILE = "jobs.json"
 JOBS_DIR = "jobs"
-# sacct states of a job that will still run (queued) or runs now; every other state has ended
+# SLURM states of a job that will still run (queued) or runs now; every other state has ended
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD",
-          "UNKNOWN", "READY"}  # UNKNOWN: sacct lags right after a submission
+          "READY"}
 RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "RESIZING", "SIGNALING"}
+UNKNOWN = "UNKNOWN"  # neither sacct nor squeue answered for the job: it may still be queued or running
+LEFT_QUEUE = "ENDED"  # sacct does not list the job and squeue no longer does: it has ended
 
 
 class LaunchError(KdiqaError):
@@ -174,6 +178,7 @@ def submit_features(cfg, data, out: Path, launcher: str, opts: SlurmOptions, tas
         raise ConfigError("--feature-tasks must be at least 1")
     if launcher == "slurm":
         _check_slurm()
+    out = Path(out).absolute()
     config = {**to_dict(cfg), "progress": False}
     dataset = absolute_spec(data).to_dict()
     executor = _executor(launcher, out, opts, "kdiqa-features")
@@ -222,6 +227,7 @@ def submit_training(cfg, data, out: Path, launcher: str, opts: SlurmOptions, fea
     from kdiqa_edge.config import to_dict
     from kdiqa_edge.data.readers import absolute_spec
 
+    out = Path(out).absolute()
     array_id = str(feature_jobs[0].job_id).split("_")[0]  # an array's tasks are <array id>_<task>
     dependency = f"afterok:{array_id}" if launcher == "slurm" else None
     after = ([{"job_id": str(j.job_id), "folder": str(_job_folder(out, str(j.job_id)))} for j in feature_jobs]
@@ -324,8 +330,14 @@ def _job_folder(out: Path, job_id: str = "%j") -> Path:
 
 
 def read_jobs(out: Path) -> dict[str, dict]:
-    path = out / JOBS_FILE
-    return read_json(path).get("runs", {}) if path.is_file() else {}
+    """OUT/jobs.json's records, each job's folder absolute (an older file holds `<--out as given>/jobs/<id>`,
+    relative to wherever that command ran: it is OUT/jobs/<id>)."""
+    path = Path(out) / JOBS_FILE
+    jobs = read_json(path).get("runs", {}) if path.is_file() else {}
+    for job in jobs.values():
+        if not Path(job["folder"]).is_absolute():
+            job["folder"] = str(_job_folder(Path(out).absolute(), job["job_id"]))
+    return jobs
 
 
 def _write_jobs(out: Path, jobs: dict[str, dict]) -> None:
@@ -352,14 +364,66 @@ def _local_state(job_id: str, folder: Path) -> str:
     return "RUNNING"
 
 
-def run_states(out: Path, runs: list) -> list[dict[str, Any]]:
-    """done / queued / running / failed / todo for every planned run, with its job id and log path."""
+def _query(command: list[str]) -> tuple[str | None, str]:
+    """A SLURM query's output, or None and why it gave none ("sacct not found", "sacct failed: <error>")."""
+    if shutil.which(command[0]) is None:
+        return None, f"{command[0]} not found"
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"{command[0]} failed: {exc}"
+    if done.returncode and command[0] == "squeue" and "Invalid job id" in done.stderr:
+        return "", ""  # squeue -j with one id that has left the queue: an error, though it answers
+    if done.returncode:
+        error = next((line.strip() for line in done.stderr.splitlines() if line.strip()), "")
+        return None, f"{command[0]} failed: {error or f'exit code {done.returncode}'}"
+    return done.stdout, ""
+
+
+def slurm_states(job_ids: list[str], log: Callable[[str], None] = print) -> dict[str, str]:
+    """The SLURM state of each job id (an array task as <id>_<task>).
+
+    sacct, read by submitit's parser, as submitit's own watcher does; for the jobs it does not list (sacct
+    missing, accounting off, or lagging right after a submission) squeue, which lists the jobs that are queued
+    or running: one it does not list has ended (LEFT_QUEUE). Where neither answers the state is UNKNOWN, and
+    one line to `log` says why. submitit itself would warn on every call and call such a job pending."""
+    watcher = require("submitit.slurm.slurm", "cluster").SlurmInfoWatcher()
+
+    def arrays(ids):
+        return ",".join(sorted({i.split("_")[0] for i in ids}))
+
+    sacct = ["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", arrays(job_ids)]  # submitit's query
+    output, sacct_error = _query(sacct)
+    listed = {k: v.get("State", "") for k, v in watcher.read_info(output).items()} if output else {}
+    states = {i: listed[i].split()[0].upper() for i in job_ids if listed.get(i, "").strip()}
+    missing = [i for i in job_ids if i not in states]
+    if not missing:
+        return states
+    output, squeue_error = _query(["squeue", "-h", "-r", "-o", "%i %T", "-j", arrays(missing)])
+    if output is not None:
+        queue = dict(line.split()[:2] for line in output.splitlines() if len(line.split()) >= 2)
+        if sacct_error:
+            log(f"{sacct_error}: job states from squeue (a job it does not list has ended)")
+        return {**states, **{i: queue.get(i, LEFT_QUEUE).upper() for i in missing}}
+    why = sacct_error or f"sacct does not list job(s) {', '.join(missing)} yet"
+    log(f"{why}: SLURM job states unknown ({squeue_error})")
+    return {**states, **dict.fromkeys(missing, UNKNOWN)}
+
+
+def remove_placeholder_folder(out: Path) -> None:
+    """submitit's local job controller creates its folder pattern literally, OUT/jobs/%j (left empty)."""
+    with contextlib.suppress(OSError):
+        (Path(out) / JOBS_DIR / "%j").rmdir()
+
+
+def run_states(out: Path, runs: list, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """done / queued / running / unknown / failed / todo for every planned run, with its job id and its log
+    (absolute). `log` gets the line saying why SLURM states are inferred or unknown, if they are."""
     jobs = read_jobs(out)
-    slurm_jobs = {}
-    if any(j["launcher"] == "slurm" for j in jobs.values()):
-        submitit = require("submitit", "cluster")
-        slurm_jobs = {k: submitit.SlurmJob(folder=j["folder"], job_id=j["job_id"])  # registers: one sacct
-                      for k, j in jobs.items() if j["launcher"] == "slurm"}
+    remove_placeholder_folder(out)
+    pending = {_key(out, r): jobs[_key(out, r)] for r in runs if not r.done and _key(out, r) in jobs}
+    slurm_ids = [j["job_id"] for j in pending.values() if j["launcher"] == "slurm"]
+    slurm = slurm_states(slurm_ids, log) if slurm_ids else {}
     rows = []
     for run in runs:
         key = _key(out, run)
@@ -371,10 +435,11 @@ def run_states(out: Path, runs: list) -> list[dict[str, Any]]:
         elif job is None:
             row["state"] = "todo"
         else:
-            raw = (slurm_jobs[key].state.split()[0].upper() if key in slurm_jobs
+            raw = (slurm[job["job_id"]] if job["launcher"] == "slurm"
                    else _local_state(job["job_id"], Path(job["folder"])))
             row["scheduler_state"] = raw
-            row["state"] = "queued" if raw in QUEUED else "running" if raw in RUNNING else "failed"
+            row["state"] = ("queued" if raw in QUEUED else "running" if raw in RUNNING
+                            else "unknown" if raw == UNKNOWN else "failed")
         rows.append(row)
     return rows
 
@@ -404,9 +469,11 @@ def _submit(executor, jobs_fn: list[RunJob]) -> list:
     """One job, or one array (SLURM: --array=0-N%max_parallel) for several; sbatch's refusal is one line."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
+    from kdiqa_edge.console import quiet_logger
+
     echoed = io.StringIO()  # submitit prints sbatch's stderr on a failure; it goes into our one line instead
     try:
-        with contextlib.redirect_stderr(echoed), executor.batch():
+        with quiet_logger("submitit"), contextlib.redirect_stderr(echoed), executor.batch():
             jobs = [executor.submit(fn) for fn in jobs_fn]
     except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -414,40 +481,79 @@ def _submit(executor, jobs_fn: list[RunJob]) -> list:
     return jobs
 
 
-def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions,
-                log: Callable[[str], None] = print) -> list:
-    """Submit every run that is neither done nor queued nor running; returns the submitted jobs."""
+def _submissions(out: Path, runs: list, states: dict[str, dict], resubmit_unknown: bool) -> list[dict]:
+    """What submit_plan submits, per split: {seed, teacher (the run to submit, or None), students (the runs to
+    submit), waits_on (the job id of the split's teacher when it is not submitted but not done either)}.
+
+    A run is submitted when it has no job yet (todo) or its job ended without finishing it (failed); one whose
+    job's state is unknown only with `resubmit_unknown` (it may still be queued or running)."""
+    redo = {"todo", "failed"} | ({"unknown"} if resubmit_unknown else set())
+    splits = []
+    for seed in sorted({r.seed for r in runs}):
+        teacher = next((r for r in runs if r.seed == seed and r.stage == "teacher"), None)
+        students = [r for r in runs if r.seed == seed and r.stage == "distill"
+                    and states[_key(out, r)]["state"] in redo]
+        submit_teacher = teacher is not None and states[_key(out, teacher)]["state"] in redo
+        waiting = teacher is not None and not submit_teacher and not teacher.done
+        waits_on = states[_key(out, teacher)]["job_id"] if waiting else None
+        if submit_teacher or students:
+            splits.append({"seed": seed, "teacher": teacher if submit_teacher else None, "students": students,
+                           "waits_on": waits_on})
+    return splits
+
+
+def _skipped(states: dict[str, dict], resubmit_unknown: bool) -> dict[str, list[str]]:
+    """The runs not submitted although not done, by state: queued, running (and unknown)."""
+    kept = ("queued", "running") + (() if resubmit_unknown else ("unknown",))
+    return {state: [f"{k} (job {row['job_id']})" for k, row in states.items() if row["state"] == state]
+            for state in kept}
+
+
+def report_skipped(skipped: dict[str, list[str]], log: Callable[[str], None], names: bool = True) -> None:
+    """One line per state of the runs left alone: each run and its job (`names`), else how many."""
+    def runs(state):
+        return ", ".join(skipped[state]) if names else f"{len(skipped[state])} run(s)"
+
+    for state in ("queued", "running"):
+        if skipped[state]:
+            log(f"already {state}, not submitted again: {runs(state)}")
+    if skipped.get("unknown"):
+        log(f"state unknown, not submitted again: {runs('unknown')} (they may still be queued or running); "
+            "once squeue no longer lists them, re-run with --resubmit-unknown")
+
+
+def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions, log: Callable[[str], None] = print,
+                resubmit_unknown: bool = False) -> list:
+    """Submit every run that is neither done nor queued nor running (nor unknown, unless `resubmit_unknown`);
+    returns the submitted jobs. Paths in the jobs and in OUT/jobs.json are absolute."""
     from kdiqa_edge.train.reproduce import plan, record_plan
 
     if launcher not in LAUNCHERS[1:]:
         raise ConfigError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
     if launcher == "slurm":
         _check_slurm()
-    out = Path(out)
+    out = Path(out).absolute()  # the jobs, and a later --status, may run from another folder
     runs = plan(cfg, out)
     record_plan(cfg, data, out)
-    states = {row["run"]: row for row in run_states(out, runs)}
+    states = {row["run"]: row for row in run_states(out, runs, log)}
     records = read_jobs(out)
     submitted = []
-    for seed in sorted({r.seed for r in runs}):
-        teacher = next((r for r in runs if r.seed == seed and r.stage == "teacher"), None)
-        students = [r for r in runs if r.seed == seed and r.stage == "distill"]
-        teacher_job = None
-        if teacher is not None and states[_key(out, teacher)]["state"] in ("todo", "failed"):
+    for split in _submissions(out, runs, states, resubmit_unknown):
+        seed, teacher, todo, waits_on = (split[k] for k in ("seed", "teacher", "students", "waits_on"))
+        if teacher is not None:
             executor = _executor(launcher, out, opts, f"kdiqa-seed{seed}-teacher")
             [teacher_job] = _submit(executor, [RunJob(str(out), _key(out, teacher), opts.gpus_per_job)])
             records[_key(out, teacher)] = _record(launcher, out, teacher_job.job_id)
             _write_jobs(out, records)
             submitted.append(teacher_job)
+            waits_on = teacher_job.job_id
             log(f"seed {seed} teacher: submitted job {teacher_job.job_id}")
-        todo = [r for r in students if states[_key(out, r)]["state"] in ("todo", "failed")]
         if not todo:
             continue
-        waits_on = teacher_job.job_id if teacher_job else (
-            states[_key(out, teacher)]["job_id"] if teacher and not teacher.done else None)
+        teacher_run = next(r for r in runs if r.seed == seed and r.stage == "teacher") if waits_on else None
         dependency = f"afterok:{waits_on}" if waits_on and launcher == "slurm" else None
-        after = ({"job_id": waits_on, "folder": str(_job_folder(out, waits_on)), "run_dir": str(teacher.run_dir)}
-                 if waits_on and launcher == "submitit-local" else None)
+        after = ({"job_id": waits_on, "folder": str(_job_folder(out, waits_on)),
+                  "run_dir": str(teacher_run.run_dir)} if waits_on and launcher == "submitit-local" else None)
         executor = _executor(launcher, out, opts, f"kdiqa-seed{seed}-students", dependency)
         jobs = _submit(executor, [RunJob(str(out), _key(out, r), opts.gpus_per_job, after) for r in todo])
         for run, job in zip(todo, jobs):
@@ -456,36 +562,45 @@ def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions,
         submitted.extend(jobs)
         log(f"seed {seed} students: submitted {len(jobs)} run(s) as job(s) {', '.join(j.job_id for j in jobs)}"
             + (f", after {waits_on}" if waits_on else ""))
+    skipped = _skipped(states, resubmit_unknown)
+    report_skipped(skipped, log, names=False)
     if not submitted:
-        log("nothing to submit: every run is done, queued or running")
+        left = "done, queued, running or unknown" if skipped.get("unknown") else "done, queued or running"
+        log(f"nothing to submit: every run is {left}")
     return submitted
 
 
 def _record(launcher: str, out: Path, job_id: str) -> dict[str, str]:
-    return {"launcher": launcher, "job_id": str(job_id), "folder": str(_job_folder(out, str(job_id))),
+    folder = _job_folder(Path(out).absolute(), str(job_id))
+    return {"launcher": launcher, "job_id": str(job_id), "folder": str(folder),
             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def job_graph(cfg, out: Path, opts: SlurmOptions) -> list[dict[str, Any]]:
-    """What submit_plan would submit now, for --dry-run: one entry per sbatch call with its parameters."""
+def job_graph(cfg, out: Path, opts: SlurmOptions, resubmit_unknown: bool = False,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """What submit_plan would submit now, for --dry-run, from the same run states: `jobs`, one entry per
+    sbatch call with its parameters; `runs`, the runs it would submit; `skipped`, the runs it would leave
+    alone as queued, running (or unknown), by state."""
     from kdiqa_edge.train.reproduce import plan
 
-    runs = [r for r in plan(cfg, Path(out)) if not r.done]
-    graph = []
-    for seed in sorted({r.seed for r in runs}):
-        teacher = next((r for r in runs if r.seed == seed and r.stage == "teacher"), None)
-        students = [r.name for r in runs if r.seed == seed and r.stage == "distill"]
+    runs = plan(cfg, Path(out))
+    states = {row["run"]: row for row in run_states(Path(out), runs, log)}
+    graph, submitted = [], []
+    for split in _submissions(Path(out), runs, states, resubmit_unknown):
+        seed, teacher, students, waits_on = (split[k] for k in ("seed", "teacher", "students", "waits_on"))
         if teacher:
             graph.append({"job": f"seed{seed}-teacher", "runs": ["teacher"], "after": None,
                           "sbatch": sbatch_parameters(opts, f"kdiqa-seed{seed}-teacher")})
+        after = f"seed{seed}-teacher" if teacher else (f"job {waits_on}" if waits_on else None)
         if students:
-            params = sbatch_parameters(opts, f"kdiqa-seed{seed}-students",
-                                       f"afterok:<seed{seed}-teacher>" if teacher else None)
+            params = sbatch_parameters(opts, f"kdiqa-seed{seed}-students", (
+                f"afterok:<seed{seed}-teacher>" if teacher else f"afterok:{waits_on}" if waits_on else None))
             if len(students) > 1:
                 params["array"] = f"0-{len(students) - 1}%{min(len(students), opts.max_parallel)}"
-            graph.append({"job": f"seed{seed}-students", "runs": students,
-                          "after": f"seed{seed}-teacher" if teacher else None, "sbatch": params})
-    return graph
+            graph.append({"job": f"seed{seed}-students", "runs": [r.name for r in students], "after": after,
+                          "sbatch": params})
+        submitted += ([teacher] if teacher else []) + students
+    return {"jobs": graph, "runs": submitted, "skipped": _skipped(states, resubmit_unknown)}
 
 
 if __name__ == "__main__":  # one run under torchrun: python -m kdiqa_edge.train.launch OUT KEY
