@@ -61,3 +61,25 @@ def test_two_exports_into_one_folder_keep_both_in_the_manifest(checkpoint, small
         waited = [line for line in err.splitlines() if "another export is writing here" in line]
         assert all(" (pid " in line and line.endswith("waiting for it to finish") for line in waited)
     assert (out / ".kdiqa-export.lock").is_file()
+
+
+def test_a_tensorrt_ready_onnx_is_reused_while_tensorrt_is_still_missing(checkpoint, small_synthetic, tmp_path,
+                                                                          capsys, monkeypatch):
+    """Without tensorrt the export writes the TensorRT-ready ONNX and trtexec.sh and exits 4; the same export
+    again reuses them (it rebuilt and recalibrated every time), and builds once tensorrt imports."""
+    from kdiqa_edge.export.tensorrt import TensorRTTarget
+
+    monkeypatch.setattr(TensorRTTarget, "missing", staticmethod(lambda: "No module named 'tensorrt'"))
+    monkeypatch.setattr("kdiqa_edge.export.tensorrt.tensorrt_available", lambda: "No module named 'tensorrt'")
+    out = tmp_path / "exports"
+    command = _export(checkpoint, small_synthetic, out, "--target", "tensorrt", "--precision", "fp16")
+    code, _, err = run_cli(command, capsys)
+    assert code == 4 and "NO ENGINE WAS BUILT" in err, err
+    onnx_file = next((out / "tensorrt-fp16").glob("*.onnx"))
+    written = onnx_file.stat().st_mtime_ns
+    code, _, err = run_cli(command, capsys)
+    assert code == 4 and "NO ENGINE WAS BUILT" in err and "tensorrt-fp16: exporting" not in err, err
+    assert onnx_file.stat().st_mtime_ns == written
+    monkeypatch.setattr(TensorRTTarget, "missing", staticmethod(lambda: None))  # tensorrt here now: built again
+    code, _, err = run_cli(command, capsys)
+    assert "tensorrt-fp16: exporting" in err

@@ -278,7 +278,8 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
     for name in cfg.targets():
         label, key = f"{name}-{cfg.precision}", request_key(model_hash, cfg, data, name)
         entry = exports.get(label)
-        if force or entry is None or entry.get("request_key") != key or entry.get("unavailable"):
+        if (force or entry is None or entry.get("request_key") != key
+                or (entry.get("unavailable") and _runtime_here(TARGETS.get(name)))):
             todo[name] = (label, key)
         else:
             reused.append(label)
@@ -322,6 +323,14 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
     if unavailable:
         raise TensorRTUnavailable(unavailable[0])
     return {**manifest, "run": {"requested": requested, "reused": reused}}
+
+
+def _runtime_here(target) -> bool:
+    """Whether a target whose runtime was missing when it exported (only its inputs written: the TensorRT-ready
+    ONNX and trtexec.sh) could build more now: its `missing()` says None, or it cannot say. Where it still
+    cannot, the written inputs are up to date and reused."""
+    missing = getattr(target, "missing", None)
+    return not callable(missing) or missing() is None
 
 
 def other_checkpoint(manifest: dict[str, Any], model_hash: str, checkpoint_dir: Path, out: Path,

@@ -176,6 +176,11 @@ class TensorRTTarget:
                         tolerance={"fp32": 1e-4, "fp16": 5e-2})
     engine_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-2, "fp16": 5e-2}  # FP32 layers may run in TF32
 
+    @staticmethod
+    def missing() -> str | None:
+        """None where tensorrt imports here (an engine can be built), else why not."""
+        return tensorrt_available()
+
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         import onnx
 
