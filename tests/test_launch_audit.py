@@ -198,3 +198,31 @@ def test_local_executor_placeholder_folder_is_removed(tmp_path):
     assert (out / "jobs" / "%j").is_dir()
     assert launch.run_states(out, []) == []
     assert not (out / "jobs" / "%j").exists() and (out / "jobs" / job.job_id).is_dir()
+
+
+# ---------------------------------------------------------------- --wait without sacct
+
+COUNTING_SQUEUE = """#!/bin/bash
+dir=$(dirname "$0")
+n=$(( $(cat "$dir/polls" 2>/dev/null || echo 0) + 1 ))
+echo $n > "$dir/polls"
+[ $n -le 2 ] && cat "$dir/queue"
+exit 0
+"""
+
+
+def test_wait_reads_the_states_status_reads_and_ends_when_no_job_is_left(small_synthetic, tmp_path, monkeypatch):
+    """--wait without sacct: squeue lists the jobs for two polls, then none (they died without a result): the
+    wait ends with the failed runs in one line. submitit's own wait reads sacct alone, and waited forever."""
+    monkeypatch.setattr("kdiqa_edge.cli.reproduce.SLURM_POLL_S", 0.01)
+    bin_dir = _fake_slurm(tmp_path / "bin", monkeypatch, squeue=COUNTING_SQUEUE)
+    (bin_dir / "queue").write_text("1 RUNNING\n2_0 PENDING\n")
+    result = CliRunner().invoke(app, _args(small_synthetic, tmp_path / "repro", "--wait", variants="full"))
+    polls = int((bin_dir / "polls").read_text())
+    assert result.exit_code != 0 and polls == 4, result.output  # 2 listing the jobs, 1 not, then the status
+    assert isinstance(result.exception, launch.LaunchError) and "2 run(s) failed" in str(result.exception)
+
+    bin_dir.joinpath("squeue").unlink()  # neither sacct nor squeue: nobody can tell, the wait does not start
+    again = CliRunner().invoke(app, _args(small_synthetic, tmp_path / "repro2", "--wait", variants="full"))
+    assert isinstance(again.exception, launch.LaunchError) and "cannot wait for 2 run(s) whose SLURM state is " \
+        "unknown" in str(again.exception)

@@ -182,13 +182,48 @@ def _launch(cfg, data: DatasetSpec, out: Path, launcher: str, opts, dry_run: boo
     if launcher == "submitit-local" or wait:
         from kdiqa_edge.train.launch import LaunchError
 
-        with quiet_logger("submitit"):  # its sacct warnings (each twice): _status says what is known
-            for job in jobs:
-                job.wait()
+        if launcher == "slurm":
+            _wait_slurm(cfg, out)
+        else:
+            with quiet_logger("submitit"):  # its sacct warnings (each twice): _status says what is known
+                for job in jobs:
+                    job.wait()
         failed = [r for r in _status(out) if r["state"] == "failed"]
         if failed:
             raise LaunchError(f"{len(failed)} run(s) failed ({', '.join(r['run'] for r in failed)}; first log: "
                               f"{failed[0]['log']}): re-run the same reproduce command to resubmit them")
+
+
+SLURM_POLL_S = 60.0  # --wait: how often the runs' states are read (sacct, else squeue)
+
+
+def _wait_slurm(cfg, out: Path) -> None:
+    """--wait on SLURM: until no run is queued or running, by the states `--status` reads (sacct, else squeue).
+    submitit's own wait reads sacct alone: without it, a job that died without a result was waited for forever.
+    Runs whose state nobody can tell end the wait in one line."""
+    import time
+
+    from kdiqa_edge.train.launch import LaunchError, run_states
+    from kdiqa_edge.train.reproduce import plan
+
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            typer.echo(line, err=True)
+
+    while True:
+        rows = run_states(out, plan(cfg, out), log=once)
+        waiting = [r for r in rows if r["state"] in ("queued", "running")]
+        unknown = [r for r in rows if r["state"] == "unknown"]
+        if not waiting:
+            if unknown:
+                raise LaunchError(f"cannot wait for {len(unknown)} run(s) whose SLURM state is unknown "
+                                  f"({', '.join(r['run'] for r in unknown)}): see `reproduce --out {out} --status` "
+                                  "later")
+            return
+        time.sleep(SLURM_POLL_S)
 
 
 def _status(out: Path) -> list[dict]:
