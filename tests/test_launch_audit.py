@@ -21,20 +21,11 @@ from typer.testing import CliRunner
 pytest.importorskip("torch")
 submitit = pytest.importorskip("submitit")
 
+from slurm_helpers import FAKE_SACCT, FAKE_SBATCH
+
 from kdiqa_edge.cli import app
 from kdiqa_edge.train import launch
 
-FAKE_SBATCH = """#!/bin/bash
-dir=$(dirname "$0")
-n=$(( $(cat "$dir/count" 2>/dev/null || echo 0) + 1 ))
-echo $n > "$dir/count"
-cp "$1" "$dir/sbatch.$n"
-echo "Submitted batch job $n"
-"""
-FAKE_SACCT = """#!/bin/bash
-echo "JobID|State|NodeList"
-cat "$(dirname "$0")/states" 2>/dev/null
-"""
 NO_ACCOUNTING = """#!/bin/bash
 echo "sacct: error: Slurm accounting storage is disabled" >&2
 exit 1

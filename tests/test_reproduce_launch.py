@@ -22,6 +22,8 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")
 submitit = pytest.importorskip("submitit")
 
+from slurm_helpers import FAKE_SACCT, FAKE_SBATCH
+
 from kdiqa_edge.cli import app
 from kdiqa_edge.train.launch import LaunchError, parse_extra, time_minutes
 
@@ -217,23 +219,6 @@ def test_a_stopped_torchrun_gets_sigterm_first_then_sigkill_after_the_grace(tmp_
 
 # ---------------------------------------------------------------- a fake SLURM
 
-FAKE_SBATCH = """#!/bin/bash
-# records the submission script, refuses an unknown partition as sbatch does, prints a job id
-dir=$(dirname "$0")
-if grep -q -- '--partition=nope' "$1"; then
-  echo "sbatch: error: invalid partition specified: nope" >&2
-  echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
-  exit 1
-fi
-n=$(( $(cat "$dir/count" 2>/dev/null || echo 0) + 1 ))
-echo $n > "$dir/count"
-cp "$1" "$dir/sbatch.$n"
-echo "Submitted batch job $n"
-"""
-FAKE_SACCT = """#!/bin/bash
-echo "JobID|State|NodeList"
-cat "$(dirname "$0")/states" 2>/dev/null
-"""
 
 
 @pytest.fixture()

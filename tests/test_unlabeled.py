@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 
 from cli_helpers import run_cli
 from ddp_helpers import become_rank, free_port
+from slurm_helpers import FAKE_SBATCH
 
 from kdiqa_edge.data import load_dataset, make_split
 from kdiqa_edge.data.tarshards import expand_braces, scan_tar
@@ -374,14 +375,6 @@ def test_cli_feature_tasks_then_train_mixes_unlabeled_and_excludes_test_images(p
     assert json.loads((run / "split.json").read_text())["test"] == make_split(load_dataset(small_synthetic)).test
 
 
-FAKE_SBATCH = """#!/bin/bash
-# keeps each submission script and answers with the next job id, as sbatch does
-dir=$(dirname "$0")
-n=$(( $(cat "$dir/count" 2>/dev/null || echo 0) + 1 ))
-echo $n > "$dir/count"
-cp "$1" "$dir/sbatch.$n"
-echo "Submitted batch job $n"
-"""
 
 
 def _sbatch_flags(path: Path) -> dict[str, str]:
