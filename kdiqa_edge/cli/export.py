@@ -155,10 +155,12 @@ def export_command(
     gate = _gate(cfg)
     if mlflow_register:
         from kdiqa_edge.errors import require
+        from kdiqa_edge.train.trackers.mlflow import check_store
         from kdiqa_edge.train.trackers.registry import EXTRA, chosen
 
         require("mlflow", EXTRA)
         chosen(requested)  # one model to register: refused before any export work
+        check_store(mlflow_uri)  # and a store that cannot take it
     try:
         manifest = export_checkpoint(checkpoint, cfg, out, data=data, force=force, log=_log, verbose=verbose)
     except TensorRTUnavailable:

@@ -127,8 +127,10 @@ Logger = Annotated[list[str] | None, typer.Option(
     "MLFLOW_TRACKING_URI) or wandb (WANDB_PROJECT; WANDB_MODE=offline needs no network); repeat for several. "
     "--resume continues the same tracker runs. Needs the [track] extra.", rich_help_panel=TRACK_PANEL)]
 MlflowUri = Annotated[str | None, typer.Option(
-    "--mlflow-uri", help="--logger mlflow: a tracking server (http://host:5000), a database (sqlite:///mlflow.db) "
-    "or a folder (default MLFLOW_TRACKING_URI, else MLflow's own default in the current folder).",
+    "--mlflow-uri", help="--logger mlflow: a tracking server (http://host:5000) or a database "
+    "(sqlite:///mlflow.db); a folder only with MLFLOW_ALLOW_FILE_STORE=true (MLflow 3 deprecates its file "
+    "store). Checked before any work. Default MLFLOW_TRACKING_URI, else MLflow's own default (mlflow.db in "
+    "the current folder). Given on --resume, the run goes on as a new MLflow run in that store.",
     rich_help_panel=TRACK_PANEL)]
 
 

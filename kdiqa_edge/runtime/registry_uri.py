@@ -32,19 +32,22 @@ def resolve_model_uri(uri: str) -> Path:
     from mlflow import MlflowClient, get_registry_uri
     from mlflow.exceptions import MlflowException
 
+    from kdiqa_edge.train.trackers.mlflow import quiet  # torch-free
+
     name, version, alias = _parse(uri)
     client = MlflowClient()
     try:
-        if alias is not None:
-            found = client.get_model_version_by_alias(name, alias)
-        elif version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise CheckpointError(f"{uri}: the registry holds no version of {name!r}")
-            found = max(versions, key=lambda v: int(v.version))
-        else:
-            found = client.get_model_version(name, version)
-        folder = _download(name, str(found.version), get_registry_uri())
+        with quiet():  # its logging and its download progress bar
+            if alias is not None:
+                found = client.get_model_version_by_alias(name, alias)
+            elif version == "latest":
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise CheckpointError(f"{uri}: the registry holds no version of {name!r}")
+                found = max(versions, key=lambda v: int(v.version))
+            else:
+                found = client.get_model_version(name, version)
+            folder = _download(name, str(found.version), get_registry_uri())
     except MlflowException as exc:
         raise CheckpointError(f"{uri}: {first_line(exc)}") from exc
     return _artifact(folder, (found.tags or {}).get(FILE_TAG), uri)

@@ -347,6 +347,9 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     say = (log or print) if ctx.is_main else (lambda *_: None)
     if not resume and ctx.is_main:  # first: an interrupt in the teacher stage leaves a run --resume continues
         config_lib.save(cfg, run_dir / "config.yaml")
+    elif ctx.is_main:  # a resume's --logger / --mlflow-uri are the run's from now on
+        config_lib.save(load_config(run_dir / "config.yaml", loggers=cfg.loggers, mlflow_uri=cfg.mlflow_uri),
+                        run_dir / "config.yaml")
     stage = "before the student's first epoch"
     try:
         teacher, teacher_dir = None, None

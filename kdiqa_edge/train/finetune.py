@@ -151,6 +151,9 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         trainer.setup()
         if trainer.ctx.is_main and not resume:
             config_lib.save(cfg, run_dir / "config.yaml")
+        elif trainer.ctx.is_main:  # a resume's --logger / --mlflow-uri are the run's from now on
+            config_lib.save(load_config(run_dir / "config.yaml", loggers=cfg.loggers, mlflow_uri=cfg.mlflow_uri),
+                            run_dir / "config.yaml")
         zero = zero_shot_before(trainer, cache, split, train_cfg) if not resume_state else None
         started = time.perf_counter()
         summary = trainer.train()

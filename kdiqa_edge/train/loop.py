@@ -118,7 +118,8 @@ class TrainConfig:
             raise ConfigError(f"select must be plcc+srcc, srcc or plcc, got {self.select!r}")
         from kdiqa_edge.train.trackers import check_loggers
 
-        self.loggers = check_loggers(self.loggers)  # a missing package: one line naming the extra, before any work
+        # a missing package, an MLflow store that cannot work: one line, before any work
+        self.loggers = check_loggers(self.loggers, self.mlflow_uri)
         return self
 
 
@@ -369,16 +370,18 @@ class Trainer:
         """Open cfg.loggers' runs (reopen them on resume, and send what they missed) on rank 0."""
         if not self.cfg.loggers or not self.ctx.is_main or self.trackers is not None:
             return
-        from kdiqa_edge.train.trackers.base import RunInfo, experiment_name, run_tags
+        from kdiqa_edge.train.trackers.base import RunInfo, experiment_name, run_name, run_tags
         from kdiqa_edge.train.trackers.run import TrackedRun
 
         config = self._run_config()
         stage = str(self.extra_meta.get("stage", "train"))
         run_dir = self.run_dir.resolve()
-        run = RunInfo(run_dir=run_dir, name=run_dir.name, experiment=experiment_name(config, stage), stage=stage,
+        run = RunInfo(run_dir=run_dir, name=run_name(run_dir), experiment=experiment_name(config, stage), stage=stage,
                       config=config, eval_split=self.eval_split, tags=run_tags(config, stage),
                       mlflow_uri=self.cfg.mlflow_uri)
-        self.trackers = TrackedRun(self.cfg.loggers, run, METRIC_NAMES).start(self.step)
+        # held before they start: cleanup() ends whatever started, a Ctrl-C inside start() included
+        self.trackers = TrackedRun(self.cfg.loggers, run, METRIC_NAMES)
+        self.trackers.start(self.step)
         if self.step:
             self.trackers.catch_up(self.run_dir / "steps.csv", self.history, self.step)
 

@@ -27,7 +27,7 @@ class RunInfo:
     """What every tracker is told about the run it opens."""
 
     run_dir: Path
-    name: str  # the run's name in the tracker: the run dir's name
+    name: str  # the run's name in the tracker: `run_name(run_dir)`
     experiment: str  # the dataset and the model trained (`koniq-resnet18`): MLflow's experiment, W&B's group
     stage: str  # teacher-finetune | distill (W&B's job type)
     config: dict[str, Any]  # the run's config as run (config.yaml), nested
@@ -48,7 +48,11 @@ class Tracker(Protocol):
 
     def start(self, run: RunInfo, saved: Mapping[str, Any] | None, next_step: int) -> dict[str, Any]:
         """Open the run and log its config, or with `saved` (what an earlier start returned) reopen the same one,
-        whose next logged step is `next_step`. Returns what reopens it (ids, folders): trackers.json keeps it."""
+        whose next logged step is `next_step`. Returns what reopens it (ids, folders): trackers.json keeps it.
+        A returned `run_id` other than saved's is a new run (MLflow, told another store): it gets every step.
+        Where it knows what reopens its run before that run exists (W&B picks its own id), it sets it as
+        `self.state` first: a start interrupted (Ctrl-C) there is recorded, and --resume continues that run.
+        A tracker may also have `preflight(mlflow_uri)`: `check_loggers` calls it before any work."""
 
     def held_step(self) -> int | None:
         """The last step this tracker's own store holds for a reopened run, where it can tell (None: unknown)."""
@@ -69,16 +73,34 @@ class Tracker(Protocol):
 TRACKERS: Registry[type[Tracker]] = Registry("logger")
 
 
-def check_loggers(names) -> list[str]:
-    """The --logger names, checked before any work: each registered and its package installed (one line
-    naming the extra otherwise)."""
+def run_name(run_dir: Path) -> str:
+    """The run's name in the trackers: its folder's name, with the seed folder above it for a reproduce run
+    (OUT/seed0/teacher -> seed0/teacher: every seed's runs would share a name otherwise)."""
+    parent = run_dir.parent.name
+    return f"{parent}/{run_dir.name}" if re.fullmatch(r"seed\d+", parent) else run_dir.name
+
+
+def check_loggers(names, mlflow_uri: str | None = None) -> list[str]:
+    """The --logger names, checked before any work: each registered, its package installed (one line naming
+    the extra otherwise) and its own `preflight` passed (MLflow: the store `mlflow_uri` names, one line if
+    MLflow cannot use it)."""
     names = list(dict.fromkeys(names or ()))
     for name in names:
         tracker = TRACKERS.get(name)
         if importlib.util.find_spec(tracker.package) is None:
             raise MissingDependency(f"--logger {name} needs {tracker.package}, which is not installed; install it "
                                     f"with: pip install 'kdiqa-edge[{EXTRA}]'")
+    for name in names:
+        getattr(TRACKERS.get(name), "preflight", lambda mlflow_uri: None)(mlflow_uri)
     return names
+
+
+def note(name: str, line: str) -> None:
+    """One line of a tracker's own (where its run is) on stderr, as `NAME: line` (the libraries' own lines are
+    held back)."""
+    from kdiqa_edge.console import stream
+
+    print(f"{name}: {line}", file=stream("stderr"), flush=True)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

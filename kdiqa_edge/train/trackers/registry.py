@@ -1,13 +1,16 @@
 """An export in MLflow's model registry: `kdiqa-edge export ... --mlflow-register NAME`.
 
-One MLflow run per registration holds the export's artifacts (each requested export's files and export.log
-under its OUT folder's name, manifest.json at the top), its figures as metrics (`<label>/parity.max_abs_diff`,
-`<label>/drift.delta_srcc`, `<label>/drift.latency.1.p50_ms`...) and params (target, precision, auto's pick,
-the checkpoint's content hash). The chosen export, auto's pick where auto ran, becomes a new version of the
-registered model NAME: its folder in that run is the version's source, and its tags name the file to load
-(`kdiqa_edge.file`), so `QualityModel.load("models:/NAME/3")` finds it (`runtime/registry_uri.py`).
+One MLflow run per registration holds the export's artifacts (each requested export's files, and its
+export.log where the converters printed anything, under its OUT folder's name; manifest.json at the top), its
+figures as metrics (`<label>/parity.max_abs_diff`, `<label>/drift.delta_srcc`,
+`<label>/drift.latency.1.p50_ms`...) and params (target, precision, auto's pick, the checkpoint's content
+hash). The chosen export, auto's pick where auto ran, becomes a new version of the registered model NAME:
+its folder in that run is the version's source, and its tags name the file to load (`kdiqa_edge.file`), so
+`QualityModel.load("models:/NAME/3")` finds it (`runtime/registry_uri.py`).
 Where the checkpoint's run logged to the same MLflow store (its trackers.json), the export run goes into that
-run's experiment as its child. Torch-free; mlflow is imported when called.
+run's experiment as its child. The store is checked first (`mlflow.check_store`: one line, not minutes of
+retries, for a server that does not answer) and MLflow's own chatter is held back (`mlflow.quiet`).
+Torch-free; mlflow is imported when called.
 """
 
 from __future__ import annotations
@@ -61,16 +64,25 @@ def register_export(out: str | Path, name: str, requested: Sequence[str], mlflow
     """Log OUT's requested exports (from its manifest.json) to MLflow and register the chosen one as a new
     version of model `name`."""
     require("mlflow", EXTRA)
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from kdiqa_edge.train.trackers.mlflow import experiment_id, tracking_uri
+    from kdiqa_edge.train.trackers.mlflow import check_store, quiet
 
     out = Path(out)
     manifest = read_json(out / MANIFEST)
+    label = chosen(requested, manifest.get("exports", {}))
+    uri = check_store(mlflow_uri)
+    with quiet():
+        return _register(out, name, requested, manifest, label, uri, log)
+
+
+def _register(out: Path, name: str, requested: Sequence[str], manifest: dict[str, Any], label: str, uri: str,
+              log) -> Registered:
+    """register_export's work, in `uri` (checked)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from kdiqa_edge.train.trackers.mlflow import experiment_id
+
     exports = manifest.get("exports", {})
-    label = chosen(requested, exports)
-    uri = tracking_uri(mlflow_uri)
     client = MlflowClient(tracking_uri=uri)
     checkpoint = manifest.get("checkpoint") or {}
     training = _training_run(checkpoint.get("path"), uri)
@@ -108,8 +120,11 @@ def register_export(out: str | Path, name: str, requested: Sequence[str], mlflow
 
 
 def _log_export(client, run_id: str, out: Path, entry: dict[str, Any]) -> None:
-    """An export's files and its export.log, each under its path in OUT."""
-    paths = [f["path"] for f in entry["files"]] + ([entry["log"]] if entry.get("log") else [])
+    """An export's files and its export.log, each under its path in OUT; an empty log (the converters printed
+    nothing) is no artifact."""
+    paths = [f["path"] for f in entry["files"]]
+    if entry.get("log") and (out / entry["log"]).is_file() and (out / entry["log"]).stat().st_size:
+        paths.append(entry["log"])
     for relative in paths:
         path = out / relative
         parent = Path(relative).parent.as_posix()

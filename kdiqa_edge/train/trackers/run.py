@@ -10,7 +10,9 @@ What they get, named as the run dir names it:
 RUN/trackers.json keeps, per tracker, what reopens its run (ids, store) and the last step it logged, so
 `--resume` continues the same runs: steps it logged already are not sent again (TensorBoard also hides,
 with `purge_step`, whatever an interrupted session logged past it), and epochs saved but not logged before
-a kill are sent from steps.csv and metrics.csv first.
+a kill are sent from steps.csv and metrics.csv first. It is rewritten (atomically) as soon as each tracker
+has started: a Ctrl-C while the others start (wandb.init takes seconds) ends the started ones as KILLED
+and leaves them recorded, so a --resume continues them rather than opening twins.
 A tracker that raises (a server gone, a full disk) is one warning line, then left out; training goes on and
 the run dir keeps every record.
 """
@@ -31,6 +33,7 @@ from kdiqa_edge.train.trackers.base import TRACKERS, RunInfo, Tracker
 
 STATE_FILE = "trackers.json"
 ROW_KEYS = ("epoch", "step", "eval_split")  # a row's position, not a figure
+WARNING_LIMIT = 1000  # characters of a tracker's error kept in its warning line
 
 
 def warn(line: str) -> None:
@@ -56,21 +59,43 @@ class TrackedRun:
 
     # -- start ------------------------------------------------------------------------------------------
     def start(self, next_step: int) -> TrackedRun:
-        """Open (or reopen, from trackers.json) every tracker; `next_step`: the first step this session trains."""
+        """Open (or reopen, from trackers.json) every tracker; `next_step`: the first step this session
+        trains. Interrupted (Ctrl-C) or failing past a tracker's own errors, it ends the ones started, then
+        re-raises."""
         self.states = read_json(self.state_file) if self.state_file.is_file() else {}
-        for name in self.names:
-            saved = self.states.get(name)
-            logged = int(saved.get("step", -1)) if saved else -1
-            tracker = TRACKERS.get(name)()
-            state = self._call(name, tracker, "start", self.run, saved, logged + 1)
-            held = self._call(name, tracker, "held_step") if name in self.active else None
-            if name not in self.active:  # it failed (one warning line said so)
-                continue
-            self.logged[name] = max(logged, held if held is not None else -1)
-            self.states[name] = {**(state or {}), "step": self.logged[name]}
-        self._save()
         atexit.register(self.end)  # a recipe that never reaches Trainer.cleanup() still ends them
+        try:
+            for name in self.names:
+                self._start(name)
+        except BaseException:
+            self.end(status_now())
+            raise
+        self._save()
         return self
+
+    def _start(self, name: str) -> None:
+        saved = self.states.get(name)
+        logged = int(saved.get("step", -1)) if saved else -1
+        tracker = TRACKERS.get(name)()
+        try:
+            state = self._call(name, tracker, "start", self.run, saved, logged + 1)
+        except BaseException:  # inside the library's start: what it had made is ended, and recorded if known
+            self.active.pop(name, None)
+            if getattr(tracker, "state", None):
+                self.states[name] = {**tracker.state, "step": logged}
+                self._save()
+            _close_quietly(tracker, status_now())
+            raise
+        if name not in self.active:  # it failed (one warning line said so)
+            return
+        if saved is not None and state.get("run_id") != saved.get("run_id"):
+            logged = -1  # a new run (MLflow, in another store): it gets every step
+        self.logged[name] = logged
+        self.states[name] = {**state, "step": logged}
+        self._save()  # recorded before anything else can stop the start
+        held = self._call(name, tracker, "held_step")
+        if name in self.active and held is not None and held is not _FAILED:
+            self.logged[name] = self.states[name]["step"] = max(logged, held)
 
     def catch_up(self, steps_csv: Path, history: Sequence[Mapping[str, Any]], before_step: int) -> None:
         """Send what a resumed run saved but its trackers never got (a kill between the checkpoint and the
@@ -158,19 +183,20 @@ class TrackedRun:
         except Exception as exc:  # noqa: BLE001 - any library's error: the training must not stop for a tracker
             self.active.pop(name, None)
             doing = "could not start" if method == "start" else "stopped logging"
-            self.say(f"{name} {doing} ({first_line(exc, typed=True)}); training goes on without it, "
-                     f"the run dir keeps every record")
+            # the library's whole first line: its remedy often closes it
+            self.say(f"{name} {doing} ({first_line(exc, limit=WARNING_LIMIT, typed=True)}); training goes on "
+                     "without it, the run dir keeps every record")
             if method != "close":
-                _close_quietly(tracker)
+                _close_quietly(tracker, "FAILED")
             return _FAILED
 
 
 _FAILED = object()
 
 
-def _close_quietly(tracker) -> None:
-    with contextlib.suppress(Exception):  # it is broken already, and its warning was said
-        tracker.close("FAILED")
+def _close_quietly(tracker, status: str) -> None:
+    with contextlib.suppress(Exception):  # it is broken or half-started, and its warning (if any) was said
+        tracker.close(status)
 
 
 def _number(text: str) -> Any:
