@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import os
+import struct
 import threading
 import warnings
 from pathlib import Path
@@ -146,9 +147,24 @@ def _decode(source: Path | io.BytesIO, draft_size: int | None) -> Image.Image:
         raise ImageLoadError("not an image (unidentified format)") from None
     except PermissionError:
         raise ImageLoadError("permission denied") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"unreadable image: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise ImageLoadError(unreadable(exc)) from None
     return to_rgb(img)
+
+
+# What Pillow raises on a malformed file: OSError and friends, and its plugins' own errors on a header they
+# cannot parse (struct.error on a short field, EOFError, IndexError, ...): a row with its reason, not a traceback
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
+                 OverflowError, struct.error)
+
+
+def unreadable(exc: BaseException) -> str:
+    """'unreadable image: REASON' (with the error's type where it is a plugin's own, not an OSError's)."""
+    if isinstance(exc, (OSError, SyntaxError, ValueError)):
+        return f"unreadable image: {exc}"
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"unreadable image ({name}: {exc})"
 
 
 def draft_scale(width: int, height: int, size: int) -> int:

@@ -284,3 +284,31 @@ def test_float_tiff_in_0_1_is_not_black(tmp_path):
                     for name in ("unit.tif", "bytes.tif"))
     assert Image.open(tmp_path / "unit.tif").mode == "F"
     assert 120 < unit.mean() < 135 and np.abs(unit.astype(int) - scaled.astype(int)).max() <= 1
+
+
+def test_a_plugins_own_error_on_a_malformed_header_is_a_reason_not_a_traceback(tmp_path, monkeypatch):
+    """Pillow's plugins raise struct.error, EOFError, IndexError... on headers they cannot parse: none of them
+    an OSError. A scored file and an unlabeled one each get a reason."""
+    import struct
+
+    from PIL import Image
+
+    from kdiqa_edge.data.unlabeled import build_pool
+    from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed
+
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (90, 120, 30)).save(folder / "odd.png")
+    opened = Image.open
+
+    def malformed(source, *args, **kwargs):
+        if "odd" in str(getattr(source, "name", source)) or not isinstance(source, (str, Path)):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return opened(source, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", malformed)
+    with pytest.raises(ImageLoadError, match=r"unreadable image \(struct\.error: unpack requires"):
+        load_preprocessed(folder / "odd.png", PreprocessSpec(size=32))
+    pool = build_pool([str(folder)], {}, progress=False)
+    assert len(pool) == 0 and [s.reason for s in pool.skipped] == [
+        "unreadable image (struct.error: unpack requires a buffer of 4 bytes)"]

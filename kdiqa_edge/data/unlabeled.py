@@ -43,10 +43,12 @@ from kdiqa_edge.data.records import Skip
 from kdiqa_edge.data.tarshards import ShardError, expand_braces, read_member, scan_tar
 from kdiqa_edge.errors import ConfigError, DataError
 from kdiqa_edge.preprocess import (
+    DECODE_ERRORS,
     ImageLoadError,
     PreprocessSpec,
     load_preprocessed,
     resize_crop,
+    unreadable,
 )
 
 # What `score` walks as images (runtime/files.py), without importing the runtime package.
@@ -298,8 +300,8 @@ def _identify(entry: Entry) -> tuple[Identity, bool, int]:
         return Identity(digest, "not an image (unidentified format)"), True, hashed_ns
     except Image.DecompressionBombError as exc:  # over twice Pillow's pixel limit (preprocess words it so)
         return Identity(digest, f"decompression bomb refused: {exc}"), True, hashed_ns
-    except (OSError, SyntaxError, ValueError) as exc:
-        return Identity(digest, f"unreadable image: {exc}"), True, hashed_ns
+    except DECODE_ERRORS as exc:
+        return Identity(digest, unreadable(exc)), True, hashed_ns
     return Identity(digest, None), True, hashed_ns
 
 
