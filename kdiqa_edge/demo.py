@@ -201,19 +201,17 @@ def _random_why(cfg: DemoConfig, teacher: str, pretrained: dict[str, bool]) -> s
     return "; ".join(reasons) or "no pretrained weights"
 
 
-# what a finished run's config.yaml may hold differently from this demo's and still be this demo's stage: how
-# it ran, not what it trained
-_HOW = ("progress", "workdir", "dataset", "device", "compile", "eval_batch_size", "loggers", "mlflow_uri",
-        "teacher_checkpoint", "image_cache", "workers", "feature_shard_images")
-
-
 def _check_finished(out: Path, data: DatasetSpec, teacher_cfg, student_cfgs: dict[str, Any]) -> None:
     """Refuse an OUT whose finished runs were trained otherwise (another teacher, epochs, data): the demo skips
     a finished stage, and the report would state this run's options for that run's models."""
     from kdiqa_edge import config as config_lib
     from kdiqa_edge.data.readers import absolute_spec
+    from kdiqa_edge.train.distill import VOLATILE
     from kdiqa_edge.train.state import run_finished
 
+    # what a finished run's config.yaml may hold otherwise and still be this demo's stage: how it ran (what a
+    # resume may change), where its data is (compared below) and its teacher's path (the teacher is compared)
+    how = (*VOLATILE, "dataset", "teacher_checkpoint")
     changed = []
     for name, run_dir, wanted in [("teacher", out / "teacher", teacher_cfg),
                                   *((s, out / "students" / s, c) for s, c in student_cfgs.items())]:
@@ -221,7 +219,7 @@ def _check_finished(out: Path, data: DatasetSpec, teacher_cfg, student_cfgs: dic
             continue
         saved = config_lib.load_file(run_dir / "config.yaml")
         now = json.loads(json.dumps(config_lib.to_dict(wanted), default=str))
-        fields = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if k not in _HOW and saved.get(k) != v]
+        fields = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if k not in how and saved.get(k) != v]
         before = DatasetSpec.from_dict(saved.get("dataset") or {})
         if before.root != absolute_spec(data).root:
             fields.append(f"dataset {before.root or 'the built-in set'} -> {absolute_spec(data).root or 'the built-in set'}")
