@@ -193,22 +193,34 @@ class _Run:
 
         from kdiqa_edge.runtime.pipeline import score_paths
 
+        run = None
+        if self.maps is not None and self.maps.kind == "fast":  # scores and fast maps from one run of a batch
+            from kdiqa_edge.runtime.maps import predict_maps
+
+            run = lambda pixels: predict_maps(self.model, pixels, batch_size=len(pixels))
         start = time.perf_counter()
+        rendering = _Renders(self, run is not None)
         try:
-            for decoded, result in score_paths(self.model, entries, self.batch_size, self.workers, self.decode):
+            for decoded, result in score_paths(self.model, entries, self.batch_size, self.workers, self.decode,
+                                               run=run):
                 self.scored += result.error is None
                 self.failed += result.error is not None
                 if self.maps is not None and result.error is None:
-                    self._map(result.path)
+                    rendering.add(result)
                 yield decoded, result
+            rendering.finish()
         finally:
+            rendering.close()
             self.seconds = time.perf_counter() - start
 
-    def _map(self, path: str) -> None:
-        """The image's overlay and .npy; a file that cannot be read again (it changed since) says why on stderr."""
-        row = self.maps.write(path)
+    def _map(self, path: str, values=None, score: float | None = None) -> None:
+        """The image's overlay and .npy (`values`: its fast map from the scoring run, else computed); a file
+        that cannot be read again (it changed since) says why on stderr."""
+        self._mapped(self.maps.write(path, values, score))
+
+    def _mapped(self, row) -> None:
         if row.error is not None:
-            typer.secho(f"{path}: no map: {row.error}", err=True, fg="yellow")
+            typer.secho(f"{row.path}: no map: {row.error}", err=True, fg="yellow")
         else:
             self.mapped += 1
 
@@ -272,6 +284,39 @@ class _Run:
                     self._map(str(path))  # --map asks a map of every image, scored in this run or before
                 continue
             yield path, problem
+
+
+class _Renders:
+    """`score --map`'s writes. A fast map comes with its score from the scoring run: its overlay is rendered and
+    its files written in threads (`--workers` of them; Pillow's resize and PNG encoding release the GIL),
+    NAMEs claimed in walk order, results taken in that order, at most 2 x workers in flight. A patches map
+    runs the model itself: written in line."""
+
+    def __init__(self, scoring, threaded: bool):
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.scoring, self.pending = scoring, collections.deque()
+        self.threads = max(1, scoring.workers or 1)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kdiqa-map") if threaded else None
+
+    def add(self, result) -> None:
+        if self.pool is None:
+            self.scoring._map(result.path, result.score_map, result.score)
+            return
+        maps = self.scoring.maps
+        name = maps.claim(result.path)
+        self.pending.append(self.pool.submit(maps.write, result.path, result.score_map, result.score, name))
+        while len(self.pending) > 2 * self.threads or (self.pending and self.pending[0].done()):
+            self.scoring._mapped(self.pending.popleft().result())
+
+    def finish(self) -> None:
+        while self.pending:
+            self.scoring._mapped(self.pending.popleft().result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def summary_line(scored: int, failed: int, ignored: int, seconds: float, skipped: int = 0) -> str:

@@ -230,9 +230,13 @@ def quality_map(quality_model: QualityModel, image: ImageLike, kind: str = "fast
     if photo is None:
         photo = _open(image, _draft_size(spec, kind, fraction))
     score, values = _map_values(quality_model, image, kind, grid, fraction, photo, spec)
+    return QualityMap(kind, score, values, region_of(photo, spec))
+
+
+def region_of(photo: Image.Image, spec: PreprocessSpec) -> tuple[float, float, float, float]:
+    """The model's centre crop of `photo` as fractions of its width and height: what a map covers."""
     left, top, right, bottom = crop_box(photo.width, photo.height, spec.size)[0]
-    region = (left / photo.width, top / photo.height, right / photo.width, bottom / photo.height)
-    return QualityMap(kind, score, values, region)
+    return left / photo.width, top / photo.height, right / photo.width, bottom / photo.height
 
 
 def _draft_size(spec, kind: str, fraction: float = PATCH_FRACTION) -> int | None:
@@ -448,16 +452,29 @@ class MapWriter:
             self._owners[name], self._names[image] = image, name
         return name
 
-    def write(self, path: str | Path) -> MapRow:
-        """One image's files; an image that cannot be read gives a row with its reason."""
+    def claim(self, path: str | Path) -> str:
+        """The image's NAME in this folder, claimed now (in maps.csv): for a `write` in another thread."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self._claim(Path(path))
+
+    def write(self, path: str | Path, values: np.ndarray | None = None, score: float | None = None,
+              name: str | None = None) -> MapRow:
+        """One image's files; an image that cannot be read gives a row with its reason. `values` and `score`:
+        its fast map and score from the scoring run (`score --map`: one run of the model gives both), else
+        computed here. `name`: one `claim` gave; with it and `values`, a write touches neither the model nor
+        the writer's names, so writes run in threads (`score --map` renders in its --workers)."""
         path = Path(path)
         try:
             photo = _open(path, _draft_size(self.spec, self.kind))
-            result = quality_map(self.quality_model, path, self.kind, photo=photo, spec=self.spec)
+            if values is None:
+                result = quality_map(self.quality_model, path, self.kind, photo=photo, spec=self.spec)
+            else:
+                result = QualityMap(self.kind, float(score), np.asarray(values, np.float32),
+                                    region_of(photo, self.spec))
         except ImageLoadError as exc:
             return MapRow(str(path), error=exc.reason)
         self.out.mkdir(parents=True, exist_ok=True)
-        name = self._claim(path)
+        name = name or self._claim(path)
         array = _write_array(result.values, self.out / f"{name}.map.npy")
         overlay = render_overlay(photo, result, self.out / f"{name}.map.png",
                                  label=f"{self.kind} map {result.values.shape[0]}x{result.values.shape[1]} "

@@ -37,6 +37,7 @@ class ScoreResult:
     path: str
     score: float | None  # None when the image could not be read
     error: str | None = None  # the one-line reason
+    score_map: np.ndarray | None = None  # its fast map, from the same run (`score_paths(run=...)`)
 
 
 class Scorer(Protocol):
@@ -143,40 +144,49 @@ def _pool(executor: str, workers: int) -> Executor:
     raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
 
 
-def score_decoded(model: Scorer, decoded: Iterable[Decoded],
-                  batch_size: int) -> Iterator[tuple[Decoded, ScoreResult]]:
+# a batch's pixels (uint8 [N, S, S, 3]) -> (scores [N], fast maps [N, h, w] or None): what a batch is run with
+Run = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray | None]"]
+
+
+def score_decoded(model: Scorer, decoded: Iterable[Decoded], batch_size: int,
+                  run: Run | None = None) -> Iterator[tuple[Decoded, ScoreResult]]:
     """(Decoded, ScoreResult) for each decoded entry, in order: pixels go to the model `batch_size` at a time
-    (unreadable entries wait in line with them and keep their place), while the workers decode on."""
+    (unreadable entries wait in line with them and keep their place), while the workers decode on. `run`:
+    how a batch is run (default `model.predict`; `score --map` gets each image's fast map from the same run)."""
+    run = run or (lambda pixels: (model.predict(pixels, batch_size=len(pixels)), None))
     waiting: list[Decoded] = []
     images = 0
     for item in decoded:
         waiting.append(item)
         images += item.pixels is not None
         if images == batch_size or len(waiting) >= 4 * batch_size:  # bounded, a folder of broken files too
-            yield from _flush(model, waiting)
+            yield from _flush(run, waiting)
             waiting, images = [], 0
-    yield from _flush(model, waiting)
+    yield from _flush(run, waiting)
 
 
-def _flush(model: Scorer, waiting: list[Decoded]) -> Iterator[tuple[Decoded, ScoreResult]]:
+def _flush(run: Run, waiting: list[Decoded]) -> Iterator[tuple[Decoded, ScoreResult]]:
     good = [item.pixels for item in waiting if item.pixels is not None]
-    scores = iter(model.predict(np.stack(good), batch_size=len(good)) if good else ())
+    scores, maps = run(np.stack(good)) if good else ((), None)
+    scores, maps = iter(scores), iter(maps if maps is not None else ())
     for item in waiting:
         if item.pixels is None:
             yield item, ScoreResult(item.path, None, item.error)
         else:
-            yield item, ScoreResult(item.path, float(next(scores)))
+            yield item, ScoreResult(item.path, float(next(scores)), score_map=next(maps, None))
 
 
 def score_paths(model: Scorer, found: Iterable[tuple[str | os.PathLike, str | None]], batch_size: int = 32,
-                workers: int | None = None, decode: str | None = None,
-                executor: str = "thread") -> Iterator[tuple[Decoded, ScoreResult]]:
+                workers: int | None = None, decode: str | None = None, executor: str = "thread",
+                run: Run | None = None) -> Iterator[tuple[Decoded, ScoreResult]]:
     """The whole pipeline: (Decoded, ScoreResult) per entry of `found`, in order. `decode` ("draft" or
-    "exact") overrides the model's recorded decode; `workers` defaults to `default_workers()`."""
+    "exact") overrides the model's recorded decode; `workers` defaults to `default_workers()`; `run`: how a
+    batch is run (`score_decoded`)."""
     spec = model.preprocess.with_decode(decode)
     workers = workers or default_workers()
     ahead = max(2 * batch_size, 4 * workers)  # a batch waiting for the model and the next one decoding
-    yield from score_decoded(model, decode_files(found, preprocessed(spec), workers, ahead, executor), batch_size)
+    yield from score_decoded(model, decode_files(found, preprocessed(spec), workers, ahead, executor), batch_size,
+                             run)
 
 
 def walk(paths: Iterable[str | Path]) -> Iterator[tuple[str, None]]:
