@@ -141,25 +141,28 @@ def _decode(source: Path | io.BytesIO, draft_size: int | None) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when already upright
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"decompression bomb refused: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError("not an image (unidentified format)") from None
-    except PermissionError:
-        raise ImageLoadError("permission denied") from None
     except DECODE_ERRORS as exc:
         raise ImageLoadError(unreadable(exc)) from None
     return to_rgb(img)
 
 
-# What Pillow raises on a malformed file: OSError and friends, and its plugins' own errors on a header they
-# cannot parse (struct.error on a short field, EOFError, IndexError, ...): a row with its reason, not a traceback
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
-                 OverflowError, struct.error)
+# What Pillow raises on a file it cannot use: a decompression bomb, OSError and friends, and its plugins' own
+# errors on a header they cannot parse (struct.error on a short field, EOFError, IndexError, ...): a row with
+# its reason (`unreadable`), not a traceback
+DECODE_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError,
+                 EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError, struct.error)
 
 
 def unreadable(exc: BaseException) -> str:
-    """'unreadable image: REASON' (with the error's type where it is a plugin's own, not an OSError's)."""
+    """Why Pillow could not use an image, in one line: a decompression bomb, no image format it knows, a
+    permission, else 'unreadable image: REASON' (with the error's type where it is a plugin's own, not an
+    OSError's). The one wording of `open_image`'s errors and the unlabeled pool's skip rows."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb refused: {exc}"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (unidentified format)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
     if isinstance(exc, (OSError, SyntaxError, ValueError)):
         return f"unreadable image: {exc}"
     kind = type(exc)

@@ -296,11 +296,7 @@ def _identify(entry: Entry) -> tuple[Identity, bool, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Image.open(_io.BytesIO(data))  # the header only
-    except Image.UnidentifiedImageError:
-        return Identity(digest, "not an image (unidentified format)"), True, hashed_ns
-    except Image.DecompressionBombError as exc:  # over twice Pillow's pixel limit (preprocess words it so)
-        return Identity(digest, f"decompression bomb refused: {exc}"), True, hashed_ns
-    except DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:  # a bomb over twice Pillow's pixel limit, no image format, a malformed header
         return Identity(digest, unreadable(exc)), True, hashed_ns
     return Identity(digest, None), True, hashed_ns
 
