@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdiqa_edge.data.readers import DATASETS, _int_or_none, _need_columns, read_csv_rows, score_file
+from kdiqa_edge.data.readers import DATASETS, _int_or_none, _listing, _need_columns, read_csv_rows, score_file
 from kdiqa_edge.data.records import Dataset, Row, build_dataset
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import DataError, require
@@ -237,15 +237,3 @@ def _first_dir(root: Path, *names: str) -> str:
         if (root / name).is_dir():
             return name
     raise DataError(f"image folder not found: {root / names[0]}" + (f" (nor {', '.join(names[1:])})" if names[1:] else ""))
-
-
-def _listing(parent: Path, folder: str) -> dict[str, str]:
-    """{lower-case file name: actual name} of parent/folder (folder matched case-insensitively too);
-    the key '' holds the folder's actual name."""
-    actual = folder
-    if parent.is_dir() and not (parent / folder).is_dir():
-        actual = next((p.name for p in parent.iterdir() if p.is_dir() and p.name.lower() == folder.lower()), folder)
-    directory = parent / actual
-    files = {p.name.lower(): p.name for p in directory.iterdir()} if directory.is_dir() else {}
-    files[""] = actual
-    return files

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -44,29 +43,32 @@ def reference_files(dataset: Dataset, refs: Iterable[str]) -> dict[str, list[Pat
     reference folder whose name, less its suffix, is the ref id, matched case-insensitively (TID2013 writes
     I01.BMP and i25.bmp). Empty for a layout without reference images or where the folder is missing."""
     name = REFERENCE_FOLDERS.get(dataset.name)
-    folder = _folder_any_case(Path(dataset.root), name) if name else None
-    if folder is None:
+    if name is None:
         return {}
-    wanted = {ref.lower(): ref for ref in refs}
-    found: dict[str, list[Path]] = {}
     try:
-        children = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        files = _listing(Path(dataset.root), name)
     except OSError:
         return {}
-    for child in children:
-        ref = wanted.get(Path(child.name).stem.lower())
-        if ref is not None and child.is_file():
-            found.setdefault(ref, []).append(Path(child.path))
+    folder = Path(dataset.root) / files.pop("")
+    wanted = {ref.lower(): ref for ref in refs}
+    found: dict[str, list[Path]] = {}
+    for actual in sorted(files.values()):
+        ref = wanted.get(Path(actual).stem.lower())
+        if ref is not None and (folder / actual).is_file():
+            found.setdefault(ref, []).append(folder / actual)
     return found
 
 
-def _folder_any_case(root: Path, name: str) -> Path | None:
-    if (root / name).is_dir():
-        return root / name
-    try:
-        return next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == name.lower()), None)
-    except OSError:
-        return None
+def _listing(parent: Path, folder: str) -> dict[str, str]:
+    """{lower-case file name: actual name} of parent/folder (folder matched case-insensitively too);
+    the key '' holds the folder's actual name."""
+    actual = folder
+    if parent.is_dir() and not (parent / folder).is_dir():
+        actual = next((p.name for p in parent.iterdir() if p.is_dir() and p.name.lower() == folder.lower()), folder)
+    directory = parent / actual
+    files = {p.name.lower(): p.name for p in directory.iterdir()} if directory.is_dir() else {}
+    files[""] = actual
+    return files
 
 
 def dataset_root(spec: DatasetSpec) -> Path:
