@@ -108,8 +108,9 @@ def run_dir_of(path: str | Path) -> Path | None:
     """The run a model comes from: the run dir it is (or a checkpoint in), else the run of the checkpoint its
     export manifest names (OUT/<target>-<precision>/FILE beside OUT/manifest.json), else None."""
     from kdiqa_edge.data.runs import find_run_dir
+    from kdiqa_edge.runtime.registry_uri import is_registry_uri
 
-    if str(path).startswith("models:/"):
+    if is_registry_uri(path):
         return None
     found = find_run_dir(path)
     if found is not None:

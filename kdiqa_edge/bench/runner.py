@@ -324,8 +324,10 @@ def check_paths(models: Sequence[str | Path], reference: str | Path | None,
                 teacher: Sequence[str | Path] = ()) -> None:
     """A path that does not exist is refused before any work: a missing --reference would otherwise leave the
     eval data to the built-in set, and a missing model only a failed row."""
+    from kdiqa_edge.runtime.registry_uri import is_registry_uri
+
     def missing(path) -> bool:
-        return not str(path).startswith("models:/") and not Path(path).exists()  # a registry URI is no path
+        return not is_registry_uri(path) and not Path(path).exists()  # a registry URI is no path
 
     if reference is not None and missing(reference):
         raise ConfigError(f"--reference {reference}: no such file or directory")

@@ -246,8 +246,9 @@ class _Run:
         """Rows to `out` in committed chunks, skipping what an earlier run with this model wrote there."""
         from kdiqa_edge.console import Progress, plural
         from kdiqa_edge.runtime.output import Row, ScoresOutput, model_sha256
+        from kdiqa_edge.runtime.registry_uri import is_registry_uri
 
-        source = self.model.info.path if str(model).startswith("models:/") else model  # its files, resolved
+        source = self.model.info.path if is_registry_uri(model) else model  # a registry's: its files, resolved
         identity = {"sha256": model_sha256(source), "name": model.name, "precision": self.model.info.precision,
                     "arch": self.model.info.arch}
         with ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk,

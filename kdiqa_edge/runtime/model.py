@@ -72,9 +72,9 @@ class QualityModel:
         stop_spinning: ONNX Runtime's workers stop spinning when each run returns (for timing several models
         side by side in one process; a served model keeps ORT's default, which spins on between runs).
         """
-        if str(path).startswith("models:/"):  # a version in MLflow's model registry (a CLI's Path too)
-            from kdiqa_edge.runtime.registry_uri import resolve_model_uri
+        from kdiqa_edge.runtime.registry_uri import is_registry_uri, resolve_model_uri
 
+        if is_registry_uri(path):  # a version in MLflow's model registry
             path = resolve_model_uri(str(path))
         return cls(load_backend(path, provider=provider, threads=threads, spinning=spinning,
                                 stop_spinning=stop_spinning))

@@ -23,7 +23,8 @@ ARTIFACT_SUFFIXES = (".onnx", ".xml", ".pte", ".engine", ".plan", ".mlpackage")
 
 
 def is_registry_uri(path) -> bool:
-    return isinstance(path, str) and path.startswith(SCHEME)
+    """A `models:/...` URI, given as text or as a CLI's Path (which keeps its one slash)."""
+    return str(path).startswith(SCHEME)
 
 
 def resolve_model_uri(uri: str) -> Path:
