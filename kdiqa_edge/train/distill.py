@@ -314,10 +314,8 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     from kdiqa_edge.train.loop import TrainConfig
     from kdiqa_edge.train.state import RunInterrupted, run_finished
 
-    if resume and out is None:
-        raise ConfigError("--resume needs --out: the run dir to continue")
     if resume:
-        require_run(Path(out))  # first: a wrong --out is said as such, not as a default config's problem
+        require_run(out)  # first: a wrong --out is said as such, not as a default config's problem
     variant: Variant = parse_variant(cfg.variant)
     from kdiqa_edge.data.unlabeled import check_source
 

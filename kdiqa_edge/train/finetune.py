@@ -118,14 +118,13 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
     from kdiqa_edge.models.teacher import load_teacher
     from kdiqa_edge.train.distributed import broadcast_object, init_distributed, main_process_first
     from kdiqa_edge.train.loop import TrainConfig, Trainer
+    from kdiqa_edge.train.resume import require_run
     from kdiqa_edge.train.state import TRAIN_STATE
 
     train_cfg = TrainConfig.from_any(cfg).check()
     run_dir = Path(out) if out else None
-    if resume and run_dir is None:
-        raise ConfigError("--resume needs --out: the run dir to continue")
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+    if resume:
+        require_run(run_dir)
     data = dataset_spec(cfg, data, run_dir if resume else None)
     cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=os.getcwd())
     run_dir = run_dir or default_run_dir(cfg, data)

@@ -41,8 +41,12 @@ def check_resume(run_dir: Path, cfg, data: DatasetSpec, volatile: tuple[str, ...
         raise ConfigError(f"cannot resume {run_dir} with a different config (changed: {', '.join(sorted(changed))})")
 
 
-def require_run(run_dir: Path) -> None:
-    if not (run_dir / "config.yaml").is_file():
+def require_run(run_dir: str | Path | None) -> None:
+    """--resume's run dir (--out) is given and holds a run (its config.yaml): one line otherwise. Teacher
+    fine-tunes and distillations alike."""
+    if run_dir is None:
+        raise ConfigError("--resume needs --out: the run dir to continue")
+    if not (Path(run_dir) / "config.yaml").is_file():
         raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
 
 
