@@ -268,8 +268,9 @@ class _Run:
             typer.secho(f"--retry-errors: {plural(target.retried, 'file')} that failed before tried again, "
                         f"{target.recovered} scored now; the new rows replace the error rows", err=True)
         if self.skipped_failed:
+            them = "it" if self.skipped_failed == 1 else "them"
             typer.secho(f"{plural(self.skipped_failed, 'file')} skipped with the error row of an earlier run "
-                        f"(unchanged since): --retry-errors tries {'it' if self.skipped_failed == 1 else 'them'} again", err=True)
+                        f"(unchanged since): --retry-errors tries {them} again", err=True)
         typer.secho(f"{target.state['rows']} rows in {out} (model sha256 {identity['sha256'][:12]}, "
                     f"--decode {self.decode}; {target.state_path.name} beside it)", err=True)
 
@@ -279,9 +280,10 @@ class _Run:
 
         for path, problem in self.found:
             if target.seen(str(path), None if problem else file_stamp(path)):
+                failed = target.failed(str(path))
                 self.skipped += count
-                self.skipped_failed += count and target.failed(str(path))
-                if count and self.maps is not None and not target.failed(str(path)) and not self.maps.mapped(path):
+                self.skipped_failed += count and failed
+                if count and self.maps is not None and not failed and not self.maps.mapped(path):
                     self._map(str(path))  # --map asks a map of every image, scored in this run or before
                 continue
             yield path, problem
