@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdiqa_edge.io import read_json, write_text
-
-ARTIFACT_SUFFIXES = (".onnx", ".mlpackage", ".engine", ".plan", ".pte")
+from kdiqa_edge.runtime.base import ARTIFACT_SUFFIXES
 
 
 def artifacts(manifest: dict[str, Any], out: Path) -> dict[str, Path]:

@@ -16,10 +16,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from kdiqa_edge.errors import CheckpointError, first_line, require
+from kdiqa_edge.runtime.base import ARTIFACT_SUFFIXES
 
 SCHEME = "models:/"
 FILE_TAG = "kdiqa_edge.file"  # set by kdiqa_edge.train.trackers.registry
-ARTIFACT_SUFFIXES = (".onnx", ".xml", ".pte", ".engine", ".plan", ".mlpackage")
 
 
 def is_registry_uri(path) -> bool:
