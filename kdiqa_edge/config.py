@@ -74,6 +74,12 @@ def resolve(cls: type[C], config_file: str | Path | None = None, **overrides: An
     return override(cfg, **overrides)
 
 
+def as_saved(value):
+    """A config (or its dict) as its saved file reads back (tuples are lists, other values text): a saved and
+    a live config compare."""
+    return json.loads(json.dumps(to_dict(value) if dataclasses.is_dataclass(value) else value, default=str))
+
+
 def save(cfg, path: str | Path) -> Path:
     import yaml
 

@@ -14,7 +14,6 @@ on disk the weights are random and the accuracy figures are a smoke test. `DemoC
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -212,17 +211,18 @@ def _check_finished(out: Path, data: DatasetSpec, teacher_cfg, student_cfgs: dic
     # what a finished run's config.yaml may hold otherwise and still be this demo's stage: how it ran (what a
     # resume may change), where its data is (compared below) and its teacher's path (the teacher is compared)
     how = (*VOLATILE, "dataset", "teacher_checkpoint")
+    root = absolute_spec(data).root
     changed = []
     for name, run_dir, wanted in [("teacher", out / "teacher", teacher_cfg),
                                   *((s, out / "students" / s, c) for s, c in student_cfgs.items())]:
         if not run_finished(run_dir):
             continue
-        saved = config_lib.load_file(run_dir / "config.yaml")
-        now = json.loads(json.dumps(config_lib.to_dict(wanted), default=str))
+        saved = config_lib.as_saved(config_lib.load_file(run_dir / "config.yaml"))
+        now = config_lib.as_saved(wanted)
         fields = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if k not in how and saved.get(k) != v]
-        before = DatasetSpec.from_dict(saved.get("dataset") or {})
-        if before.root != absolute_spec(data).root:
-            fields.append(f"dataset {before.root or 'the built-in set'} -> {absolute_spec(data).root or 'the built-in set'}")
+        before = DatasetSpec.from_dict(saved.get("dataset") or {}).root
+        if before != root:
+            fields.append(f"dataset {before or 'the built-in set'} -> {root or 'the built-in set'}")
         if fields:
             changed.append(f"{name}: {', '.join(fields)}")
     if changed:

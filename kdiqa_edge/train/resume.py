@@ -5,18 +5,12 @@ trained with. Each refusal is one line, said before any cache or feature is rebu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdiqa_edge import config as config_lib
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.preprocess import PreprocessSpec
-
-
-def _plain(value):
-    """A config value as YAML/JSON reads it back (tuples are lists): a saved and a live config compare."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def check_resume(run_dir: Path, cfg, data: DatasetSpec, volatile: tuple[str, ...]) -> None:
@@ -28,8 +22,8 @@ def check_resume(run_dir: Path, cfg, data: DatasetSpec, volatile: tuple[str, ...
     """
     from kdiqa_edge.data.runs import run_data
 
-    saved = _plain(config_lib.load_file(run_dir / "config.yaml"))  # there: `require_run` said so
-    current = _plain(config_lib.to_dict(cfg))
+    saved = config_lib.as_saved(config_lib.load_file(run_dir / "config.yaml"))  # there: `require_run` said so
+    current = config_lib.as_saved(cfg)
     changed = [k for k in current if k not in volatile + ("dataset",) and k in saved and saved[k] != current[k]]
     run = run_data(run_dir) if saved.get("dataset") else None  # its dataset resolved as a resume resolves it
     if run is not None:
