@@ -25,6 +25,7 @@ from slurm_helpers import FAKE_SACCT, FAKE_SBATCH
 
 from kdiqa_edge.cli import app
 from kdiqa_edge.train import launch
+from kdiqa_edge.train.jobs import read_jobs, run_states
 
 NO_ACCOUNTING = """#!/bin/bash
 echo "sacct: error: Slurm accounting storage is disabled" >&2
@@ -177,7 +178,7 @@ def test_job_paths_are_absolute_and_status_shows_whole_logs_from_another_folder(
     status = runner.invoke(app, ["reproduce", "--out", str(out), "--status"])
     assert status.exit_code == 0, status.output
     assert f"  {SOFT} (failed): {log}\n" in status.output
-    assert launch.read_jobs(out)[TEACHER]["folder"] == str(out / "jobs" / "1")
+    assert read_jobs(out)[TEACHER]["folder"] == str(out / "jobs" / "1")
 
 
 def test_local_executor_placeholder_folder_is_removed(tmp_path):
@@ -187,7 +188,7 @@ def test_local_executor_placeholder_folder_is_removed(tmp_path):
     [job] = launch._submit(executor, [functools.partial(int, "7")])
     assert job.result() == 7
     assert (out / "jobs" / "%j").is_dir()
-    assert launch.run_states(out, []) == []
+    assert run_states(out, []) == []
     assert not (out / "jobs" / "%j").exists() and (out / "jobs" / job.job_id).is_dir()
 
 

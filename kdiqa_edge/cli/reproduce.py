@@ -203,7 +203,8 @@ def _wait_slurm(cfg, out: Path) -> None:
     Runs whose state nobody can tell end the wait in one line."""
     import time
 
-    from kdiqa_edge.train.launch import LaunchError, run_states
+    from kdiqa_edge.train.jobs import run_states
+    from kdiqa_edge.train.launch import LaunchError
     from kdiqa_edge.train.reproduce import plan
 
     said: set[str] = set()
@@ -231,7 +232,7 @@ def _status(out: Path) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
-    from kdiqa_edge.train.launch import run_states
+    from kdiqa_edge.train.jobs import run_states
     from kdiqa_edge.train.reproduce import (
         collect,
         load_plan,

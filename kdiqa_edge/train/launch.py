@@ -41,18 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from kdiqa_edge.errors import ConfigError, KdiqaError, require
-from kdiqa_edge.io import read_json, write_json
+from kdiqa_edge.train.jobs import (
+    job_folder,
+    local_state,
+    read_jobs,
+    run_key,
+    run_states,
+    write_jobs,
+)
 from kdiqa_edge.train.state import run_finished
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
-JOBS_FILE = "jobs.json"
-JOBS_DIR = "jobs"
-# SLURM states of a job that will still run (queued) or runs now; every other state has ended
-QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD",
-          "READY"}
-RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "RESIZING", "SIGNALING"}
-UNKNOWN = "UNKNOWN"  # neither sacct nor squeue answered for the job: it may still be queued or running
-LEFT_QUEUE = "ENDED"  # sacct does not list the job and squeue no longer does: it has ended
 
 
 class LaunchError(KdiqaError):
@@ -186,7 +185,7 @@ def submit_features(cfg, data, out: Path, launcher: str, opts: SlurmOptions, tas
     recorded = read_jobs(out)
     for task, job in enumerate(jobs):
         recorded[f"features/{task}"] = _record(launcher, out, job.job_id)
-    _write_jobs(out, recorded)
+    write_jobs(out, recorded)
     log(f"unlabeled features: submitted {tasks} task(s) as job(s) {', '.join(j.job_id for j in jobs)}")
     return jobs
 
@@ -230,14 +229,14 @@ def submit_training(cfg, data, out: Path, launcher: str, opts: SlurmOptions, fea
     out = Path(out).absolute()
     array_id = str(feature_jobs[0].job_id).split("_")[0]  # an array's tasks are <array id>_<task>
     dependency = f"afterok:{array_id}" if launcher == "slurm" else None
-    after = ([{"job_id": str(j.job_id), "folder": str(_job_folder(out, str(j.job_id)))} for j in feature_jobs]
+    after = ([{"job_id": str(j.job_id), "folder": str(job_folder(out, str(j.job_id)))} for j in feature_jobs]
              if launcher == "submitit-local" else None)
     executor = _executor(launcher, out, opts, "kdiqa-distill", dependency)
     [job] = _submit(executor, [TrainJob({**to_dict(cfg), "progress": False}, absolute_spec(data).to_dict(),
                                         str(out), after)])
     recorded = read_jobs(out)
     recorded["train"] = _record(launcher, out, job.job_id)
-    _write_jobs(out, recorded)
+    write_jobs(out, recorded)
     waits_on = f"array {array_id}" if dependency else ", ".join(str(j.job_id) for j in feature_jobs)
     log(f"training: submitted job {job.job_id}, to start when the feature task(s) {waits_on} succeeded")
     return job
@@ -250,7 +249,7 @@ def _wait_for_features(after: list, poll_s: float = 1.0) -> None:
     from submitit.core.utils import JobPaths
 
     for task in after:
-        while (state := _local_state(task["job_id"], Path(task["folder"]))) == "RUNNING":
+        while (state := local_state(task["job_id"], Path(task["folder"]))) == "RUNNING":
             time.sleep(poll_s)
         outcome = None
         if state == "FINISHED":
@@ -268,7 +267,7 @@ def run_planned(out: str | Path, key: str, log: Callable[[str], None] = print) -
     out = Path(out)
     cfg, data = load_plan(out)
     runs = plan(cfg, out)
-    run = next((r for r in runs if _key(out, r) == key), None)
+    run = next((r for r in runs if run_key(out, r) == key), None)
     if run is None:
         raise LaunchError(f"{key} is not a run of the plan in {out}")
     if run.done:
@@ -312,136 +311,11 @@ def _stop(agent: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 def _wait_for_teacher(after: dict, poll_s: float = 1.0) -> None:
     while not run_finished(Path(after["run_dir"])):
-        if _local_state(after["job_id"], Path(after["folder"])) != "RUNNING":
+        if local_state(after["job_id"], Path(after["folder"])) != "RUNNING":
             if run_finished(Path(after["run_dir"])):
                 return
             raise LaunchError(f"teacher job {after['job_id']} ended without finishing {after['run_dir']}")
         time.sleep(poll_s)
-
-
-# ---------------------------------------------------------------- job records and states
-
-def _key(out: Path, run) -> str:
-    return run.run_dir.relative_to(out).as_posix()
-
-
-def _job_folder(out: Path, job_id: str = "%j") -> Path:
-    return out / JOBS_DIR / job_id
-
-
-def read_jobs(out: Path) -> dict[str, dict]:
-    """OUT/jobs.json's records, each job's folder absolute (an older file holds `<--out as given>/jobs/<id>`,
-    relative to wherever that command ran: it is OUT/jobs/<id>)."""
-    path = Path(out) / JOBS_FILE
-    jobs = read_json(path).get("runs", {}) if path.is_file() else {}
-    for job in jobs.values():
-        if not Path(job["folder"]).is_absolute():
-            job["folder"] = str(_job_folder(Path(out).absolute(), job["job_id"]))
-    return jobs
-
-
-def _write_jobs(out: Path, jobs: dict[str, dict]) -> None:
-    write_json(out / JOBS_FILE, {"runs": jobs})
-
-
-def _local_state(job_id: str, folder: Path) -> str:
-    """A LocalExecutor job seen from any process: its id is the controller's pid."""
-    from submitit.core.utils import JobPaths
-
-    if JobPaths(folder, job_id).result_pickle.exists():
-        return "FINISHED"
-    try:
-        with open(f"/proc/{int(job_id)}/stat") as handle:  # a zombie has exited
-            return "ENDED" if handle.read().rsplit(")", 1)[1].split()[0] == "Z" else "RUNNING"
-    except (FileNotFoundError, ValueError):
-        pass
-    try:
-        os.kill(int(job_id), 0)
-    except (ProcessLookupError, ValueError):
-        return "ENDED"
-    except PermissionError:
-        pass
-    return "RUNNING"
-
-
-def _query(command: list[str]) -> tuple[str | None, str]:
-    """A SLURM query's output, or None and why it gave none ("sacct not found", "sacct failed: <error>")."""
-    if shutil.which(command[0]) is None:
-        return None, f"{command[0]} not found"
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{command[0]} failed: {exc}"
-    if done.returncode and command[0] == "squeue" and "Invalid job id" in done.stderr:
-        return "", ""  # squeue -j with one id that has left the queue: an error, though it answers
-    if done.returncode:
-        error = next((line.strip() for line in done.stderr.splitlines() if line.strip()), "")
-        return None, f"{command[0]} failed: {error or f'exit code {done.returncode}'}"
-    return done.stdout, ""
-
-
-def slurm_states(job_ids: list[str], log: Callable[[str], None] = print) -> dict[str, str]:
-    """The SLURM state of each job id (an array task as <id>_<task>).
-
-    sacct, read by submitit's parser, as submitit's own watcher does; for the jobs it does not list (sacct
-    missing, accounting off, or lagging right after a submission) squeue, which lists the jobs that are queued
-    or running: one it does not list has ended (LEFT_QUEUE). Where neither answers the state is UNKNOWN, and
-    one line to `log` says why. submitit itself would warn on every call and call such a job pending."""
-    watcher = require("submitit.slurm.slurm", "cluster").SlurmInfoWatcher()
-
-    def arrays(ids):
-        return ",".join(sorted({i.split("_")[0] for i in ids}))
-
-    sacct = ["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", arrays(job_ids)]  # submitit's query
-    output, sacct_error = _query(sacct)
-    listed = {k: v.get("State", "") for k, v in watcher.read_info(output).items()} if output else {}
-    states = {i: listed[i].split()[0].upper() for i in job_ids if listed.get(i, "").strip()}
-    missing = [i for i in job_ids if i not in states]
-    if not missing:
-        return states
-    output, squeue_error = _query(["squeue", "-h", "-r", "-o", "%i %T", "-j", arrays(missing)])
-    if output is not None:
-        queue = dict(line.split()[:2] for line in output.splitlines() if len(line.split()) >= 2)
-        if sacct_error:
-            log(f"{sacct_error}: job states from squeue (a job it does not list has ended)")
-        return {**states, **{i: queue.get(i, LEFT_QUEUE).upper() for i in missing}}
-    why = sacct_error or f"sacct does not list job(s) {', '.join(missing)} yet"
-    log(f"{why}: SLURM job states unknown ({squeue_error})")
-    return {**states, **dict.fromkeys(missing, UNKNOWN)}
-
-
-def remove_placeholder_folder(out: Path) -> None:
-    """submitit's local job controller creates its folder pattern literally, OUT/jobs/%j (left empty)."""
-    with contextlib.suppress(OSError):
-        (Path(out) / JOBS_DIR / "%j").rmdir()
-
-
-def run_states(out: Path, runs: list, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """done / queued / running / unknown / failed / todo for every planned run, with its job id and its log
-    (absolute). `log` gets the line saying why SLURM states are inferred or unknown, if they are."""
-    jobs = read_jobs(out)
-    remove_placeholder_folder(out)
-    pending = {_key(out, r): jobs[_key(out, r)] for r in runs if not r.done and _key(out, r) in jobs}
-    slurm_ids = [j["job_id"] for j in pending.values() if j["launcher"] == "slurm"]
-    slurm = slurm_states(slurm_ids, log) if slurm_ids else {}
-    rows = []
-    for run in runs:
-        key = _key(out, run)
-        job = jobs.get(key)
-        row = {"run": key, "seed": run.seed, "name": run.name, "job_id": job and job["job_id"],
-               "log": str(Path(job["folder"]) / f"{job['job_id']}_0_log.out") if job else None}
-        if run.done:
-            row["state"] = "done"
-        elif job is None:
-            row["state"] = "todo"
-        else:
-            raw = (slurm[job["job_id"]] if job["launcher"] == "slurm"
-                   else _local_state(job["job_id"], Path(job["folder"])))
-            row["scheduler_state"] = raw
-            row["state"] = ("queued" if raw in QUEUED else "running" if raw in RUNNING
-                            else "unknown" if raw == UNKNOWN else "failed")
-        rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------- submission
@@ -455,7 +329,7 @@ def _check_slurm() -> None:
 
 def _executor(launcher: str, out: Path, opts: SlurmOptions, name: str, dependency: str | None = None):
     submitit = require("submitit", "cluster")
-    folder = _job_folder(out)
+    folder = job_folder(out)
     if launcher == "submitit-local":
         executor = submitit.LocalExecutor(folder)
         executor.update_parameters(timeout_min=time_minutes(opts.time), gpus_per_node=opts.gpus_per_job)
@@ -492,10 +366,10 @@ def _submissions(out: Path, runs: list, states: dict[str, dict], resubmit_unknow
     for seed in sorted({r.seed for r in runs}):
         teacher = next((r for r in runs if r.seed == seed and r.stage == "teacher"), None)
         students = [r for r in runs if r.seed == seed and r.stage == "distill"
-                    and states[_key(out, r)]["state"] in redo]
-        submit_teacher = teacher is not None and states[_key(out, teacher)]["state"] in redo
+                    and states[run_key(out, r)]["state"] in redo]
+        submit_teacher = teacher is not None and states[run_key(out, teacher)]["state"] in redo
         waiting = teacher is not None and not submit_teacher and not teacher.done
-        waits_on = states[_key(out, teacher)]["job_id"] if waiting else None
+        waits_on = states[run_key(out, teacher)]["job_id"] if waiting else None
         if submit_teacher or students:
             splits.append({"seed": seed, "teacher": teacher if submit_teacher else None, "students": students,
                            "waits_on": waits_on})
@@ -542,9 +416,9 @@ def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions, log: Ca
         seed, teacher, todo, waits_on = (split[k] for k in ("seed", "teacher", "students", "waits_on"))
         if teacher is not None:
             executor = _executor(launcher, out, opts, f"kdiqa-seed{seed}-teacher")
-            [teacher_job] = _submit(executor, [RunJob(str(out), _key(out, teacher), opts.gpus_per_job)])
-            records[_key(out, teacher)] = _record(launcher, out, teacher_job.job_id)
-            _write_jobs(out, records)
+            [teacher_job] = _submit(executor, [RunJob(str(out), run_key(out, teacher), opts.gpus_per_job)])
+            records[run_key(out, teacher)] = _record(launcher, out, teacher_job.job_id)
+            write_jobs(out, records)
             submitted.append(teacher_job)
             waits_on = teacher_job.job_id
             log(f"seed {seed} teacher: submitted job {teacher_job.job_id}")
@@ -552,13 +426,13 @@ def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions, log: Ca
             continue
         teacher_run = next(r for r in runs if r.seed == seed and r.stage == "teacher") if waits_on else None
         dependency = f"afterok:{waits_on}" if waits_on and launcher == "slurm" else None
-        after = ({"job_id": waits_on, "folder": str(_job_folder(out, waits_on)),
+        after = ({"job_id": waits_on, "folder": str(job_folder(out, waits_on)),
                   "run_dir": str(teacher_run.run_dir)} if waits_on and launcher == "submitit-local" else None)
         executor = _executor(launcher, out, opts, f"kdiqa-seed{seed}-students", dependency)
-        jobs = _submit(executor, [RunJob(str(out), _key(out, r), opts.gpus_per_job, after) for r in todo])
+        jobs = _submit(executor, [RunJob(str(out), run_key(out, r), opts.gpus_per_job, after) for r in todo])
         for run, job in zip(todo, jobs):
-            records[_key(out, run)] = _record(launcher, out, job.job_id)
-        _write_jobs(out, records)
+            records[run_key(out, run)] = _record(launcher, out, job.job_id)
+        write_jobs(out, records)
         submitted.extend(jobs)
         log(f"seed {seed} students: submitted {len(jobs)} run(s) as job(s) {', '.join(j.job_id for j in jobs)}"
             + (f", after {waits_on}" if waits_on else ""))
@@ -571,7 +445,7 @@ def submit_plan(cfg, data, out: Path, launcher: str, opts: SlurmOptions, log: Ca
 
 
 def _record(launcher: str, out: Path, job_id: str) -> dict[str, str]:
-    folder = _job_folder(Path(out).absolute(), str(job_id))
+    folder = job_folder(Path(out).absolute(), str(job_id))
     return {"launcher": launcher, "job_id": str(job_id), "folder": str(folder),
             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
