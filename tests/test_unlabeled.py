@@ -346,6 +346,7 @@ def test_cli_feature_tasks_then_train_mixes_unlabeled_and_excludes_test_images(p
 
     jobs = json.loads((run / "jobs.json").read_text())["runs"]
     assert set(jobs) == {"features/0", "features/1", "train"}
+    assert not (run / "jobs" / "%j").exists()  # each job swept the literal folder submitit-local's controller made
     computed = []
     for task in ("features/0", "features/1"):
         folder = Path(jobs[task]["folder"])

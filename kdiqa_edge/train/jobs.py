@@ -126,6 +126,15 @@ def remove_placeholder_folder(out: Path) -> None:
         (Path(out) / JOBS_DIR / "%j").rmdir()
 
 
+def sweep_placeholder_in_job() -> None:
+    """In a running job: remove the literal jobs/%j folder that submitit's local controller made just before it
+    started this job (so a local run leaves none behind; under SLURM there is none)."""
+    import submitit
+
+    with contextlib.suppress(RuntimeError):  # not inside a submitit job (a direct call)
+        remove_placeholder_folder(Path(submitit.JobEnvironment().paths.folder).parent.parent)
+
+
 def run_states(out: Path, runs: list, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """done / queued / running / unknown / failed / todo for every planned run, with its job id and its log
     (absolute). `log` gets the line saying why SLURM states are inferred or unknown, if they are."""

@@ -47,6 +47,7 @@ from kdiqa_edge.train.jobs import (
     read_jobs,
     run_key,
     run_states,
+    sweep_placeholder_in_job,
     write_jobs,
 )
 from kdiqa_edge.train.state import run_finished
@@ -127,6 +128,7 @@ class RunJob:
     after: dict | None = None  # submitit-local only: the teacher job to wait for {job_id, folder, run_dir}
 
     def __call__(self) -> str:
+        sweep_placeholder_in_job()
         if self.after:
             _wait_for_teacher(self.after)
         if self.gpus > 1:
@@ -153,6 +155,7 @@ class FeatureJob:
     tasks: int
 
     def __call__(self) -> list[str]:
+        sweep_placeholder_in_job()
         from kdiqa_edge.data.spec import DatasetSpec
         from kdiqa_edge.train.distill import DistillConfig
         from kdiqa_edge.train.mixed import unlabeled_feature_task
@@ -202,6 +205,7 @@ class TrainJob:
     after: list | None = None  # submitit-local only: the feature tasks to wait for, [{job_id, folder}]
 
     def __call__(self) -> dict:
+        sweep_placeholder_in_job()
         from kdiqa_edge.data.spec import DatasetSpec
         from kdiqa_edge.train.distill import DistillConfig, run_distill
         from kdiqa_edge.train.state import run_interrupted
