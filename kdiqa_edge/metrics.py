@@ -50,27 +50,33 @@ def _logistic_4_jacobian(x, b1, b2, b3, b4):
 
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
-    """Map predictions onto the MOS scale with the 4-parameter logistic; falls back to a linear fit."""
+    """Map predictions onto the MOS scale with the 4-parameter logistic (least squares).
+
+    Fitted from the VQEG start [max y, min y, mean x, std x / 4] and from its mirror [min y, max y, ...]
+    (predictions that fall as MOS rises, e.g. a DMOS-style model), keeping the smaller squared error; a
+    linear map where that fits better still (a local optimum, or a fit that did not converge), so the
+    fitted PLCC is never below |raw PLCC|.
+    """
     from scipy.optimize import curve_fit
 
     pred = np.asarray(pred, np.float64)
     mos = np.asarray(mos, np.float64)
+    slope, intercept = np.polyfit(pred, mos, 1)
+    best = slope * pred + intercept
+    if pred.size <= 4:  # no more points than parameters: the logistic is not determined
+        return best
     b4 = np.std(pred) / 4.0 or 1.0
-    p0 = [np.max(mos), np.min(mos), np.mean(pred), b4]
-    if pred.size <= len(p0):  # no more points than parameters: the logistic is not determined
-        slope, intercept = np.polyfit(pred, mos, 1)
-        return slope * pred + intercept
-    try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            params, _ = curve_fit(logistic_4, pred, mos, p0=p0, jac=_logistic_4_jacobian, maxfev=20000)
-            fitted = logistic_4(pred, *params)  # a saturated fit overflows exp() harmlessly (-> b1 or b2)
-        if np.all(np.isfinite(fitted)):
-            return fitted
-    except (RuntimeError, ValueError, TypeError):
-        pass
-    slope, intercept = np.polyfit(pred, mos, 1)  # the logistic did not converge: a linear map
-    return slope * pred + intercept
+    for p0 in ([np.max(mos), np.min(mos), np.mean(pred), b4], [np.min(mos), np.max(mos), np.mean(pred), b4]):
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                params, _ = curve_fit(logistic_4, pred, mos, p0=p0, jac=_logistic_4_jacobian, maxfev=20000)
+                fitted = logistic_4(pred, *params)  # a saturated fit overflows exp() harmlessly (-> b1 or b2)
+        except (RuntimeError, ValueError, TypeError):
+            continue  # did not converge from this start
+        if np.all(np.isfinite(fitted)) and np.sum((fitted - mos) ** 2) < np.sum((best - mos) ** 2):
+            best = fitted
+    return best
 
 
 def _check(pred, mos) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,20 @@ SPAQ and CSIQ ship Excel sheets (openpyxl), LIVE and CLIVE MATLAB files (scipy.i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from kdiqa_edge.data.readers import DATASETS, _int_or_none, _listing, _need_columns, read_csv_rows, score_file
+from kdiqa_edge.data.readers import (
+    DATASETS,
+    _decimal_point,
+    _int_or_none,
+    _listing,
+    _need_columns,
+    cell,
+    read_csv_rows,
+    row_problem,
+    score_file,
+)
 from kdiqa_edge.data.records import Dataset, Row, build_dataset
 from kdiqa_edge.data.spec import DatasetSpec
 from kdiqa_edge.errors import DataError, require
@@ -19,7 +30,8 @@ LIVE_FOLDERS = (("jp2k", 227), ("jpeg", 233), ("wn", 174), ("gblur", 174), ("fas
 # in varying case: AWGN, JPEG, jpeg2000, fnoise, BLUR, contrast).
 CSIQ_FOLDERS = {"noise": "awgn", "awgn": "awgn", "jpeg": "jpeg", "jpeg 2000": "jpeg2000", "jpeg2000": "jpeg2000",
                 "fnoise": "fnoise", "blur": "blur", "contrast": "contrast"}
-CLIVE_TRAINING_IMAGES = 7  # t1..t7.bmp lead the lists and are left out by convention
+# the 7 training images (trainingImages/t1..t7.bmp) lead CLIVE's lists and are left out by convention, by name
+CLIVE_TRAINING_NAME = re.compile(r"(^|/)t[1-7]\.bmp$", re.IGNORECASE)
 
 
 @DATASETS.register("koniq")
@@ -36,8 +48,8 @@ def read_koniq(spec: DatasetSpec, root: Path) -> Dataset:
     _need_columns(path, header, column)
     images = _first_dir(root, "1024x768", "512x384")
     sets = _koniq_sets(root / "koniq10k_distributions_sets.csv")
-    rows = [Row(image=f"{images}/{row['image_name'].strip()}", raw=row[column],
-                official=sets.get(row["image_name"].strip())) for row in table]
+    rows = [Row(image=f"{images}/{cell(row, 'image_name')}", raw=row.get(column),
+                official=sets.get(cell(row, "image_name")), problem=row_problem(row, header)) for row in table]
     return build_dataset("koniq", root, rows, raw_range)
 
 
@@ -46,7 +58,7 @@ def _koniq_sets(path: Path) -> dict[str, str]:
         return {}
     header, table = read_csv_rows(path)
     _need_columns(path, header, "image_name", "set")
-    return {row["image_name"].strip(): row["set"].strip() for row in table}
+    return {cell(row, "image_name"): cell(row, "set") for row in table if not row_problem(row, header)}
 
 
 @DATASETS.register("spaq")
@@ -114,11 +126,12 @@ def read_kadid(spec: DatasetSpec, root: Path) -> Dataset:
     _need_columns(path, header, "dist_img", "ref_img", "dmos")
     rows = []
     for row in table:
-        name = row["dist_img"].strip()
+        name = cell(row, "dist_img")
         parts = Path(name).stem.split("_")  # I01_01_01: reference, distortion type, level
-        rows.append(Row(image=f"images/{name}", raw=row["dmos"], ref=Path(row["ref_img"].strip()).stem,
+        ref = Path(cell(row, "ref_img")).stem or (parts[0] if len(parts) == 3 else "")
+        rows.append(Row(image=f"images/{name}", raw=row.get("dmos"), ref=ref or None,
                         distortion=parts[1] if len(parts) == 3 else None,
-                        level=_int_or_none(parts[2]) if len(parts) == 3 else None))
+                        level=_int_or_none(parts[2]) if len(parts) == 3 else None, problem=row_problem(row, header)))
     return build_dataset("kadid", root, rows, (1.0, 5.0))
 
 
@@ -126,7 +139,8 @@ def read_kadid(spec: DatasetSpec, root: Path) -> Dataset:
 def read_clive(spec: DatasetSpec, root: Path) -> Dataset:
     """LIVE In the Wild: Data/AllImages_release.mat, Data/AllMOS_release.mat (0..100); images in Images/.
 
-    The first 7 entries (trainingImages/t1..t7.bmp) are dropped by convention.
+    The 7 training images (trainingImages/t1..t7.bmp, the lists' first entries) are dropped by convention:
+    by name, so a list without them loses no rated image.
     """
     images_path = score_file(root / "Data" / "AllImages_release.mat", "CLIVE")
     mos_path = score_file(root / "Data" / "AllMOS_release.mat", "CLIVE")
@@ -134,23 +148,30 @@ def read_clive(spec: DatasetSpec, root: Path) -> Dataset:
     mos = _mat_vector(load_mat(mos_path), "AllMOS_release", mos_path)
     if len(names) != len(mos):
         raise DataError(f"CLIVE: {len(names)} image names but {len(mos)} scores")
-    rows = [Row(image=f"Images/{name}", raw=float(score))
-            for name, score in list(zip(names, mos))[CLIVE_TRAINING_IMAGES:]]
-    return build_dataset("clive", root, rows, (0.0, 100.0), dropped=min(len(names), CLIVE_TRAINING_IMAGES))
+    kept = [(name, score) for name, score in zip(names, mos) if not CLIVE_TRAINING_NAME.search(name.replace("\\", "/"))]
+    rows = [Row(image=f"Images/{name}", raw=score) for name, score in kept]
+    return build_dataset("clive", root, rows, (0.0, 100.0), dropped=len(names) - len(kept))
 
 
 @DATASETS.register("tid2013")
 def read_tid2013(spec: DatasetSpec, root: Path) -> Dataset:
-    """TID2013: mos_with_names.txt ('<mos> <name>' lines, 0..9), distorted_images/ (names in any case)."""
+    """TID2013: mos_with_names.txt ('<mos> <name>' lines, 0..9), distorted_images/ (names in any case).
+
+    The score and the name may be separated by any run of spaces or tabs; a decimal comma reads as a point.
+    """
     path = score_file(root / "mos_with_names.txt", "TID2013")
     files = _listing(root, "distorted_images")
     folder = files.get("", "distorted_images")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        fields = line.split(None, 1)
+        if not fields:
             continue
-        score, _, name = line.strip().partition(" ")
-        name = name.strip()
+        if len(fields) < 2:
+            rows.append(Row(image=f"{path.name} line {number}", raw=None,
+                            problem=f"malformed line {line.strip()!r}: expected '<mos> <name>'"))
+            continue
+        score, name = _decimal_point(fields[0]), fields[1].strip()
         stem = Path(name).stem.split("_")  # i01_01_1: reference, distortion type, level
         rows.append(Row(image=f"{folder}/{files.get(name.lower(), name)}", raw=score,
                         ref=stem[0].upper() if stem[0] else None,
@@ -160,6 +181,16 @@ def read_tid2013(spec: DatasetSpec, root: Path) -> Dataset:
 
 
 # -- file formats -----------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    """A text score file: UTF-8 with or without a BOM, else Latin-1 (as `read_csv_rows`)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return path.read_text(encoding="latin-1")
+    except OSError as exc:
+        raise DataError(f"cannot read score file {path}: {exc}") from None
 
 
 def read_xlsx(path: Path, sheet: str | None = None, required: tuple[str, ...] = ()) -> list[dict[str, object]]:
@@ -183,7 +214,7 @@ def read_xlsx(path: Path, sheet: str | None = None, required: tuple[str, ...] = 
         names = [_cell_text(v) for v in row]
         if all(r in names for r in required):
             columns = {name: col for col, name in enumerate(names) if name}
-            return [{name: (row[col] if col < len(row) else None) for name, col in columns.items()}
+            return [{name: (_decimal_point(row[col]) if col < len(row) else None) for name, col in columns.items()}
                     for row in values[index + 1:] if any(v is not None and _cell_text(v) for v in row)]
     raise DataError(f"{path}: no header row with the columns {', '.join(required)}")
 
@@ -208,7 +239,10 @@ def _mat_field(mat: dict, name: str, path: Path):
 def _mat_vector(mat: dict, name: str, path: Path) -> list[float]:
     import numpy as np
 
-    return [float(v) for v in np.asarray(_mat_field(mat, name, path), dtype=np.float64).ravel()]
+    try:
+        return [float(v) for v in np.asarray(_mat_field(mat, name, path), dtype=np.float64).ravel()]
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {name!r} is not an array of numbers") from None
 
 
 def mat_strings(value) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -110,13 +111,34 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not text.strip():
         raise DataError(f"score file is empty: {path}")
     delimiter = _delimiter(text)
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    reader.fieldnames = header
-    rows = list(reader)
+    # a file object, not lines: a quoted field may hold a line break (a comment column)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DataError(f"cannot parse score file {path}: {exc}") from None
     if delimiter != ",":
         rows = [{k: _decimal_point(v) for k, v in row.items()} for row in rows]
     return header, rows
+
+
+def row_problem(row: dict, header: list[str]) -> str | None:
+    """Why a CSV row cannot be trusted as read, else None: more fields than the header names (an unquoted
+    comma in a name, or `3,5` for 3.5 in a comma-delimited file) shifts every value after it, so none is
+    used. Empty extra fields (a trailing delimiter) are harmless."""
+    extra = [v for v in row.get(None) or [] if v and v.strip()]
+    if not extra:
+        return None
+    fields = len(header) + len(row[None])
+    return (f"row has {fields} fields, the header {len(header)} (extra: {', '.join(map(repr, extra))}): its values "
+            "may be shifted; quote a field that holds the delimiter")
+
+
+def cell(row: dict, column: str) -> str:
+    """A CSV cell as stripped text; '' where the row ends before it."""
+    return (row.get(column) or "").strip()
 
 
 def _delimiter(text: str) -> str:
@@ -163,10 +185,10 @@ def read_csv(spec: DatasetSpec, root: Path) -> Dataset:
         raise DataError(f"image folder not found: {image_root}")
     has = set(header)
     rows = [
-        Row(image=(row.get(spec.image_col) or "").strip(), raw=row.get(spec.mos_col),
-            ref=(row.get(spec.ref_col) or None) if spec.ref_col else None,
+        Row(image=cell(row, spec.image_col), raw=row.get(spec.mos_col),
+            ref=(cell(row, spec.ref_col) or None) if spec.ref_col else None,
             distortion=(row.get("distortion") or None) if "distortion" in has else None,
-            level=_int_or_none(row.get("level")) if "level" in has else None)
+            level=_int_or_none(row.get("level")) if "level" in has else None, problem=row_problem(row, header))
         for row in table
     ]
     if spec.mos_range is None:
@@ -178,7 +200,7 @@ def _check_default_range(path: Path, column: str, rows: list[Row]) -> None:
     """Ratings outside the default 1..5 are another scale, not bad rows: without an explicit --mos-range
     they are an error, never skipped (skipping would drop the lowest- or highest-quality images, silently).
     With --mos-range, a score outside it is a bad row, skipped and reported."""
-    scores = [score for score in (parse_score(row.raw) for row in rows) if score is not None]
+    scores = [score for score in (parse_score(row.raw) for row in rows if not row.problem) if score is not None]
     lo, hi = CSV_DEFAULT_RANGE
     outside = sum(not lo <= score <= hi for score in scores)
     if outside:
@@ -227,6 +249,7 @@ def read_synthetic(spec: DatasetSpec, root: Path) -> Dataset:
     path = root / "scores.csv"
     header, table = read_csv_rows(score_file(path, "synthetic"))
     _need_columns(path, header, "image", "mos", "ref")
-    rows = [Row(image=row["image"], raw=row["mos"], ref=row["ref"] or None, distortion=row.get("distortion"),
-                level=_int_or_none(row.get("level"))) for row in table]
+    rows = [Row(image=cell(row, "image"), raw=row.get("mos"), ref=cell(row, "ref") or None,
+                distortion=row.get("distortion"), level=_int_or_none(row.get("level")),
+                problem=row_problem(row, header)) for row in table]
     return build_dataset("synthetic", root, rows, (1.0, 5.0))

@@ -74,6 +74,7 @@ class Row:
     distortion: str | None = None
     level: int | None = None
     official: str | None = None
+    problem: str | None = None  # why the entry cannot be trusted as read (a malformed line): skipped with it
 
 
 def to_mos(raw: float, raw_range: tuple[float, float], lower_better: bool) -> float:
@@ -125,8 +126,11 @@ def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[f
     logs that it did.
     """
     rows = list(rows)
-    scores = [parse_score(row.raw) for row in rows]
+    scores = [None if row.problem else parse_score(row.raw) for row in rows]
+    finder = _CaseFinder(root) if check_files else None
     images = [inside(root, row.image) for row in rows]
+    if finder is not None:  # the name as it is on disk, so two spellings of one file are one image
+        images = [image if image is None else finder.resolve(image) for image in images]
     lo, hi = raw_range
     if not hard_range:  # widen by at most a quarter of the range; farther out is still an error
         lo, hi = _widened(name, scores, lo, hi)
@@ -135,18 +139,20 @@ def build_dataset(name: str, root: Path, rows: Iterable[Row], raw_range: tuple[f
     skipped: list[Skip] = []
     kept: set[str] = set()
     for row, image, score in zip(rows, images, scores):
-        if image is None:
+        if row.problem:
+            skipped.append(Skip(row.image, row.problem))
+        elif image is None:
             skipped.append(Skip(row.image, "path escapes the dataset root"))
         elif image in conflicts:
             skipped.append(Skip(row.image, conflicts[image]))
-        elif image in kept:
-            skipped.append(Skip(row.image, "duplicate row (image already listed with this score)"))
         elif score is None:
             skipped.append(Skip(row.image, f"score is empty or not a number ({row.raw!r})"))
+        elif image in kept:
+            skipped.append(Skip(row.image, "duplicate row (image already listed with this score)"))
         elif not lo <= score <= hi:
             skipped.append(Skip(row.image, f"outside the nominal range [{lo:g}, {hi:g}]: score {score:g}"))
-        elif check_files and (reason := _file_problem(root / image)):
-            skipped.append(Skip(row.image, reason))
+        elif finder is not None and (reason := _file_problem(root / image)):
+            skipped.append(Skip(row.image, finder.explain(image, reason)))
         else:
             records.append(Record(image=image, mos=to_mos(score, (lo, hi), lower_better), raw=score,
                                   ref=row.ref, distortion=row.distortion, level=row.level,
@@ -178,6 +184,64 @@ def _widened(name: str, scores: list[float | None], lo: float, hi: float) -> tup
     log.warning("%s: %d scores lie a little outside the nominal range [%g, %g]: the 1..5 mapping uses [%g, %g] "
                 "(not clipped)", name, outside, lo, hi, *wide)
     return wide
+
+
+class _CaseFinder:
+    """Finds a listed file whose name on disk differs in case only (`1.JPG` listed as `1.jpg`; `TestImage/`
+    as `testimage/`), one folder listing at a time, read only for names not found as written."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._listings: dict[str, dict[str, list[str]]] = {}
+
+    def _listing(self, folder: str) -> dict[str, list[str]]:
+        if folder not in self._listings:
+            names: dict[str, list[str]] = {}
+            try:
+                for entry in os.scandir(self.root / folder if folder else self.root):
+                    names.setdefault(entry.name.lower(), []).append(entry.name)
+            except OSError:
+                pass
+            self._listings[folder] = names
+        return self._listings[folder]
+
+    def resolve(self, image: str) -> str | None:
+        """`image` spelled as on disk: as written where that exists, else the one name equal but for case
+        (per path component); as written where none or several are. None where the match escapes the root."""
+        if os.path.lexists(self.root / image):
+            return image
+        parts: list[str] = []
+        for part in image.split("/"):
+            folder = "/".join(parts)
+            if not os.path.lexists(self.root / folder / part):
+                matches = self._listing(folder).get(part.lower(), [])
+                if len(matches) != 1:
+                    return image
+                part = matches[0]
+            parts.append(part)
+        return inside(self.root, "/".join(parts))
+
+    def explain(self, image: str, reason: str) -> str:
+        """`reason`, with why where the file is there under a name in another case or not in UTF-8."""
+        if reason != "file not found":
+            return reason
+        folder, _, name = image.rpartition("/")
+        listing = self._listing(folder)
+        if len(listing.get(name.lower(), [])) > 1:
+            return (f"{reason} as written; {' and '.join(listing[name.lower()])} differ from it in case only: "
+                    "which is meant is unknown")
+        for names in listing.values():
+            for actual in names:
+                raw = os.fsencode(actual)
+                try:
+                    raw.decode("utf-8")
+                    continue  # a UTF-8 name
+                except UnicodeDecodeError:
+                    pass
+                if any(raw.decode(codec, "replace").lower() == name.lower() for codec in ("cp1252", "latin-1")):
+                    return (f"{reason} under this UTF-8 name: the file on disk is named {raw!r}, not UTF-8; "
+                            f"rename it to UTF-8 (e.g. convmv -f cp1252 -t utf8)")
+        return reason
 
 
 def _file_problem(path: Path) -> str | None:
