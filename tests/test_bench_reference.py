@@ -163,3 +163,36 @@ def test_a_report_path_that_is_a_folder_is_refused_before_any_work(project, tmp_
     deeper = tmp_path / "new" / "deeper" / example  # a missing parent folder is made, as before
     code, _, err = run_cli(["bench", project["a.onnx"], *NO_ACCURACY, option, deeper], capsys)
     assert code == 0 and deeper.is_file() and deeper.stat().st_size > 0, err
+
+
+# -- which test images bench scores
+
+def test_max_images_spreads_over_the_test_contents_and_a_tiny_test_split_is_said(small_synthetic, tmp_path):
+    """--max-images took the first N test images: on a split by reference content, N images of one content.
+    A test split under 3 images makes bench score every image, training ones included: a note says so."""
+    from kdiqa_edge.bench.accuracy import FROM_OPTIONS, EvalData, EvalSource
+    from kdiqa_edge.data import load_dataset, make_split
+    from kdiqa_edge.preprocess import PreprocessSpec
+
+    spec, small = EvalSource(small_synthetic, FROM_OPTIONS, test_fraction=0.5), PreprocessSpec(size=32)
+    records = load_dataset(small_synthetic).records
+    test = make_split(load_dataset(small_synthetic), seed=0, test_fraction=0.5).test
+    contents = {records[i].ref for i in test}
+    assert len(contents) >= 2 and len(test) >= 2 * 30  # 30 images a content
+    data = EvalData(spec, max_images=8, progress=False)
+    chosen = data.get(small)
+    assert len(chosen.names) == 8 and set(chosen.names) <= {records[i].image for i in test}
+    by_name = {r.image: r.ref for r in records}
+    assert {by_name[name] for name in chosen.names} == contents  # every test content, not the first one's
+    assert not data.notes and chosen.split == "test"
+
+    one = tmp_path / "one"  # two references, a split that holds one image out: fewer than 3 test images
+    shutil.copytree(small_synthetic.root, one)
+    lines = (one / "scores.csv").read_text().splitlines()
+    refs = sorted({r.ref for r in records})[:1]
+    kept = [lines[0]] + [line for line in lines[1:] if any(f",{ref}," in f",{line}," for ref in refs)][:4]
+    (one / "scores.csv").write_text("\n".join(kept) + "\n")
+    tiny = EvalData(EvalSource(type(small_synthetic)(name="synthetic", root=one), FROM_OPTIONS),
+                    progress=False)
+    assert tiny.get(small).split == "all" and len(tiny.get(small).names) == 4
+    assert any("training images included" in note for note in tiny.notes)

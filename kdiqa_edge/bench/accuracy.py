@@ -249,8 +249,13 @@ class EvalData:
                 if note not in self.notes:
                     self.notes.append(note)
         indices, which = (list(split.test), "test") if len(split.test) >= 3 else (list(range(len(cache))), "all")
-        if self.max_images:
-            indices = indices[:self.max_images]
+        if which == "all":
+            note = (f"the test split holds {len(split.test)} image(s): scored on all {len(indices)} images, training "
+                    "images included, so the accuracy figures do not say how well a model generalises")
+            if note not in self.notes:
+                self.notes.append(note)
+        if self.max_images and len(indices) > self.max_images:  # spread over the split: every content, not the first
+            indices = [indices[i] for i in np.linspace(0, len(indices) - 1, self.max_images).round().astype(int)]
         records = cache.dataset.records
         root = Path(cache.dataset.root)
         return EvalSet(names=[records[i].image for i in indices], files=[root / records[i].image for i in indices],
