@@ -1,13 +1,17 @@
 """Do the quality maps point at the damage? AUC of map values, distorted against clean positions.
 
     python benchmarks/bench_maps.py [--run RUN] [--work DIR] [--refs 16] [--threads 2]
-                                    [--out benchmarks/results/maps.md]
+                                    [--out benchmarks/results/maps.md] [--picture docs/images/quality-map.png]
 
 The model is the tests' student that learned (tests/conftest.py `learned_run`: the synthetic set at the tiny
 teacher's 64 px, 86x64 images, 24 references; test_resnet, random init, 20 epochs of the `hard` variant),
 trained here unless `--run` names one, and exported with `export --target onnx --with-map`. The maps come from
 the torch-free runtime (kdiqa_edge/runtime/maps.py): `fast` (the artifact's score_map, 2x2 at 64 px) and
 `patches` (a 4x4 grid of crops half the region wide).
+
+`--picture PATH` also writes the README's picture: scikit-image's astronaut (512x512) with its right half
+blurred (Gaussian, radius 24: 3 px at the 64 px the model sees), through `kdiqa-edge score MODEL PHOTO --map
+DIR`, the overlay exactly as users get it; the map's values are printed.
 
 Images: `--refs` fresh views of the synthetic set's photos (synthetic._references with another seed, the whole
 frames skipped: crops the model never saw as such), 86x64. In each, one region carries a distortion of the
@@ -58,6 +62,28 @@ def export(run: Path, work: Path) -> Path:
     subprocess.run([sys.executable, "-m", "kdiqa_edge", "export", str(run), "--target", "onnx", "--with-map",
                     "--out", str(work / "exports")], check=True)
     return work / "exports" / "onnx-fp32" / "model.fp32.onnx"
+
+
+def picture(artifact: Path, work: Path, path: Path) -> None:
+    """The README's overlay: the astronaut, right half blurred, through `score --map` (the CLI users run)."""
+    import shutil
+
+    from PIL import Image, ImageFilter
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut())
+    half = photo.width // 2
+    photo.paste(photo.crop((half, 0, photo.width, photo.height)).filter(ImageFilter.GaussianBlur(24)), (half, 0))
+    folder, maps = work / "picture", work / "picture-maps"
+    shutil.rmtree(maps, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    photo.save(folder / "astronaut-right-half-blurred.png")
+    subprocess.run([sys.executable, "-m", "kdiqa_edge", "score", str(artifact), str(folder), "--map", str(maps)],
+                   check=True)
+    stem = "astronaut-right-half-blurred"
+    print(f"{path}: fast map (rows top to bottom)\n{np.load(maps / f'{stem}.map.npy').round(2)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(maps / f"{stem}.map.png", path)
 
 
 def references(count: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -216,6 +242,7 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "maps.md")
+    parser.add_argument("--picture", type=Path, help="also write the README's overlay picture here")
     args = parser.parse_args()
 
     from kdiqa_edge.bench.environment import environment
@@ -225,6 +252,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     run = args.run or train(args.work)
     artifact = export(run, args.work)
+    if args.picture:
+        picture(artifact, args.work, args.picture)
     model = QualityModel.load(artifact, threads=args.threads)
     refs = references(args.refs, (86, 64))
     rows = table(measure(model, refs))
