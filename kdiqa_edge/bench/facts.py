@@ -173,20 +173,20 @@ def size_bytes(path: str | Path) -> int:
 
 
 def current_rss_mb() -> float | None:
-    """Resident memory now (Linux /proc), None elsewhere."""
+    """Resident memory now, in MB (1e6 bytes, as every size bench reports) (Linux /proc), None elsewhere."""
     try:
         with open("/proc/self/statm") as handle:
             pages = int(handle.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
     except (OSError, ValueError, IndexError):
         return None
 
 
 def peak_rss_mb() -> float | None:
-    """The process's high-water resident memory so far."""
+    """The process's high-water resident memory so far, in MB (1e6 bytes)."""
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux

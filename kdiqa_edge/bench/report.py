@@ -54,7 +54,8 @@ def environment_lines(report: BenchReport) -> list[str]:
         lines.append(f"Board: {env.get('board', '?')}; {env.get('l4t', '')}".rstrip("; "))
     cfg = report.config
     lines.append(f"Latency: batch sizes {', '.join(map(str, cfg.batch_sizes))}; {cfg.warmup} warm-up + "
-                 f"{cfg.runs} timed runs each; inference only (preprocessing timed separately)")
+                 f"{cfg.runs} timed runs each, in {cfg.timing_rounds} round(s), the models side by side in "
+                 "rotated order; ms per batch, inference only (preprocessing timed separately)")
     if report.dataset:
         d = report.dataset
         split = (f"{d['split']} split of {d['split_file']}" if d.get("split_file")
@@ -128,7 +129,7 @@ def markdown(report: BenchReport, title: str = "kdiqa-edge benchmark", environme
                 f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.std_ms:.3f}", f"{s.images_per_s:.1f}"]
                for r in report.results for s in r.latency]
     if latency:
-        parts += ["## Latency (ms, inference only)", "",
+        parts += ["## Latency (ms per batch, inference only; images/s = batch / mean)", "",
                   _md_table(["Model", "Format", "Precision", "Batch", "mean", "p50", "p90", "p99", "std", "images/s"],
                             latency), ""]
     accuracy = [[r.name, r.precision, f"{r.metrics.plcc:.4f}", f"{r.metrics.plcc_fit:.4f}", f"{r.metrics.srcc:.4f}",
@@ -197,7 +198,8 @@ def write_report_json(report: BenchReport, path: str | Path) -> Path:
 
 
 def write_plot(report: BenchReport, path: str | Path) -> Path:
-    """Latency (p50 at batch 1, log axis) against SRCC, one labelled point per working format."""
+    """Latency (p50 at batch 1, log axis) against SRCC, one labelled point per working format; PNG, or SVG or
+    PDF where the name ends so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +232,8 @@ def write_plot(report: BenchReport, path: str | Path) -> Path:
     ax.set_title(f"kdiqa-edge bench: {env.get('cpu', '')[:60]}, threads {env.get('threads')}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
+    kind = path.suffix.lower().lstrip(".") if path.suffix.lower() in (".svg", ".pdf") else "png"
     with atomic_path(path, suffix=path.suffix or ".png") as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=kind)  # the format the name says: a .svg holds SVG, not PNG bytes
     plt.close(fig)
     return path

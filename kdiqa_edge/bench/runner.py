@@ -1,7 +1,7 @@
 """Benchmark several artifacts of one model: latency, facts, accuracy and drift vs a reference (torch-free).
 
 Every model is loaded first (facts, warm-up, accuracy, one at a time), then timed side by side: `rounds`
-rounds, each model's turn one untimed run (the switch from the previous model) and runs/rounds timed ones,
+rounds, each model's turn one untimed run (the switch from the previous model) and its share of the runs,
 the order rotated every round, so a load that drifts while the bench runs hits every model alike and their
 ratios hold on a shared machine. All the models are in memory together while they are timed.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -27,7 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from kdiqa_edge.bench import facts
-from kdiqa_edge.bench.accuracy import Drift, EvalData, LeakCheck, drift, eval_source, score_eval_set
+from kdiqa_edge.bench.accuracy import (
+    SYNTHETIC,
+    Drift,
+    EvalData,
+    EvalSource,
+    LeakCheck,
+    drift,
+    eval_source,
+    score_eval_set,
+)
 from kdiqa_edge.bench.environment import environment
 from kdiqa_edge.bench.gate import Figures, Gate, GateResult
 from kdiqa_edge.bench.latency import (
@@ -270,11 +278,11 @@ def _fail(loaded: Loaded, stage: str, exc: BaseException) -> None:
 
 
 def time_side_by_side(items: list[Loaded], cfg: BenchConfig, bar=None) -> None:
-    """Latency of every loaded model at each batch size, in rounds: each turn one untimed run and
-    ceil(runs / rounds) timed ones, the order rotated every round (a model that fails is dropped).
+    """Latency of every loaded model at each batch size, in rounds: each turn one untimed run and the round's
+    share of `runs` timed ones (runs // rounds, one more in the first runs % rounds rounds: `runs` in all, as
+    the report says), the order rotated every round (a model that fails is dropped).
     `bar`: a console.Progress advanced once per round."""
     rounds = cfg.timing_rounds
-    per_turn = math.ceil(cfg.runs / rounds)
     for batch_size in cfg.batch_sizes:
         live = [item for item in items if item.model is not None]
         for item in live:
@@ -283,6 +291,7 @@ def time_side_by_side(items: list[Loaded], cfg: BenchConfig, bar=None) -> None:
             if bar is not None:
                 bar.update(f"batch {batch_size}, round {round_index + 1}/{rounds}")
             shift = round_index % max(len(live), 1)
+            per_turn = cfg.runs // rounds + (1 if round_index < cfg.runs % rounds else 0)
             for item in live[shift:] + live[:shift]:
                 if item.model is None:
                     continue
@@ -318,6 +327,16 @@ def check_gate(cfg: BenchConfig, reference: str | Path | None) -> None:
         raise ConfigError("--max-drift bounds |ΔSRCC| against the reference: give --reference")
     if gate.max_latency_ms is not None and 1 not in cfg.batch_sizes:
         raise ConfigError("--max-latency-ms bounds the p50 latency at batch 1: --batch-sizes must include 1")
+
+
+def check_floors(cfg: BenchConfig, source: EvalSource | None) -> None:
+    """SRCC/PLCC floors hold a model to its accuracy on the user's data: on the built-in synthetic set, which
+    bench falls back to when nothing names a dataset, a pass or a failure would say nothing of it."""
+    gate = cfg.gate
+    if source is not None and source.origin == SYNTHETIC and (gate.srcc is not None or gate.plcc is not None):
+        raise ConfigError(f"--fail-under bounds SRCC/PLCC on your data, but bench would score the built-in "
+                          f"synthetic set ({source.reason}): pass --reference RUN_DIR or the dataset options "
+                          "(--dataset NAME --root DIR)")
 
 
 def check_paths(models: Sequence[str | Path], reference: str | Path | None,
@@ -362,12 +381,13 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
 
     `teacher`: checkpoints, run dirs or artifacts of the teacher; a checkpoint is benched in every runtime of
     `teacher_runtimes` here (bench/teacher.py: all installed by default), its exports made first."""
-    from kdiqa_edge.bench.teacher import same_path, teacher_forms, versus_teacher
+    from kdiqa_edge.bench.teacher import no_teacher_note, same_path, teacher_forms, versus_teacher
     from kdiqa_edge.console import Progress
 
     check_paths(models, reference, teacher)
     check_gate(cfg, reference)
     source = eval_source(reference, data, cfg.split_seed, [*models, *teacher]) if cfg.accuracy else None
+    check_floors(cfg, source)
     leak_check = LeakCheck(source) if source is not None else None
     if log is not None and source is not None:
         for line in ([source.headline] if source.headline else []) + list(source.notes):
@@ -444,11 +464,14 @@ def run_bench(models: Sequence[str | Path], reference: str | Path | None = None,
                    "split_file": None if eval_data.notes or source.split_file is None else str(source.split_file),
                    "spec": source.dataset.to_dict()}
     gated = [r for r in results if not r.reference and r.teacher is None]
+    batch = 1 if 1 in cfg.batch_sizes else min(cfg.batch_sizes)
+    versus = versus_teacher(results, batch) if forms else None
+    if forms and versus is None:  # said, not left to a missing line
+        notes.append(no_teacher_note(results, batch))
     return BenchReport(environment=environment(cfg.threads), config=cfg, dataset=dataset, results=results,
                        notes=notes, headline=source.headline if source is not None else None,
                        gate=cfg.gate.check([gate_figures(r) for r in gated]) if cfg.gate.active else None,
-                       teacher=versus_teacher(results, 1 if 1 in cfg.batch_sizes else min(cfg.batch_sizes))
-                       if forms else None)
+                       teacher=versus)
 
 
 def export_entry(path: str | Path) -> tuple[str, dict] | None:

@@ -141,25 +141,9 @@ def versus_teacher(results: Sequence[Any], batch: int) -> dict[str, Any] | None:
     `teacher` entry. A reduced-precision form (OpenVINO bf16) counts only where its SRCC is within the export
     drift bound (`ExportConfig.max_drift`) of the teacher's FP32 form's: the speed-ups are against the teacher
     at its own accuracy. None without a teacher row that ran."""
-    from kdiqa_edge.export.base import ExportConfig
-
     forms = [r for r in results if r.teacher is not None]
-    exact = next((r.metrics.srcc for r in forms if r.precision == "fp32" and r.metrics is not None), None)
-
-    def unfit(r) -> str | None:
-        """Why this form is not the teacher's accuracy, or None."""
-        if r.status != "ok" or r.latency_at(batch) is None:
-            return f"{r.status}" if r.status != "ok" else f"not timed at batch {batch}"
-        if r.precision == "fp32":
-            return None
-        if exact is None or r.metrics is None:
-            return f"{r.precision}: its drift from the FP32 teacher is not measured (accuracy off), so left out"
-        delta = r.metrics.srcc - exact
-        if not abs(delta) <= ExportConfig.max_drift:
-            return f"{r.precision}: ΔSRCC {delta:+.4f} vs the FP32 teacher, over {ExportConfig.max_drift:g}, so left out"
-        return None
-
-    timed = [r for r in forms if unfit(r) is None]
+    exact = _fp32_srcc(forms)
+    timed = [r for r in forms if _unfit(r, exact, batch) is None]
     if not timed:
         return None
     best = min(timed, key=lambda r: r.latency_at(batch).p50_ms)
@@ -172,8 +156,40 @@ def versus_teacher(results: Sequence[Any], batch: int) -> dict[str, Any] | None:
             "batch": batch, "p50_ms": t_ms, "size_mb": best.size_mb,
             "forms": [{"row": r.name, "format": r.format, "precision": r.precision, "status": r.status,
                        "p50_ms": r.latency_at(batch).p50_ms if r.latency_at(batch) else None,
-                       "left_out": unfit(r)} for r in forms],
+                       "left_out": _unfit(r, exact, batch)} for r in forms],
             "versus": sorted(versus, key=lambda v: v["p50_ms"])}
+
+
+def _fp32_srcc(forms: Sequence[Any]) -> float | None:
+    """The SRCC of the teacher's first FP32 form that was scored, the yardstick of the reduced ones."""
+    return next((r.metrics.srcc for r in forms if r.precision == "fp32" and r.metrics is not None), None)
+
+
+def _unfit(r, exact: float | None, batch: int) -> str | None:
+    """Why this teacher form is not the teacher at its own accuracy, timed at `batch`; None where it is."""
+    from kdiqa_edge.export.base import ExportConfig
+
+    if r.status != "ok" or r.latency_at(batch) is None:
+        return f"{r.status}" if r.status != "ok" else f"not timed at batch {batch}"
+    if r.precision == "fp32":
+        return None
+    if r.metrics is None:
+        return f"{r.precision}: its drift from the FP32 teacher is not measured (accuracy off), so left out"
+    if exact is None:
+        return (f"{r.precision}: its drift from the FP32 teacher is not measured (no FP32 form of the teacher was "
+                "scored here: give its checkpoint or FP32 artifact as --teacher too), so left out")
+    delta = r.metrics.srcc - exact
+    if not abs(delta) <= ExportConfig.max_drift:
+        return f"{r.precision}: ΔSRCC {delta:+.4f} vs the FP32 teacher, over {ExportConfig.max_drift:g}, so left out"
+    return None
+
+
+def no_teacher_note(results: Sequence[Any], batch: int) -> str:
+    """What the report says where no form of the teacher could be compared against (versus_teacher is None)."""
+    forms = [r for r in results if r.teacher is not None]
+    exact = _fp32_srcc(forms)
+    why = "; ".join(f"{r.name}: {_unfit(r, exact, batch)}" for r in forms)
+    return f"teacher: no speed-ups against the teacher: none of its forms is comparable ({why})"
 
 
 def teacher_lines(teacher: dict[str, Any]) -> list[str]:

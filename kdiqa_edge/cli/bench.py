@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +19,7 @@ from kdiqa_edge.cli.options import (
     dataset_options,
 )
 from kdiqa_edge.cli.score import Provider, Threads
+from kdiqa_edge.runtime.base import ARTIFACT_SUFFIXES
 
 TEACHER_PANEL = "Teacher"
 
@@ -30,7 +33,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"--batch-sizes needs positive integers, got {text!r}")
-    return sizes
+    return tuple(dict.fromkeys(sizes))  # 1,1,8: batch 1 is timed once, not two rows of it
 
 
 def check_output(option: str, path: Path | None, example: str) -> None:
@@ -48,6 +51,49 @@ def check_output(option: str, path: Path | None, example: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+    try:  # the report is written after the whole bench: a folder it cannot be written in is said now
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+
+
+# what an artifact, an IR's weights or a checkpoint's files end in: a report never takes the place of one
+MODEL_SUFFIXES = (*ARTIFACT_SUFFIXES, ".bin", ".safetensors", ".pt", ".pth", ".ckpt")
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")  # what write_plot writes, each in its own format
+
+
+def check_outputs(outputs: list[tuple[str, Path | None, str]], inputs: list[Path]) -> None:
+    """Every report path (option, path, example) as `check_output` checks it; and none may be a model bench
+    reads (`inputs`: models, --reference, --teacher), a file that exists inside one (a run dir's, an
+    .mlpackage's; a new file there is fine), an existing model file (`--json-out exports/*/*.onnx` names the
+    first artifact as the report), or another report's path: the report would overwrite it."""
+    from kdiqa_edge.errors import ConfigError
+
+    for option, path, example in outputs:
+        check_output(option, path, example)
+    taken: dict[str, str] = {}
+    for option, path, example in outputs:
+        if path is None:
+            continue
+        where = os.path.abspath(path)
+        if where in taken:
+            raise ConfigError(f"{option} {path}: {taken[where]} names the same file")
+        taken[where] = option
+        for model in inputs:
+            model_at = os.path.abspath(model)
+            inside = where.startswith(model_at.rstrip(os.sep) + os.sep) and Path(path).exists()  # a run's file
+            if where == model_at or inside or (model_at.endswith(".xml") and where == model_at[:-4] + ".bin"):
+                raise ConfigError(f"{option} {path} is (part of) the model {model}: the report would overwrite "
+                                  f"it; name a report file, e.g. {example}")
+        if option == "--plot" and Path(path).suffix.lower() not in PLOT_SUFFIXES:
+            raise ConfigError(f"--plot {path}: the plot is written as {', '.join(PLOT_SUFFIXES)} (by the name's "
+                              f"suffix), e.g. {Path(path).with_suffix('.png')}")
+        if Path(path).suffix.lower() in MODEL_SUFFIXES and Path(path).exists():
+            raise ConfigError(f"{option} {path} is a model file: the report would overwrite it; name a report "
+                              "file (did a shell glob fill it in?)")
 
 
 @dataset_options
@@ -75,7 +121,8 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json-out", help="Write the full results as JSON.")] = None,
     old_json_path: Annotated[Path | None, typer.Option("--json", hidden=True, help="Deprecated: --json-out.")] = None,
     markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown report.")] = None,
-    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a latency-vs-SRCC PNG.")] = None,
+    plot_path: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a latency-vs-SRCC plot (.png, .svg or .pdf).")] = None,
     teacher: Annotated[list[Path] | None, typer.Option(
         "--teacher", help="The teacher (run dir or checkpoint; or its artifacts, repeated): benched in every runtime "
                           "installed here (PyTorch eager, ONNX Runtime, OpenVINO f32 and bf16, ExecuTorch; exported "
@@ -127,9 +174,9 @@ def bench(
     split_seed = renamed("--seed", "--split-seed", old_seed, split_seed)
     json_path = renamed("--json PATH", "--json-out PATH", old_json_path, json_path,
                         "--json is an on/off switch in the other commands")
-    for option, path, example in (("--json-out", json_path, "bench.json"), ("--markdown", markdown_path, "bench.md"),
-                                  ("--plot", plot_path, "bench.png")):
-        check_output(option, path, example)
+    check_outputs([("--json-out", json_path, "bench.json"), ("--markdown", markdown_path, "bench.md"),
+                   ("--plot", plot_path, "bench.png")],
+                  [*models, *([reference] if reference else []), *(teacher or ())])
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
                       rounds=rounds, provider=provider, split_seed=split_seed, max_images=max_images,
                       accuracy=accuracy, gate=Gate.parse(fail_under, max_drift, max_latency_ms, max_size_mb))
@@ -137,10 +184,8 @@ def bench(
                        log=lambda line: typer.secho(f"note: {line}", err=True, fg="yellow"),
                        teacher=teacher or (), teacher_runtimes=parse_runtimes(teacher_runtimes))
     print_table(report)
-    for path, writer in ((json_path, write_report_json), (markdown_path, write_markdown), (plot_path, write_plot)):
-        if path is not None:
-            writer(report, path)
-            typer.echo(f"wrote {path}")
+    unwritten = write_reports(report, ((json_path, write_report_json), (markdown_path, write_markdown),
+                                       (plot_path, write_plot)))
     if report.gate is not None:
         report_gate(report.gate)  # its lines already name a gated row that failed
     failed = [r for r in report.results if r.status != "ok"]
@@ -148,6 +193,25 @@ def bench(
         typer.secho(f"bench: {len(failed)} of {len(report.results)} model(s) failed: "
                     + "; ".join(f"{r.name} at {r.stage}" for r in failed), err=True, fg="red")
         raise typer.Exit(1)
+    if unwritten:
+        raise typer.Exit(2)
+
+
+def write_reports(report, writers) -> int:
+    """Write each report asked for; one that cannot be written (a full disk, a folder that went read-only) is an
+    error line, and the others are still written. How many failed."""
+    unwritten = 0
+    for path, writer in writers:
+        if path is None:
+            continue
+        try:
+            writer(report, path)
+        except OSError as exc:
+            typer.secho(f"error: cannot write {path}: {exc.strerror or exc}", err=True, fg="red")
+            unwritten += 1
+            continue
+        typer.echo(f"wrote {path}")
+    return unwritten
 
 
 def report_gate(gate) -> None:
