@@ -187,6 +187,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def write_script(path: str | os.PathLike, comments: list[str], commands: list[str]) -> Path:
+    """An executable sh script (atomic) that runs from its own folder, wherever it is called from: its commands
+    name the files beside it by name. `comments` without their '# '; lines of `commands` may be comments."""
+    lines = ["#!/bin/sh", *(f"# {line}" for line in comments), "set -e",
+             'cd "$(dirname "$0")"  # the files it names are beside it', *commands]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Keys sorted: the bytes depend on the content, never on the order a dict happened to be filled in."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

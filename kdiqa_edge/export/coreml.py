@@ -16,10 +16,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kdiqa_edge.errors import ConfigError, ExportError, first_line
+from kdiqa_edge.errors import ConfigError, ExportError, MissingDependency, first_line
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Supports, register_target
 
 MAP_OUTPUT = "score_map"  # kdiqa_edge/models/maps.py (a torch module: not imported at module level)
+EXTRA = "export"
+
+
+def coremltools_missing() -> str | None:
+    """None when coremltools imports, else why not. Its import logs warnings about the scikit-learn and torch
+    versions it was not tested with, off macOS the native proxies it cannot load, and torch's pytree a
+    deprecation: nothing a user acts on, held back (this runs before the export's output is captured)."""
+    from kdiqa_edge.console import quiet_logger
+
+    try:
+        with quiet_logger("coremltools"), quiet_logger("torch.utils._pytree"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coremltools  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 def _image_model(model, cfg: ExportConfig):
@@ -140,9 +156,34 @@ def activation_quantization(cfg: ExportConfig) -> str | None:
     return None
 
 
-def quantize_int8(mlmodel, calib, activations: str | None):
-    """8-bit linear symmetric weights; with `activations` None, 8-bit activations first, calibrated on the
-    `calib` images (uint8 HWC, the model's input size) through CoreML predictions: W8A8."""
+def float_weights(mlmodel, model) -> list[str]:
+    """The program's constants that int8 leaves in float, as every other target does: the folded head's anchor
+    matrix (a per-channel int8 grid over its 5 rows rounds the small differences between the quality levels
+    away) and the projection feeding it. Found by value, so either trace's naming of them does."""
+    import numpy as np
+    from coremltools.optimize.coreml import get_weights_metadata
+
+    from kdiqa_edge.models.score import folded_weight, has_quality_head
+
+    wanted = [folded_weight(model.head)[0].numpy()] if has_quality_head(model) else []
+    for module in (getattr(model, "proj", None), None if has_quality_head(model) else getattr(model, "head", None)):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dim() == 2:
+            wanted.append(weight.detach().float().numpy())
+
+    def wanted_here(value: np.ndarray) -> bool:  # FP16 in the program: equal within its rounding
+        candidates = (w for weight in wanted for w in (weight, weight.T) if w.shape == value.shape)
+        return value.ndim == 2 and any(np.allclose(value.astype(np.float32), w, rtol=1e-2, atol=1e-3)
+                                       for w in candidates)
+
+    return [name for name, weight in get_weights_metadata(mlmodel, weight_threshold=0).items()
+            if wanted_here(np.asarray(weight.val))]
+
+
+def quantize_int8(mlmodel, calib, activations: str | None, keep_float: list[str] = ()):
+    """8-bit linear symmetric weights, but for the constants named in `keep_float`; with `activations` None,
+    8-bit activations first, calibrated on the `calib` images (uint8 HWC, the model's input size) through
+    CoreML predictions: W8A8."""
     import coremltools.optimize.coreml as cto
 
     if activations is None:
@@ -154,7 +195,8 @@ def quantize_int8(mlmodel, calib, activations: str | None):
             global_config=cto.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric"))
         mlmodel = cto.experimental.linear_quantize_activations(
             mlmodel, config, [{"image": Image.fromarray(img)} for img in calib])
-    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"),
+                                    op_name_configs=dict.fromkeys(keep_float))
     return cto.linear_quantize_weights(mlmodel, config=config)
 
 
@@ -191,7 +233,8 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
         arch = meta.get("source", {}).get("arch", "this model") if isinstance(meta.get("source"), dict) else "model"
         raise ExportError(f"coremltools cannot convert {arch} ({'; '.join(failures)})")
     if cfg.precision == "int8":
-        mlmodel = quantize_int8(mlmodel, calib if calib is not None else [], activations=activation_quantization(cfg))
+        mlmodel = quantize_int8(mlmodel, calib if calib is not None else [], activations=activation_quantization(cfg),
+                                keep_float=float_weights(mlmodel, model))
 
     from kdiqa_edge import artifact
 
@@ -250,6 +293,13 @@ class CoreMLTarget:
     name = "coreml"
     supports = Supports(precisions=("fp32", "fp16", "int8"), dynamic_batch=True,
                         tolerance={"fp32": 1e-3, "fp16": 5e-2})
+
+    def preflight(self, cfg: ExportConfig) -> None:
+        """Fail before any work when coremltools is missing."""
+        missing = coremltools_missing()
+        if missing is not None:
+            raise MissingDependency(f"the coreml target needs coremltools ({missing}); install it with: "
+                                    f"pip install 'kdiqa-edge[{EXTRA}]'")
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         size = model.preprocess.size

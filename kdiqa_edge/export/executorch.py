@@ -48,6 +48,9 @@ FLOAT_SCOPES = ("head", "input_norm", "model.head")
 # Graph nodes that are bookkeeping, not kernels: tuple access and symbolic sizes.
 _BOOKKEEPING = ("getitem", "sym_size", "sym_numel", "sym_stride", "sym_storage_offset")
 _COMPUTE = ("conv2d", "linear", "matmul", "mm", "convolution")
+# Ops that only rearrange a tensor: a conv/linear behind them still feeds what follows.
+_SHAPE_ONLY = ("view", "reshape", "_unsafe_view", "flatten", "permute", "squeeze", "unsqueeze", "contiguous",
+               "clone", "expand")
 DEVICE_DIR = "/data/local/tmp/kdiqa"
 
 
@@ -157,17 +160,31 @@ def _is_compute(node) -> bool:
     return node.op == "call_function" and _op_name(node) in _COMPUTE
 
 
+def _feeding_compute(node):
+    """The conv/linear whose output reaches `node`, through shape-only ops (the map's per-position features
+    reach the head through a reshape), or None."""
+    while node.op == "call_function" and _op_name(node) in _SHAPE_ONLY and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node if _is_compute(node) else None
+
+
 def float_nodes(graph_module, stem: bool) -> set[str]:
     """Names of the nodes INT8 leaves in float: the head and input normalization scopes, the conv/linear that
-    feeds the head (the projection into CLIP's space), and with `stem` the first conv/linear (so the input
-    pixels are not re-rounded, as `--int8-stem float` does for ONNX)."""
+    feeds the head (the projection into CLIP's space: with --with-map it runs twice, on the pooled features and
+    per position, and both stay float, since one weight cannot be int8 for one and float for the other in
+    XNNPACK), and with `stem` the first conv/linear (so the input pixels are not re-rounded, as
+    `--int8-stem float` does for ONNX)."""
     nodes = [n for n in graph_module.graph.nodes if n.op == "call_function"]
     keep = {n.name for n in nodes if _in_scopes(n, FLOAT_SCOPES)}
     for node in nodes:
         if node.name in keep and _in_scopes(node, ("head", "model.head")):
             for source in node.all_input_nodes:
-                if source.name not in keep and _is_compute(source):
-                    keep.add(source.name)
+                feeding = _feeding_compute(source)
+                if feeding is not None:
+                    keep.add(feeding.name)
+    # a weight a kept conv/linear reads stays float for every conv/linear that reads it
+    kept_weights = {a for n in nodes if n.name in keep and _is_compute(n) for a in n.all_input_nodes[1:]}
+    keep |= {n.name for n in nodes if _is_compute(n) and kept_weights.intersection(n.all_input_nodes[1:])}
     if stem:
         first = next((n for n in nodes if _is_compute(n) and n.name not in keep), None)
         if first is not None:
@@ -368,17 +385,16 @@ def benchmark_app_commands(pte_name: str, runs: int = 50) -> list[str]:
 
 
 def write_device_script(out: Path, pte_name: str, threads: int) -> Path:
-    from kdiqa_edge.io import write_text
+    from kdiqa_edge.io import write_script
 
-    lines = ["#!/bin/sh",
-             f"# Time {pte_name} on an Android phone (adb, USB debugging on). executor_runner: ExecuTorch's",
-             "# examples/portable/executor_runner built for arm64-v8a with the XNNPACK backend linked",
-             "# (EXECUTORCH_BUILD_XNNPACK=ON), pushed to " + DEVICE_DIR + ". It feeds ones and prints the time",
-             "# of --num_executions runs; --cpu_threads -1 picks the phone's performance cores.",
-             "set -e", *device_commands(pte_name, threads),
-             "# or ExecuTorch's Android benchmark app (extension/benchmark/android/benchmark, installed):",
-             *(f"# {line}" for line in benchmark_app_commands(pte_name))]
-    return write_text(out / "benchmark_on_device.sh", "\n".join(lines) + "\n")
+    comments = [f"Time {pte_name} on an Android phone (adb, USB debugging on). executor_runner: ExecuTorch's",
+                "examples/portable/executor_runner built for arm64-v8a with the XNNPACK backend linked",
+                "(EXECUTORCH_BUILD_XNNPACK=ON), pushed to " + DEVICE_DIR + ". It feeds ones and prints the time",
+                "of --num_executions runs; --cpu_threads -1 picks the phone's performance cores."]
+    commands = [*device_commands(pte_name, threads),
+                "# or ExecuTorch's Android benchmark app (extension/benchmark/android/benchmark, installed):",
+                *(f"# {line}" for line in benchmark_app_commands(pte_name))]
+    return write_script(out / "benchmark_on_device.sh", comments, commands)  # ./benchmark_on_device.sh, anywhere
 
 
 def check_map(model, program: Program, examples: Examples, cfg: ExportConfig, meta: dict[str, Any],
@@ -458,7 +474,9 @@ class ExecuTorchTarget:
             result.drift["latency"] = {"fp32": reference.latency, "int8": program.latency,
                                        "runtime": "executorch xnnpack", "threads": cfg.threads}
             result.notes.extend(drift_notes(result.drift, name, cfg.threads, cfg.max_drift))
-        result.notes.append(f"on the phone: {' && '.join(commands)}")
+        # the commands name the program by file name: they run beside it, as the script does from anywhere
+        result.notes.append(f"on the phone: {script.name} (beside {name}; from any folder) runs "
+                            f"{' && '.join(commands)}")
         return result
 
     def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:

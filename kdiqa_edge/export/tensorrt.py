@@ -96,6 +96,12 @@ def trtexec_command(onnx_path: Path, engine_path: Path, input_shape: tuple[int, 
     return " ".join(shlex.quote(a) for a in args)
 
 
+def script_timing_cache(cfg: ExportConfig) -> Path:
+    """The timing cache trtexec.sh names: one beside it, or the file named with --timing-cache, absolute (the
+    script runs from its own folder, not from the one the export ran in)."""
+    return Path(cfg.timing_cache).absolute() if cfg.timing_cache else Path("timing.cache")
+
+
 def default_timing_cache() -> Path:
     from kdiqa_edge import paths
 
@@ -167,6 +173,17 @@ def tensorrt_available() -> str | None:
     return None
 
 
+def gpu_latency_notes(notes: list[str], name: str) -> list[str]:
+    """The onnx target's FP16 notes, for a TensorRT ONNX: its latencies are ONNX Runtime's on this CPU (where
+    FP16 is emulated), so they say nothing of the engine, and its advice to ship FP32 for ONNX Runtime does not
+    apply to a GPU."""
+    kept = [note for note in notes if not note.startswith(f"{name}: FP16 is SLOWER than FP32")]
+    at = next((i + 1 for i, note in enumerate(kept) if note.startswith(f"{name}: latency at batch 1")), len(kept))
+    said = (f"{name}: these latencies are the FP16 ONNX under ONNX Runtime on this CPU (FP16 is emulated on CPUs), "
+            "not the engine's speed: bench the engine on the device")
+    return [*kept[:at], said, *kept[at:]]
+
+
 @register_target
 class TensorRTTarget:
     """NVIDIA GPUs and Jetson: FP16 ONNX or symmetric int8 Q/DQ ONNX -> strongly typed engine."""
@@ -186,11 +203,14 @@ class TensorRTTarget:
 
         from kdiqa_edge import artifact
         from kdiqa_edge.export import onnx as onnx_target
+        from kdiqa_edge.io import write_script
 
         meta = {**meta, "target": self.name}
         # the ONNX TensorRT consumes: same graph as the onnx target, but INT8 as symmetric S8S8 Q/DQ
         result = onnx_target.build(model, examples, out, cfg, meta, form="s8s8", tolerance=self.supports.tolerance)
         onnx_path = result.files[0]
+        if cfg.precision == "fp16":
+            result.notes = gpu_latency_notes(result.notes, onnx_path.name)
         graph = onnx.load(str(onnx_path))
         missing = tensorrt_available()
         # the targeted version, and the installed one when the engine is built here
@@ -206,18 +226,18 @@ class TensorRTTarget:
         input_shape = tuple(d.dim_value or 1 for d in graph.graph.input[0].type.tensor_type.shape.dim)
         engine_path = out / f"model.{cfg.precision}.engine"
         timing_cache = Path(cfg.timing_cache) if cfg.timing_cache else default_timing_cache()
-        # the command runs on the device, beside the files: relative paths unless a cache file was named
+        # the command runs on the device, beside the files
         command = trtexec_command(Path(onnx_path.name), Path(engine_path.name), input_shape, cfg,
-                                  Path(cfg.timing_cache) if cfg.timing_cache else Path("timing.cache"))
-        command_file = out / "trtexec.sh"
-        command_file.write_text(
-            "#!/bin/sh\n# Build the engine on the target device (engines do not move between GPUs or TensorRT "
-            "versions).\n# Same network, precision and profile as `kdiqa-edge export --target tensorrt` builds;"
-            "\n# trtexec writes a bare engine without the kdiqa-edge header the runtime reads, so prefer the "
-            "export command there.\n" + command + "\n")
+                                  script_timing_cache(cfg))
+        command_file = write_script(out / "trtexec.sh", [
+            "Build the engine on the target device (engines do not move between GPUs or TensorRT versions).",
+            "Same network, precision and profile as `kdiqa-edge export --target tensorrt` builds;",
+            "trtexec writes a bare engine without the kdiqa-edge header the runtime reads, so prefer the export "
+            "command there."], [command])
         result.files.append(command_file)
         result.extra["trtexec"] = command
-        result.notes.append(f"trtexec equivalent: {command}")
+        result.notes.append(f"trtexec equivalent: {command_file.name} (beside {onnx_path.name}; from any folder) "
+                            f"runs {command}")
 
         if missing is not None:
             result.unavailable = (f"tensorrt does not import here ({missing}): NO ENGINE WAS BUILT; wrote the "
