@@ -178,3 +178,17 @@ def test_quiet_logger_drops_a_libraries_chatter_and_restores_the_level(caplog):
         chatty.warning("after the block")
     assert [r.getMessage() for r in caplog.records] == ["a real failure", "after the block"]
     assert chatty.level == logging.INFO
+
+
+def test_ctrl_c_in_a_command_says_interrupted_and_exits_130(tmp_path, monkeypatch, capsys):
+    """typer turns a KeyboardInterrupt into a silent exit 130: the command stopped without a word."""
+    from cli_helpers import run_cli
+
+    from kdiqa_edge.data import synthetic
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "generate", interrupted)
+    code, _out, err = run_cli(["data", "synth", tmp_path / "set", "--refs", "1"], capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"

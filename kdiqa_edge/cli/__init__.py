@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: known errors become one line on stderr and a non-zero exit code."""
     try:
         app(args=argv, prog_name="kdiqa-edge")
+    except SystemExit as exc:  # typer turns a Ctrl-C into a silent exit 130: say why the command stopped
+        if exc.code == 130 and exc.__context__ is not None and isinstance(exc.__context__.__cause__,
+                                                                          KeyboardInterrupt):
+            typer.secho("interrupted", err=True)
+        raise
     except KdiqaError as exc:
         if os.environ.get("KDIQA_DEBUG"):
             raise

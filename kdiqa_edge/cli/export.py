@@ -208,6 +208,7 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
     parity check's verdict, its notes: drift, latency, the other INT8 stem, trtexec), the manifest and what to
     run next."""
     from kdiqa_edge.bench.environment import cpu_line
+    from kdiqa_edge.console import plural
     from kdiqa_edge.export.pipeline import read_manifest
 
     manifest = manifest or read_manifest(out)
@@ -215,7 +216,8 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
     machine = manifest.get("machine")
     threads = (manifest.get("config") or {}).get("threads")
     if machine:
-        typer.echo(f"machine: {cpu_line(machine)}" + (f"; checks and latencies at {threads} threads" if threads else ""))
+        typer.echo(f"machine: {cpu_line(machine)}"
+                   + (f"; checks and latencies at {plural(threads, 'thread')}" if threads else ""))
     if _not_pretrained(checkpoint):
         typer.secho(f"note: {checkpoint} is not pretrained (random init): its exports' drift and accuracy figures are "
                     "a smoke test of the pipeline, not image quality; the speed and size figures are real", fg="yellow")
@@ -230,7 +232,7 @@ def _summary(out: Path, checkpoint: Path, requested: list[str], manifest: dict |
             typer.echo(f"  measured on another machine: {cpu_line(measured_on)}")
         built_at = entry.get("threads")  # a reused export keeps the figures of the run that built it
         if label in reused and built_at and threads and built_at != threads:
-            typer.echo(f"  its checks and latencies ran at {built_at} threads, when it was built (--force measures "
+            typer.echo(f"  its checks and latencies ran at {plural(built_at, 'thread')}, when it was built (--force measures "
                        f"again at {threads})")
         skipped = (entry.get("parity") or {}).get("skipped")
         for note in entry.get("notes", []):

@@ -39,6 +39,7 @@ def rank_isolated(items: list[Measured], pixels: np.ndarray, cfg: ExportConfig, 
     ever slow a turn down, and with a few turns each, one loaded turn moved a candidate's pooled median by
     15% on the 2-vCPU EPYC: ExecuTorch (5.28 ms) shipped over OpenVINO INT8, whose fastest round was 4.58 ms
     (benchmarks/results/openvino-amd-epyc-2c-avx-512-bf16-without-amx.md)."""
+    from kdiqa_edge.console import plural
     from kdiqa_edge.export.measure import in_own_process
 
     rounds = rounds or ISOLATED_ROUNDS
@@ -78,7 +79,8 @@ def rank_isolated(items: list[Measured], pixels: np.ndarray, cfg: ExportConfig, 
                 "runs": sum(len(runs) for runs in per_turn)}
 
     live = [i for i in items if i.status == "ok"]
-    log(f"  timing {len(live)} candidates, each in processes of its own ({rounds} alternated rounds)")
+    log(f"  timing {plural(len(live), 'candidate')}, each in processes of its own "
+        f"({plural(rounds, 'alternated round')})")
     for name, by_batch in turns(live, batches, rounds, rotate=False).items():
         item = next(i for i in live if i.name == name)
         for b, per_turn in by_batch.items():

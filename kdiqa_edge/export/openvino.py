@@ -252,6 +252,13 @@ def input_spec(cfg: ExportConfig, size: int) -> dict[str, Any]:
             "normalized": not uint8}
 
 
+def weights(precision: str) -> str:
+    """What the .bin holds for this precision (the manifest's `weights`)."""
+    if COMPRESS_TO_FP16[precision]:
+        return "fp16"
+    return "int8 + fp32" if precision == "int8" else "fp32"
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata
 
@@ -447,8 +454,7 @@ class OpenVinoTarget:
                               files=[ir.path, ir.path.with_suffix(".bin")], parity=ir.parity, notes=list(ir.notes))
         result.extra = {"input": ir.meta["input"], "outputs": ir.meta["outputs"], "runtime": "openvino",
                         "inference_precision": ir.meta["inference_precision"], "runs_in_here": ir.runs_in,
-                        "weights": "fp16" if COMPRESS_TO_FP16[cfg.precision] else
-                        ("int8 + fp32" if cfg.precision == "int8" else "fp32"),
+                        "weights": weights(cfg.precision),
                         "metadata": "rt_info kdiqa_edge/<key> (the kdiqa_edge.* keys)"}
         if cfg.with_map:
             result.extra["map"] = map_report
@@ -483,23 +489,31 @@ class OpenVinoTarget:
         extra = {"input": input_spec(cfg, model.preprocess.size), "outputs": ["score", *(["probs"] * cfg.with_probs)],
                  "runtime": "openvino", "metadata": "rt_info kdiqa_edge/<key> (the kdiqa_edge.* keys)"}
 
-        def build(precision: str, stem: str | None, floats: str | None):
-            return lambda folder: write_ir(model, onnx_path, examples, folder, cfg, meta, precision, stem, floats)[0]
+        def build(precision: str, stem: str | None, floats: str | None, recipe: dict[str, Any],
+                  details: dict[str, Any]):
+            def write(folder: Path) -> Path:
+                path, int8, _ = write_ir(model, onnx_path, examples, folder, cfg, meta, precision, stem, floats)
+                if int8:  # NNCF's settings, as the graph chose them: the pick's manifest entry, as --precision int8's
+                    details["int8"] = int8
+                    recipe.update(preset=int8["preset"], model_type=int8["model_type"])
+                return path
+
+            return write
 
         def candidate(name: str, precision: str, stem: str | None = None, floats: str | None = None,
                       **fields) -> Candidate:
-            facts = {"inference_precision": inference_precision(precision, floats),
-                     "weights": "fp16" if COMPRESS_TO_FP16[precision] else "fp32"}
+            facts = {"inference_precision": inference_precision(precision, floats), "weights": weights(precision)}
             if precision == "int8":
                 facts["float_regions"] = facts["inference_precision"]
-            return Candidate(name, precision, build(precision, stem, floats), companions=(".bin",),
-                             recipe={"name": name, **facts, **({"stem": stem} if stem else {})},
-                             extra={**extra, **facts}, **fields)
+            recipe = {"name": name, **facts, **({"stem": stem} if stem else {})}
+            details = {**extra, **facts}
+            return Candidate(name, precision, build(precision, stem, floats, recipe, details), companions=(".bin",),
+                             recipe=recipe, extra=details, **fields)
 
         found = [candidate("fp32", "fp32", reference=True, tolerance=self.supports.tolerance["fp32"])]
         if bf16_here():
             found.append(candidate("bf16", "bf16"))
-        if openvino_missing("int8") is None:
+        if openvino_missing("int8") is None and cfg.calib_method in ACTIVATION_RANGES:
             found += [candidate(f"int8:stem-{stem}", "int8", stem) for stem in ("float", "int8")]
             if bf16_here():
                 found += [candidate(f"int8:bf16+stem-{stem}", "int8", stem, "bf16") for stem in ("float", "int8")]
@@ -512,8 +526,12 @@ class OpenVinoTarget:
             lines.append("openvino bf16: this CPU has neither AVX512-BF16 nor AMX-BF16 (OpenVINO would run it in "
                          "f32): no bf16 candidate")
         missing = openvino_missing("int8") if openvino_missing("fp32") is None else None
+        method = cfg.calib_method if cfg is not None else "minmax"
         if missing is not None:
             lines.append(f"openvino int8: {missing}: no int8 candidates")
+        elif method not in ACTIVATION_RANGES:
+            lines.append(f"openvino int8: NNCF has no {method} calibration (--calib-method {method}): no int8 "
+                         f"candidates ({' or '.join(ACTIVATION_RANGES)} offers them)")
         elif not bf16_here():
             lines.append("openvino int8:bf16+stem-float, int8:bf16+stem-int8: this CPU has neither AVX512-BF16 nor "
                          "AMX-BF16 (their float regions would run in f32, as int8:stem-*'s do): no INT8 candidates "

@@ -14,6 +14,7 @@ registers itself in `kdiqa_edge.runtime.base.BACKENDS` (`kdiqa_edge.runtime` imp
   AVX512-BF16 or AMX, silently.
 - A recorded precision the device cannot run (bf16 on a CPU without BF16, f16 on one without AVX512-FP16) is
   not an error: OpenVINO runs the nearest it has, and `notes` says which it did (`inference_precision`).
+- Every IR is compiled by one Core per process (`shared_core`: a Core per model made Ctrl-C a SIGSEGV).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ DEFAULT_DEVICE = "CPU"
 # OpenVINO's names for the inference precisions, and the OPTIMIZATION_CAPABILITIES entry a device lists for each
 HINTS = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
 _TYPE_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "f32": "f32", "bf16": "bf16", "f16": "f16"}
-VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")  # they pick or split over the physical ones
-_DEVICE = re.compile(r"^(CPU|GPU|NPU)(\.\d+)?$|^(AUTO|HETERO|MULTI|BATCH)(:.*)?$")
+# they pick or split over the physical ones (not BATCH: automatic batching is for throughput, and it refuses the
+# per-device settings the others pass on)
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI")
+_DEVICE = re.compile(r"^(CPU|GPU|NPU)(\.\d+)?$|^(AUTO|HETERO|MULTI)(:.*)?$")
 
 
 def openvino():
@@ -108,11 +111,49 @@ def _device_config(core, device: str, threads: int | None, hint: str) -> dict[st
     return config
 
 
+# openvino's own wording for a damaged IR -> what it means for the user's files
+_READ_FAILURES = (("pugi::status_ok", "the .xml is not well-formed XML (truncated, or not an IR)"),
+                  ("is_valid_weights_range", "the .bin is shorter than the .xml needs (truncated, or another "
+                                             "IR's weights)"))
+_WHERE = re.compile(r"(Exception from|Check '.*' failed at) \S+:\d+:?")
+
+
 def _reason(exc: BaseException) -> str:
-    """openvino's message without its "Exception from src/...cpp:NN:" lines: the first line that says something."""
-    lines = [line.strip() for line in str(exc).splitlines()]
-    said = [line for line in lines if line and not line.startswith("Exception from ")]
-    return (said[0] if said else first_line(exc))[:300]
+    """openvino's message without its "Exception from src/...cpp:NN:" parts: the lines that say something,
+    joined (a damaged IR: what is wrong with the files)."""
+    text = str(exc)
+    for marker, meaning in _READ_FAILURES:
+        if marker in text:
+            return meaning
+    said = [_WHERE.sub("", line).strip() for line in text.splitlines()]
+    said = [line.removesuffix("Error:").strip() for line in said if line and _WHERE.sub("", line).strip()]
+    return (" ".join(said) if said else first_line(exc))[:300]
+
+
+_CORE = None
+
+
+def shared_core():
+    """One ov.Core for every IR this process loads, as OpenVINO advises. Each Core loads a CPU plugin of its own,
+    which gives the thread that compiles an alternate signal stack and, when the Core goes, puts back the one it
+    found: with a Core per model, two models released in the order they were made (auto's `models.clear()`)
+    left the main thread on the first one's freed stack, and the next signal, a Ctrl-C, killed the process with
+    SIGSEGV instead of interrupting it."""
+    global _CORE
+    ov = openvino()  # a missing openvino is its one line every time, not only the first
+    if _CORE is None:
+        _CORE = ov.Core()
+    return _CORE
+
+
+def _is_ir(path: Path) -> bool:
+    """Whether the file starts as an IR does: an XML document whose root is <net>."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return True  # read_model says what is wrong
+    return b"<net" in head
 
 
 @BACKENDS.register("openvino")
@@ -124,12 +165,13 @@ class OpenVinoBackend:
     max_batch = None
 
     def __init__(self, path: Path, provider: str | None = None, threads: int | None = None):
-        ov = openvino()
+        core = shared_core()
         if not path.with_suffix(".bin").is_file():
             raise CheckpointError(f"{path}: its weights, {path.with_suffix('.bin').name}, are not beside it "
                                   "(an OpenVINO IR is the .xml and the .bin together)")
-        core = ov.Core()
         self.device_name = device_name(provider)
+        if not _is_ir(path):  # read_model would try every frontend on it, TensorFlow's logging to stderr
+            raise CheckpointError(f"{path}: not an OpenVINO IR (no <net> element at its start)")
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # noqa: BLE001 - openvino raises RuntimeError for a bad IR
@@ -139,13 +181,13 @@ class OpenVinoBackend:
         config = self._config(core, path, threads)
         try:
             self.compiled = core.compile_model(model, self.device_name, config)
+            self.request = self.compiled.create_infer_request()
         except Exception as exc:  # noqa: BLE001 - a device that is absent or refuses the model
             available = ", ".join(core.available_devices) or "none"
             raise ConfigError(f"{path}: openvino cannot compile it for {self.device_name} ({_reason(exc)}); "
                               f"OpenVINO devices here: {available}") from None
         self.inference_precision = self._effective_precision(path)
         self.device = self.device_name.split(".")[0].split(":")[0].lower()
-        self.request = self.compiled.create_infer_request()
         names = [output.get_any_name() for output in self.compiled.outputs]
         self.output = self.compiled.output("score" if "score" in names else names[0])
 
