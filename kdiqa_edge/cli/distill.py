@@ -118,8 +118,11 @@ def distill_command(
         "--weight-decay", rich_help_panel=TRAIN_PANEL, help="AdamW weight decay (0.05).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Micro-batches per optimizer step.")] = None,
-    augment: Annotated[str | None, typer.Option("--augment", rich_help_panel=TRAIN_PANEL,
-                                                   help="hflip (default) or none.")] = None,
+    augment: Annotated[str | None, typer.Option(
+        "--augment", rich_help_panel=TRAIN_PANEL,
+        help="none (default, the paper's: the soft target is the teacher's features of the same image) or hflip "
+             "(the flipped half keeps the unflipped image's features). The teacher fine-tune flips either way.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", rich_help_panel=TRAIN_PANEL,
         help="Student init, data order and augmentation seed.")] = None,

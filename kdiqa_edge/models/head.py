@@ -7,11 +7,14 @@ Everything here is a frozen buffer: the head is fixed once the anchors are compu
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kdiqa_edge.errors import ConfigError
 
 # The paper's prompt and levels (Hou & Song): "a photo of {level} quality", bad..perfect = 1..5.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {level} quality",)
@@ -19,8 +22,26 @@ LEVEL_NAMES: tuple[str, ...] = ("bad", "poor", "fair", "good", "perfect")
 LEVELS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)
 
 
+def check_template(template: str) -> str:
+    """A prompt template must name the quality word as `{level}` and nothing else: without it the five
+    prompts are one prompt, the five anchors one anchor, and every image scores 3 (no error, no signal)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(f"bad --template {template!r}: {exc}") from None
+    if fields != {"level"}:
+        what = "no {level}" if not fields else f"fields {', '.join(repr(f) for f in sorted(fields))}"
+        raise ConfigError(f"--template {template!r} has {what}: write the quality word as {{level}} and "
+                          "nothing else in braces, e.g. 'a photo of {level} quality'")
+    return template
+
+
 def prompts_for(templates: Sequence[str], level_names: Sequence[str] = LEVEL_NAMES) -> list[list[str]]:
     """The prompt strings, one list of templates per level."""
+    if isinstance(templates, str) or not templates:
+        raise ConfigError(f"prompt templates must be a non-empty list of strings, got {templates!r}")
+    for template in templates:
+        check_template(template)
     return [[template.format(level=name) for template in templates] for name in level_names]
 
 

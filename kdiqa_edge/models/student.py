@@ -13,8 +13,11 @@ weights gets one line naming both flags, not a minute of download retries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -121,32 +124,91 @@ def create_student(arch: str, head: QualityHead | None, preprocess: PreprocessSp
     """
     import timm
 
-    load_kwargs, source = check_student(arch, pretrained, weights)
+    load_kwargs, source = check_student(arch, pretrained, weights, verify=False)
     timm_kwargs = _size_kwargs(arch, preprocess.size)
-    try:
-        encoder = timm.create_model(arch, num_classes=0, exportable=True, **timm_kwargs, **load_kwargs)
-    except (RuntimeError, OSError, ValueError) as exc:
-        if not load_kwargs:
-            raise
-        raise WeightsUnavailable(f"cannot load the {arch} weights from {source}: {first_line(exc)}") \
-            from None
+    if not load_kwargs:
+        encoder = timm.create_model(arch, num_classes=0, exportable=True, **timm_kwargs)
+    else:
+        encoder = _create_loaded(arch, source, timm_kwargs, load_kwargs)
     build = StudentBuild(arch, "quality" if head is not None else "regression", bool(load_kwargs), source,
                          timm_kwargs)
     return _assemble(encoder, head, preprocess, build)
 
 
-def check_student(arch: str, pretrained: bool = True, weights: str | Path | None = None) -> tuple[dict, str]:
-    """Fail fast, before any teacher work: an unknown timm name, or ImageNet weights that cannot be had.
+def check_student(arch: str, pretrained: bool = True, weights: str | Path | None = None,
+                  verify: bool = True) -> tuple[dict, str]:
+    """Fail fast, before any teacher work: an unknown timm name or tag, ImageNet weights that cannot be had,
+    or (`verify`: one trial load) a weights file that is not this model's or does not load.
 
     Returns the timm.create_model arguments that load the weights, and a label of where they come from.
     """
     import timm
 
-    if not timm.is_model(arch.split(".")[0]):
+    base, _, tag = arch.partition(".")
+    if not timm.is_model(base):
         raise ConfigError(f"unknown timm model {arch!r} for --student (e.g. {', '.join(PAPER_STUDENTS)})")
+    if tag and arch not in timm.list_pretrained(f"{base}.*"):
+        tags = ", ".join(name.partition(".")[2] for name in timm.list_pretrained(f"{base}.*")) or "none"
+        raise ConfigError(f"unknown pretrained tag {tag!r} for --student {base}; timm's tags for it: {tags}")
     if not (pretrained or weights):
         return {}, NOT_PRETRAINED
-    return _pretrained_kwargs(arch, weights)
+    load_kwargs, source = _pretrained_kwargs(arch, weights)
+    if verify:  # at the model's own input size: a trial of the keys, not of a resize
+        _create_loaded(arch, source, {}, load_kwargs)
+    return load_kwargs, source
+
+
+def _create_loaded(arch: str, source: str, timm_kwargs: dict, load_kwargs: dict) -> nn.Module:
+    """The encoder with its weights loaded through timm, refused in one line when they do not fit.
+
+    With num_classes=0 timm drops the classifier and loads with strict=False, so a file of another model
+    loads NOTHING and says so only in a log line: the student would train from random init while labelled
+    pretrained. timm's own report of the missing keys (after its checkpoint filters) is what is checked.
+    """
+    import timm
+
+    with _timm_load_report() as report:
+        try:
+            encoder = timm.create_model(arch, num_classes=0, exportable=True, **timm_kwargs, **load_kwargs)
+        except Exception as exc:  # noqa: BLE001 - torch/timm raise many types for a foreign or corrupt file
+            raise WeightsUnavailable(f"cannot load the {arch} weights from {source}: "
+                                     f"{first_line(exc, typed=True)}") from None
+    parameters = {name for name, _ in encoder.named_parameters()}
+    missing = [name for name in report.missing if name in parameters]
+    if missing:
+        raise WeightsUnavailable(
+            f"{source} does not hold {arch} weights: {len(missing)} of the encoder's {len(parameters)} weight "
+            f"tensors are not in it (first {missing[0]}); pass that model's weights file, or --no-pretrained")
+    return encoder
+
+
+class _LoadReport(logging.Handler):
+    """Collects the keys timm's pretrained loader reports missing (it logs them at INFO and goes on)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.missing: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.match(r"Missing keys \((.*)\) discovered", record.getMessage(), re.DOTALL)
+        if match:
+            self.missing.extend(name.strip() for name in match.group(1).split(","))
+
+
+@contextlib.contextmanager
+def _timm_load_report():
+    logger = logging.getLogger("timm.models._builder")
+    report = _LoadReport()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(report)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the INFO lines are ours to read, not the user's to see
+    try:
+        yield report
+    finally:
+        logger.removeHandler(report)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _assemble(encoder: nn.Module, head: QualityHead | None, preprocess: PreprocessSpec,
@@ -173,8 +235,10 @@ def _pretrained_kwargs(arch: str, weights: str | Path | None) -> tuple[dict, str
     """timm.create_model arguments that load ImageNet weights, and a label of where they come from."""
     if weights is not None:
         path = Path(weights).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise WeightsUnavailable(f"--student-weights file not found: {path}")
+        if not path.is_file():
+            raise WeightsUnavailable(f"--student-weights {path} is not a file")
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}, path.name
     import timm.models
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from kdiqa_edge.errors import CheckpointError, ConfigError, WeightsUnavailable, first_line
 from kdiqa_edge.models.checkpoint import register_checkpoint_kind
-from kdiqa_edge.models.head import DEFAULT_TEMPLATES, LEVEL_NAMES, QualityHead, build_anchors
+from kdiqa_edge.models.head import DEFAULT_TEMPLATES, LEVEL_NAMES, QualityHead, build_anchors, prompts_for
 from kdiqa_edge.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessSpec
 from kdiqa_edge.registry import Registry
 
@@ -105,6 +105,9 @@ def create_clip(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = Non
 
     arch, tag = parse_teacher(teacher)
     if arch in TEACHER_CONFIGS:
+        if tag is not None:  # `tiny:openai` would otherwise be the random-init tiny under a pretrained-looking name
+            raise ConfigError(f"--teacher {teacher}: {arch} is a registered random-init config and takes no "
+                              f"':{tag}' tag; use --teacher {arch}")
         if weights is not None:
             raise ConfigError(f"--teacher {arch} is a random-init config; --teacher-weights needs an open_clip model name")
         return _create_registered(arch)
@@ -188,12 +191,15 @@ def _quiet_download_logs():
 def _create_from_file(arch: str, path: Path, quick_gelu: bool):
     import open_clip
 
-    if not path.is_file():
+    if not path.exists():
         raise WeightsUnavailable(f"--teacher-weights file not found: {path}")
+    if not path.is_file():
+        raise WeightsUnavailable(f"--teacher-weights {path} is not a file")
     try:
         return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a wrong or foreign file
-        raise CheckpointError(f"cannot load {path} as {arch} weights: {first_line(exc)}") from None
+        # typed: a garbage file's unpickler error says only "101" (a KeyError)
+        raise CheckpointError(f"cannot load {path} as {arch} weights: {first_line(exc, typed=True)}") from None
 
 
 def preprocess_of(clip_model) -> PreprocessSpec:
@@ -215,8 +221,8 @@ def preprocess_of(clip_model) -> PreprocessSpec:
 def teacher_from_clip(clip_model, tokenizer, build: ClipBuild, templates: Sequence[str] = DEFAULT_TEMPLATES,
                       level_names: Sequence[str] = LEVEL_NAMES) -> CLIPTeacher:
     """Compute the anchors once with the text tower, then keep only the image tower and the head."""
+    prompts = prompts_for(templates, level_names)  # checks the templates before any text-tower work
     anchors = build_anchors(clip_model, tokenizer, templates, level_names)
-    prompts = [[t.format(level=name) for t in templates] for name in level_names]
     head = QualityHead(anchors, float(clip_model.logit_scale.detach().exp()), prompts)
     return CLIPTeacher(clip_model.visual, head, preprocess_of(clip_model), build)
 

@@ -74,7 +74,9 @@ class DistillConfig:
     weight_decay: float = 0.05
     grad_accum: int = 1
     grad_clip: float | None = None
-    augment: str = "hflip"  # hflip | none (on-device; the cached teacher features are of the unflipped image)
+    # none (the paper's: v is the teacher's features of the SAME image) | hflip (on-device; the soft target then
+    # stays the unflipped image's cached features for the flipped half). The teacher fine-tune keeps its own.
+    augment: str = "none"
     seed: int = 0  # student init, data order and augmentation
     device: str = "auto"
     amp: bool = True
@@ -123,7 +125,7 @@ def teacher_finetune_config(cfg: DistillConfig, data: DatasetSpec):
         split_seed=cfg.split_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
         split_by=cfg.split_by, epochs=cfg.teacher_epochs or cfg.epochs, batch_size=cfg.batch_size,
         lr=cfg.teacher_lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
-        grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, augment=cfg.augment, seed=cfg.seed,
+        grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, seed=cfg.seed,  # augment: the fine-tune's own
         device=cfg.device, amp=cfg.amp,
         channels_last=cfg.channels_last, compile=cfg.compile, eval_batch_size=cfg.eval_batch_size,
         select=cfg.select, progress=cfg.progress, features=True, workdir=cfg.workdir,
@@ -385,7 +387,7 @@ def _teacher(cfg: DistillConfig, data: DatasetSpec, ctx, say, resumed: Path | No
     teacher = load_checkpoint(teacher_dir)
     if teacher.kind != "teacher":
         raise ConfigError(f"--teacher-checkpoint {teacher_dir} holds a {teacher.kind}, not a teacher")
-    return teacher, teacher.checkpoint_dir
+    return teacher.requires_grad_(False).eval(), teacher.checkpoint_dir  # frozen in code, not by convention
 
 
 def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg, teacher, teacher_dir,
