@@ -115,7 +115,7 @@ def distill_command(
     lr: Annotated[float | None, typer.Option(
         "--lr", rich_help_panel=TRAIN_PANEL, help="Peak AdamW learning rate (1e-4), cosine to 0.1x.")] = None,
     weight_decay: Annotated[float | None, typer.Option(
-        "--weight-decay", rich_help_panel=TRAIN_PANEL, help="AdamW weight decay (0.05).")] = None,
+        "--weight-decay", rich_help_panel=TRAIN_PANEL, help="AdamW weight decay (0.05; the paper does not state one).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Micro-batches per optimizer step.")] = None,
     augment: Annotated[str | None, typer.Option(

@@ -113,7 +113,9 @@ def finetune_command(
                                                       help="Images per optimizer step (64).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", rich_help_panel=TRAIN_PANEL,
                                                 help="Peak AdamW learning rate (5e-6), cosine to 0.1x.")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", rich_help_panel=TRAIN_PANEL)] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", rich_help_panel=TRAIN_PANEL, help="AdamW weight decay (0.05; the paper does not state one).")
+    ] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, rich_help_panel=TRAIN_PANEL,
                                                       help="Micro-batches per step.")] = None,
     augment: Annotated[str | None, typer.Option("--augment", rich_help_panel=TRAIN_PANEL,

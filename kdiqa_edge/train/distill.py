@@ -71,7 +71,7 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 1e-4  # the paper's student learning rate
     min_lr_ratio: float = 0.1  # cosine decay to 0.1x
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # not stated in the paper (torch's AdamW default: 0.01)
     grad_accum: int = 1
     grad_clip: float | None = None
     # none (the paper's: v is the teacher's features of the SAME image) | hflip (on-device; the soft target then

@@ -42,7 +42,7 @@ class FinetuneConfig:
     batch_size: int = 64
     lr: float = 5e-6
     min_lr_ratio: float = 0.1  # cosine decay to 0.1x
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # not stated in the paper (torch's AdamW default: 0.01)
     grad_accum: int = 1
     grad_clip: float | None = None
     augment: str = "hflip"  # hflip | none
