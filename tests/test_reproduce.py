@@ -46,8 +46,12 @@ def test_reproduce_runs_writes_both_tables_and_skips_finished_runs(small_synthet
     assert [r["seed"] for r in rows["test_efficientnet-full"]["runs"]] == [0, 1]
     assert -1.0 <= rows["test_efficientnet-full"]["srcc_median"] <= 1.0
     table1 = (out / "table1.md").read_text()
-    assert "| test_efficientnet | 2 |" in table1 and "teacher (fine-tuned CLIP)" in table1
+    assert "| test_efficientnet | 2 |" in table1 and "teacher tiny (not pretrained), fine-tuned" in table1
     assert "| test_efficientnet | full | 2 |" in (out / "table2.md").read_text()
+    # --no-pretrained and the tiny teacher: every row says it is random init, and the tables say what that means
+    assert all(line.endswith("| not pretrained |") for line in table1.splitlines() if line.startswith("| t"))
+    assert "a smoke test of the pipeline, not the paper's setting" in table1
+    assert rows["test_efficientnet-full"]["not_pretrained"] == ["model", "teacher"]
     # the two seeds are two different splits
     split0 = json.loads((out / "seed0" / "test_efficientnet-full" / "split.json").read_text())
     split1 = json.loads((out / "seed1" / "test_efficientnet-full" / "split.json").read_text())

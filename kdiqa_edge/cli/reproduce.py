@@ -245,13 +245,16 @@ def _status(out: Path) -> list[dict]:
     cfg, data = load_plan(out)
     runs = plan(cfg, out)
     rows = run_states(out, runs, log=lambda line: typer.echo(line, err=True))
+    for row, run in zip(rows, runs):
+        if row["state"] == "todo" and run.interrupted:  # a local run stopped mid-way: the next call resumes it
+            row["state"] = "interrupted"
     table = Table(title=f"reproduce {out}: {data.name}, {cfg.seeds} seeds")
     for column in ("run", "state", "job"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["run"], row["state"], row["job_id"] or "-")
     Console().print(table)
-    states = ("done", "queued", "running", "unknown", "failed", "todo")
+    states = ("done", "queued", "running", "unknown", "failed", "interrupted", "todo")
     counts = {state: sum(r["state"] == state for r in rows) for state in states}
     typer.echo(", ".join(f"{n} {state}" for state, n in counts.items() if n))
     # whole paths, one a line, so they can be copied (a table column would cut or fold them)

@@ -448,6 +448,7 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
                           extra_meta=meta, resume=student_resume, label="student train")
     if mixed:
         trainer.mix(rated_train, unlabeled, cfg.unlabeled_fraction, cfg.workers)
+    trainer.write_summary = False  # written below, last, with the recipe's part: it marks the run finished
     trainer.setup()
 
     # -- train

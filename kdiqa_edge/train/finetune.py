@@ -147,18 +147,19 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         resume_state = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
         trainer = Trainer(teacher, finetune_loss, cache, split, train_cfg, run_dir, extra_meta=meta,
                           resume=resume_state, label="teacher train")
+        trainer.write_summary = False  # written below, last, with the recipe's part: it marks the run finished
         trainer.setup()
         if trainer.ctx.is_main and not resume:
             config_lib.save(cfg, run_dir / "config.yaml")
         elif trainer.ctx.is_main:  # a resume's --logger / --mlflow-uri are the run's from now on
             config_lib.save(load_config(run_dir / "config.yaml", loggers=cfg.loggers, mlflow_uri=cfg.mlflow_uri),
                             run_dir / "config.yaml")
-        zero = zero_shot_before(trainer, cache, split, train_cfg) if not resume_state else None
+        zero = zero_shot_before(trainer, cache, split, train_cfg, run_dir, resume_state)
         started = time.perf_counter()
         summary = trainer.train()
         summary["wall_seconds"] = time.perf_counter() - started
         if zero is not None:
-            summary["zero_shot_test"] = zero.to_dict()
+            summary["zero_shot_test"] = zero
         if cfg.features and trainer.ctx.is_main:
             from kdiqa_edge.train.features import feature_cache_path, teacher_features
 
@@ -186,18 +187,29 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
             dist.destroy_process_group()
 
 
-def zero_shot_before(trainer, cache, split, train_cfg) -> IQAMetrics | None:
-    """The teacher's zero-shot test metrics before any training (what fine-tuning must beat)."""
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+def zero_shot_before(trainer, cache, split, train_cfg, run_dir: Path, resumed: bool) -> dict | None:
+    """The teacher's zero-shot test metrics before any training (what fine-tuning must beat), as a dict. Kept
+    in the run dir when measured, so a resumed fine-tune, whose model has trained since, still reports them."""
     import numpy as np
 
+    from kdiqa_edge.io import read_json, write_json
     from kdiqa_edge.train.predict import predict
 
+    kept = Path(run_dir) / ZERO_SHOT_FILE
+    if resumed:
+        return read_json(kept) if kept.is_file() else None
     test = np.asarray(split.test, dtype=np.int64)
     if len(test) < 3:
         return None
     pred = predict(trainer.model, cache.images, test, trainer.model.preprocess, trainer.device,
                    train_cfg.eval_batch_size, train_cfg.amp, trainer.ctx)
-    return evaluate(pred, cache.mos[test])
+    metrics = evaluate(pred, cache.mos[test]).to_dict()
+    if trainer.ctx.is_main:
+        write_json(kept, metrics)
+    return metrics
 
 
 def default_run_dir(cfg: FinetuneConfig, data: DatasetSpec) -> Path:

@@ -208,11 +208,12 @@ class TrainJob:
         sweep_placeholder_in_job()
         from kdiqa_edge.data.spec import DatasetSpec
         from kdiqa_edge.train.distill import DistillConfig, run_distill
-        from kdiqa_edge.train.state import run_interrupted
+        from kdiqa_edge.train.state import recover_last, run_interrupted
 
         if self.after:
             _wait_for_features(self.after)
         out = Path(self.out)
+        recover_last(out)  # a save a kill cut short: the run is then interrupted, not new
         return run_distill(DistillConfig(**self.config), DatasetSpec.from_dict(self.dataset), out,
                            resume=run_interrupted(out) or run_finished(out))
 

@@ -43,6 +43,7 @@ from kdiqa_edge.metrics import IQAMetrics, evaluate
 from kdiqa_edge.train.distributed import (
     all_reduce_sum,
     barrier,
+    broadcast_object,
     destroy_process_group,
     init_distributed,
     process_group_exists,
@@ -56,6 +57,7 @@ from kdiqa_edge.train.state import (
     complete_saved_epoch,
     load_train_state,
     ratings_key,
+    recover_last,
     rng_state,
     save_last,
     set_rng_state,
@@ -144,6 +146,10 @@ class Trainer:
     """
 
     interrupt_after_steps: int | None = None  # tests: simulate a crash after this many steps
+    # finish() writes summary.json, which marks the run finished; a recipe that adds to the summary after
+    # finish() sets this False and writes it itself, last (else a kill in between leaves a "finished" run
+    # without the recipe's part)
+    write_summary: bool = True
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, cache, split, cfg: TrainConfig, run_dir: str | Path,
                  *, extras: Mapping[str, np.ndarray] | None = None, scalars_fn: ScalarsFn | None = None,
@@ -229,9 +235,18 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         last = self.run_dir / "checkpoints" / "last"
-        if self.ctx.is_main:  # what a run killed mid-write left behind (never a live process's)
+        problem = None  # decided on rank 0, raised on every rank (one rank raising alone hangs the others)
+        if self.ctx.is_main:
+            # first: a save of `last` killed between removing the old one and renaming the new one in left
+            # the new one staged, which the sweep below would remove
+            recovered = recover_last(self.run_dir)
             for folder in (self.run_dir, self.run_dir / "checkpoints", last, self.run_dir / "plots"):
-                sweep_temporaries(folder)
+                sweep_temporaries(folder)  # what a run killed mid-write left behind (never a live process's)
+            if recovered is not None and not self.resume:
+                problem = (f"{self.run_dir}: a kill interrupted the save of epoch {recovered}; that checkpoint is "
+                           "recovered as checkpoints/last: pass --resume to continue from it")
+        if problem := broadcast_object(self.ctx, problem):
+            raise CheckpointError(problem)
         if self.resume:
             if not (last / TRAIN_STATE).is_file():
                 raise CheckpointError(f"nothing to resume: {last / TRAIN_STATE} not found")
@@ -245,10 +260,11 @@ class Trainer:
                 saved = read_json(split_path)
                 if [saved["train"], saved["val"], saved["test"]] != [list(self.split.train), list(self.split.val),
                                                                      list(self.split.test)]:
-                    raise ConfigError(f"{split_path} differs from this run's split: resume with the same dataset and seed")
+                    problem = f"{split_path} differs from this run's split: resume with the same dataset and seed"
             else:
                 self.split.save(split_path)
-        barrier(self.ctx)
+        if problem := broadcast_object(self.ctx, problem):  # also the barrier: the run dir is ready
+            raise ConfigError(problem)
 
     # -- train ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -363,7 +379,8 @@ class Trainer:
     def _write_step_log(self, step_log) -> None:
         if self.ctx.is_main:
             self._epoch_steps = step_rows(step_log)
-            write_step_log(self.run_dir / "steps.csv", self._epoch_steps)
+            with self._writing(f"epoch {self.epoch + 1}'s steps.csv rows"):
+                write_step_log(self.run_dir / "steps.csv", self._epoch_steps)
 
     # -- trackers -----------------------------------------------------------------------------------------
     def _start_trackers(self) -> None:
@@ -435,9 +452,23 @@ class Trainer:
         if self.ctx.is_main:
             metrics = {k: v for k, v in self.history[-1].items() if k not in WALL_CLOCK}
             meta = {**self.extra_meta, "epoch": self.epoch, "step": self.step, "metrics": metrics}
-            save_last(self.model, self.run_dir, meta, self._train_state(), best)
-            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            with self._writing(f"epoch {self.epoch}'s checkpoint"):
+                save_last(self.model, self.run_dir, meta, self._train_state(), best)
+                write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         barrier(self.ctx)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A full disk, a quota, a read-only or vanished run dir: one line saying what was kept (the writes are
+        atomic: the last saved epoch is intact) and how to go on, not an OSError's traceback."""
+        try:
+            yield
+        except OSError as exc:
+            last = self.run_dir / "checkpoints" / "last"
+            saved = read_json(last / "model.json").get("epoch") if (last / "model.json").is_file() else None
+            kept = f"checkpoints/last holds epoch {saved}: resume with --resume" if saved else "no epoch was saved"
+            raise CheckpointError(f"cannot write {what} in {self.run_dir} ({exc.strerror or exc}); {kept} once "
+                                  "there is room, or choose another --out") from exc
 
     def _train_state(self) -> dict:
         return {
@@ -495,14 +526,18 @@ class Trainer:
             "images_per_s": last_row.get("images_per_s"),
         }
         if self.ctx.is_main:
-            write_json(self.run_dir / "summary.json", summary)
-            try:
-                from kdiqa_edge.train.plots import write_plots
+            with self._writing("the run's plots and summary.json"):
+                try:
+                    from kdiqa_edge.train.plots import write_plots
 
-                write_plots(self.run_dir, self.history, pred, self.cache.mos[test],
-                            title=str(self.extra_meta.get("label", "")), scalars=self.scalar_names)
-            except ImportError as exc:  # matplotlib is part of [train]; say so rather than fail a finished run
-                summary["plots"] = f"skipped: {exc}"
+                    write_plots(self.run_dir, self.history, pred, self.cache.mos[test],
+                                title=str(self.extra_meta.get("label", "")), scalars=self.scalar_names)
+                except ImportError as exc:  # matplotlib is part of [train]; say so rather than fail a finished run
+                    summary["plots"] = f"skipped: {exc}"
+                # last: summary.json marks the run finished (`state.run_finished`), so a kill or a full disk
+                # before it leaves a run --resume completes, not a "finished" one without its plots
+                if self.write_summary:
+                    write_json(self.run_dir / "summary.json", summary)
         barrier(self.ctx)
         return summary
 

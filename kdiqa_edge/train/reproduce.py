@@ -24,7 +24,7 @@ from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json, write_text
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
 from kdiqa_edge.train.schedules import parse_variant
-from kdiqa_edge.train.state import run_finished, run_interrupted
+from kdiqa_edge.train.state import recover_last, run_finished, run_interrupted
 
 # Reference train-step throughput (images/s, batch 64) from the design card: H200, bf16, channels_last.
 GPU_IMAGES_PER_S = {"ViT-B-32": 3118, "resnet18": 6511, "efficientnet_b0": 1896, "mobilevit_s": 1622,
@@ -261,6 +261,7 @@ def run_one(cfg: ReproduceConfig, data: DatasetSpec, out: Path, run: PlannedRun)
     from kdiqa_edge.train.distill import run_distill
     from kdiqa_edge.train.finetune import run_finetune
 
+    recover_last(run.run_dir)  # (a scheduler's job comes here first) a kill cut a save short: resume from it
     if run.stage == "teacher":
         return run_finetune(_finetune_config(cfg, run.seed), data, run.run_dir, resume=run.interrupted)
     teacher_dir = out / f"seed{run.seed}" / "teacher" if parse_variant(run.variant).uses_teacher_head else None
@@ -286,6 +287,7 @@ def run_reproduce(cfg: ReproduceConfig, data: DatasetSpec, out: str | Path, dry_
     record_plan(cfg, data, out)
     for index, run in enumerate(runs, 1):
         head = f"[{index}/{len(runs)}] seed {run.seed} {run.name}"
+        recover_last(run.run_dir)  # a save a kill cut short: resumed from its checkpoint, not trained afresh
         if run.done:
             log(f"{head}: done, skipped")
             continue
@@ -299,25 +301,71 @@ def _row(run: PlannedRun) -> dict[str, Any]:
             "status": "done" if run.done else "interrupted" if run.interrupted else "todo"}
 
 
+NOT_PRETRAINED = "not pretrained"  # how models/student.py and models/teacher.py label random-init weights
+
+
 def collect(runs: list[PlannedRun], dataset: str) -> dict[str, Any]:
-    """Per-run test metrics and their median/mean per (student, variant) and for the teacher."""
+    """Per-run test metrics and their median/mean per (student, variant) and for the teacher; each row says
+    whether random-init weights were in it (its own, or its teacher's) and on which split its checkpoints
+    were chosen, from the runs' summaries."""
     groups: dict[str, list[dict]] = {}
+    facts: dict[str, dict[str, set]] = {}
     for run in runs:
         if not run.done:
             continue
-        test = read_json(run.run_dir / "summary.json").get("test")
+        summary = read_json(run.run_dir / "summary.json")
+        test = summary.get("test")
         if test:
             groups.setdefault(run.name, []).append({"seed": run.seed, **test})
+            seen = facts.setdefault(run.name, {"random": set(), "select": set(), "teacher": set()})
+            own = summary.get("student") if run.stage == "distill" else summary.get("label")
+            seen["random"] |= {"model"} if NOT_PRETRAINED in str(own or "") else set()
+            seen["random"] |= {"teacher"} if NOT_PRETRAINED in str(summary.get("teacher") or "") else set()
+            seen["select"].add(str(summary.get("select") or "?"))
+            seen["teacher"].add(str((summary.get("label") if run.stage == "teacher" else summary.get("teacher"))
+                                    or "-"))
     rows = []
     for name, values in groups.items():
         student, variant = (None, None) if name == "teacher" else _split_name(name, runs)
-        row = {"run": name, "student": student, "variant": variant, "n": len(values), "runs": values}
+        seen = facts[name]
+        row = {"run": name, "student": student, "variant": variant, "n": len(values), "runs": values,
+               "not_pretrained": sorted(seen["random"]), "select": sorted(seen["select"]),
+               "teacher": sorted(seen["teacher"])}
         for key in ("plcc", "plcc_fit", "srcc", "krcc", "rmse"):
             series = [v[key] for v in values]
             row[f"{key}_median"] = statistics.median(series)
             row[f"{key}_mean"] = statistics.fmean(series)
         rows.append(row)
     return {"dataset": dataset, "rows": rows}
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    if row["run"] == "teacher":
+        return f"teacher {', '.join(row.get('teacher') or ()) or 'CLIP'}, fine-tuned"
+    return row["student"]
+
+
+def _weights(row: dict[str, Any]) -> str:
+    """A row's weights column: random init said as such (README: every output says so), its teacher's too."""
+    random = set(row.get("not_pretrained") or ())
+    if "model" in random:
+        return NOT_PRETRAINED
+    return f"teacher {NOT_PRETRAINED}" if "teacher" in random else "pretrained"
+
+
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What the reader must know before comparing the rows with the paper: random init, test-split selection."""
+    notes = []
+    if any(row.get("not_pretrained") for row in rows):
+        notes.append(f"{NOT_PRETRAINED}: random-init weights (--no-pretrained, a tiny or :random teacher): a smoke "
+                     "test of the pipeline, not the paper's setting; these figures are no IQA results.")
+    selected = sorted({s for row in rows for s in row.get("select") or ()})
+    if selected:
+        on_test = any(s.startswith("test") for s in selected)
+        notes.append(f"Best epoch chosen by: {', '.join(selected)}" + (
+            " (no validation split: the epoch is picked on the test images it is scored on, as in the paper's "
+            "protocol; optimistic against a held-out figure)" if on_test else "") + ".")
+    return notes
 
 
 def _split_name(name: str, runs: list[PlannedRun]) -> tuple[str, str]:
@@ -332,30 +380,31 @@ def _fmt(x: float | None) -> str:
 def table_i_markdown(results: dict[str, Any]) -> str:
     dataset = results["dataset"]
     lines = [f"# Table I — {dataset}: median PLCC / SRCC over the seeds (variant full)", "",
-             "| model | runs | PLCC | SRCC | PLCC (fitted) | KRCC | paper PLCC | paper SRCC |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"]:
-        if row["run"] != "teacher" and row["variant"] != "full":
-            continue
+             "| model | runs | PLCC | SRCC | PLCC (fitted) | KRCC | paper PLCC | paper SRCC | weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    shown = [row for row in results["rows"] if row["run"] == "teacher" or row["variant"] == "full"]
+    for row in shown:
         published = paper.table_i(row["student"], dataset) if row["student"] else None
-        name = "teacher (fine-tuned CLIP)" if row["run"] == "teacher" else row["student"]
-        lines.append(f"| {name} | {row['n']} | {_fmt(row['plcc_median'])} | {_fmt(row['srcc_median'])} | "
+        lines.append(f"| {_row_name(row)} | {row['n']} | {_fmt(row['plcc_median'])} | {_fmt(row['srcc_median'])} | "
                      f"{_fmt(row['plcc_fit_median'])} | {_fmt(row['krcc_median'])} | "
-                     f"{_fmt(published[0] if published else None)} | {_fmt(published[1] if published else None)} |")
+                     f"{_fmt(published[0] if published else None)} | {_fmt(published[1] if published else None)} | "
+                     f"{_weights(row)} |")
     lines += ["", "PLCC is raw (no fit), as in the paper's table; the fitted PLCC uses the 4-parameter logistic.",
-              "Paper figures: Hou & Song, Table I (only for its four students and datasets csiq, live, koniq, spaq)."]
+              "Paper figures: Hou & Song, Table I (only for its four students and datasets csiq, live, koniq, spaq).",
+              *_notes(shown)]
     return "\n".join(lines) + "\n"
 
 
 def table_ii_markdown(results: dict[str, Any]) -> str:
     dataset = results["dataset"]
     lines = [f"# Table II — {dataset}: ablations, median PLCC over the seeds", "",
-             "| student | variant | runs | PLCC | SRCC | paper PLCC |", "|---|---|---|---|---|---|"]
+             "| student | variant | runs | PLCC | SRCC | paper PLCC | weights |", "|---|---|---|---|---|---|---|"]
     for row in sorted((r for r in results["rows"] if r["run"] != "teacher"),
                       key=lambda r: (r["student"], r["variant"])):
         published = paper.table_ii(row["student"], row["variant"], dataset)
-        lines.append(f"| {row['student']} | {row['variant']} | {row['n']} | {_fmt(row['plcc_median'])} | "
-                     f"{_fmt(row['srcc_median'])} | {_fmt(published)} |")
+        lines.append(f"| {_row_name(row)} | {row['variant']} | {row['n']} | {_fmt(row['plcc_median'])} | "
+                     f"{_fmt(row['srcc_median'])} | {_fmt(published)} | {_weights(row)} |")
     lines += ["", "Variants: regression = plain regression head (paper row X); hard = hard labels only; "
-              "soft = soft labels only; full = cosine-annealed soft/hard (paper +ours)."]
+              "soft = soft labels only; full = cosine-annealed soft/hard (paper +ours).",
+              *_notes([r for r in results["rows"] if r["run"] != "teacher"])]
     return "\n".join(lines) + "\n"

@@ -37,11 +37,15 @@ def check_resume(run_dir: Path, cfg, data: DatasetSpec, volatile: tuple[str, ...
 
 def require_run(run_dir: str | Path | None) -> None:
     """--resume's run dir (--out) is given and holds a run (its config.yaml): one line otherwise. Teacher
-    fine-tunes and distillations alike."""
+    fine-tunes and distillations alike. A checkpoint save a kill interrupted is finished first
+    (`state.recover_last`), so the recipe sees the `last` it resumes from."""
     if run_dir is None:
         raise ConfigError("--resume needs --out: the run dir to continue")
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ConfigError(f"nothing to resume in {run_dir} (no config.yaml)")
+    from kdiqa_edge.train.state import recover_last
+
+    recover_last(Path(run_dir))  # a save killed half-way: its checkpoint is what the resume continues from
 
 
 def recorded_data(run_dir: Path) -> dict:
@@ -82,5 +86,8 @@ def resumed_teacher(run_dir: Path) -> Path | None:
 
 
 def refuse_existing_run(run_dir: Path) -> None:
+    from kdiqa_edge.train.state import recover_last
+
+    recover_last(run_dir)  # a run whose last save a kill cut short still holds a run: never train it over
     if (run_dir / "checkpoints" / "last").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")

@@ -8,6 +8,7 @@ only), so a killed-and-resumed run writes the uninterrupted run's model.safetens
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -106,6 +107,81 @@ def save_last(model: nn.Module, run_dir: Path, meta: dict, train_state: dict, be
     if best:
         link_checkpoint(last, run_dir / "checkpoints" / "best")
     return last
+
+
+def recover_last(run_dir: Path) -> int | None:
+    """Finish the save of `last` that a kill interrupted after the old `last` was removed and before the new
+    one was renamed in (`io.atomic_path` replaces a folder in two steps): the complete staged copy
+    (`checkpoints/.last.RANDOM.tmp`, its writer gone) becomes `last`. Returns its epoch, or None when there was
+    nothing to recover. Without this the next run's sweep removed the staged copy: every epoch was lost, and a
+    re-run trained again from the first epoch. Safe for several processes at once (torchrun's ranks)."""
+    from kdiqa_edge.models.checkpoint import read_meta
+
+    folder = Path(run_dir) / "checkpoints"
+    last = folder / "last"
+    if _complete_checkpoint(last) or not folder.is_dir():
+        return None
+    with _folder_lock(folder):
+        if _complete_checkpoint(last):  # another process recovered it meanwhile
+            return None
+        staged = []
+        for entry in folder.iterdir():
+            if not (entry.name.startswith(".last.") and entry.name.endswith(".tmp") and entry.is_dir()):
+                continue
+            claim = entry.with_name(entry.name[: -len(".tmp")] + ".claim")
+            if not _complete_checkpoint(entry) or _writer_alive(claim):
+                continue
+            try:
+                meta, state = read_meta(entry), _read_train_state(entry)
+            except CheckpointError:  # killed while writing it: the old `last` is then still in place
+                continue
+            if meta.get("step") == state["step"]:
+                staged.append((state["step"], entry, claim, meta.get("epoch")))
+        if not staged:
+            return None
+        _, entry, claim, epoch = max(staged, key=lambda item: item[0])
+        if last.exists():  # what the interrupted removal left of the old `last`
+            shutil.rmtree(last)
+        os.replace(entry, last)
+        with contextlib.suppress(FileNotFoundError):
+            claim.unlink()
+    return epoch
+
+
+def _complete_checkpoint(folder: Path) -> bool:
+    from kdiqa_edge.models.checkpoint import META_FILE, WEIGHTS_FILE
+
+    return all((folder / name).is_file() for name in (WEIGHTS_FILE, META_FILE, TRAIN_STATE))
+
+
+def _writer_alive(claim: Path) -> bool:
+    """Whether the process that staged a checkpoint still holds its claim (io's claim files)."""
+    from kdiqa_edge.data._lock import lock_held_file
+
+    try:
+        fd = os.open(claim, os.O_RDONLY)
+    except OSError:  # no claim: its writer is done with it
+        return False
+    try:
+        return lock_held_file(fd, claim, wait=False) is False
+    finally:
+        os.close(fd)  # drops the lock this check may have taken
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive flock on the folder itself (no lock file left behind); a no-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_train_state(last: Path, config: dict, world_size: int, data: dict | None = None) -> dict:
