@@ -46,7 +46,7 @@ def learned_model(work: Path, size: int = 64) -> tuple[Path, Path]:
         teacher = ["--teacher", "tiny", "--teacher-epochs", "1"] if size == 64 else \
             ["--teacher-checkpoint", str(teacher_checkpoint(work / "teacher", size))]
         subprocess.run([*CLI, "distill", "--dataset", "synthetic", "--root", str(work / "set"), *teacher,
-                        "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
+                        "--student", "test_resnet", "--no-pretrained", "--variant", "hard", "--augment", "hflip",
                         "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(run)],
                        check=True)
     exports = work / "exports"

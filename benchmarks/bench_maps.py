@@ -53,7 +53,8 @@ def train(work: Path) -> Path:
     subprocess.run([*cli, "data", "synth", str(work / "set"), "--refs", "24", "--size", "86x64"], check=True)
     subprocess.run([*cli, "distill", "--dataset", "synthetic", "--root", str(work / "set"), "--teacher", "tiny",
                     "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
-                    "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(work / "run")],
+                    "--augment", "hflip", "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet",
+                    "--out", str(work / "run")],
                    check=True)
     return work / "run"
 

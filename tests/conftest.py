@@ -62,7 +62,8 @@ def small_synthetic(_isolated_cache):
 def learned_run(tmp_path_factory) -> Path:
     """A test_resnet that learned the synthetic task: the set generated at the tiny teacher's own 64 px (at
     320x240 the downscale hides most noise and JPEG), 24 references (150 test images), 20 epochs of the
-    `hard` variant. Measured over split/init seeds 0-4: test SRCC 0.58-0.83. Shared by the ONNX and
+    `hard` variant, flipped (no soft target to disagree with a flip). Measured over split/init seeds 0-4: test
+    SRCC 0.58-0.83. Shared by the ONNX and
     ExecuTorch INT8 drift tests."""
     from kdiqa_edge.cli import main
     from kdiqa_edge.data._lock import file_lock
@@ -80,7 +81,8 @@ def learned_run(tmp_path_factory) -> Path:
         with pytest.raises(SystemExit) as exit_info:
             main(["distill", "--dataset", "synthetic", "--root", str(root / "set"), "--teacher", "tiny",
                   "--teacher-epochs", "1", "--student", "test_resnet", "--no-pretrained", "--variant", "hard",
-                  "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet", "--out", str(root / "run")])
+                  "--augment", "hflip", "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--quiet",
+                  "--out", str(root / "run")])
         assert exit_info.value.code == 0
     return root / "run"
 
