@@ -58,7 +58,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)  # yaml's: where it broke
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())  # one line, not yaml's four
+        raise ConfigError(f"cannot parse config file {path}{where}: {what}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

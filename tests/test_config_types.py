@@ -196,3 +196,14 @@ def test_lists_read_back_as_tuples_and_mappings_as_nested_configs():
     assert config.from_dict(_Outer, config.to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match=r"^o\.yaml: unknown _Inner field\(s\): inner\.bogus$"):
         config.from_dict(_Outer, {"inner": {"bogus": 1}}, source="o.yaml")
+
+
+def test_a_config_file_that_does_not_parse_is_one_line_saying_where(tmp_path):
+    from kdiqa_edge.config import load_file
+    from kdiqa_edge.errors import ConfigError
+
+    bad = tmp_path / "profile.yaml"
+    bad.write_text("target: onnx\nprecision: [int8\n")
+    with pytest.raises(ConfigError) as info:
+        load_file(bad)
+    assert "\n" not in str(info.value) and "(line 3, column 1)" in str(info.value)

@@ -37,11 +37,11 @@ def test_a_reused_export_is_judged_under_this_runs_bound_and_says_its_threads(ch
     code, stdout, err = run_cli([*int8, "--max-drift", bound, "--threads", "2"], capsys)
     assert code == 0 and "(reused" in stdout and "onnx-int8: exporting" not in err, err
     assert f"over the {bound} bound (--max-drift)" in stdout and "within the 2 bound" not in stdout
-    assert "its checks and latencies ran at 1 threads, when it was built (--force measures again at 2)" in stdout
+    assert "its checks and latencies ran at 1 thread, when it was built (--force measures again at 2)" in stdout
     notes = json.loads((out / "manifest.json").read_text())["exports"]["onnx-int8"]["notes"]
     assert any(f"over the {bound} bound" in note for note in notes)  # the manifest says what the terminal said
     code, stdout, err = run_cli([*int8, "--threads", "1"], capsys)  # the default bound, 0.01, and its own threads
-    assert code == 0 and "(reused" in stdout and "ran at 1 threads" not in stdout
+    assert code == 0 and "(reused" in stdout and "ran at 1 thread," not in stdout
     assert ("within" if abs(delta) <= 0.01 else "over") + " the 0.01 bound (--max-drift)" in stdout
 
 
@@ -83,3 +83,20 @@ def test_a_tensorrt_ready_onnx_is_reused_while_tensorrt_is_still_missing(checkpo
     monkeypatch.setattr(TensorRTTarget, "missing", staticmethod(lambda: None))  # tensorrt here now: built again
     code, _, err = run_cli(command, capsys)
     assert "tensorrt-fp16: exporting" in err
+
+
+def test_a_fix_to_what_reduced_precision_exports_write_rebuilds_them_not_fp32(monkeypatch):
+    """Exports an earlier version made are reused while their key holds: a fix that changes an FP16 or INT8
+    artifact must change its key, or the old artifact is shipped as up to date."""
+    from kdiqa_edge.data.spec import DatasetSpec
+    from kdiqa_edge.export import ExportConfig, pipeline
+
+    def keys():
+        return {p: pipeline.request_key("m", ExportConfig(target="onnx", precision=p), DatasetSpec(), "onnx")
+                for p in ("fp32", "fp16", "int8", "auto")}
+
+    before = keys()
+    monkeypatch.setattr(pipeline, "REVISION", pipeline.REVISION + 1)
+    after = keys()
+    assert after["fp32"] == before["fp32"]
+    assert all(after[p] != before[p] for p in ("fp16", "int8", "auto"))

@@ -120,8 +120,8 @@ def run_dir_of(path: str | Path) -> Path | None:
         checkpoint = json.loads(manifest.read_text(encoding="utf-8"))["checkpoint"]["path"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    # export records the checkpoint as given on its command line: relative to where it ran, which is most
-    # often here or a folder above OUT
+    # export records the checkpoint's absolute path; an older manifest, as given on its command line: relative
+    # to where it ran, which is most often here or a folder above OUT
     for base in (Path.cwd(), *manifest.parent.parents):
         found = find_run_dir(base / checkpoint)
         if found is not None:

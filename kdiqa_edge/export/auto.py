@@ -376,13 +376,19 @@ def choose(items: list[Measured], max_drift: float, batch: int = 1, tie: float =
     ran_off = [i for i in ok if batch in i.runoff]
     if ran_off:  # the runoff's contenders were the close ones: the winner is one of them
         ok = ran_off
-    fastest = min(ok, key=lambda i: i.p50(batch))
-    tied = [i for i in ok if i.p50(batch) <= fastest.p50(batch) * (1 + tie)]
-    pick = min(tied, key=lambda i: (i.bytes, i.p50(batch)))
     base = baseline(items, batch)
-    if (min_speedup > 1 and base is not None and not _lossless(pick)
-            and base.p50(batch) < pick.p50(batch) * min_speedup):
-        return Choice(base, _declined(base, pick, batch, min_speedup), batch, declined=pick.name)
+    # a lossy candidate that does not buy min_speedup is out before the tie is settled: a smaller file within
+    # TIE of a faster lossy one that does buy it must not hand the choice back to the baseline
+    worth = [i for i in ok if _lossless(i) or min_speedup <= 1 or base is None
+             or base.p50(batch) >= i.p50(batch) * min_speedup]
+    eligible = worth or [base]  # the baseline, where the runoff left it out
+    fastest = min(eligible, key=lambda i: i.p50(batch))
+    tied = [i for i in eligible if i.p50(batch) <= fastest.p50(batch) * (1 + tie)]
+    pick = min(tied, key=lambda i: (i.bytes, i.p50(batch)))
+    declined = sorted((i for i in ok if i not in worth and i.p50(batch) < pick.p50(batch)),
+                      key=lambda i: i.p50(batch))
+    if declined:  # only a lossless pick has faster lossy candidates that gave way to it
+        return Choice(pick, _declined(pick, declined[0], batch, min_speedup), batch, declined=declined[0].name)
     return Choice(pick, _why(pick, fastest, items, max_drift, batch, tie, base or pick), batch)
 
 

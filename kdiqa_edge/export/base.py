@@ -89,6 +89,9 @@ class ExportConfig:
                               "export the map at a named precision (fp32, int8...)")
         if not 0 <= self.max_drift <= 2:
             raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
+        if self.candidates and self.precision != "auto":  # it was ignored: the export was not what was asked
+            raise ConfigError(f"--candidates narrows --precision auto's candidates; a {self.precision} export "
+                              "builds one artifact (--int8-recipe and --int8-stem choose an INT8 one)")
         if self.gated() and self.precision != "auto":
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in self.gated())
             raise ConfigError(f"{flags} gate --precision auto's pick; for a {self.precision} export, run "

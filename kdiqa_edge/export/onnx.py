@@ -9,6 +9,7 @@ checker-clean, IR <= 10), metadata, parity against PyTorch, and the per-precisio
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import tempfile
 import warnings
@@ -32,6 +33,10 @@ MAX_IR_VERSION = 10  # TensorRT 10.x's parser and older runtimes read IR <= 10
 # Graph regions kept in float in FP16/INT8 models: the folded head (a per-tensor scale across 5 logits would
 # round small differences away; an FP16 sum of squares can overflow) and the folded input normalization.
 FLOAT_SCOPES = ("/head/", "/input_norm/", "/model/head/")
+# ... and their second calls: the TorchScript exporter names a module's second call `/head_1/` (--with-map runs
+# the head on the pooled features and again per position)
+_FLOAT_SCOPE = re.compile(r"/(?:head|input_norm)(?:_\d+)?/")
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 
 
 def score_model(model, cfg: ExportConfig):
@@ -94,18 +99,27 @@ def float_nodes(path: Path, stem: bool = False) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    keep = [n for n in graph.node if any(scope in n.name for scope in FLOAT_SCOPES)]
+    keep = [n for n in graph.node if _FLOAT_SCOPE.search(n.name)]
     if stem:  # graph.node is topologically sorted: the first compute node is the stem
-        keep += [next(n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n not in keep)]
+        keep += [next(n for n in graph.node if n.op_type in COMPUTE_OPS and n not in keep)]
     names = {n.name for n in keep}
     producers = {output: n for n in graph.node for output in n.output}
     for node in keep:
-        if "/input_norm/" in node.name:
+        if "/input_norm" in node.name:
             continue
         for name in node.input:
             producer = producers.get(name)
             if producer is not None and producer.name not in names and producer.op_type in ("Gemm", "MatMul"):
                 names.add(producer.name)
+    # a weight a kept conv/matmul reads stays float for every conv/matmul that reads it: Q/DQ quantizes an
+    # initializer once, for all its readers (with --with-map the projection runs twice on one weight; had its
+    # second call been quantized, the score's projection would have read the int8 weight too)
+    # (the weight only: onnxslim shares equal initializers, and the zero biases of two convs are one tensor)
+    initializers = {t.name for t in graph.initializer}
+    kept_weights = {n.input[1] for n in graph.node if n.name in names and n.op_type in COMPUTE_OPS
+                    and len(n.input) > 1 and n.input[1] in initializers}
+    names |= {n.name for n in graph.node if n.op_type in COMPUTE_OPS and len(n.input) > 1
+              and n.input[1] in kept_weights}
     return [n.name for n in graph.node if n.name in names]
 
 
@@ -114,13 +128,59 @@ def to_fp16(src: Path, dst: Path) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    graph = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=float_nodes(src))
+    kept = float_nodes(src)
+    graph = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, node_block_list=kept)
+    drop_round_trips(graph.graph, set(kept))
     drop_twin_nodes(graph.graph)
     toposort(graph.graph)  # the converter appends its input casts at the end of the node list
     graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(dst))
     return dst
+
+
+def drop_round_trips(graph, kept: set[str]) -> None:
+    """Let nodes kept in float read each other's FP32 outputs. onnxruntime's FP16 converter casts every output of
+    a node in `node_block_list` to FP16, and back to FP32 for the next one kept in float: the head ran in FP32,
+    but each of its tensors was rounded to FP16 between its ops (the logits by up to 0.03 at logit_scale 100),
+    and so was the score output (steps of 0.002-0.004 between 1 and 5: ties a ranking metric counts). The cast
+    back now reads the FP32 tensor itself (an Identity where it is a graph output, which keeps its name); the
+    casts to FP16 nobody reads any more go."""
+    from onnx import TensorProto, helper
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producers = {name: node for node in graph.node for name in node.output}
+    fp32 = {name for node in graph.node if node.name in kept for name in node.output}
+    fp32 |= {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    bypass = {}  # the output of a cast back to FP32 -> the FP32 tensor it came from
+    for node in graph.node:
+        first = producers.get(node.input[0]) if node.input else None
+        if (cast_to(node) == TensorProto.FLOAT and first is not None and cast_to(first) == TensorProto.FLOAT16
+                and first.input[0] in fp32):
+            bypass[node.output[0]] = first.input[0]
+    if not bypass:
+        return
+    outputs = {o.name for o in graph.output}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Cast" and node.output[0] in bypass:
+            if node.output[0] in outputs:
+                nodes.append(helper.make_node("Identity", [bypass[node.output[0]]], [node.output[0]], name=node.name))
+            continue
+        for index, name in enumerate(node.input):
+            if name in bypass:
+                node.input[index] = bypass[name]
+        nodes.append(node)
+    read = {name for node in nodes for name in node.input} | outputs
+    nodes = [n for n in nodes if not (n.op_type == "Cast" and not any(name in read for name in n.output))]
+    produced = {name for node in nodes for name in node.output}
+    infos = [info for info in graph.value_info if info.name in produced]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
 
 
 def drop_twin_nodes(graph) -> None:

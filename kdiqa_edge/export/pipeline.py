@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -106,9 +107,18 @@ def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, run: RunData
                     source=f"{data.name}: calib {len(calib)} train images, test {len(test)} images")
 
 
+# Bumped when a fix changes what a reduced-precision export writes, so an export an earlier version made is
+# rebuilt, not reused. 2: FP16's float head and score stay FP32 (they were rounded to FP16 between ops), INT8
+# with --with-map keeps the head and its shared weights float, CoreML int8 keeps the head float. FP32 exports
+# have not changed: they carry no revision, and are reused.
+REVISION = 2
+
+
 def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: str) -> str:
     """What decides an export's content: same key, same artifact."""
     fields = {**dataclasses.asdict(cfg), "target": target}
+    if cfg.precision != "fp32":
+        fields["revision"] = REVISION
     measured = cfg.precision == "auto"  # auto's pick depends on the measurement: on this CPU, at these threads
     for key in ("timing_cache",) if measured else ("latency_runs", "threads", "timing_cache"):
         fields.pop(key)
@@ -155,7 +165,7 @@ def _intact(entry: dict[str, Any], out: Path) -> bool:
         (out / f["path"]).exists() and sha256_file(out / f["path"]) == f["sha256"] for f in entry["files"])
 
 
-def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str, threads: int) -> dict[str, Any]:
+def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str, cfg: ExportConfig) -> dict[str, Any]:
     from kdiqa_edge.io import sha256_file
 
     files = []
@@ -164,7 +174,10 @@ def _entry(result: ExportResult, staged: Path, folder: Path, out: Path, key: str
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
         files.append({"path": str(final.relative_to(out)), "sha256": sha256_file(path), "bytes": size})
     return {"target": result.target, "precision": result.precision, "input": result.extra.get("input"),
-            "request_key": key, "files": files, "threads": threads,  # what its checks and latencies ran on
+            "request_key": key, "files": files, "threads": cfg.threads,  # what its checks and latencies ran on
+            # the options it was built with: the manifest's own `config` is the last export's, and an entry
+            # reused from an earlier one (another --calib, --input) was not built with those
+            "config": dataclasses.asdict(cfg),
             "parity": result.parity, "drift": result.drift, "notes": result.notes, "details": result.extra,
             "engine_built": result.extra.get("engine_built"), "unavailable": result.unavailable,
             "log": str((folder / EXPORT_LOG).relative_to(out)) if (staged / EXPORT_LOG).is_file() else None}
@@ -242,9 +255,24 @@ def export_checkpoint(checkpoint: str | Path, cfg: ExportConfig, out: str | Path
     run = run_data(checkpoint)  # the run's dataset (its paths resolved from here) and split, if it was a run
     if data is None or data == DatasetSpec():  # no dataset named: the run's own, else the synthetic set
         data = run.dataset if run is not None else DatasetSpec()
-    out = Path(out)
+        if run is None and cfg.precision != "fp32":  # as bench says: the drift (and auto's pick) is not on yours
+            log(f"note: {checkpoint} is not in a run dir (no config.yaml naming its dataset): calibration and the "
+                "drift check use the built-in synthetic set, NOT your data; pass the dataset options (--dataset, "
+                "--root ...)")
+    out = _out_folder(Path(out))
     with manifest_lock(out, log):
         return _export_into(out, model, checkpoint, checkpoint_dir, run, data, cfg, force, progress, log, verbose)
+
+
+def _out_folder(out: Path) -> Path:
+    """OUT, made where it is missing; one line where it cannot be a folder (a file, or under one)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for the exports")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the export folder {out}: {exc.strerror or exc}") from None
+    return out
 
 
 @contextlib.contextmanager
@@ -300,7 +328,7 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
                 target = auto.Auto(TARGETS.get(name), log) if cfg.precision == "auto" else TARGETS.get(name)
                 result = _export_target(target, label, model, examples, staged, out, cfg, meta, verbose, progress)
                 staged_results.append((label, key, staged, result))
-            entries = {label: _entry(result, staged, out / label, out, key, cfg.threads)
+            entries = {label: _entry(result, staged, out / label, out, key, cfg)
                        for label, key, staged, result in staged_results}
         exports.update(entries)
     if replaced:
@@ -308,8 +336,9 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
 
     manifest = {
         "format": MANIFEST_FORMAT,
-        "checkpoint": {"path": str(checkpoint_dir), "kind": model.meta.get("kind"), "arch": model.meta.get("arch"),
-                       "content_hash": model_hash, "head": model.meta.get("head")},
+        # absolute: a path relative to where this export ran means nothing to a later one run elsewhere
+        "checkpoint": {"path": os.path.abspath(checkpoint_dir), "kind": model.meta.get("kind"),
+                       "arch": model.meta.get("arch"), "content_hash": model_hash, "head": model.meta.get("head")},
         "preprocess": model.preprocess.to_dict(),
         "config": dataclasses.asdict(cfg),
         "data": data.to_dict(),
