@@ -216,6 +216,7 @@ def test_cli_auto_without_a_target_is_cpu_auto_timed_in_processes(checkpoint, sm
     expected = {"onnx": ["cpu-auto/model.onnx"], "openvino": ["cpu-auto/model.xml", "cpu-auto/model.bin"]}
     assert [f["path"] for f in entry["files"]] == expected[pick["runtime"]]
     assert "each in processes of its own" in stdout and f"* {details['pick']}" in stdout
+    assert f"the fastest of {details['rounds']} alternated turns' medians" in stdout  # as ranked_by says
     assert stdout.splitlines()[-1].startswith(f"next: kdiqa-edge bench {out / entry['files'][0]['path']}")
 
 

@@ -527,10 +527,13 @@ def _result(target: str, items: list[Measured], choice: Choice, files: list[Path
                                "runoff_rounds": RUNOFF_ROUNDS}
     isolated = "turn_seconds" in timing
     rounds, runoff_rounds = timing["rounds"], timing["runoff_rounds"]
-    where = "each in processes of its own, " if isolated else ""
+    # how each is ranked: isolated.rank_isolated keeps a candidate's fastest turn's median, side by side its
+    # median over every round
+    how = (f"each in processes of its own, the fastest of {rounds} alternated turns' medians" if isolated
+           else f"median of {rounds} alternated rounds")
     # "here": the CPU and threads are the export's one environment line (and details.auto.cpu)
-    summary = (f"{target}-auto: {len(items)} candidates measured here{on_gpu} ({where}median of {rounds} alternated "
-               "rounds" + (f"; {', '.join(ran_off)} re-timed head to head, {runoff_rounds} rotated rounds"
+    summary = (f"{target}-auto: {len(items)} candidates measured here{on_gpu} ({how}"
+               + (f"; {', '.join(ran_off)} re-timed head to head, {runoff_rounds} rotated rounds"
                            if ran_off else "")
                + f"); drift on {images} test images vs {reference.name}")
     drift = {**pick.drift, "latency": {**{str(b): v for b, v in pick.latency.items()}, "cpu": machine,
