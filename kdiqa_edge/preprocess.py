@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -112,12 +113,14 @@ def open_image_bytes(data: bytes, draft_size: int | None = None) -> Image.Image:
 
 def _open_image(path: Path, draft_size: int | None) -> Image.Image:
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except OSError as exc:
         raise ImageLoadError(_stat_problem(path, exc)) from None
-    if path.is_dir():
+    if stat.S_ISDIR(info.st_mode):
         raise ImageLoadError("a folder, not an image file")
-    if size == 0:
+    if not stat.S_ISREG(info.st_mode):  # a FIFO, socket or device: its size says nothing, reading it may block
+        raise ImageLoadError("not a regular file")
+    if info.st_size == 0:
         raise ImageLoadError("empty file (0 bytes)")
     return _decode(path, draft_size)
 

@@ -7,6 +7,7 @@ import csv
 import enum
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from kdiqa_edge.runtime.files import IMAGE_SUFFIXES  # noqa: F401 - where this module had it
+from kdiqa_edge.runtime.pipeline import MAX_WORKERS
 
 if TYPE_CHECKING:
     from kdiqa_edge.runtime import ScoreResult
@@ -29,8 +31,9 @@ Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threa
 
 
 Workers = Annotated[int | None, typer.Option(
-    "--workers", min=1, help="Threads that decode and resize images while the model runs (default: the cores "
-                             "--threads leaves, all of them without --threads).")]
+    "--workers", min=1, max=MAX_WORKERS,
+    help="Threads that decode and resize images while the model runs (default: the cores --threads leaves, all "
+         f"of them without --threads; at most {MAX_WORKERS}: each keeps 4 decoded images in memory).")]
 
 
 class Decode(str, enum.Enum):
@@ -64,7 +67,9 @@ NOTHING_SCORED = 1  # exit status when no image was scored or a named path does 
 
 def score(
     model: Annotated[Path, typer.Argument(help=".onnx, .engine/.plan, .mlpackage, .pte, checkpoint dir or run dir.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files and/or directories (searched recursively).")],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files and/or directories (searched recursively).",
+        readable=False)],  # an unreadable one is a row with its reason, not the whole run refused
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per inference call.")] = 16,
     output: Annotated[OutputFormat, typer.Option(
         "--format", help="text: image<TAB>score; csv: image,score,error; json: one object per line.")] = OutputFormat.text,
@@ -153,10 +158,15 @@ def score(
 
         run.maps = MapWriter(quality_model, map_dir, map_kind.value,  # a kind the model lacks: one line, now
                              decode.value if decode else None)
-    if out is None:
-        run.to_stdout(output)
-    else:
-        run.to_file(out, model, overwrite, chunk, quiet, retry_errors)
+    with warnings.catch_warnings():  # entered before the decode threads start, left after they end
+        # Pillow's warnings on a damaged file it still decodes ("Corrupt EXIF data", "Truncated File Read",
+        # "Tag data larger than file") name no file and would scroll past by the hundred on a big folder: the
+        # image is scored, and a file Pillow cannot use is a row with its reason
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        if out is None:
+            run.to_stdout(output)
+        else:
+            run.to_file(out, model, overwrite, chunk, quiet, retry_errors)
     typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped), err=True,
                 fg="yellow" if run.failed or not (run.scored or run.skipped) else None)
     if map_dir is not None:
@@ -244,23 +254,22 @@ class _Run:
     def to_file(self, out: Path, model: Path, overwrite: bool, chunk: int, quiet: bool,
                 retry_errors: bool = False) -> None:
         """Rows to `out` in committed chunks, skipping what an earlier run with this model wrote there."""
-        from kdiqa_edge.console import Progress, plural
-        from kdiqa_edge.runtime.output import Row, ScoresOutput, model_sha256
+        from kdiqa_edge.console import plural
+        from kdiqa_edge.runtime.output import ScoresOutput, model_sha256
         from kdiqa_edge.runtime.registry_uri import is_registry_uri
 
         source = self.model.info.path if is_registry_uri(model) else model  # a registry's: its files, resolved
         identity = {"sha256": model_sha256(source), "name": model.name, "precision": self.model.info.precision,
                     "arch": self.model.info.arch}
-        with ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk,
-                          retry_errors=retry_errors) as target:
-            total = None if quiet else sum(1 for _ in self._unseen(target, count=False))
-            if target.resumed:
-                typer.secho(f"{out}: {target.resumed} rows from an earlier run kept; files they cover are skipped",
-                            err=True)
-            with Progress("score", total, unit="images", enabled=not quiet) as bar:
-                for decoded, result in self.results(self._unseen(target)):
-                    target.add(Row(result.path, result.score, result.error, decoded.stamp))
-                    bar.advance(1)
+        target = ScoresOutput(out, identity, self.decode, overwrite=overwrite, chunk_rows=chunk,
+                              retry_errors=retry_errors)
+        try:
+            self._write(target, out, quiet)
+        except KeyboardInterrupt:
+            if target.state:  # opened: ScoresOutput's exit committed what was scored
+                typer.secho(f"{out}: {target.state['rows']} rows kept; run the same command again to go on "
+                            "(the files they cover are skipped)", err=True)
+            raise
         if target.replaced:
             typer.secho(f"{plural(target.replaced, 'file')} scored again (changed since an earlier run, or "
                         "missing then): the new rows replace the old ones", err=True)
@@ -273,6 +282,21 @@ class _Run:
                         f"(unchanged since): --retry-errors tries {them} again", err=True)
         typer.secho(f"{target.state['rows']} rows in {out} (model sha256 {identity['sha256'][:12]}, "
                     f"--decode {self.decode}; {target.state_path.name} beside it)", err=True)
+
+    def _write(self, target, out: Path, quiet: bool) -> None:
+        """The walk's unseen entries scored into `target` (a ScoresOutput), with progress."""
+        from kdiqa_edge.console import Progress
+        from kdiqa_edge.runtime.output import Row
+
+        with target:
+            total = None if quiet else sum(1 for _ in self._unseen(target, count=False))
+            if target.resumed:
+                typer.secho(f"{out}: {target.resumed} rows from an earlier run kept; files they cover are skipped",
+                            err=True)
+            with Progress("score", total, unit="images", enabled=not quiet) as bar:
+                for decoded, result in self.results(self._unseen(target)):
+                    target.add(Row(result.path, result.score, result.error, decoded.stamp))
+                    bar.advance(1)
 
     def _unseen(self, target, count: bool = True):
         """The walk, less the entries `target` holds a row for (same path, size and mtime)."""

@@ -50,7 +50,8 @@ class OutputMismatch(KdiqaError):
 
 
 class OutputFull(KdiqaError):
-    """A write failed (a full disk, a quota): the rows committed before are kept."""
+    """A write failed (a full disk, a quota, a folder that cannot be made or written): the rows committed
+    before are kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,21 @@ class ScoresOutput:
             from kdiqa_edge.errors import require
 
             require("pyarrow", "parquet")  # before anything is written
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        if self.kind != "parquet" and self.path.is_dir():
+            raise OutputMismatch(f"{self.path} is a folder: name a {self.kind} file for --out (a folder is never "
+                                 "replaced, --overwrite or not)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk
+            raise OutputFull(f"cannot write {self.path}: {_why(exc)}") from None
         try:
             if self.overwrite:
                 self._remove_all()
             self._open_state()
+        except OSError as exc:
+            self._unlock()
+            raise OutputFull(f"cannot write {self.path}: {_why(exc)}") from None
         except BaseException:
             self._unlock()
             raise
@@ -157,10 +167,16 @@ class ScoresOutput:
             self._held = None
 
     def _remove_all(self) -> None:
-        import shutil
-
-        if self.path.is_dir() and not self.path.is_symlink():
-            shutil.rmtree(self.path)
+        if self.path.is_dir() and not self.path.is_symlink():  # a Parquet folder: its parts, nothing of the user's
+            ours = [entry for entry in self.path.iterdir() if _is_part(entry) or _is_temporary(entry)]
+            others = sorted({entry.name for entry in self.path.iterdir()} - {entry.name for entry in ours})
+            if others:
+                raise OutputMismatch(f"{self.path} holds files score did not write ({', '.join(others[:3])}"
+                                     f"{', ...' if len(others) > 3 else ''}): --overwrite replaces score's parts "
+                                     "only; pass another --out")
+            for entry in ours:
+                entry.unlink()
+            self.path.rmdir()
         else:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -328,6 +344,7 @@ class ScoresOutput:
         short (the data done, the index not): keeping the last row of each path twice changes nothing."""
         try:
             if not self.state.get("compacting"):
+                self._cut_to_committed()  # a chunk a Ctrl-C cut short in its commit is not the compaction's to keep
                 self._write_state(compacting=True)
             if self.kind == "parquet":
                 rows = _keep_last_parts(self.path, self.state["parts"])
@@ -351,6 +368,17 @@ class ScoresOutput:
         state = {**self.state, **changes, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json(self.state_path, state)
         self.state = state
+
+
+def _why(exc: OSError) -> str:
+    """An OSError in a few words, for a one-line error about --out."""
+    from kdiqa_edge.runtime.files import reason
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"a file stands where a folder should be ({exc.filename})"
+    return f"{reason(exc)} ({exc.filename})" if exc.filename else reason(exc)
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -463,6 +491,19 @@ def _keep_last_parts(folder: Path, parts: int) -> int:
         with atomic_path(part) as tmp:
             pq.write_table(table, tmp)
     return sum(keep)
+
+
+def _is_part(entry: Path) -> bool:
+    """Whether `entry` is a part score writes (part-NNNNNN.parquet, a file)."""
+    return entry.name.startswith("part-") and entry.suffix == ".parquet" and _part_number(entry) >= 0 \
+        and entry.is_file()
+
+
+def _is_temporary(entry: Path) -> bool:
+    """Whether `entry` is a part a kill cut short, or its claim (`io.atomic_path`'s hidden .NAME.RANDOM.SUFFIX)."""
+    from kdiqa_edge.io import is_temporary
+
+    return is_temporary(entry.name) and entry.is_file()
 
 
 def _part_number(part: Path) -> int:

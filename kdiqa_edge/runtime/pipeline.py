@@ -30,6 +30,9 @@ import numpy as np
 from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, load_preprocessed
 
 EXECUTORS = ("thread", "process")  # how decode workers run; "process" is kept for the benchmark's comparison
+# The most decode workers: each keeps up to 4 decoded images waiting (`decode_files`' window), so 256 hold
+# 1024 (150 MB at 224 px); a million would start a thread per file and hold the folder in memory
+MAX_WORKERS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +71,9 @@ def usable_cores() -> int:
 
 def default_workers(inference_threads: int | None = None) -> int:
     """The cores inference does not use: all of them when its threads are not set (the runtime's own pool
-    then shares the cores with the decoders; the decode is the larger part on photos), at least one."""
-    return max(1, usable_cores() - (inference_threads or 0))
+    then shares the cores with the decoders; the decode is the larger part on photos), at least one, at
+    most MAX_WORKERS."""
+    return min(MAX_WORKERS, max(1, usable_cores() - (inference_threads or 0)))
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -106,8 +110,8 @@ def decode_files(found: Iterable[tuple[str | os.PathLike, str | None]], load: Ca
     """`Decoded` for each (path, problem) of `found`, in its order: files decoded by `workers` in parallel,
     at most `ahead` (default 4 per worker, at least 8) decoded or decoding before the consumer takes them.
     An entry with a problem (a dangling symlink...) passes through as a Decoded with that reason."""
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be 1 to {MAX_WORKERS}, got {workers}")
     ahead = max(ahead, workers) if ahead else max(8, 4 * workers)
     window: collections.deque[Future | Decoded] = collections.deque()
     with _pool(executor, workers) as pool:
