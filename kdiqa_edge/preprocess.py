@@ -34,6 +34,9 @@ _OPEN_LOCK = threading.Lock()  # see _decode
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 EXACT_PASS_BYTES = 64 << 20  # a full-length first pass may take this much (or the input's size) to stay exact
 _SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # each filter's radius in source pixels, before downscaling
+# The formats libjpeg's DCT scaling decodes: JPEG, and MPO, which Pillow opens a JPEG with a multi-picture
+# index as (Android's Ultra HDR gain map, many phones' depth or preview frames): its first picture is a JPEG
+DRAFT_FORMATS = ("JPEG", "MPO")
 DECODES = ("draft", "exact")  # PreprocessSpec.decode: JPEGs decoded with DCT scaling where it pays, or in full
 
 
@@ -137,7 +140,7 @@ def _decode(source: Path | io.BytesIO, draft_size: int | None) -> Image.Image:
         if img.width * img.height > limit:
             img.close()
             raise ImageLoadError(f"too many pixels ({img.width}x{img.height}): possible decompression bomb")
-        if draft_size and img.format == "JPEG" and img.mode in ("RGB", "L") \
+        if draft_size and img.format in DRAFT_FORMATS and img.mode in ("RGB", "L") \
                 and draft_scale(img.width, img.height, draft_size) > 1:
             img.draft(img.mode, (draft_size, draft_size))
         img.load()
