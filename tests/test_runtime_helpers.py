@@ -105,3 +105,13 @@ def real_photos(folder: Path) -> list[Path]:
     big.save(folder / "astronaut_1024x768.jpg", quality=92)
     out.append(folder / "astronaut_1024x768.jpg")
     return out
+
+
+def noise_jpegs(folder: Path, count: int) -> Path:
+    """`count` small noise JPEGs, p00.jpg.. (48x64): quick to score in process."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / f"p{index:02d}.jpg")
+    return folder

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from cli_helpers import run_cli
 from PIL import Image
-from test_runtime_helpers import export_tiny_onnx
+from test_runtime_helpers import export_tiny_onnx, noise_jpegs
 
 from kdiqa_edge.runtime.output import Row, ScoresOutput, read_rows
 
@@ -27,11 +27,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audit2-photos")
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / f"p{index:02d}.jpg")
-    return root
+    return noise_jpegs(tmp_path_factory.mktemp("audit2-photos"), 12)
 
 
 def _one_line_error(code: int, err: str, *words: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from cli_helpers import run_cli
 from PIL import Image
-from test_runtime_helpers import export_tiny_onnx
+from test_runtime_helpers import export_tiny_onnx, noise_jpegs
 
 from kdiqa_edge.runtime.output import read_rows
 
@@ -31,10 +31,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """36 small JPEGs and a broken file: quick to score in process."""
-    root = tmp_path_factory.mktemp("out-photos")
-    rng = np.random.default_rng(0)
-    for index in range(36):
-        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / f"p{index:02d}.jpg")
+    root = noise_jpegs(tmp_path_factory.mktemp("out-photos"), 36)
     (root / "p20_broken.jpg").write_bytes(b"\xff\xd8 cut short")
     return root
 
