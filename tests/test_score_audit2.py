@@ -216,3 +216,18 @@ def test_pillows_warnings_on_a_damaged_file_are_not_printed(model, tmp_path, cap
     assert not [w for w in shown if issubclass(w.category, UserWarning)], [str(w.message) for w in shown]
     assert "Warning" not in err, err
     assert out.splitlines()[1].startswith(f"{damaged},")
+
+
+def test_rows_scored_before_an_unexpected_error_are_kept(tmp_path):
+    """A model or decoder that fails mid-run (not Ctrl-C, not a failed write) dropped the rows of the chunk in
+    flight: they were scored again. They are committed; a re-run skips them."""
+    out = tmp_path / "scores.csv"
+    identity = {"sha256": "0" * 64, "name": "m.onnx"}
+    with pytest.raises(RuntimeError, match="the model broke"), \
+            ScoresOutput(out, identity, "draft", chunk_rows=100) as target:
+        target.add(Row("a.jpg", 1.0, None, (1, 1)))
+        target.add(Row("b.jpg", 2.0, None, (1, 1)))
+        raise RuntimeError("the model broke")
+    assert [row["image"] for row in read_rows(out)] == ["a.jpg", "b.jpg"]
+    with ScoresOutput(out, identity, "draft") as again:
+        assert again.seen("a.jpg", (1, 1)) and again.seen("b.jpg", (1, 1))

@@ -148,6 +148,9 @@ class ScoresOutput:
                 self.commit()  # Ctrl-C keeps what was scored
                 if self._stale:
                     self._compact()
+            elif not issubclass(exc_type, (OutputFull, OSError)):  # not a failed write of ours: the rows are good
+                with contextlib.suppress(Exception):  # the run's own error is the one to report
+                    self.commit()  # a model or decoder that failed mid-run: what was scored before it stays
         finally:
             self._unlock()
 
