@@ -191,16 +191,18 @@ def failed_log(out: Path, label: str) -> Path:
 def _export_target(target, label: str, model, examples: Examples, staged: Path, out: Path,
                    cfg: ExportConfig, meta: dict[str, Any], verbose: bool, progress: bool) -> ExportResult:
     """One target's export, its converters' output captured into staged/export.log (streamed too with
-    `verbose`). On failure the log is kept beside the folder and the error names it."""
+    `verbose`). On failure the log, where the converters said anything, is kept beside the folder and the error
+    names it."""
     from kdiqa_edge.console import capture_output, quiet_progress
 
     try:
         with capture_output(staged / EXPORT_LOG, echo=verbose), quiet_progress(not progress):
             result = target.export(model, examples, staged, cfg, meta)
     except Exception as exc:
-        if not (staged / EXPORT_LOG).is_file():
-            raise
         kept = failed_log(out, label)
+        if not (staged / EXPORT_LOG).is_file() or not (staged / EXPORT_LOG).stat().st_size:
+            kept.unlink(missing_ok=True)  # the converters said nothing: no log to point at (an older one is stale)
+            raise
         shutil.copyfile(staged / EXPORT_LOG, kept)
         named = _naming_log(exc, f"{label}: the converters' output is in {kept}")
         if named is exc:
