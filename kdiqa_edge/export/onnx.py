@@ -394,9 +394,10 @@ def drift_notes(report: dict[str, Any], precision: str, name: str, form: str, ma
              f"(ΔSRCC {report['delta_srcc']:+.4f}, ΔPLCC {report['delta_plcc']:+.4f}) on {report['images']} test "
              f"images, {evaluate.drift_verdict(report['delta_srcc'], max_drift)}",
              f"{name}: latency at batch 1, ONNX Runtime CPU: {precision.upper()} {low_ms:.2f} ms, FP32 {fp32_ms:.2f} ms"]
-    if form == "s8s8" and precision == "int8":
-        notes.append(f"{name}: these latencies are the TensorRT Q/DQ form under ONNX Runtime on this CPU, "
-                     "not the engine's speed: bench the engine on the device")
+    if form == "s8s8":  # the TensorRT target's ONNX (its FP16 too): its speed is the engine's, on the GPU
+        emulated = " (FP16 is emulated on CPUs)" if precision == "fp16" else ""
+        notes.append(f"{name}: these latencies are the TensorRT-ready {precision.upper()} ONNX under ONNX Runtime "
+                     f"on this CPU{emulated}, not the engine's speed: bench the engine on the device")
     elif low_ms > fp32_ms:
         notes.append(f"{name}: {precision.upper()} is SLOWER than FP32 on this machine "
                      f"({low_ms:.2f} ms vs {fp32_ms:.2f} ms): ship the FP32 model for ONNX Runtime here")

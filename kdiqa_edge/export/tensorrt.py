@@ -173,17 +173,6 @@ def tensorrt_available() -> str | None:
     return None
 
 
-def gpu_latency_notes(notes: list[str], name: str) -> list[str]:
-    """The onnx target's FP16 notes, for a TensorRT ONNX: its latencies are ONNX Runtime's on this CPU (where
-    FP16 is emulated), so they say nothing of the engine, and its advice to ship FP32 for ONNX Runtime does not
-    apply to a GPU."""
-    kept = [note for note in notes if not note.startswith(f"{name}: FP16 is SLOWER than FP32")]
-    at = next((i + 1 for i, note in enumerate(kept) if note.startswith(f"{name}: latency at batch 1")), len(kept))
-    said = (f"{name}: these latencies are the FP16 ONNX under ONNX Runtime on this CPU (FP16 is emulated on CPUs), "
-            "not the engine's speed: bench the engine on the device")
-    return [*kept[:at], said, *kept[at:]]
-
-
 @register_target
 class TensorRTTarget:
     """NVIDIA GPUs and Jetson: FP16 ONNX or symmetric int8 Q/DQ ONNX -> strongly typed engine."""
@@ -209,8 +198,6 @@ class TensorRTTarget:
         # the ONNX TensorRT consumes: same graph as the onnx target, but INT8 as symmetric S8S8 Q/DQ
         result = onnx_target.build(model, examples, out, cfg, meta, form="s8s8", tolerance=self.supports.tolerance)
         onnx_path = result.files[0]
-        if cfg.precision == "fp16":
-            result.notes = gpu_latency_notes(result.notes, onnx_path.name)
         graph = onnx.load(str(onnx_path))
         missing = tensorrt_available()
         # the targeted version, and the installed one when the engine is built here
