@@ -190,7 +190,7 @@ def test_fp16_twin_casts_of_onnxruntime_before_1_32_are_merged():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from kdiqa_edge.export.onnx import drop_twin_nodes
+    from kdiqa_edge.export.fp16_graph import drop_twin_nodes
 
     def cast():
         return helper.make_node("Cast", ["h"], ["h_cast_to_fp32"], to=TensorProto.FLOAT, name="h_cast_to_fp32_node")
