@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CLAIM = ".claim"
+REPLACED = ".replaced"  # the folder an atomic write is replacing, renamed aside until the new one is in
 UNCLAIMED_IDLE_S = 3600.0  # an unclaimed temporary idle this long is a dead writer's
 # `.NAME.RANDOM.SUFFIX`, RANDOM from tempfile's names (8 of [a-z0-9_]): a temporary or its claim
 _TEMPORARY = re.compile(r"^(?P<stem>\..+\.[a-z0-9_]{8})(?P<suffix>\.[A-Za-z0-9]+)$")
@@ -46,10 +47,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
                     from kdiqa_edge.errors import ConfigError
 
                     raise ConfigError(f"cannot write {path}: it is a folder; name a file (inside it, or elsewhere)")
-                shutil.rmtree(path)
-            os.replace(tmp_path, path)
+                _replace_folder(tmp_path, path, path.parent / (stem + REPLACED))
+            else:
+                os.replace(tmp_path, path)
         finally:
             _remove(tmp_path)
+
+
+def _replace_folder(new: Path, path: Path, aside: Path) -> None:
+    """Replace the folder `path` by the folder `new`. Folders cannot be swapped in one rename: the old one is
+    renamed aside (still claimed), the new one renamed in, then the old one removed. A kill between the two
+    renames leaves no `path` but both complete folders; the next sweep renames the new one in
+    (`_sweep_group`). Removing the old folder first, as before, lost both to a kill inside the removal."""
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    _remove(aside)
 
 
 @contextlib.contextmanager
@@ -148,11 +164,21 @@ def _sweep_group(folder: Path, stem: str, temporaries: list[str], ours: bool) ->
     try:
         if not lock_held_file(fd, claim, wait=False):  # live (or no way to know)
             return []
-        removed = [_remove(folder / t) for t in temporaries]
+        _finish_replace(folder, stem, temporaries)
+        removed = [_remove(folder / t) for t in temporaries if (folder / t).exists()]
         claim.unlink()  # while still locked: a new writer's mkstemp can then take the name afresh
         return removed + [claim]
     finally:
         os.close(fd)
+
+
+def _finish_replace(folder: Path, stem: str, temporaries: list[str]) -> None:
+    """A dead writer whose old folder is aside (`REPLACED`) had finished the new one: where the kill came
+    before the new one was renamed in, rename it in now (`_replace_folder`)."""
+    target = folder / stem[1:-9]  # `.NAME.RANDOM`: RANDOM is 8 characters
+    new = [t for t in temporaries if not t.endswith(REPLACED)]
+    if stem + REPLACED in temporaries and len(new) == 1 and not os.path.lexists(target):
+        os.replace(folder / new[0], target)
 
 
 def _idle(path: Path) -> bool:

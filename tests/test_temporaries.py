@@ -131,3 +131,50 @@ def test_a_killed_image_cache_build_is_swept_by_the_next_build(small_synthetic, 
                              progress=False)
     assert len(cache) == 120 and cache.images.shape == (120, 32, 32, 3)
     assert _temporaries(root) == []
+
+
+FOLDER_REPLACER = """
+    import os, sys, time
+    from pathlib import Path
+    from kdiqa_edge import io
+    renames = []
+    def replace(src, dst):
+        renames.append((src, dst))
+        os.rename(src, dst)
+        if len(renames) == 1:  # the old folder is aside, the new one not yet in: the kill comes here
+            print("aside", flush=True)
+            time.sleep(600)
+    io.os.replace = replace
+    with io.atomic_path(Path(sys.argv[1])) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("new")
+"""
+
+
+def test_a_kill_between_a_folders_two_renames_is_finished_by_the_next_sweep(tmp_path):
+    """A folder is replaced in two renames. Before, the old folder was removed first: a kill inside the
+    removal left a half-deleted folder under the target's name, and the complete new one was swept away."""
+    target = tmp_path / "last"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    child = _spawn(FOLDER_REPLACER, str(target))
+    try:
+        assert child.stdout.readline().strip() == "aside"
+        assert not target.exists()  # what a reader sees in this window: nothing, never half of either
+        assert sweep_temporaries(tmp_path) == []  # its writer lives: nothing is touched
+        _kill(child)
+    finally:
+        child.kill()
+        child.wait()
+    sweep_temporaries(tmp_path)
+    assert (target / "weights").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]  # the old folder and the claim are gone
+
+
+def test_a_folder_replaced_whole_leaves_nothing_aside(tmp_path):
+    target = tmp_path / "model.mlpackage"
+    for text in ("one", "two"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "data").write_text(text)
+    assert (target / "data").read_text() == "two" and [p.name for p in tmp_path.iterdir()] == [target.name]
