@@ -1,6 +1,8 @@
 """Errors a user can act on. The CLI prints them as one line and exits non-zero.
 
-Anything else is a bug and keeps its traceback (and `KDIQA_DEBUG=1` shows the traceback of these too).
+An OSError that names a path (a folder not writable, a file where a folder must be) or a full disk is the
+machine's answer, also one line (`cli.main`). Anything else is a bug and keeps its traceback (and
+`KDIQA_DEBUG=1` shows the traceback of these too).
 """
 
 

@@ -6,6 +6,7 @@ Command modules import their heavy dependencies (torch, onnx...) inside the comm
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -74,3 +75,26 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # the machine's answer (a folder not writable, a full disk), not a bug of ours
+        if os.environ.get("KDIQA_DEBUG") or not (exc.filename or exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        typer.secho(f"error: {_os_error(exc)} (KDIQA_DEBUG=1 shows where)", err=True, fg="red")
+        sys.exit(1)
+
+
+def _os_error(exc: OSError) -> str:
+    """'cannot use PATH: REASON', naming the folder for an atomic write's temporary (its name means nothing
+    to the user)."""
+    from kdiqa_edge.io import is_temporary
+
+    why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+    if not exc.filename:
+        return why
+    path = os.fsdecode(exc.filename)
+    if exc.errno == errno.EEXIST and not os.path.isdir(path):  # mkdir where a file is
+        why = "it is a file, not a folder"
+    elif exc.errno == errno.ENOTDIR:
+        why = "part of the path is a file, not a folder"
+    if is_temporary(os.path.basename(path)):
+        return f"cannot write in {os.path.dirname(path) or '.'}: {why}"
+    return f"cannot use {path}: {why}"
