@@ -7,7 +7,8 @@ Weights are random init (no pretrained weights can be downloaded here; pass --pr
 open_clip caches hold them): latency, size, parameter counts and the drift each format costs are real,
 accuracy is that of an untrained model and says nothing about the method. The eval set is the synthetic
 dataset unless --dataset/--root name another. Default formats are those this machine can export and run:
-ONNX FP32 and INT8 everywhere, ONNX FP16 with a CUDA execution provider, TensorRT FP16/INT8 engines where
+ONNX FP32 and INT8 everywhere, OpenVINO IR f32 and INT8 where openvino is installed (bf16 too where
+the CPU has AMX-BF16 or AVX512-BF16), ONNX FP16 with a CUDA execution provider, TensorRT FP16/INT8 engines where
 tensorrt imports (`--formats tensorrt:fp16` elsewhere writes the TensorRT-ready ONNX and trtexec.sh, listed
 in the notes), and CoreML FP16, which converts on Linux but runs on macOS only, so off macOS its row says so.
 """
@@ -42,6 +43,10 @@ def default_formats() -> list[tuple[str, str]]:
         formats += [("tensorrt", "fp16"), ("tensorrt", "int8")]
     if importlib.util.find_spec("executorch") is not None:  # runs here too (XNNPACK has x86 kernels)
         formats += [("executorch", "fp32"), ("executorch", "int8")]
+    if importlib.util.find_spec("openvino") is not None:  # bf16 only where the CPU computes it natively
+        from kdiqa_edge.export.openvino import bf16_here
+
+        formats += [("openvino", "fp32"), *([("openvino", "bf16")] if bf16_here() else []), ("openvino", "int8")]
     return formats + [("coreml", "fp16")]
 
 
@@ -105,7 +110,7 @@ def export_all(run: Path, out: Path, data, formats, log) -> tuple[list[Path], li
             log(traceback.format_exc())
             continue
         folder = out / label
-        found = sorted(p for p in folder.iterdir() if p.suffix in (".engine", ".mlpackage", ".pte")) if folder.is_dir() else []
+        found = sorted(p for p in folder.iterdir() if p.suffix in (".engine", ".mlpackage", ".pte", ".xml")) if folder.is_dir() else []
         if target == "onnx" or (not found and target != "tensorrt"):
             found += sorted(folder.glob("*.onnx"))
         artifacts += found
