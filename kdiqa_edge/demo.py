@@ -107,6 +107,7 @@ def available_exports(requests) -> list[tuple[str, str]]:
 
 def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """Run every stage (skipping finished ones); returns the path of report.md."""
+    from kdiqa_edge.models.student import check_student
     from kdiqa_edge.train.distill import DistillConfig, run_distill
     from kdiqa_edge.train.finetune import FinetuneConfig, run_finetune
     from kdiqa_edge.train.state import run_finished, run_interrupted
@@ -123,6 +124,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] = prin
     teacher = cfg.teacher or (PRETRAINED_TEACHER if teacher_weights_on_disk() else RANDOM_TEACHER)
     pretrained = {s: (cfg.pretrained if cfg.pretrained is not None else student_weights_on_disk(s))
                   for s in cfg.students}
+    for student in cfg.students:  # a typo in --students is one line now, not after the teacher's fine-tune
+        check_student(student, pretrained[student], verify=False)
     random_teacher = teacher == TINY_TEACHER or teacher.endswith(":random")
     teacher_cfg = FinetuneConfig(teacher=teacher, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size,
                                  progress=cfg.progress, **({"lr": cfg.random_teacher_lr} if random_teacher else {}))

@@ -147,9 +147,40 @@ def _decode(source: Path | io.BytesIO, draft_size: int | None) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when already upright
     except ImageLoadError:
         raise
+    except Image.UnidentifiedImageError as exc:
+        raise ImageLoadError(HEIF_MISSING if _is_heif(source) else unreadable(exc)) from None
     except DECODE_ERRORS as exc:
         raise ImageLoadError(unreadable(exc)) from None
     return to_rgb(img)
+
+
+HEIF_MISSING = "a HEIC/HEIF image: Pillow reads it with the pillow-heif plugin (pip install pillow-heif)"
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def _is_heif(source: Path | io.BytesIO) -> bool:
+    """Whether a file Pillow did not identify is an ISO-BMFF HEIF (its ftyp box names a HEIF brand)."""
+    try:
+        if isinstance(source, io.BytesIO):
+            head = source.getvalue()[:12]
+        else:
+            with open(source, "rb") as handle:
+                head = handle.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def _register_heif() -> None:
+    """pillow-heif's opener in Pillow where it is installed: HEIC/HEIF photos (iPhones) decode as others."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+_register_heif()
 
 
 # What Pillow raises on a file it cannot use: a decompression bomb, OSError and friends, and its plugins' own

@@ -57,11 +57,12 @@ class MapKind(str, enum.Enum):
 
 
 class OutputFormat(str, enum.Enum):
-    text = "text"  # image<TAB>score, or image<TAB>error: reason
+    text = "text"  # image<TAB>score, or image<TAB>error: reason; a tab or newline in either as \\t, \\n
     csv = "csv"  # image,score,error with a header
     json = "json"  # one {"image", "score", "error"} object per line
 
 
+_TEXT_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})  # --format text: a row is a line
 NOTHING_SCORED = 1  # exit status when no image was scored or a named path does not exist
 
 
@@ -72,7 +73,9 @@ def score(
         readable=False)],  # an unreadable one is a row with its reason, not the whole run refused
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per inference call.")] = 16,
     output: Annotated[OutputFormat, typer.Option(
-        "--format", help="text: image<TAB>score; csv: image,score,error; json: one object per line.")] = OutputFormat.text,
+        "--format", help="text: image<TAB>score, one line per file (a tab or newline in a name written as "
+                         "\\t, \\n); csv: image,score,error; json: one object per line.")
+    ] = OutputFormat.text,
     as_json: Annotated[bool, typer.Option("--json", help="Shorthand for --format json.")] = False,
     old_csv: Annotated[bool, typer.Option("--csv", hidden=True, help="Deprecated: --format csv.")] = False,
     provider: Provider = None,
@@ -83,7 +86,8 @@ def score(
                          "(full size). Default: what the model records, which its training cache used.")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write the rows to this .csv, .jsonl or .parquet in chunks, with progress on stderr; a "
-                      "re-run with the same model goes on where it stopped (files matched by path, size, mtime).",
+                      "re-run with the same model goes on where it stopped (files matched by absolute path, "
+                      "size and mtime, whichever way the path is typed; a row keeps the path as first typed).",
         rich_help_panel="Output file")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="--out: replace what it holds (another model's scores, another file).",
@@ -111,9 +115,9 @@ def score(
     Folders are searched recursively; every file that cannot be scored (unreadable, not an image, a dangling
     symlink, a folder that cannot be listed) gets a row with its error, and the summary counts it.
 
-    Exit status: 0 when at least one image was scored, even if others were unreadable; 1 when no image was
-    scored, or when a path named here does not exist (the others are still scored first); 2 for a model or
-    option that cannot be used.
+    Exit status: 0 when at least one image was scored (with --out: or has a score there from an earlier
+    run), even if others were unreadable; 1 when no image was scored, or when a path named here does not
+    exist (the others are still scored first); 2 for a model or option that cannot be used.
 
     Examples:
 
@@ -167,12 +171,15 @@ def score(
             run.to_stdout(output)
         else:
             run.to_file(out, model, overwrite, chunk, quiet, retry_errors)
-    typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped), err=True,
-                fg="yellow" if run.failed or not (run.scored or run.skipped) else None)
+    # a file skipped with an earlier run's error row has no score now either: a re-run of a run where every
+    # file failed fails as it did
+    scores = run.scored + run.skipped - run.skipped_failed
+    typer.secho(summary_line(run.scored, run.failed, run.found.ignored, run.seconds, run.skipped,
+                             run.skipped_failed), err=True, fg="yellow" if run.failed or not scores else None)
     if map_dir is not None:
         typer.secho(f"{run.mapped} {map_kind.value} maps in {map_dir} (NAME.map.png, NAME.map.npy; maps.csv says "
                     "whose)", err=True)
-    if run.found.missing or not (run.scored or run.skipped):
+    if run.found.missing or not scores:
         missing = ", ".join(map(str, run.found.missing))
         why = f"no such file or directory: {missing}" if run.found.missing else "no image was scored"
         typer.secho(f"error: {why}", err=True, fg="red")
@@ -246,9 +253,10 @@ class _Run:
                 writer.writerow([result.path, "" if value is None else f"{value:.6f}", result.error or ""])
             elif output is OutputFormat.json:
                 sys.stdout.write(json.dumps({"image": result.path, "score": value, "error": result.error}) + "\n")
-            else:
-                sys.stdout.write(f"{result.path}\t{value:.4f}\n" if result.error is None
-                                 else f"{result.path}\terror: {result.error}\n")
+            else:  # one line per file: a tab or newline in a name (or a reason) is written as \t, \n
+                path = result.path.translate(_TEXT_ESCAPES)
+                sys.stdout.write(f"{path}\t{value:.4f}\n" if result.error is None
+                                 else f"{path}\terror: {result.error.translate(_TEXT_ESCAPES)}\n")
             sys.stdout.flush()
 
     def to_file(self, out: Path, model: Path, overwrite: bool, chunk: int, quiet: bool,
@@ -346,11 +354,14 @@ class _Renders:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def summary_line(scored: int, failed: int, ignored: int, seconds: float, skipped: int = 0) -> str:
-    """'120 scored, 0 unreadable in 3.2 s, 37.5 images/s': what score did, on stderr after the rows."""
+def summary_line(scored: int, failed: int, ignored: int, seconds: float, skipped: int = 0,
+                 skipped_failed: int = 0) -> str:
+    """'120 scored, 0 unreadable in 3.2 s, 37.5 images/s': what score did, on stderr after the rows.
+    `skipped_failed`: of the `skipped` files (a row in --out already), those whose row is an error."""
     rate = f", {scored / seconds:.1f} images/s" if scored and seconds > 0 else ""
     other = f"; {ignored} other files ignored (no image suffix)" if ignored else ""
-    done = f"; {skipped} skipped (scored before, unchanged)" if skipped else ""
+    errors = f", {skipped_failed} of them unreadable then" if skipped_failed else ""
+    done = f"; {skipped} skipped (in --out from an earlier run, unchanged{errors})" if skipped else ""
     return f"{scored} scored, {failed} unreadable in {seconds:.1f} s{rate}{done}{other}"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,7 @@ class TensorRTBackend:
             self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.stream = _check_cuda(cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, bytes)
+        self._lock = threading.Lock()  # one context, stream and buffers: one run at a time
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
         pointer, size = self._buffers.get(name, (0, 0))
@@ -248,8 +250,11 @@ class TensorRTBackend:
         return pointer
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._run(np.ascontiguousarray(x))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         trt, cudart = self._trt, self._cudart
-        x = np.ascontiguousarray(x)
         self.context.set_input_shape(self.input_name, tuple(x.shape))
         d_in = self._device_buffer(self.input_name, x.nbytes)
         self.context.set_tensor_address(self.input_name, d_in)

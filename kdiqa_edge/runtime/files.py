@@ -13,7 +13,10 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
+# what a folder is searched for: the formats Pillow reads (AVIF built in since Pillow 11.2), and HEIC/HEIF (an
+# iPhone's photos), which need pillow-heif: without it each is a row that says so, not a file ignored unsaid
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp",
+                            ".gif", ".ppm", ".pgm", ".avif", ".heic", ".heif"})
 
 
 @dataclasses.dataclass

@@ -35,10 +35,17 @@ import numpy as np
 from PIL import Image
 
 from kdiqa_edge.errors import ConfigError
-from kdiqa_edge.preprocess import ImageLoadError, PreprocessSpec, crop_box, load_preprocessed, open_image
+from kdiqa_edge.preprocess import (
+    ImageLoadError,
+    PreprocessSpec,
+    crop_box,
+    load_preprocessed,
+    open_image,
+    open_image_bytes,
+)
 from kdiqa_edge.runtime.info import ArtifactInfo
 
-ImageLike = str | Path | Image.Image | np.ndarray  # what QualityModel.score takes
+ImageLike = str | Path | Image.Image | np.ndarray | bytes  # what QualityModel.score takes
 
 
 class QualityModel(Protocol):
@@ -123,10 +130,9 @@ def _onnx(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _openvino(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    backend.request.infer({0: np.ascontiguousarray(x)})
-    compiled = backend.compiled
-    return (np.array(backend.request.get_tensor(compiled.output("score")).data),
-            np.array(backend.request.get_tensor(compiled.output(MAP_OUTPUT)).data))
+    outputs = [backend.compiled.output("score"), backend.compiled.output(MAP_OUTPUT)]
+    score, score_map = backend.infer(x, outputs)
+    return score, score_map
 
 
 def _executorch(backend, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +200,8 @@ def _open(image: ImageLike, draft_size: int | None) -> Image.Image:
 
     if isinstance(image, (str, Path)):
         return open_image(image, draft_size)
+    if isinstance(image, (bytes, bytearray, memoryview)):  # an image file's bytes, as score() takes them
+        return open_image_bytes(bytes(image), draft_size)
     if isinstance(image, Image.Image):
         return upright_rgb(image)  # as score() sees it: EXIF orientation applied
     return to_rgb(image_from_array(np.asarray(image)))

@@ -5,6 +5,7 @@
     model.score("photo.jpg")             # -> float in [1, 5]
     model.score(["a.jpg", "b.png"])      # -> float32 [2]
     model.score(pil_image)               # any mode, any size
+    model.score(open("a.jpg", "rb").read())   # an image file's bytes (an upload)
     for result in model.score_files(paths):   # decoded in parallel; unreadable files reported, not raised
         print(result.path, result.score, result.error)
 """
@@ -24,7 +25,9 @@ from kdiqa_edge.preprocess import (
     image_from_array,
     load_preprocessed,
     normalize,
+    open_image_bytes,
     preprocess_pil,
+    resize_crop,
 )
 from kdiqa_edge.runtime.base import Backend, load_backend
 from kdiqa_edge.runtime.info import ArtifactInfo
@@ -39,7 +42,7 @@ from kdiqa_edge.runtime.pipeline import (
 
 __all__ = ["ImageLike", "QualityModel", "ScoreResult"]
 
-ImageLike = str | Path | Image.Image | np.ndarray
+ImageLike = str | Path | Image.Image | np.ndarray | bytes
 
 
 class QualityModel:
@@ -127,17 +130,23 @@ class QualityModel:
     # --- images ------------------------------------------------------------------------------------
 
     def load_image(self, image: ImageLike) -> np.ndarray:
-        """One path / PIL image / HWC array -> preprocessed uint8 [S, S, 3] (raises ImageLoadError)."""
+        """One path / PIL image / HWC array / image file's bytes -> preprocessed uint8 [S, S, 3] (raises
+        ImageLoadError)."""
         if isinstance(image, (str, Path)):
             return load_preprocessed(image, self.preprocess)
+        if isinstance(image, (bytes, bytearray, memoryview)):  # decoded as the same file on disk would be
+            spec = self.preprocess
+            return resize_crop(open_image_bytes(bytes(image), spec.size if spec.draft else None), spec)
         if isinstance(image, Image.Image):
             return preprocess_pil(image, self.preprocess)
         if isinstance(image, np.ndarray):
             return preprocess_pil(image_from_array(image), self.preprocess)
-        raise ConfigError(f"cannot score a {type(image).__name__}: pass a path, a PIL image or a numpy array")
+        raise ConfigError(f"cannot score a {type(image).__name__}: pass a path, an image file's bytes, a PIL "
+                          "image or a numpy array (HWC)")
 
     def score(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32):
-        """A path, PIL image or HWC array -> float; a list of them or an NHWC array -> float32 [N].
+        """A path, image file's bytes, PIL image or HWC array -> float; a list of them or an NHWC array ->
+        float32 [N].
 
         Raises ImageLoadError for an unreadable file; use `score_files` to carry on past bad files.
         """
@@ -145,7 +154,7 @@ class QualityModel:
             if images.dtype == np.uint8 and images.shape[1:3] == (self.preprocess.size,) * 2:
                 return self.predict(images, batch_size)  # already the model's pixels
             images = list(images)
-        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        if isinstance(images, (str, Path, Image.Image, np.ndarray, bytes, bytearray, memoryview)):
             return float(self.predict(self.load_image(images)[None])[0])
         images = list(images)  # a generator or any other iterable of images
         if len(images) > 1 and all(isinstance(image, (str, Path)) for image in images):
@@ -165,6 +174,8 @@ class QualityModel:
     def score_files(self, paths: Iterable[str | Path], batch_size: int = 32, workers: int | None = None,
                     decode: str | None = None) -> Iterator[ScoreResult]:
         """Score files in batches, in their order; an unreadable file yields a result with its error and no score.
+        A folder among `paths` is searched recursively as `kdiqa-edge score` searches it (its image files in
+        name order; an entry that cannot be read, a dangling symlink..., a result with its reason).
 
         Files decode in `workers` threads (default: the cores; `runtime.pipeline`) while the model runs. An
         ONNX model for this is best loaded with `spinning=False`, as `kdiqa-edge score` does: its workers then
@@ -174,7 +185,7 @@ class QualityModel:
         """
         if isinstance(paths, (str, Path)):  # one path, not its characters
             paths = [paths]
-        for _, result in score_paths(self, walk(paths), batch_size, workers=workers, decode=decode):
+        for _, result in score_paths(self, _files(paths), batch_size, workers=workers, decode=decode):
             yield result
 
     def score_map(self, image: ImageLike, kind: str = "fast") -> np.ndarray:
@@ -184,3 +195,14 @@ class QualityModel:
         from kdiqa_edge.runtime.maps import score_map
 
         return score_map(self, image, kind)
+
+
+def _files(paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, str | None]]:
+    """`found` entries of `paths`: a file to be tried, a folder's image files (`runtime.files.ImageFiles`)."""
+    from kdiqa_edge.runtime.files import ImageFiles
+
+    for path in paths:
+        if Path(path).is_dir():
+            yield from ImageFiles([path])
+        else:
+            yield str(path), None

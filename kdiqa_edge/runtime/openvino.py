@@ -20,6 +20,7 @@ registers itself in `kdiqa_edge.runtime.base.BACKENDS` (`kdiqa_edge.runtime` imp
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,7 @@ class OpenVinoBackend:
         try:
             self.compiled = core.compile_model(model, self.device_name, config)
             self.request = self.compiled.create_infer_request()
+            self._lock = threading.Lock()  # around the request's infer and the read of its outputs
         except Exception as exc:  # noqa: BLE001 - a device that is absent or refuses the model
             available = ", ".join(core.available_devices) or "none"
             raise ConfigError(f"{path}: openvino cannot compile it for {self.device_name} ({_reason(exc)}); "
@@ -216,9 +218,15 @@ class OpenVinoBackend:
                               "kernels)")
         return effective
 
+    def infer(self, x: np.ndarray, outputs: list) -> list[np.ndarray]:
+        """Copies of `outputs` (compiled outputs) for input `x`. One request serves the model, so one thread
+        at a time: two threads sharing it got 'Infer Request is busy', or each other's scores."""
+        with self._lock:
+            self.request.infer({0: np.ascontiguousarray(x)})
+            return [np.array(self.request.get_tensor(output).data) for output in outputs]
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        self.request.infer({0: np.ascontiguousarray(x)})
-        return np.array(self.request.get_tensor(self.output).data, dtype=np.float32).reshape(-1)
+        return self.infer(x, [self.output])[0].astype(np.float32).reshape(-1)
 
     def synchronize(self) -> None:
         pass  # infer() is synchronous

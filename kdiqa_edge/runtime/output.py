@@ -4,13 +4,18 @@
     scores.parquet/part-000000.parquet ...   the rows as Parquet parts (pyarrow; one folder, read as one table)
     scores.csv.kdiqa.json            the state: the model's sha256, the decode, the committed rows and bytes
     scores.csv.kdiqa.index           one JSON line per row: [path, size, mtime_ns], what a re-run matches
+                                     ([path, size, mtime_ns, 0|1, key] where the file's key is not the path)
     .scores.csv.kdiqa.lock           held (flock) by the one process writing
 
 A chunk is committed in three steps: its rows are appended to the data file (or written as a new part, an
 atomic rename), its index lines appended, then the state, which names how many bytes of each are whole, is
 replaced atomically. Whatever lies past the state's lengths (a chunk a kill or a full disk cut short) is cut
 off before anything else is written, so the rows written before stay byte for byte, and a re-run with the
-same model and decode skips every file whose path, size and mtime the index holds.
+same model and decode skips every file whose key, size and mtime the index holds. A file's key is its path
+made absolute with its folder's symlinks resolved (`file_key`): `photos/a.jpg` typed in /data and
+`/data/photos/a.jpg` are one file; `b.jpg`, a symlink to `a.jpg` beside it, is a name of its own (a row each,
+as the walk gives). A row keeps the path as typed, the first time its file was scored: a file scored again
+under another spelling keeps its row's path, so the last-row-per-path rewrite below drops its old row.
 
 Each image has one row. A file that changed since it was scored (or a missing path that now exists) is
 scored again, and its new row replaces the old one: at the end of the run the data file and the index are
@@ -86,6 +91,19 @@ def model_sha256(path: str | os.PathLike) -> str:
     return sha256_file(path)
 
 
+def file_key(path: str, folders: dict[str, str] | None = None) -> str:
+    """What says two paths name one file across runs: the path made absolute, its folder's symlinks resolved,
+    the name itself kept (a symlinked file in a folder is a row of its own, as the walk lists it). `folders`:
+    a cache of resolved folders."""
+    folder, name = os.path.split(path)
+    folder = folder or "."
+    if folders is None:
+        return os.path.join(os.path.realpath(folder), name)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
+
+
 class ScoresOutput:
     """`with ScoresOutput(out, model={...}, decode="draft") as output:` then `output.seen(path, stamp)` to
     skip a file scored before, `output.add(row)` per row; rows are committed every `chunk_rows` rows, every
@@ -109,9 +127,12 @@ class ScoresOutput:
         self.retried = 0  # rows of this run that replace an earlier error row (retry_errors)
         self.recovered = 0  # of those, the rows that are a score now
         self._stale = 0  # rows a later row of the same path supersedes, until _compact() drops them
+        # by file_key: the stamp of the file scored, the keys whose last row is an error, the path of its rows
         self._done: dict[str, tuple[int, int] | None] = {}
-        self._failed: set[str] = set()  # the paths whose last row is an error
-        self._pending: list[Row] = []
+        self._failed: set[str] = set()
+        self._images: dict[str, str] = {}
+        self._folders: dict[str, str] = {}  # file_key's cache
+        self._pending: list[tuple[Row, str]] = []
         self._last_commit = time.monotonic()
         self._held: contextlib.ExitStack | None = None  # the lock on lock_path, while open
 
@@ -256,27 +277,34 @@ class ScoresOutput:
             return
         with open(self.index_path, encoding="utf-8") as handle:
             for line in handle:
-                image, size, mtime, *failed = json.loads(line)  # [image, size, mtime] or, for an error, 1 after
-                self._stale += image in self._done
-                self._done[image] = None if size is None else (size, mtime)
-                (self._failed.add if failed else self._failed.discard)(image)
+                # [image, size, mtime], a 1 after it for an error, then the key where it is not the image
+                # (a line of an earlier version has none: its relative path is taken from here)
+                image, size, mtime, *rest = json.loads(line)
+                key = rest[1] if len(rest) > 1 else file_key(image, self._folders)
+                self._stale += key in self._done
+                self._done[key] = None if size is None else (size, mtime)
+                self._images[key] = image
+                (self._failed.add if rest and rest[0] else self._failed.discard)(key)
         self.resumed = self.state["rows"] - self._stale
 
     # --- rows ---------------------------------------------------------------------------------------
 
     def seen(self, path: str, stamp: tuple[int, int] | None) -> bool:
         """Whether `path` has a row already, made from a file of this size and mtime (and, with retry_errors,
-        not an error)."""
-        if path not in self._done or self._done[path] != stamp:
+        not an error). `path` as typed: its file_key is what is matched."""
+        key = file_key(path, self._folders)
+        if key not in self._done or self._done[key] != stamp:
             return False
-        return not (self.retry_errors and path in self._failed)
+        return not (self.retry_errors and key in self._failed)
 
     def failed(self, path: str) -> bool:
         """Whether the row `path` has is an error (the file could not be read or scored then)."""
-        return path in self._failed
+        return file_key(path, self._folders) in self._failed
 
     def add(self, row: Row) -> None:
-        self._pending.append(row)
+        key = file_key(row.image, self._folders)
+        image = self._images.setdefault(key, row.image)  # the path its rows already name, or this one
+        self._pending.append((row if image == row.image else dataclasses.replace(row, image=image), key))
         if len(self._pending) >= self.chunk_rows or time.monotonic() - self._last_commit >= CHUNK_SECONDS:
             self.commit()
 
@@ -286,24 +314,23 @@ class ScoresOutput:
         self._last_commit = time.monotonic()
         if not rows:
             return
-        index = "".join(json.dumps([r.image, *(r.stamp or (None, None)), *([1] if r.error else [])]) + "\n"
-                        for r in rows).encode()
+        index = "".join(json.dumps(_index_entry(r, key)) + "\n" for r, key in rows).encode()
         if self.kind == "parquet":
-            self._commit_part(rows, index)
+            self._commit_part([r for r, _ in rows], index)
         else:
-            data = _csv_bytes([_csv_row(r) for r in rows]) if self.kind == "csv" else \
-                "".join(json.dumps(_json_row(r)) + "\n" for r in rows).encode()
+            data = _csv_bytes([_csv_row(r) for r, _ in rows]) if self.kind == "csv" else \
+                "".join(json.dumps(_json_row(r)) + "\n" for r, _ in rows).encode()
             self._commit_bytes(data, index, len(rows))
-        for row in rows:
-            if row.image in self._done:
+        for row, key in rows:
+            if key in self._done:
                 self._stale += 1
-                if row.image in self._failed and self._done[row.image] == row.stamp:  # the same file, tried again
+                if key in self._failed and self._done[key] == row.stamp:  # the same file, tried again
                     self.retried += 1
                     self.recovered += not row.error
-                else:
+                elif self._done[key] != row.stamp:  # not a file named twice in this run
                     self.replaced += 1
-            self._done[row.image] = row.stamp
-            (self._failed.add if row.error else self._failed.discard)(row.image)
+            self._done[key] = row.stamp
+            (self._failed.add if row.error else self._failed.discard)(key)
         self.added += len(rows)
 
     def _commit_bytes(self, data: bytes, index: bytes, rows: int) -> None:
@@ -397,6 +424,14 @@ def _append(path: Path, data: bytes) -> None:
         os.fsync(fd)  # before the state names these bytes, so a power cut cannot leave the state ahead
     finally:
         os.close(fd)
+
+
+def _index_entry(row: Row, key: str) -> list:
+    """[image, size, mtime], then 1 for an error row, then the file's key where it is not the image."""
+    entry = [row.image, *(row.stamp or (None, None))]
+    if key != row.image:
+        return [*entry, int(bool(row.error)), key]
+    return [*entry, 1] if row.error else entry
 
 
 def _csv_row(row: Row) -> list[str]:
