@@ -159,3 +159,17 @@ def test_demo_refuses_an_unknown_student_before_the_teacher_trains(tmp_path, cap
                            capsys)
     assert code == 2 and "unknown timm model 'nope_net'" in err, err
     assert not (tmp_path / "demo" / "teacher").exists()
+
+
+def test_a_map_folder_inside_the_scored_folder_is_not_scored(model, photos, tmp_path, capsys):
+    """Before: the next `score` of the folder scored the overlays of the run before as photos."""
+    folder = shutil.copytree(photos, tmp_path / "photos")
+    names = sorted(p.name for p in photos.iterdir())
+    command = ["score", model, folder, "--map", folder / "maps", "--map-kind", "patches"]
+    for run in range(2):
+        code, out, err = run_cli(command, capsys)
+        assert code == 0 and ("not searched for images" in err) == (run == 1)  # met by the second walk only
+        assert sorted(Path(line.split("\t")[0]).name for line in out.splitlines()) == names
+    assert len(list((folder / "maps").glob("*.map.png"))) == len(names)
+    code, out, _ = run_cli(["score", model, folder / "maps"], capsys)  # named directly, it is searched
+    assert code == 0 and len(out.splitlines()) == len(names)

@@ -155,7 +155,9 @@ def score(
     if decode is not None and decode.value != recorded:
         typer.secho(f"note: --decode {decode.value}: {model} records {recorded} decoding, the pixels its training "
                     "cache used; its scores may differ from those on its own decode", err=True, fg="yellow")
-    run = _Run(quality_model, ImageFiles(images), batch_size, workers or default_workers(threads),
+    # --map's overlays are PNGs: a --map inside a scored folder would be scored as photos by the next run
+    run = _Run(quality_model, ImageFiles(images, exclude=[map_dir] if map_dir else ()), batch_size,
+               workers or default_workers(threads),
                decode.value if decode else recorded)
     if map_dir is not None:
         from kdiqa_edge.runtime.maps import MapWriter
@@ -178,7 +180,7 @@ def score(
                              run.skipped_failed), err=True, fg="yellow" if run.failed or not scores else None)
     if map_dir is not None:
         typer.secho(f"{run.mapped} {map_kind.value} maps in {map_dir} (NAME.map.png, NAME.map.npy; maps.csv says "
-                    "whose)", err=True)
+                    f"whose){'; not searched for images' if run.found.excluded else ''}", err=True)
     if run.found.missing or not scores:
         missing = ", ".join(map(str, run.found.missing))
         why = f"no such file or directory: {missing}" if run.found.missing else "no image was scored"

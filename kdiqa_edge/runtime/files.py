@@ -25,16 +25,21 @@ class ImageFiles:
 
     A path given directly is always tried (the decoder reports it if it is no image), unless it does not
     exist: then it gets a row and is listed in `missing`. Folders are walked depth first in name order,
-    following symlinked folders once each. `ignored` counts the files without an image suffix met in
-    folders. Both are complete once the iteration is."""
+    following symlinked folders once each, except the `exclude` folders (the run's own outputs, such as
+    `score --map`'s overlays): met inside a folder, each is passed over and listed in `excluded`; named
+    directly, it is searched. `ignored` counts the files without an image suffix met in folders. All three
+    are complete once the iteration is."""
 
     inputs: Sequence[str | os.PathLike]
     suffixes: frozenset[str] = IMAGE_SUFFIXES
+    exclude: Sequence[str | os.PathLike] = ()
     ignored: int = 0
     missing: list[Path] = dataclasses.field(default_factory=list)  # named paths that do not exist
+    excluded: list[Path] = dataclasses.field(default_factory=list)
 
     def __iter__(self) -> Iterator[tuple[Path, str | None]]:
-        self.ignored, self.missing = 0, []
+        self.ignored, self.missing, self.excluded = 0, [], []
+        self._exclude = {os.path.realpath(folder) for folder in self.exclude}  # created by now, or later
         for item in map(Path, self.inputs):
             if item.is_dir():
                 yield from self._walk(item, set())
@@ -67,7 +72,10 @@ class ImageFiles:
     def _entry(self, path: Path, entry: os.DirEntry, seen) -> Iterator[tuple[Path, str | None]]:
         try:
             if entry.is_dir():  # follows a symlink: a linked folder of photos is scanned (once)
-                yield from self._walk(path, seen)
+                if self._exclude and os.path.realpath(path) in self._exclude:
+                    self.excluded.append(path)
+                else:
+                    yield from self._walk(path, seen)
                 return
             image = path.suffix.lower() in self.suffixes
             if entry.is_file():
