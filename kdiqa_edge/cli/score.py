@@ -8,17 +8,13 @@ import enum
 import json
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from kdiqa_edge.runtime.files import IMAGE_SUFFIXES  # noqa: F401 - where this module had it
 from kdiqa_edge.runtime.pipeline import MAX_WORKERS
-
-if TYPE_CHECKING:
-    from kdiqa_edge.runtime import ScoreResult
 
 Provider = Annotated[
     str | None,
@@ -39,16 +35,6 @@ Workers = Annotated[int | None, typer.Option(
 class Decode(str, enum.Enum):
     exact = "exact"  # every JPEG decoded at full size
     draft = "draft"  # libjpeg's DCT scaling (1/2, 1/4, 1/8) for JPEGs at least twice the input size
-
-
-def score_all(quality_model, found: Iterator[tuple[Path, str | None]], batch_size: int,
-              workers: int | None = None, decode: str | None = None) -> Iterator[ScoreResult]:
-    """Results in walk order: image files decoded by `workers` threads and scored in batches, entries that
-    cannot be read as rows with their reason (a dangling symlink, a folder that cannot be listed) between them."""
-    from kdiqa_edge.runtime.pipeline import score_paths
-
-    for _, result in score_paths(quality_model, found, batch_size, workers=workers, decode=decode):
-        yield result
 
 
 class MapKind(str, enum.Enum):
