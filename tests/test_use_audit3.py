@@ -173,3 +173,18 @@ def test_a_map_folder_inside_the_scored_folder_is_not_scored(model, photos, tmp_
     assert len(list((folder / "maps").glob("*.map.png"))) == len(names)
     code, out, _ = run_cli(["score", model, folder / "maps"], capsys)  # named directly, it is searched
     assert code == 0 and len(out.splitlines()) == len(names)
+
+
+def test_a_quoted_pattern_is_expanded_as_ultralytics_sources_are(model, photos, tmp_path, capsys):
+    """Before: 'photos/*.jpg' (quoted, or on a shell that expands nothing) was 'no such file or directory'."""
+    folder = shutil.copytree(photos, tmp_path / "photos")
+    (folder / "sub").mkdir()
+    shutil.copy(next(folder.glob("*.jpg")), folder / "sub" / "deep.jpg")
+    code, out, err = run_cli(["score", model, str(folder / "*.jpg")], capsys)
+    shallow = sorted(p.name for p in folder.glob("*.jpg"))
+    assert code == 0 and [Path(line.split("\t")[0]).name for line in out.splitlines()] == shallow
+    code, out, _ = run_cli(["score", model, str(folder / "**" / "deep.jpg")], capsys)
+    assert code == 0 and [Path(line.split("\t")[0]).name for line in out.splitlines()] == ["deep.jpg"]
+    code, out, err = run_cli(["score", model, str(folder / "*.nope")], capsys)
+    assert code == 1 and err.strip().splitlines()[-1] == f"error: no file matches: {folder / '*.nope'}"
+    assert out == f"{folder / '*.nope'}\terror: no file matches this pattern\n"

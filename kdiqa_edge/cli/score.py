@@ -55,7 +55,8 @@ NOTHING_SCORED = 1  # exit status when no image was scored or a named path does 
 def score(
     model: Annotated[Path, typer.Argument(help=".onnx, .engine/.plan, .mlpackage, .pte, checkpoint dir or run dir.")],
     images: Annotated[list[Path], typer.Argument(
-        help="Image files and/or directories (searched recursively).",
+        help="Image files and/or directories (searched recursively), or quoted patterns: 'photos/*.jpg', "
+             "'photos/**/*.png'.",
         readable=False)],  # an unreadable one is a row with its reason, not the whole run refused
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per inference call.")] = 16,
     output: Annotated[OutputFormat, typer.Option(
@@ -168,10 +169,18 @@ def score(
         typer.secho(f"{run.mapped} {map_kind.value} maps in {map_dir} (NAME.map.png, NAME.map.npy; maps.csv says "
                     f"whose){'; not searched for images' if run.found.excluded else ''}", err=True)
     if run.found.missing or not scores:
-        missing = ", ".join(map(str, run.found.missing))
-        why = f"no such file or directory: {missing}" if run.found.missing else "no image was scored"
+        why = _missing(run.found.missing) if run.found.missing else "no image was scored"
         typer.secho(f"error: {why}", err=True, fg="red")
         raise typer.Exit(NOTHING_SCORED)
+
+
+def _missing(paths: list[Path]) -> str:
+    import glob
+
+    patterns = [str(path) for path in paths if glob.has_magic(str(path))]
+    plain = [str(path) for path in paths if not glob.has_magic(str(path))]
+    return "; ".join([*([f"no such file or directory: {', '.join(plain)}"] if plain else []),
+                      *([f"no file matches: {', '.join(patterns)}"] if patterns else [])])
 
 
 def _check_out_format(out: Path, output: OutputFormat) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ class ImageFiles:
     """Iterate (path, None) for each image file to score and (path, reason) for each entry that cannot be.
 
     A path given directly is always tried (the decoder reports it if it is no image), unless it does not
-    exist: then it gets a row and is listed in `missing`. Folders are walked depth first in name order,
+    exist: then it gets a row and is listed in `missing`, or, holding `*`, `?` or `[`, it is a pattern
+    (`glob`, `**` recursive) whose matches are tried. Folders are walked depth first in name order,
     following symlinked folders once each, except the `exclude` folders (the run's own outputs, such as
     `score --map`'s overlays): met inside a folder, each is passed over and listed in `excluded`; named
     directly, it is searched. `ignored` counts the files without an image suffix met in folders. All three
@@ -47,12 +49,28 @@ class ImageFiles:
             try:
                 item.stat()
             except OSError as exc:
+                if exc.errno == errno.ENOENT and glob.has_magic(str(item)):  # a pattern no shell expanded
+                    yield from self._matches(item)
+                    continue
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # a typo, not an unreadable image
                     self.missing.append(item)
                     yield item, (f"dangling symlink (to {os.readlink(item)})" if item.is_symlink()
                                  else "no such file or directory")
                     continue
             yield item, None  # anything else (permission denied, a loop) is the decoder's to report
+
+    def _matches(self, pattern: Path) -> Iterator[tuple[Path, str | None]]:
+        """A quoted pattern (`'photos/*.jpg'`, `'photos/**/*.png'`), as Ultralytics' sources take: the files it
+        matches in name order, a folder it matches searched; none is a missing path, as a typo is."""
+        matches = sorted(glob.glob(str(pattern), recursive=True))
+        if not matches:
+            self.missing.append(pattern)
+            yield pattern, "no file matches this pattern"
+        for match in map(Path, matches):
+            if match.is_dir():
+                yield from self._walk(match, set())
+            else:
+                yield match, None
 
     def _walk(self, folder: Path, seen: set[tuple[int, int]]) -> Iterator[tuple[Path, str | None]]:
         try:
