@@ -80,10 +80,14 @@ def read_engine_file(path: str | Path) -> tuple[dict[str, Any], bytes]:
     data = Path(path).read_bytes()
     if not data.startswith(ENGINE_MAGIC):
         raise CheckpointError(f"{path} is not a kdiqa-edge engine file (no {ENGINE_MAGIC.decode()} header)")
-    (length,) = _LEN.unpack_from(data, len(ENGINE_MAGIC))
     start = len(ENGINE_MAGIC) + _LEN.size
+    if len(data) < start:  # cut off inside the header's length: struct.error, a traceback in score
+        raise CheckpointError(f"{path}: truncated engine file ({len(data)} bytes)")
+    (length,) = _LEN.unpack_from(data, len(ENGINE_MAGIC))
     try:
         header = json.loads(data[start:start + length])
     except ValueError:
         raise CheckpointError(f"{path}: corrupt engine header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt engine header (not a JSON object)")
     return header, data[start + length:]

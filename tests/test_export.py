@@ -327,6 +327,8 @@ def test_coreml_mlpackage_from_profile(tmp_path, checkpoints, data, capsys):
     assert info["metadata"]["kdiqa_edge.precision"] == "fp16" and info["metadata"]["kdiqa_edge.target"] == "coreml"
     entry = json.loads((tmp_path / "manifest.json").read_text())["exports"]["coreml-fp16"]
     assert "macOS" in entry["parity"]["skipped"]
+    # the input is Core ML's image, said (it was silent when --input/--layout asked for another)
+    assert "model.fp16.mlpackage: input `image` is a Core ML image (ImageType" in out
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="CoreML predictions run on macOS only")

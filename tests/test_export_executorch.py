@@ -185,6 +185,12 @@ def test_auto_measures_the_programs_and_ships_the_faster(checkpoints, tmp_path):
     assert rows["int8:stem-float"]["drift"]["srcc_vs_fp32"] > 0.5  # scored through the runtime, vs FP32
     shipped = QualityModel.load(tmp_path / "model.pte")
     assert shipped.info.precision == "int8" and shipped.info.target == "executorch"
+    # the pick's phone script, as a named precision writes it (auto shipped the program alone)
+    script = tmp_path / "benchmark_on_device.sh"
+    assert result.files == [tmp_path / "model.pte", script]
+    assert "adb push model.pte /data/local/tmp/kdiqa/model.pte" in script.read_text()
+    assert any(note.startswith("on the phone: benchmark_on_device.sh (beside model.pte")
+               for note in result.notes)
 
 
 def test_device_commands():

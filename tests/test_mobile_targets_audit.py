@@ -182,7 +182,8 @@ def test_coreml_preflight_keeps_coremltools_import_chatter_off_the_terminal():
 
     pytest.importorskip("coremltools")
     done = subprocess.run([sys.executable, "-c", "from kdiqa_edge.export.coreml import CoreMLTarget; "
-                                                 "CoreMLTarget().preflight(None)"],
+                                                 "from kdiqa_edge.export import ExportConfig; "
+                                                 "CoreMLTarget().preflight(ExportConfig(target='coreml'))"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr
 

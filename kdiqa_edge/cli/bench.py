@@ -24,6 +24,10 @@ from kdiqa_edge.runtime.base import ARTIFACT_SUFFIXES
 TEACHER_PANEL = "Teacher"
 
 
+MAX_BATCH = 1024  # a batch at 224 px is 0.6 GB of float pixels: beyond, a typo is a kill for memory
+MAX_THREADS = 256  # as export's: far beyond the cores, ONNX Runtime takes minutes to open a session
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     from kdiqa_edge.errors import ConfigError
 
@@ -33,6 +37,8 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"--batch-sizes needs positive integers, got {text!r}")
+    if max(sizes) > MAX_BATCH:
+        raise ConfigError(f"--batch-sizes: at most {MAX_BATCH} images a batch, got {max(sizes)}")
     return tuple(dict.fromkeys(sizes))  # 1,1,8: batch 1 is timed once, not two rows of it
 
 
@@ -177,6 +183,10 @@ def bench(
     check_outputs([("--json-out", json_path, "bench.json"), ("--markdown", markdown_path, "bench.md"),
                    ("--plot", plot_path, "bench.png")],
                   [*models, *([reference] if reference else []), *(teacher or ())])
+    if threads is not None and threads > MAX_THREADS:
+        from kdiqa_edge.errors import ConfigError
+
+        raise ConfigError(f"--threads is at most {MAX_THREADS}, got {threads}")
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_sizes), threads=threads, warmup=warmup, runs=runs,
                       rounds=rounds, provider=provider, split_seed=split_seed, max_images=max_images,
                       accuracy=accuracy, gate=Gate.parse(fail_under, max_drift, max_latency_ms, max_size_mb))

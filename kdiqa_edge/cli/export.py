@@ -58,12 +58,13 @@ def export_command(
         "--candidates", help="auto: only these candidates, comma-separated (e.g. int8:qdq-all+stem-int8); FP32 is "
                              "always measured", show_default="all", rich_help_panel=EXPORT_PANEL)] = None,
     int8_recipe: Annotated[str | None, typer.Option(
-        "--int8-recipe", help="int8: the ONNX Runtime INT8 recipe (qdq-all, attn-float, dw-float, "
-                              "compute-only, compute-only-dw-float, dynamic-matmul); auto measures every one "
-                              "that applies", show_default=_default("int8_recipe"),
+        "--int8-recipe", help="int8, --target onnx: the ONNX Runtime INT8 recipe (qdq-all, attn-float, "
+                              "dw-float, compute-only, compute-only-dw-float, dynamic-matmul); auto measures "
+                              "every one that applies", show_default=_default("int8_recipe"),
         rich_help_panel=EXPORT_PANEL)] = None,
     input_kind: Annotated[str | None, typer.Option(
-        "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the graph",
+        "--input", help="float: normalized NCHW float32; uint8: raw pixels, normalization folded into the "
+                        "graph (coreml: always Core ML's image input, ImageType)",
         show_default=_default("input"), rich_help_panel=EXPORT_PANEL)] = None,
     layout: Annotated[str | None, typer.Option("--layout", help="NCHW or NHWC (uint8 input only)",
                                                   show_default=_default("layout"),
@@ -150,6 +151,8 @@ def export_command(
                   max_size_mb=max_size_mb)
     if target is None and cfg.precision == "auto" and not _profile_names(profile, "target"):
         cfg = dataclasses.replace(cfg, target=AUTO_TARGET)
+    _refuse_unread(cfg, given=lambda flag, field: flag is not None or _profile_names(profile, field),
+                   input_kind=input_kind, max_batch=max_batch)
     out = out if out is not None else default_out(checkpoint)
     requested = [f"{name}-{cfg.precision}" for name in cfg.validate().targets()]
     gate = _gate(cfg)
@@ -189,6 +192,20 @@ def _gate(cfg: ExportConfig):
     if not cfg.gated():
         return None
     return Gate.parse(cfg.fail_under, cfg.max_drift, cfg.max_latency_ms, cfg.max_size_mb)
+
+
+def _refuse_unread(cfg: ExportConfig, given, input_kind: str | None, max_batch: int | None) -> None:
+    """Options given (as a flag or in the profile) that the one target named would not read: one line, not
+    an artifact that silently is not what was asked. (Their defaults stay accepted, as with --target all.)"""
+    from kdiqa_edge.errors import ConfigError
+
+    if cfg.target == "coreml" and cfg.input == "float" and given(input_kind, "input"):
+        raise ConfigError("--target coreml takes an image (Core ML's ImageType: 8-bit RGB, CLIP's "
+                          "normalization folded in), not --input float's normalized tensor; leave --input "
+                          "out, or say uint8")
+    if cfg.target == "executorch" and cfg.precision != "auto" and given(max_batch, "max_batch"):
+        raise ConfigError("--max-batch: ExecuTorch programs are batch 1 with static shapes (a dynamic batch "
+                          "keeps shape ops outside the XNNPACK delegate); leave --max-batch out")
 
 
 def _profile_names(profile: Path | None, field: str) -> bool:

@@ -87,6 +87,8 @@ class AutoTarget(Protocol):
 
     # optional: tune(pick: Measured, final: Path, pixels, cfg, timer, log) -> dict | None, after the pick is
     # copied to `final`: a runtime setting measured for the pick and recorded in the file (onnx: spin-waiting)
+    # optional: beside(pick: Measured, final: Path, cfg) -> (files, notes), after the copy: what the target's
+    # named-precision export writes beside its artifact (executorch: benchmark_on_device.sh), for the pick too
     # optional: left_out(cfg) -> list[str]: candidates this machine cannot offer and why, one line each (onnx: an
     # accelerator provider onnxruntime lists that does not start), logged and kept in the notes
     # optional: rank(items, pixels, cfg, max_drift, work, log) -> Choice: a target's own timing, used without an
@@ -487,6 +489,8 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
             (shutil.copytree if source.is_dir() else shutil.copyfile)(source, dest)
         tune = getattr(target, "tune", None)
         tuned = tune(pick, final, examples.test, cfg, timer or wall_clock, log) if callable(tune) else None
+        beside = getattr(target, "beside", None)
+        beside_files, beside_notes = beside(pick, final, cfg) if callable(beside) else ([], [])
         shipped = models.get(pick.name) or QualityModel.load(final, provider=pick.candidate.provider,
                                                              threads=cfg.threads)
         parity = evaluate.parity(evaluate.torch_reference(model, examples.parity),
@@ -496,8 +500,10 @@ def export_auto(target: AutoTarget, model, examples: Examples, out: Path, cfg: E
     if parity.get("passed") is False:
         raise ExportError(f"{final.name} ({pick.name}): parity check failed, max |score - torch score| = "
                           f"{parity['max_abs_diff']:.2e} > {pick.candidate.tolerance:.0e}")
-    return _result(target.name, items, choice, pick.candidate.files(final), parity, len(examples.test), cfg, tuned,
-                   left_out)
+    result = _result(target.name, items, choice, [*pick.candidate.files(final), *beside_files], parity,
+                     len(examples.test), cfg, tuned, left_out)
+    result.notes.extend(beside_notes)
+    return result
 
 
 def selected(candidates: list[Candidate], cfg: ExportConfig, target: str) -> list[Candidate]:

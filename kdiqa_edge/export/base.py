@@ -18,6 +18,7 @@ from kdiqa_edge.registry import Registry
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")  # auto: every candidate measured here, the fastest within bound
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+MAX_THREADS = 256  # CPU threads the checks may use: far beyond the cores, a session takes minutes to open
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,13 @@ class ExportConfig:
             raise ConfigError(f"{self.precision} needs calibration images: --calib must be at least 1")
         if self.int8_recipe not in RECIPES:
             raise ConfigError(f"unknown --int8-recipe {self.int8_recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if self.int8_recipe != ExportConfig.int8_recipe and self.target not in ("onnx", "all"):
+            raise ConfigError(f"--int8-recipe chooses ONNX Runtime's INT8 (--target onnx); "
+                              f"--target {self.target} quantizes its own way")
+        if self.int8_recipe != ExportConfig.int8_recipe and self.precision == "auto":
+            raise ConfigError("--int8-recipe chooses a --precision int8 export's recipe; auto measures "
+                              "every one that applies (narrow them with --candidates, e.g. "
+                              "int8:dw-float+stem-float)")
         if self.with_map and self.precision == "auto":
             raise ConfigError("--with-map with --precision auto: auto does not check the map of its candidates; "
                               "export the map at a named precision (fp32, int8...)")
@@ -96,12 +104,19 @@ class ExportConfig:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in self.gated())
             raise ConfigError(f"{flags} gate --precision auto's pick; for a {self.precision} export, run "
                               "`kdiqa-edge bench` on it with the same options")
+        if self.min_speedup != ExportConfig.min_speedup and self.precision != "auto":  # read by auto alone
+            raise ConfigError(f"--min-speedup is what --precision auto asks of a lossy pick; a "
+                              f"{self.precision} export ships what it was asked (its notes give its speed "
+                              "against FP32)")
         if not self.min_speedup >= 1:
             raise ConfigError(f"--min-speedup is a speed ratio to FP32, at least 1 (1: the fastest ships); "
                               f"got {self.min_speedup}")
         for name in ("threads", "parity_images", "eval_images", "latency_runs", "workspace_mib"):
             if getattr(self, name) < 1:  # a profile's value: the flags' own ranges never saw it
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:  # ONNX Runtime takes 40 s to open a session at 1024 threads on 2 cores
+            raise ConfigError(f"threads is at most {MAX_THREADS} (the CPU threads of the checks here), got "
+                              f"{self.threads}")
         return self
 
     def gated(self) -> list[str]:

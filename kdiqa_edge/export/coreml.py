@@ -20,6 +20,9 @@ from kdiqa_edge.errors import ConfigError, ExportError, MissingDependency, first
 from kdiqa_edge.export.base import Examples, ExportConfig, ExportResult, Supports, register_target
 
 MAP_OUTPUT = "score_map"  # kdiqa_edge/models/maps.py (a torch module: not imported at module level)
+# what the package takes: an image, as Core ML and Vision feed one (a CVPixelBuffer, CGImage or PIL image)
+INPUT_NOTE = ("`image` is a Core ML image (ImageType: 8-bit RGB, any pixel buffer layout; scale 1/255 "
+              "and CLIP's mean/std folded into the network): --input and --layout do not apply to Core ML")
 EXTRA = "export"
 
 
@@ -200,6 +203,15 @@ def quantize_int8(mlmodel, calib, activations: str | None, keep_float: list[str]
     return cto.linear_quantize_weights(mlmodel, config=config)
 
 
+def deployment_target(cfg: ExportConfig):
+    """coremltools' target for `cfg.coreml_target` (a profile's), or a one-line refusal."""
+    import coremltools as ct
+
+    if cfg.coreml_target not in ct.target.__members__:
+        raise ConfigError(f"unknown CoreML deployment target {cfg.coreml_target!r} (e.g. iOS16, macOS13)")
+    return ct.target[cfg.coreml_target]
+
+
 def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
     """The MLModel (not yet saved) for `model` at `cfg.precision`; `calib` (uint8 HWC images from the train
     split) calibrates W8A8 int8 where CoreML predictions run."""
@@ -208,10 +220,7 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
     _register_missing_ops()
     wrapped = _image_model(model, cfg)
     size = model.preprocess.size
-    try:
-        target = getattr(ct.target, cfg.coreml_target)
-    except AttributeError:
-        raise ConfigError(f"unknown CoreML deployment target {cfg.coreml_target!r} (e.g. iOS16, macOS13)") from None
+    target = deployment_target(cfg)
     batch = ct.RangeDim(lower_bound=1, upper_bound=max(cfg.max_batch, 2), default=1)
     outputs = [ct.TensorType(name=name) for name in output_names(cfg)]
     failures = []
@@ -300,6 +309,10 @@ class CoreMLTarget:
         if missing is not None:
             raise MissingDependency(f"the coreml target needs coremltools ({missing}); install it with: "
                                     f"pip install 'kdiqa-edge[{EXTRA}]'")
+        deployment_target(cfg)  # a profile's unknown coreml_target: before any work, not after the data
+        if cfg.precision == "int8" and cfg.calib_method != "minmax":
+            raise ConfigError(f"--calib-method {cfg.calib_method}: coremltools calibrates int8 activations "
+                              "its own way (and off macOS quantizes weights only); leave --calib-method out")
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
         size = model.preprocess.size
@@ -325,6 +338,8 @@ class CoreMLTarget:
             result.extra["calibration_images"] = 0 if weights_only else len(examples.calib)
             if weights_only:
                 result.notes.append(f"{path.name}: {weights_only}")
+        # Core ML's own image input, whatever --input/--layout say (the CLI refuses an explicit --input float)
+        result.notes.append(f"{path.name}: input {INPUT_NOTE}")
         result.parity = self._parity(model, mlmodel, examples, cfg.precision)
         if result.parity.get("skipped"):
             result.notes.append(f"{path.name}: {result.parity['skipped']}")

@@ -96,3 +96,8 @@ class CpuTarget:
         """The pick's runtime's own setting, measured for the pick (ONNX Runtime: spin-waiting)."""
         tune = getattr(TARGETS.get(pick.candidate.runtime), "tune", None)
         return tune(pick, final, pixels, cfg, timer, log) if callable(tune) else None
+
+    def beside(self, pick, final: Path, cfg: ExportConfig) -> tuple[list[Path], list[str]]:
+        """What the pick's runtime writes beside its artifact (ExecuTorch: benchmark_on_device.sh)."""
+        beside = getattr(TARGETS.get(pick.candidate.runtime), "beside", None)
+        return beside(pick, final, cfg) if callable(beside) else ([], [])

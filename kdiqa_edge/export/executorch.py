@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kdiqa_edge.errors import CheckpointError, ExportError, MissingDependency, first_line
+from kdiqa_edge.errors import CheckpointError, ConfigError, ExportError, MissingDependency, first_line
 from kdiqa_edge.export.base import (
     Examples,
     ExportConfig,
@@ -412,6 +412,11 @@ def check_map(model, program: Program, examples: Examples, cfg: ExportConfig, me
                                    cfg.threads, without_map=twin, runs=cfg.latency_runs)
 
 
+def phone_note(script: Path, name: str, commands: list[str]) -> str:
+    # the commands name the program by file name: they run beside it, as the script does from anywhere
+    return f"on the phone: {script.name} (beside {name}; from any folder) runs {' && '.join(commands)}"
+
+
 # --- the target ----------------------------------------------------------------------------------------
 
 
@@ -440,7 +445,11 @@ class ExecuTorchTarget:
     auto_file = "model.pte"  # --precision auto: the pick, in OUT/executorch-auto/
 
     def preflight(self, cfg: ExportConfig) -> None:
-        """Fail before any work when executorch is missing."""
+        """Fail before any work when executorch is missing, or a calibration it cannot honour is asked."""
+        if cfg.precision in ("int8", "auto") and cfg.calib_method != "minmax":
+            raise ConfigError(f"--calib-method {cfg.calib_method}: ExecuTorch's XNNPACKQuantizer calibrates "
+                              "with its own observers (a histogram for activations); leave --calib-method "
+                              "out")
         require_executorch()
 
     def export(self, model, examples: Examples, out: Path, cfg: ExportConfig, meta: dict[str, Any]) -> ExportResult:
@@ -474,10 +483,13 @@ class ExecuTorchTarget:
             result.drift["latency"] = {"fp32": reference.latency, "int8": program.latency,
                                        "runtime": "executorch xnnpack", "threads": cfg.threads}
             result.notes.extend(drift_notes(result.drift, name, cfg.threads, cfg.max_drift))
-        # the commands name the program by file name: they run beside it, as the script does from anywhere
-        result.notes.append(f"on the phone: {script.name} (beside {name}; from any folder) runs "
-                            f"{' && '.join(commands)}")
+        result.notes.append(phone_note(script, name, commands))
         return result
+
+    def beside(self, pick, final: Path, cfg: ExportConfig) -> tuple[list[Path], list[str]]:
+        """--precision auto: the pick's benchmark_on_device.sh, as a named precision writes it."""
+        script = write_device_script(final.parent, final.name, cfg.threads)
+        return [script], [phone_note(script, final.name, device_commands(final.name, cfg.threads))]
 
     def candidates(self, model, examples: Examples, cfg: ExportConfig, meta: dict[str, Any], work: Path) -> list:
         """--precision auto: the FP32 program (the reference) and PT2E INT8 with the stem in float and in int8,

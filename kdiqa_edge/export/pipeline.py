@@ -399,7 +399,7 @@ def _remove_replaced(replaced: dict[str, Any], exports: dict[str, Any], out: Pat
 def pick_figures(label: str, entry: dict[str, Any]) -> Figures:
     """What an auto export's manifest entry measured for its pick, as the gate reads it: SRCC and PLCC on the
     test split, |ΔSRCC| vs the reference, p50 at batch 1 (the runoff's where one ran at batch 1) and the size of
-    its files."""
+    its model files (an IR with its .bin; not the phone script beside a .pte)."""
     from kdiqa_edge.bench.gate import Figures
 
     drift = entry.get("drift") or {}
@@ -407,10 +407,11 @@ def pick_figures(label: str, entry: dict[str, Any]) -> Figures:
     row = next((c for c in auto.get("candidates", []) if c.get("name") == auto.get("pick")), {})
     at1 = (row.get("runoff") or {}).get("1") or (row.get("latency") or {}).get("1") or {}
     number = lambda value: float(value) if isinstance(value, (int, float)) else None
+    model_files = [f for f in entry.get("files", []) if not f.get("path", "").endswith(".sh")]  # not a script
     return Figures(f"{label} ({auto.get('pick', '?')})", srcc=number(drift.get("srcc")),
                    plcc=number(drift.get("plcc")), delta_srcc=number(drift.get("delta_srcc")),
                    p50_ms=number(at1.get("p50_ms")),
-                   size_mb=sum(f.get("bytes", 0) for f in entry.get("files", [])) / 1e6 if entry.get("files") else None)
+                   size_mb=sum(f.get("bytes", 0) for f in model_files) / 1e6 if model_files else None)
 
 
 def gate_exports(out: Path, labels: list[str], gate: Gate | None,

@@ -182,6 +182,10 @@ class TensorRTTarget:
                         tolerance={"fp32": 1e-4, "fp16": 5e-2})
     engine_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-2, "fp16": 5e-2}  # FP32 layers may run in TF32
 
+    def preflight(self, cfg: ExportConfig) -> None:
+        """A --tensorrt-version that is no version is refused before any work (it failed after the ONNX)."""
+        parse_version(cfg.tensorrt_version)
+
     @staticmethod
     def missing() -> str | None:
         """None where tensorrt imports here (an engine can be built), else why not."""
