@@ -213,3 +213,23 @@ def test_trtexec_script_names_a_relative_timing_cache_from_where_the_export_ran(
     named = script_timing_cache(ExportConfig(target="tensorrt", timing_cache="caches/trt.cache"))
     assert named == tmp_path / "caches" / "trt.cache" and named.is_absolute()
     assert script_timing_cache(ExportConfig(target="tensorrt")) == Path("timing.cache")  # beside the script
+
+
+def test_coreml_int8_keeps_the_stem_float_unless_asked_otherwise(student):
+    """--int8-stem float (the default) keeps the stem's conv float, as the other targets do; before, CoreML read
+    no --int8-stem and quantized the conv over the RGB channels (BN folded in) with the rest (a real stem, such
+    as resnet18's 9,408 weights, is over linear_quantize_weights' 2,048 threshold; this tiny one is not, so
+    the test reads the names int8 is told to keep float)."""
+    pytest.importorskip("coremltools")
+    import torch
+    from coremltools.optimize.coreml import get_weights_metadata
+
+    from kdiqa_edge.export import coreml
+
+    mlmodel = coreml.convert(student, ExportConfig(target="coreml", precision="fp16"), {"source": {"arch": "x"}})
+    kept = {stem: set(coreml.float_weights(mlmodel, student, stem)) for stem in ("float", "int8")}
+    (stem,) = kept["float"] - kept["int8"]
+    weights = get_weights_metadata(mlmodel, weight_threshold=0)
+    first = next(m for m in student.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert weights[stem].val.shape == tuple(first.weight.shape)  # the first conv, over the RGB channels
+    assert kept["int8"] and kept["int8"] < kept["float"]  # the head and the projection stay float either way

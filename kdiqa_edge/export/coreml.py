@@ -159,10 +159,12 @@ def activation_quantization(cfg: ExportConfig) -> str | None:
     return None
 
 
-def float_weights(mlmodel, model) -> list[str]:
+def float_weights(mlmodel, model, stem: str = "float") -> list[str]:
     """The program's constants that int8 leaves in float, as every other target does: the folded head's anchor
     matrix (a per-channel int8 grid over its 5 rows rounds the small differences between the quality levels
-    away) and the projection feeding it. Found by value, so either trace's naming of them does."""
+    away) and the projection feeding it, found by value, so either trace's naming of them does; with `stem`
+    "float" (--int8-stem), the stem's conv too: the conv that reads the 3 RGB channels (coremltools folds the
+    stem's batch norm into it, so it is found by shape, not by value)."""
     import numpy as np
     from coremltools.optimize.coreml import get_weights_metadata
 
@@ -179,8 +181,11 @@ def float_weights(mlmodel, model) -> list[str]:
         return value.ndim == 2 and any(np.allclose(value.astype(np.float32), w, rtol=1e-2, atol=1e-3)
                                        for w in candidates)
 
+    def stem_here(value: np.ndarray) -> bool:  # [out, 3, kh, kw]: a conv over the image's channels
+        return stem == "float" and value.ndim == 4 and value.shape[1] == 3
+
     return [name for name, weight in get_weights_metadata(mlmodel, weight_threshold=0).items()
-            if wanted_here(np.asarray(weight.val))]
+            if wanted_here(np.asarray(weight.val)) or stem_here(np.asarray(weight.val))]
 
 
 def quantize_int8(mlmodel, calib, activations: str | None, keep_float: list[str] = ()):
@@ -243,7 +248,7 @@ def convert(model, cfg: ExportConfig, meta: dict[str, Any], calib=None):
         raise ExportError(f"coremltools cannot convert {arch} ({'; '.join(failures)})")
     if cfg.precision == "int8":
         mlmodel = quantize_int8(mlmodel, calib if calib is not None else [], activations=activation_quantization(cfg),
-                                keep_float=float_weights(mlmodel, model))
+                                keep_float=float_weights(mlmodel, model, cfg.int8_stem))
 
     from kdiqa_edge import artifact
 
