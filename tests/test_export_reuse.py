@@ -100,3 +100,17 @@ def test_a_fix_to_what_reduced_precision_exports_write_rebuilds_them_not_fp32(mo
     after = keys()
     assert after["fp32"] == before["fp32"]
     assert all(after[p] != before[p] for p in ("fp16", "int8", "auto"))
+
+
+def test_a_fix_to_one_targets_exports_rebuilds_that_targets_alone(monkeypatch):
+    from kdiqa_edge.data.spec import DatasetSpec
+    from kdiqa_edge.export import ExportConfig, pipeline
+
+    def keys():
+        return {t: pipeline.request_key("m", ExportConfig(target=t, precision="int8"), DatasetSpec(), t)
+                for t in ("onnx", "coreml")}
+
+    before = keys()
+    monkeypatch.setitem(pipeline.TARGET_REVISIONS, "coreml", pipeline.TARGET_REVISIONS["coreml"] + 1)
+    after = keys()
+    assert after["onnx"] == before["onnx"] and after["coreml"] != before["coreml"]

@@ -112,13 +112,16 @@ def load_examples(data: DatasetSpec, preprocess, cfg: ExportConfig, run: RunData
 # with --with-map keeps the head and its shared weights float, CoreML int8 keeps the head float. FP32 exports
 # have not changed: they carry no revision, and are reused.
 REVISION = 2
+# A target's own revision where a fix changed its exports alone (the others keep their keys, and are reused):
+# 3: CoreML int8 keeps the stem's conv float (--int8-stem float), ExecuTorch auto writes benchmark_on_device.sh.
+TARGET_REVISIONS = {"coreml": 3, "executorch": 3}
 
 
 def request_key(model_hash: str, cfg: ExportConfig, data: DatasetSpec, target: str) -> str:
     """What decides an export's content: same key, same artifact."""
     fields = {**dataclasses.asdict(cfg), "target": target}
     if cfg.precision != "fp32":
-        fields["revision"] = REVISION
+        fields["revision"] = TARGET_REVISIONS.get(target, REVISION)
     measured = cfg.precision == "auto"  # auto's pick depends on the measurement: on this CPU, at these threads
     for key in ("timing_cache",) if measured else ("latency_runs", "threads", "timing_cache"):
         fields.pop(key)
