@@ -281,6 +281,31 @@ def test_unsupported_op_fails_the_export_and_leaves_nothing(monkeypatch, tmp_pat
     assert "failed.log" not in str(failure.value)
 
 
+def test_target_all_keeps_the_targets_that_succeeded_when_one_fails(monkeypatch, tmp_path, checkpoints, data):
+    """Before: every folder of a --target all run was renamed in only if all succeeded, so one target that
+    cannot convert a model (coremltools and a ViT) threw the others' finished exports away, on every re-run."""
+    from kdiqa_edge.export import tensorrt
+    from kdiqa_edge.export.base import TARGETS
+
+    monkeypatch.setattr(TARGETS, "names", lambda: ["tensorrt", "onnx"])  # the failing one first
+    monkeypatch.setattr(tensorrt, "supported_ops", lambda version: tensorrt._TRT10_OPS - {"Conv"})
+    out, cfg, logged = tmp_path / "out", ExportConfig(target="all", parity_images=4), []
+    with pytest.raises(ExportError, match=r"tensorrt-fp32: .*Conv x.*\(exported to .*: onnx-fp32\)"):
+        export_checkpoint(checkpoints["student"], cfg, out, data=data, progress=False, log=logged.append)
+    assert "tensorrt-fp32: failed: " in "\n".join(logged)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["exports"]) == ["onnx-fp32"] and (out / "onnx-fp32" / "model.fp32.onnx").is_file()
+    assert not (out / "tensorrt-fp32").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(TARGETS, "names", lambda: ["tensorrt", "onnx"])
+    logged.clear()
+    with pytest.raises(TensorRTUnavailable):  # no tensorrt here: its TensorRT-ready ONNX is what it exports
+        export_checkpoint(checkpoints["student"], cfg, out, data=data, progress=False, log=logged.append)
+    assert [line for line in logged if line.endswith("exporting...")] == ["tensorrt-fp32: exporting..."]
+    assert set(json.loads((out / "manifest.json").read_text())["exports"]) == {"onnx-fp32", "tensorrt-fp32"}
+
+
 # --- bad input through the real CLI: one line, non-zero exit, no partial artifact ------------------------
 
 

@@ -1,9 +1,9 @@
 """Checkpoint -> artifacts for one or all targets, written atomically, with a manifest; re-runs are idempotent.
 
 Each (target, precision) goes to `OUT/<target>-<precision>/`; `--precision auto` writes the measured pick to
-`OUT/<target>-auto/` (export/auto.py). Every folder of a run is built beside its final place and renamed in
-only when all targets of the run succeeded, so a failure leaves no artifact, partial or whole (only the
-failed target's log, below).
+`OUT/<target>-auto/` (export/auto.py). Each folder is built beside its final place and renamed in once its
+target passed its checks, so a failure leaves no artifact of that target, partial or whole (only its log,
+below); with several targets (`all`) the others go on and what they exported is kept and in the manifest.
 `OUT/manifest.json` lists every file with its sha256, plus target, precision, input spec, preprocessing,
 parity, drift and versions. A re-run with the same checkpoint, options and data skips the exports whose
 files are intact, and first removes the staging folders of a killed run (`io.sweep_temporaries`: only those
@@ -295,7 +295,7 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
                  cfg: ExportConfig, force: bool, progress: bool, log: Callable[[str], None],
                  verbose: bool) -> dict[str, Any]:
     """export_checkpoint's work, under OUT's lock."""
-    from kdiqa_edge.bench.environment import cpu_info
+    from kdiqa_edge.errors import first_line
     from kdiqa_edge.export import auto, evaluate
     from kdiqa_edge.io import atomic_path, sweep_temporaries, temporaries_in, write_json
 
@@ -320,26 +320,64 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
             if cfg.precision != "auto" and isinstance(delta, (int, float)):  # auto's bound is in its key
                 exports[label] = {**entry, "notes": evaluate.rejudged(entry.get("notes", []), delta, cfg.max_drift)}
 
+    def write_manifest() -> dict[str, Any]:
+        manifest = _manifest(model, checkpoint_dir, cfg, data, exports)
+        write_json(out / MANIFEST, manifest)
+        return manifest
+
+    failures: list[tuple[str, Exception]] = []
     if todo:
         examples = load_examples(data, model.preprocess, cfg, run, progress, log)
         meta = artifact_meta(model)
-        staged_results = []
-        with contextlib.ExitStack() as stack:  # every folder is renamed in only if all targets succeed
-            stack.enter_context(temporaries_in(out))  # libraries' scratch files: swept after a kill, not /tmp
+        with temporaries_in(out):  # libraries' scratch files: swept after a kill, not /tmp
             for name, (label, key) in todo.items():
-                staged = stack.enter_context(atomic_path(out / label))
-                staged.mkdir()
-                log(f"{label}: exporting...")
-                target = auto.Auto(TARGETS.get(name), log) if cfg.precision == "auto" else TARGETS.get(name)
-                result = _export_target(target, label, model, examples, staged, out, cfg, meta, verbose, progress)
-                staged_results.append((label, key, staged, result))
-            entries = {label: _entry(result, staged, out / label, out, key, cfg)
-                       for label, key, staged, result in staged_results}
-        exports.update(entries)
+                try:
+                    with atomic_path(out / label) as staged:  # renamed in whole, once its checks passed
+                        staged.mkdir()
+                        log(f"{label}: exporting...")
+                        target = auto.Auto(TARGETS.get(name), log) if cfg.precision == "auto" else TARGETS.get(name)
+                        result = _export_target(target, label, model, examples, staged, out, cfg, meta, verbose,
+                                                progress)
+                        entry = _entry(result, staged, out / label, out, key, cfg)
+                except Exception as exc:
+                    if len(todo) == 1:
+                        raise
+                    failures.append((label, exc))  # --target all: the others go on, and what landed is kept
+                    log(f"{label}: failed: {first_line(exc)}")
+                    continue
+                exports[label] = entry
+                if len(todo) > 1:  # recorded as it lands: a later target's failure or a kill keeps it
+                    write_manifest()
     if replaced:
         _remove_replaced(replaced, exports, out, log)
+    manifest = write_manifest()
+    if failures:
+        raise _failed(failures, [label for label, _ in todo.values() if label in exports], out)
+    requested = [f"{name}-{cfg.precision}" for name in cfg.targets()]
+    unavailable = [exports[label]["unavailable"] for label in sorted(requested) if exports[label].get("unavailable")]
+    if unavailable:
+        raise TensorRTUnavailable(unavailable[0])
+    return {**manifest, "run": {"requested": requested, "reused": reused}}
 
-    manifest = {
+
+def _failed(failures: list[tuple[str, Exception]], done: list[str], out: Path) -> Exception:
+    """The error of a multi-target run some of whose targets failed; the ones that succeeded are in OUT and in
+    its manifest. Known errors become one ExportError line naming each; a bug keeps its traceback."""
+    from kdiqa_edge.errors import ExportError
+
+    landed = f"exported to {out}: {', '.join(done)}" if done else "nothing else was exported"
+    bug = next((exc for _, exc in failures if not isinstance(exc, KdiqaError)), None)
+    if bug is not None:
+        return _naming_log(bug, landed)
+    return ExportError(f"{'; '.join(f'{label}: {exc}' for label, exc in failures)} ({landed})")
+
+
+def _manifest(model, checkpoint_dir: Path, cfg: ExportConfig, data: DatasetSpec,
+              exports: dict[str, Any]) -> dict[str, Any]:
+    from kdiqa_edge.bench.environment import cpu_info
+
+    model_hash = model.meta.get("content_hash", "")
+    return {
         "format": MANIFEST_FORMAT,
         # absolute: a path relative to where this export ran means nothing to a later one run elsewhere
         "checkpoint": {"path": os.path.abspath(checkpoint_dir), "kind": model.meta.get("kind"),
@@ -351,12 +389,6 @@ def _export_into(out: Path, model, checkpoint: Path, checkpoint_dir: Path, run: 
         "machine": cpu_info(),  # the CPU this run measured latencies on (INT8 speed depends on its ISA)
         "exports": dict(sorted(exports.items())),
     }
-    write_json(out / MANIFEST, manifest)
-    requested = [f"{name}-{cfg.precision}" for name in cfg.targets()]
-    unavailable = [exports[label]["unavailable"] for label in sorted(requested) if exports[label].get("unavailable")]
-    if unavailable:
-        raise TensorRTUnavailable(unavailable[0])
-    return {**manifest, "run": {"requested": requested, "reused": reused}}
 
 
 def _runtime_here(target) -> bool:
