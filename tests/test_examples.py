@@ -93,3 +93,17 @@ def test_android_example_exports_executorch_int8_scores_and_benches(run_dir, sma
     assert len(rows) == len(list(images.iterdir())) and all(1.0 <= float(r["score"]) <= 5.0 for r in rows)
     bench = (out / "bench.md").read_text()
     assert "| ok |" in bench and "ExecuTorch" in bench
+
+
+def test_intel_example_exports_the_openvino_int8_ir_scores_and_benches(run_dir, small_synthetic, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    out = tmp_path / "intel"
+    images = small_synthetic.root / "images"
+    done = _run(["bash", "examples/intel_cpu.sh", str(run_dir)], OUT=str(out), IMAGES=str(images),
+                EXTRA=_csv_options(small_synthetic), EXPORT_EXTRA="--calib 32")
+    assert (out / "openvino-int8" / "model.int8.xml").is_file() and "model.int8.xml" in done.stdout
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == len(list(images.iterdir())) and all(1.0 <= float(r["score"]) <= 5.0 for r in rows)
+    bench = (out / "bench.md").read_text()
+    assert "| ok |" in bench and "OpenVINO" in bench
