@@ -276,7 +276,7 @@ def test_cli_synth_then_info_and_index_on_it(tmp_path):
     out = tmp_path / "synth"
     result = runner.invoke(app, ["data", "synth", str(out), "--refs", "1", "--seed", "5"])
     assert result.exit_code == 0, result.output
-    assert "wrote 30 images from 1 references" in result.output and (out / "scores.csv").is_file()
+    assert "wrote 30 images from 1 reference to" in result.output and (out / "scores.csv").is_file()
     result = runner.invoke(app, ["data", "info", "--root", str(out)])
     assert result.exit_code == 0, result.output
     assert "images      30" in result.output and "references  1" in result.output

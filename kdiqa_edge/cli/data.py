@@ -121,6 +121,7 @@ def synth_command(
 
     Example: kdiqa-edge data synth ./synthetic --refs 4
     """
+    from kdiqa_edge.console import plural
     from kdiqa_edge.data import synthetic
     from kdiqa_edge.errors import ConfigError
 
@@ -130,7 +131,7 @@ def synth_command(
         raise ConfigError(f"--size must be WIDTHxHEIGHT (e.g. 86x64), got {size!r}") from None
     synthetic.generate(out, refs=refs, seed=seed, progress=True, size=(width, height))
     count = refs * len(synthetic.DISTORTIONS) * synthetic.LEVELS
-    typer.echo(f"wrote {count} images from {refs} references to {out} (scores.csv, README)")
+    typer.echo(f"wrote {count} images from {plural(refs, 'reference')} to {out} (scores.csv, README)")
 
 
 def _load(data: DatasetSpec, seed: int, val_fraction: float, test_fraction: float, split_by: str, decode: bool):

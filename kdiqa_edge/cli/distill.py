@@ -134,7 +134,8 @@ def distill_command(
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
                                                 "supported).")] = None,
     compile_model: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", help="torch.compile the train step (CUDA).")] = None,
+        "--compile/--no-compile", help="torch.compile the image encoder, on any device (pays off on CUDA: "
+        "1.25-1.3x for 20-60 s of compiling).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Distil the CLIP quality teacher into a timm student: L = lambda(1 - cos(u, v)) + (1 - lambda) MSE.

@@ -129,8 +129,9 @@ def finetune_command(
     device: Device = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="CUDA mixed precision (bf16 where "
                                                 "supported).")] = None,
-    compile_model: Annotated[bool | None, typer.Option("--compile/--no-compile",
-                                                          help="torch.compile the train step.")] = None,
+    compile_model: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the image encoder, on any device (pays off on CUDA: "
+        "1.25-1.3x for 20-60 s of compiling).")] = None,
     features: Annotated[bool | None, typer.Option("--features/--no-features", help="Write the teacher feature "
                                                      "cache for distillation afterwards (default on).")] = None,
     logger: Logger = None,

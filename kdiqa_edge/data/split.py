@@ -68,19 +68,25 @@ def index_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_split_options(test_fraction: float, val_fraction: float, by: str = "auto") -> None:
+    """The split's options, refused in one line: what a recipe checks before any work."""
+    if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
+        raise ConfigError(f"bad split fractions: test {test_fraction}, val {val_fraction} (each within 0..1, "
+                          f"test above 0, together below 1)")
+    if by not in ("auto", "ref", "image", "official"):
+        raise ConfigError(f"unknown split mode {by!r}; choose auto, ref, image or official")
+
+
 def make_split(dataset: Dataset, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.0,
                by: SplitBy = "auto") -> Split:
     """Seeded split of `dataset.records`. `auto`: by reference where the records carry refs, else by image."""
-    if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
-        raise ConfigError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
+    check_split_options(test_fraction, val_fraction, by)
     if by == "official":
         return _official(dataset, seed)
     if by == "auto":
         by = "ref" if len(dataset.refs) >= 2 else "image"
     if by == "ref" and len(dataset.refs) < 2:
         raise DataError(f"cannot split by reference: dataset {dataset.name!r} has {len(dataset.refs)} reference(s)")
-    if by not in ("ref", "image"):
-        raise ConfigError(f"unknown split mode {by!r}; choose auto, ref, image or official")
     if len(dataset.records) < 2:
         raise DataError("need at least 2 images to split")
     groups: dict[str, list[int]] = {}

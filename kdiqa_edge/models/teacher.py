@@ -99,8 +99,10 @@ def parse_teacher(name: str) -> tuple[str, str | None]:
     return arch, (tag or None)
 
 
-def create_clip(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = None):
-    """(open_clip CLIP model in eval mode, tokenizer, ClipBuild). Raises one-line errors when it cannot."""
+def check_teacher(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = None) -> None:
+    """Refuse in one line, before any work, a teacher that cannot be built: an unknown name or tag, a tag or
+    weights file a random-init config cannot take, a --teacher-weights path that is no file. Reads no
+    weights."""
     import open_clip
 
     arch, tag = parse_teacher(teacher)
@@ -110,28 +112,46 @@ def create_clip(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = Non
                               f"':{tag}' tag; use --teacher {arch}")
         if weights is not None:
             raise ConfigError(f"--teacher {arch} is a random-init config; --teacher-weights needs an open_clip model name")
-        return _create_registered(arch)
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
+        return
+    if open_clip.get_model_config(arch) is None:
         raise ConfigError(f"unknown teacher model {arch!r}: use an open_clip name (e.g. {DEFAULT_TEACHER}) "
                           f"or one of: {', '.join(TEACHER_CONFIGS.names())}")
     if tag == RANDOM_TAG:
         if weights is not None:
             raise ConfigError(f"--teacher {teacher} is random init; drop ':{RANDOM_TAG}' to load --teacher-weights")
-        return _create_random(arch, cfg)
-    tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
-    if tag and not tag_cfg and weights is None:
+        return
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise WeightsUnavailable(f"--teacher-weights file not found: {path}")
+        if not path.is_file():
+            raise WeightsUnavailable(f"--teacher-weights {path} is not a file")
+    elif tag is None:
+        raise ConfigError(f"--teacher {arch} needs a pretrained tag (e.g. {arch}:openai), --teacher-weights "
+                          f"PATH, or {arch}:{RANDOM_TAG} for random init")
+    elif not open_clip.get_pretrained_cfg(arch, tag):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise ConfigError(f"unknown pretrained tag {tag!r} for {arch}; known tags: {tags}")
+
+
+def create_clip(teacher: str = DEFAULT_TEACHER, weights: str | Path | None = None):
+    """(open_clip CLIP model in eval mode, tokenizer, ClipBuild). Raises one-line errors when it cannot."""
+    import open_clip
+
+    check_teacher(teacher, weights)
+    arch, tag = parse_teacher(teacher)
+    if arch in TEACHER_CONFIGS:
+        return _create_registered(arch)
+    cfg = open_clip.get_model_config(arch)
+    if tag == RANDOM_TAG:
+        return _create_random(arch, cfg)
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     # OpenAI's weights were trained with QuickGELU; open_clip only warns if the config disagrees.
     quick_gelu = bool(cfg.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
     cfg["quick_gelu"] = quick_gelu
     if weights is not None:
         model = _create_from_file(arch, Path(weights), quick_gelu)
         source = f"{arch}:{Path(weights).name}"
-    elif tag is None:
-        raise ConfigError(f"--teacher {arch} needs a pretrained tag (e.g. {arch}:openai), --teacher-weights PATH, "
-                          f"or {arch}:{RANDOM_TAG} for random init")
     else:
         model = _create_pretrained(arch, tag, quick_gelu)
         source = f"{arch}:{tag}"
@@ -191,11 +211,7 @@ def _quiet_download_logs():
 def _create_from_file(arch: str, path: Path, quick_gelu: bool):
     import open_clip
 
-    if not path.exists():
-        raise WeightsUnavailable(f"--teacher-weights file not found: {path}")
-    if not path.is_file():
-        raise WeightsUnavailable(f"--teacher-weights {path} is not a file")
-    try:
+    try:  # the path is a file: check_teacher said so
         return open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=quick_gelu, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types for a wrong or foreign file
         # typed: a garbage file's unpickler error says only "101" (a KeyError)

@@ -27,6 +27,7 @@ from kdiqa_edge import paths
 from kdiqa_edge.console import plural
 from kdiqa_edge.data._lock import waiting_lock
 from kdiqa_edge.data.spec import DatasetSpec
+from kdiqa_edge.data.split import check_split_options
 from kdiqa_edge.errors import ConfigError
 from kdiqa_edge.io import read_json, write_json
 from kdiqa_edge.models.teacher import DEFAULT_TEACHER
@@ -43,6 +44,7 @@ from kdiqa_edge.train.mixed import (
 from kdiqa_edge.train.resume import (
     check_resume,
     check_resumed_images,
+    make_run_dir,
     recorded_data,
     refuse_existing_run,
     require_run,
@@ -174,6 +176,23 @@ def ensure_teacher(cfg: DistillConfig, data: DatasetSpec, ctx, log=print) -> Pat
             run_finetune(finetune_cfg, data, run_dir, resume=interrupted)
             barrier(ctx)  # rank 0 writes the feature cache after training; the others wait for it
     return run_dir / "checkpoints" / "best"
+
+
+def check_teacher_source(cfg: DistillConfig, variant: Variant) -> None:
+    """The teacher a run scores through, refused in one line before any work: a --teacher-checkpoint that is
+    no teacher checkpoint, or a --teacher (with its weights) that cannot be built."""
+    if not variant.uses_teacher_head:
+        return
+    if cfg.teacher_checkpoint:
+        from kdiqa_edge.models.checkpoint import read_meta
+
+        kind = read_meta(cfg.teacher_checkpoint).get("kind")
+        if kind != "teacher":
+            raise ConfigError(f"--teacher-checkpoint {cfg.teacher_checkpoint} holds a {kind}, not a teacher")
+        return
+    from kdiqa_edge.models.teacher import check_teacher
+
+    check_teacher(cfg.teacher, cfg.teacher_weights)
 
 
 def teacher_lock(run_dir: Path) -> Path:
@@ -324,6 +343,8 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     for source in cfg.unlabeled:
         check_source(source)  # before the student's weights or any teacher work
     check_unlabeled(cfg, variant)
+    check_split_options(cfg.test_fraction, cfg.val_fraction, cfg.split_by)
+    check_teacher_source(cfg, variant)
     check_student(cfg.student, cfg.pretrained, cfg.student_weights)  # fail before any teacher work
     cfg = dataclasses.replace(cfg, variant=variant.spec)
     train_cfg = TrainConfig.from_any(cfg).check()
@@ -346,6 +367,7 @@ def run_distill(cfg: DistillConfig, data: DatasetSpec | None = None, out: str | 
     run_dir = Path(out) if out else broadcast_object(ctx, default_run_dir(cfg, data))
     say = (log or print) if ctx.is_main else (lambda *_: None)
     if not resume and ctx.is_main:  # first: an interrupt in the teacher stage leaves a run --resume continues
+        make_run_dir(run_dir)
         config_lib.save(cfg, run_dir / "config.yaml")
     elif ctx.is_main:  # a resume's --logger / --mlflow-uri are the run's from now on
         config_lib.save(load_config(run_dir / "config.yaml", loggers=cfg.loggers, mlflow_uri=cfg.mlflow_uri),
@@ -397,9 +419,9 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
 
     from kdiqa_edge.data import prepare
     from kdiqa_edge.models.student import create_student
-    from kdiqa_edge.train.features import feature_cache_path, teacher_features
+    from kdiqa_edge.train.features import teacher_features
     from kdiqa_edge.train.losses import DistillLoss
-    from kdiqa_edge.train.state import TRAIN_STATE
+    from kdiqa_edge.train.state import TRAIN_STATE, check_same_data
 
     # -- setup: data, teacher features, student
     preprocess = student_preprocess(cfg, teacher)
@@ -409,6 +431,8 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
     student_resume = resume and (run_dir / "checkpoints" / "last" / TRAIN_STATE).is_file()
     recorded = recorded_data(run_dir) if student_resume else {}
     if student_resume:
+        if teacher is not None:  # the epochs to come learn from the same teacher's features as those saved
+            check_same_data(run_dir, recorded, {"teacher": teacher.meta["content_hash"]})
         check_resumed_images(run_dir, recorded, data, preprocess)
     with main_process_first(ctx):
         cache, split = prepare(data, preprocess, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
@@ -424,7 +448,7 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
         with main_process_first(ctx):
             extras["teacher_features"] = teacher_features(
                 teacher_dir, cache, device=str(device), batch_size=cfg.eval_batch_size,
-                progress=cfg.progress and ctx.is_main)
+                progress=cfg.progress and ctx.is_main, amp=cfg.amp)
     torch.manual_seed(cfg.seed)  # the student's random init (projection, or the whole encoder)
     student = create_student(cfg.student, teacher.head if teacher is not None else None, preprocess,
                              pretrained=cfg.pretrained, weights=cfg.student_weights)
@@ -461,7 +485,7 @@ def _distill(cfg: DistillConfig, data: DatasetSpec, variant: Variant, train_cfg,
         if ctx.is_main:
             summary.update(_facts(student, teacher, preprocess))
             if "teacher_features" in extras:
-                summary["teacher_features"] = str(feature_cache_path(teacher_dir, cache))
+                summary["teacher_features"] = str(Path(extras["teacher_features"].filename).parent)
             summary["lambda_schedule"] = {"variant": variant.spec, "total_steps": trainer.total_steps}
             if unlabeled is not None:
                 summary["unlabeled"] = unlabeled.report

@@ -20,6 +20,7 @@ from kdiqa_edge.errors import CheckpointError
 from kdiqa_edge.io import atomic_path, read_json, sweep_temporaries, write_json
 
 FORMAT = "kdiqa-edge/teacher-features/1"
+NO_AMP_SUFFIX = "-fp32"  # the cache of a run without --amp: float32 features where CUDA would autocast
 FEATURES_FILE = "features.f16"
 META_FILE = "meta.json"
 
@@ -36,30 +37,34 @@ def _checkpoint_meta(checkpoint) -> tuple[dict, Path | None]:
     return meta, getattr(checkpoint, "checkpoint_dir", None)
 
 
-def feature_cache_path(checkpoint, cache, root: Path | None = None) -> Path:
-    """Folder of the feature cache for (teacher checkpoint, image cache)."""
+def feature_cache_path(checkpoint, cache, root: Path | None = None, amp: bool = True) -> Path:
+    """Folder of the feature cache for (teacher checkpoint, image cache, `amp`: CUDA mixed precision allowed;
+    without it the features are computed in float32, a cache of their own)."""
     meta, _ = _checkpoint_meta(checkpoint)
-    return Path(root or paths.cache_dir() / "features") / f"{meta['content_hash'][:16]}-{cache.key[:16]}"
+    name = f"{meta['content_hash'][:16]}-{cache.key[:16]}" + ("" if amp else NO_AMP_SUFFIX)
+    return Path(root or paths.cache_dir() / "features") / name
 
 
 def teacher_features(checkpoint, cache, device: str = "auto", batch_size: int = 128, progress: bool = True,
-                     root: Path | None = None) -> np.ndarray:
+                     root: Path | None = None, amp: bool = True) -> np.ndarray:
     """fp16 [N, D] image features (before L2 norm) of every image in `cache`, in cache order (read-only memmap).
 
     `checkpoint`: a teacher checkpoint dir, a run dir, or a model from `load_checkpoint`. Computed on the
-    first call (atomically: a crash leaves no partial cache), then read from disk.
+    first call (atomically: a crash leaves no partial cache), then read from disk. `amp`: the run's --amp
+    (CUDA autocast); off, the teacher runs in float32 (the array's `filename` says which cache it is).
     """
     meta, _ = _checkpoint_meta(checkpoint)
-    folder = feature_cache_path(checkpoint, cache, root)
+    folder = feature_cache_path(checkpoint, cache, root, amp)
     shape = (len(cache), int(meta["embed_dim"]))
     if not _complete(folder, meta, cache, shape):
-        _build(folder, checkpoint, meta, cache, shape, device, batch_size, progress)
+        _build(folder, checkpoint, meta, cache, shape, device, batch_size, progress, amp)
     return np.memmap(folder / FEATURES_FILE, dtype=np.float16, mode="r", shape=shape)
 
 
-def _teacher_on(checkpoint, device: str):
-    """(the teacher in eval mode on `device`, the device, its normalizing transform, autocast, whether it was
-    training): a checkpoint path is loaded, a model is used as given (and put back in its mode afterwards)."""
+def _teacher_on(checkpoint, device: str, amp: bool):
+    """(the teacher in eval mode on `device`, the device, its normalizing transform, autocast (CUDA with
+    `amp` only), whether it was training): a checkpoint path is loaded, a model is used as given (and put
+    back in its mode afterwards)."""
     from kdiqa_edge.models.checkpoint import load_checkpoint
     from kdiqa_edge.train.distributed import resolve_device
     from kdiqa_edge.train.loader import DeviceTransform
@@ -70,7 +75,7 @@ def _teacher_on(checkpoint, device: str):
     was_training = model.training
     model.to(device).eval()
     transform = DeviceTransform(model.preprocess, device, channels_last=device.type == "cuda")
-    autocast, _ = autocast_for(device, True)
+    autocast, _ = autocast_for(device, amp)
     return model, device, transform, autocast, was_training
 
 
@@ -83,12 +88,13 @@ def _complete(folder: Path, meta: dict, cache, shape: tuple[int, int]) -> bool:
             and saved.get("image_cache") == cache.key and tuple(saved.get("shape", ())) == shape)
 
 
-def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batch_size: int, progress: bool) -> None:
+def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batch_size: int, progress: bool,
+           amp: bool) -> None:
     import torch
 
     from kdiqa_edge.train.loader import BatchLoader
 
-    model, device, transform, autocast, was_training = _teacher_on(checkpoint, device)
+    model, device, transform, autocast, was_training = _teacher_on(checkpoint, device, amp)
     loader = BatchLoader(cache.images, np.zeros(len(cache), np.float32), pin_memory=device.type == "cuda")
     batches = [np.arange(i, min(i + batch_size, shape[0])) for i in range(0, shape[0], batch_size)]
     from kdiqa_edge.console import Progress
@@ -110,6 +116,7 @@ def _build(folder: Path, checkpoint, meta: dict, cache, shape, device: str, batc
         write_json(tmp / META_FILE, {
             "format": FORMAT, "content_hash": meta["content_hash"], "image_cache": cache.key,
             "shape": list(shape), "dtype": "float16", "teacher": meta.get("label", meta.get("arch")),
+            "amp": amp,
         })
     model.train(was_training)
 
@@ -167,12 +174,16 @@ def unlabeled_folder(checkpoint, root: Path | None = None) -> Path:
     return Path(root or paths.cache_dir() / "features" / "unlabeled") / meta["content_hash"][:16]
 
 
-def plan_shards(hashes, content_hash: str, preprocess, shard_images: int = SHARD_IMAGES) -> list[Shard]:
-    """The pool (sorted by hash) cut into shards, each named by what determines its bytes."""
+def plan_shards(hashes, content_hash: str, preprocess, shard_images: int = SHARD_IMAGES,
+                amp: bool = True) -> list[Shard]:
+    """The pool (sorted by hash) cut into shards, each named by what determines its bytes (`amp` off: float32
+    features, shards of their own)."""
     shards = []
     for start in range(0, len(hashes), shard_images):
         stop = min(start + shard_images, len(hashes))
         digest = hashlib.sha256(f"{UNLABELED_FORMAT}\n{content_hash}\n{preprocess.key}\n".encode())
+        if not amp:
+            digest.update(b"float32\n")
         for h in hashes[start:stop]:
             digest.update(h.encode())
         shards.append(Shard(digest.hexdigest()[:24], start, stop))
@@ -182,13 +193,14 @@ def plan_shards(hashes, content_hash: str, preprocess, shard_images: int = SHARD
 def unlabeled_features(checkpoint, pool, *, device: str = "auto", batch_size: int = 128, progress: bool = True,
                        root: Path | None = None, shard_images: int = SHARD_IMAGES, workers: int = 2,
                        images: np.ndarray | None = None, ctx=None, task: int = 0, tasks: int = 1,
-                       on_shard=None, share_only: bool = False) -> UnlabeledFeatures:
+                       on_shard=None, share_only: bool = False, amp: bool = True) -> UnlabeledFeatures:
     """Teacher features of every image of `pool` (data/unlabeled.UnlabeledPool), in shards on disk.
 
     Computes the shards this worker owns that are missing (decoding in `workers` processes, or reading
     `images`, a decoded cache aligned with the pool), waits for the other ranks, and opens them all.
     `task`/`tasks`: this SLURM array task's share; `share_only`: compute it and return without opening the
     shards (the other tasks' may not exist yet). `on_shard(n)` is called after each shard written (tests).
+    `amp`: the run's --amp (CUDA autocast); off, the teacher runs in float32, into shards of their own.
     """
     from kdiqa_edge.train.distributed import SINGLE_PROCESS, barrier
 
@@ -198,7 +210,7 @@ def unlabeled_features(checkpoint, pool, *, device: str = "auto", batch_size: in
 
     preprocess = PreprocessSpec.from_dict(meta["preprocess"])
     folder = unlabeled_folder(checkpoint, root)
-    shards = plan_shards(pool.hashes, meta["content_hash"], preprocess, shard_images)
+    shards = plan_shards(pool.hashes, meta["content_hash"], preprocess, shard_images, amp)
     worker, count = task * ctx.world_size + ctx.rank, tasks * ctx.world_size
     if ctx.is_main and task == 0:
         sweep_temporaries(folder)  # shards a killed run left half-written (never a live writer's)
@@ -206,7 +218,7 @@ def unlabeled_features(checkpoint, pool, *, device: str = "auto", batch_size: in
     mine = [s for i, s in enumerate(shards) if i % count == worker and not _shard_done(folder / s.key, s)]
     if mine:
         _compute_shards(folder, mine, checkpoint, meta, preprocess, pool, device, batch_size, workers, images,
-                        progress and ctx.is_main, on_shard)
+                        progress and ctx.is_main, on_shard, amp)
     barrier(ctx)
     if share_only:
         return UnlabeledFeatures(folder, shards, [], {}, [s.key for s in mine])
@@ -258,12 +270,12 @@ def _pixel_batches(shards: list[Shard], pool, preprocess, batch_size: int, worke
 
 
 def _compute_shards(folder: Path, shards: list[Shard], checkpoint, meta: dict, preprocess, pool, device: str,
-                    batch_size: int, workers: int, images, progress: bool, on_shard) -> None:
+                    batch_size: int, workers: int, images, progress: bool, on_shard, amp: bool) -> None:
     import torch
 
     from kdiqa_edge.console import Progress
 
-    model, device, transform, autocast, was_training = _teacher_on(checkpoint, device)
+    model, device, transform, autocast, was_training = _teacher_on(checkpoint, device, amp)
     dim = int(meta["embed_dim"])
     current, features, failed, done = None, None, {}, 0
     total = sum(s.stop - s.start for s in shards)

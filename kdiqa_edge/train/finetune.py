@@ -60,6 +60,11 @@ class FinetuneConfig:
     workdir: str | None = None  # the folder the command ran in (set by run_finetune; how, not what, is trained)
 
 
+# Fields that may change between an interrupted fine-tune and its --resume (how, not what, is trained).
+VOLATILE = ("progress", "device", "compile", "eval_batch_size", "workdir", "features", "loggers",
+            "mlflow_uri")
+
+
 def finetune_loss(model, batch, step: int, total_steps: int) -> dict[str, torch.Tensor]:
     """MSE between the predicted score and the MOS, both 1..5."""
     return {"mse": F.mse_loss(model(batch["image"]).float(), batch["mos"])}
@@ -115,18 +120,27 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
                  resume: bool = False) -> dict[str, Any]:
     """Fine-tune the teacher's image encoder; returns summary.json's content. The run dir layout is in
     docs/ARCHITECTURE.md."""
-    from kdiqa_edge.models.teacher import load_teacher
+    from kdiqa_edge.data.split import check_split_options
+    from kdiqa_edge.models.head import prompts_for
+    from kdiqa_edge.models.teacher import check_teacher, load_teacher
     from kdiqa_edge.train.distributed import broadcast_object, init_distributed, main_process_first
     from kdiqa_edge.train.loop import TrainConfig, Trainer
-    from kdiqa_edge.train.resume import require_run
+    from kdiqa_edge.train.resume import check_resume, make_run_dir, require_run
     from kdiqa_edge.train.state import TRAIN_STATE
 
     train_cfg = TrainConfig.from_any(cfg).check()
+    check_split_options(cfg.test_fraction, cfg.val_fraction, cfg.split_by)
+    check_teacher(cfg.teacher, cfg.teacher_weights)  # before any work: a name, tag or weights file
+    prompts_for(tuple(cfg.templates))
     run_dir = Path(out) if out else None
     if resume:
         require_run(run_dir)
+    elif run_dir is not None:
+        make_run_dir(run_dir)  # an --out that is a file, or cannot be made: one line before any work
     data = dataset_spec(cfg, data, run_dir if resume else None)
     cfg = dataclasses.replace(cfg, dataset=data.to_dict(), workdir=os.getcwd())
+    if resume:  # another teacher, template or split: one line (the engine checks the schedule only)
+        check_resume(run_dir, cfg, data, VOLATILE)
     run_dir = run_dir or default_run_dir(cfg, data)
 
     import torch.distributed as dist
@@ -161,11 +175,12 @@ def run_finetune(cfg: FinetuneConfig, data: DatasetSpec | None = None, out: str 
         if zero is not None:
             summary["zero_shot_test"] = zero
         if cfg.features and trainer.ctx.is_main:
-            from kdiqa_edge.train.features import feature_cache_path, teacher_features
+            from kdiqa_edge.train.features import teacher_features
 
             features = teacher_features(run_dir / "checkpoints" / "best", cache, device=str(trainer.device),
-                                        batch_size=train_cfg.eval_batch_size, progress=cfg.progress)
-            summary["teacher_features"] = {"path": str(feature_cache_path(run_dir / "checkpoints" / "best", cache)),
+                                        batch_size=train_cfg.eval_batch_size, progress=cfg.progress,
+                                        amp=train_cfg.amp)
+            summary["teacher_features"] = {"path": str(Path(features.filename).parent),
                                            "shape": list(features.shape), "dtype": str(features.dtype)}
         if trainer.ctx.is_main:
             from kdiqa_edge.io import write_json
@@ -285,7 +300,9 @@ def evaluate_teacher(data: DatasetSpec | None = None, teacher: str | None = None
                 say(f"note: not using {split_file} ({exc}); split with seed {source.split_seed} instead")
     indices = np.arange(len(cache)) if split == "all" else getattr(parts, split)
     if len(indices) < 3:
-        raise ConfigError(f"the {split} split has {len(indices)} images: too few to correlate")
+        raise ConfigError(f"the {split} split has {len(indices)} images: too few to correlate" + (
+            " (a val split is a run's own, made by its --val-fraction: pass --checkpoint of such a run)"
+            if split == "val" and not len(indices) else ""))
     metrics = zero_shot(model, cache, indices, device, batch_size)
     return {
         "teacher": model.label, "pretrained": bool(model.pretrained), "mode": mode,

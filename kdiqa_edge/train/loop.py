@@ -112,8 +112,15 @@ class TrainConfig:
     def check(self) -> TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("epochs, batch_size and grad_accum must be at least 1")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("lr must be positive and min_lr_ratio within [0, 1]")
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1:  # NaN fails both
+            raise ConfigError(f"lr must be a positive number and min_lr_ratio within [0, 1], got {self.lr} "
+                              f"and {self.min_lr_ratio}")
+        if not 0 <= self.weight_decay < math.inf:  # negative decay grows the weights; NaN poisons them
+            raise ConfigError(f"weight_decay must be a number of at least 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ConfigError(f"grad_clip must be a positive number (or unset), got {self.grad_clip}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
         if self.augment not in ("hflip", "none"):
             raise ConfigError(f"augment must be hflip or none, got {self.augment!r}")
         if self.select not in ("plcc+srcc", "srcc", "plcc"):
@@ -186,6 +193,10 @@ class Trainer:
         self._owns_process_group = not process_group_exists()
         self.ctx, self.device = init_distributed(cfg.device)
         self.eval_split, self.eval_indices = ("val", self.split.val) if self.split.val else ("test", self.split.test)
+        if len(self.eval_indices) < 3:  # every epoch correlates on it: said now, not after the first epoch
+            larger = "--val-fraction" if self.split.val else "test_fraction (a --config field)"
+            raise ConfigError(f"the {self.eval_split} split has {len(self.eval_indices)} image(s), too few to "
+                              f"evaluate an epoch on (at least 3): use more images or a larger {larger}")
         per_process = cfg.batch_size // (self.ctx.world_size * cfg.grad_accum)
         if per_process < 1 or cfg.batch_size % (self.ctx.world_size * cfg.grad_accum):
             raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum "

@@ -94,7 +94,7 @@ def unlabeled_data(cfg, cache, split, rated_train, teacher_dir, preprocess, ctx,
             images, failed = decoded_images(pool, preprocess, workers=cfg.workers, progress=progress)
     features = unlabeled_features(teacher_dir, pool, device=str(device), batch_size=cfg.eval_batch_size,
                                   progress=progress, workers=cfg.workers, images=images, ctx=ctx,
-                                  shard_images=cfg.feature_shard_images)
+                                  shard_images=cfg.feature_shard_images, amp=cfg.amp)
     failed = {**features.failed, **failed}
     used = pool.without(failed, failed)
     listed = None
@@ -152,7 +152,7 @@ def unlabeled_feature_task(cfg, data: DatasetSpec | None, task: int, tasks: int,
                            cfg.progress)
     share = unlabeled_features(cfg.teacher_checkpoint, pool, device=cfg.device, batch_size=cfg.eval_batch_size,
                                progress=cfg.progress, workers=cfg.workers, task=task, tasks=tasks,
-                               shard_images=cfg.feature_shard_images, share_only=True)
+                               shard_images=cfg.feature_shard_images, share_only=True, amp=cfg.amp)
     log(f"feature task {task}/{tasks}: {len(share.computed)} shard(s) computed of {len(share.shards)} "
         f"({pool.summary()}) in {share.folder}")
     return share.computed

@@ -224,6 +224,7 @@ def check_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> dict[str, 
     compared as JSON reads them back (a range is a list), an older plan's relative paths resolved."""
     from kdiqa_edge.data.readers import absolute_spec
 
+    check_runs(cfg)
     path = Path(out) / PLAN_FILE
     ours = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "dataset": absolute_spec(data).to_dict()}))
     if path.is_file():
@@ -236,6 +237,28 @@ def check_plan(cfg: ReproduceConfig, data: DatasetSpec, out: Path) -> dict[str, 
             raise ConfigError(f"{out} was written by another plan (it differs in {', '.join(differ)}): "
                               "use the same options or another --out")
     return ours
+
+
+def check_runs(cfg: ReproduceConfig) -> None:
+    """Refuse, before the plan is recorded or any run starts, what would fail every run later: an unknown
+    student (a name or tag) or teacher, an unusable --unlabeled source or fraction. Each distillation runs
+    after its split's teacher fine-tune (hours of it), and a recorded plan kept the typo. Whether ImageNet
+    weights can be had is each job's to say: a scheduler's nodes may reach what this one cannot."""
+    from kdiqa_edge.data.unlabeled import check_source
+    from kdiqa_edge.models.student import check_student
+    from kdiqa_edge.models.teacher import check_teacher
+
+    variants = [parse_variant(v) for v in cfg.variants]
+    if any(v.uses_teacher_head for v in variants):
+        check_teacher(cfg.teacher, cfg.teacher_weights)
+    for student in cfg.students:
+        check_student(student, pretrained=False)  # the name and tag only
+    if cfg.unlabeled and any(v.uses_teacher_features for v in variants):
+        if not 0.0 <= cfg.unlabeled_fraction < 1.0:
+            raise ConfigError(f"--unlabeled-fraction must be within 0..1 (1 excluded: rated images train "
+                              f"too), got {cfg.unlabeled_fraction}")
+        for source in cfg.unlabeled:
+            check_source(source)
 
 
 def _plan_dataset(saved: dict, out: Path) -> DatasetSpec:

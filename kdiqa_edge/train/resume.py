@@ -5,6 +5,7 @@ trained with. Each refusal is one line, said before any cache or feature is rebu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kdiqa_edge import config as config_lib
@@ -53,7 +54,8 @@ def recorded_data(run_dir: Path) -> dict:
     from kdiqa_edge.models.checkpoint import read_meta
 
     meta = read_meta(run_dir / "checkpoints" / "last")
-    return {"image_cache": meta.get("image_cache"), "unlabeled_pool": (meta.get("unlabeled") or {}).get("pool")}
+    return {"image_cache": meta.get("image_cache"), "teacher": meta.get("teacher_content_hash"),
+            "unlabeled_pool": (meta.get("unlabeled") or {}).get("pool")}
 
 
 def check_resumed_images(run_dir: Path, recorded: dict, data: DatasetSpec, preprocess: PreprocessSpec) -> None:
@@ -83,6 +85,22 @@ def resumed_teacher(run_dir: Path) -> Path | None:
     except CheckpointError:
         return None
     return Path(recorded) if same else None
+
+
+def make_run_dir(run_dir: Path) -> Path:
+    """The run dir, made now (parents too): an --out that is a file, or lies where nothing can be written, is
+    one line before any work, not a traceback where the first file is written."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run dir: choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the run dir {run_dir}: {exc.strerror or exc}; choose another "
+                          "--out") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write in the run dir {run_dir}: choose another --out")
+    return run_dir
 
 
 def refuse_existing_run(run_dir: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdiqa_edge.errors import CheckpointError, ConfigError, DataError
-from kdiqa_edge.io import atomic_path, write_text
+from kdiqa_edge.io import REPLACED, atomic_path, write_text
 
 TRAIN_STATE = "train_state.pt"
 # Measurements of the machine, not of the model: metrics.csv and summary.json keep them, checkpoints do not
@@ -39,6 +39,9 @@ DATA_KEYS = {
     "image_cache": ("its images", "a file's pixels, size or date, or the image list", "image cache key"),
     "ratings": ("its ratings", "a MOS edited", "ratings key"),
     "unlabeled_pool": ("its unlabeled images", "one added, removed or changed", "pool key"),
+    # distill: the soft targets (model.json's teacher_content_hash; a cached teacher removed, trained again)
+    "teacher": ("its teacher", "the teacher checkpoint it learned from is gone or was replaced",
+                "content hash"),
 }
 
 
@@ -143,6 +146,9 @@ def recover_last(run_dir: Path) -> int | None:
         if last.exists():  # what the interrupted removal left of the old `last`
             shutil.rmtree(last)
         os.replace(entry, last)
+        # the old `last`, renamed aside by the interrupted replace (io's REPLACED): its claim goes next, after
+        # which no sweep would ever remove it (a whole checkpoint's bytes)
+        shutil.rmtree(entry.with_name(entry.name[: -len(".tmp")] + REPLACED), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             claim.unlink()
     return epoch
