@@ -23,7 +23,7 @@ EXPORT_EXTRA=${EXPORT_EXTRA:-}   # export options over the profile's, e.g. "--ca
 
 # shellcheck disable=SC2086
 kdiqa-edge export "$RUN" --profile "$PROFILE" --threads "$THREADS" --out "$OUT" $EXTRA $EXPORT_EXTRA
-MODEL=$(find "$OUT" -mindepth 2 -maxdepth 2 \( -name 'model.*.xml' -o -name 'model.*.onnx' -o -name 'model.*.pte' \) \
+MODEL=$(find "$OUT" -mindepth 2 -maxdepth 2 \( -name 'model*.xml' -o -name 'model*.onnx' -o -name 'model*.pte' \) \
   | sort | head -n 1)
 echo "model: $MODEL (its preprocessing and score range travel inside it; manifest: $OUT/manifest.json)"
 PROVIDER=()
