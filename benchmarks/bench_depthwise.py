@@ -94,8 +94,9 @@ def main(argv=None) -> dict:
         times, loads = alternated(calls, args.rounds, args.runs)
         load.append(loads[-1])
     p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
+    command = " ".join(["python benchmarks/bench_depthwise.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"# INT8 vs FP32 depthwise convs on ONNX Runtime, by channel count ({machine_slug()})", "",
-             f"`python benchmarks/bench_depthwise.py`: {DEPTH} depthwise 3x3 convs + ReLU "
+             f"`{command}`: {DEPTH} depthwise 3x3 convs + ReLU "
              f"at {SIZE}x{SIZE}, batch 1, median of {args.rounds} alternated rounds x {args.runs} runs.", "",
              f"{cpu_line()}; onnxruntime {ort.__version__}; load average "
              f"{load[0]:.2f} before, {load[1]:.2f} after.", "",

@@ -122,11 +122,11 @@ def environment(device) -> dict:
     import timm
     import torch
 
-    from kdiqa_edge.bench.environment import cpu_name
+    from kdiqa_edge.bench.environment import cpu_isa, cpu_name
 
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-        "device": str(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "device": str(device), "cpu": cpu_name(), "cpu_isa": cpu_isa(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if device.type == "cuda":

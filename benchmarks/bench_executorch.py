@@ -31,19 +31,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 STUDENTS = ("resnet18", "efficientnet_b0", "mobilevit_s", "swin_tiny_patch4_window7_224")
 FORMATS = (("executorch", "fp32"), ("executorch", "int8"), ("onnx", "fp32"), ("onnx", "int8"))
 ISA = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-       "avx512_fp16", "avx_vnni", "avx_vnni_int8", "amx_tile", "amx_int8", "neon", "asimd", "asimddp", "i8mm")
+       "avx512_fp16", "avx_vnni", "avx_vnni_int8", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd",
+       "asimddp", "i8mm")
 
 
 def isa_flags() -> list[str]:
     """The SIMD extensions the CPU reports that INT8 and FP32 kernels dispatch on."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags.update(line.split(":", 1)[1].split())
+    from kdiqa_edge.bench.environment import cpu_flags
+
+    flags = set(cpu_flags())
     return [flag for flag in ISA if flag in flags]
 
 
@@ -276,7 +272,8 @@ def document(results: dict) -> str:
         f"- Threads: {env['threads']} for both runtimes (ONNX Runtime intra-op, ExecuTorch's pool); batch 1",
         f"- Versions: {versions}; Python {env['python']}",
         (f"- Load average: {env['load_average_start']} at the start, {env.get('load_average_end')} at the end "
-         "(a shared machine: read the ratios, from alternated rounds in one process)"),
+         f"on {env['cores']} logical cores (where other jobs share the CPU, read the ratios, from alternated "
+         "rounds in one process)"),
         f"- Command: `python benchmarks/bench_executorch.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- Wall time: {results.get('wall_min')} min", "",
         ("## Head to head (batch 1, median of per-round medians; ratio = ExecuTorch / ONNX Runtime in the same "

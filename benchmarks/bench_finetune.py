@@ -157,9 +157,11 @@ def engine_throughput(model, device, batch_size: int, steps: int, warmup: int, a
 def environment(device) -> dict:
     import torch
 
+    from kdiqa_edge.bench.environment import cpu_isa, cpu_name
+
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_isa": cpu_isa(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
     }
     if device.type == "cuda":
@@ -217,7 +219,8 @@ def main(argv=None) -> dict:
         with open(args.markdown, "a", encoding="utf-8") as handle:
             handle.write(
                 f"\n### {args.arch}, batch {args.batch_size}, {env['device']}"
-                f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, torch {env['torch']}, "
+                f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, CPU {env['cpu']} ({env['cpu_count']} cores, "
+                f"ISA {' '.join(env['cpu_isa']) or 'unknown'}), python {env['python']}, torch {env['torch']}, "
                 f"{env['torch_threads']} threads, load {env['load_average'][0]:.1f}\n\n"
                 "| bare step images/s | engine images/s | engine / bare | outside fwd/bwd (profiled epoch) |\n"
                 "|---|---|---|---|\n"

@@ -301,11 +301,15 @@ def main(argv=None) -> int:
 
     eager = next((r for r in rows if r.kind == "torch" and r.times), None)
     isa = Isa.here()
-    lines = [f"# INT8 on ONNX Runtime: recipes, auto's pick, plain export — {cpu_info()['model']} ({isa.describe()})",
+    # Isa.describe() names the VNNI level only; ONNX Runtime's MLAS runs U8S8 GEMMs on AMX tiles where the CPU
+    # has them, so an AMX Xeon says so in the title and the file name (not "avx-512-vnni", as a VNNI EPYC's)
+    isa_name = isa.describe() + (" AMX" if "amx_int8" in isa.flags else "")
+    lines = [f"# INT8 on ONNX Runtime: recipes, auto's pick, plain export — {cpu_info()['model']} "
+             f"({isa_name})",
              "", ("Random-init weights (no pretrained weights on this offline machine): latency, size and which kernels "
              "ran are real; drift figures are of untrained weights (their scores are nearly constant, so INT8 "
              "rounding reorders near-ties) and say nothing about a trained model. These INT8 conclusions hold for "
-             f"this CPU's instruction set ({isa.describe()}) only."), "",
+             f"this CPU's instruction set ({isa_name}) only."), "",
              *environment_lines(args, loads_before, loads),
              (f"- Auto ranked with --max-drift {args.max_drift:g} (the 'within 0.01' column shows the issue's bound); "
              f"calibration {args.calib} train images, drift on up to {args.eval_images} test images (synthetic set)"),
@@ -316,11 +320,12 @@ def main(argv=None) -> int:
     table, checks = summary(rows, picks, eager)
     for model, pair in paired.items():
         checks[model].update({f"paired_{k}": v for k, v in pair.items()})
-    lines += table + done_when(checks, isa.describe())
+    lines += table + done_when(checks, isa_name)
     for name, pick in picks.items():
         lines += model_section(name, rows, pick, eager if name == TEACHER else None)
     lines += [f"Wall time {(time.time() - start) / 60:.1f} min.", ""]
-    out = args.out or ROOT / "benchmarks" / "results" / f"int8-{machine_slug()}-{isa.describe().lower().replace(' ', '-')}.md"
+    out = args.out or ROOT / "benchmarks" / "results" / \
+        f"int8-{machine_slug()}-{isa_name.lower().replace(' ', '-')}.md"
     write_text(out, "\n".join(lines))
     write_json(out.with_suffix(".json"), {
         "environment": {"cpu": cpu_info(), "threads": args.threads, "loads": loads, "load_before": loads_before},

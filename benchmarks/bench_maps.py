@@ -230,8 +230,7 @@ def report(rows: list[dict], speed: dict, env: dict, run: Path, refs: int, srcc:
     lines += ["Time per image (from an array, preprocessing included; fastest / median of "
               f"{speed['rounds']} alternate rounds, ONNX Runtime CPU, {env['threads']} threads): "
               + ", ".join(f"{kind} {t['min']:.2f} / {t['median']:.2f} ms" for kind, t in speed["ms"].items()) + ".", "",
-              "Machine (shared with other engineers' test runs while this ran: load average "
-              f"{env.get('load_average')}): {env['cpu']}, {env['cpu_count']} vCPUs, ISA {' '.join(env['cpu_isa'])}; "
+              f"Machine (load average {env.get('load_average')} while this ran): {env['cpu']}, {env['cpu_count']} vCPUs, ISA {' '.join(env['cpu_isa'])}; "
               f"python {env['python']}, " + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())) + ".", ""]
     return "\n".join(lines)
 
@@ -239,7 +238,8 @@ def report(rows: list[dict], speed: dict, env: dict, run: Path, refs: int, srcc:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="the learned run (default: train it in --work)")
-    parser.add_argument("--work", type=Path, default=Path("bench-maps-work"))
+    # under /tmp, as the other benchmarks' work folders: a relative default left a trained run in the checkout
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-maps-work"))
     parser.add_argument("--refs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "maps.md")

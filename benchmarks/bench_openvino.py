@@ -57,7 +57,7 @@ TEACHER = "ViT-B-32"
 MODELS = ("resnet18", "efficientnet_b0", "mobilevit_s", "swin_tiny_patch4_window7_224", TEACHER)
 # the instruction sets OpenVINO's and ONNX Runtime's CPU kernels dispatch on, shown present or absent
 ISA_SHOWN = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
-PACKAGES = ("onnxruntime", "openvino", "nncf", "torch", "onnx", "numpy")
+PACKAGES = ("onnxruntime", "openvino", "nncf", "torch", "onnx", "numpy", "executorch")  # executorch: cpu auto
 PLAIN_CALIB = 64  # random calibration inputs of the plain nncf.quantize / quantize_static
 PLAIN_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}  # + INFERENCE_NUM_THREADS: the plain compile_model config
 SIZE = 224
@@ -350,7 +350,7 @@ def build_all(names: list[str], work: Path, args) -> tuple[list[Artifact], dict,
     # max_batch 1: auto measures batch 1 only (it ranks at opt_batch 1 either way; batch 8 was only reported)
     cfg = ExportConfig(precision="auto", calib=args.calib, eval_images=args.eval_images, threads=args.threads,
                        max_drift=args.max_drift, min_speedup=args.min_speedup, max_batch=1)
-    teacher = build_teacher(False)
+    teacher = None  # built when a model is (a --reuse run that finds every model built times them at once)
     artifacts, facts, inputs = [], {}, {}
     for name in names:
         folder = work / name
@@ -364,6 +364,8 @@ def build_all(names: list[str], work: Path, args) -> tuple[list[Artifact], dict,
         folder.mkdir(parents=True)
         start = time.perf_counter()
         log(f"{name}: building")
+        if teacher is None:
+            teacher = build_teacher(False)
         model = build_model(name, teacher)
         examples = load_examples(data, model.preprocess, cfg, progress=False, log=log)
         meta = artifact_meta(model)
@@ -424,8 +426,21 @@ def environment(args, loads: list[float]) -> dict:
             pass
     flags = set(cpu_flags())
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
-            "isa": {flag: flag in flags for flag in ISA_SHOWN}, "threads": args.threads, "versions": found,
-            "loads": loads}
+            "isa": {flag: flag in flags for flag in ISA_SHOWN}, "openvino_cpu": openvino_cpu(),
+            "threads": args.threads, "versions": found, "loads": loads}
+
+
+def openvino_cpu() -> str:
+    """The CPU as OpenVINO's plugin names it and its capabilities: BF16 there (AVX512-BF16 or AMX; it does
+    not name AMX itself) is what makes bf16 the plain compile's default precision, the 'runs in' column."""
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        return (f"{core.get_property('CPU', 'FULL_DEVICE_NAME')}; capabilities "
+                f"{' '.join(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}")
+    except Exception as exc:  # noqa: BLE001 - the report says why, the timing goes on
+        return f"not available ({type(exc).__name__}: {exc})"
 
 
 def _ms(value: float) -> str:
@@ -538,13 +553,14 @@ def report(args, env: dict, artifacts: list[Artifact], facts: dict, models: list
               "p50s."), "",
              f"- CPU: {env['cpu']}, {env['cores']} logical cores, {env['os']}",
              f"- ISA: has **{have or 'none of them'}**; lacks {lacks or 'none'}",
+             f"- OpenVINO CPU plugin: {env.get('openvino_cpu', '?')}",
              f"- Threads: {args.threads} (ORT intra-op through QualityModel.load for ours, "
              "SessionOptions.intra_op_num_threads for the plain quantize_static; OpenVINO INFERENCE_NUM_THREADS, "
              "PERFORMANCE_HINT LATENCY)",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
              (f"- Load average (1 min): {loads[0]:.2f} at the start, {loads[-1]:.2f} at the end, "
-              f"{min(loads):.2f}-{max(loads):.2f} over the run ({env['cores']} cores shared with other engineers' "
-              "tests: read the ratios, not the milliseconds)"),
+              f"{min(loads):.2f}-{max(loads):.2f} over the run, on {env['cores']} logical cores (where other "
+              "jobs share the CPU, read the ratios, not the milliseconds)"),
              noise_line(artifacts),
              f"- Command: `python benchmarks/bench_openvino.py {' '.join(argv)}`",
              f"- Wall time {(time.time() - started) / 60:.1f} min", "",

@@ -124,8 +124,21 @@ def measure_draft(paths: list[Path], repeats: int = 5, size: int = 224) -> dict:
     return result
 
 
-def markdown(overheads: list[dict], draft: dict) -> str:
-    lines = ["## Runtime overhead vs a bare InferenceSession.run (batch 1, same session and array)", "",
+def environment_line(threads: int) -> str:
+    """The machine the figures were measured on (they may be appended to another run's results)."""
+    from kdiqa_edge.bench.environment import environment
+
+    env = environment(threads)
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items()
+                         if k in ("onnxruntime", "pillow", "numpy"))
+    return (f"Measured on {env['cpu']}, {env['cpu_count']} logical cores, ISA "
+            f"{' '.join(env['cpu_isa']) or 'unknown'}; {threads} ONNX Runtime threads; python "
+            f"{env['python']}, {versions}; load average {env.get('load_average')} at the end.")
+
+
+def markdown(overheads: list[dict], draft: dict, threads: int) -> str:
+    lines = [environment_line(threads), "",
+             "## Runtime overhead vs a bare InferenceSession.run (batch 1, same session and array)", "",
              "| Model | Threads | Runs | bare p50 ms | QualityModel p50 ms | overhead | target |",
              "|---|---|---|---|---|---|---|"]
     for o in overheads:
@@ -161,7 +174,7 @@ def main(argv=None) -> int:
         draft = measure_draft(make_jpegs(tmp))
         print(f"JPEG 1024x768 -> 224: plain {draft['plain_ms']:.2f} ms, draft {draft['draft_ms']:.2f} ms, "
               f"speed-up {draft['speedup']:.2f}x wall, {draft['speedup_cpu']:.2f}x CPU", flush=True)
-    text = markdown(overheads, draft)
+    text = markdown(overheads, draft, args.threads)
     if args.markdown:
         from kdiqa_edge.io import write_text
 

@@ -24,6 +24,7 @@ fastest round of each is kept (the machine is shared: other jobs take cores at r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BATCH = 16
+# optional: its rows (and the same-pixels check) are left out where it is not installed (not a dependency)
+SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None
 
 
 # --- one measurement, in its own process ---------------------------------------------------------------
@@ -91,6 +94,7 @@ def one(config: dict) -> dict:
                                                                                                     "thread")))
     else:
         pixels = np.stack([item.pixels for item in decode_files(walk(files[:2 * BATCH]), load, 2)])
+        pixels = np.concatenate([pixels] * -(-2 * BATCH // len(pixels)))[:2 * BATCH]  # two full batches
         runs = max(20, len(files) // BATCH)  # 48 photos are 3 batches: too short a timing alone
         start, cpu = time.perf_counter(), time.process_time()
         for index in range(runs):
@@ -164,7 +168,7 @@ def build_models(work: Path) -> dict[str, Path]:
         torch.manual_seed(0)
         save_checkpoint(create_student("resnet18", teacher.head, PreprocessSpec(), pretrained=False), checkpoint)
     models = {}
-    for target in ("onnx", "openvino"):
+    for target in ("onnx", "openvino") if importlib.util.find_spec("openvino") else ("onnx",):
         out = work / "exports"
         found = sorted(out.glob(f"{target}-int8/*.{'onnx' if target == 'onnx' else 'xml'}"))
         if not found:
@@ -269,15 +273,16 @@ def environment_lines(threads: int) -> list[str]:
     env = environment(threads)
     versions = ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())
                          if k in ("onnxruntime", "openvino", "pillow", "numpy", "simplejpeg"))
-    try:
+    if SIMPLEJPEG:
         import simplejpeg
 
         versions += f", simplejpeg {simplejpeg.__version__}"
-    except ImportError:
-        pass
+    else:
+        versions += ", simplejpeg not installed (its rows left out)"
     return [f"- CPU: {env['cpu']}, {env['cpu_count']} logical cores, ISA {' '.join(env['cpu_isa'])}",
             f"- threads: inference at its runtime's default (ONNX Runtime / OpenVINO: all cores), decode workers as "
-            f"in each row; load average at start {env.get('load_average')}",
+            f"in each row ({threads} usable cores: this process's CPU affinity); load average at start "
+            f"{env.get('load_average')}",
             f"- versions: python {env['python']}, {versions}"]
 
 
@@ -292,6 +297,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep --work (the generated folders and models)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if 0 < args.rss < 1000:
+        parser.error("--rss takes 0 (no RSS run) or at least 1000 images (the first mark is at 1000)")
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
         return
@@ -299,6 +306,7 @@ def main() -> None:
     from kdiqa_edge.runtime.pipeline import usable_cores
 
     out = args.out or Path(__file__).parent / "results" / f"score-{machine_slug()}.md"
+    started = time.perf_counter()
     cores = usable_cores()
     env = environment_lines(cores)
     print("\n".join(env), flush=True)
@@ -313,7 +321,9 @@ def main() -> None:
                       f"Measured by `benchmarks/bench_score.py --rounds {args.rounds}`: each figure is the fastest of "
                       "its rounds, every run a fresh process, the configurations alternated round by round; load "
                       f"average at the end {[round(x, 2) for x in os.getloadavg()]}. Random-init resnet18 (224 px) "
-                      "exported to INT8: real speed, no image quality.", "", *env, "", *lines, ""])
+                      "exported to INT8: real speed, no image quality.", "", *env,
+                      f"- command: `python benchmarks/bench_score.py {' '.join(sys.argv[1:])}`; wall time "
+                      f"{(time.perf_counter() - started) / 60:.1f} min", "", *lines, ""])
     out.write_text(text)
     print(text)
 
@@ -348,11 +358,12 @@ def report(args, small: Path, big: Path, mos: dict, models: dict[str, Path], cor
                 for w in workers:
                     configs[f"e2e {decode} workers {w}"] = {**base, "kind": "e2e", "decode": decode, "workers": w}
                     configs[f"decode {decode} workers {w}"] = {**base, "kind": "decode", "decode": decode, "workers": w}
-                if model_name.startswith("ONNX"):
+                if model_name.startswith("ONNX"):  # the runtime alternatives, on ONNX Runtime only
                     configs[f"e2e {decode} workers {cores} spin-waiting"] = {**base, "kind": "e2e", "decode": decode,
                                                                              "workers": cores, "spinning": True}
                     configs[f"e2e {decode} workers {cores} processes"] = {**base, "kind": "e2e", "decode": decode,
                                                                           "workers": cores, "executor": "process"}
+                if model_name.startswith("ONNX") and SIMPLEJPEG:
                     configs[f"e2e {decode} workers {cores} simplejpeg"] = {**base, "kind": "e2e", "decode": decode,
                                                                            "workers": cores, "decoder": "simplejpeg"}
                     configs[f"decode {decode} workers 1 simplejpeg"] = {**base, "kind": "decode", "decode": decode,
@@ -385,8 +396,13 @@ def report(args, small: Path, big: Path, mos: dict, models: dict[str, Path], cor
                      f"{found['score_std']:.4f}); SRCC vs pseudo-MOS exact {found['srcc_exact']:.4f}, draft "
                      f"{found['srcc_draft']:.4f}, ΔSRCC {found['srcc_draft'] - found['srcc_exact']:+.4f} (random "
                      f"init); SRCC draft vs exact scores {found['srcc_draft_vs_exact']:.4f}")
-    same = same_pixels(big)
-    lines += ["", f"- simplejpeg gives Pillow's pixels: draft {same['draft']}, exact {same['exact']} (20 files)", ""]
+    if SIMPLEJPEG:
+        same = same_pixels(big)
+        lines += ["", f"- simplejpeg gives Pillow's pixels: draft {same['draft']}, exact {same['exact']} "
+                  "(20 files)", ""]
+    else:
+        lines += ["", "- simplejpeg is not installed here: its rows and the same-pixels check are left out",
+                  ""]
     if args.rss:
         marks = rss_flat(args.work, model_path, args.rss)
         last = marks[max(marks)]

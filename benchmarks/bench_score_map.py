@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def timed(command: list[str]) -> float:
 
 
 def main() -> None:
-    from kdiqa_edge.bench.environment import cpu_info, machine_slug
+    from kdiqa_edge.bench.environment import cpu_info, machine_slug, versions
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-score-map"))
@@ -79,9 +80,12 @@ def main() -> None:
     cpu = cpu_info()
     best = {name: min(t) for name, t in times.items()}
     lines = [f"# `score --map` against `score`: {args.images} JPEGs 1024x768, {args.arch} (random init, 64 px)", "",
-             f"CPU: {cpu.get('model')}; ISA: {cpu.get('isa')}; {os.cpu_count()} cores; "
-             f"load at the end: {os.getloadavg()[0]:.2f}; {args.rounds} alternated rounds, each run a fresh "
-             "process, fastest kept.", "",
+             f"CPU: {cpu.get('model')}; ISA: {' '.join(cpu.get('isa') or []) or 'unknown'}; "
+             f"{os.cpu_count()} cores; load at the end: {os.getloadavg()[0]:.2f}; {args.rounds} alternated "
+             "rounds, each run a fresh process, fastest kept; threads: `score`'s defaults. Versions: python "
+             f"{platform.python_version()}, "
+             + ", ".join(f"{k} {v}" for k, v in versions().items() if k in ("onnxruntime", "pillow", "numpy"))
+             + ".", "",
              "| command | seconds (fastest) | all rounds | images/s |", "|---|---|---|---|"]
     for name, values in times.items():
         lines.append(f"| {name} | {best[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} | "

@@ -126,8 +126,9 @@ def main(argv=None) -> dict:
             inside[name] = side_by_side(paths, setting, args.threads, args.rounds, args.runs)
             loads.append(os.getloadavg()[0])
             print(f"side by side, spinning {name}: done", flush=True)
+    command = " ".join(["python benchmarks/bench_spinning.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"# Timing ONNX Runtime sessions side by side: spin-waiting ({machine_slug()})", "",
-             f"`python benchmarks/bench_spinning.py --threads {args.threads} --rounds {args.rounds}`: random-init "
+             f"`{command}`: random-init "
              f"students, {SIZE} px, batch 1, {args.threads} intra-op threads. Alone: each artifact in a fresh "
              f"process, {args.seconds:g} s back to back, {args.alone_rounds} alternated rounds (median of the "
              f"rounds' medians). Side by side: all {len(paths)} artifacts in one process, {args.rounds} alternated "

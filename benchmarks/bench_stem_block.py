@@ -78,8 +78,9 @@ def main(argv=None) -> dict:
         times, loads = alternated(calls, args.rounds, args.runs)
         load += loads
     p50 = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
+    command = " ".join(["python benchmarks/bench_stem_block.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"# The stem block in float vs qdq-all, per student ({machine_slug()})", "",
-             f"`python benchmarks/bench_stem_block.py --threads {args.threads} --rounds {args.rounds}`: random-init "
+             f"`{command}`: random-init "
              f"students, {SIZE} px, batch 1, {args.threads} ONNX Runtime threads (spin-waiting stopped when a run "
              f"returns), every artifact in each of {args.rounds} alternated rounds x {args.runs} runs; medians.", "",
              f"{cpu_line()}; onnxruntime {ort.__version__}; load average {load[0]:.2f} before, "

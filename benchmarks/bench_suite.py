@@ -87,7 +87,7 @@ def save_models(work: Path, names: list[str], pretrained: bool) -> dict[str, Pat
     return runs
 
 
-def export_all(run: Path, out: Path, data, formats, log) -> tuple[list[Path], list[str]]:
+def export_all(run: Path, out: Path, data, formats, log, threads: int = 2) -> tuple[list[Path], list[str]]:
     """Every (target, precision) this machine can export; returns the artifacts and what could not be done."""
     from kdiqa_edge.errors import KdiqaError, TensorRTUnavailable, first_line
     from kdiqa_edge.export import ExportConfig, export_checkpoint
@@ -95,7 +95,7 @@ def export_all(run: Path, out: Path, data, formats, log) -> tuple[list[Path], li
     artifacts, notes = [], []
     for target, precision in formats:
         cfg = ExportConfig(target=target, precision=precision, calib=32, parity_images=8, eval_images=32,
-                           latency_runs=5, threads=2)
+                           latency_runs=5, threads=threads)  # the export's own checks, at --threads
         label = f"{target}-{precision}"
         start = time.perf_counter()
         try:
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     sections, first_report = [], None
     for name in args.models:
         log(f"{name}: exporting {', '.join(f'{t}-{p}' for t, p in formats)}")
-        artifacts, notes = export_all(runs[name], work / name / "exports", data, formats, log)
+        artifacts, notes = export_all(runs[name], work / name / "exports", data, formats, log, args.threads)
         log(f"{name}: benching {len(artifacts)} artifacts against the checkpoint")
         report = run_bench(artifacts, reference=runs[name], data=data, cfg=cfg, progress=False)
         report.notes = notes + report.notes

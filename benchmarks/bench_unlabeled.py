@@ -314,8 +314,9 @@ def markdown(env: dict, result: dict, command: str) -> str:
     lines = ["# distill --unlabeled: throughput, disk and the label-scarce experiment", "",
              f"`{command}`", "",
              f"Machine: {env['cpu']} ({', '.join(env.get('cpu_isa', []))}), {env['threads']} torch threads, "
-             f"load average before {env['load_before']}, after {env['load_after']}. The machine was shared with "
-             f"other engineers running tests: rates are noisy; read the ratio of the fastest rounds.", "",
+             f"{env.get('cpu_count')} logical cores, load average before {env['load_before']}, after "
+             f"{env['load_after']} (where other jobs share the machine, rates are noisy: read the ratio of the "
+             "fastest rounds).", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items())), ""]
     t = result.get("throughput")
     if t:

@@ -83,7 +83,8 @@ def environment_lines(args, loads_before, loads) -> list[str]:
         f"- Versions: python {platform.python_version()}, "
         + ", ".join(f"{k} {v}" for k, v in versions().items() if k in wanted),
         (f"- Load average (1 min): {loads_before:.2f} at the start, {min(loads):.2f}-{max(loads):.2f} over the timed "
-        f"rounds (2 cores shared with other jobs: read the ratios, not the milliseconds)"),
+        f"rounds on {cpu['cores']} logical cores (where other jobs share the CPU, read the ratios, not the "
+        "milliseconds)"),
         (f"- Timing: {args.rounds} rounds x {args.runs} runs per artifact (after one untimed run per turn), all "
         "artifacts of all models in each round, order reversed every other round; p50 of all runs"),
     ]
