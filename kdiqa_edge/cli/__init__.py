@@ -6,6 +6,7 @@ Command modules import their heavy dependencies (torch, onnx...) inside the comm
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -60,6 +61,51 @@ def _root(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: known errors become one line on stderr and a non-zero exit code."""
+    with _terminate_as_interrupt():
+        _main(argv)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`, a container's stop) stops the command as Ctrl-C does: the finally
+    blocks run (scored rows committed, trackers ended, child processes stopped, libraries' /tmp folders
+    removed at exit), exit 130. Its default ended the process on the spot, as SIGKILL does. Only where no
+    other handler is set. A forked worker gets the default back as it starts: a Python handler runs only
+    between bytecodes, so a worker blocked in native code would outlive the SIGTERM its pool ends it with."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    global _FORK_HOOK
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_default_sigterm)
+        _FORK_HOOK = True
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FORK_HOOK = False  # os.register_at_fork(_default_sigterm) done in this process
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
+def _default_sigterm() -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is _interrupt:
+        with contextlib.suppress(ValueError):  # not the main thread: a fork's child has no other
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         app(args=argv, prog_name="kdiqa-edge")
     except SystemExit as exc:  # typer turns a Ctrl-C into a silent exit 130: say why the command stopped

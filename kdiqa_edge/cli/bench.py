@@ -210,11 +210,14 @@ def bench(
 def write_reports(report, writers) -> int:
     """Write each report asked for; one that cannot be written (a full disk, a folder that went read-only) is an
     error line, and the others are still written. How many failed."""
+    from kdiqa_edge.io import sweep_temporaries
+
     unwritten = 0
     for path, writer in writers:
         if path is None:
             continue
         try:
+            sweep_temporaries(Path(path).parent, Path(path).name)  # a killed run's half-written report
             writer(report, path)
         except OSError as exc:
             typer.secho(f"error: cannot write {path}: {exc.strerror or exc}", err=True, fg="red")

@@ -191,11 +191,12 @@ class HashIndex:
 
     def save(self) -> None:
         """Merge what this run found into each changed bucket on disk, under its lock, atomically."""
-        from kdiqa_edge.io import write_bytes
+        from kdiqa_edge.io import sweep_temporaries, write_bytes
 
         for bucket, added in self._dirty.items():
             path = self.bucket_file(bucket)
             with file_lock(path.with_suffix(".lock")):
+                sweep_temporaries(path.parent, path.name)  # a save a kill cut short (megabytes, maybe)
                 bucket_now = self._load(bucket, quiet=True)  # with what another process saved meanwhile
                 if bucket in self._scans:
                     bucket_now["scan"] = self._scans[bucket]

@@ -401,6 +401,9 @@ class MapWriter:
         self._names: dict[str, str] = {}  # image -> NAME
         self._read = 0  # the bytes of maps.csv read so far: another writer's lines come after
         self._read_index()
+        from kdiqa_edge.io import sweep_temporaries
+
+        sweep_temporaries(self.out, unclaimed=())  # a killed run's half-written maps (never a live writer's)
 
     def _read_index(self) -> None:
         """What maps.csv says beyond what this writer read (all of it at first; then another writer's lines).
@@ -426,8 +429,10 @@ class MapWriter:
                               "folder") from None
 
     def mapped(self, path: str | Path) -> bool:
-        """Whether maps.csv names a map of this image (in this folder)."""
-        return str(Path(path).resolve()) in self._names
+        """Whether maps.csv names a map of this image (in this folder) and both its files are there: a name is
+        claimed before its files are written, so a kill (or Ctrl-C) between the two leaves a claim alone."""
+        name = self._names.get(str(Path(path).resolve()))
+        return name is not None and all((self.out / f"{name}.map.{end}").is_file() for end in ("npy", "png"))
 
     def _claim(self, path: Path) -> str:
         """The image's NAME: the one maps.csv gives it, else a free one, recorded in maps.csv under the lock

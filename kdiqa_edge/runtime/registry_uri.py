@@ -64,13 +64,14 @@ def _parse(uri: str) -> tuple[str, str | None, str | None]:
 def _download(name: str, version: str, store: str) -> Path:
     from mlflow.artifacts import download_artifacts
 
-    from kdiqa_edge.io import atomic_path
+    from kdiqa_edge.io import atomic_path, sweep_temporaries
     from kdiqa_edge.paths import cache_dir
 
     folder = (cache_dir() / "mlflow-models" / hashlib.sha256(store.encode()).hexdigest()[:12]
               / quote(name, safe="") / version)
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(folder.parent, version)  # a download a kill cut short (never a live one's)
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             download_artifacts(artifact_uri=f"{SCHEME}{name}/{version}", dst_path=str(tmp))
