@@ -1,5 +1,6 @@
 """`score`, the Python API and the runtimes, third audit (the using side): each test fails on the code before
 its fix."""
+# ruff: noqa: F811 - the tests take the imported `model` fixture as a parameter
 
 from __future__ import annotations
 
@@ -12,14 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import run_cli
-from test_runtime_helpers import export_tiny_onnx, noise_jpegs
+from test_runtime_helpers import noise_jpegs
+from test_score_audit2 import model  # noqa: F401 - the tiny ONNX model fixture (pytest injects it)
 
 from kdiqa_edge.runtime.output import read_rows
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return export_tiny_onnx(tmp_path_factory.mktemp("audit3-model") / "a.onnx")
 
 
 @pytest.fixture(scope="module")
