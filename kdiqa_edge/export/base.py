@@ -98,15 +98,15 @@ class ExportConfig:
         if not 0 <= self.max_drift <= 2:
             raise ConfigError(f"--max-drift is a bound on |ΔSRCC|, 0..2; got {self.max_drift}")
         if self.candidates and self.precision != "auto":  # it was ignored: the export was not what was asked
-            raise ConfigError(f"--candidates narrows --precision auto's candidates; a {self.precision} export "
+            raise ConfigError(f"--candidates narrows --precision auto's candidates; --precision {self.precision} "
                               "builds one artifact (--int8-recipe and --int8-stem choose an INT8 one)")
         if self.gated() and self.precision != "auto":
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in self.gated())
-            raise ConfigError(f"{flags} gate --precision auto's pick; for a {self.precision} export, run "
+            raise ConfigError(f"{flags} gate --precision auto's pick; for --precision {self.precision}, run "
                               "`kdiqa-edge bench` on it with the same options")
         if self.min_speedup != ExportConfig.min_speedup and self.precision != "auto":  # read by auto alone
-            raise ConfigError(f"--min-speedup is what --precision auto asks of a lossy pick; a "
-                              f"{self.precision} export ships what it was asked (its notes give its speed "
+            raise ConfigError(f"--min-speedup is what --precision auto asks of a lossy pick; "
+                              f"--precision {self.precision} ships what it was asked (its notes give its speed "
                               "against FP32)")
         if not self.min_speedup >= 1:
             raise ConfigError(f"--min-speedup is a speed ratio to FP32, at least 1 (1: the fastest ships); "
